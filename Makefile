@@ -1,0 +1,42 @@
+# lce-tf: `make demo` and `make test` are the two set-up commands (README.md).
+# Both create the virtual environment from the lock file when it is missing or stale.
+
+VENV     ?= .venv
+LOCK     := requirements/lock-py310.txt
+PY       := $(VENV)/bin/python
+STAMP    := $(VENV)/.installed-from-lock
+DEMO_DIR ?= build/demo
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-fast demo bench bench-quick bench-ann bench-scale lock fonts clean
+
+venv: $(STAMP)
+
+# The stamp depends on the lock and setup.py: editing either reinstalls. uv installs the fully
+# pinned lock in seconds; pip's resolver would backtrack for minutes (DESIGN.md, "Stack").
+$(STAMP): $(LOCK) setup.py
+	@set -e; py=$$(bash scripts/find_python310.sh); \
+	if [ ! -x $(PY) ]; then echo "== creating $(VENV) with $$py"; "$$py" -m venv $(VENV); fi; \
+	$(PY) -m pip install -q --disable-pip-version-check uv; \
+	echo "== installing $(LOCK) into $(VENV)"; \
+	$(VENV)/bin/uv pip install --python $(PY) -q -r $(LOCK); \
+	$(VENV)/bin/uv pip install --python $(PY) -q --no-deps -e .; \
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -m "not e2e and not slow" $(PYTEST_ARGS)
+
+demo: venv
+	$(PY) scripts/demo.py --workdir $(DEMO_DIR)
+
+# Resolve requirements/lock.in into the lock (needs the network to PyPI).
+lock:
+	@py=$$(bash scripts/find_python310.sh); "$$py" -m pip install -q uv && \
+	"$$py" -m uv pip compile --python-version 3.10 --python-platform x86_64-manylinux_2_36 \
+	    requirements/lock.in -o $(LOCK)
+
+clean:
+	rm -rf build .pytest_cache
