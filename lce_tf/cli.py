@@ -1,0 +1,408 @@
+"""The `lce-tf` command.
+
+    lce-tf train     --data DIR --out MODEL_DIR [--compat lce --old-model DIR | --old-centers FILE] ...
+    lce-tf centers   --model MODEL_DIR --data DIR --out FILE.npz
+    lce-tf evaluate  --query DIR --gallery DIR --model NAME=MODEL_DIR [--model ...] --json OUT.json
+    lce-tf data      glyphs|synthetic --out DIR
+
+Bad input ends with one line `lce-tf: error: ...` on stderr and exit code 2, never a traceback. This
+module imports nothing heavy at import time, so `lce-tf --help` answers at once; TensorFlow is
+imported by the command that needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import lce_tf
+
+EXIT_BAD_INPUT = 2
+_HEADS = ("normsoftmax", "cosface", "arcface", "triplet")
+_MODES = ("independent", "lce", "lce-transform", "bct", "l2", "cross-model")
+_ARCHS = ("small_cnn", "cnn", "resnet", "mobilenet")
+
+
+class UsageError(ValueError):
+    """Bad command-line input found after argument parsing."""
+
+
+def stage(message: str) -> None:
+    """Prints one progress line per stage of long work."""
+    print(f"[lce-tf {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared steps
+
+
+def _read_folder(path: str, classes: Optional[str] = None):
+    from lce_tf import data
+
+    folder = data.read_image_folder(path)
+    if classes:
+        folder = folder.subset_classes(data.select_classes(folder.class_names, classes))
+    return folder
+
+
+def _centers_for_folder(model, folder, boundary: str, batch_size: int = 256):
+    """Old-model class centers over an image folder (DESIGN.md item 1, exact two-pass)."""
+    from lce_tf import centers as lce_centers
+
+    embeddings, labels = model.embed_folder(folder, batch_size=batch_size)
+    return lce_centers.compute_class_centers(embeddings, labels, folder.class_names, boundary=boundary,
+                                             source_model_id=model.model_id)
+
+
+def _check_direct_dims(mode: str, centers_dim: int, new_dim: int, what: str) -> None:
+    if mode in ("lce", "bct", "l2") and centers_dim != new_dim:
+        raise UsageError(f"{what} has dimension {centers_dim} but the new embedding has dimension {new_dim} "
+                         f"(--dim); mode {mode!r} needs equal dimensions, use --compat lce-transform.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# train
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lce_tf import data, training
+
+    config = training.TrainConfig(
+        architecture=args.arch, embedding_dim=args.dim, loss=args.loss, scale=args.scale, margin=args.margin,
+        compat=args.compat, lambda_align=args.lambda_align, lambda_boundary=args.lambda_boundary,
+        lambda_compat=args.lambda_compat, epochs=args.epochs, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, shift_pixels=args.shift, seed=args.seed,
+        version=args.version or os.path.basename(os.path.normpath(args.out)))
+    config.validate()
+    if os.path.exists(args.out) and not args.overwrite:
+        raise UsageError(f"Output {args.out} already exists; choose a new --out or pass --overwrite.")
+    needs_centers = args.compat in ("lce", "lce-transform", "bct", "cross-model")
+    if needs_centers and not (args.old_centers or args.old_model):
+        raise UsageError(f"--compat {args.compat} needs --old-centers FILE or --old-model DIR.")
+    if args.compat == "l2" and not args.old_model:
+        raise UsageError("--compat l2 needs --old-model DIR.")
+    if args.compat == "cross-model" and not args.new_model:
+        raise UsageError("--compat cross-model needs --new-model DIR (the frozen new model).")
+
+    stage(f"reading training images from {args.data}")
+    folder = _read_folder(args.data, args.classes)
+    input_shape = data.infer_image_shape(folder)
+    stage(f"{len(folder.class_names)} classes, {len(folder.paths)} images, input shape {input_shape}")
+
+    from lce_tf.centers import ClassCenters
+    from lce_tf.serving import load_embedding_model
+
+    old_model = load_embedding_model(args.old_model) if args.old_model else None
+    old_centers = None
+    if needs_centers:
+        if args.old_centers:
+            old_centers = ClassCenters.load(args.old_centers)
+        else:
+            stage(f"computing old class centers with {old_model.model_id} ({args.boundary})")
+            old_centers = _centers_for_folder(old_model, folder, args.boundary)
+        old_centers = old_centers.reorder(folder.class_names)
+        _check_direct_dims(args.compat, old_centers.dim, args.dim, f"Old centers {args.old_centers or ''}".strip())
+        cosine = old_centers.mean_pairwise_cosine()
+        if cosine > 0.9:
+            stage(f"warning: old centers are collapsed (mean pairwise cosine {cosine:.2f}); check the old model")
+    old_embedder = None
+    if args.compat == "l2":
+        _check_direct_dims("l2", old_model.embedding_dim, args.dim, f"Old model {args.old_model}")
+        old_embedder = old_model.keras_embedder()
+    new_backbone = new_centers = None
+    if args.compat == "cross-model":
+        new_model = load_embedding_model(args.new_model)
+        stage(f"computing the frozen new model's class centers ({new_model.model_id})")
+        new_centers = _centers_for_folder(new_model, folder, args.boundary)
+        new_backbone = new_model.keras_embedder()
+        config.architecture = new_model.metadata.get("architecture", config.architecture)
+
+    dataset = data.make_image_dataset(folder, input_shape, config.batch_size, shuffle=True, seed=config.seed,
+                                      shift_pixels=config.shift_pixels)
+    stage(f"training {config.architecture} D={config.embedding_dim} loss={config.loss} compat={config.compat} "
+          f"for {config.epochs} epochs")
+    model, history = training.train(config, dataset, num_classes=len(folder.class_names), input_shape=input_shape,
+                                    old_centers=old_centers, old_embedder=old_embedder,
+                                    new_backbone=new_backbone, new_centers=new_centers, verbose=args.verbose)
+    old_id = old_centers.source_model_id if old_centers is not None else (old_model.model_id if old_model else None)
+    old_dim = old_centers.dim if old_centers is not None else (old_model.embedding_dim if old_model else None)
+    from lce_tf.export import export_model
+
+    metadata = export_model(
+        model, args.out, architecture=config.architecture, input_shape=input_shape, version=config.version,
+        class_names=folder.class_names, compatible_with=training.compatibility_record(config, old_id, old_dim),
+        training={**vars(config), "history": {k: [float(x) for x in v] for k, v in history.items()}},
+        overwrite=args.overwrite)
+    final = ", ".join(f"{k}={v[-1]:.4f}" for k, v in history.items())
+    stage(f"exported {metadata['model_id']} to {args.out} ({final})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# centers
+
+
+def cmd_centers(args: argparse.Namespace) -> int:
+    from lce_tf.centers import parse_boundary_rule
+    from lce_tf.serving import load_embedding_model
+
+    parse_boundary_rule(args.boundary)
+    folder = _read_folder(args.data, args.classes)
+    model = load_embedding_model(args.model)
+    stage(f"embedding {len(folder.paths)} images of {len(folder.class_names)} classes with {model.model_id}")
+    centers = _centers_for_folder(model, folder, args.boundary)
+    centers.save(args.out)
+    stage(f"wrote {centers.num_classes} centers of dimension {centers.dim} to {args.out} "
+          f"(boundary {args.boundary}; mean pairwise cosine {centers.mean_pairwise_cosine():.3f})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# evaluate
+
+
+def _parse_named_models(specs: Sequence[str]) -> dict[str, str]:
+    models: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--model expects NAME=MODEL_DIR; received {spec!r}.")
+        if name in models:
+            raise UsageError(f"--model name {name!r} is given twice.")
+        models[name] = path
+    return models
+
+
+def evaluate_models(query_dir: str, gallery_dir: str, model_dirs: dict[str, str], *, old: str,
+                    independent: Optional[str] = None, batch_size: int = 256) -> dict[str, Any]:
+    """Compatibility matrix of every (query model, gallery model) pair plus criterion and update gain.
+
+    A query model is applied through the signature that maps into the gallery model's space when its
+    metadata declares compatibility (e.g. `embed_compat`), else through `embed`; pairs whose
+    dimensions then differ are skipped.
+    """
+    from lce_tf import evaluation
+    from lce_tf.serving import load_embedding_model
+
+    query, gallery = _read_folder(query_dir), _read_folder(gallery_dir)
+    vocabulary = {name: i for i, name in enumerate(sorted(set(query.class_names) | set(gallery.class_names)))}
+    query_labels = [vocabulary[query.class_names[i]] for i in query.labels]
+    gallery_labels = [vocabulary[gallery.class_names[i]] for i in gallery.labels]
+    models = {name: load_embedding_model(path) for name, path in model_dirs.items()}
+    cache: dict[tuple, Any] = {}
+
+    def embed(name: str, folder, signature: str):
+        key = (name, folder.root, signature)
+        if key not in cache:
+            stage(f"embedding {len(folder.paths)} images of {folder.root} with {name} ({signature})")
+            cache[key] = models[name].embed_folder(folder, signature=signature, batch_size=batch_size)[0]
+        return cache[key]
+
+    results, pairs, skipped = {}, [], []
+    for q_name, q_model in models.items():
+        for g_name, g_model in models.items():
+            signature = q_model.signature_for_space(g_model.metadata["embedding_space"]) or "embed"
+            q_dim = q_model.metadata["compatible_with"]["dim"] if signature == "embed_compat" else q_model.embedding_dim
+            if q_dim != g_model.embedding_dim:
+                skipped.append(f"{q_name}/{g_name}: dimensions {q_dim} and {g_model.embedding_dim} differ")
+                continue
+            result = evaluation.retrieval_metrics(embed(q_name, query, signature), query_labels,
+                                                  embed(g_name, gallery, "embed"), gallery_labels)
+            results[(q_name, g_name)] = result
+            entry = {"query": q_name, "gallery": g_name, "signature": signature,
+                     **{m: float(getattr(result, m)) for m in ("top1", "top5", "mAP")}}
+            for metric in ("top1", "mAP"):
+                entry[f"{metric}_ci95"] = [float(v) for v in result.bootstrap_interval(metric)]
+            pairs.append(entry)
+    report: dict[str, Any] = {"old": old, "independent": independent, "pairs": pairs, "skipped": skipped,
+                              "criterion": {}, "update_gain": {}, "new_model_sacrifice": {}}
+    old_old = results[(old, old)]
+    for name in models:
+        if name == old or (name, old) not in results:
+            continue
+        verdict = evaluation.empirical_criterion(results[(name, old)], old_old)
+        report["criterion"][name] = {**{m: bool(v) for m, v in verdict.items()}, "pass": all(verdict.values())}
+        if independent and name != independent and (independent, independent) in results:
+            ug = evaluation.update_gain(results[(name, old)], old_old, results[(independent, independent)])
+            report["update_gain"][name] = {m: float(v) for m, v in ug.items()}
+            if (name, name) in results:
+                sacrifice = evaluation.new_model_sacrifice(results[(name, name)], results[(independent, independent)])
+                report["new_model_sacrifice"][name] = {m: float(v) for m, v in sacrifice.items()}
+    report["table"] = evaluation.format_table(results)
+    return report
+
+
+def format_criterion(report: dict[str, Any]) -> str:
+    lines = []
+    for name, verdict in report["criterion"].items():
+        status = "PASS" if verdict["pass"] else "FAIL"
+        ug = report["update_gain"].get(name)
+        ug_text = f"; update gain top-1 {ug['top1']:.2f}, mAP {ug['mAP']:.2f}" if ug else ""
+        lines.append(f"criterion M({name}, {report['old']}) > M({report['old']}, {report['old']}) on top-1 "
+                     f"{'yes' if verdict['top1'] else 'no'}, mAP {'yes' if verdict['mAP'] else 'no'}: "
+                     f"{status}{ug_text}")
+    return "\n".join(lines)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    model_dirs = _parse_named_models(args.model)
+    old = args.old or next(iter(model_dirs))
+    for flag, name in (("--old", old), ("--independent", args.independent)):
+        if name is not None and name not in model_dirs:
+            raise UsageError(f"{flag} {name!r} is not one of the --model names ({', '.join(model_dirs)}).")
+    report = evaluate_models(args.query, args.gallery, model_dirs, old=old, independent=args.independent,
+                             batch_size=args.batch_size)
+    print(report["table"])
+    print(format_criterion(report))
+    for note in report["skipped"]:
+        print(f"skipped {note}")
+    if args.json:
+        _write_json_atomically(args.json, {k: v for k, v in report.items() if k != "table"})
+        stage(f"wrote {args.json}")
+    return 0
+
+
+def _write_json_atomically(path: str, payload: Any) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# data
+
+
+def _split_classes(total: int, test_fraction: float) -> tuple[int, int]:
+    if total < 2:
+        raise UsageError(f"--classes must be at least 2; received {total}.")
+    if not 0 < test_fraction < 1:
+        raise UsageError(f"--test-fraction must be in (0, 1); received {test_fraction}.")
+    test = max(1, round(total * test_fraction))
+    return total - test, test
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from lce_tf import glyphs
+
+    train, test = _split_classes(args.classes, args.test_fraction)
+    builder = glyphs.build_glyph_dataset if args.kind == "glyphs" else glyphs.build_synthetic_dataset
+    stage(f"building the {args.kind} dataset in {args.out}: {train} training and {test} test classes")
+    summary = builder(args.out, num_train_classes=train, num_test_classes=test, size=args.size, seed=args.seed,
+                      overwrite=args.overwrite, progress=stage)
+    stage("wrote " + json.dumps({k: summary[k] for k in summary if k.startswith("num_")}))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# parser and entry point
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: `lce-tf: error: ... (see lce-tf train --help)`, exit code 2."""
+
+    def error(self, message: str):
+        print(f"lce-tf: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="lce-tf", description="Learning Compatible Embeddings (ICCV 2021) on TensorFlow: train new "
+        "embedding models whose queries search old-model galleries.")
+    parser.add_argument("--version", action="version", version=f"lce-tf {lce_tf.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train a (compatible) embedding model and export a model directory")
+    p.add_argument("--data", required=True, help="training image folder DIR/<class>/<image>")
+    p.add_argument("--out", required=True, help="model directory to create")
+    p.add_argument("--arch", default="cnn", choices=_ARCHS)
+    p.add_argument("--dim", type=int, default=128, help="embedding size D")
+    p.add_argument("--loss", default="arcface", choices=_HEADS)
+    p.add_argument("--scale", type=float, default=16.0, help="margin-softmax scale s")
+    p.add_argument("--margin", type=float, default=0.1, help="margin-softmax margin m")
+    p.add_argument("--classes", help="class subset: 'A:B' indices or percentages of the sorted names "
+                   "(e.g. 0:50%%), or a file of names")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--shift", type=int, default=2, help="random-shift augmentation in pixels")
+    p.add_argument("--compat", default="independent", choices=_MODES)
+    p.add_argument("--old-model", help="old model directory (centers are computed from it when "
+                   "--old-centers is not given; required by l2)")
+    p.add_argument("--old-centers", help="old class centers .npz (lce-tf centers)")
+    p.add_argument("--new-model", help="frozen new model directory (cross-model mode)")
+    p.add_argument("--boundary", default="percentile:20", help="boundary rule when centers are computed "
+                   "here: 'min' (reference) or 'percentile:P'")
+    p.add_argument("--lambda-align", type=float, default=100.0)
+    p.add_argument("--lambda-boundary", type=float, default=10.0)
+    p.add_argument("--lambda-compat", type=float, default=1.0, help="weight of the bct / l2 term")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--version", dest="version", help="version label (default: the --out folder name)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out atomically")
+    p.add_argument("--verbose", type=int, default=2, choices=(0, 1, 2), help="Keras fit verbosity")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("centers", help="compute a model's class centers and boundaries over an image folder")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="output .npz")
+    p.add_argument("--classes")
+    p.add_argument("--boundary", default="percentile:20")
+    p.set_defaults(func=cmd_centers)
+
+    p = sub.add_parser("evaluate", help="compatibility matrix, criterion and update gain of models")
+    p.add_argument("--query", required=True)
+    p.add_argument("--gallery", required=True)
+    p.add_argument("--model", action="append", required=True, metavar="NAME=MODEL_DIR",
+                   help="a model to compare; repeat; the first is the old model unless --old")
+    p.add_argument("--old", help="name of the old model (default: the first --model)")
+    p.add_argument("--independent", help="name of the independently trained new model (new*)")
+    p.add_argument("--json", help="write the results as JSON")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("data", help="generate a demo/benchmark dataset (train/query/gallery image folders)")
+    p.add_argument("kind", choices=("glyphs", "synthetic"),
+                   help="glyphs: CJK characters from installed fonts; synthetic: random stroke patterns")
+    p.add_argument("--out", required=True)
+    p.add_argument("--classes", type=int, default=2000, help="total classes (train + test)")
+    p.add_argument("--test-fraction", type=float, default=0.3)
+    p.add_argument("--size", type=int, default=32, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_data)
+    return parser
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    known_errors: tuple[type, ...] = (ValueError, OSError)
+    try:
+        from lce_tf.training import TrainingDivergedError
+
+        known_errors += (TrainingDivergedError,)
+        return args.func(args)
+    except known_errors as e:
+        print(f"lce-tf: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as e:  # TensorFlow's OpError family (e.g. an undecodable image) is bad input too.
+        if type(e).__module__.startswith("tensorflow"):
+            print(f"lce-tf: error: {_one_line(e)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Exports a trained model as a model directory (DESIGN.md, "Artifacts and formats").
+
+A model directory is a SavedModel whose serving signatures take images float32 [N, H, W, C] in [0, 1]
+(input name `images`) and return L2-normalized embeddings (output name `embedding`):
+
+  embed / serving_default   the model's own space;
+  embed_compat              the old model's space through T21 (transformation modes);
+  transform_old_to_new      old-space gallery vectors [N, D_old] (input `embeddings`) -> new space (T12);
+
+plus `lce_tf_model.json` (see `lce_tf.serving.METADATA_FILE`). The directory reloads with plain
+`tf.saved_model.load` in a process that never imports lce_tf. It is written to a temporary sibling
+directory and renamed into place, so a reader never sees half a model.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from typing import Any, Optional, Sequence
+
+import tensorflow as tf
+
+import lce_tf
+from lce_tf.serving import METADATA_FILE, MODEL_FORMAT
+
+
+class _ServingModule(tf.Module):
+    """Holds the trained pieces and the traced serving functions."""
+
+    def __init__(self, model, input_shape: Sequence[int]):
+        super().__init__()
+        self.model = model
+        image_spec = tf.TensorSpec([None, *input_shape], tf.float32, name="images")
+        self.embed = tf.function(lambda images: {"embedding": model(images, training=False)},
+                                 input_signature=[image_spec])
+        self.signatures = {"serving_default": self.embed, "embed": self.embed}
+        if model.t21 is not None:
+            self.embed_compat = tf.function(
+                lambda images: {"embedding": model.embed_compat(images, training=False)},
+                input_signature=[image_spec])
+            self.signatures["embed_compat"] = self.embed_compat
+        if model.t12 is not None:
+            old_spec = tf.TensorSpec([None, model.compatibility.old_dim], tf.float32, name="embeddings")
+            self.transform_old_to_new = tf.function(
+                lambda embeddings: {"embedding": model.transform_old_to_new(embeddings, training=False)},
+                input_signature=[old_spec])
+            self.signatures["transform_old_to_new"] = self.transform_old_to_new
+
+
+def new_model_id(version: str) -> str:
+    """A unique id for a freshly trained model: '<version>-<8 hex digits>'."""
+    return f"{version}-{uuid.uuid4().hex[:8]}"
+
+
+def export_model(model, out_dir: str, *, architecture: str, input_shape: Sequence[int], version: str,
+                 class_names: Sequence[str] = (), compatible_with: Optional[dict[str, Any]] = None,
+                 training: Optional[dict[str, Any]] = None, overwrite: bool = False) -> dict[str, Any]:
+    """Writes `model` (a `CompatibleEmbeddingModel`) as a model directory, atomically.
+
+    Args:
+      model: the trained model.
+      out_dir: the directory to create. It must not exist unless `overwrite`.
+      architecture: backbone name, recorded in the metadata.
+      input_shape: (H, W, C) of the serving input.
+      version: a human version label, e.g. "v2".
+      class_names: the training classes (recorded for reference).
+      compatible_with: the compatibility record: {"model_id", "embedding_space", "mode", "signature",
+        "dim"} of the old model, or None for an independent model.
+      training: free-form training settings recorded in the metadata (loss, epochs, lambdas, ...).
+      overwrite: replace an existing directory (the old one is removed only after the new one is
+        complete).
+
+    Returns:
+      The metadata dict written to `lce_tf_model.json`.
+
+    Raises:
+      ValueError: `out_dir` exists and `overwrite` is False.
+    """
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise ValueError(f"Model directory {out_dir} already exists; choose a new --out (pushed versions "
+                         "are never overwritten).")
+    model_id = new_model_id(version)
+    signatures = ["embed"] + [n for n, t in (("embed_compat", model.t21), ("transform_old_to_new", model.t12))
+                              if t is not None]
+    metadata = {
+        "format": MODEL_FORMAT,
+        "model_id": model_id,
+        "version": version,
+        "architecture": architecture,
+        "input_shape": [int(v) for v in input_shape],
+        "embedding_dim": int(model.embedding_dim),
+        "embedding_space": model_id,
+        "compatible_with": compatible_with,
+        "signatures": signatures,
+        "num_classes": len(class_names),
+        "class_names": list(class_names),
+        "training": training or {},
+        "lce_tf_version": lce_tf.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        module = _ServingModule(model, input_shape)
+        tf.saved_model.save(module, tmp_dir, signatures=module.signatures)
+        with open(os.path.join(tmp_dir, METADATA_FILE), "w", encoding="utf-8") as f:
+            json.dump(metadata, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        _move_into_place(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return metadata
+
+
+def _move_into_place(tmp_dir: str, out_dir: str) -> None:
+    """Renames a complete temporary directory to `out_dir`, keeping an old one until the swap is done."""
+    if not os.path.exists(out_dir):
+        os.rename(tmp_dir, out_dir)
+        return
+    backup = f"{tmp_dir}.previous"
+    os.rename(out_dir, backup)
+    try:
+        os.rename(tmp_dir, out_dir)
+    except BaseException:
+        os.rename(backup, out_dir)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)

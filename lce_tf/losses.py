@@ -1,0 +1,639 @@
+"""Losses of LCE (Meng et al., ICCV 2021) and of the baselines, as functions and Keras Loss classes.
+
+Every loss is a plain function (the math, testable without a model) paired with a serializable
+`tf.keras.losses.Loss` class, as Keras pairs `cosine_similarity` / `CosineSimilarity`:
+
+  classification head (DESIGN.md, the method, item 2), on cosine logits [B, C]:
+    norm_softmax_loss / NormSoftmaxLoss     softmax CE of s·cos θ
+    cosface_loss      / CosFaceLoss         target logit s·(cos θ − m)
+    arcface_loss      / ArcFaceLoss         target logit s·cos(θ + m)
+  compatibility terms:
+    alignment_loss    / AlignmentLoss       L_a, item 3
+    boundary_loss     / BoundaryLoss        L_b, item 4
+    transformed_alignment_loss              L_a through T12 / T21, item 6 (function only: its
+                                            arguments include two layers, not y_true / y_pred)
+  baselines (item 8):
+    bct_influence_loss / BCTInfluenceLoss   new features classified by the frozen old classifier
+    l2_regression_loss / L2RegressionLoss   regress φ2(x) onto φ1(x)
+    triplet_loss       / TripletLoss        tensorflow_addons semi-hard triplet loss
+
+Per-example functions return [B] like Keras loss functions; their classes honour the Keras
+`reduction` argument. Scalar functions (alignment, transformed alignment, boundary, triplet) return
+the batch value; `BoundaryLoss` returns the per-example hinge so that its reduction applies.
+
+`get(name)` maps a head name ("normsoftmax", "cosface", "arcface") to its Loss class.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, Optional
+
+import numpy as np
+import tensorflow as tf
+
+_PACKAGE = "lce_tf"
+_Reduction = tf.keras.losses.Reduction
+
+# cos θ is clipped to [-1 + eps, 1 - eps] before acos so that the gradient stays finite.
+ACOS_EPS = 1e-7
+
+
+# ----------------------------------------------------------------------------------------------------
+# Argument checks and small helpers
+# ----------------------------------------------------------------------------------------------------
+
+def _check_scale(scale: Any, fn: str) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{fn}: expected scale > 0; received {scale!r}.")
+    return float(scale)
+
+
+def _check_margin(margin: Any, fn: str, upper: Optional[float] = None) -> float:
+    if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not math.isfinite(margin) or margin < 0:
+        raise ValueError(f"{fn}: expected margin >= 0; received {margin!r}.")
+    if upper is not None and margin > upper:
+        raise ValueError(f"{fn}: expected margin <= {upper:.4f} (π/2); received {margin!r}.")
+    return float(margin)
+
+
+def _float_tensor(x: Any, name: str, fn: str, rank: int) -> tf.Tensor:
+    x = tf.convert_to_tensor(x)
+    if not x.dtype.is_floating:
+        x = tf.cast(x, tf.float32)
+    elif x.dtype != tf.float32:
+        x = tf.cast(x, tf.float32)  # losses are computed in float32 (also under mixed precision)
+    if x.shape.rank is not None and x.shape.rank != rank:
+        raise ValueError(f"{fn}: expected {name} of rank {rank}; received shape {x.shape}.")
+    return x
+
+
+def _labels(labels: Any, fn: str) -> tf.Tensor:
+    """Integer class ids [B] (a trailing axis of size 1, Keras' [B, 1] convention, is dropped)."""
+    labels = tf.convert_to_tensor(labels)
+    rank = labels.shape.rank
+    if rank == 2 and labels.shape[-1] == 1:
+        labels = tf.squeeze(labels, axis=-1)
+    elif rank is not None and rank != 1:
+        raise ValueError(f"{fn}: expected labels of shape [batch]; received shape {labels.shape}.")
+    return tf.cast(labels, tf.int32)
+
+
+def _dim(x: tf.Tensor, axis: int) -> Optional[int]:
+    if x.shape.rank is None:
+        return None
+    d = x.shape[axis]
+    return None if d is None else int(d)
+
+
+def _check_same(fn: str, what: str, name_a: str, a: Optional[int], name_b: str, b: Optional[int]) -> None:
+    if a is not None and b is not None and a != b:
+        raise ValueError(f"{fn}: {name_a} has {what} {a} but {name_b} has {what} {b}; they must match.")
+
+
+def _l2n(x: tf.Tensor) -> tf.Tensor:
+    return tf.math.l2_normalize(x, axis=-1)
+
+
+def _array(value: Any, name: str, cls: str, rank: int) -> np.ndarray:
+    array = np.asarray(value, dtype=np.float32)
+    if array.ndim != rank:
+        raise ValueError(f"{cls}: expected {name} of rank {rank}; received shape {array.shape}.")
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{cls}: {name} contains NaN or Inf values.")
+    return array
+
+
+# ----------------------------------------------------------------------------------------------------
+# Margin-softmax family (DESIGN.md, the method, item 2)
+# ----------------------------------------------------------------------------------------------------
+
+def _margin_softmax(labels, cosine_logits, fn: str, scale: float, target_fn=None) -> tf.Tensor:
+    labels = _labels(labels, fn)
+    cos = _float_tensor(cosine_logits, "cosine_logits", fn, rank=2)
+    _check_same(fn, "batch size", "labels", _dim(labels, 0), "cosine_logits", _dim(cos, 0))
+    if target_fn is not None:
+        is_target = tf.cast(tf.one_hot(labels, tf.shape(cos)[1]), tf.bool)
+        target_cos = tf.gather(cos, labels, axis=1, batch_dims=1)
+        cos = tf.where(is_target, target_fn(target_cos)[:, None], cos)
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=scale * cos)
+
+
+def norm_softmax_loss(labels: Any, cosine_logits: Any, scale: float = 16.0) -> tf.Tensor:
+    """Normalized softmax (NormFace) loss: softmax cross-entropy of s·cos θ.
+
+    L_i = −log( exp(s·cos θ_{i,y_i}) / Σ_j exp(s·cos θ_{i,j}) )   (DESIGN.md item 2)
+
+    Args:
+      labels: [batch] int class ids (or [batch, 1]).
+      cosine_logits: [batch, num_classes] cosines, e.g. the output of `CosineClassifier`.
+      scale: s > 0.
+
+    Returns:
+      [batch] per-example loss.
+
+    Raises:
+      ValueError: scale <= 0, or wrong ranks / batch sizes.
+    """
+    fn = "norm_softmax_loss"
+    return _margin_softmax(labels, cosine_logits, fn, _check_scale(scale, fn))
+
+
+def cosface_loss(labels: Any, cosine_logits: Any, scale: float = 16.0, margin: float = 0.1) -> tf.Tensor:
+    """CosFace (large-margin cosine) loss: the target logit becomes s·(cos θ_y − m).
+
+    L_i = −log( exp(s(cos θ_{i,y} − m)) / (exp(s(cos θ_{i,y} − m)) + Σ_{j≠y} exp(s·cos θ_{i,j})) )
+    (Wang et al. 2018; DESIGN.md item 2.)
+
+    Args:
+      labels: [batch] int class ids (or [batch, 1]).
+      cosine_logits: [batch, num_classes] cosines.
+      scale: s > 0.
+      margin: m >= 0.
+
+    Returns:
+      [batch] per-example loss.
+
+    Raises:
+      ValueError: scale <= 0, margin < 0, or wrong ranks / batch sizes.
+    """
+    fn = "cosface_loss"
+    scale, margin = _check_scale(scale, fn), _check_margin(margin, fn)
+    return _margin_softmax(labels, cosine_logits, fn, scale, lambda c: c - margin)
+
+
+def _arcface_target(cos_t: tf.Tensor, margin: float) -> tf.Tensor:
+    clipped = tf.clip_by_value(cos_t, -1.0 + ACOS_EPS, 1.0 - ACOS_EPS)
+    cos_t_plus_m = tf.cos(tf.acos(clipped) + margin)
+    # θ + m > π: cos(θ + m) would increase again with θ; keep the logit monotonic instead.
+    fallback = cos_t - margin * math.sin(margin)  # = cos θ − m·sin(π − m)
+    return tf.where(cos_t > math.cos(math.pi - margin), cos_t_plus_m, fallback)
+
+
+def arcface_loss(labels: Any, cosine_logits: Any, scale: float = 16.0, margin: float = 0.1) -> tf.Tensor:
+    """ArcFace (additive angular margin) loss: the target logit becomes s·cos(θ_y + m).
+
+    Standard formulation without the "easy margin" (Deng et al. 2019, InsightFace with
+    easy_margin=False, as in the LCE reference code):
+
+        θ_y = acos(clip(cos θ_y, −1 + eps, 1 − eps))            eps = ACOS_EPS = 1e-7
+        target = cos(θ_y + m)            if θ_y + m < π   (i.e. cos θ_y > cos(π − m))
+                 cos θ_y − m·sin(m)      otherwise (keeps the target logit decreasing in θ)
+
+    Non-target logits stay s·cos θ_j. For m = 0.1 the fallback only applies when cos θ_y < −0.995.
+
+    Args:
+      labels: [batch] int class ids (or [batch, 1]).
+      cosine_logits: [batch, num_classes] cosines.
+      scale: s > 0 (reference re-id config: 16).
+      margin: m in [0, π/2] radians (reference re-id config: 0.1).
+
+    Returns:
+      [batch] per-example loss.
+
+    Raises:
+      ValueError: scale <= 0, margin outside [0, π/2], or wrong ranks / batch sizes.
+    """
+    fn = "arcface_loss"
+    scale, margin = _check_scale(scale, fn), _check_margin(margin, fn, upper=math.pi / 2)
+    return _margin_softmax(labels, cosine_logits, fn, scale, lambda c: _arcface_target(c, margin))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Compatibility terms (items 3, 4, 6)
+# ----------------------------------------------------------------------------------------------------
+
+def alignment_loss(new_weights: Any, old_centers: Any) -> tf.Tensor:
+    """LCE alignment loss L_a (DESIGN.md item 3): new class centers onto the old ones.
+
+        L_a = mean_{j, d} (ŵ2_{j,d} − c_{j,d})²,   ŵ2_j = w2_j / |w2_j|
+
+    For unit vectors this equals mean_j (2 − 2·cos(ŵ2_j, c_j)) / D.
+
+    Args:
+      new_weights: [C, D] raw classifier rows of the new model (normalized inside), e.g.
+        `CosineClassifier.raw_weights`.
+      old_centers: [C, D] old class centers, unit rows (not re-normalized).
+
+    Returns:
+      Scalar loss.
+
+    Raises:
+      ValueError: ranks are not 2, or C or D differ (the message names both values).
+    """
+    fn = "alignment_loss"
+    w = _float_tensor(new_weights, "new_weights", fn, rank=2)
+    c = _float_tensor(old_centers, "old_centers", fn, rank=2)
+    _check_same(fn, "dimension D =", "new_weights", _dim(w, 1), "old_centers", _dim(c, 1))
+    _check_same(fn, "number of classes C =", "new_weights", _dim(w, 0), "old_centers", _dim(c, 0))
+    return tf.reduce_mean(tf.square(_l2n(w) - c))
+
+
+def _boundary_hinge(embeddings, labels, old_centers, old_boundary_cos, normalize: bool, fn: str) -> tf.Tensor:
+    f = _float_tensor(embeddings, "embeddings", fn, rank=2)
+    labels = _labels(labels, fn)
+    c = _float_tensor(old_centers, "old_centers", fn, rank=2)
+    b = _float_tensor(old_boundary_cos, "old_boundary_cos", fn, rank=1)
+    _check_same(fn, "dimension D =", "embeddings", _dim(f, 1), "old_centers", _dim(c, 1))
+    _check_same(fn, "number of classes C =", "old_centers", _dim(c, 0), "old_boundary_cos", _dim(b, 0))
+    _check_same(fn, "batch size", "embeddings", _dim(f, 0), "labels", _dim(labels, 0))
+    if normalize:
+        cos = tf.reduce_sum(_l2n(f) * tf.gather(c, labels), axis=-1)
+    else:
+        cos = tf.clip_by_value(tf.reduce_sum(f * tf.gather(c, labels), axis=-1), -1.0, 1.0)
+    return tf.nn.relu(tf.gather(b, labels) - cos)
+
+
+def boundary_loss(embeddings: Any, labels: Any, old_centers: Any, old_boundary_cos: Any, *,
+                  normalize: bool = True) -> tf.Tensor:
+    """LCE boundary loss L_b (DESIGN.md item 4): new features must lie inside the old class's cone.
+
+        L_b = mean_i max(0, b_{y_i} − ⟨f̂2_i, c_{y_i}⟩)
+
+    Args:
+      embeddings: [B, D] raw new embeddings (or T21 outputs in transformation mode).
+      labels: [B] int class ids (or [B, 1]).
+      old_centers: [C, D] old class centers, unit rows.
+      old_boundary_cos: [C] boundary cosines b_j.
+      normalize: True (default) L2-normalizes the embeddings first; False is the reference
+        behaviour: the raw dot product ⟨f2_i, c_{y_i}⟩ clamped to [−1, 1].
+
+    Returns:
+      Scalar mean over the batch.
+
+    Raises:
+      ValueError: wrong ranks, or D, C or batch sizes that differ (the message names both values).
+    """
+    return tf.reduce_mean(_boundary_hinge(embeddings, labels, old_centers, old_boundary_cos, normalize,
+                                          "boundary_loss"))
+
+
+def transformed_alignment_loss(new_weights: Any, old_centers: Any,
+                               old_to_new: Callable[[tf.Tensor], tf.Tensor],
+                               new_to_old: Callable[[tf.Tensor], tf.Tensor]) -> tf.Tensor:
+    """LCE alignment through the transformations (DESIGN.md item 6); D_new and D_old may differ.
+
+        L = ½ [ MSE(ŵ2, n(T12(c1))) + MSE(n(T21(ŵ2)), c1) ]
+
+    with ŵ2 the L2-normalized rows of `new_weights`, n = L2 normalization and MSE the mean over
+    classes and dimensions as in `alignment_loss`. Decision: the transform outputs are normalized
+    because every vector they are compared with is a unit vector (ŵ2, c1); the transforms always
+    receive unit vectors (c1 and ŵ2), as they do at serving time.
+
+    Args:
+      new_weights: [C, D_new] raw classifier rows of the new model.
+      old_centers: [C, D_old] old class centers, unit rows.
+      old_to_new: T12, a callable [C, D_old] -> [C, D_new] (a `CompatibilityTransform`).
+      new_to_old: T21, a callable [C, D_new] -> [C, D_old].
+
+    Returns:
+      Scalar loss.
+
+    Raises:
+      ValueError: wrong ranks, different C, or transform outputs of the wrong dimension.
+    """
+    fn = "transformed_alignment_loss"
+    w = _l2n(_float_tensor(new_weights, "new_weights", fn, rank=2))
+    c = _float_tensor(old_centers, "old_centers", fn, rank=2)
+    _check_same(fn, "number of classes C =", "new_weights", _dim(w, 0), "old_centers", _dim(c, 0))
+    c_in_new = _float_tensor(old_to_new(c), "old_to_new(old_centers)", fn, rank=2)
+    w_in_old = _float_tensor(new_to_old(w), "new_to_old(new_weights)", fn, rank=2)
+    _check_same(fn, "dimension D =", "old_to_new(old_centers)", _dim(c_in_new, 1), "new_weights", _dim(w, 1))
+    _check_same(fn, "dimension D =", "new_to_old(new_weights)", _dim(w_in_old, 1), "old_centers", _dim(c, 1))
+    forward = tf.reduce_mean(tf.square(w - _l2n(c_in_new)))
+    backward = tf.reduce_mean(tf.square(_l2n(w_in_old) - c))
+    return 0.5 * (forward + backward)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Baselines (item 8)
+# ----------------------------------------------------------------------------------------------------
+
+def bct_influence_loss(embeddings: Any, labels: Any, old_classifier: Any, scale: float = 16.0) -> tf.Tensor:
+    """BCT influence loss (Shen et al. 2020): new features classified by the frozen old classifier.
+
+        L_i = softmax-CE( s · n(f2_i) · n(W1)ᵀ , y_i )
+
+    When the old classifier is not available, the old class centers serve as W1 (DESIGN.md item 8).
+
+    Args:
+      embeddings: [B, D] raw new embeddings.
+      labels: [B] int class ids (or [B, 1]).
+      old_classifier: [C, D] frozen old classifier rows or old class centers (normalized inside).
+      scale: s > 0.
+
+    Returns:
+      [B] per-example loss.
+
+    Raises:
+      ValueError: scale <= 0, wrong ranks, or D that differs (the message names both values).
+    """
+    fn = "bct_influence_loss"
+    scale = _check_scale(scale, fn)
+    f = _float_tensor(embeddings, "embeddings", fn, rank=2)
+    w = tf.stop_gradient(_float_tensor(old_classifier, "old_classifier", fn, rank=2))
+    _check_same(fn, "dimension D =", "embeddings", _dim(f, 1), "old_classifier", _dim(w, 1))
+    cos = tf.linalg.matmul(_l2n(f), _l2n(w), transpose_b=True)
+    return _margin_softmax(labels, cos, fn, scale)
+
+
+def l2_regression_loss(new_embeddings: Any, old_embeddings: Any) -> tf.Tensor:
+    """L2 baseline: regress the new embedding of x onto the old one, ||n(φ2(x)) − n(φ1(x))||².
+
+    Equals 2 − 2·cos(φ2(x), φ1(x)). Gradients do not flow into `old_embeddings`.
+
+    Args:
+      new_embeddings: [B, D] raw new embeddings.
+      old_embeddings: [B, D] old embeddings of the same images.
+
+    Returns:
+      [B] per-example loss.
+
+    Raises:
+      ValueError: wrong ranks, or D or batch sizes that differ (the message names both values).
+    """
+    fn = "l2_regression_loss"
+    f2 = _float_tensor(new_embeddings, "new_embeddings", fn, rank=2)
+    f1 = tf.stop_gradient(_float_tensor(old_embeddings, "old_embeddings", fn, rank=2))
+    _check_same(fn, "dimension D =", "new_embeddings", _dim(f2, 1), "old_embeddings", _dim(f1, 1))
+    _check_same(fn, "batch size", "new_embeddings", _dim(f2, 0), "old_embeddings", _dim(f1, 0))
+    return tf.reduce_sum(tf.square(_l2n(f2) - _l2n(f1)), axis=-1)
+
+
+def triplet_loss(labels: Any, embeddings: Any, margin: float = 1.0, *, normalize: bool = True) -> tf.Tensor:
+    """Semi-hard triplet loss (`tensorflow_addons.losses.triplet_semihard_loss`, L2 distance).
+
+    For every anchor-positive pair (a, p): the negative n is the closest one farther than p
+    (semi-hard), or the farthest negative when none is; loss = mean over pairs of
+    max(0, d(a, p) − d(a, n) + margin), with d the (non-squared) Euclidean distance.
+
+    tensorflow_addons is imported here, not at module import (slow and noisy to import).
+
+    Args:
+      labels: [B] int class ids (or [B, 1]).
+      embeddings: [B, D] embeddings.
+      margin: margin >= 0.
+      normalize: L2-normalize the embeddings first (default; tfa expects unit embeddings).
+
+    Returns:
+      Scalar loss.
+    """
+    fn = "triplet_loss"
+    margin = _check_margin(margin, fn)
+    f = _float_tensor(embeddings, "embeddings", fn, rank=2)
+    labels = _labels(labels, fn)
+    _check_same(fn, "batch size", "labels", _dim(labels, 0), "embeddings", _dim(f, 0))
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import tensorflow_addons as tfa
+    except ImportError as err:  # pragma: no cover - tfa is pinned in the lock
+        raise ImportError("triplet_loss needs tensorflow-addons (pip install tensorflow-addons==0.23.0).") from err
+    return tfa.losses.triplet_semihard_loss(labels, _l2n(f) if normalize else f, margin=margin)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Keras Loss classes
+# ----------------------------------------------------------------------------------------------------
+
+@tf.keras.utils.register_keras_serializable(package=_PACKAGE)
+class NormSoftmaxLoss(tf.keras.losses.Loss):
+    """Loss class of `norm_softmax_loss`: y_true = labels [B], y_pred = cosine logits [B, C].
+
+    Args:
+      scale: s > 0.
+      reduction: a `tf.keras.losses.Reduction` (SUM_OVER_BATCH_SIZE: batch mean; SUM; NONE: [B]).
+      name: loss name.
+    """
+
+    def __init__(self, scale: float = 16.0, reduction: str = _Reduction.SUM_OVER_BATCH_SIZE,
+                 name: str = "norm_softmax_loss"):
+        super().__init__(reduction=reduction, name=name)
+        self.scale = _check_scale(scale, type(self).__name__)
+
+    def call(self, y_true, y_pred):
+        return norm_softmax_loss(y_true, y_pred, self.scale)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({"scale": self.scale})
+        return config
+
+
+@tf.keras.utils.register_keras_serializable(package=_PACKAGE)
+class CosFaceLoss(tf.keras.losses.Loss):
+    """Loss class of `cosface_loss`: y_true = labels [B], y_pred = cosine logits [B, C].
+
+    Args:
+      scale: s > 0.
+      margin: m >= 0.
+      reduction: a `tf.keras.losses.Reduction`.
+      name: loss name.
+    """
+
+    def __init__(self, scale: float = 16.0, margin: float = 0.1,
+                 reduction: str = _Reduction.SUM_OVER_BATCH_SIZE, name: str = "cosface_loss"):
+        super().__init__(reduction=reduction, name=name)
+        self.scale = _check_scale(scale, type(self).__name__)
+        self.margin = _check_margin(margin, type(self).__name__)
+
+    def call(self, y_true, y_pred):
+        return cosface_loss(y_true, y_pred, self.scale, self.margin)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({"scale": self.scale, "margin": self.margin})
+        return config
+
+
+@tf.keras.utils.register_keras_serializable(package=_PACKAGE)
+class ArcFaceLoss(tf.keras.losses.Loss):
+    """Loss class of `arcface_loss`: y_true = labels [B], y_pred = cosine logits [B, C].
+
+    Args:
+      scale: s > 0 (reference re-id config: 16).
+      margin: m in [0, π/2] (reference re-id config: 0.1).
+      reduction: a `tf.keras.losses.Reduction`.
+      name: loss name.
+    """
+
+    def __init__(self, scale: float = 16.0, margin: float = 0.1,
+                 reduction: str = _Reduction.SUM_OVER_BATCH_SIZE, name: str = "arcface_loss"):
+        super().__init__(reduction=reduction, name=name)
+        self.scale = _check_scale(scale, type(self).__name__)
+        self.margin = _check_margin(margin, type(self).__name__, upper=math.pi / 2)
+
+    def call(self, y_true, y_pred):
+        return arcface_loss(y_true, y_pred, self.scale, self.margin)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({"scale": self.scale, "margin": self.margin})
+        return config
+
+
+@tf.keras.utils.register_keras_serializable(package=_PACKAGE)
+class AlignmentLoss(tf.keras.losses.Loss):
+    """Loss class of `alignment_loss` with the old centers fixed at construction.
+
+    Call with y_true ignored (pass None) and y_pred = new_weights [C, D]; returns the scalar L_a
+    (every reduction leaves a scalar unchanged).
+
+    Args:
+      old_centers: [C, D] old class centers, unit rows (array-like; stored as a nested list in the config).
+      reduction: a `tf.keras.losses.Reduction`.
+      name: loss name.
+    """
+
+    def __init__(self, old_centers: Any, reduction: str = _Reduction.SUM_OVER_BATCH_SIZE,
+                 name: str = "alignment_loss"):
+        super().__init__(reduction=reduction, name=name)
+        self.old_centers = _array(old_centers, "old_centers", type(self).__name__, rank=2)
+
+    def call(self, y_true, y_pred):
+        del y_true  # unused
+        return alignment_loss(y_pred, tf.constant(self.old_centers))
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({"old_centers": self.old_centers.tolist()})
+        return config
+
+
+@tf.keras.utils.register_keras_serializable(package=_PACKAGE)
+class BoundaryLoss(tf.keras.losses.Loss):
+    """Loss class of `boundary_loss` with the old centers and boundaries fixed at construction.
+
+    Call with y_true = labels [B] and y_pred = embeddings [B, D]. `call` returns the per-example hinge
+    max(0, b_{y_i} − ⟨f̂_i, c_{y_i}⟩) [B], so SUM_OVER_BATCH_SIZE gives `boundary_loss`, SUM the
+    batch sum and NONE the [B] values.
+
+    Args:
+      old_centers: [C, D] old class centers, unit rows.
+      old_boundary_cos: [C] boundary cosines.
+      normalize: see `boundary_loss`.
+      reduction: a `tf.keras.losses.Reduction`.
+      name: loss name.
+    """
+
+    def __init__(self, old_centers: Any, old_boundary_cos: Any, normalize: bool = True,
+                 reduction: str = _Reduction.SUM_OVER_BATCH_SIZE, name: str = "boundary_loss"):
+        super().__init__(reduction=reduction, name=name)
+        cls = type(self).__name__
+        self.old_centers = _array(old_centers, "old_centers", cls, rank=2)
+        self.old_boundary_cos = _array(old_boundary_cos, "old_boundary_cos", cls, rank=1)
+        _check_same(cls, "number of classes C =", "old_centers", self.old_centers.shape[0],
+                    "old_boundary_cos", self.old_boundary_cos.shape[0])
+        self.normalize = bool(normalize)
+
+    def call(self, y_true, y_pred):
+        return _boundary_hinge(y_pred, y_true, tf.constant(self.old_centers),
+                               tf.constant(self.old_boundary_cos), self.normalize, type(self).__name__)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({"old_centers": self.old_centers.tolist(),
+                       "old_boundary_cos": self.old_boundary_cos.tolist(),
+                       "normalize": self.normalize})
+        return config
+
+
+@tf.keras.utils.register_keras_serializable(package=_PACKAGE)
+class BCTInfluenceLoss(tf.keras.losses.Loss):
+    """Loss class of `bct_influence_loss`: y_true = labels [B], y_pred = new embeddings [B, D].
+
+    Args:
+      old_classifier: [C, D] frozen old classifier rows, or the old class centers standing in for it
+        (array-like; stored as a nested list in the config).
+      scale: s > 0.
+      reduction: a `tf.keras.losses.Reduction`.
+      name: loss name.
+    """
+
+    def __init__(self, old_classifier: Any, scale: float = 16.0,
+                 reduction: str = _Reduction.SUM_OVER_BATCH_SIZE, name: str = "bct_influence_loss"):
+        super().__init__(reduction=reduction, name=name)
+        self.old_classifier = _array(old_classifier, "old_classifier", type(self).__name__, rank=2)
+        self.scale = _check_scale(scale, type(self).__name__)
+
+    def call(self, y_true, y_pred):
+        return bct_influence_loss(y_pred, y_true, tf.constant(self.old_classifier), self.scale)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({"old_classifier": self.old_classifier.tolist(), "scale": self.scale})
+        return config
+
+
+@tf.keras.utils.register_keras_serializable(package=_PACKAGE)
+class L2RegressionLoss(tf.keras.losses.Loss):
+    """Loss class of `l2_regression_loss`: y_true = old embeddings [B, D], y_pred = new embeddings [B, D].
+
+    Args:
+      reduction: a `tf.keras.losses.Reduction`.
+      name: loss name.
+    """
+
+    def __init__(self, reduction: str = _Reduction.SUM_OVER_BATCH_SIZE, name: str = "l2_regression_loss"):
+        super().__init__(reduction=reduction, name=name)
+
+    def call(self, y_true, y_pred):
+        return l2_regression_loss(y_pred, y_true)
+
+
+@tf.keras.utils.register_keras_serializable(package=_PACKAGE)
+class TripletLoss(tf.keras.losses.Loss):
+    """Loss class of `triplet_loss`: y_true = labels [B], y_pred = embeddings [B, D]; scalar.
+
+    Args:
+      margin: margin >= 0.
+      normalize: L2-normalize the embeddings first.
+      reduction: a `tf.keras.losses.Reduction` (the value is already a scalar).
+      name: loss name.
+    """
+
+    def __init__(self, margin: float = 1.0, normalize: bool = True,
+                 reduction: str = _Reduction.SUM_OVER_BATCH_SIZE, name: str = "triplet_loss"):
+        super().__init__(reduction=reduction, name=name)
+        self.margin = _check_margin(margin, type(self).__name__)
+        self.normalize = bool(normalize)
+
+    def call(self, y_true, y_pred):
+        return triplet_loss(y_true, y_pred, self.margin, normalize=self.normalize)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({"margin": self.margin, "normalize": self.normalize})
+        return config
+
+
+# ----------------------------------------------------------------------------------------------------
+# Registry of classification heads
+# ----------------------------------------------------------------------------------------------------
+
+HEAD_LOSSES: dict[str, type] = {
+    "normsoftmax": NormSoftmaxLoss,
+    "cosface": CosFaceLoss,
+    "arcface": ArcFaceLoss,
+}
+
+
+def get(name: str) -> type:
+    """Returns the Loss class of a classification head name.
+
+    Args:
+      name: "normsoftmax", "cosface" or "arcface" (case-insensitive).
+
+    Returns:
+      The `tf.keras.losses.Loss` subclass, e.g. `get("arcface")(scale=16.0, margin=0.1)`.
+
+    Raises:
+      ValueError: unknown name (the message lists the valid ones).
+    """
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key not in HEAD_LOSSES:
+        raise ValueError(f"Unknown head loss {name!r}; expected one of {', '.join(HEAD_LOSSES)}.")
+    return HEAD_LOSSES[key]

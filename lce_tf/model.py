@@ -1,0 +1,294 @@
+"""The trainable compatible model: `model.compile(...)` / `model.fit(...)` with LCE loss terms.
+
+`CompatibleEmbeddingModel` wraps a backbone (images -> raw embedding), a `CosineClassifier` head and,
+in the transformation modes, the two `CompatibilityTransform` blocks T12 (old -> new) and T21
+(new -> old). Its `train_step` computes the total loss of DESIGN.md, the method, item 5:
+
+    L = L_cls + λ_a·L_a + λ_b·L_b            (lce, lce-transform, cross-model)
+    L = L_cls + λ_c·L_bct  or  L_cls + λ_c·L_l2   (the bct and l2 baselines)
+
+and logs every term (`cls_loss`, `align_loss`, `boundary_loss`, `bct_loss`, `l2_loss`) in the fit
+history next to the total `loss`. The classification loss is the one given to `compile(loss=...)`: a
+margin-softmax loss on the cosine logits (`lce_tf.losses.ArcFaceLoss`, ...) or, for a model built
+without a classifier, `lce_tf.losses.TripletLoss` on the embeddings.
+
+Modes (`MODES`):
+  independent    L_cls only (the "new*" reference model).
+  lce            direct LCE: alignment of the normalized classifier rows to the old centers (item 3)
+                 and the boundary loss on the new embeddings (item 4). Needs D_new == D_old.
+  lce-transform  LCE through learned T12/T21 (item 6); any dimensions.
+  bct            BCT influence loss: new features classified by the old class centers standing in
+                 for the old classifier (item 8). Needs D_new == D_old.
+  l2             L2 regression of the new embedding onto the frozen old model's (item 8).
+  cross-model    both backbones frozen (item 7): only T12/T21 are trained, from the new model's
+                 class centers and the old centers.
+
+T21 and T12 always take unit vectors (normalized new embeddings, old centers, old gallery vectors), in
+training and in the exported signatures alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from lce_tf import layers as lce_layers
+from lce_tf import losses as lce_losses
+
+MODES: tuple[str, ...] = ("independent", "lce", "lce-transform", "bct", "l2", "cross-model")
+TRANSFORM_MODES = ("lce-transform", "cross-model")
+MODES_NEEDING_CENTERS = ("lce", "lce-transform", "bct", "cross-model")
+MODES_NEEDING_OLD_MODEL = ("l2",)
+
+# Loss-term names as they appear in the fit history.
+CLS_LOSS, ALIGN_LOSS, BOUNDARY_LOSS, BCT_LOSS, L2_LOSS = (
+    "cls_loss", "align_loss", "boundary_loss", "bct_loss", "l2_loss")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompatibilityConfig:
+    """What the new model must stay compatible with, and how strongly.
+
+    Attributes:
+      mode: one of `MODES`.
+      old_centers: [C, D_old] unit rows, row j = old center of the new training set's class j.
+      old_boundary_cos: [C] boundary cosines b_j of the old classes (DESIGN.md item 1).
+      lambda_align: λ_a (reference default 100).
+      lambda_boundary: λ_b (reference 1; 10 with the percentile-20 boundary measured better, DESIGN.md).
+      lambda_compat: weight of the BCT influence or L2 regression term.
+      new_centers: [C, D_new] unit rows of the frozen new model (cross-model mode only).
+    """
+
+    mode: str = "independent"
+    old_centers: Optional[np.ndarray] = None
+    old_boundary_cos: Optional[np.ndarray] = None
+    lambda_align: float = 100.0
+    lambda_boundary: float = 10.0
+    lambda_compat: float = 1.0
+    new_centers: Optional[np.ndarray] = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"Unknown compatibility mode {self.mode!r}; expected one of {', '.join(MODES)}.")
+        if self.mode in MODES_NEEDING_CENTERS and self.old_centers is None:
+            raise ValueError(f"Mode {self.mode!r} needs the old class centers (--old-centers or --old-model).")
+        if self.mode == "cross-model" and self.new_centers is None:
+            raise ValueError("Mode 'cross-model' needs the new model's class centers.")
+        for name in ("lambda_align", "lambda_boundary", "lambda_compat"):
+            if not np.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"Expected a finite, non-negative {name}; received {getattr(self, name)}.")
+        for name in ("old_centers", "old_boundary_cos", "new_centers"):
+            value = getattr(self, name)
+            if value is not None and not np.all(np.isfinite(value)):
+                raise ValueError(f"{name} contains NaN or Inf values.")
+
+    @property
+    def old_dim(self) -> Optional[int]:
+        return None if self.old_centers is None else int(np.shape(self.old_centers)[1])
+
+
+class CompatibleEmbeddingModel(tf.keras.Model):
+    """A new embedding model trained to stay compatible with an old one (LCE, ICCV 2021).
+
+    Call it on images [B, H, W, C] to get L2-normalized embeddings [B, D]. Train it with
+    `compile(optimizer, loss=<classification loss>)` and `fit(dataset of (images, labels))`.
+
+    Args:
+      backbone: images -> raw embeddings [B, D]. In cross-model mode, a frozen callable returning
+        the new model's (normalized) embeddings, e.g. a loaded SavedModel's `embed`.
+      num_classes: C, size of the cosine classifier; None for an embedding-only model (triplet loss,
+        or cross-model mode).
+      compatibility: the `CompatibilityConfig`.
+      old_embedder: the frozen old model, images -> old embeddings (l2 mode).
+    """
+
+    def __init__(self, backbone: Callable, num_classes: Optional[int],
+                 compatibility: CompatibilityConfig = CompatibilityConfig(), *,
+                 old_embedder: Optional[Callable] = None, embedding_dim: Optional[int] = None,
+                 name: str = "compatible_embedding_model", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.compatibility = compatibility
+        mode = compatibility.mode
+        self.backbone = backbone
+        self.embedding_dim = int(embedding_dim or backbone.output_shape[-1])
+        self.classifier = (lce_layers.CosineClassifier(num_classes, name="classifier")
+                           if num_classes and mode != "cross-model" else None)
+        self.old_embedder = old_embedder
+        if mode in ("lce", "bct") and compatibility.old_dim != self.embedding_dim:
+            raise ValueError(
+                f"Mode {mode!r} compares embeddings directly, but the old centers have dimension "
+                f"{compatibility.old_dim} and the new embedding {self.embedding_dim}; "
+                "use --compat lce-transform for different dimensions.")
+        if mode == "lce" and self.classifier is None and compatibility.lambda_align > 0:
+            tf.get_logger().warning("No classifier (triplet loss): lce mode applies the boundary loss only.")
+        if mode in MODES_NEEDING_OLD_MODEL and old_embedder is None:
+            raise ValueError(f"Mode {mode!r} needs the old model (--old-model).")
+        if mode == "cross-model":
+            self.backbone.trainable = False
+        self.t12 = self.t21 = None
+        if mode in TRANSFORM_MODES:
+            self.t12 = lce_layers.CompatibilityTransform(self.embedding_dim, name="t12_old_to_new")
+            self.t21 = lce_layers.CompatibilityTransform(compatibility.old_dim, name="t21_new_to_old")
+        c = compatibility
+        self._old_centers = None if c.old_centers is None else tf.constant(c.old_centers, tf.float32)
+        self._old_boundary = None if c.old_boundary_cos is None else tf.constant(c.old_boundary_cos, tf.float32)
+        self._new_centers = None if c.new_centers is None else tf.constant(c.new_centers, tf.float32)
+        self._build_heads()
+        self._trackers = {n: tf.keras.metrics.Mean(name=n) for n in ("loss",) + self.loss_term_names}
+        self._accuracy = (tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+                          if self.classifier is not None else None)
+
+    def _build_heads(self):
+        # Creates the head variables now, outside the first traced train step.
+        if self.classifier is not None:
+            self.classifier(tf.zeros((1, self.embedding_dim)))
+        if self.t12 is not None:
+            self.t12(tf.zeros((2, self.compatibility.old_dim)))
+            self.t21(tf.zeros((2, self.embedding_dim)))
+
+    @property
+    def loss_term_names(self) -> tuple[str, ...]:
+        """The loss terms this mode computes, in the order they are logged."""
+        mode = self.compatibility.mode
+        terms = () if mode == "cross-model" else (CLS_LOSS,)
+        if mode in ("lce", "lce-transform", "cross-model"):
+            terms += (ALIGN_LOSS, BOUNDARY_LOSS)
+        terms += {"bct": (BCT_LOSS,), "l2": (L2_LOSS,)}.get(mode, ())
+        return terms
+
+    @property
+    def metrics(self):
+        return list(self._trackers.values()) + ([self._accuracy] if self._accuracy is not None else [])
+
+    def _raw_embeddings(self, images, training):
+        if self.compatibility.mode == "cross-model":
+            return self.backbone(images)
+        return self.backbone(images, training=training)
+
+    def call(self, images, training=None):
+        """Images [B, H, W, C] -> L2-normalized embeddings [B, D] in the model's own space."""
+        return tf.math.l2_normalize(self._raw_embeddings(images, training), axis=-1)
+
+    def embed_compat(self, images, training=None):
+        """Images -> embeddings in the old model's space: T21 when there is one, else `call`."""
+        embeddings = self(images, training=training)
+        if self.t21 is None:
+            return embeddings
+        return tf.math.l2_normalize(self.t21(embeddings, training=training), axis=-1)
+
+    def transform_old_to_new(self, old_embeddings, training=None):
+        """Old-space unit vectors [N, D_old] -> new space through T12 (forward compatibility)."""
+        if self.t12 is None:
+            raise ValueError(f"Mode {self.compatibility.mode!r} has no T12 transformation.")
+        unit = tf.math.l2_normalize(old_embeddings, axis=-1)
+        return tf.math.l2_normalize(self.t12(unit, training=training), axis=-1)
+
+    def compute_loss_terms(self, images, labels, training: bool) -> dict[str, tf.Tensor]:
+        """Every loss term of DESIGN.md item 5 for one batch, unweighted, as scalars."""
+        c = self.compatibility
+        raw = self._raw_embeddings(images, training)
+        terms: dict[str, tf.Tensor] = {}
+        logits = None
+        if c.mode != "cross-model":
+            if self.classifier is not None:
+                logits = self.classifier(raw)
+                terms[CLS_LOSS] = self.compiled_loss(labels, logits)
+            else:
+                terms[CLS_LOSS] = self.compiled_loss(labels, raw)
+        unit = tf.math.l2_normalize(raw, axis=-1)
+        if c.mode == "lce":
+            terms[ALIGN_LOSS] = (lce_losses.alignment_loss(self.classifier.raw_weights, self._old_centers)
+                                 if self.classifier is not None else tf.constant(0.0))
+            terms[BOUNDARY_LOSS] = lce_losses.boundary_loss(raw, labels, self._old_centers, self._old_boundary)
+        elif c.mode in TRANSFORM_MODES:
+            new_rows = self._new_centers if c.mode == "cross-model" else self.classifier.raw_weights
+            terms[ALIGN_LOSS] = lce_losses.transformed_alignment_loss(
+                new_rows, self._old_centers,
+                lambda v: self.t12(v, training=training), lambda v: self.t21(v, training=training))
+            terms[BOUNDARY_LOSS] = lce_losses.boundary_loss(
+                self.t21(unit, training=training), labels, self._old_centers, self._old_boundary)
+        elif c.mode == "bct":
+            terms[BCT_LOSS] = tf.reduce_mean(lce_losses.bct_influence_loss(raw, labels, self._old_centers))
+        elif c.mode == "l2":
+            old = tf.stop_gradient(self.old_embedder(images))
+            terms[L2_LOSS] = tf.reduce_mean(lce_losses.l2_regression_loss(raw, old))
+        if logits is not None:
+            self._accuracy.update_state(labels, logits)
+        return terms
+
+    def total_loss(self, terms: dict[str, tf.Tensor]) -> tf.Tensor:
+        """L = L_cls + λ_a·L_a + λ_b·L_b + λ_c·(L_bct or L_l2) + regularization (DESIGN.md item 5)."""
+        c = self.compatibility
+        weights = {CLS_LOSS: 1.0, ALIGN_LOSS: c.lambda_align, BOUNDARY_LOSS: c.lambda_boundary,
+                   BCT_LOSS: c.lambda_compat, L2_LOSS: c.lambda_compat}
+        total = tf.add_n([weights[name] * value for name, value in terms.items()])
+        if self.losses:
+            total += tf.add_n(self.losses)
+        return total
+
+    def _update_trackers(self, total, terms):
+        self._trackers["loss"].update_state(total)
+        for name, value in terms.items():
+            self._trackers[name].update_state(value)
+        return {m.name: m.result() for m in self.metrics}
+
+    def train_step(self, data):
+        images, labels = data
+        with tf.GradientTape() as tape:
+            terms = self.compute_loss_terms(images, labels, training=True)
+            total = self.total_loss(terms)
+        variables = self.trainable_variables
+        self.optimizer.apply_gradients(zip(tape.gradient(total, variables), variables))
+        return self._update_trackers(total, terms)
+
+    def test_step(self, data):
+        images, labels = data
+        terms = self.compute_loss_terms(images, labels, training=False)
+        return self._update_trackers(self.total_loss(terms), terms)
+
+    def predict_step(self, data):
+        images = data[0] if isinstance(data, (tuple, list)) else data
+        return self(images, training=False)
+
+
+class FrozenEmbedder(tf.keras.layers.Layer):
+    """A loaded SavedModel signature used as a frozen layer: images -> embeddings [B, D].
+
+    Serves as the old model in l2 mode and as the frozen new backbone in cross-model mode. It is not
+    serializable with get_config (it wraps a loaded SavedModel object); it is saved with the model
+    through `tf.saved_model.save`.
+    """
+
+    def __init__(self, saved_model, signature: str, embedding_dim: int, **kwargs):
+        super().__init__(trainable=False, **kwargs)
+        self.saved_model = saved_model
+        self.signature = signature
+        self.embedding_dim = int(embedding_dim)
+
+    def call(self, images, training=None):
+        return self.saved_model.signatures[self.signature](images=images)["embedding"]
+
+    def compute_output_shape(self, input_shape):
+        return tf.TensorShape([input_shape[0], self.embedding_dim])
+
+
+def build_compatible_model(architecture: str, input_shape, embedding_dim: int, num_classes: Optional[int],
+                           compatibility: CompatibilityConfig = CompatibilityConfig(), *,
+                           old_embedder: Optional[Callable] = None) -> CompatibleEmbeddingModel:
+    """Builds a `CompatibleEmbeddingModel` on a named backbone (see `lce_tf.backbones`).
+
+    Example:
+      model = build_compatible_model("resnet", (32, 32, 1), 128, num_classes=500,
+                                     compatibility=CompatibilityConfig("lce", centers, boundary))
+      model.compile(tf.keras.optimizers.Adam(1e-3), loss=lce_tf.losses.ArcFaceLoss(16.0, 0.1))
+      model.fit(train_ds, epochs=5)   # history: loss, cls_loss, align_loss, boundary_loss, accuracy
+    """
+    from lce_tf.backbones import build_backbone
+
+    backbone = build_backbone(architecture, input_shape, embedding_dim)
+    model = CompatibleEmbeddingModel(backbone, num_classes, compatibility, old_embedder=old_embedder)
+    model(tf.zeros((1,) + tuple(input_shape)))  # creates the variables
+    return model

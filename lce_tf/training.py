@@ -1,0 +1,177 @@
+"""One training run, end to end: data + old model/centers -> fitted `CompatibleEmbeddingModel`.
+
+The CLI (`lce-tf train`) and the TFX trainer component both call `train` so that there is exactly one
+implementation of how a compatible model is configured, compiled, fitted and checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from lce_tf.centers import ClassCenters
+
+HEADS = ("normsoftmax", "cosface", "arcface", "triplet")
+
+
+class TrainingDivergedError(RuntimeError):
+    """Raised when a loss became NaN/Inf: the model is not exported."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Settings of one training run (defaults are the demo's; see DESIGN.md for the loss weights).
+
+    Attributes:
+      architecture: backbone name (lce_tf.backbones.ARCHITECTURES).
+      embedding_dim: D of the new model.
+      loss: classification head, one of HEADS.
+      scale, margin: s and m of the margin-softmax head (reference re-id config: ArcFace s=16, m=0.1).
+      compat: compatibility mode (lce_tf.model.MODES).
+      lambda_align, lambda_boundary, lambda_compat: loss weights (λ_a, λ_b, and the BCT/L2 weight).
+      epochs, batch_size, learning_rate: optimisation.
+      shift_pixels: random-translation augmentation in pixels.
+      seed: seeds Python, NumPy and TensorFlow, with op determinism on.
+      version: version label written into the model metadata.
+    """
+
+    architecture: str = "cnn"
+    embedding_dim: int = 128
+    loss: str = "arcface"
+    scale: float = 16.0
+    margin: float = 0.1
+    compat: str = "independent"
+    lambda_align: float = 100.0
+    lambda_boundary: float = 10.0
+    lambda_compat: float = 1.0
+    epochs: int = 5
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    shift_pixels: int = 2
+    seed: int = 0
+    version: str = "v1"
+
+    def validate(self) -> None:
+        from lce_tf.backbones import ARCHITECTURES
+        from lce_tf.model import MODES
+
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"Unknown architecture {self.architecture!r}; expected one of {', '.join(ARCHITECTURES)}.")
+        if self.loss not in HEADS:
+            raise ValueError(f"Unknown loss {self.loss!r}; expected one of {', '.join(HEADS)}.")
+        if self.compat not in MODES:
+            raise ValueError(f"Unknown compatibility mode {self.compat!r}; expected one of {', '.join(MODES)}.")
+        for name in ("embedding_dim", "epochs", "batch_size"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"Expected a positive {name}; received {getattr(self, name)}.")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"Expected a positive learning_rate; received {self.learning_rate}.")
+
+
+def classification_loss(config: TrainConfig):
+    """The Keras loss object of the configured head."""
+    from lce_tf import losses
+
+    if config.loss == "triplet":
+        return losses.TripletLoss()
+    if config.loss == "normsoftmax":
+        return losses.NormSoftmaxLoss(scale=config.scale)
+    cls = {"cosface": losses.CosFaceLoss, "arcface": losses.ArcFaceLoss}[config.loss]
+    return cls(scale=config.scale, margin=config.margin)
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python, NumPy and TensorFlow and turns on TensorFlow op determinism."""
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def align_centers(centers: ClassCenters, class_names: Sequence[str]) -> ClassCenters:
+    """Reorders `centers` to the training classes; raises ValueError for labels with no center."""
+    return centers.reorder(list(class_names))
+
+
+def train(config: TrainConfig, train_dataset, *, num_classes: int, input_shape: Sequence[int],
+          old_centers: Optional[ClassCenters] = None, old_embedder: Optional[Callable] = None,
+          new_backbone: Optional[Callable] = None, new_centers: Optional[ClassCenters] = None,
+          steps_per_epoch: Optional[int] = None, verbose: int | str = "auto", callbacks: Sequence = ()):
+    """Builds, compiles and fits a compatible model.
+
+    Args:
+      config: the run's settings (validated here).
+      train_dataset: a tf.data.Dataset of (images [B, H, W, C], labels [B]) batches, one epoch.
+      num_classes: C, the number of training classes.
+      input_shape: (H, W, C).
+      old_centers: old class centers aligned to the training labels (modes that need them).
+      old_embedder: the frozen old model, images -> embeddings (l2 mode).
+      new_backbone: the frozen new model's embed function (cross-model mode).
+      new_centers: the frozen new model's class centers aligned to the labels (cross-model mode).
+      steps_per_epoch, verbose, callbacks: passed to `model.fit`.
+
+    Returns:
+      (model, history dict of per-epoch lists).
+
+    Raises:
+      ValueError: inconsistent settings (unknown names, missing centers, dimension mismatch).
+      TrainingDivergedError: a loss became NaN/Inf.
+    """
+    import tensorflow as tf
+
+    from lce_tf.model import CompatibilityConfig, CompatibleEmbeddingModel, build_compatible_model
+
+    config.validate()
+    seed_everything(config.seed)
+    compat = CompatibilityConfig(
+        mode=config.compat,
+        old_centers=None if old_centers is None else old_centers.centers,
+        old_boundary_cos=None if old_centers is None else old_centers.boundary_cos,
+        lambda_align=config.lambda_align, lambda_boundary=config.lambda_boundary,
+        lambda_compat=config.lambda_compat,
+        new_centers=None if new_centers is None else new_centers.centers)
+    head_classes = None if config.loss == "triplet" else num_classes
+    if config.compat == "cross-model":
+        if new_backbone is None:
+            raise ValueError("Mode 'cross-model' needs the frozen new model (--new-model).")
+        model = CompatibleEmbeddingModel(new_backbone, None, compat, embedding_dim=new_centers.dim)
+    else:
+        model = build_compatible_model(config.architecture, input_shape, config.embedding_dim, head_classes,
+                                       compat, old_embedder=old_embedder)
+    model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate),
+                  loss=None if config.compat == "cross-model" else classification_loss(config))
+    history = model.fit(train_dataset, epochs=config.epochs, steps_per_epoch=steps_per_epoch, verbose=verbose,
+                        callbacks=[tf.keras.callbacks.TerminateOnNaN(), *callbacks])
+    check_history(history.history)
+    return model, history.history
+
+
+def check_history(history: dict[str, list[float]]) -> None:
+    """Raises TrainingDivergedError when any logged loss is NaN/Inf (TerminateOnNaN stopped the fit)."""
+    for name, values in history.items():
+        bad = [i for i, v in enumerate(values) if not np.isfinite(v)]
+        if bad:
+            raise TrainingDivergedError(
+                f"Training diverged: {name} became {values[bad[0]]} in epoch {bad[0] + 1}; nothing was "
+                "exported. Lower the learning rate or the loss weights.")
+
+
+def compatibility_record(config: TrainConfig, old_model_id: Optional[str], old_dim: Optional[int]
+                         ) -> Optional[dict[str, Any]]:
+    """The `compatible_with` entry of the exported metadata (None for an independent model).
+
+    The old model's space is named by its model id: centers and embeddings of a model's own `embed`
+    signature live in that space.
+    """
+    if config.compat == "independent" or not old_model_id:
+        return None
+    return {
+        "model_id": old_model_id,
+        "embedding_space": old_model_id,
+        "mode": config.compat,
+        "signature": "embed_compat" if config.compat in ("lce-transform", "cross-model") else "embed",
+        "dim": int(old_dim),
+    }

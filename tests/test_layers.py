@@ -1,0 +1,232 @@
+"""Tests of lce_tf.layers: L2Normalize, CosineClassifier, CompatibilityTransform."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from lce_tf.layers import CompatibilityTransform, CosineClassifier, L2Normalize
+
+
+def _round_trip(layer, x, **call_kwargs):
+    """Rebuilds `layer` from its config, copies the weights and returns both outputs on x."""
+    layer(x, **call_kwargs)  # builds the variables
+    clone = type(layer).from_config(layer.get_config())
+    clone(x, **call_kwargs)
+    clone.set_weights(layer.get_weights())
+    return layer(x, **call_kwargs).numpy(), clone(x, **call_kwargs).numpy()
+
+
+# ---------------------------------------------------------------------------------------------------
+# L2Normalize
+# ---------------------------------------------------------------------------------------------------
+
+def test_l2_normalize_hand_values_and_zero_vector():
+    # [3, 4] / 5 = [0.6, 0.8]; the zero row stays zero (norm floored by epsilon, no NaN).
+    out = L2Normalize()(tf.constant([[3.0, 4.0], [0.0, 0.0]])).numpy()
+    np.testing.assert_allclose(out, [[0.6, 0.8], [0.0, 0.0]], atol=1e-7)
+
+
+def test_l2_normalize_axis_and_round_trip():
+    x = tf.constant([[3.0, 1.0], [4.0, 0.0]])
+    # axis 0: columns [3, 4] / 5 and [1, 0] / 1.
+    layer = L2Normalize(axis=0, epsilon=1e-6)
+    np.testing.assert_allclose(layer(x).numpy(), [[0.6, 1.0], [0.8, 0.0]], atol=1e-7)
+    clone = L2Normalize.from_config(layer.get_config())
+    assert clone.axis == 0 and clone.epsilon == 1e-6
+    np.testing.assert_allclose(clone(x).numpy(), layer(x).numpy())
+
+
+def test_l2_normalize_rejects_bad_epsilon():
+    with pytest.raises(ValueError, match="epsilon"):
+        L2Normalize(epsilon=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CosineClassifier
+# ---------------------------------------------------------------------------------------------------
+
+def _classifier_with_kernel(kernel):
+    kernel = np.asarray(kernel, np.float32)
+    layer = CosineClassifier(kernel.shape[0])
+    layer.build((None, kernel.shape[1]))
+    layer.kernel.assign(kernel)
+    return layer
+
+
+def test_cosine_classifier_kernel_rows_are_classes():
+    layer = CosineClassifier(5)
+    layer(tf.zeros((2, 3)))
+    assert layer.kernel.shape == (5, 3)  # [num_classes, dim]
+    assert layer.kernel.name.split("/")[-1].startswith("kernel")
+    assert layer.raw_weights is layer.kernel
+    assert layer.class_centers.shape == (5, 3)
+
+
+def test_cosine_classifier_hand_values():
+    # Kernel rows [1, 0], [0, 2], [3, 4] -> class centers [1, 0], [0, 1], [0.6, 0.8].
+    layer = _classifier_with_kernel([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]])
+    np.testing.assert_allclose(layer.class_centers.numpy(), [[1, 0], [0, 1], [0.6, 0.8]], atol=1e-7)
+    # Embedding [2, 0] -> [1, 0]: cosines 1, 0, 0.6.
+    # Embedding [1, 1] -> [r, r], r = 1/sqrt(2) = 0.707107: cosines r, r, (0.6 + 0.8)·r = 0.989949.
+    r = 1 / np.sqrt(2)
+    logits = layer(tf.constant([[2.0, 0.0], [1.0, 1.0]])).numpy()
+    np.testing.assert_allclose(logits, [[1.0, 0.0, 0.6], [r, r, 1.4 * r]], atol=1e-6)
+
+
+def test_cosine_classifier_matches_numpy_reference():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 6)).astype(np.float32)
+    w = rng.normal(size=(3, 6)).astype(np.float32)
+    layer = _classifier_with_kernel(w)
+    expected = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T
+    np.testing.assert_allclose(layer(x).numpy(), expected, atol=1e-6)
+
+
+def test_cosine_classifier_round_trip_with_regularizer():
+    layer = CosineClassifier(4, kernel_initializer=tf.keras.initializers.RandomNormal(seed=1),
+                             kernel_regularizer=tf.keras.regularizers.L2(0.01))
+    x = tf.random.stateless_normal((3, 5), seed=(1, 2))
+    a, b = _round_trip(layer, x)
+    np.testing.assert_allclose(a, b, atol=1e-7)
+    clone = CosineClassifier.from_config(layer.get_config())
+    assert clone.num_classes == 4
+    assert isinstance(clone.kernel_regularizer, tf.keras.regularizers.L2)
+    assert len(layer.losses) == 1  # the regularizer is applied to the raw kernel
+
+
+def test_cosine_classifier_errors():
+    with pytest.raises(ValueError, match="num_classes"):
+        CosineClassifier(0)
+    with pytest.raises(ValueError, match="not built"):
+        CosineClassifier(3).class_centers  # noqa: B018
+
+
+def test_cosine_classifier_in_functional_model_serializes_without_custom_objects():
+    inputs = tf.keras.Input((4,))
+    outputs = CosineClassifier(3, name="head")(L2Normalize()(inputs))
+    model = tf.keras.Model(inputs, outputs)
+    clone = tf.keras.Model.from_config(model.get_config())  # registered: no custom_objects needed
+    clone.set_weights(model.get_weights())
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    np.testing.assert_allclose(clone(x).numpy(), model(x).numpy(), atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CompatibilityTransform
+# ---------------------------------------------------------------------------------------------------
+
+def _bn_layers(layer):
+    return [sub for path in layer.paths for sub in path if isinstance(sub, tf.keras.layers.BatchNormalization)]
+
+
+def test_transform_identity_skip_when_dims_equal():
+    layer = CompatibilityTransform(8)
+    x = tf.random.stateless_normal((4, 8), seed=(3, 4))
+    layer(x)
+    assert layer.uses_identity_skip and layer.skip is None
+    # Zero the last BN of every path (gamma = beta = 0): each path outputs PReLU(0) = 0, so the
+    # output must be exactly the skip, i.e. the input itself.
+    for path in layer.paths:
+        last_bn = path[-2]
+        assert isinstance(last_bn, tf.keras.layers.BatchNormalization)
+        last_bn.gamma.assign(tf.zeros_like(last_bn.gamma))
+        last_bn.beta.assign(tf.zeros_like(last_bn.beta))
+    np.testing.assert_allclose(layer(x, training=False).numpy(), x.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("in_dim,out_dim", [(64, 128), (128, 64)])
+def test_transform_projection_skip_when_dims_differ(in_dim, out_dim):
+    layer = CompatibilityTransform(out_dim)
+    out = layer(tf.random.stateless_normal((5, in_dim), seed=(5, 6)), training=True)
+    assert out.shape == (5, out_dim)
+    assert not layer.uses_identity_skip
+    assert layer.skip.kernel.shape == (in_dim, out_dim)
+    assert layer.skip.use_bias is False
+    # 4 paths x 3 Dense + skip, all without bias.
+    kernels = [w for w in layer.trainable_weights if "kernel" in w.name]
+    assert len(kernels) == 4 * 3 + 1
+    assert not any("bias" in w.name for w in layer.weights)
+    assert layer.compute_output_shape((None, in_dim)) == (None, out_dim)
+
+
+def test_transform_path_structure_and_bn_momentum_default():
+    layer = CompatibilityTransform(32, bottleneck_dim=16, num_paths=4)
+    layer(tf.zeros((2, 10)))
+    assert len(layer.paths) == 4
+    kinds = [type(sub).__name__ for sub in layer.paths[0]]
+    assert kinds == ["Dense", "BatchNormalization", "PReLU"] * 3
+    assert [sub.units for sub in layer.paths[0] if isinstance(sub, tf.keras.layers.Dense)] == [16, 16, 32]
+    assert all(bn.momentum == 0.9 for bn in _bn_layers(layer))
+    assert len(_bn_layers(layer)) == 12
+
+
+def test_transform_bn_moving_statistics_use_momentum_09():
+    # One training call on x with batch mean mu: moving_mean = 0.9·0 + 0.1·mu (Keras momentum convention).
+    layer = CompatibilityTransform(4, num_paths=1)
+    x = tf.random.stateless_normal((16, 4), seed=(7, 8))
+    layer(x, training=True)
+    first_dense, first_bn = layer.paths[0][0], layer.paths[0][1]
+    batch_mean = tf.reduce_mean(first_dense(x), axis=0).numpy()
+    np.testing.assert_allclose(first_bn.moving_mean.numpy(), 0.1 * batch_mean, atol=1e-5)
+
+
+def test_transform_training_flag_changes_bn_behaviour():
+    layer = CompatibilityTransform(6)
+    x = 3.0 + tf.random.stateless_normal((8, 6), seed=(9, 10))
+    train_out = layer(x, training=True).numpy()
+    infer_out = layer(x, training=False).numpy()
+    assert not np.allclose(train_out, infer_out, atol=1e-3)
+
+
+def test_transform_trains_to_reduce_mse():
+    x = tf.random.stateless_normal((32, 16), seed=(11, 12))
+    target = tf.random.stateless_normal((32, 8), seed=(13, 14))
+    layer = CompatibilityTransform(8, kernel_initializer=tf.keras.initializers.GlorotUniform(seed=0))
+    layer(x)
+    optimizer = tf.keras.optimizers.Adam(1e-2)
+
+    def step():  # eager: tracing a tf.function costs more than 8 small steps
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(layer(x, training=True) - target))
+        grads = tape.gradient(loss, layer.trainable_variables)
+        optimizer.apply_gradients(zip(grads, layer.trainable_variables))
+        return loss
+
+    losses = [float(step()) for _ in range(8)]
+    assert all(np.isfinite(losses))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_transform_round_trip_same_outputs():
+    layer = CompatibilityTransform(12, bottleneck_dim=8, num_paths=3, bn_momentum=0.8, bn_epsilon=1e-3,
+                                   prelu_alpha=0.1, kernel_regularizer=tf.keras.regularizers.L2(1e-4))
+    x = tf.random.stateless_normal((5, 7), seed=(15, 16))
+    layer(x, training=True)  # moves the BN statistics away from their initial values
+    a, b = _round_trip(layer, x, training=False)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    config = CompatibilityTransform.from_config(layer.get_config()).get_config()
+    for key, value in {"output_dim": 12, "bottleneck_dim": 8, "num_paths": 3, "bn_momentum": 0.8,
+                       "bn_epsilon": 1e-3, "prelu_alpha": 0.1}.items():
+        assert config[key] == pytest.approx(value)
+    assert config["kernel_regularizer"] is not None
+
+
+def test_transform_h5_weights_have_unique_names(tmp_path):
+    inputs = tf.keras.Input((6,))
+    model = tf.keras.Model(inputs, CompatibilityTransform(4, name="t21")(inputs))
+    names = [w.name for w in model.weights]
+    assert len(names) == len(set(names))
+    path = str(tmp_path / "w.h5")
+    model.save_weights(path)
+    model.load_weights(path)
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"output_dim": 0}, "output_dim"),
+    ({"output_dim": 4, "bottleneck_dim": 0}, "bottleneck_dim"),
+    ({"output_dim": 4, "num_paths": 0}, "num_paths"),
+    ({"output_dim": 4, "bn_momentum": 1.0}, "bn_momentum"),
+])
+def test_transform_argument_errors(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        CompatibilityTransform(**kwargs)

@@ -1,0 +1,254 @@
+"""CompatibleEmbeddingModel: every mode trains with compile/fit and logs its loss terms; export round trip."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from lce_tf import backbones, losses, training
+from lce_tf.centers import compute_class_centers
+from lce_tf.export import export_model
+from lce_tf.model import CompatibilityConfig, CompatibleEmbeddingModel, build_compatible_model
+from lce_tf.serving import load_embedding_model
+
+SHAPE = (16, 16, 1)
+NUM_CLASSES = 4
+
+
+def _toy_data(n_per_class=8, seed=0):
+    """Four learnable classes: each class lights up a different quadrant of a 16x16 image."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for label in range(NUM_CLASSES):
+        for _ in range(n_per_class):
+            img = rng.uniform(0, 0.2, SHAPE).astype(np.float32)
+            r, c = divmod(label, 2)
+            img[r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] += 0.8
+            images.append(img)
+            labels.append(label)
+    return np.stack(images), np.array(labels, np.int64)
+
+
+def _dataset(images, labels, batch_size=8):
+    return tf.data.Dataset.from_tensor_slices((images, labels)).shuffle(64, seed=0).batch(batch_size)
+
+
+def _unit_rows(rng, n, d):
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return _toy_data()
+
+
+@pytest.fixture(scope="module")
+def old_model_dir(tmp_path_factory, toy):
+    """A small exported 'old' model (8-d) trained independently on the toy data."""
+    images, labels = toy
+    config = training.TrainConfig(architecture="small_cnn", embedding_dim=8, epochs=2, batch_size=8)
+    model, _ = training.train(config, _dataset(images, labels), num_classes=NUM_CLASSES, input_shape=SHAPE,
+                              verbose=0)
+    out = str(tmp_path_factory.mktemp("models") / "old")
+    export_model(model, out, architecture="small_cnn", input_shape=SHAPE, version="v1",
+                 class_names=[f"c{i}" for i in range(NUM_CLASSES)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def old_centers(old_model_dir, toy):
+    images, labels = toy
+    old = load_embedding_model(old_model_dir)
+    return compute_class_centers(old.embed(images), labels, [f"c{i}" for i in range(NUM_CLASSES)],
+                                 source_model_id=old.model_id)
+
+
+@pytest.mark.parametrize("architecture", backbones.ARCHITECTURES)
+def test_backbones_map_images_to_embeddings_of_any_size(architecture):
+    for dim in (8, 24):
+        net = backbones.build_backbone(architecture, (32, 32, 1), dim)
+        assert net(tf.zeros((2, 32, 32, 1))).shape == (2, dim)
+    batch_norms = [l for l in net.layers if isinstance(l, tf.keras.layers.BatchNormalization)]
+    assert batch_norms and all(l.momentum == 0.9 for l in batch_norms)
+
+
+def test_backbone_capacities_differ():
+    params = {a: backbones.build_backbone(a, (32, 32, 1), 128).count_params() for a in ("small_cnn", "cnn", "resnet")}
+    assert params["small_cnn"] * 3 < params["cnn"] < params["resnet"]
+
+
+def test_unknown_architecture_is_rejected():
+    with pytest.raises(ValueError, match="Unknown architecture 'vgg'"):
+        backbones.build_backbone("vgg", (32, 32, 1), 8)
+
+
+@pytest.mark.parametrize("mode, terms", [
+    ("independent", {"cls_loss"}),
+    ("lce", {"cls_loss", "align_loss", "boundary_loss"}),
+    ("lce-transform", {"cls_loss", "align_loss", "boundary_loss"}),
+    ("bct", {"cls_loss", "bct_loss"}),
+])
+def test_every_loss_term_appears_in_the_fit_history(mode, terms, toy, old_centers):
+    images, labels = toy
+    dim = 16 if mode == "lce-transform" else old_centers.dim
+    config = training.TrainConfig(architecture="small_cnn", embedding_dim=dim, epochs=2, batch_size=8, compat=mode)
+    model, history = training.train(config, _dataset(images, labels), num_classes=NUM_CLASSES, input_shape=SHAPE,
+                                    old_centers=None if mode == "independent" else old_centers, verbose=0)
+    assert terms | {"loss", "accuracy"} == set(history)
+    assert all(np.isfinite(v).all() for v in history.values())
+    # The total is the weighted sum of the terms (checked on a fresh batch, same weights).
+    batch_terms = model.compute_loss_terms(images[:8], labels[:8], training=False)
+    weighted = batch_terms["cls_loss"] + sum(
+        {"align_loss": 100.0, "boundary_loss": 10.0, "bct_loss": 1.0}[k] * v
+        for k, v in batch_terms.items() if k != "cls_loss")
+    np.testing.assert_allclose(model.total_loss(batch_terms), weighted, rtol=1e-6)
+
+
+def test_l2_mode_regresses_onto_the_frozen_old_model(toy, old_model_dir):
+    images, labels = toy
+    old = load_embedding_model(old_model_dir)
+    config = training.TrainConfig(architecture="small_cnn", embedding_dim=old.embedding_dim, epochs=3,
+                                  batch_size=8, compat="l2", lambda_compat=10.0)
+    model, history = training.train(config, _dataset(images, labels), num_classes=NUM_CLASSES, input_shape=SHAPE,
+                                    old_embedder=old.keras_embedder(), verbose=0)
+    assert {"cls_loss", "l2_loss", "loss", "accuracy"} == set(history)
+    assert history["l2_loss"][-1] < history["l2_loss"][0]
+    # The old model stays frozen: its output is unchanged by training the new one.
+    np.testing.assert_allclose(old.embed(images[:4]), load_embedding_model(old_model_dir).embed(images[:4]), atol=1e-6)
+
+
+def test_lce_alignment_pulls_classifier_rows_onto_old_centers(toy, old_centers):
+    images, labels = toy
+    config = training.TrainConfig(architecture="small_cnn", embedding_dim=old_centers.dim, epochs=6,
+                                  batch_size=8, compat="lce", learning_rate=3e-3)
+    model, history = training.train(config, _dataset(images, labels), num_classes=NUM_CLASSES, input_shape=SHAPE,
+                                    old_centers=old_centers, verbose=0)
+    assert history["align_loss"][-1] < 0.5 * history["align_loss"][0]
+    rows = model.classifier.class_centers.numpy()
+    cosines = np.sum(rows * old_centers.centers, axis=1)
+    assert cosines.min() > 0.8, cosines
+
+
+def test_direct_mode_rejects_centers_of_another_dimension(old_centers):
+    compat = CompatibilityConfig("lce", old_centers.centers, old_centers.boundary_cos)
+    with pytest.raises(ValueError, match=r"dimension 8 and the new embedding 16"):
+        build_compatible_model("small_cnn", SHAPE, 16, NUM_CLASSES, compat)
+
+
+def test_modes_needing_centers_reject_missing_centers():
+    with pytest.raises(ValueError, match="needs the old class centers"):
+        CompatibilityConfig("lce")
+    with pytest.raises(ValueError, match="Unknown compatibility mode 'magic'"):
+        CompatibilityConfig("magic")
+
+
+def test_cross_model_trains_only_the_transformations(toy, old_model_dir, old_centers, tmp_path):
+    images, labels = toy
+    names = [f"c{i}" for i in range(NUM_CLASSES)]
+    config = training.TrainConfig(architecture="small_cnn", embedding_dim=12, epochs=2, batch_size=8)
+    new_model, _ = training.train(config, _dataset(images, labels), num_classes=NUM_CLASSES, input_shape=SHAPE,
+                                  verbose=0)
+    export_model(new_model, str(tmp_path / "new"), architecture="small_cnn", input_shape=SHAPE, version="v2")
+    new = load_embedding_model(str(tmp_path / "new"))
+    new_centers = compute_class_centers(new.embed(images), labels, names, source_model_id=new.model_id)
+    before = new.embed(images[:4])
+    config = training.TrainConfig(compat="cross-model", epochs=3, batch_size=8, learning_rate=3e-3)
+    model, history = training.train(config, _dataset(images, labels), num_classes=NUM_CLASSES, input_shape=SHAPE,
+                                    old_centers=old_centers, new_backbone=new.keras_embedder(),
+                                    new_centers=new_centers, verbose=0)
+    assert {"align_loss", "boundary_loss", "loss"} == set(history)
+    assert history["align_loss"][-1] < history["align_loss"][0]
+    trainable = {v.name.split("/")[0] for v in model.trainable_variables}
+    assert trainable == {"t12_old_to_new", "t21_new_to_old"}, trainable
+    np.testing.assert_allclose(model(images[:4]).numpy(), before, atol=1e-5)
+    export_model(model, str(tmp_path / "cross"), architecture="small_cnn", input_shape=SHAPE, version="v2x")
+    cross = load_embedding_model(str(tmp_path / "cross"))
+    assert cross.metadata["signatures"] == ["embed", "embed_compat", "transform_old_to_new"]
+    assert cross.embed(images[:2], signature="embed_compat").shape == (2, old_centers.dim)
+
+
+def test_export_reloads_in_a_fresh_process_without_lce_tf(toy, old_centers, tmp_path):
+    images, labels = toy
+    config = training.TrainConfig(architecture="small_cnn", embedding_dim=16, epochs=1, batch_size=8,
+                                  compat="lce-transform")
+    model, _ = training.train(config, _dataset(images, labels), num_classes=NUM_CLASSES, input_shape=SHAPE,
+                              old_centers=old_centers, verbose=0)
+    out = tmp_path / "model"
+    metadata = export_model(model, str(out), architecture="small_cnn", input_shape=SHAPE, version="v2",
+                            compatible_with=training.compatibility_record(config, old_centers.source_model_id, 8))
+    np.save(tmp_path / "images.npy", images[:5])
+    np.save(tmp_path / "old.npy", old_centers.centers)
+    script = f"""
+import sys, json, numpy as np, tensorflow as tf
+m = tf.saved_model.load({str(out)!r})
+x = np.load({str(tmp_path / 'images.npy')!r})
+old = np.load({str(tmp_path / 'old.npy')!r})
+np.save({str(tmp_path / 'embed.npy')!r}, m.signatures['embed'](images=x)['embedding'].numpy())
+np.save({str(tmp_path / 'compat.npy')!r}, m.signatures['embed_compat'](images=x)['embedding'].numpy())
+np.save({str(tmp_path / 't12.npy')!r}, m.signatures['transform_old_to_new'](embeddings=old)['embedding'].numpy())
+assert not any(k.startswith('lce_tf') for k in sys.modules), 'lce_tf was imported'
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=str(tmp_path),
+                   env={**os.environ, "PYTHONPATH": ""})
+    np.testing.assert_allclose(np.load(tmp_path / "embed.npy"), model(images[:5]).numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "compat.npy"), model.embed_compat(images[:5]).numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "t12.npy"),
+                               model.transform_old_to_new(old_centers.centers).numpy(), atol=1e-5)
+    written = json.loads((out / "lce_tf_model.json").read_text())
+    assert written == metadata and written["compatible_with"]["signature"] == "embed_compat"
+    assert np.allclose(np.linalg.norm(np.load(tmp_path / "embed.npy"), axis=1), 1.0, atol=1e-5)
+
+
+def test_export_refuses_to_overwrite_and_leaves_no_partial_directory(toy, tmp_path, monkeypatch):
+    images, labels = toy
+    model = build_compatible_model("small_cnn", SHAPE, 8, NUM_CLASSES)
+    export_model(model, str(tmp_path / "m"), architecture="small_cnn", input_shape=SHAPE, version="v1")
+    with pytest.raises(ValueError, match="already exists"):
+        export_model(model, str(tmp_path / "m"), architecture="small_cnn", input_shape=SHAPE, version="v1")
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tf.saved_model, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        export_model(model, str(tmp_path / "n"), architecture="small_cnn", input_shape=SHAPE, version="v1")
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+
+
+def test_training_divergence_raises_and_names_the_loss():
+    with pytest.raises(training.TrainingDivergedError, match="cls_loss became nan in epoch 2"):
+        training.check_history({"cls_loss": [1.0, float("nan")], "loss": [1.0, 2.0]})
+
+
+def test_nan_inputs_stop_training_without_export(toy):
+    images, labels = toy
+    images = images.copy()
+    images[:] = np.nan
+    config = training.TrainConfig(architecture="small_cnn", embedding_dim=8, epochs=2, batch_size=8)
+    with pytest.raises(training.TrainingDivergedError, match="Training diverged"):
+        training.train(config, _dataset(images, labels), num_classes=NUM_CLASSES, input_shape=SHAPE, verbose=0)
+
+
+def test_compile_accepts_any_margin_head(toy):
+    images, labels = toy
+    model = build_compatible_model("small_cnn", SHAPE, 8, NUM_CLASSES)
+    for loss in (losses.NormSoftmaxLoss(16.0), losses.CosFaceLoss(16.0, 0.2), losses.ArcFaceLoss(16.0, 0.1)):
+        model.compile(tf.keras.optimizers.Adam(1e-3), loss=loss)
+        history = model.fit(_dataset(images, labels), epochs=1, verbose=0).history
+        assert np.isfinite(history["cls_loss"][0])
+
+
+def test_triplet_head_trains_without_a_classifier(toy, old_centers):
+    images, labels = toy
+    config = training.TrainConfig(architecture="small_cnn", embedding_dim=8, epochs=1, batch_size=16,
+                                  loss="triplet", compat="lce")
+    model, history = training.train(config, _dataset(images, labels, 16), num_classes=NUM_CLASSES,
+                                    input_shape=SHAPE, old_centers=old_centers, verbose=0)
+    assert model.classifier is None
+    assert {"cls_loss", "align_loss", "boundary_loss", "loss"} == set(history)
+    assert history["align_loss"] == [0.0]
