@@ -8,11 +8,11 @@ Embeddings are L2-normalized here; the similarity is the dot product. Metrics ar
   mAP           mean over queries of AP = (1/R) Σ_{r: relevant} (#relevant at ranks <= r) / r over the
                 full ranking of the gallery (R = number of gallery items of the query's class).
 
-They are computed query chunk by query chunk, so memory is O(chunk_size × G) (the float64 similarity
-block, 8 bytes per entry) plus the float64 gallery. Ties (exactly equal similarities) are broken by gallery
-index: of two equally similar gallery items, the one with the lower index ranks first (a stable sort),
-so results are deterministic. Queries whose class has no gallery item cannot be answered; they are
-left out of every metric and counted in `num_skipped_queries`.
+They are computed query chunk by query chunk, so memory is O(chunk_size × G) (the float64
+similarity block, 8 bytes per entry) plus the float64 gallery. Ties (exactly equal similarities) are
+broken by gallery index: of two equally similar gallery items, the one with the lower index ranks
+first (as a stable sort would), so results are deterministic. Queries whose class has no gallery
+item cannot be answered; they are left out of every metric and counted in `num_skipped_queries`.
 
 From M:
   empirical criterion  M(new, old) > M(old, old)                                (BCT, Shen et al. 2020)
@@ -181,13 +181,13 @@ def _encode_labels(query_labels: np.ndarray, gallery_labels: np.ndarray):
 
 def _rank_chunk(query_chunk: np.ndarray, gallery: np.ndarray, query_codes: np.ndarray,
                 relevant_by_code: Mapping[int, np.ndarray]):
-    """Exact ranking metrics of one query chunk, without sorting the gallery.
+    """Exact ranking metrics of one query chunk.
 
-    For query i with relevant gallery items J (their scores v), the 1-based rank of j ∈ J in the
-    ranking (descending score, ties by gallery index) is
-        1 + #{g : s_g > v_j} + #{g : s_g == v_j and g < j};
-    both counts come from a binary search of every score among the distinct relevant scores
-    (O(G log R) per query instead of O(G log G) for a full sort).
+    With ties broken by gallery index, the 1-based rank of a relevant item j with score v_j is
+        1 + #{g : s_g > v_j} + #{g : s_g == v_j and g < j}.
+    Only items scoring at least the query's lowest relevant score enter these counts, so each query
+    sorts just those scores (values only) and binary-searches the relevant scores among them; exact
+    ties with a relevant score (rare: duplicate images) are counted directly.
 
     Args:
       query_chunk: float64 [c, D] unit rows (every query has >= 1 relevant gallery item).
@@ -199,23 +199,22 @@ def _rank_chunk(query_chunk: np.ndarray, gallery: np.ndarray, query_codes: np.nd
       (first_rank int64 [c], 0-based rank of the first relevant item; ap float64 [c]).
     """
     sims = query_chunk @ gallery.T                      # [c, G]: the only O(chunk × G) array
-    num_gallery = gallery.shape[0]
     first_rank = np.empty(query_chunk.shape[0], dtype=np.int64)
     ap = np.empty(query_chunk.shape[0], dtype=np.float64)
     for i, code in enumerate(query_codes.tolist()):
         s = sims[i]
         rel = relevant_by_code[code]
         v = s[rel]
-        u = np.unique(v)                                # distinct relevant scores, ascending
-        pos = np.searchsorted(u, s, side="left")        # pos_g = #{m : u_m < s_g}
-        hist = np.bincount(pos, minlength=u.size + 1)
-        greater = num_gallery - np.cumsum(hist)[:u.size]   # greater[m] = #{g : s_g > u_m}
-        m_rel = np.searchsorted(u, v)                   # v_j == u[m_rel[j]]
-        tied = np.flatnonzero((pos < u.size) & (u[np.minimum(pos, u.size - 1)] == s))
-        keys = np.sort(pos[tied] * num_gallery + tied)  # tied items grouped by score, then by index
-        tie_before = (np.searchsorted(keys, m_rel * num_gallery + rel)
-                      - np.searchsorted(keys, m_rel * num_gallery))
-        ranks = np.sort(1 + greater[m_rel] + tie_before)
+        candidates = np.sort(s[s >= v.min()])           # ascending scores that can precede a relevant item
+        right = np.searchsorted(candidates, v, side="right")
+        left = np.searchsorted(candidates, v, side="left")
+        ranks = 1 + candidates.size - right             # 1 + #{g : s_g > v_j}
+        tied = right - left > 1                         # other items score exactly v_j
+        for value in np.unique(v[tied]).tolist():
+            equal = np.flatnonzero(s == value)          # ascending gallery indices
+            at = np.flatnonzero(v == value)
+            ranks[at] += np.searchsorted(equal, rel[at])   # #{g : s_g == v_j and g < j}
+        ranks.sort()
         ap[i] = np.mean(np.arange(1, ranks.size + 1) / ranks)
         first_rank[i] = ranks[0] - 1
     return first_rank, ap

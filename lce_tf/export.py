@@ -28,27 +28,34 @@ import lce_tf
 from lce_tf.serving import METADATA_FILE, MODEL_FORMAT
 
 
+def _signatures(module: "_ServingModule") -> dict[str, Any]:
+    """The serving signatures of a module: serving_default = embed, plus whatever T21/T12 exist."""
+    names = ("embed", "embed_compat", "transform_old_to_new")
+    signatures = {name: getattr(module, name) for name in names if hasattr(module, name)}
+    return {"serving_default": module.embed, **signatures}
+
+
 class _ServingModule(tf.Module):
     """Holds the trained pieces and the traced serving functions."""
 
     def __init__(self, model, input_shape: Sequence[int]):
         super().__init__()
-        self.model = model
+        # Track the variables (and any frozen SavedModel the model wraps), not the Keras objects:
+        # saving Keras layers would trace every layer's call in every mode, which takes minutes.
+        self.model_variables = list(model.variables)
+        self.frozen_models = [layer.saved_model for layer in (model.backbone,) if hasattr(layer, "saved_model")]
         image_spec = tf.TensorSpec([None, *input_shape], tf.float32, name="images")
         self.embed = tf.function(lambda images: {"embedding": model(images, training=False)},
                                  input_signature=[image_spec])
-        self.signatures = {"serving_default": self.embed, "embed": self.embed}
         if model.t21 is not None:
             self.embed_compat = tf.function(
                 lambda images: {"embedding": model.embed_compat(images, training=False)},
                 input_signature=[image_spec])
-            self.signatures["embed_compat"] = self.embed_compat
         if model.t12 is not None:
             old_spec = tf.TensorSpec([None, model.compatibility.old_dim], tf.float32, name="embeddings")
             self.transform_old_to_new = tf.function(
                 lambda embeddings: {"embedding": model.transform_old_to_new(embeddings, training=False)},
                 input_signature=[old_spec])
-            self.signatures["transform_old_to_new"] = self.transform_old_to_new
 
 
 def new_model_id(version: str) -> str:
@@ -108,7 +115,7 @@ def export_model(model, out_dir: str, *, architecture: str, input_shape: Sequenc
     tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
         module = _ServingModule(model, input_shape)
-        tf.saved_model.save(module, tmp_dir, signatures=module.signatures)
+        tf.saved_model.save(module, tmp_dir, signatures=_signatures(module))
         with open(os.path.join(tmp_dir, METADATA_FILE), "w", encoding="utf-8") as f:
             json.dump(metadata, f, indent=2)
             f.flush()

@@ -26,12 +26,14 @@ one generator per image derived from ``[seed, class, font/image, copy]``), and a
 written to ``OUT.tmp-<random>`` and renamed into place at the end, so a reader never sees half a
 dataset.
 
-Measured on Debian 12 with the packages of ``scripts/install_fonts.sh`` (see also DESIGN.md): several
-font files are not distinct designs -- AR PL UKai is the AR PL KaitiM (bkai00mp / gkai00mp) design
-(mean pixel difference about 8 on the 0-255 scale at 32 px, against 14-41 for distinct designs),
-``.ttc`` collections hold regional / monospace variants of one design (difference < 1), and
-``setofont-ex.ttf`` maps 12,204 characters that all render blank. The builder therefore checks every
-font by rendering, not by its character map alone.
+Measured on Debian 12 with the packages of ``scripts/install_fonts.sh`` (see also DESIGN.md): many
+font files are not distinct designs. Mean absolute pixel difference of 64 characters at 32 px on the
+0-255 scale: ``.ttc`` regional / monospace variants and proportional "P" fonts 0-3.6; AR PL KaitiM
+Big5 / GB (bkai00mp, gkai00mp) and cwTeX Kai against AR PL UKai 2.2-9.9; Motoya L Maruberi against
+Cedar 7.9; distinct designs 14.1 and up. ``setofont-ex.ttf`` maps 12,204 characters that all render
+blank, and Aoyagi Kouzan T renders ~16% of the characters common to all fonts blank. The builder
+therefore checks every font by rendering, not by its character map alone. With the default fonts it
+keeps 23 designs sharing 3,046 characters, of which ~84% render properly in all of them.
 """
 
 from __future__ import annotations
@@ -58,7 +60,11 @@ FONT_EXTENSIONS = (".ttf", ".otf", ".ttc", ".otc")
 MIN_CJK_CHARACTERS = 2000  # a face must map at least this many characters of U+4E00-U+9FFF
 MIN_FONTS = 3
 FONT_SIZE_FRACTION = 0.8  # font size (em) as a fraction of the canvas side
-SUPERSAMPLE = 4  # glyphs are rasterized at 4x and box-averaged down (no hinting / phase artefacts)
+# Glyphs are rasterized at a multiple of the size and box-averaged down (no hinting / phase artefacts):
+# 2x for dataset images (half the rendering time of 4x), 4x for the near-duplicate probes.
+IMAGE_SUPERSAMPLE = 2
+REFERENCE_SUPERSAMPLE = 4
+SYNTHETIC_SUPERSAMPLE = 4  # stroke patterns are drawn at 4x and box-averaged down (antialiasing)
 # Near-duplicate detection: renders at a fixed reference size, so the decision does not depend on
 # the dataset's image size. Measured at 32 px (4x supersampled) on the fonts of install_fonts.sh:
 # copies of one design 0-3.6, derived designs 7.9-11.0 (Motoya Cedar/Maru, AR PL KaitiM/UKai/cwTeX Kai,
@@ -66,7 +72,10 @@ SUPERSAMPLE = 4  # glyphs are rasterized at 4x and box-averaged down (no hinting
 REFERENCE_SIZE = 32
 NEAR_DUPLICATE_THRESHOLD = 12.0
 NUM_PROBE_CHARACTERS = 64
-MAX_PROBE_INVALID_FRACTION = 0.25  # a font rendering more probes blank / as .notdef is dropped
+# A font rendering more of its mapped probe characters blank / as .notdef is dropped (setofont-ex: all
+# of them). Partly blank fonts stay: the characters they cannot render are skipped later (Aoyagi
+# Kouzan T draws ~85% of the characters common to all fonts, fewer of the rarer ones it maps).
+MAX_PROBE_INVALID_FRACTION = 0.75
 PLACEHOLDER_GROUP = 3  # >= this many characters with one identical render = a placeholder glyph
 INSTALL_HINT = "run scripts/install_fonts.sh or pass your own image folders"
 
@@ -231,29 +240,31 @@ def _truetype(path: str, index: int, font_size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(path, font_size, index=index)
 
 
-def load_font(font: FontInfo, size: int) -> ImageFont.FreeTypeFont:
+def load_font(font: FontInfo, size: int, supersample: int = IMAGE_SUPERSAMPLE) -> ImageFont.FreeTypeFont:
     """The Pillow font of ``font`` for a ``size``x``size`` image: 80% of the supersampled canvas."""
-    return _truetype(font.path, font.index, max(4, round(size * SUPERSAMPLE * FONT_SIZE_FRACTION)))
+    return _truetype(font.path, font.index, max(4, round(size * supersample * FONT_SIZE_FRACTION)))
 
 
 def _render_crop(pil_font: ImageFont.FreeTypeFont, char: str) -> np.ndarray:
     """Supersampled ink crop of ``char`` (uint8 [h, w], white on black); shape [0, 0] when blank."""
-    big = int(pil_font.size / FONT_SIZE_FRACTION) + 1  # the supersampled canvas side
-    canvas = Image.new("L", (2 * big, 2 * big), 0)
-    ImageDraw.Draw(canvas).text((big, big), char, font=pil_font, fill=255, anchor="mm")
+    left, top, right, bottom = pil_font.getbbox(char)
+    canvas = Image.new("L", (max(1, right - left + 2), max(1, bottom - top + 2)), 0)
+    ImageDraw.Draw(canvas).text((1 - left, 1 - top), char, font=pil_font, fill=255)
     bbox = canvas.getbbox()
     if bbox is None:
         return np.zeros((0, 0), np.uint8)
     return np.asarray(canvas.crop(bbox))
 
 
-def _place(crop: np.ndarray, size: int, scale: float = 1.0, shift: Tuple[int, int] = (0, 0)) -> np.ndarray:
+def _place(
+    crop: np.ndarray, size: int, supersample: int, scale: float = 1.0, shift: Tuple[int, int] = (0, 0)
+) -> np.ndarray:
     """Centres a supersampled ink crop (+ ``shift`` = (dx, dy) in supersampled pixels) and reduces it.
 
     Returns:
-        uint8 [size, size]: the [size * SUPERSAMPLE]^2 canvas box-averaged down by SUPERSAMPLE.
+        uint8 [size, size]: the [size * supersample]^2 canvas box-averaged down by ``supersample``.
     """
-    big = size * SUPERSAMPLE
+    big = size * supersample
     out = Image.new("L", (big, big), 0)
     if crop.size:
         glyph = Image.fromarray(crop)
@@ -263,27 +274,29 @@ def _place(crop: np.ndarray, size: int, scale: float = 1.0, shift: Tuple[int, in
             w, h = max(1, round(w * fit)), max(1, round(h * fit))
             glyph = glyph.resize((w, h), Image.BILINEAR)
         out.paste(glyph, ((big - w) // 2 + shift[0], (big - h) // 2 + shift[1]))
-    return np.asarray(out.reduce(SUPERSAMPLE))
+    return np.asarray(out.reduce(supersample) if supersample > 1 else out)
 
 
-def render_glyph(font: FontInfo, char: str, size: int) -> np.ndarray:
+def render_glyph(font: FontInfo, char: str, size: int, supersample: int = IMAGE_SUPERSAMPLE) -> np.ndarray:
     """Renders one character centred on its ink box, white on black.
 
-    The glyph is rasterized at SUPERSAMPLE (4) times the size and box-averaged down, so renders do not
-    depend on the font's hinting or sub-pixel position (with direct rendering, two copies of one
-    design differed by up to 25 on the 0-255 scale only through half-pixel offsets).
+    The glyph is rasterized at ``supersample`` times the size and box-averaged down, so renders
+    depend little on the font's hinting and sub-pixel position (rendered directly, two copies of one
+    design differed by up to 25 on the 0-255 scale through half-pixel offsets alone).
 
     Args:
         font: the face.
         char: a single character.
         size: image side in pixels; the font size is 80% of it.
+        supersample: rasterization factor (dataset images use 2, near-duplicate probes 4).
 
     Returns:
         uint8 array [size, size]; all zeros when the face renders the character blank.
     """
     if size < 8:
         raise ValueError(f"size must be >= 8 pixels; received {size}")
-    return _place(_render_crop(load_font(font, size), char), size)
+    _check_int("supersample", supersample, 1)
+    return _place(_render_crop(load_font(font, size, supersample), char), size, supersample)
 
 
 def mean_pixel_difference(renders_a: np.ndarray, renders_b: np.ndarray) -> float:
@@ -314,8 +327,9 @@ def is_near_duplicate(
 ) -> bool:
     """True when two fonts render the same characters nearly identically.
 
-    Renders should be at :data:`REFERENCE_SIZE` (32 px), where the threshold was measured: duplicate
-    designs differ by 0-8 on the 0-255 scale, distinct designs by 14-41 (DESIGN.md measured 7 vs 22-41).
+    Renders should be at :data:`REFERENCE_SIZE` (32 px, 4x supersampled), where the threshold was
+    measured on the 0-255 scale: copies of one design 0-3.6, derived designs 7.9-11.0, distinct designs
+    14.1 and up (DESIGN.md, rendering without supersampling, measured 7 vs 22-41).
 
     Args:
         renders_a: uint8 [N, H, W].
@@ -340,8 +354,8 @@ def _invalid_mask(renders: np.ndarray, notdef: np.ndarray) -> np.ndarray:
     return invalid
 
 
-def _notdef_render(font: FontInfo, size: int) -> np.ndarray:
-    return render_glyph(font, chr(0x10FFFD), size)  # a private-use code point no font maps
+def _notdef_render(font: FontInfo, size: int, supersample: int = IMAGE_SUPERSAMPLE) -> np.ndarray:
+    return render_glyph(font, chr(0x10FFFD), size, supersample)  # a private-use code point no font maps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,13 +368,20 @@ def _say(progress: Progress, message: str) -> None:
         progress(message)
 
 
-def _prepare_out(out_dir: "os.PathLike[str] | str", overwrite: bool) -> Tuple[Path, Path]:
+def _check_out(out_dir: "os.PathLike[str] | str", overwrite: bool) -> Path:
+    """Fails early when ``out_dir`` cannot be written (a file, or non-empty without ``overwrite``)."""
     out = Path(out_dir)
     if out.exists():
         if not out.is_dir():
             raise ValueError(f"out_dir {out}: exists and is not a directory")
         if any(out.iterdir()) and not overwrite:
             raise ValueError(f"out_dir {out}: exists and is not empty (pass overwrite=True to replace it)")
+    return out
+
+
+def _prepare_out(out_dir: "os.PathLike[str] | str", overwrite: bool) -> Tuple[Path, Path]:
+    """Checks ``out_dir`` and creates the sibling ``<out_dir>.tmp-<random>`` to write into."""
+    out = _check_out(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f"{out.name}.tmp-{secrets.token_hex(4)}"
     tmp.mkdir()
@@ -421,10 +442,10 @@ def _probe_characters(fonts: Sequence[FontInfo]) -> List[int]:
 @lru_cache(maxsize=1024)
 def _probe_renders(font: FontInfo, probes: Tuple[int, ...]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Renders [P, 32, 32] of the probe characters (improper ones zeroed), mapped [P], invalid [P]."""
-    r = np.stack([render_glyph(font, chr(c), REFERENCE_SIZE) if c in font.codepoints
+    r = np.stack([render_glyph(font, chr(c), REFERENCE_SIZE, REFERENCE_SUPERSAMPLE) if c in font.codepoints
                   else np.zeros((REFERENCE_SIZE, REFERENCE_SIZE), np.uint8) for c in probes])
     mapped = np.array([c in font.codepoints for c in probes])
-    invalid = _invalid_mask(r, _notdef_render(font, REFERENCE_SIZE)) & mapped
+    invalid = _invalid_mask(r, _notdef_render(font, REFERENCE_SIZE, REFERENCE_SUPERSAMPLE)) & mapped
     r[invalid] = 0
     r.flags.writeable = False
     return r, mapped, invalid
@@ -440,8 +461,8 @@ def _select_fonts(
     for font in fonts:
         r, mapped, invalid = _probe_renders(font, probes)
         if mapped.sum() == 0 or invalid.sum() > MAX_PROBE_INVALID_FRACTION * mapped.sum():
-            dropped.append({**font.describe(), "reason":
-                            f"renders {int(invalid.sum())} of {int(mapped.sum())} probe characters blank or as .notdef"})
+            reason = f"renders {int(invalid.sum())} of {int(mapped.sum())} probe characters blank or as .notdef"
+            dropped.append({**font.describe(), "reason": reason})
             continue
         renders[font] = r
         usable.append(font)
@@ -495,10 +516,12 @@ def _valid_characters(
     for pos in range(0, len(order), block):
         chars = order[pos: pos + block]
         crops = [[_render_crop(pf, chr(c)) for c in chars] for pf in pil_fonts]
-        images = [np.stack([_place(crop, size) for crop in per_font]) for per_font in crops]
+        images = [np.stack([_place(crop, size, IMAGE_SUPERSAMPLE) for crop in per_font]) for per_font in crops]
         ok = np.ones(len(chars), dtype=bool)
         for fi in range(len(fonts)):
-            ok &= ~_invalid_mask(images[fi], notdefs[fi])
+            invalid = _invalid_mask(images[fi], notdefs[fi])
+            stats[f"invalid:{fi}"] = stats.get(f"invalid:{fi}", 0) + int(invalid.sum())
+            ok &= ~invalid
         for j, c in enumerate(chars):
             stats["visited"] += 1
             if not ok[j]:
@@ -509,10 +532,10 @@ def _valid_characters(
 
 def _augment(crop: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """Light augmentation: scale 0.9-1.1, sub-pixel shift up to size/16 px, blur (p=0.5), stroke noise (p=0.5)."""
-    max_shift = max(1, round(size / 16)) * SUPERSAMPLE  # in supersampled pixels
+    max_shift = max(1, round(size / 16)) * IMAGE_SUPERSAMPLE  # in supersampled pixels
     scale = float(rng.uniform(0.9, 1.1))
     shift = (int(rng.integers(-max_shift, max_shift + 1)), int(rng.integers(-max_shift, max_shift + 1)))
-    image = _place(crop, size, scale=scale, shift=shift)
+    image = _place(crop, size, IMAGE_SUPERSAMPLE, scale=scale, shift=shift)
     if rng.random() < 0.5:
         radius = float(rng.uniform(0.3, 0.8)) * size / 32
         image = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius)))
@@ -584,6 +607,7 @@ def build_glyph_dataset(
     _check_int("seed", seed, 0)
     _check_int("num_query_fonts", num_query_fonts, 1)
     _check_int("augment_copies", augment_copies, 1)
+    _check_out(out_dir, overwrite)
     start = time.perf_counter()
     needed = num_train_classes + num_test_classes
     min_fonts = max(MIN_FONTS, num_query_fonts + 1)
@@ -644,12 +668,15 @@ def build_glyph_dataset(
                 counts[split] += augment_copies
             if len(test_chars) == num_test_classes:
                 break
-        _say(progress, f"glyphs: chose {len(train_chars) + len(test_chars)} characters (visited {stats['visited']}, "
-                       f"rejected {stats['rejected']} that some font renders blank or as .notdef)")
+        num_chosen = len(train_chars) + len(test_chars)
+        worst = max(range(len(fonts)), key=lambda fi: (stats.get(f"invalid:{fi}", 0), -fi))
+        worst_note = f"{fonts[worst].name!r} renders {stats.get(f'invalid:{worst}', 0)} of them blank or as .notdef"
+        _say(progress, f"glyphs: chose {num_chosen} characters (visited {stats['visited']}, rejected "
+                       f"{stats['rejected']}" + (f"; {worst_note})" if stats["rejected"] else ")"))
         if len(test_chars) < num_test_classes:
-            raise ValueError(f"num_train_classes + num_test_classes = {needed}: only {len(train_chars) + len(test_chars)}"
-                             f" of the {len(candidates)} common characters render properly in all {len(fonts)} fonts;"
-                             f" ask for fewer classes")
+            raise ValueError(f"num_train_classes + num_test_classes = {needed}: only {num_chosen} of the "
+                             f"{len(candidates)} common characters render properly in all {len(fonts)} fonts "
+                             f"({worst_note}); ask for fewer classes")
         kept_desc = []
         for fi, font in enumerate(fonts):
             kept_desc.append({**font.describe(), "file_stem": slugs[fi],
@@ -701,7 +728,7 @@ def _stroke_pattern(rng: np.random.Generator) -> List[Tuple[str, np.ndarray]]:
 
 def _draw_pattern(strokes: List[Tuple[str, np.ndarray]], size: int, rng: np.random.Generator) -> np.ndarray:
     """One jittered drawing of a stroke pattern: uint8 [size, size], white on black."""
-    big = size * SUPERSAMPLE
+    big = size * SYNTHETIC_SUPERSAMPLE
     image = Image.new("L", (big, big), 0)
     draw = ImageDraw.Draw(image)
     width = max(1, round(float(rng.uniform(0.06, 0.11)) * big))

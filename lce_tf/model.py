@@ -149,6 +149,11 @@ class CompatibleEmbeddingModel(tf.keras.Model):
             self.t12(tf.zeros((2, self.compatibility.old_dim)))
             self.t21(tf.zeros((2, self.embedding_dim)))
 
+    def get_config(self):
+        """A summary of the configuration; the model is persisted with `lce_tf.export`, not from_config."""
+        return {"mode": self.compatibility.mode, "embedding_dim": self.embedding_dim,
+                "num_classes": None if self.classifier is None else self.classifier.num_classes}
+
     @property
     def loss_term_names(self) -> tuple[str, ...]:
         """The loss terms this mode computes, in the order they are logged."""
@@ -189,6 +194,8 @@ class CompatibleEmbeddingModel(tf.keras.Model):
     def compute_loss_terms(self, images, labels, training: bool) -> dict[str, tf.Tensor]:
         """Every loss term of DESIGN.md item 5 for one batch, unweighted, as scalars."""
         c = self.compatibility
+        images = tf.convert_to_tensor(images, tf.float32)
+        labels = tf.convert_to_tensor(labels)
         raw = self._raw_embeddings(images, training)
         terms: dict[str, tf.Tensor] = {}
         logits = None

@@ -57,7 +57,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import uuid
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -226,11 +225,15 @@ class IndexConfig:
         """This configuration with the size-derived fields filled in for `n` entries, and checked.
 
         Raises:
-          ValueError: tree_ah with more leaves than entries, leaves_to_search > num_leaves, or a
-            training sample smaller than the number of leaves.
+          ValueError: tree_ah with more leaves than entries, leaves_to_search > num_leaves, a
+            training sample smaller than the number of leaves, or tree fields set for another algorithm.
         """
         if self.algorithm != "tree_ah":
-            return dataclasses.replace(self, num_leaves=None, leaves_to_search=None, min_partition_size=None)
+            for name in ("num_leaves", "leaves_to_search", "min_partition_size"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"IndexConfig.{name} applies only to algorithm 'tree_ah'; algorithm is "
+                                     f"{self.algorithm!r}")
+            return self
         num_leaves = self.num_leaves if self.num_leaves is not None else max(1, round(math.sqrt(n)))
         if num_leaves > n:
             raise ValueError(f"IndexConfig.num_leaves ({num_leaves}) exceeds the number of entries ({n}); "
@@ -621,7 +624,8 @@ class EmbeddingIndex:
 
     @property
     def embeddings(self) -> np.ndarray:
-        """Unit embeddings float32 [N, D], aligned with `ids` (read-only view)."""
+        """Unit embeddings float32 [N, D], aligned with `ids` (a read-only view: `upsert` of existing ids
+        changes it in place, so copy it to keep a snapshot)."""
         view = self._embeddings.view()
         view.flags.writeable = False
         return view
@@ -720,6 +724,11 @@ class EmbeddingIndex:
             return np.empty((0, k), dtype=object), np.empty((0, k), dtype=np.float32)
         pre = -1
         leaves = -1
+        if cfg.algorithm != "tree_ah" and leaves_to_search is not None:
+            raise ValueError(f"leaves_to_search applies only to tree_ah indexes; this index is {cfg.algorithm!r}")
+        if cfg.algorithm == "brute_force" and reorder_num_neighbors is not None:
+            raise ValueError("reorder_num_neighbors applies only to ah and tree_ah indexes; "
+                             "this index is 'brute_force'")
         if cfg.algorithm != "brute_force":
             pre = max(k, reorder_num_neighbors if reorder_num_neighbors is not None else cfg.reorder_num_neighbors)
         if cfg.algorithm == "tree_ah":
@@ -784,34 +793,31 @@ class EmbeddingIndex:
         rows = [self._pos.get(v) for v in ids]
         replace = [(r, j) for j, r in enumerate(rows) if r is not None]
         add = [j for j, r in enumerate(rows) if r is None]
-        # The new state, computed before touching ScaNN.
-        new_emb = self._embeddings.copy() if not add else np.concatenate([self._embeddings, emb[add]], axis=0)
-        for r, j in replace:
-            new_emb[r] = emb[j]
-        new_ids = self._ids + [ids[j] for j in add]
-        new_versions = list(self._versions)
-        for r, j in replace:
-            new_versions[r] = versions[j]
-        new_versions += [versions[j] for j in add]
-
-        searcher = self._searcher
+        # Input is valid: from here on the index changes. ScaNN first (ScannSearcher.upsert replaces
+        # known docids in place and appends new ones in the order given, as done below); if it fails,
+        # the searcher is rebuilt from the updated entries.
+        in_place = False
         if self._config.mutable:
             try:
-                # ScannSearcher.upsert replaces known docids in place and appends new ones, in the
-                # order given: the same order as new_ids.
-                searcher.upsert(list(ids), emb, batch_size=min(len(ids), 256))
-                if searcher.size() != len(new_ids) or list(searcher.docids) != new_ids:
-                    raise RuntimeError("ScaNN docids out of step after upsert")
+                self._searcher.upsert(list(ids), emb, batch_size=min(len(ids), 256))
+                in_place = True
             except Exception as e:  # pylint: disable=broad-except
                 logger.warning("ScaNN in-place upsert failed (%s); rebuilding the searcher", e)
-                searcher = _build_searcher(new_emb, new_ids, self._config)
-        else:
-            searcher = _build_searcher(new_emb, new_ids, self._config)
-        self._searcher = searcher
-        self._embeddings = new_emb
-        self._ids = new_ids
-        self._pos = {v: i for i, v in enumerate(new_ids)}
-        self._versions = new_versions
+        if replace:
+            self._embeddings[[r for r, _ in replace]] = emb[[j for _, j in replace]]
+            for r, j in replace:
+                self._versions[r] = versions[j]
+        if add:
+            self._embeddings = np.concatenate([self._embeddings, emb[add]], axis=0)
+            for j in add:
+                self._pos[ids[j]] = len(self._ids)
+                self._ids.append(ids[j])
+                self._versions.append(versions[j])
+        if in_place and (self._searcher.size() != len(self._ids) or self._searcher.docids != self._ids):
+            logger.warning("ScaNN docids out of step after upsert; rebuilding the searcher")
+            in_place = False
+        if not in_place:
+            self._searcher = _build_searcher(self._embeddings, self._ids, self._config)
         self._ids_array = None
         self._touch()
         return {"replaced": len(replace), "added": len(add)}
@@ -865,7 +871,9 @@ class EmbeddingIndex:
                                  f"{METADATA_FILE} (not an lce_tf index)")
         parent = os.path.dirname(target)
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}{_TMP_TAG}", dir=parent)
+        # os.mkdir (not tempfile.mkdtemp, which makes it 0700) so the index gets the umask's permissions.
+        tmp = os.path.join(parent, f".{os.path.basename(target)}{_TMP_TAG}{uuid.uuid4().hex[:12]}")
+        os.mkdir(tmp)
         try:
             metadata = self._write_files(tmp)
             _commit_directory(tmp, target)
@@ -929,6 +937,8 @@ class EmbeddingIndex:
           ImportError: ScaNN is not installed.
         """
         root = os.path.abspath(index_dir)
+        if os.path.lexists(root) and not os.path.isdir(root):
+            raise ValueError(f"index directory {root} is not a directory")
         if not os.path.isdir(root):
             backup = _find_backup(root)
             if backup is None:
@@ -1101,7 +1111,8 @@ def check_query_compatibility(index_metadata: Union[Mapping[str, Any], Embedding
         return checked("embed", model["embedding_dim"])
     if compat is not None and compat.get("embedding_space") == space:
         return checked(compat.get("signature", "embed"), compat.get("dim"))
-    declared = f"compatible with {compat.get('embedding_space')!r}" if compat else "not declared compatible with any space"
+    declared = (f"compatible with {compat.get('embedding_space')!r}" if compat
+                else "not declared compatible with any space")
     if not force:
         raise IncompatibleModelError(f"{model_name} is not compatible with index embedding space {space!r} (it is "
                                      f"{declared}); pass force=True (--force) to search anyway")

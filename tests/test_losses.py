@@ -172,6 +172,20 @@ def test_alignment_loss_gradient_reaches_weights():
     assert np.abs(grad[0]).sum() > 0 and np.allclose(grad[1], 0, atol=1e-7)  # row 1 is already aligned
 
 
+def test_minimizing_alignment_loss_aligns_rows_with_centers():
+    rng = np.random.default_rng(5)
+    c = rng.normal(size=(3, 4))
+    c = (c / np.linalg.norm(c, axis=1, keepdims=True)).astype(np.float32)
+    w = tf.Variable(rng.normal(size=(3, 4)).astype(np.float32))
+    optimizer = tf.keras.optimizers.SGD(1.0)
+    for _ in range(60):
+        with tf.GradientTape() as tape:
+            loss = 100.0 * L.alignment_loss(w, c)  # λ_a = 100, the reference default
+        optimizer.apply_gradients([(tape.gradient(loss, w), w)])
+    w_hat = w.numpy() / np.linalg.norm(w.numpy(), axis=1, keepdims=True)
+    assert np.sum(w_hat * c, axis=1).min() > 0.99
+
+
 def test_alignment_loss_dimension_errors_name_both_dims():
     with pytest.raises(ValueError, match=r"dimension D = 64.*dimension D = 128"):
         L.alignment_loss(np.ones((3, 64)), np.ones((3, 128)))
@@ -275,7 +289,8 @@ def test_transformed_alignment_with_transform_layers_different_dims():
 
 def test_transformed_alignment_errors():
     w, c = np.ones((2, 3), np.float32), np.ones((2, 2), np.float32)
-    with pytest.raises(ValueError, match=r"old_to_new\(old_centers\) has dimension D = 2.*new_weights has dimension D = 3"):
+    needle = r"old_to_new\(old_centers\) has dimension D = 2.*new_weights has dimension D = 3"
+    with pytest.raises(ValueError, match=needle):
         L.transformed_alignment_loss(w, c, lambda v: v, lambda v: v[:, :2])
     with pytest.raises(ValueError, match=r"C = 2.*C = 3"):
         L.transformed_alignment_loss(w, np.ones((3, 2)), lambda v: v, lambda v: v)
