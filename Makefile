@@ -29,8 +29,13 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -m "not e2e and not slow" $(PYTEST_ARGS)
 
-demo: venv
+demo: venv fonts
 	$(PY) scripts/demo.py --workdir $(DEMO_DIR)
+
+# The CJK font packages of the glyph dataset (apt-get as root; otherwise it prints what to install,
+# and the demo falls back to the synthetic stroke dataset).
+fonts:
+	-@bash scripts/install_fonts.sh
 
 # Resolve requirements/lock.in into the lock (needs the network to PyPI).
 lock:
