@@ -104,11 +104,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             stage(f"computing old class centers with {old_model.model_id} ({args.boundary})")
             old_centers = _centers_for_folder(old_model, folder, args.boundary)
-        old_centers = old_centers.reorder(folder.class_names)
+        old_centers = old_centers.subset(folder.class_names)  # row j = training class j
         _check_direct_dims(args.compat, old_centers.dim, args.dim, f"Old centers {args.old_centers or ''}".strip())
-        cosine = old_centers.mean_pairwise_cosine()
-        if cosine > 0.9:
-            stage(f"warning: old centers are collapsed (mean pairwise cosine {cosine:.2f}); check the old model")
     old_embedder = None
     if args.compat == "l2":
         _check_direct_dims("l2", old_model.embedding_dim, args.dim, f"Old model {args.old_model}")

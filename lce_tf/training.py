@@ -91,11 +91,6 @@ def seed_everything(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def align_centers(centers: ClassCenters, class_names: Sequence[str]) -> ClassCenters:
-    """Reorders `centers` to the training classes; raises ValueError for labels with no center."""
-    return centers.reorder(list(class_names))
-
-
 def train(config: TrainConfig, train_dataset, *, num_classes: int, input_shape: Sequence[int],
           old_centers: Optional[ClassCenters] = None, old_embedder: Optional[Callable] = None,
           new_backbone: Optional[Callable] = None, new_centers: Optional[ClassCenters] = None,
