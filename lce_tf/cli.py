@@ -383,8 +383,18 @@ def _one_line(error: BaseException) -> str:
     return text.splitlines()[0]
 
 
+def _quiet_tensorflow() -> None:
+    """Keeps TensorFlow's C++ start-up chatter and third-party deprecation notices off the console."""
+    import warnings
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"google\..*")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"tensorflow_addons\..*")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_tensorflow()
     known_errors: tuple[type, ...] = (ValueError, OSError)
     try:
         from lce_tf.training import TrainingDivergedError
