@@ -4,6 +4,9 @@
     lce-tf centers   --model MODEL_DIR --data DIR --out FILE.npz
     lce-tf evaluate  --query DIR --gallery DIR --model NAME=MODEL_DIR [--model ...] --json OUT.json
     lce-tf data      glyphs|synthetic --out DIR
+    lce-tf index     build --model MODEL_DIR --data GALLERY_DIR --out INDEX_DIR [--config K=V]
+                     search --index INDEX_DIR --model MODEL_DIR --data QUERY_DIR_OR_FILES [--k K] [--json F]
+                     backfill --index INDEX_DIR --model NEW_MODEL_DIR (--data GALLERY_DIR --fraction F | --t12 --out DIR)
 
 Bad input ends with one line `lce-tf: error: ...` on stderr and exit code 2, never a traceback. This
 module imports nothing heavy at import time, so `lce-tf --help` answers at once; TensorFlow is
@@ -178,58 +181,17 @@ def evaluate_models(query_dir: str, gallery_dir: str, model_dirs: dict[str, str]
                     independent: Optional[str] = None, batch_size: int = 256) -> dict[str, Any]:
     """Compatibility matrix of every (query model, gallery model) pair plus criterion and update gain.
 
-    A query model is applied through the signature that maps into the gallery model's space when its
-    metadata declares compatibility (e.g. `embed_compat`), else through `embed`; pairs whose
-    dimensions then differ are skipped.
+    The image-folder front end of `lce_tf.comparison.compare_models` (which the TFX
+    CompatibilityValidator also calls on TFRecord splits); see there for the signature rules and the
+    report's keys.
     """
-    from lce_tf import evaluation
+    from lce_tf.comparison import EvalData, compare_models
     from lce_tf.serving import load_embedding_model
 
     query, gallery = _read_folder(query_dir), _read_folder(gallery_dir)
-    vocabulary = {name: i for i, name in enumerate(sorted(set(query.class_names) | set(gallery.class_names)))}
-    query_labels = [vocabulary[query.class_names[i]] for i in query.labels]
-    gallery_labels = [vocabulary[gallery.class_names[i]] for i in gallery.labels]
     models = {name: load_embedding_model(path) for name, path in model_dirs.items()}
-    cache: dict[tuple, Any] = {}
-
-    def embed(name: str, folder, signature: str):
-        key = (name, folder.root, signature)
-        if key not in cache:
-            stage(f"embedding {len(folder.paths)} images of {folder.root} with {name} ({signature})")
-            cache[key] = models[name].embed_folder(folder, signature=signature, batch_size=batch_size)[0]
-        return cache[key]
-
-    results, pairs, skipped = {}, [], []
-    for q_name, q_model in models.items():
-        for g_name, g_model in models.items():
-            signature = q_model.signature_for_space(g_model.metadata["embedding_space"]) or "embed"
-            q_dim = q_model.metadata["compatible_with"]["dim"] if signature == "embed_compat" else q_model.embedding_dim
-            if q_dim != g_model.embedding_dim:
-                skipped.append(f"{q_name}/{g_name}: dimensions {q_dim} and {g_model.embedding_dim} differ")
-                continue
-            result = evaluation.retrieval_metrics(embed(q_name, query, signature), query_labels,
-                                                  embed(g_name, gallery, "embed"), gallery_labels)
-            results[(q_name, g_name)] = result
-            entry = {"query": q_name, "gallery": g_name, "signature": signature,
-                     **{m: float(getattr(result, m)) for m in ("top1", "top5", "mAP")}}
-            for metric in ("top1", "mAP"):
-                entry[f"{metric}_ci95"] = [float(v) for v in result.bootstrap_interval(metric)]
-            pairs.append(entry)
-    report: dict[str, Any] = {"old": old, "independent": independent, "pairs": pairs, "skipped": skipped,
-                              "criterion": {}, "update_gain": {}, "new_model_sacrifice": {}}
-    old_old = results[(old, old)]
-    for name in models:
-        if name == old or (name, old) not in results:
-            continue
-        verdict = evaluation.empirical_criterion(results[(name, old)], old_old)
-        report["criterion"][name] = {**{m: bool(v) for m, v in verdict.items()}, "pass": all(verdict.values())}
-        if independent and name != independent and (independent, independent) in results:
-            ug = evaluation.update_gain(results[(name, old)], old_old, results[(independent, independent)])
-            report["update_gain"][name] = {m: float(v) for m, v in ug.items()}
-            if (name, name) in results:
-                sacrifice = evaluation.new_model_sacrifice(results[(name, name)], results[(independent, independent)])
-                report["new_model_sacrifice"][name] = {m: float(v) for m, v in sacrifice.items()}
-    report["table"] = evaluation.format_table(results)
+    report, _ = compare_models(models, EvalData.from_folder(query), EvalData.from_folder(gallery), old=old,
+                               independent=independent, batch_size=batch_size, progress=stage)
     return report
 
 
@@ -295,6 +257,126 @@ def cmd_data(args: argparse.Namespace) -> int:
                       overwrite=args.overwrite, progress=stage)
     stage("wrote " + json.dumps({k: summary[k] for k in summary if k.startswith("num_")}))
     return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# index: versioned ScaNN indexes (lce_tf.search, lce_tf.retrieval)
+
+
+def _check_index_out(out: str, overwrite: bool) -> None:
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
+        raise UsageError(f"Output {out} already exists; choose a new --out or pass --overwrite.")
+
+
+def _index_summary(index) -> str:
+    versions = ", ".join(f"{v}: {n}" for v, n in index.version_counts().items())
+    return (f"{len(index)} entries x {index.dim}, embedding space {index.embedding_space}, "
+            f"{index.config.algorithm}; versions {versions}")
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from lce_tf import search
+    from lce_tf.serving import load_embedding_model
+
+    overrides = search.parse_config_overrides(args.config or [])
+    _check_index_out(args.out, args.overwrite)
+    folder = _read_folder(args.data)
+    model = load_embedding_model(args.model)
+    index = search.build_index(model, folder, overrides=overrides, batch_size=args.batch_size, progress=stage)
+    path = index.save(args.out)
+    stage(f"wrote index {path}: {_index_summary(index)}")
+    return 0
+
+
+def cmd_index_search(args: argparse.Namespace) -> int:
+    from lce_tf import search
+    from lce_tf.serving import load_embedding_model
+
+    index = search.load_index(args.index)
+    k = search.check_k(args.k, index)
+    search.collect_queries(args.data)  # bad query paths fail before the model loads
+    model = load_embedding_model(args.model)
+    results = search.search_images(index, model, args.data, k=k, force=args.force, batch_size=args.batch_size,
+                                   index_dir=args.index)
+    if results.forced:
+        print(f"lce-tf: warning: forced search: query model {model.model_id} is not declared compatible with "
+              f"index embedding space {index.embedding_space}; scores are not meaningful", file=sys.stderr)
+    if args.json:
+        _write_json_atomically(args.json, results.to_dict())
+        stage(f"wrote top-{results.k} results of {len(results.queries)} queries to {args.json}")
+    else:
+        print(results.format_table())
+    return 0
+
+
+def cmd_index_backfill(args: argparse.Namespace) -> int:
+    from lce_tf import search
+    from lce_tf.serving import load_embedding_model
+
+    out = args.out or args.index
+    if args.t12:
+        if not args.out:
+            raise UsageError("--t12 writes a new index in the new model's space: pass --out NEW_INDEX_DIR.")
+        if os.path.abspath(args.out) != os.path.abspath(args.index):
+            _check_index_out(args.out, args.overwrite)
+    elif args.fraction is None or args.data is None:
+        raise UsageError("index backfill needs --fraction F and --data GALLERY_DIR (or --t12 --out DIR).")
+    index = search.load_index(args.index)
+    model = load_embedding_model(args.model)
+    if args.t12:
+        stage(f"mapping {len(index)} gallery vectors through the T12 of {model.model_id}")
+        index = search.upgrade_with_t12(index, model)
+    else:
+        step = search.backfill_from_images(index, model, args.data, args.fraction, seed=args.seed,
+                                           batch_size=args.batch_size, progress=stage)
+        stage(f"re-embedded {step['backfilled']} entries with {step['version']} ({step['signature']}); "
+              f"{step['fraction']:.1%} of the gallery is now at {step['version']}")
+    path = index.save(out)
+    stage(f"wrote index {path}: {_index_summary(index)}")
+    return 0
+
+
+def _add_index_commands(sub) -> None:
+    """The `lce-tf index build|search|backfill` subcommands."""
+    index = sub.add_parser("index", help="build, search and backfill versioned ScaNN indexes")
+    commands = index.add_subparsers(dest="index_command", required=True, metavar="ACTION", parser_class=_Parser)
+
+    p = commands.add_parser("build", help="embed a gallery image folder with a model and build an index")
+    p.add_argument("--model", required=True, help="model directory whose `embed` signature builds the index")
+    p.add_argument("--data", required=True, help="gallery image folder DIR/<class>/<image>")
+    p.add_argument("--out", required=True, help="index directory to create")
+    p.add_argument("--config", action="append", metavar="JSON|KEY=VALUE",
+                   help="IndexConfig overrides of the size-based defaults, e.g. algorithm=tree_ah,num_leaves=50 "
+                   "or '{\"reorder_num_neighbors\": 200}'; repeatable")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing index atomically")
+    p.set_defaults(func=cmd_index_build)
+
+    p = commands.add_parser("search", help="top-k gallery entries for query images")
+    p.add_argument("--index", required=True, help="index directory (lce-tf index build)")
+    p.add_argument("--model", required=True, help="query model directory (the index's model or a compatible one)")
+    p.add_argument("--data", required=True, nargs="+", metavar="QUERY_DIR_OR_FILE",
+                   help="query image folder(s) and/or image files")
+    p.add_argument("--k", type=int, help="results per query (default: the index's num_neighbors, 10)")
+    p.add_argument("--json", help="write the results as JSON instead of printing the table")
+    p.add_argument("--force", action="store_true",
+                   help="search even if the query model is not declared compatible with the index")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.set_defaults(func=cmd_index_search)
+
+    p = commands.add_parser("backfill", help="re-embed part of the gallery with a new model, or map it with T12")
+    p.add_argument("--index", required=True)
+    p.add_argument("--model", required=True, help="the new model (declared compatible with the index)")
+    p.add_argument("--data", help="the gallery image folder the index was built from")
+    p.add_argument("--fraction", type=float, help="cumulative share of the gallery embedded by the new model "
+                   "after this step, in [0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="backfill order seed (keep it across steps)")
+    p.add_argument("--t12", action="store_true", help="map every gallery vector through the new model's T12 "
+                   "into its own space (no images); needs --out")
+    p.add_argument("--out", help="index directory to write (default: replace --index atomically)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.set_defaults(func=cmd_index_backfill)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -375,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_data)
+    _add_index_commands(sub)
     return parser
 
 
@@ -387,7 +470,7 @@ def _quiet_tensorflow() -> None:
     """Keeps TensorFlow's C++ start-up chatter and third-party deprecation notices off the console."""
     import warnings
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # errors still surface as exceptions
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"google\..*")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"tensorflow_addons\..*")
 

@@ -1,0 +1,12 @@
+"""TFX components of the lce-tf pipeline (DESIGN.md, "Architecture"), one folder each.
+
+    image_example_gen/        image folders -> TFRecord Examples (splits train / query / gallery)
+    class_center_extractor/   Beam: old-model class centers and boundaries -> ClassCenters
+    lce_trainer/              LCE (or baseline) training -> a standard Model artifact
+    compatibility_validator/  compatibility matrix + criterion -> a standard ModelBlessing + HTML report
+    index_builder/            ScaNN index of the gallery -> RetrievalIndex
+
+Every component wraps lce_tf functions; none re-implements them. Importing this package (or a
+component's Beam helpers) imports neither tfx nor TensorFlow: Beam worker processes unpickle the
+DoFns of `class_center_extractor.centers_beam` without paying for a TFX import.
+"""

@@ -1,0 +1,206 @@
+"""Beam transforms of the ClassCenterExtractor: old-model embeddings -> exact class centers and boundaries.
+
+DESIGN.md, the method, item 1, as a two-pass Beam computation over streamed data:
+
+    f̂_i = normalize(φ1(x_i))                           (EmbedExamples: a DoFn loading φ1 in setup())
+    pass 1  c_j = normalize(Σ_{y_i=j} f̂_i)              ("SumPerClass": CombinePerKey(CenterSumCombineFn))
+    pass 2  b_j = min / percentile_P of ⟨f̂_i, c_j⟩       ("BoundaryPerClass": CombinePerKey(BoundaryCombineFn)),
+            with the centers of pass 1 as a side input    ("CosineToCenter")
+
+The accumulators are lce_tf.centers' own (`CenterSumAccumulator`, `BoundaryAccumulator`) and the final
+assembly is `lce_tf.centers.build_class_centers`, so the result equals
+`lce_tf.centers.compute_class_centers` on the same embeddings (up to float64 summation order).
+
+This module imports apache_beam, numpy and lce_tf.centers only (never tfx), so Beam's multi-processing
+workers unpickle these DoFns cheaply; TensorFlow is imported in `EmbedExamplesFn.setup`, in the worker.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import apache_beam as beam
+import numpy as np
+
+from lce_tf import centers as lce_centers
+
+
+class CenterSumCombineFn(beam.CombineFn):
+    """Pass 1 for one class: embeddings [D] -> CenterSumAccumulator (Σ f̂ in float64 and the count)."""
+
+    def create_accumulator(self) -> lce_centers.CenterSumAccumulator:
+        return lce_centers.CenterSumAccumulator()
+
+    def add_input(self, accumulator, embedding):
+        return accumulator.add(np.asarray(embedding))
+
+    def merge_accumulators(self, accumulators: Iterable):
+        first, *rest = accumulators  # Beam's contract: only the first accumulator may be modified
+        return first.merge(rest)
+
+    def extract_output(self, accumulator):
+        return accumulator
+
+
+class BoundaryCombineFn(beam.CombineFn):
+    """Pass 2 for one class: cosines ⟨f̂_i, c_j⟩ -> BoundaryAccumulator under the boundary rule."""
+
+    def __init__(self, rule: str = lce_centers.DEFAULT_BOUNDARY_RULE):
+        super().__init__()
+        self._rule = str(lce_centers.parse_boundary_rule(rule))
+
+    def create_accumulator(self) -> lce_centers.BoundaryAccumulator:
+        return lce_centers.BoundaryAccumulator(self._rule)
+
+    def add_input(self, accumulator, cosine):
+        return accumulator.add(cosine)
+
+    def merge_accumulators(self, accumulators: Iterable):
+        first, *rest = accumulators
+        return first.merge(rest)
+
+    def extract_output(self, accumulator):
+        return accumulator
+
+
+def centers_and_counts(sums: dict, class_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """{label: CenterSumAccumulator} -> (centers float32 [C, D] unit rows, counts int64 [C])."""
+    return lce_centers.centers_from_sums(sums, class_names)
+
+
+def cosine_to_center(keyed_embedding: tuple[int, np.ndarray], centers_counts) -> tuple[int, float]:
+    """(label j, embedding [D]) -> (j, ⟨f̂, c_j⟩) with the pass-1 centers as side input."""
+    label, embedding = keyed_embedding
+    centers = centers_counts[0]
+    cosine = lce_centers.cosines_to_centers(np.asarray(embedding)[None, :], np.asarray([label]), centers)[0]
+    return int(label), float(cosine)
+
+
+def assemble(centers_counts, boundaries: dict, class_names: Sequence[str], boundary: str,
+             source_model_id: str) -> lce_centers.ClassCenters:
+    """Pass-2 result -> ClassCenters (lce_tf.centers.build_class_centers)."""
+    centers, counts = centers_counts
+    return lce_centers.build_class_centers(centers, counts, boundaries, class_names, boundary=boundary,
+                                           source_model_id=source_model_id)
+
+
+class ComputeClassCenters(beam.PTransform):
+    """PCollection of (label int in [0, C), raw embedding [D]) -> PCollection holding ONE ClassCenters.
+
+    Args:
+      class_names: the C class names; label j is class_names[j] (every class needs >= 1 sample).
+      boundary: "min" or "percentile:P".
+      source_model_id: the model that produced the embeddings.
+    """
+
+    def __init__(self, class_names: Sequence[str], boundary: str = lce_centers.DEFAULT_BOUNDARY_RULE,
+                 source_model_id: str = ""):
+        super().__init__()
+        self._class_names = list(class_names)
+        self._boundary = str(lce_centers.parse_boundary_rule(boundary))
+        self._source_model_id = source_model_id
+
+    def expand(self, keyed_embeddings):
+        names = self._class_names
+        centers_counts = (keyed_embeddings
+                          | "SumPerClass" >> beam.CombinePerKey(CenterSumCombineFn())
+                          | "SumsToDict" >> beam.combiners.ToDict()
+                          | "CentersFromSums" >> beam.Map(centers_and_counts, class_names=names))
+        boundaries = (keyed_embeddings
+                      | "CosineToCenter" >> beam.Map(cosine_to_center,
+                                                     centers_counts=beam.pvalue.AsSingleton(centers_counts))
+                      | "BoundaryPerClass" >> beam.CombinePerKey(BoundaryCombineFn(self._boundary))
+                      | "BoundariesToDict" >> beam.combiners.ToDict())
+        return (centers_counts
+                | "BuildClassCenters" >> beam.Map(assemble, boundaries=beam.pvalue.AsSingleton(boundaries),
+                                                  class_names=names, boundary=self._boundary,
+                                                  source_model_id=self._source_model_id))
+
+
+class EmbedExamplesFn(beam.DoFn):
+    """Batches of serialized tf.train.Example (lce_tf.data format) -> (label, old-model embedding [D]).
+
+    The model directory is loaded in `setup` (once per worker; Beam pickles the DoFn, so it only holds
+    the path). With `flip_average`, an image's embedding is the sum of the embeddings of the image and
+    of its horizontal flip (the reference's flip-averaging; normalized later by the center math).
+
+    Args:
+      model_dir: an exported lce_tf model directory (the old model).
+      image_shape: (H, W, C) the records are decoded to (the model's input shape).
+      signature: the signature to embed with ("embed": the model's own space).
+      flip_average: add the embedding of the horizontally flipped image.
+    """
+
+    def __init__(self, model_dir: str, image_shape: Sequence[int], signature: str = "embed",
+                 flip_average: bool = False):
+        super().__init__()
+        self._model_dir = model_dir
+        self._image_shape = tuple(int(v) for v in image_shape)
+        self._signature = signature
+        self._flip_average = bool(flip_average)
+        self._model = None
+        self._decode = None
+
+    def setup(self):
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+        from lce_tf.data import parse_example_fn  # pylint: disable=import-outside-toplevel
+        from lce_tf.serving import load_embedding_model  # pylint: disable=import-outside-toplevel
+
+        self._model = load_embedding_model(self._model_dir)
+        parse = parse_example_fn(self._image_shape)
+        spec = (tf.TensorSpec(self._image_shape, tf.float32), tf.TensorSpec([], tf.int64))
+        self._decode = tf.function(lambda serialized: tf.map_fn(parse, serialized, fn_output_signature=spec))
+
+    def process(self, batch: Sequence[bytes]):
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+        images, labels = self._decode(tf.constant(list(batch), dtype=tf.string))
+        images = images.numpy()
+        embeddings = self._model.embed(images, signature=self._signature)
+        if self._flip_average:
+            embeddings = embeddings + self._model.embed(images[:, :, ::-1, :].copy(), signature=self._signature)
+        for label, embedding in zip(labels.numpy().tolist(), embeddings):
+            yield int(label), embedding
+
+
+class EmbedExamples(beam.PTransform):
+    """Serialized tf.train.Example -> (label, embedding [D]), in batches of at most `batch_size`."""
+
+    def __init__(self, model_dir: str, image_shape: Sequence[int], *, batch_size: int = 256,
+                 signature: str = "embed", flip_average: bool = False):
+        super().__init__()
+        self._fn = EmbedExamplesFn(model_dir, image_shape, signature, flip_average)
+        self._batch_size = int(batch_size)
+
+    def expand(self, serialized):
+        return (serialized
+                | "Batch" >> beam.BatchElements(min_batch_size=min(16, self._batch_size),
+                                                max_batch_size=self._batch_size)
+                | "EmbedWithOldModel" >> beam.ParDo(self._fn))
+
+
+def save_class_centers(centers: lce_centers.ClassCenters, path: str) -> str:
+    """Writes the ClassCenters .npz (atomically; lce_tf.centers.ClassCenters.save)."""
+    return centers.save(path)
+
+
+def extract_class_centers(pipeline: beam.Pipeline, file_pattern: str, model_dir: str,
+                          image_shape: Sequence[int], class_names: Sequence[str], out_path: str, *,
+                          boundary: str = lce_centers.DEFAULT_BOUNDARY_RULE, source_model_id: str = "",
+                          batch_size: int = 256, flip_average: bool = False,
+                          signature: str = "embed") -> Optional[beam.pvalue.PCollection]:
+    """Adds the whole extraction to `pipeline`: read TFRecords -> embed -> two passes -> write .npz.
+
+    The records are read by `beam.io.ReadFromTFRecord` (workers stream them; nothing is listed in the
+    driver) and the only value that reaches one worker is the final ClassCenters ([C, D]).
+
+    Returns:
+      The PCollection of the written path (one element).
+    """
+    return (pipeline
+            | "ReadExamples" >> beam.io.ReadFromTFRecord(file_pattern)
+            | "Embed" >> EmbedExamples(model_dir, image_shape, batch_size=batch_size, signature=signature,
+                                       flip_average=flip_average)
+            | "Centers" >> ComputeClassCenters(class_names, boundary, source_model_id)
+            | "Save" >> beam.Map(save_class_centers, path=out_path))

@@ -1,0 +1,73 @@
+"""IndexBuilder: a relocatable ScaNN index of the gallery split, as a RetrievalIndex artifact.
+
+    index = IndexBuilder(model=trainer.outputs["model"], examples=example_gen.outputs["examples"],
+                         blessing=validator.outputs["blessing"]).outputs[INDEX_KEY]
+
+The gallery split is embedded with the model's `embed` signature and indexed with
+`lce_tf.retrieval.EmbeddingIndex` (ScaNN; brute force / AH / tree-AH chosen by size unless `algorithm`
+is given). Entry ids are the gallery images' paths relative to the gallery folder ("<class>/<file>"),
+entry versions the model id, as `lce-tf index` writes them. The index directory is relocatable (ScaNN's
+absolute asset paths are rewritten), so copying the artifact keeps it loadable. With a blessing that is
+not blessed nothing is built.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from tfx.dsl.components.base import base_component, executor_spec
+from tfx.types import channel, standard_artifacts
+from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionParameter
+
+from components import artifacts
+from components.index_builder import executor
+from components.index_builder.executor import (  # noqa: F401  (the keys)
+    ALGORITHM_KEY, BATCH_SIZE_KEY, BLESSING_KEY, BUILT_PROPERTY, EXAMPLES_KEY, INDEX_KEY, MODEL_KEY,
+    NUM_NEIGHBORS_KEY, SPLIT_KEY)
+
+
+class IndexBuilderSpec(ComponentSpec):
+    """Inputs: Model, Examples, ModelBlessing (optional); output: RetrievalIndex."""
+
+    PARAMETERS = {
+        SPLIT_KEY: ExecutionParameter(type=str),
+        ALGORITHM_KEY: ExecutionParameter(type=str),
+        NUM_NEIGHBORS_KEY: ExecutionParameter(type=int),
+        BATCH_SIZE_KEY: ExecutionParameter(type=int),
+    }
+    INPUTS = {
+        MODEL_KEY: ChannelParameter(type=standard_artifacts.Model),
+        EXAMPLES_KEY: ChannelParameter(type=standard_artifacts.Examples),
+        BLESSING_KEY: ChannelParameter(type=standard_artifacts.ModelBlessing, optional=True),
+    }
+    OUTPUTS = {INDEX_KEY: ChannelParameter(type=artifacts.RetrievalIndex)}
+
+
+class IndexBuilder(base_component.BaseComponent):
+    """Builds the ScaNN index of a gallery split with a model.
+
+    Outputs:
+      index: RetrievalIndex holding index/ (custom properties built=1, index_dir, embedding_space, model_id,
+        count, dim, algorithm), or only NOT_BUILT (built=0) when the blessing says no.
+    """
+
+    SPEC_CLASS = IndexBuilderSpec
+    EXECUTOR_SPEC = executor_spec.ExecutorClassSpec(executor.Executor)
+
+    def __init__(self, model: channel.BaseChannel, examples: channel.BaseChannel,
+                 blessing: Optional[channel.BaseChannel] = None, *, split: str = "gallery", algorithm: str = "",
+                 num_neighbors: int = 10, batch_size: int = 256):
+        """Args:
+          model: the Model whose `embed` signature embeds the gallery.
+          examples: Examples holding the gallery split.
+          blessing: when connected, the index is built only for a blessed model.
+          split: the gallery split.
+          algorithm: "brute_force", "ah", "tree_ah", or "" to choose by gallery size.
+          num_neighbors: the index's default k.
+          batch_size: images per embedding batch.
+        """
+        spec = IndexBuilderSpec(**{
+            MODEL_KEY: model, EXAMPLES_KEY: examples, BLESSING_KEY: blessing, SPLIT_KEY: split,
+            ALGORITHM_KEY: algorithm, NUM_NEIGHBORS_KEY: int(num_neighbors), BATCH_SIZE_KEY: int(batch_size),
+            INDEX_KEY: channel.Channel(type=artifacts.RetrievalIndex)})
+        super().__init__(spec=spec)

@@ -1,0 +1,91 @@
+"""Executor of IndexBuilder: embeds the gallery split and saves an `lce_tf.retrieval.EmbeddingIndex`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from tfx.dsl.components.base import base_executor
+
+from components import artifacts, util
+
+# Keys of the inputs, the output and the parameters (component.py re-exports them).
+MODEL_KEY = "model"
+EXAMPLES_KEY = "examples"
+BLESSING_KEY = "blessing"
+INDEX_KEY = "index"
+SPLIT_KEY = "split"
+ALGORITHM_KEY = "algorithm"
+NUM_NEIGHBORS_KEY = "num_neighbors"
+BATCH_SIZE_KEY = "batch_size"
+
+# Custom property of the output: 1 when the index was built.
+BUILT_PROPERTY = "built"
+
+_LOG = logging.getLogger(__name__)
+
+
+def entry_ids(paths: list[str] | None, class_names: list[str], labels, split: str) -> list[str]:
+    """Index entry ids: the image path relative to the split's folder ("<class>/<file>", the convention of
+    lce_tf.search), or "<class>/<split>-<record index>" when the paths are not recorded."""
+    if paths is not None and len(paths) == len(labels):
+        return list(paths)
+    return [f"{class_names[int(label)]}/{split}-{i:07d}" for i, label in enumerate(labels)]
+
+
+class Executor(base_executor.BaseExecutor):
+    """Builds the gallery index with the model's own `embed` signature (its own embedding space).
+
+    With a connected blessing that is not blessed, no index is built (NOT_BUILT marker, `built` = 0).
+    """
+
+    def Do(self, input_dict: dict[str, list], output_dict: dict[str, list], exec_properties: dict[str, Any]) -> None:
+        from lce_tf import retrieval
+        from lce_tf.data import make_tfrecord_dataset
+        from lce_tf.serving import load_embedding_model
+
+        model_artifact = util.single(input_dict, MODEL_KEY)
+        examples = util.single(input_dict, EXAMPLES_KEY)
+        blessing = util.single(input_dict, BLESSING_KEY, optional=True)
+        output = util.single(output_dict, INDEX_KEY)
+        split = str(exec_properties.get(SPLIT_KEY) or "gallery")
+        algorithm = str(exec_properties.get(ALGORITHM_KEY) or "")
+        if algorithm:
+            util.check_choice(ALGORITHM_KEY, algorithm, retrieval.ALGORITHMS)
+        num_neighbors = int(exec_properties.get(NUM_NEIGHBORS_KEY) or 10)
+        batch_size = int(exec_properties.get(BATCH_SIZE_KEY) or 256)
+        if num_neighbors < 1 or batch_size < 1:
+            raise ValueError(f"parameters {NUM_NEIGHBORS_KEY} and {BATCH_SIZE_KEY} must be >= 1; received "
+                             f"{num_neighbors} and {batch_size}")
+        info = util.read_examples_info(examples.uri)
+        entry = util.split_info(info, split, examples.uri, SPLIT_KEY)
+        os.makedirs(output.uri, exist_ok=True)
+        if blessing is not None and blessing.get_int_custom_property("blessed") != 1:
+            _LOG.info("IndexBuilder: the model was not blessed: no index built")
+            util.write_text(os.path.join(output.uri, artifacts.NOT_BUILT_FILE),
+                            f"The model {model_artifact.uri} was not blessed ({blessing.uri}): no index built.\n")
+            output.set_int_custom_property(BUILT_PROPERTY, 0)
+            return
+
+        model = load_embedding_model(util.model_dir(model_artifact.uri, MODEL_KEY))
+        dataset = make_tfrecord_dataset(util.split_pattern(examples.uri, split), model.input_shape, batch_size)
+        embeddings, labels = model.embed_dataset(dataset, signature="embed")
+        ids = entry_ids(util.read_split_paths(examples.uri, split), entry["class_names"], labels, split)
+        overrides = {"num_neighbors": min(num_neighbors, len(ids))}
+        if algorithm:
+            overrides["algorithm"] = algorithm
+        config = retrieval.IndexConfig.for_size(len(ids), embeddings.shape[1], **overrides)
+        index = retrieval.EmbeddingIndex.build(ids, embeddings, model.model_id,
+                                               embedding_space=model.metadata["embedding_space"],
+                                               model_id=model.model_id, model_version=model.model_id, config=config)
+        path = index.save(os.path.join(output.uri, artifacts.INDEX_SUBDIR))
+        output.set_int_custom_property(BUILT_PROPERTY, 1)
+        output.set_string_custom_property("index_dir", path)
+        output.set_string_custom_property("embedding_space", index.embedding_space)
+        output.set_string_custom_property("model_id", model.model_id)
+        output.set_int_custom_property("count", len(index))
+        output.set_int_custom_property("dim", index.dim)
+        output.set_string_custom_property("algorithm", index.config.algorithm)
+        _LOG.info("IndexBuilder: %d gallery entries x %d (%s, space %s) -> %s", len(index), index.dim,
+                  index.config.algorithm, index.embedding_space, path)

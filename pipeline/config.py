@@ -1,0 +1,410 @@
+"""PipelineConfig: the one typed configuration of the lce-tf pipeline, with real defaults.
+
+The defaults run the pipeline on the glyph data that `lce-tf data glyphs --out build/demo/data` writes,
+with the pipeline root (SQLite metadata, artifacts, pushed models) under build/pipeline. Every field
+can be set from a JSON or YAML file (`PipelineConfig.from_file`) or `key=value` overrides
+(`with_overrides`, what `lce-tf pipeline run --set` uses).
+
+`validate()` runs before any component does (`create_pipeline` calls it) and raises ValueError with one
+line that names the field: a missing data folder, an unknown mode, a mode that needs an old model with
+`old_model = "none"`, a gallery without its eval (query) split, out-of-range numbers, unknown keys.
+
+Importing this module imports neither tfx nor TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import typing
+from typing import Any, Mapping, Optional, Sequence
+
+# Mirrors of the library's choices (checked against lce_tf in tests; kept here so that validating a
+# configuration does not import TensorFlow).
+MODES = ("independent", "lce", "lce-transform", "bct", "l2")
+MODES_NEEDING_CENTERS = ("lce", "lce-transform", "bct")
+MODES_NEEDING_OLD_MODEL = ("lce", "lce-transform", "bct", "l2")
+DIRECT_MODES = ("lce", "bct", "l2")  # the new embedding is compared with the old one directly: equal dims
+ARCHITECTURES = ("small_cnn", "cnn", "resnet", "mobilenet")
+LOSSES = ("normsoftmax", "cosface", "arcface", "triplet")
+INDEX_ALGORITHMS = ("", "brute_force", "ah", "tree_ah")
+OLD_MODEL_LATEST = "latest"
+OLD_MODEL_NONE = "none"
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def _is_uri(path: str) -> bool:
+    """A remote URI ("gs://bucket/x"): not checked on the local file system."""
+    return "://" in path
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    """Everything one pipeline run needs (DESIGN.md, "Architecture": pipeline/).
+
+    Data (image folders DIR/<class>/<image>; query and gallery hold held-out classes):
+      train_dir, query_dir, gallery_dir: the training images and the eval split's queries and gallery.
+      train_classes: `lce_tf.data.select_classes` spec of the training classes ("0:50%", a names file);
+        "" keeps all.
+      data_version: enters the ingest cache key next to the folders' fingerprint; change it when data
+        under a remote URI changes.
+
+    Pipeline:
+      pipeline_name: the name in the metadata store (letters, digits, "_", ".", "-").
+      pipeline_root: artifacts, metadata.sqlite (local runner) and serving/ live here.
+      metadata_path: SQLite file of the local runner; "" = PIPELINE_ROOT/metadata.sqlite.
+      serving_dir: where the Pusher writes versioned models; "" = PIPELINE_ROOT/serving.
+      enable_cache: reuse outputs of executions with identical inputs and parameters.
+      statistics: also run StatisticsGen + SchemaGen on the Examples (label/class statistics to look at).
+
+    Old model:
+      old_model: "latest" = the latest blessed (hence pushed) model of this pipeline, resolved from the
+        metadata store at run time (none on the first run: the model is then trained independently and
+        blessed on its own accuracy); "none" = start a new lineage (mode must be "independent"); or a
+        model directory to import.
+
+    Training (lce_tf.training.TrainConfig):
+      mode: independent, lce, lce-transform, bct or l2.
+      version, architecture, embedding_dim, loss, scale, margin, lambda_align, lambda_boundary,
+      lambda_compat, epochs, batch_size, learning_rate, shift_pixels, seed.
+      train_independent_reference: also train the independent new* model (same settings, mode
+        independent) so the validator reports update gain and new-model sacrifice.
+
+    Class centers: boundary ("min" or "percentile:P"), flip_average.
+
+    Validation: margin_top1, margin_map (required lead of M(new, old) over M(old, old)); min_top1,
+      min_map (floors of the candidate's own M(new, new)).
+
+    Index: index_algorithm ("" = by gallery size), index_num_neighbors.
+
+    Beam: beam_workers (DirectRunner multi-processing workers of the local runner);
+      beam_pipeline_args (passed through to every Beam component, e.g. Dataflow/Flink/Spark flags).
+
+    Kubeflow: kubeflow_image (the component image built from pipeline/Dockerfile), kubeflow_setup_file
+      (the project's setup.py inside that image, given to Beam so remote workers get lce_tf).
+    """
+
+    train_dir: str = "build/demo/data/train"
+    query_dir: str = "build/demo/data/query"
+    gallery_dir: str = "build/demo/data/gallery"
+    train_classes: str = ""
+    data_version: str = ""
+
+    pipeline_name: str = "lce-tf"
+    pipeline_root: str = "build/pipeline"
+    metadata_path: str = ""
+    serving_dir: str = ""
+    enable_cache: bool = True
+    statistics: bool = False
+
+    old_model: str = OLD_MODEL_LATEST
+
+    mode: str = "lce"
+    version: str = "v1"
+    architecture: str = "cnn"
+    embedding_dim: int = 64
+    loss: str = "arcface"
+    scale: float = 16.0
+    margin: float = 0.1
+    lambda_align: float = 100.0
+    lambda_boundary: float = 10.0
+    lambda_compat: float = 1.0
+    epochs: int = 5
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    shift_pixels: int = 2
+    seed: int = 0
+    train_independent_reference: bool = False
+
+    boundary: str = "percentile:20"
+    flip_average: bool = False
+
+    margin_top1: float = 0.0
+    margin_map: float = 0.0
+    min_top1: float = 0.5
+    min_map: float = 0.0
+
+    index_algorithm: str = ""
+    index_num_neighbors: int = 10
+
+    beam_workers: int = 2
+    beam_pipeline_args: list[str] = dataclasses.field(default_factory=list)
+
+    kubeflow_image: str = "lce-tf-pipeline:latest"
+    kubeflow_setup_file: str = "/lce-tf/setup.py"
+
+    # -- construction ------------------------------------------------------------------------------
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, source: str = "config") -> "PipelineConfig":
+        """A config from a mapping; unknown keys and wrongly typed values fail naming the field."""
+        if not isinstance(values, Mapping):
+            raise ValueError(f"{source}: expected a mapping of field names to values; received "
+                             f"{type(values).__name__}")
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"{source}: unknown field(s) {', '.join(map(repr, unknown))} "
+                             f"(fields: {', '.join(cls.field_names())})")
+        hints = typing.get_type_hints(cls)
+        return cls(**{key: _coerce(key, value, hints[key], source) for key, value in values.items()})
+
+    @classmethod
+    def from_file(cls, path: str) -> "PipelineConfig":
+        """Reads a JSON (.json) or YAML (.yaml/.yml) file of field values (missing fields keep defaults)."""
+        if not os.path.isfile(path):
+            raise ValueError(f"config file {path} does not exist")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            if path.endswith((".yaml", ".yml")):
+                import yaml  # pylint: disable=import-outside-toplevel
+
+                values = yaml.safe_load(text) or {}
+            else:
+                values = json.loads(text)
+        except Exception as e:  # pylint: disable=broad-except  (JSON and YAML raise different types)
+            raise ValueError(f"config file {path} cannot be parsed: {' '.join(str(e).split())}") from None
+        return cls.from_dict(values, source=f"config file {path}")
+
+    def with_overrides(self, assignments: Sequence[str]) -> "PipelineConfig":
+        """A copy with `key=value` assignments applied (values parsed by the field's type)."""
+        values = self.to_dict()
+        hints = typing.get_type_hints(type(self))
+        for item in assignments:
+            key, sep, raw = item.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise ValueError(f"--set expects KEY=VALUE; received {item!r}")
+            if key not in hints:
+                raise ValueError(f"--set {key}: unknown field (fields: {', '.join(self.field_names())})")
+            values[key] = _parse_text(key, raw, hints[key])
+        return type(self).from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # -- derived values ----------------------------------------------------------------------------
+
+    def resolved(self) -> "PipelineConfig":
+        """A copy with local paths made absolute and metadata_path / serving_dir defaults filled in."""
+        def absolute(path: str) -> str:
+            return path if not path or _is_uri(path) else os.path.abspath(os.path.expanduser(path))
+
+        root = absolute(self.pipeline_root)
+        old_model = self.old_model
+        if old_model not in (OLD_MODEL_LATEST, OLD_MODEL_NONE):
+            old_model = absolute(old_model)
+        return dataclasses.replace(
+            self, train_dir=absolute(self.train_dir), query_dir=absolute(self.query_dir),
+            gallery_dir=absolute(self.gallery_dir), pipeline_root=root,
+            metadata_path=absolute(self.metadata_path) or os.path.join(root, "metadata.sqlite"),
+            serving_dir=absolute(self.serving_dir) or os.path.join(root, "serving"), old_model=old_model,
+            beam_pipeline_args=list(self.beam_pipeline_args))
+
+    @property
+    def needs_centers(self) -> bool:
+        return self.mode in MODES_NEEDING_CENTERS
+
+    @property
+    def uses_old_model(self) -> bool:
+        return self.old_model != OLD_MODEL_NONE
+
+    # -- validation --------------------------------------------------------------------------------
+
+    def validate(self, *, check_paths: bool = True) -> "PipelineConfig":
+        """Checks every field; raises ValueError with one line naming the first bad field.
+
+        Args:
+          check_paths: check that local data folders and an explicit old model directory exist (remote
+            URIs are never checked).
+
+        Returns:
+          self, for chaining.
+        """
+        _choice("mode", self.mode, MODES, "compatibility mode")
+        _choice("architecture", self.architecture, ARCHITECTURES, "architecture")
+        _choice("loss", self.loss, LOSSES, "loss")
+        _choice("index_algorithm", self.index_algorithm, INDEX_ALGORITHMS, "index algorithm")
+        if not _NAME_RE.match(self.pipeline_name or ""):
+            raise ValueError(f"pipeline_name: {self.pipeline_name!r} must be 1-63 letters, digits, '_', '.', '-'")
+        if not self.version or any(c.isspace() or c == "/" for c in self.version):
+            raise ValueError(f"version: {self.version!r} must be a non-empty label without spaces or '/'")
+        for name in ("pipeline_root",):
+            if not getattr(self, name):
+                raise ValueError(f"{name}: required")
+        for name in ("embedding_dim", "epochs", "batch_size", "index_num_neighbors", "beam_workers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: must be a positive integer; received {value!r}")
+        for name in ("shift_pixels", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name}: must be a non-negative integer; received {value!r}")
+        for name in ("scale", "margin", "lambda_align", "lambda_boundary", "lambda_compat", "learning_rate",
+                     "margin_top1", "margin_map", "min_top1", "min_map"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name}: must be a finite number; received {value!r}")
+        for name in ("scale", "learning_rate"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0; received {getattr(self, name)!r}")
+        for name in ("margin", "lambda_align", "lambda_boundary", "lambda_compat"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0; received {getattr(self, name)!r}")
+        for name in ("min_top1", "min_map"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}: must be in [0, 1]; received {getattr(self, name)!r}")
+        _check_boundary(self.boundary)
+        if not isinstance(self.beam_pipeline_args, list) or not all(
+                isinstance(a, str) and a.startswith("--") for a in self.beam_pipeline_args):
+            raise ValueError(f"beam_pipeline_args: must be a list of '--flag=value' strings; received "
+                             f"{self.beam_pipeline_args!r}")
+
+        # Data: the training folder and the eval split (queries + gallery).
+        if not self.train_dir:
+            raise ValueError("train_dir: required (the training image folder DIR/<class>/<image>)")
+        if self.gallery_dir and not self.query_dir:
+            raise ValueError(f"query_dir: required: the gallery {self.gallery_dir} needs the eval split's query "
+                             f"images (held-out classes) to validate and search against")
+        if self.query_dir and not self.gallery_dir:
+            raise ValueError(f"gallery_dir: required: the eval split needs a gallery for the queries in "
+                             f"{self.query_dir}")
+        if not self.query_dir:
+            raise ValueError("query_dir and gallery_dir: required (the eval split: query and gallery image "
+                             "folders of held-out classes)")
+        if check_paths:
+            for name in ("train_dir", "query_dir", "gallery_dir"):
+                _check_folder(name, getattr(self, name))
+
+        # Old model.
+        if self.old_model == OLD_MODEL_NONE and self.mode in MODES_NEEDING_OLD_MODEL:
+            raise ValueError(f"old_model: mode {self.mode!r} needs an old model but old_model is 'none'; set "
+                             f"old_model to 'latest' (resolved from the metadata store) or a model directory, "
+                             f"or use mode 'independent'")
+        if not self.old_model:
+            raise ValueError("old_model: required: 'latest', 'none' or a model directory")
+        if self.old_model not in (OLD_MODEL_LATEST, OLD_MODEL_NONE) and check_paths and not _is_uri(self.old_model):
+            metadata = _read_model_metadata("old_model", self.old_model)
+            old_dim = int(metadata["embedding_dim"])
+            if self.mode in DIRECT_MODES and old_dim != self.embedding_dim:
+                raise ValueError(f"embedding_dim: mode {self.mode!r} needs the old model's dimension {old_dim} "
+                                 f"({self.old_model}); received {self.embedding_dim} (use mode 'lce-transform')")
+        return self
+
+
+def _choice(field: str, value: Any, choices: Sequence[str], what: str) -> None:
+    if value not in choices:
+        shown = ", ".join(repr(c) if c == "" else c for c in choices)
+        raise ValueError(f"{field}: unknown {what} {value!r}; expected one of {shown}")
+
+
+def _check_boundary(rule: str) -> None:
+    text = str(rule).strip()
+    if text == "min":
+        return
+    if text.startswith("percentile:"):
+        try:
+            p = float(text[len("percentile:"):])
+        except ValueError:
+            p = math.nan
+        if math.isfinite(p) and 0.0 <= p <= 100.0:
+            return
+    raise ValueError(f"boundary: must be 'min' or 'percentile:P' with 0 <= P <= 100; received {rule!r}")
+
+
+def _check_folder(field: str, path: str) -> None:
+    if _is_uri(path):
+        return
+    if not os.path.exists(path):
+        raise ValueError(f"{field}: {path} does not exist")
+    if not os.path.isdir(path):
+        raise ValueError(f"{field}: {path} is not a directory (expected DIR/<class>/<image>)")
+    if not any(not e.startswith(".") and os.path.isdir(os.path.join(path, e)) for e in os.listdir(path)):
+        raise ValueError(f"{field}: {path} has no class folders (expected {path}/<class>/<image>)")
+
+
+def _read_model_metadata(field: str, path: str) -> dict[str, Any]:
+    metadata_file = os.path.join(path, "lce_tf_model.json")
+    if not os.path.isdir(path):
+        raise ValueError(f"{field}: model directory {path} does not exist")
+    try:
+        with open(metadata_file, encoding="utf-8") as f:
+            metadata = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{field}: {path} is not an lce_tf model directory (lce_tf_model.json is missing)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{field}: {metadata_file} is not valid JSON ({e})") from None
+    if not isinstance(metadata, dict) or "embedding_dim" not in metadata:
+        raise ValueError(f"{field}: {metadata_file} lacks embedding_dim (not an lce_tf model)")
+    return metadata
+
+
+def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
+    """Checks (and mildly converts) a value from a file or dict against the field's type."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{source}: field {key} must be a list of strings; received {value!r}")
+        return list(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{source}: field {key} must be true or false; received {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{source}: field {key} must be an integer; received {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{source}: field {key} must be a number; received {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{source}: field {key} must be a string; received {value!r}")
+        return value
+    return value  # pragma: no cover  (every field has one of the types above)
+
+
+def _parse_text(key: str, raw: str, hint: Any) -> Any:
+    """A command-line value for a field of type `hint`."""
+    text = raw.strip()
+    if typing.get_origin(hint) is list:
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--set {key}: not a JSON list ({e})") from None
+        return [part for part in (p.strip() for p in text.split(",")) if part]
+    if hint is bool:
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"--set {key}: expected true or false; received {raw!r}")
+    if hint is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"--set {key}: expected an integer; received {raw!r}") from None
+    if hint is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"--set {key}: expected a number; received {raw!r}") from None
+    return raw
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """The defaults, updated from a JSON/YAML file and `key=value` overrides (not yet validated)."""
+    config = PipelineConfig.from_file(path) if path else PipelineConfig()
+    return config.with_overrides(overrides) if overrides else config

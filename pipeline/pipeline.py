@@ -1,0 +1,162 @@
+"""create_pipeline(config): the runner-agnostic lce-tf TFX pipeline.
+
+    ImageFolderExampleGen ──> (StatisticsGen ──> SchemaGen)                        [config.statistics]
+          │ examples (train / query / gallery)
+          ├──────────────> ClassCenterExtractor (Beam) <── old model ─┐           [modes lce, lce-transform, bct]
+          │                       │ class_centers                     │
+          ├──────────────> LceTrainer (mode) <────────────────────────┤ old model: latest blessed Model
+          │                       │ model                             │ (Resolver, LatestBlessedModelStrategy),
+          ├──> IndependentTrainer (new*) ──┐                          │ an imported directory, or none
+          │                       │        │ independent_model        │
+          ├──────────────> CompatibilityValidator <───────────────────┘
+          │                       │ blessing (blessed 1/0, BLESSED/NOT_BLESSED, metrics.json, report.html)
+          ├──────────────> IndexBuilder (ScaNN index of the gallery, blessed models only)
+          │                       │
+          └─ Pusher (stock; pushes the model to SERVING_DIR/<unix time> only when blessed)
+
+The old model: with `old_model = "latest"` a Resolver picks the latest Model whose ModelBlessing says
+blessed = 1, i.e. the model the previous successful run pushed. On the first run there is none: the old
+model channel is empty at run time, the trainer then trains independently and the validator blesses on
+the model's own accuracy (the floors). The same pipeline object compiles for Kubeflow.
+
+tfx is imported inside `create_pipeline` (importing this module stays cheap).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+from pipeline.config import MODES_NEEDING_OLD_MODEL, OLD_MODEL_LATEST, OLD_MODEL_NONE, PipelineConfig
+
+# Node ids (stable: they name the nodes in the metadata store and the Kubeflow spec).
+EXAMPLE_GEN_ID = "ImageFolderExampleGen"
+STATISTICS_GEN_ID = "StatisticsGen"
+SCHEMA_GEN_ID = "SchemaGen"
+OLD_MODEL_RESOLVER_ID = "latest_blessed_model_resolver"
+OLD_MODEL_IMPORTER_ID = "old_model_importer"
+CENTERS_ID = "ClassCenterExtractor"
+TRAINER_ID = "LceTrainer"
+INDEPENDENT_TRAINER_ID = "IndependentTrainer"
+VALIDATOR_ID = "CompatibilityValidator"
+INDEX_BUILDER_ID = "IndexBuilder"
+PUSHER_ID = "Pusher"
+
+
+def _old_model_node(config: PipelineConfig):
+    """(node, channel) providing the old model, or (None, None) when old_model is 'none'."""
+    from tfx.dsl.components.common import importer, resolver
+    from tfx.dsl.input_resolution.strategies.latest_blessed_model_strategy import LatestBlessedModelStrategy
+    from tfx.types import channel, standard_artifacts
+
+    if config.old_model == OLD_MODEL_NONE:
+        return None, None
+    if config.old_model == OLD_MODEL_LATEST:
+        node = resolver.Resolver(
+            strategy_class=LatestBlessedModelStrategy,
+            model=channel.Channel(type=standard_artifacts.Model),
+            model_blessing=channel.Channel(type=standard_artifacts.ModelBlessing),
+        ).with_id(OLD_MODEL_RESOLVER_ID)
+        return node, node.outputs["model"]
+    node = importer.Importer(source_uri=config.old_model, artifact_type=standard_artifacts.Model,
+                             reimport=False).with_id(OLD_MODEL_IMPORTER_ID)
+    return node, node.outputs["result"]
+
+
+def _trainer(config: PipelineConfig, examples, centers, old_model, *, mode: str, version: str):
+    from components.lce_trainer.component import LceTrainer
+
+    return LceTrainer(
+        examples=examples, class_centers=centers, old_model=old_model, mode=mode, architecture=config.architecture,
+        embedding_dim=config.embedding_dim, loss=config.loss, scale=config.scale, margin=config.margin,
+        lambda_align=config.lambda_align, lambda_boundary=config.lambda_boundary,
+        lambda_compat=config.lambda_compat, epochs=config.epochs, batch_size=config.batch_size,
+        learning_rate=config.learning_rate, shift_pixels=config.shift_pixels, seed=config.seed, version=version)
+
+
+def create_components(config: PipelineConfig) -> list:
+    """The pipeline's nodes for a validated, resolved config (see the module docstring)."""
+    from tfx.components.pusher.component import Pusher
+    from tfx.proto import pusher_pb2
+
+    from components.class_center_extractor.component import ClassCenterExtractor
+    from components.compatibility_validator.component import CompatibilityValidator
+    from components.image_example_gen.component import ImageFolderExampleGen, folder_fingerprint
+    from components.index_builder.component import IndexBuilder
+
+    fingerprint = folder_fingerprint(config.train_dir, config.query_dir, config.gallery_dir)
+    example_gen = ImageFolderExampleGen(
+        train_dir=config.train_dir, query_dir=config.query_dir, gallery_dir=config.gallery_dir,
+        train_classes=config.train_classes,
+        input_fingerprint=f"{config.data_version}:{fingerprint}").with_id(EXAMPLE_GEN_ID)
+    examples = example_gen.outputs["examples"]
+    nodes: list[Any] = [example_gen]
+    if config.statistics:
+        from tfx.components.schema_gen.component import SchemaGen
+        from tfx.components.statistics_gen.component import StatisticsGen
+
+        statistics_gen = StatisticsGen(examples=examples).with_id(STATISTICS_GEN_ID)
+        nodes += [statistics_gen, SchemaGen(statistics=statistics_gen.outputs["statistics"]).with_id(SCHEMA_GEN_ID)]
+
+    old_node, old_model = _old_model_node(config)
+    if old_node is not None:
+        nodes.append(old_node)
+    centers = None
+    if config.needs_centers and old_model is not None:
+        extractor = ClassCenterExtractor(examples=examples, old_model=old_model, boundary=config.boundary,
+                                         flip_average=config.flip_average).with_id(CENTERS_ID)
+        nodes.append(extractor)
+        centers = extractor.outputs["class_centers"]
+    trainer_old_model = old_model if config.mode in MODES_NEEDING_OLD_MODEL else None
+    trainer = _trainer(config, examples, centers, trainer_old_model, mode=config.mode,
+                       version=config.version).with_id(TRAINER_ID)
+    nodes.append(trainer)
+    independent_model = None
+    if config.train_independent_reference:
+        reference = _trainer(config, examples, None, None, mode="independent",
+                             version=f"{config.version}-independent").with_id(INDEPENDENT_TRAINER_ID)
+        nodes.append(reference)
+        independent_model = reference.outputs["model"]
+    validator = CompatibilityValidator(
+        model=trainer.outputs["model"], examples=examples, old_model=old_model,
+        independent_model=independent_model, margin_top1=config.margin_top1, margin_map=config.margin_map,
+        min_top1=config.min_top1, min_map=config.min_map).with_id(VALIDATOR_ID)
+    index_builder = IndexBuilder(
+        model=trainer.outputs["model"], examples=examples, blessing=validator.outputs["blessing"],
+        algorithm=config.index_algorithm, num_neighbors=config.index_num_neighbors).with_id(INDEX_BUILDER_ID)
+    pusher = Pusher(
+        model=trainer.outputs["model"], model_blessing=validator.outputs["blessing"],
+        push_destination=pusher_pb2.PushDestination(
+            filesystem=pusher_pb2.PushDestination.Filesystem(base_directory=config.serving_dir)),
+    ).with_id(PUSHER_ID)
+    nodes += [validator, index_builder, pusher]
+    return nodes
+
+
+def create_pipeline(config: PipelineConfig, *, metadata_connection_config: Optional[Any] = None,
+                    beam_pipeline_args: Optional[Sequence[str]] = None, check_paths: bool = True):
+    """Validates the config and builds the TFX pipeline (runner-agnostic).
+
+    Args:
+      config: the PipelineConfig (validated here: a bad field raises before any component runs).
+      metadata_connection_config: the metadata store (the local runner passes SQLite; None for Kubeflow,
+        whose metadata store belongs to the cluster).
+      beam_pipeline_args: Beam flags of every Beam component; None = config.beam_pipeline_args. Runners
+        prepend their own (the local runner's DirectRunner multi-processing flags).
+      check_paths: check that local data folders exist (off when compiling for a cluster whose paths the
+        compiling machine cannot see).
+
+    Returns:
+      tfx.orchestration.pipeline.Pipeline.
+
+    Raises:
+      ValueError: one line naming the bad config field.
+    """
+    config = config.resolved()
+    config.validate(check_paths=check_paths)
+    from tfx.orchestration import pipeline as tfx_pipeline
+
+    return tfx_pipeline.Pipeline(
+        pipeline_name=config.pipeline_name, pipeline_root=config.pipeline_root,
+        components=create_components(config), enable_cache=config.enable_cache,
+        metadata_connection_config=metadata_connection_config,
+        beam_pipeline_args=list(config.beam_pipeline_args if beam_pipeline_args is None else beam_pipeline_args))

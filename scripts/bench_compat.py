@@ -1,0 +1,1049 @@
+#!/usr/bin/env python
+"""The lce-tf compatibility benchmark (`make bench`): upgrade scenarios, baselines side by side.
+
+    python scripts/bench_compat.py [--quick] [--data DIR] [--out benchmarks/results] [--seed N]
+                                   [--scenarios S1,S2,S3,S4,S5,cross] [--work build/bench]
+    python scripts/bench_compat.py --validate [--quick] [--data DIR] [--out DIR]
+
+Every model is trained in this one process (TensorFlow imported once) with the lce_tf library: the
+same data, the same seed, the same optimiser settings for every method; only the compatibility term
+differs. Measures follow DESIGN.md, "How compatibility is measured": M(Q, G) = top-1 and mAP of
+queries embedded by Q against a gallery embedded by G on the held-out test classes (open set: no
+test class is ever trained on), each with a 95% bootstrap interval over the queries.
+
+Scenarios (methods: independent, l2, bct, lce, lce-transform):
+  S1    more classes: old on the first 50% of the training classes, new on 100%;
+  S2    new architecture: old `small_cnn`, new `cnn`;
+  S3    new loss: old NormSoftmax, new ArcFace, plus one triplet-loss row (LCE with a triplet head);
+  S4    new dimension: old 64-d, new 128-d: only the transformation method applies (l2, bct and
+        direct lce compare embeddings directly and need equal dimensions);
+  S5    a chain v1 -> v2 -> v3, each trained with LCE against its predecessor (50%, 75%, 100% of the
+        classes): full compatibility matrix and average compatibility;
+  cross two independently trained models (S1's old and new*) made compatible by training only
+        T12/T21 (mode cross-model); backward (T21 queries) and forward (T12 gallery) retrieval.
+
+As in the BCT and LCE papers, every old model of S1-S4 is trained on the first 50% of the training
+classes and every new model on all of them: the old model is then clearly weaker, so the update gain
+is measured well above noise, and scenario S2-S4 differ from S1 in exactly the one factor named.
+The new models of S1-S4 share one setting (cnn, 128-d, ArcFace s=16 m=0.1, all classes), so the
+independent new model new* is trained once and serves every scenario (the results say so); with the
+same seed and op determinism a retrained copy would be identical.
+
+Outputs (in --out): compat.json (everything, machine, date, seed, wall time), compat.md (one table
+per scenario) and one heatmap PNG per scenario (top-1 compatibility matrix). `--validate` instead
+chooses the LCE boundary rule and weights on a validation split of the TRAINING classes (held-out
+training classes split into query/gallery by font; the test classes are never looked at) and writes
+validation.json / validation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, REPO)
+
+METHODS = ("independent", "l2", "bct", "lce", "lce-transform")
+SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "cross")
+METRICS = ("top1", "mAP")
+DIRECT_MODES = ("l2", "bct", "lce")  # compare new and old embeddings directly: need equal dimensions
+
+
+# ---------------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """Sizes of one benchmark run.
+
+    Attributes:
+      name: "full", "quick" or a test's own name.
+      train_classes, test_classes: glyph classes generated when --data is not given.
+      size: image side in pixels.
+      epochs: epochs of every new model (and of the cross-model transformations).
+      old_epochs: epochs of the old models.
+      batch_size: training batch size.
+      new_arch, small_arch: the new models' backbone and S2's small old backbone.
+      dim, small_dim: embedding sizes (S4's old model uses small_dim).
+      boundary, lambda_align, lambda_boundary, lambda_compat: LCE / baseline settings (chosen with
+        --validate on training classes; see benchmarks/results/validation.md).
+      val_classes: training classes held out by --validate.
+      triplet_k: images per class in a triplet batch (P x K sampling).
+    """
+
+    name: str
+    train_classes: int
+    test_classes: int
+    size: int
+    epochs: int
+    old_epochs: int
+    batch_size: int = 128
+    new_arch: str = "cnn"
+    small_arch: str = "small_cnn"
+    dim: int = 128
+    small_dim: int = 64
+    boundary: str = "percentile:20"
+    lambda_align: float = 100.0
+    lambda_boundary: float = 10.0
+    lambda_compat: float = 1.0
+    val_classes: int = 100
+    triplet_k: int = 4
+
+
+PROFILES = {
+    "full": Profile("full", train_classes=500, test_classes=200, size=32, epochs=3, old_epochs=3),
+    "quick": Profile("quick", train_classes=60, test_classes=30, size=24, epochs=2, old_epochs=2,
+                     val_classes=20),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One model to train; equal specs are the same model (trained once, reused).
+
+    Attributes:
+      arch, dim, loss: backbone, embedding size, classification head.
+      classes: the training classes: "0:50%", "0:75%" or "all" (lce_tf.data.select_classes spec).
+      epochs: training epochs.
+      compat: compatibility mode (lce_tf.model.MODES).
+      parent: the old model (modes that need one).
+      partner: the frozen new model (cross-model mode).
+      boundary, lambda_align, lambda_boundary, lambda_compat: compatibility settings.
+    """
+
+    arch: str
+    dim: int
+    loss: str
+    classes: str
+    epochs: int
+    compat: str = "independent"
+    parent: Optional["Spec"] = None
+    partner: Optional["Spec"] = None
+    boundary: str = "percentile:20"
+    lambda_align: float = 100.0
+    lambda_boundary: float = 10.0
+    lambda_compat: float = 1.0
+
+    def describe(self) -> dict[str, Any]:
+        out = {"arch": self.arch, "dim": self.dim, "loss": self.loss, "classes": self.classes,
+               "epochs": self.epochs, "compat": self.compat}
+        if self.compat in ("lce", "lce-transform", "cross-model"):
+            out.update(boundary=self.boundary, lambda_align=self.lambda_align, lambda_boundary=self.lambda_boundary)
+        if self.compat in ("bct", "l2"):
+            out["lambda_compat"] = self.lambda_compat
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclasses.dataclass
+class Split:
+    """Training images plus an open-set query/gallery evaluation split, all in memory."""
+
+    train: Any            # lce_tf.data.ImageFolder
+    query: Any
+    gallery: Any
+    input_shape: tuple
+    train_images: np.ndarray
+    query_images: np.ndarray
+    gallery_images: np.ndarray
+    query_labels: np.ndarray     # class names (str)
+    gallery_labels: np.ndarray
+    description: dict
+
+
+def _log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def ensure_dataset(data_dir: Optional[str], work: str, profile: Profile, seed: int) -> tuple[str, dict]:
+    """The dataset to use: --data as given, else glyphs generated once into the work directory.
+
+    Falls back to the synthetic stroke dataset (and says so) when fewer than three CJK fonts are
+    installed (scripts/install_fonts.sh installs them).
+    """
+    from lce_tf import glyphs
+
+    if data_dir:
+        for split in ("train", "query", "gallery"):
+            if not os.path.isdir(os.path.join(data_dir, split)):
+                raise ValueError(f"--data {data_dir}: missing the {split}/ image folder (expected train/, query/, gallery/)")
+        summary_path = os.path.join(data_dir, "dataset.json")
+        summary = json.load(open(summary_path, encoding="utf-8")) if os.path.exists(summary_path) else {}
+        return data_dir, summary
+    kind = "glyphs" if len(glyphs.discover_cjk_fonts()) >= glyphs.MIN_FONTS else "synthetic"
+    out = os.path.join(work, f"data-{profile.name}-{kind}-{profile.train_classes}-{profile.test_classes}-"
+                             f"{profile.size}px-seed{seed}")
+    summary_path = os.path.join(out, "dataset.json")
+    if os.path.exists(summary_path):
+        _log(f"reusing the dataset in {out}")
+        return out, json.load(open(summary_path, encoding="utf-8"))
+    if kind == "glyphs":
+        _log(f"generating glyphs: {profile.train_classes} training + {profile.test_classes} test classes, "
+             f"{profile.size} px -> {out}")
+        summary = glyphs.build_glyph_dataset(out, num_train_classes=profile.train_classes,
+                                             num_test_classes=profile.test_classes, size=profile.size, seed=seed,
+                                             progress=None)
+    else:
+        _log("fewer than 3 CJK fonts installed (run scripts/install_fonts.sh): using the synthetic stroke "
+             "dataset instead of glyphs")
+        summary = glyphs.build_synthetic_dataset(out, num_train_classes=profile.train_classes,
+                                                 num_test_classes=profile.test_classes, images_per_class=12,
+                                                 num_query_per_class=3, size=profile.size, seed=seed,
+                                                 progress=None)
+    return out, summary
+
+
+def _image_shape(folder) -> tuple:
+    from lce_tf import data
+
+    return tuple(data.infer_image_shape(folder))
+
+
+def load_split(data_dir: str, summary: dict) -> Split:
+    """The dataset's train / query / gallery folders, loaded into memory."""
+    from lce_tf import data
+
+    train = data.read_image_folder(os.path.join(data_dir, "train"))
+    query = data.read_image_folder(os.path.join(data_dir, "query"))
+    gallery = data.read_image_folder(os.path.join(data_dir, "gallery"))
+    overlap = set(train.class_names) & set(query.class_names + gallery.class_names)
+    if overlap:
+        raise ValueError(f"--data {data_dir}: {len(overlap)} classes are both training and test classes "
+                         "(the benchmark needs an open-set split)")
+    shape = _image_shape(train)
+    description = {"path": os.path.abspath(data_dir), "kind": summary.get("kind", "image folders"),
+                   "train_classes": train.num_classes, "test_classes": len(set(query.class_names)),
+                   "train_images": len(train), "query_images": len(query), "gallery_images": len(gallery),
+                   "image_shape": list(shape)}
+    if "fonts_kept" in summary:
+        description["font_designs"] = len(summary["fonts_kept"])
+        description["query_fonts"] = summary.get("query_fonts")
+    return Split(train, query, gallery, shape, data.load_images(train.paths, shape),
+                 data.load_images(query.paths, shape), data.load_images(gallery.paths, shape),
+                 np.asarray(query.class_names)[query.labels], np.asarray(gallery.class_names)[gallery.labels],
+                 description)
+
+
+def _font_of(path: str) -> str:
+    # Glyph image names are <font-slug>-<copy>.png (lce_tf.glyphs); other datasets: the file stem.
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return stem.rsplit("-", 1)[0] if "-" in stem else stem
+
+
+def validation_split(split: Split, num_val_classes: int, seed: int, num_query_fonts: int = 4) -> Split:
+    """A validation split made of TRAINING classes only (the test classes are not touched).
+
+    `num_val_classes` training classes (seeded choice) are held out of training and split into
+    query and gallery by font: `num_query_fonts` fonts (seeded) give the queries, the others the
+    gallery, as the glyph builder does for the test classes. Synthetic data (no fonts in the file
+    names) is split by image: the first quarter of each class's images are queries.
+    """
+    from lce_tf.data import ImageFolder
+
+    train = split.train
+    rng = np.random.default_rng([seed, 7])
+    if not 0 < num_val_classes < train.num_classes:
+        raise ValueError(f"val_classes {num_val_classes} must be between 1 and the {train.num_classes - 1} "
+                         "training classes minus one")
+    val_names = sorted(rng.choice(train.class_names, size=num_val_classes, replace=False).tolist())
+    keep_names = [n for n in train.class_names if n not in set(val_names)]
+    fonts = sorted({_font_of(p) for p in train.paths})
+    by_font = len(fonts) > num_query_fonts and len(fonts) < len(train.paths) // train.num_classes + 2
+    query_fonts = set(rng.choice(fonts, size=num_query_fonts, replace=False).tolist()) if by_font else set()
+    name_index = {n: i for i, n in enumerate(train.class_names)}
+    q_idx, g_idx = [], []
+    for name in val_names:
+        members = np.flatnonzero(train.labels == name_index[name])
+        if by_font:
+            is_query = [(_font_of(train.paths[i]) in query_fonts) for i in members]
+        else:
+            is_query = [k < max(1, len(members) // 4) for k in range(len(members))]
+        q_idx += [i for i, q in zip(members, is_query) if q]
+        g_idx += [i for i, q in zip(members, is_query) if not q]
+    keep = np.flatnonzero(np.isin(train.labels, [name_index[n] for n in keep_names]))
+    new_train = train.subset_classes(keep_names)
+
+    def folder(idx):
+        idx = np.asarray(idx, dtype=np.int64)
+        names = sorted({train.class_names[train.labels[i]] for i in idx})
+        pos = {n: k for k, n in enumerate(names)}
+        return ImageFolder(train.root, [train.paths[i] for i in idx],
+                           np.array([pos[train.class_names[train.labels[i]]] for i in idx]), names)
+
+    query, gallery = folder(q_idx), folder(g_idx)
+    description = {**split.description, "validation": True, "train_classes": new_train.num_classes,
+                   "test_classes": num_val_classes, "train_images": len(new_train), "query_images": len(query),
+                   "gallery_images": len(gallery), "split_by": "font" if by_font else "image",
+                   "query_fonts": sorted(query_fonts) if by_font else None}
+    return Split(new_train, query, gallery, split.input_shape, split.train_images[keep],
+                 split.train_images[np.asarray(q_idx)], split.train_images[np.asarray(g_idx)],
+                 np.asarray(query.class_names)[query.labels], np.asarray(gallery.class_names)[gallery.labels],
+                 description)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training and embedding, cached per Spec
+
+
+class ModelZoo:
+    """Trains each distinct Spec once on a Split and caches models, embeddings and centers."""
+
+    def __init__(self, split: Split, profile: Profile, seed: int, verbose: int = 0):
+        self.split, self.profile, self.seed, self.verbose = split, profile, seed, verbose
+        self.models: dict[Spec, Any] = {}
+        self.records: dict[Spec, dict] = {}
+        self.names: dict[Spec, str] = {}
+        self._embeddings: dict[tuple, np.ndarray] = {}
+        self._centers: dict[tuple, Any] = {}
+
+    # -- names ----------------------------------------------------------------------------------
+    def name(self, spec: Spec, label: str) -> str:
+        """Registers a readable name for a spec (the first name given wins)."""
+        self.names.setdefault(spec, label)
+        return self.names[spec]
+
+    # -- data -----------------------------------------------------------------------------------
+    def train_folder(self, classes: str):
+        from lce_tf import data
+
+        folder = self.split.train
+        if classes == "all":
+            return folder
+        return folder.subset_classes(data.select_classes(folder.class_names, classes))
+
+    def _train_rows(self, classes: str) -> tuple[np.ndarray, Any]:
+        """Indices into split.train_images of a class subset, and the subset folder (same order)."""
+        folder = self.train_folder(classes)
+        wanted = set(folder.class_names)
+        full = self.split.train
+        rows = np.asarray([i for i in range(len(full)) if full.class_names[full.labels[i]] in wanted])
+        return rows, folder
+
+    def _dataset(self, folder, spec: Spec):
+        from lce_tf import data
+        from lce_tf.data import ImageFolder
+
+        bs = self.profile.batch_size
+        if spec.loss != "triplet":
+            return data.make_image_dataset(folder, self.split.input_shape, bs, shuffle=True, seed=self.seed,
+                                           shift_pixels=2), None
+        # Triplet loss needs several images of a class per batch: P x K batches (P classes, K images),
+        # in a seeded order drawn anew for every epoch; the library's reader decodes and shifts them.
+        k = self.profile.triplet_k
+        rng = np.random.default_rng([self.seed, 11])
+        by_class = [np.flatnonzero(folder.labels == c) for c in range(folder.num_classes)]
+        order: list[int] = []
+        per_epoch = None
+        for _ in range(spec.epochs):
+            groups = []
+            for members in by_class:
+                members = rng.permutation(members)
+                groups += [members[i:i + k] for i in range(0, len(members) - k + 1, k)]
+            chunk = np.concatenate([groups[i] for i in rng.permutation(len(groups))]).tolist()
+            chunk = chunk[: len(chunk) // bs * bs]
+            per_epoch = len(chunk) // bs
+            order += chunk
+        pk = ImageFolder(folder.root, [folder.paths[i] for i in order], folder.labels[order], folder.class_names)
+        return data.make_image_dataset(pk, self.split.input_shape, bs, shuffle=False, seed=self.seed,
+                                       shift_pixels=2), per_epoch
+
+    # -- training -------------------------------------------------------------------------------
+    def model(self, spec: Spec):
+        """The trained model of a spec (trained on first use)."""
+        if spec in self.models:
+            return self.models[spec]
+        from lce_tf import training
+        from lce_tf.centers import ClassCenters  # noqa: F401 (documentation of the type)
+
+        for dependency in (spec.parent, spec.partner):
+            if dependency is not None:
+                self.model(dependency)
+        label = self.names.get(spec, f"{spec.compat}-{spec.arch}-{spec.dim}")
+        rows, folder = self._train_rows(spec.classes)
+        old_centers = new_centers = old_embedder = new_backbone = None
+        if spec.compat in ("lce", "lce-transform", "bct", "cross-model"):
+            old_centers = self.centers(spec.parent, spec.classes, spec.boundary)
+        if spec.compat == "l2":
+            old_embedder = self.models[spec.parent]
+            old_embedder.trainable = False  # trained already; frozen inside the new model
+        if spec.compat == "cross-model":
+            new_centers = self.centers(spec.partner, spec.classes, spec.boundary)
+            new_backbone = self.models[spec.partner]
+        config = training.TrainConfig(
+            architecture=spec.arch, embedding_dim=spec.dim, loss=spec.loss, compat=spec.compat,
+            lambda_align=spec.lambda_align, lambda_boundary=spec.lambda_boundary,
+            lambda_compat=spec.lambda_compat, epochs=spec.epochs, batch_size=self.profile.batch_size,
+            seed=self.seed, version=label)
+        dataset, steps = self._dataset(folder, spec)
+        _log(f"training {label}: {spec.describe()} on {folder.num_classes} classes / {len(folder)} images")
+        start = time.perf_counter()
+        model, history = training.train(config, dataset, num_classes=folder.num_classes,
+                                        input_shape=self.split.input_shape, old_centers=old_centers,
+                                        old_embedder=old_embedder, new_backbone=new_backbone,
+                                        new_centers=new_centers, steps_per_epoch=steps, verbose=self.verbose)
+        seconds = time.perf_counter() - start
+        self.models[spec] = model
+        final = {k: round(float(v[-1]), 4) for k, v in history.items()}
+        self.records[spec] = {"name": label, "spec": spec.describe(),
+                              "parent": self.names.get(spec.parent) if spec.parent else None,
+                              "partner": self.names.get(spec.partner) if spec.partner else None,
+                              "train_classes": folder.num_classes, "train_images": len(folder),
+                              "seconds": round(seconds, 1), "final_epoch": final}
+        if old_centers is not None:
+            self.records[spec]["old_centers_mean_pairwise_cosine"] = round(old_centers.mean_pairwise_cosine(), 4)
+        _log(f"trained {label} in {seconds:.0f} s ({', '.join(f'{k}={v}' for k, v in final.items())})")
+        return model
+
+    # -- embeddings and centers -----------------------------------------------------------------
+    def embed(self, spec: Spec, which: str, space: str = "own") -> np.ndarray:
+        """Unit embeddings [N, D] of "train", "query" or "gallery" images; space "own" or "old" (T21)."""
+        import tensorflow as tf
+
+        model = self.model(spec)
+        if space == "old" and getattr(model, "t21", None) is None:
+            space = "own"
+        key = (spec, which, space)
+        if key not in self._embeddings:
+            images = {"train": self.split.train_images, "query": self.split.query_images,
+                      "gallery": self.split.gallery_images}[which]
+            fn = model.embed_compat if space == "old" else model
+            call = tf.function(lambda x: fn(x, training=False), reduce_retracing=True)
+            out = [call(tf.constant(images[i:i + 512])).numpy() for i in range(0, len(images), 512)]
+            self._embeddings[key] = np.concatenate(out).astype(np.float32)
+        return self._embeddings[key]
+
+    def centers(self, spec: Spec, classes: str, boundary: str):
+        """Class centers and boundaries of a model over the training classes `classes` (row j = class j)."""
+        from lce_tf.centers import compute_class_centers
+
+        key = (spec, classes, boundary)
+        if key not in self._centers:
+            rows, folder = self._train_rows(classes)
+            embeddings = self.embed(spec, "train")[rows]
+            centers = compute_class_centers(embeddings, folder.labels, folder.class_names, boundary=boundary,
+                                            source_model_id=self.names.get(spec, "model"))
+            cosine = centers.mean_pairwise_cosine()
+            if cosine > 0.9:
+                _log(f"WARNING: centers of {self.names.get(spec)} have mean pairwise cosine {cosine:.2f}: the "
+                     "embeddings look collapsed (DESIGN.md, BatchNormalization trap)")
+            self._centers[key] = centers
+        return self._centers[key]
+
+    def query_in(self, query_spec: Spec, gallery_spec: Spec, old_spec: Optional[Spec]) -> np.ndarray:
+        """Query embeddings of `query_spec` in the space of the gallery model.
+
+        A model with T21 whose old model is the gallery model answers through T21 (embed_compat);
+        every other pair compares the models' own embeddings.
+        """
+        if query_spec != gallery_spec and gallery_spec == (query_spec.parent or old_spec) and \
+                query_spec.compat in ("lce-transform", "cross-model"):
+            return self.embed(query_spec, "query", "old")
+        return self.embed(query_spec, "query")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _metric_entry(result) -> dict[str, Any]:
+    entry: dict[str, Any] = {}
+    for metric in METRICS:
+        entry[metric] = round(float(result.metric(metric)), 4)
+        entry[f"{metric}_ci95"] = [round(v, 4) for v in result.bootstrap_interval(metric, seed=0)]
+    entry["top5"] = round(float(result.top5), 4)
+    entry["queries"] = int(result.num_queries)
+    return entry
+
+
+class Evaluator:
+    """M(Q, G) on the split's query/gallery images, cached per (query model, gallery model)."""
+
+    def __init__(self, zoo: ModelZoo):
+        self.zoo = zoo
+        self._cache: dict[tuple, Any] = {}
+
+    def m(self, query: Spec, gallery: Spec, old: Optional[Spec] = None, *, gallery_through_t12: Optional[Spec] = None):
+        """RetrievalResult of queries by `query` against the gallery of `gallery` (None if dims differ).
+
+        gallery_through_t12: a transformation model whose T12 maps the (old) gallery into its space
+        (forward compatibility); the queries are then that model's own embeddings.
+        """
+        from lce_tf import evaluation
+
+        key = (query, gallery, old, gallery_through_t12)
+        if key in self._cache:
+            return self._cache[key]
+        g = self.zoo.embed(gallery, "gallery")
+        if gallery_through_t12 is not None:  # forward: queries in their own space, gallery through T12
+            q = self.zoo.embed(query, "query")
+            g = self.zoo.model(gallery_through_t12).transform_old_to_new(g, training=False).numpy()
+        else:
+            q = self.zoo.query_in(query, gallery, old)
+        result = None
+        if q.shape[1] == g.shape[1]:
+            result = evaluation.retrieval_metrics(q, self.zoo.split.query_labels, g, self.zoo.split.gallery_labels)
+        self._cache[key] = result
+        return result
+
+
+def _row(ev: Evaluator, method: str, new: Spec, old: Spec, independent: Spec, note: str = "") -> dict[str, Any]:
+    """One table row: M(new, new), M(new, old), criterion, update gain and new-model sacrifice."""
+    from lce_tf import evaluation
+
+    zoo = ev.zoo
+    old_old, ind = ev.m(old, old), ev.m(independent, independent)
+    new_new, new_old = ev.m(new, new), ev.m(new, old, old)
+    row: dict[str, Any] = {"method": method, "model": zoo.names.get(new), "new_new": _metric_entry(new_new)}
+    if note:
+        row["note"] = note
+    if new_old is None:
+        row.update(new_old=None, applicable_new_old=False,
+                   criterion={"top1": False, "mAP": False, "pass": False},
+                   update_gain=None)
+        row["note"] = (note + "; " if note else "") + (
+            f"new/old not defined: the {zoo.embed(new, 'query').shape[1]}-d embeddings cannot be compared with "
+            f"the {zoo.embed(old, 'gallery').shape[1]}-d old gallery (no transformation)")
+    else:
+        verdict = evaluation.empirical_criterion(new_old, old_old)
+        row["new_old"] = _metric_entry(new_old)
+        row["criterion"] = {**{m: bool(verdict[m]) for m in METRICS}, "pass": all(verdict.values())}
+        # The decision is only clear of noise when the intervals do not overlap.
+        row["criterion_clear_of_noise"] = {
+            m: bool(new_old.bootstrap_interval(m, seed=0)[0] > old_old.bootstrap_interval(m, seed=1)[1])
+            for m in METRICS}
+        row["update_gain"] = {m: round(float(v), 4) for m, v in evaluation.update_gain(new_old, old_old, ind).items()}
+    row["new_model_sacrifice"] = {m: round(float(v), 4)
+                                  for m, v in evaluation.new_model_sacrifice(new_new, ind).items()}
+    return row
+
+
+def _matrix_entries(ev: Evaluator, models: dict[str, Spec], old: Spec) -> tuple[dict, list]:
+    """Every (query, gallery) pair of `models` whose spaces agree (query through T21 into old)."""
+    matrix, pairs = {}, []
+    for qn, qs in models.items():
+        for gn, gs in models.items():
+            result = ev.m(qs, gs, old)
+            if result is None:
+                continue
+            matrix[(qn, gn)] = result
+            pairs.append({"query": qn, "gallery": gn, **_metric_entry(result)})
+    return matrix, pairs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scenarios
+
+
+class Benchmark:
+    """The scenarios on one Split."""
+
+    def __init__(self, split: Split, profile: Profile, seed: int, out_dir: str, verbose: int = 0):
+        self.profile, self.seed, self.out_dir = profile, seed, out_dir
+        self.zoo = ModelZoo(split, profile, seed, verbose)
+        self.ev = Evaluator(self.zoo)
+        p = profile
+        self.new_star = Spec(p.new_arch, p.dim, "arcface", "all", p.epochs)
+        self.zoo.name(self.new_star, "new* (independent)")
+
+    def spec(self, method: str, old: Spec, *, arch: Optional[str] = None, dim: Optional[int] = None,
+             loss: str = "arcface", classes: str = "all", **overrides) -> Spec:
+        """The new model of `method` against `old` (independent ignores `old`)."""
+        p = self.profile
+        base = Spec(arch or p.new_arch, dim or p.dim, loss, classes, p.epochs)
+        if method == "independent":
+            return base
+        return dataclasses.replace(base, compat=method, parent=old, boundary=p.boundary, lambda_align=p.lambda_align,
+                                   lambda_boundary=p.lambda_boundary, lambda_compat=p.lambda_compat, **overrides)
+
+    def old(self, label: str, *, arch: Optional[str] = None, dim: Optional[int] = None, loss: str = "arcface",
+            classes: str = "0:50%") -> Spec:
+        p = self.profile
+        spec = Spec(arch or p.new_arch, dim or p.dim, loss, classes, p.old_epochs)
+        self.zoo.name(spec, label)
+        return spec
+
+    def _heatmap(self, key: str, matrix: dict, models: Sequence[str], title: str) -> str:
+        from lce_tf.report import plot_compatibility_heatmap
+
+        name = f"{key}_heatmap.png"
+        plot_compatibility_heatmap(matrix, list(models), metric="top1", title=title,
+                                   path=os.path.join(self.out_dir, name))
+        return name
+
+    def upgrade_scenario(self, key: str, title: str, description: str, old: Spec, new_kwargs: dict,
+                         extra_rows: Sequence[tuple[str, Spec, str]] = ()) -> dict[str, Any]:
+        """S1-S4: old model, the five methods (where applicable) and extra rows."""
+        zoo = self.zoo
+        old_dim = old.dim
+        rows_specs: dict[str, Spec] = {}
+        not_applicable = {}
+        for method in METHODS:
+            spec = self.spec(method, old, **new_kwargs)
+            if method in DIRECT_MODES and spec.dim != old_dim:
+                not_applicable[method] = (f"{method} compares new and old embeddings directly; the new model is "
+                                          f"{spec.dim}-d and the old one {old_dim}-d")
+                continue
+            zoo.name(spec, f"{key} {method}" if method != "independent" else zoo.names.get(spec, f"{key} new*"))
+            rows_specs[method] = spec
+        for label, spec, _ in extra_rows:
+            zoo.name(spec, f"{key} {label}")
+            rows_specs[label] = spec
+        independent = rows_specs["independent"]
+        for spec in rows_specs.values():
+            zoo.model(spec)
+        rows = [{"method": "old", "model": zoo.names[old], "new_new": _metric_entry(self.ev.m(old, old))}]
+        notes = {label: note for label, _, note in extra_rows}
+        for method, spec in rows_specs.items():
+            note = notes.get(method, "")
+            if method == "independent" and zoo.names[spec] != f"{key} independent":
+                note = f"new* = the model '{zoo.names[spec]}' (identical settings and seed; trained once)"
+            rows.append(_row(self.ev, method, spec, old, independent, note))
+        models = {"old": old, **rows_specs}
+        matrix, pairs = _matrix_entries(self.ev, models, old)
+        heatmap = self._heatmap(key, matrix, list(models), f"{key}: {title} (top-1; rows: query model)")
+        return {"title": title, "description": description, "old": {"model": zoo.names[old], **old.describe()},
+                "new": {k: v for k, v in independent.describe().items() if k != "compat"},
+                "rows": rows, "not_applicable": not_applicable, "matrix": pairs, "heatmap": heatmap}
+
+    def s1(self):
+        old = self.old("S1 old (50% classes)")
+        return self.upgrade_scenario(
+            "S1", "more classes", "old: cnn 128-d ArcFace on 50% of the training classes; new: the same network "
+            "on 100%", old, {})
+
+    def s2(self):
+        p = self.profile
+        old = self.old(f"S2 old ({p.small_arch})", arch=p.small_arch)
+        return self.upgrade_scenario(
+            "S2", "new architecture", f"old: {p.small_arch} (small) 128-d ArcFace on 50% of the classes; new: "
+            f"{p.new_arch} (larger) on 100%", old, {})
+
+    def s3(self):
+        old = self.old("S3 old (NormSoftmax)", loss="normsoftmax")
+        triplet = self.spec("lce", old, loss="triplet")
+        note = ("new model with the semi-hard triplet loss (P x K batches) instead of ArcFace; LCE has no "
+                "classifier rows to align here, so only the boundary loss applies; sacrifice is against new* (ArcFace)")
+        return self.upgrade_scenario(
+            "S3", "new loss", "old: cnn 128-d NormSoftmax on 50% of the classes; new: cnn 128-d ArcFace on 100% "
+            "(plus one LCE row with a triplet-loss new model)", old, {}, extra_rows=[("lce (triplet)", triplet, note)])
+
+    def s4(self):
+        p = self.profile
+        old = self.old(f"S4 old ({p.small_dim}-d)", dim=p.small_dim)
+        return self.upgrade_scenario(
+            "S4", "new dimension", f"old: cnn {p.small_dim}-d ArcFace on 50% of the classes; new: cnn {p.dim}-d on "
+            "100%; only the transformation method can map between the dimensions", old, {})
+
+    def s5(self):
+        """Chain v1 -> v2 -> v3, each LCE against its predecessor; full matrix and AC."""
+        from lce_tf import evaluation
+
+        v1 = self.old("S1 old (50% classes)")
+        v2 = self.spec("lce", v1, classes="0:75%")
+        v3 = self.spec("lce", v2)
+        for spec, label in ((v2, "S5 v2 (lce vs v1, 75%)"), (v3, "S5 v3 (lce vs v2, 100%)")):
+            self.zoo.name(spec, label)
+        versions = {"v1": v1, "v2": v2, "v3": v3}
+        matrix, pairs = {}, []
+        for qn, qs in versions.items():
+            for gn, gs in versions.items():
+                result = self.ev.m(qs, gs)
+                matrix[(qn, gn)] = result
+                pairs.append({"query": qn, "gallery": gn, **_metric_entry(result)})
+        ac = {m: round(evaluation.average_compatibility(matrix, list(versions), metric=m), 4) for m in METRICS}
+        compatible_pairs = [{"new": t, "old": k, **{m: bool(matrix[(t, k)].metric(m) > matrix[(k, k)].metric(m))
+                                                    for m in METRICS}}
+                            for i, t in enumerate(versions) for k in list(versions)[:i]]
+        heatmap = self._heatmap("S5", matrix, list(versions), "S5: chain v1 -> v2 -> v3 (top-1; rows: query model)")
+        return {"title": "chain v1 -> v2 -> v3",
+                "description": "v1 = S1's old model (cnn, 50% of the classes); v2: LCE against v1 on 75%; v3: LCE "
+                               "against v2 (not v1) on 100%",
+                "versions": {k: {"model": self.zoo.names[s], **s.describe()} for k, s in versions.items()},
+                "matrix": pairs, "pairs": compatible_pairs, "average_compatibility": ac, "heatmap": heatmap}
+
+    def cross(self):
+        """Cross-model: S1's old model and new*, both independent, bridged by T12/T21 only."""
+        from lce_tf import evaluation
+
+        p = self.profile
+        old = self.old("S1 old (50% classes)")
+        new = self.new_star
+        bridge = Spec(p.new_arch, p.dim, "arcface", "all", p.epochs, compat="cross-model", parent=old, partner=new,
+                      boundary=p.boundary, lambda_align=p.lambda_align, lambda_boundary=p.lambda_boundary)
+        self.zoo.name(bridge, "cross T12/T21 (new* frozen)")
+        ev = self.ev
+        old_old, new_new = ev.m(old, old), ev.m(new, new)
+        rows = [{"method": "old", "model": self.zoo.names[old], "new_new": _metric_entry(old_old)},
+                {**_row(ev, "independent (no transformation)", new, old, new)},
+                {**_row(ev, "cross-model T21 (backward)", bridge, old, new),
+                 "note": "new* queries mapped by T21 into the old space, old gallery as is"}]
+        forward = ev.m(bridge, old, old, gallery_through_t12=bridge)
+        verdict = evaluation.empirical_criterion(forward, old_old)
+        rows.append({"method": "cross-model T12 (forward)", "model": self.zoo.names[bridge],
+                     "new_new": _metric_entry(new_new), "new_old": _metric_entry(forward),
+                     "criterion": {**{m: bool(verdict[m]) for m in METRICS}, "pass": all(verdict.values())},
+                     "update_gain": {m: round(float(v), 4)
+                                     for m, v in evaluation.update_gain(forward, old_old, new_new).items()},
+                     "new_model_sacrifice": {m: 1.0 for m in METRICS},
+                     "note": "new* queries in the new space, old gallery mapped by T12 into the new space"})
+        matrix = {("old", "old"): old_old, ("new*", "new*"): new_new, ("new* via T21", "old"): ev.m(bridge, old, old),
+                  ("new*", "old"): ev.m(new, old, old), ("new*", "old via T12"): forward}
+        models = ["old", "new*", "new* via T21", "old via T12"]
+        heat = {(q, g): r for (q, g), r in matrix.items() if r is not None}
+        heatmap = self._heatmap("cross", heat, models, "cross-model: T12/T21 between two frozen models (top-1)")
+        return {"title": "cross-model compatibility",
+                "description": "old = S1's old model, new = new*; both trained independently and frozen; only "
+                               "T12/T21 are trained (from both models' class centers and the boundary loss on "
+                               "T21(new features))",
+                "old": {"model": self.zoo.names[old], **old.describe()}, "rows": rows,
+                "matrix": [{"query": q, "gallery": g, **_metric_entry(r)} for (q, g), r in heat.items()],
+                "heatmap": heatmap}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Targets and reports
+
+
+def check_targets(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, each with the measured numbers (met or missed, by how much)."""
+    targets = []
+
+    def rows_by_method(key):
+        return {r["method"]: r for r in scenarios[key]["rows"]}
+
+    for key in ("S1", "S2", "S3", "S4"):
+        if key not in scenarios:
+            continue
+        rows = rows_by_method(key)
+        method = "lce" if "lce" in rows else "lce-transform"
+        lce, ind = rows[method], rows["independent"]
+        gaps = {m: round(lce["new_old"][m] - rows["old"]["new_new"][m], 4) for m in METRICS} if lce["new_old"] else None
+        targets.append({"target": f"{key}: {method} satisfies the criterion on top-1 and mAP",
+                        "met": bool(lce["criterion"]["pass"]),
+                        "detail": f"M(new, old) - M(old, old): top-1 {gaps['top1']:+.4f}, mAP {gaps['mAP']:+.4f}"})
+        targets.append({"target": f"{key}: independent fails the criterion (sanity)",
+                        "met": not ind["criterion"]["pass"],
+                        "detail": "no comparable embedding" if ind["new_old"] is None else
+                        f"M(new*, old) top-1 {ind['new_old']['top1']:.4f}, mAP {ind['new_old']['mAP']:.4f}"})
+        ratio = lce["new_model_sacrifice"]
+        targets.append({"target": f"{key}: {method} new/new >= 0.97 x independent new/new",
+                        "met": all(ratio[m] >= 0.97 for m in METRICS),
+                        "detail": f"ratio top-1 {ratio['top1']:.4f}, mAP {ratio['mAP']:.4f}"})
+        if key in ("S1", "S2"):
+            ug = lce["update_gain"]
+            others = {m: rows[m]["update_gain"] for m in ("bct", "l2") if m in rows and rows[m]["update_gain"]}
+            targets.append({"target": f"{key}: LCE update gain >= 0.5 (top-1 and mAP)",
+                            "met": all(ug[m] >= 0.5 for m in METRICS),
+                            "detail": f"UG top-1 {ug['top1']:.4f}, mAP {ug['mAP']:.4f}"})
+            targets.append({"target": f"{key}: LCE update gain higher than BCT and L2 (top-1 and mAP)",
+                            "met": all(ug[m] > o[m] for o in others.values() for m in METRICS),
+                            "detail": "; ".join(f"{n} top-1 {o['top1']:.4f}, mAP {o['mAP']:.4f}"
+                                                for n, o in others.items())})
+    if "S5" in scenarios:
+        ac = scenarios["S5"]["average_compatibility"]
+        targets.append({"target": "S5: chain average compatibility = 1.0 (top-1 and mAP)",
+                        "met": all(ac[m] == 1.0 for m in METRICS),
+                        "detail": f"AC top-1 {ac['top1']:.4f}, mAP {ac['mAP']:.4f}"})
+    return targets
+
+
+def _fmt(entry: Optional[dict], metric: str, ci: bool = True) -> str:
+    if entry is None:
+        return "n/a"
+    text = f"{entry[metric]:.3f}"
+    if ci and f"{metric}_ci95" in entry:
+        low, high = entry[f"{metric}_ci95"]
+        text += f" [{low:.3f}, {high:.3f}]"
+    return text
+
+
+def _yn(value: Optional[bool]) -> str:
+    return "n/a" if value is None else ("pass" if value else "FAIL")
+
+
+def scenario_table(scenario: dict[str, Any]) -> list[str]:
+    """The markdown table of one upgrade scenario (S1-S4, cross)."""
+    lines = ["| model | M(self, self) top-1 | mAP | M(model, old) top-1 [95% CI] | mAP [95% CI] | criterion "
+             "top-1 / mAP | update gain top-1 / mAP | sacrifice top-1 / mAP |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in scenario["rows"]:
+        name = f"{row['method']}"
+        if row["method"] == "old":
+            lines.append(f"| old: {row['model']} | {_fmt(row['new_new'], 'top1')} | {_fmt(row['new_new'], 'mAP')} | "
+                         f"(= old/old) | | | | |")
+            continue
+        crit = row.get("criterion")
+        ug = row.get("update_gain")
+        sac = row.get("new_model_sacrifice")
+        lines.append(
+            f"| {name} | {_fmt(row['new_new'], 'top1', False)} | {_fmt(row['new_new'], 'mAP', False)} | "
+            f"{_fmt(row.get('new_old'), 'top1')} | {_fmt(row.get('new_old'), 'mAP')} | "
+            f"{_yn(crit['top1']) if crit else 'n/a'} / {_yn(crit['mAP']) if crit else 'n/a'} | "
+            + (f"{ug['top1']:.2f} / {ug['mAP']:.2f}" if ug else "n/a") + " | "
+            + (f"{sac['top1']:.3f} / {sac['mAP']:.3f}" if sac else "n/a") + " |")
+    for method, reason in scenario.get("not_applicable", {}).items():
+        lines.append(f"| {method} | not applicable: {reason} | | | | | | |")
+    return lines
+
+
+def write_markdown(path: str, report: dict[str, Any]) -> None:
+    m = report["machine"]
+    lines = [f"# lce-tf compatibility benchmark ({report['profile']['name']})", "",
+             f"- date: {report['date']}; wall time: {report['wall_time_seconds'] / 60:.1f} min "
+             f"(training {report['training_seconds'] / 60:.1f} min)",
+             f"- machine: {m['hostname']}, {m['cpu']}, {m['cpus_available']} CPU cores available, "
+             f"load average {m['load_average_start']} at start, {m.get('load_average_end')} at end; "
+             f"Python {m['python']}, TensorFlow {m['tensorflow']}, lce_tf {report['lce_tf_version']}",
+             f"- seed: {report['seed']} (every model; TensorFlow op determinism on)",
+             f"- command: `{report['command']}`"]
+    d = report["dataset"]
+    lines.append(f"- data: {d['kind']} ({d['path']}): {d['train_classes']} training classes / {d['train_images']} "
+                 f"images; {d['test_classes']} held-out test classes, {d['query_images']} queries, "
+                 f"{d['gallery_images']} gallery images"
+                 + (f"; {d['font_designs']} font designs, query fonts {', '.join(d['query_fonts'])}"
+                    if d.get("font_designs") else "") + f"; images {'x'.join(map(str, d['image_shape']))}")
+    p = report["profile"]
+    lines.append(f"- training: {p['epochs']} epochs (old models {p['old_epochs']}), batch {p['batch_size']}, Adam "
+                 f"1e-3, 2-px random shifts; new network {p['new_arch']} {p['dim']}-d ArcFace s=16 m=0.1; LCE "
+                 f"boundary {p['boundary']}, λ_a = {p['lambda_align']:g}, λ_b = {p['lambda_boundary']:g}; "
+                 f"BCT/L2 weight {p['lambda_compat']:g}; BCT uses the old class centers as the old classifier")
+    if report.get("validation"):
+        lines.append(f"- LCE settings chosen on training classes only: {report['validation']}")
+    lines += ["", "M(Q, G): queries embedded by Q, gallery by G, on the held-out test classes. Criterion: "
+              "M(new, old) > M(old, old). Update gain: (M(new, old) − M(old, old)) / (M(new*, new*) − M(old, old)). "
+              "Sacrifice: M(new, new) / M(new*, new*), new* = the independently trained new model. Transformation "
+              "models answer old galleries through T21.", ""]
+    lines += ["## Targets", ""]
+    for t in report["targets"]:
+        lines.append(f"- {'met' if t['met'] else '**MISSED**'}: {t['target']} ({t['detail']})")
+    for key, sc in report["scenarios"].items():
+        lines += ["", f"## {key}: {sc['title']}", "", sc["description"] + ".", ""]
+        if key == "S5":
+            versions = list(sc["versions"])
+            lines += ["| query \\ gallery | " + " | ".join(versions) + " |", "|---" * (len(versions) + 1) + "|"]
+            entries = {(e["query"], e["gallery"]): e for e in sc["matrix"]}
+            for metric in METRICS:
+                for q in versions:
+                    lines.append(f"| {q} ({metric}) | " + " | ".join(_fmt(entries[(q, g)], metric) for g in versions) + " |")
+            ac = sc["average_compatibility"]
+            pair_text = ", ".join(f"{q['new']}→{q['old']}: top-1 {_yn(q['top1'])}, mAP {_yn(q['mAP'])}"
+                                  for q in sc["pairs"])
+            lines += ["", f"Average compatibility: top-1 {ac['top1']:.2f}, mAP {ac['mAP']:.2f} ({pair_text})."]
+        else:
+            lines += scenario_table(sc)
+            for row in sc["rows"]:
+                if row.get("note"):
+                    lines.append(f"\n- {row['method']}: {row['note']}")
+        lines += ["", f"![{key} heatmap]({sc['heatmap']})"]
+    if report.get("analysis"):
+        lines += ["", "## Analysis", ""] + report["analysis"]
+    lines += ["", "## Models", "", "| model | settings | trained on | seconds | last epoch |", "|---|---|---|---|---|"]
+    for rec in report["models"]:
+        spec = rec["spec"]
+        settings = f"{spec['arch']} {spec['dim']}-d {spec['loss']} {spec['compat']}" + (
+            f" vs {rec['parent']}" if rec.get("parent") else "")
+        final = ", ".join(f"{k} {v}" for k, v in rec["final_epoch"].items())
+        lines.append(f"| {rec['name']} | {settings} | {rec['train_classes']} classes, {spec['epochs']} epochs | "
+                     f"{rec['seconds']} | {final} |")
+    _write_text(path, "\n".join(lines) + "\n")
+
+
+def _write_text(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def machine_info() -> dict[str, Any]:
+    import tensorflow as tf
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"hostname": socket.gethostname(), "platform": platform.platform(), "cpu": cpu,
+            "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "python": platform.python_version(), "tensorflow": tf.__version__,
+            "load_average_start": [round(v, 2) for v in os.getloadavg()]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def run_benchmark(data_dir: Optional[str], out_dir: str, profile: Profile, *, seed: int = 0,
+                  scenarios: Sequence[str] = SCENARIOS, work: str = "build/bench", verbose: int = 0,
+                  command: str = "") -> dict[str, Any]:
+    """Runs the scenarios and writes compat.json, compat.md and the heatmaps into `out_dir`.
+
+    Args:
+      data_dir: a dataset with train/, query/, gallery/ image folders, or None to generate glyphs.
+      out_dir: results directory.
+      profile: sizes and settings.
+      seed: seed of the data generation and of every model.
+      scenarios: a subset of SCENARIOS, run in that order.
+      work: where generated data is cached.
+      verbose: Keras fit verbosity.
+      command: the command line recorded in the results.
+
+    Returns:
+      The report dict written to compat.json.
+    """
+    import lce_tf
+    from lce_tf.training import seed_everything
+
+    start = time.perf_counter()
+    unknown = [s for s in scenarios if s not in SCENARIOS]
+    if unknown:
+        raise ValueError(f"--scenarios: unknown {', '.join(unknown)}; expected some of {', '.join(SCENARIOS)}")
+    os.makedirs(out_dir, exist_ok=True)
+    machine = machine_info()
+    data_dir, summary = ensure_dataset(data_dir, work, profile, seed)
+    split = load_split(data_dir, summary)
+    _log(f"data: {split.description}")
+    seed_everything(seed)
+    bench = Benchmark(split, profile, seed, out_dir, verbose)
+    results: dict[str, Any] = {}
+    scenario_seconds = {}
+    for key in scenarios:
+        t = time.perf_counter()
+        _log(f"== scenario {key}")
+        results[key] = getattr(bench, key.lower())()
+        scenario_seconds[key] = round(time.perf_counter() - t, 1)
+    machine["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    models = [{**rec, "reused_in": []} for rec in bench.zoo.records.values()]
+    wall = time.perf_counter() - start
+    report = {
+        "benchmark": "lce-tf compatibility benchmark", "lce_tf_version": lce_tf.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command or f"python scripts/bench_compat.py --profile {profile.name}",
+        "seed": seed, "machine": machine, "profile": dataclasses.asdict(profile), "dataset": split.description,
+        "wall_time_seconds": round(wall, 1),
+        "training_seconds": round(sum(r["seconds"] for r in bench.zoo.records.values()), 1),
+        "scenario_seconds": scenario_seconds, "scenarios": results, "targets": check_targets(results),
+        "models": models, "validation": _read_validation_choice(out_dir),
+    }
+    _write_text(os.path.join(out_dir, "compat.json"), json.dumps(report, indent=1) + "\n")
+    write_markdown(os.path.join(out_dir, "compat.md"), report)
+    _log(f"wrote {out_dir}/compat.json, compat.md and {len(results)} heatmaps in {wall / 60:.1f} min")
+    return report
+
+
+def _read_validation_choice(out_dir: str) -> Optional[str]:
+    path = os.path.join(out_dir, "validation.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        chosen = json.load(f).get("chosen")
+    return None if not chosen else (f"boundary {chosen['boundary']}, λ_a = {chosen['lambda_align']:g}, "
+                                    f"λ_b = {chosen['lambda_boundary']:g} (validation.md)")
+
+
+def run_validation(data_dir: Optional[str], out_dir: str, profile: Profile, *, seed: int = 0,
+                   work: str = "build/bench", candidates: Sequence[tuple[str, float, float]] = (
+                       ("min", 100.0, 1.0), ("percentile:20", 100.0, 10.0), ("percentile:50", 100.0, 10.0),
+                       ("percentile:20", 100.0, 1.0)),
+                   verbose: int = 0) -> dict[str, Any]:
+    """Chooses the LCE boundary rule and weights on a validation split of the training classes (S1 setting)."""
+    start = time.perf_counter()
+    os.makedirs(out_dir, exist_ok=True)
+    data_dir, summary = ensure_dataset(data_dir, work, profile, seed)
+    split = validation_split(load_split(data_dir, summary), profile.val_classes, seed)
+    _log(f"validation data (training classes only): {split.description}")
+    bench = Benchmark(split, profile, seed, out_dir, verbose)
+    old = bench.old("old (50% classes)")
+    ind = bench.new_star
+    ev = bench.ev
+    rows = []
+    for boundary, la, lb in candidates:
+        spec = dataclasses.replace(bench.spec("lce", old), boundary=boundary, lambda_align=la, lambda_boundary=lb)
+        bench.zoo.name(spec, f"lce {boundary} λa={la:g} λb={lb:g}")
+        row = _row(ev, "lce", spec, old, ind)
+        rows.append({"boundary": boundary, "lambda_align": la, "lambda_boundary": lb, **row})
+        _log(f"validation {boundary} λa={la:g} λb={lb:g}: new/old top-1 {row['new_old']['top1']:.4f} "
+             f"(old/old {ev.m(old, old).top1:.4f}), new/new {row['new_new']['top1']:.4f} (new* {ev.m(ind, ind).top1:.4f})")
+
+    def score(row):  # criterion first, then update gain + sacrifice, averaged over top-1 and mAP
+        return (row["criterion"]["pass"], np.mean([row["update_gain"][m] + row["new_model_sacrifice"][m] for m in METRICS]))
+
+    best = max(rows, key=score)
+    chosen = {"boundary": best["boundary"], "lambda_align": best["lambda_align"], "lambda_boundary": best["lambda_boundary"]}
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "seed": seed,
+              "profile": dataclasses.asdict(profile), "dataset": split.description,
+              "rule": "criterion on top-1 and mAP first, then the mean over top-1/mAP of update gain + sacrifice",
+              "old_old": _metric_entry(ev.m(old, old)), "independent_new_new": _metric_entry(ev.m(ind, ind)),
+              "candidates": rows, "chosen": chosen, "wall_time_seconds": round(time.perf_counter() - start, 1),
+              "models": list(bench.zoo.records.values())}
+    _write_text(os.path.join(out_dir, "validation.json"), json.dumps(report, indent=1) + "\n")
+    lines = ["# LCE settings chosen on a validation split of the training classes", "",
+             f"{split.description['test_classes']} of the training classes held out (query/gallery split by "
+             f"{split.description['split_by']}); the models train on the other {split.description['train_classes']}. "
+             "The benchmark's test classes are not used. Setting: S1 (old on 50% of the classes).", "",
+             f"old/old top-1 {report['old_old']['top1']:.4f}, mAP {report['old_old']['mAP']:.4f}; new*/new* top-1 "
+             f"{report['independent_new_new']['top1']:.4f}, mAP {report['independent_new_new']['mAP']:.4f}", "",
+             "| boundary | λ_a | λ_b | new/old top-1 | mAP | new/new top-1 | mAP | criterion | UG top-1 / mAP |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['boundary']} | {r['lambda_align']:g} | {r['lambda_boundary']:g} | {_fmt(r['new_old'], 'top1')} | "
+                     f"{_fmt(r['new_old'], 'mAP')} | {r['new_new']['top1']:.4f} | {r['new_new']['mAP']:.4f} | "
+                     f"{_yn(r['criterion']['pass'])} | {r['update_gain']['top1']:.2f} / {r['update_gain']['mAP']:.2f} |")
+    lines += ["", f"Rule: {report['rule']}. Chosen: boundary {chosen['boundary']}, λ_a = {chosen['lambda_align']:g}, "
+              f"λ_b = {chosen['lambda_boundary']:g}. Wall time {report['wall_time_seconds'] / 60:.1f} min."]
+    _write_text(os.path.join(out_dir, "validation.md"), "\n".join(lines) + "\n")
+    return report
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a small version (~5 min): fewer classes and epochs")
+    parser.add_argument("--data", help="dataset with train/, query/, gallery/ (default: glyphs generated in --work)")
+    parser.add_argument("--out", default="benchmarks/results", help="results directory")
+    parser.add_argument("--work", default="build/bench", help="where generated data is kept")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of " + ",".join(SCENARIOS))
+    parser.add_argument("--epochs", type=int, help="override the profile's epochs (new and old models)")
+    parser.add_argument("--validate", action="store_true",
+                        help="choose the LCE boundary rule and weights on held-out TRAINING classes instead")
+    parser.add_argument("--verbose", type=int, default=0, choices=(0, 1, 2), help="Keras fit verbosity")
+    args = parser.parse_args(argv)
+    profile = PROFILES["quick" if args.quick else "full"]
+    if args.epochs:
+        profile = dataclasses.replace(profile, epochs=args.epochs, old_epochs=args.epochs)
+    command = "python scripts/bench_compat.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.validate:
+            run_validation(args.data, args.out, profile, seed=args.seed, work=args.work, verbose=args.verbose)
+        else:
+            run_benchmark(args.data, args.out, profile, seed=args.seed,
+                          scenarios=[s.strip() for s in args.scenarios.split(",") if s.strip()],
+                          work=args.work, verbose=args.verbose, command=command.strip())
+    except ValueError as e:
+        print(f"bench_compat: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())
