@@ -6,7 +6,10 @@
     lce-tf data      glyphs|synthetic --out DIR
     lce-tf index     build --model MODEL_DIR --data GALLERY_DIR --out INDEX_DIR [--config K=V]
                      search --index INDEX_DIR --model MODEL_DIR --data QUERY_DIR_OR_FILES [--k K] [--json F]
-                     backfill --index INDEX_DIR --model NEW_MODEL_DIR (--data GALLERY_DIR --fraction F | --t12 --out DIR)
+                     backfill --index INDEX_DIR --model NEW_MODEL_DIR (--data GALLERY_DIR --fraction F
+                              | --t12 --out DIR)
+    lce-tf pipeline  run [--config FILE] [--set KEY=VALUE ...]     (the TFX pipeline, LocalDagRunner)
+                     compile [--config FILE] [--set KEY=VALUE ...] --out DIR   (Kubeflow v2 JSON + v1 YAML)
 
 Bad input ends with one line `lce-tf: error: ...` on stderr and exit code 2, never a traceback. This
 module imports nothing heavy at import time, so `lce-tf --help` answers at once; TensorFlow is
@@ -380,6 +383,59 @@ def _add_index_commands(sub) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# pipeline: the TFX pipeline (pipeline/, components/); tfx is imported by these commands only
+
+
+def _pipeline_config(args: argparse.Namespace):
+    try:
+        from pipeline.config import load_config
+    except ImportError:
+        raise UsageError("the lce-tf pipeline package is not importable: run from the lce-tf checkout or "
+                         "install the project (pip install -e '.[pipeline]')") from None
+    return load_config(args.config, args.set)
+
+
+def cmd_pipeline_run(args: argparse.Namespace) -> int:
+    config = _pipeline_config(args).resolved().validate()  # a bad field fails here, before any component
+    from pipeline.local_runner import format_run_summary, run_local, run_summary
+
+    stage(f"running pipeline {config.pipeline_name} ({config.version}, mode {config.mode}) with the "
+          f"LocalDagRunner; metadata {config.metadata_path}")
+    seconds = run_local(config)
+    print(format_run_summary(run_summary(config)))
+    stage(f"pipeline finished in {seconds:.0f} s")
+    return 0
+
+
+def cmd_pipeline_compile(args: argparse.Namespace) -> int:
+    config = _pipeline_config(args)
+    from pipeline.kubeflow_runner import compile_kubeflow
+
+    written = compile_kubeflow(config, args.out, formats=args.format or ("v2", "v1"), check_paths=args.check_paths)
+    for fmt, path in written.items():
+        stage(f"wrote the KFP {fmt} pipeline to {path}")
+    return 0
+
+
+def _add_pipeline_commands(sub) -> None:
+    p = sub.add_parser("pipeline", help="run the TFX pipeline locally or compile it for Kubeflow Pipelines")
+    psub = p.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION", parser_class=_Parser)
+    for name, helptext in (("run", "run once with the LocalDagRunner (SQLite metadata, Beam multi-processing)"),
+                           ("compile", "compile the KFP v2 JSON and the KFP v1 YAML")):
+        q = psub.add_parser(name, help=helptext)
+        q.add_argument("--config", help="JSON or YAML file of pipeline.config.PipelineConfig fields")
+        q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field (repeat), e.g. --set mode=lce --set version=v2")
+        if name == "run":
+            q.set_defaults(func=cmd_pipeline_run)
+        else:
+            q.add_argument("--out", default="build/kubeflow", help="output directory")
+            q.add_argument("--format", action="append", choices=("v1", "v2"), help="v2 and/or v1 (default both)")
+            q.add_argument("--check-paths", action="store_true", help="check that the data folders exist here")
+            q.set_defaults(func=cmd_pipeline_compile)
+
+
+# ---------------------------------------------------------------------------------------------------
 # parser and entry point
 
 
@@ -458,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_data)
     _add_index_commands(sub)
+    _add_pipeline_commands(sub)
     return parser
 
 

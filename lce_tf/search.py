@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -32,8 +31,6 @@ import numpy as np
 
 from lce_tf import retrieval
 from lce_tf.data import IMAGE_EXTENSIONS, DataError, load_images, read_image_folder
-
-logger = logging.getLogger(__name__)
 
 Progress = Optional[Callable[[str], None]]
 
@@ -399,8 +396,8 @@ def backfill_from_images(index: "retrieval.EmbeddingIndex", model, gallery_dir: 
         paths = [os.path.join(gallery_dir, *entry.split("/")) for entry in ids]
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
-            raise ValueError(f"gallery folder {gallery_dir}: {len(missing)} entries have no image (first: {missing[0]}); "
-                             "pass the folder the index was built from")
+            raise ValueError(f"gallery folder {gallery_dir}: {len(missing)} entries have no image (first: "
+                             f"{missing[0]}); pass the folder the index was built from")
         if progress:
             progress(f"re-embedding {len(ids)} gallery images with {version} ({signature})")
         embeddings = embed_paths(model, paths, signature=signature, batch_size=batch_size)

@@ -26,10 +26,15 @@ _LOG = logging.getLogger(__name__)
 def local_beam_args(config: PipelineConfig) -> list[str]:
     """DirectRunner multi-processing flags (+ the project's setup.py), then the user's beam_pipeline_args.
 
+    `--runner=FnApiRunner` names the engine of Beam's Python DirectRunner directly: Beam 2.74's
+    DirectRunner first tries the Prism runner, which downloads a binary from GitHub (no network here:
+    it fails after building two sdists, then falls back to the FnApiRunner anyway).
+    `--direct_running_mode=multi_processing --direct_num_workers=N` are the DirectRunner's own options.
     A dependency flag (--setup_file) keeps TFX from re-packaging its own installation as an sdist before
-    every Beam component (tfx.utils.dependency_utils does that when no such flag is given).
+    every Beam component (tfx.utils.dependency_utils does that when no such flag is given); the
+    FnApiRunner stages nothing.
     """
-    args = ["--runner=DirectRunner", "--direct_running_mode=multi_processing",
+    args = ["--runner=FnApiRunner", "--direct_running_mode=multi_processing",
             f"--direct_num_workers={int(config.beam_workers)}"]
     setup_file = os.path.join(_project_root(), "setup.py")
     dependency_flags = ("--setup_file", "--extra_package", "--requirements_file", "--sdk_container_image",
@@ -87,6 +92,113 @@ def run_local(config: PipelineConfig) -> float:
     return time.perf_counter() - start
 
 
+def _store(metadata_path: str):
+    import ml_metadata as mlmd  # pylint: disable=import-outside-toplevel
+    from ml_metadata.proto import metadata_store_pb2  # pylint: disable=import-outside-toplevel
+
+    if not os.path.isfile(metadata_path):
+        raise ValueError(f"metadata_path: {metadata_path} does not exist (the pipeline has not run yet)")
+    connection = metadata_store_pb2.ConnectionConfig()
+    connection.sqlite.filename_uri = metadata_path
+    connection.sqlite.connection_mode = metadata_store_pb2.SqliteMetadataSourceConfig.READONLY
+    return mlmd.MetadataStore(connection)
+
+
+def run_summary(config: PipelineConfig, run_id: Optional[str] = None) -> dict:
+    """What one run of the pipeline did and produced, read back from its metadata store (ml-metadata API).
+
+    Args:
+      config: the pipeline's config (pipeline_name, metadata_path).
+      run_id: the pipeline_run context name; None = the latest run.
+
+    Returns:
+      {"run_id", "nodes": {node id: {"state": "COMPLETE" | "CACHED" | ..., "execution_id",
+      "outputs": {key: [{"id", "uri", "properties"}]}}}, "verdict", "blessing_dir", "report", "metrics",
+      "pushed", "pushed_destination", "model_dir", "model_id", "index_dir"}.
+    """
+    from ml_metadata.proto import metadata_store_pb2  # pylint: disable=import-outside-toplevel
+
+    config = config.resolved()
+    store = _store(config.metadata_path)
+    pipeline_context = store.get_context_by_type_and_name("pipeline", config.pipeline_name)
+    if pipeline_context is None:
+        raise ValueError(f"pipeline_name: no pipeline {config.pipeline_name!r} in {config.metadata_path}")
+    executions = store.get_executions_by_context(pipeline_context.id)
+    contexts_of = {e.id: store.get_contexts_by_execution(e.id) for e in executions}
+    types = {t.id: t.name for t in store.get_context_types()}
+    run_of = {e.id: next((c.name for c in contexts_of[e.id] if types[c.type_id] == "pipeline_run"), None)
+              for e in executions}
+    if run_id is None:
+        latest = max((e for e in executions if run_of[e.id]), key=lambda e: e.id, default=None)
+        if latest is None:
+            raise ValueError(f"pipeline {config.pipeline_name!r} has no run in {config.metadata_path}")
+        run_id = run_of[latest.id]
+    state_names = metadata_store_pb2.Execution.State.Name
+    nodes: dict = {}
+    prefix = f"{config.pipeline_name}."
+    for execution in sorted((e for e in executions if run_of[e.id] == run_id), key=lambda e: e.id):
+        node = next((c.name[len(prefix):] for c in contexts_of[execution.id]
+                     if types[c.type_id] == "node" and c.name.startswith(prefix)), str(execution.id))
+        outputs: dict = {}
+        events = [ev for ev in store.get_events_by_execution_ids([execution.id])
+                  if ev.type in (metadata_store_pb2.Event.OUTPUT, metadata_store_pb2.Event.DECLARED_OUTPUT)]
+        artifacts = {a.id: a for a in store.get_artifacts_by_id([ev.artifact_id for ev in events])}
+        for ev in events:
+            key = ev.path.steps[0].key if ev.path.steps else ""
+            artifact = artifacts[ev.artifact_id]
+            properties = {k: getattr(v, v.WhichOneof("value")) for k, v in artifact.custom_properties.items()
+                          if v.WhichOneof("value") in ("int_value", "double_value", "string_value")}
+            outputs.setdefault(key, []).append({"id": artifact.id, "uri": artifact.uri, "properties": properties})
+        nodes[node] = {"state": state_names(execution.last_known_state), "execution_id": execution.id,
+                       "outputs": outputs}
+
+    def first_output(node_id: str, key: str) -> Optional[dict]:
+        items = nodes.get(node_id, {}).get("outputs", {}).get(key) or []
+        return items[0] if items else None
+
+    from pipeline import pipeline as ids  # pylint: disable=import-outside-toplevel
+
+    summary: dict = {"run_id": run_id, "nodes": nodes, "verdict": None, "blessing_dir": None, "report": None,
+                     "metrics": None, "pushed": False, "pushed_destination": None, "model_dir": None,
+                     "model_id": None, "index_dir": None}
+    blessing = first_output(ids.VALIDATOR_ID, "blessing")
+    if blessing:
+        summary["blessing_dir"] = blessing["uri"]
+        summary["verdict"] = "BLESSED" if blessing["properties"].get("blessed") == 1 else "NOT_BLESSED"
+        summary["report"] = os.path.join(blessing["uri"], "report.html")
+        summary["metrics"] = os.path.join(blessing["uri"], "metrics.json")
+    model = first_output(ids.TRAINER_ID, "model")
+    if model:
+        summary["model_dir"] = os.path.join(model["uri"], "Format-Serving")
+        summary["model_id"] = model["properties"].get("lce_model_id")
+    pushed = first_output(ids.PUSHER_ID, "pushed_model")
+    if pushed:
+        summary["pushed"] = pushed["properties"].get("pushed") == 1
+        summary["pushed_destination"] = pushed["properties"].get("pushed_destination")
+    index = first_output(ids.INDEX_BUILDER_ID, "index")
+    if index and index["properties"].get("built") == 1:
+        summary["index_dir"] = index["properties"].get("index_dir")
+    return summary
+
+
+def format_run_summary(summary: dict) -> str:
+    """A few lines for people: node states, verdict, where the model, report, index and push went."""
+    lines = [f"run {summary['run_id']}:"]
+    lines += [f"  {node:<32} {info['state']}" for node, info in summary["nodes"].items()]
+    if summary["metrics"] and os.path.isfile(summary["metrics"]):
+        import json  # pylint: disable=import-outside-toplevel
+
+        with open(summary["metrics"], encoding="utf-8") as f:
+            metrics = json.load(f)
+        lines += ["", metrics.get("table", ""), ""] + [f"  {r}" for r in metrics.get("reasons", [])]
+    lines.append(f"verdict: {summary['verdict']}")
+    lines.append(f"model {summary['model_id']}: {summary['model_dir']}")
+    lines.append(f"report: {summary['report']}")
+    lines.append(f"pushed: {summary['pushed_destination'] if summary['pushed'] else 'no (not blessed)'}")
+    lines.append(f"gallery index: {summary['index_dir'] or 'not built (model not blessed)'}")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Run the lce-tf pipeline locally (LocalDagRunner).")
     parser.add_argument("--config", help="JSON or YAML file of PipelineConfig fields (defaults otherwise)")
@@ -99,6 +211,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"pipeline: error: {e}", file=sys.stderr)
         return 2
     seconds = run_local(config)
+    print(format_run_summary(run_summary(config)))
     print(f"pipeline {config.pipeline_name} ({config.version}, mode {config.mode}) finished in {seconds:.0f} s; "
           f"metadata {config.metadata_path}, pushed models under {config.serving_dir}")
     return 0

@@ -90,8 +90,8 @@ def run(args, log=print) -> dict:
     from lce_tf.serving import load_embedding_model  # pylint: disable=import-outside-toplevel
 
     started = time.time()
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1; received {args.steps}")
+    if args.steps < 0:
+        raise ValueError(f"--steps must be >= 0 (0: only the cross-version check); received {args.steps}")
     overrides = search.parse_config_overrides(args.config)
     old = load_embedding_model(args.old_model)
     new = load_embedding_model(args.new_model)
@@ -148,16 +148,18 @@ def run(args, log=print) -> dict:
         c = checks[algorithm]
         log(f"cross-version check ({algorithm}): recall@{args.k} {c['recall_at_k']:.4f}, max |ANN - exact| "
             f"{c['max_abs_diff']:.4f} -> {'PASS' if c['passes'] else 'FAIL'}")
-    report["cross_version_check"] = {"targets": {"recall_at_10": RECALL_TARGET, "max_abs_metric_diff": METRIC_TOLERANCE},
-                                     "by_algorithm": checks, "passes": all(c["passes"] for c in checks.values())}
+    report["cross_version_check"] = {
+        "targets": {"recall_at_10": RECALL_TARGET, "max_abs_metric_diff": METRIC_TOLERANCE},
+        "by_algorithm": checks, "passes": all(c["passes"] for c in checks.values())}
 
-    fractions = [round(i / args.steps, 6) for i in range(args.steps + 1)]
-    t12_index = search.upgrade_with_t12(index, new) if new.has_signature("transform_old_to_new") and (
+    fractions = [round(i / args.steps, 6) for i in range(args.steps + 1)] if args.steps else []
+    t12_index = search.upgrade_with_t12(index, new) if fractions and new.has_signature("transform_old_to_new") and (
         (new.compatible_with or {}).get("embedding_space") == index.embedding_space) else None
 
     curves = {}
     rows = []
-    log(f"backfill (re-embed with {new.model_id} via {signature}, old space) in {args.steps} steps")
+    if fractions:
+        log(f"backfill (re-embed with {new.model_id} via {signature}, old space) in {args.steps} steps")
     for f in fractions:
         step = search.backfill_from_images(index, new, args.gallery, f, seed=args.seed, batch_size=args.batch_size)
         row = {"fraction": step["fraction"], "target": f, "backfilled_now": step["backfilled"],
@@ -168,9 +170,10 @@ def run(args, log=print) -> dict:
         log(f"  {row['fraction']:6.1%}: new queries top-1 {row['new_queries']['top1']:.4f} mAP "
             f"{row['new_queries']['mAP']:.4f}; old queries top-1 {row['old_queries']['top1']:.4f}; "
             f"ANN recall@{args.k} {row['ann_check']['recall_at_k']:.4f}")
-    curves["reembed_old_space"] = {"description": f"old-model index; gallery re-embedded with the new model's "
+    if rows:
+        curves["reembed_old_space"] = {"description": f"old-model index; gallery re-embedded with the new model's "
                                                   f"{signature!r} step by step; new queries via {signature!r}",
-                                   "steps": rows}
+                                       "steps": rows}
     if t12_index is not None:
         rows = []
         q_t12 = search.embed_paths(new, query_paths, signature="embed", batch_size=args.batch_size)
@@ -199,6 +202,7 @@ def run(args, log=print) -> dict:
 
     os.makedirs(args.out_dir, exist_ok=True)
     plot_path = os.path.join(args.out_dir, f"{args.name}.png")
+    report["plot"] = os.path.basename(plot_path) if curves else None
     series = {}
     for name, curve in curves.items():
         x = [100 * r["fraction"] for r in curve["steps"]]
@@ -208,15 +212,15 @@ def run(args, log=print) -> dict:
                 x, [r["new_queries"][m] for r in curve["steps"]])
     for name, ref in references.items():
         series[f"top1 {name}"] = ([0, 100], [ref["top1"]] * 2)
-    plot_curves(series, xlabel="gallery backfilled with the new model (%)", ylabel="retrieval quality",
-                title=f"Backfill {old.model_id} -> {new.model_id}", path=plot_path)
-    report["plot"] = os.path.basename(plot_path)
+    if curves:
+        plot_curves(series, xlabel="gallery backfilled with the new model (%)", ylabel="retrieval quality",
+                    title=f"Backfill {old.model_id} -> {new.model_id}", path=plot_path)
     report["total_seconds"] = time.time() - started
     json_path = os.path.join(args.out_dir, f"{args.name}.json")
     with open(json_path, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
-    log(f"cross-version check: {'PASS' if report['cross_version_check']['passes'] else 'FAIL'}; wrote {json_path} "
-        f"and {plot_path} in {report['total_seconds']:.0f} s")
+    log(f"cross-version check: {'PASS' if report['cross_version_check']['passes'] else 'FAIL'}; wrote {json_path}"
+        + (f" and {plot_path}" if curves else "") + f" in {report['total_seconds']:.0f} s")
     return report
 
 
@@ -226,7 +230,8 @@ def main(argv=None) -> int:
     parser.add_argument("--new-model", required=True, help="the new model (declared compatible with the old one)")
     parser.add_argument("--query", required=True, help="query image folder QUERY/<class>/<image>")
     parser.add_argument("--gallery", required=True, help="gallery image folder GALLERY/<class>/<image>")
-    parser.add_argument("--steps", type=int, default=10, help="backfill steps from 0 to 100%% (default 10)")
+    parser.add_argument("--steps", type=int, default=10,
+                        help="backfill steps from 0 to 100%% (default 10; 0 = only the cross-version check)")
     parser.add_argument("--seed", type=int, default=0, help="backfill order seed")
     parser.add_argument("--k", type=int, default=10, help="k of the ANN recall")
     parser.add_argument("--config", action="append", default=None, metavar="JSON|KEY=VALUE",

@@ -1,0 +1,125 @@
+"""scripts/bench_compat.py: a CI-sized run of the compatibility benchmark, and its pure-Python parts."""
+
+import dataclasses
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_compat.py")
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("bench_compat", _SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_script()
+
+# Tiny synthetic setting where the criterion reliably separates LCE from the independent model
+# (checked with seeds 0, 1 and 2): 16-d embeddings, old on 8 of 16 training classes.
+CI_PROFILE = bench.Profile("ci", train_classes=16, test_classes=8, size=16, epochs=8, old_epochs=8, batch_size=32,
+                           new_arch="small_cnn", small_arch="small_cnn", dim=16, small_dim=8, val_classes=4)
+
+
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory):
+    from lce_tf.glyphs import build_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("bench")
+    build_synthetic_dataset(str(root / "data"), num_train_classes=16, num_test_classes=8, images_per_class=12,
+                            num_query_per_class=3, size=16, seed=0, progress=None)
+    report = bench.run_benchmark(str(root / "data"), str(root / "results"), CI_PROFILE, seed=0,
+                                 scenarios=["S1", "S4"], command="pytest")
+    return root / "results", report
+
+
+@pytest.mark.e2e
+def test_ci_run_writes_parsable_results(ci_run):
+    out, report = ci_run
+    assert sorted(os.listdir(out)) == ["S1_heatmap.png", "S4_heatmap.png", "compat.json", "compat.md"]
+    for name in ("S1_heatmap.png", "S4_heatmap.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    parsed = json.loads((out / "compat.json").read_text())
+    assert parsed["seed"] == 0 and parsed["wall_time_seconds"] > 0
+    assert parsed["machine"]["cpus_available"] >= 1 and parsed["date"]
+    assert list(parsed["scenarios"]) == ["S1", "S4"]
+    methods = [row["method"] for row in parsed["scenarios"]["S1"]["rows"]]
+    assert methods == ["old", "independent", "l2", "bct", "lce", "lce-transform"]
+    # S4: 8-d old, 16-d new: only the transformation method can be compared with the old gallery.
+    assert set(parsed["scenarios"]["S4"]["not_applicable"]) == {"l2", "bct", "lce"}
+    s4 = {row["method"]: row for row in parsed["scenarios"]["S4"]["rows"]}
+    assert s4["independent"]["new_old"] is None and s4["lce-transform"]["new_old"] is not None
+    markdown = (out / "compat.md").read_text()
+    assert "## S1: more classes" in markdown and "| lce |" in markdown and "not applicable" in markdown
+    for row in parsed["scenarios"]["S1"]["rows"][1:]:
+        low, high = row["new_old"]["top1_ci95"]
+        assert low <= row["new_old"]["top1"] <= high
+
+
+@pytest.mark.e2e
+def test_ci_run_lce_meets_the_criterion_and_independent_does_not(ci_run):
+    _, report = ci_run
+    rows = {row["method"]: row for row in report["scenarios"]["S1"]["rows"]}
+    old_old = rows["old"]["new_new"]
+    assert rows["lce"]["criterion"] == {"top1": True, "mAP": True, "pass": True}, (rows["lce"]["new_old"], old_old)
+    assert rows["independent"]["criterion"]["pass"] is False
+    assert rows["lce"]["new_old"]["mAP"] > old_old["mAP"] > rows["independent"]["new_old"]["mAP"]
+
+
+def _row(top1_new_old, map_new_old, *, method="lce", top1_ug=0.6, map_ug=0.6, sacrifice=0.99, passed=True):
+    return {"method": method, "new_old": {"top1": top1_new_old, "mAP": map_new_old},
+            "criterion": {"top1": passed, "mAP": passed, "pass": passed},
+            "update_gain": {"top1": top1_ug, "mAP": map_ug},
+            "new_model_sacrifice": {"top1": sacrifice, "mAP": sacrifice}}
+
+
+def test_check_targets_reports_met_and_missed_with_numbers():
+    old = {"method": "old", "new_new": {"top1": 0.70, "mAP": 0.50}}
+    s1 = {"rows": [old, _row(0.01, 0.02, method="independent", passed=False),
+                   _row(0.72, 0.55, method="bct", top1_ug=0.2, map_ug=0.3),
+                   _row(0.75, 0.58, top1_ug=0.5, map_ug=0.4, sacrifice=0.96)]}
+    targets = {t["target"]: t for t in bench.check_targets({"S1": s1})}
+    assert targets["S1: lce satisfies the criterion on top-1 and mAP"]["met"]
+    # 0.75 - 0.70 = +0.05 and 0.58 - 0.50 = +0.08
+    assert "+0.0500" in targets["S1: lce satisfies the criterion on top-1 and mAP"]["detail"]
+    assert "+0.0800" in targets["S1: lce satisfies the criterion on top-1 and mAP"]["detail"]
+    assert targets["S1: independent fails the criterion (sanity)"]["met"]
+    assert not targets["S1: lce new/new >= 0.97 x independent new/new"]["met"]      # 0.96 < 0.97
+    assert not targets["S1: LCE update gain >= 0.5 (top-1 and mAP)"]["met"]        # mAP 0.4 < 0.5
+    assert targets["S1: LCE update gain higher than BCT and L2 (top-1 and mAP)"]["met"]  # 0.5 > 0.2, 0.4 > 0.3
+    chain = {"S5": {"average_compatibility": {"top1": 1.0, "mAP": 2 / 3}}}
+    assert not bench.check_targets(chain)[0]["met"]
+
+
+def test_validation_split_uses_only_training_classes(tmp_path):
+    from lce_tf import data
+    from lce_tf.glyphs import build_synthetic_dataset
+
+    build_synthetic_dataset(str(tmp_path / "d"), num_train_classes=10, num_test_classes=3, images_per_class=8,
+                            num_query_per_class=2, size=8, seed=0, progress=None)
+    train = data.read_image_folder(str(tmp_path / "d/train"))
+    images = np.arange(len(train), dtype=np.float32).reshape(-1, 1, 1, 1) * np.ones((1, 8, 8, 1), np.float32)
+    split = bench.Split(train, None, None, (8, 8, 1), images, None, None, None, None, {"kind": "synthetic"})
+    val = bench.validation_split(split, 4, seed=0)
+    assert val.train.num_classes == 6 and len(val.train) == 6 * 8
+    assert set(val.query.class_names) == set(val.gallery.class_names)
+    assert len(set(val.query.class_names)) == 4
+    assert not set(val.train.class_names) & set(val.query.class_names)      # open set
+    assert not set(val.query.paths) & set(val.gallery.paths)                # disjoint images
+    assert len(val.query) + len(val.gallery) == 4 * 8
+    # The in-memory images follow the folders: image value = index of the file in the full folder.
+    index = {p: i for i, p in enumerate(train.paths)}
+    assert [int(v) for v in val.query_images[:, 0, 0, 0]] == [index[p] for p in val.query.paths]
+    assert [int(v) for v in val.train_images[:, 0, 0, 0]] == [index[p] for p in val.train.paths]
+    assert list(val.query_labels) == [val.query.class_names[i] for i in val.query.labels]
+
+
+def test_bad_scenario_name_is_one_line_error(capsys):
+    assert bench.main(["--scenarios", "S9", "--data", "/nonexistent"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("bench_compat: error:")

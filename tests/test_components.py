@@ -1,0 +1,213 @@
+"""Unit tests of the TFX components' parts: the Beam center combiners, the blessing rule, executors' checks.
+
+The Beam test runs the combiners on the DirectRunner's FnApiRunner engine in multi-processing mode
+with 2 worker processes (as the local runner does) and compares with lce_tf.centers' in-memory
+reference to 1e-6.
+"""
+
+import os
+import types
+
+import numpy as np
+import pytest
+
+from components import util
+from components.compatibility_validator.executor import decide
+from components.image_example_gen.component import folder_fingerprint
+from components.index_builder.executor import entry_ids
+from lce_tf import centers as lce_centers
+
+MULTI_PROCESSING = ["--runner=FnApiRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+
+
+def _close_to(reference, atol=1e-6):
+    """A Beam matcher: the one ClassCenters equals `reference` within atol (counts and names exactly)."""
+
+    def check(actual):
+        assert len(actual) == 1, f"expected one ClassCenters, got {len(actual)}"
+        got = actual[0]
+        assert got.class_names == reference.class_names and got.boundary_rule == reference.boundary_rule
+        assert got.source_model_id == reference.source_model_id
+        np.testing.assert_array_equal(got.counts, reference.counts)
+        np.testing.assert_allclose(got.centers, reference.centers, rtol=0, atol=atol)
+        np.testing.assert_allclose(got.boundary_cos, reference.boundary_cos, rtol=0, atol=atol)
+
+    return check
+
+
+def test_beam_center_combiners_match_in_memory_reference_multiprocessing():
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.testing.util import assert_that
+
+    from components.class_center_extractor.centers_beam import ComputeClassCenters
+
+    rng = np.random.default_rng(7)
+    names = [f"c{j}" for j in range(5)]
+    labels = rng.permutation(np.repeat(np.arange(5), [3, 9, 1, 14, 6]))  # uneven classes, one singleton
+    embeddings = rng.normal(size=(labels.size, 6)) * rng.uniform(0.5, 3.0, size=(labels.size, 1))
+    embeddings[labels == 2] += 4.0  # the singleton class: its boundary is its only cosine, 1
+    references = {rule: lce_centers.compute_class_centers(embeddings, labels, names, boundary=rule,
+                                                          source_model_id="old-1")
+                  for rule in ("min", "percentile:20")}
+    keyed = [(int(label), embedding) for label, embedding in zip(labels, embeddings)]
+    with beam.Pipeline(options=PipelineOptions(MULTI_PROCESSING)) as pipeline:
+        pairs = pipeline | "Create" >> beam.Create(keyed, reshuffle=True)
+        for rule, reference in references.items():
+            result = pairs | f"Centers {rule}" >> ComputeClassCenters(names, rule, "old-1")
+            assert_that(result, _close_to(reference), label=f"Check {rule}")
+    # The reference itself, worked by hand for the singleton class: c = f̂, b = <f̂, f̂> = 1.
+    assert references["min"].boundary_cos[2] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_beam_matcher_can_fail():
+    reference = lce_centers.compute_class_centers(np.eye(2), np.array([0, 1]), ["a", "b"])
+    shifted = lce_centers.ClassCenters(reference.centers[::-1].copy(), reference.boundary_cos, reference.counts,
+                                       reference.class_names, reference.source_model_id, reference.boundary_rule)
+    with pytest.raises(AssertionError):
+        _close_to(reference)([shifted])
+
+
+def test_combine_fns_follow_the_beam_contract():
+    from components.class_center_extractor.centers_beam import BoundaryCombineFn, CenterSumCombineFn
+
+    fn = CenterSumCombineFn()
+    a = fn.add_input(fn.create_accumulator(), np.array([3.0, 4.0]))  # f̂ = (0.6, 0.8)
+    b = fn.add_input(fn.create_accumulator(), np.array([0.0, 2.0]))  # f̂ = (0, 1)
+    merged = fn.merge_accumulators([a, b])
+    np.testing.assert_allclose(merged.sum, [0.6, 1.8])  # Σ f̂
+    np.testing.assert_allclose(b.sum, [0.0, 1.0])       # only the first accumulator is modified
+    boundary = BoundaryCombineFn("min")
+    acc = boundary.merge_accumulators([boundary.add_input(boundary.create_accumulator(), c) for c in (0.9, 0.2, 0.5)])
+    assert boundary.extract_output(acc).boundary() == 0.2
+    with pytest.raises(ValueError, match="boundary rule"):
+        BoundaryCombineFn("max")
+
+
+class _Result(types.SimpleNamespace):
+    pass
+
+
+def test_blessing_rule_margins_floors_and_declaration():
+    # M(old, old) = (top1 0.70, mAP 0.50); M(new, old) = (0.72, 0.51); M(new, new) = (0.90, 0.80).
+    results = {("v1", "v1"): _Result(top1=0.70, mAP=0.50), ("v2", "v1"): _Result(top1=0.72, mAP=0.51),
+               ("v2", "v2"): _Result(top1=0.90, mAP=0.80)}
+    report = {"skipped": []}
+    common = dict(new="v2", old="v1", min_top1=0.5, min_map=0.0, declared_compatible=True)
+    blessed, reasons = decide(report, results, margin_top1=0.0, margin_map=0.0, **common)
+    assert blessed and len(reasons) == 5 and all(r.endswith("yes") for r in reasons)
+    # 0.72 > 0.70 + 0.01 holds, 0.51 > 0.50 + 0.02 does not.
+    blessed, reasons = decide(report, results, margin_top1=0.01, margin_map=0.02, **common)
+    assert not blessed and reasons[-1].startswith("criterion mAP") and reasons[-1].endswith("NO")
+    # Equal is not better (the criterion is strict).
+    results_equal = {**results, ("v2", "v1"): _Result(top1=0.70, mAP=0.51)}
+    assert not decide(report, results_equal, margin_top1=0.0, margin_map=0.0, **common)[0]
+    # Own accuracy below the floor.
+    assert not decide(report, results, margin_top1=0.0, margin_map=0.0,
+                      **{**common, "min_top1": 0.95})[0]
+    # Not declared compatible: refused even when the numbers pass.
+    assert not decide(report, results, margin_top1=0.0, margin_map=0.0,
+                      **{**common, "declared_compatible": False})[0]
+    # M(new, old) missing (different dimensions): refused, with the reason.
+    missing = {k: v for k, v in results.items() if k != ("v2", "v1")}
+    blessed, reasons = decide({"skipped": ["v2/v1: dimensions 32 and 16 differ"]}, missing, margin_top1=0.0,
+                              margin_map=0.0, **common)
+    assert not blessed and "dimensions 32 and 16 differ" in reasons[-1]
+    # First run: no old model, the floors only.
+    first = {("v1", "v1"): _Result(top1=0.6, mAP=0.4)}
+    blessed, reasons = decide({"skipped": []}, first, new="v1", old=None, margin_top1=0.0, margin_map=0.0,
+                              min_top1=0.5, min_map=0.0, declared_compatible=False)
+    assert blessed and len(reasons) == 2
+
+
+def test_entry_ids_follow_the_search_convention():
+    assert entry_ids(["a/x.png", "b/y.png"], ["a", "b"], np.array([0, 1]), "gallery") == ["a/x.png", "b/y.png"]
+    assert entry_ids(None, ["a", "b"], np.array([1, 0]), "gallery") == ["b/gallery-0000000", "a/gallery-0000001"]
+
+
+def test_folder_fingerprint_changes_with_the_content(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "1.png").write_bytes(b"x")
+    first = folder_fingerprint(str(tmp_path), "")
+    assert folder_fingerprint(str(tmp_path), "") == first
+    (tmp_path / "a" / ".hidden").write_bytes(b"ignored")
+    assert folder_fingerprint(str(tmp_path), "") == first
+    (tmp_path / "a" / "1.png").write_bytes(b"xy")
+    assert folder_fingerprint(str(tmp_path), "") != first
+    assert folder_fingerprint("gs://bucket/x") != folder_fingerprint("gs://bucket/y")  # names only
+
+
+def test_util_model_dir_and_bool(tmp_path):
+    (tmp_path / "Format-Serving").mkdir()
+    with pytest.raises(ValueError, match=r"^old_model .*: not an lce_tf model directory"):
+        util.model_dir(str(tmp_path), "old_model")
+    (tmp_path / "lce_tf_model.json").write_text("{}")
+    assert util.model_dir(str(tmp_path)) == str(tmp_path)  # an imported model directory
+    (tmp_path / "Format-Serving" / "lce_tf_model.json").write_text("{}")
+    assert util.model_dir(str(tmp_path)) == os.path.join(str(tmp_path), "Format-Serving")  # a trained Model
+    assert util.as_bool("true", "x") is True and util.as_bool(0, "x") is False
+    with pytest.raises(ValueError, match="parameter flip must be a boolean"):
+        util.as_bool("maybe", "flip")
+
+
+@pytest.fixture(scope="module")
+def examples_and_model(tmp_path_factory):
+    """Examples written by the ingest executor and a tiny model trained on their train split."""
+    from tfx.types import standard_artifacts
+
+    from components.image_example_gen.executor import Executor
+    from lce_tf import cli
+    from lce_tf.glyphs import build_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("components")
+    build_synthetic_dataset(str(root / "data"), num_train_classes=6, num_test_classes=3, images_per_class=5,
+                            size=16, seed=1, progress=None)
+    examples = standard_artifacts.Examples()
+    examples.uri = str(root / "examples")
+    Executor().Do({}, {"examples": [examples]}, {
+        "train_dir": str(root / "data/train"), "query_dir": str(root / "data/query"),
+        "gallery_dir": str(root / "data/gallery"), "train_classes": "", "examples_per_shard": 12,
+        "input_fingerprint": "x"})
+    assert cli.main(["train", "--data", str(root / "data/train"), "--out", str(root / "model"), "--arch",
+                     "small_cnn", "--dim", "8", "--epochs", "1", "--batch-size", "8", "--verbose", "0"]) == 0
+    return root, examples
+
+
+def test_ingest_writes_splits_with_their_description(examples_and_model):
+    from lce_tf.data import count_tfrecord_examples, read_image_folder
+
+    root, examples = examples_and_model
+    info = util.read_examples_info(examples.uri)
+    assert info["image_shape"] == [16, 16, 1]
+    assert examples.split_names == '["train", "query", "gallery"]'
+    for split, n in (("train", 30), ("query", 6), ("gallery", 9)):  # 6 x 5; 3 x 2; 3 x 3
+        assert info["splits"][split]["num_examples"] == n == count_tfrecord_examples(util.split_pattern(examples.uri, split))
+    assert info["splits"]["train"]["num_shards"] == 3  # ceil(30 / 12)
+    folder = read_image_folder(str(root / "data/gallery"))
+    assert util.read_split_paths(examples.uri, "gallery") == [os.path.relpath(p, folder.root) for p in folder.paths]
+    with pytest.raises(ValueError, match=r"^split 'eval': examples .* have no such split \(splits: gallery, query, train\)"):
+        util.split_info(info, "eval", examples.uri)
+
+
+def test_embed_examples_dofn_matches_the_model(examples_and_model):
+    """The DoFn's decode + embed path equals EmbeddingModel.embed_dataset on the same records."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from components.class_center_extractor.centers_beam import extract_class_centers
+    from lce_tf.data import make_tfrecord_dataset
+    from lce_tf.serving import load_embedding_model
+
+    root, examples = examples_and_model
+    model = load_embedding_model(str(root / "model"))
+    pattern = util.split_pattern(examples.uri, "train")
+    embeddings, labels = model.embed_dataset(make_tfrecord_dataset(pattern, model.input_shape, 7))
+    names = util.read_examples_info(examples.uri)["splits"]["train"]["class_names"]
+    reference = lce_centers.compute_class_centers(embeddings, labels, names, source_model_id=model.model_id)
+    out = str(root / "centers.npz")
+    with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as pipeline:  # in-process
+        written = extract_class_centers(pipeline, pattern, str(root / "model"), model.input_shape, names, out,
+                                        source_model_id=model.model_id, batch_size=4)
+        assert_that(written, equal_to([out]))
+    _close_to(reference, atol=1e-5)([lce_centers.ClassCenters.load(out)])
