@@ -8,7 +8,7 @@ STAMP    := $(VENV)/.installed-from-lock
 DEMO_DIR ?= build/demo
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo bench bench-quick bench-ann bench-scale lock fonts clean
+.PHONY: venv test test-fast demo bench bench-quick bench-ann lock fonts clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,17 @@ demo: venv fonts
 # and the demo falls back to the synthetic stroke dataset).
 fonts:
 	-@bash scripts/install_fonts.sh
+
+# Benchmarks (results under benchmarks/results/, with machine, date and command).
+BENCH_ARGS ?=
+bench: venv fonts
+	$(PY) scripts/bench_compat.py $(BENCH_ARGS)
+
+bench-quick: venv fonts
+	$(PY) scripts/bench_compat.py --quick $(BENCH_ARGS)
+
+bench-ann: venv
+	$(PY) scripts/bench_ann.py $(BENCH_ARGS)
 
 # Resolve requirements/lock.in into the lock (needs the network to PyPI).
 lock:

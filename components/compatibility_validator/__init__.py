@@ -1,1 +1,1 @@
-
+"""CompatibilityValidator: the compatibility matrix and the blessing (standard ModelBlessing)."""

@@ -1,1 +1,1 @@
-
+"""ImageFolderExampleGen: image folders -> TFRecord Examples (train / query / gallery splits)."""

@@ -1,1 +1,1 @@
-
+"""IndexBuilder: a relocatable ScaNN index of the gallery split (RetrievalIndex artifact)."""
