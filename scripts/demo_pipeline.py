@@ -7,7 +7,8 @@
    v1 is trained independently, blessed on its own accuracy, pushed, and its gallery is indexed;
 3. run the pipeline for v2 (larger CNN, all training classes, mode lce): v1 is resolved from the
    metadata store as the old model, its class centers are computed with Beam, v2 is trained with LCE
-   (and the independent reference v2* beside it), validated against v1 and pushed only if blessed;
+   (with --independent also the reference v2* trained without compatibility terms), validated
+   against v1 and pushed only if blessed;
 4. print the compatibility table, the verdict, and where the pushed model, the report and the index are;
 5. search v2 queries against the v1 index (`lce-tf index search`): the gallery is NOT re-encoded.
 
@@ -94,13 +95,14 @@ def search_v2_against_v1_index(index_dir: str, model_dir: str, query_dir: str, o
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="build/demo-pipeline")
-    parser.add_argument("--classes", type=int, default=600, help="total classes of the generated dataset")
+    parser.add_argument("--classes", type=int, default=300, help="total classes of the generated dataset")
     parser.add_argument("--test-fraction", type=float, default=0.3)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-kind", choices=("auto", "glyphs", "synthetic"), default="auto")
-    parser.add_argument("--no-independent", action="store_true", help="skip the independent reference v2*")
+    parser.add_argument("--independent", action="store_true",
+                        help="also train the independent reference v2* (update gain, sacrifice; ~2 more minutes)")
     parser.add_argument("--margin-top1", type=float, default=0.0, help="validator margin on top-1 (0 = strict)")
     parser.add_argument("--margin-map", type=float, default=0.0, help="validator margin on mAP (0 = strict)")
     parser.add_argument("--beam-workers", type=int, default=2)
@@ -126,7 +128,7 @@ def main() -> int:
                   margin_top1=args.margin_top1, margin_map=args.margin_map)
     v1 = PipelineConfig(**common, version="v1", architecture="small_cnn", train_classes="0:50%")
     v2 = PipelineConfig(**common, version="v2", architecture="cnn", mode="lce",
-                        train_independent_reference=not args.no_independent)
+                        train_independent_reference=args.independent)
     summaries = {}
     for config in (v1, v2):
         with open(os.path.join(work, f"{config.version}.json"), "w", encoding="utf-8") as f:

@@ -4,6 +4,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ _SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def _load_script():
     spec = importlib.util.spec_from_file_location("bench_compat", _SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 
