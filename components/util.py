@@ -24,6 +24,23 @@ SERVING_MODEL_DIR = "Format-Serving"  # tfx.utils.path_constants.SERVING_MODEL_D
 MODEL_METADATA_FILE = "lce_tf_model.json"  # lce_tf.serving.METADATA_FILE
 
 
+def local_path(uri: str) -> str:
+    """The local file-system path of an artifact URI.
+
+    lce_tf reads and writes with the local file system API. On Vertex AI Pipelines artifact URIs are
+    gs://BUCKET/... while Cloud Storage is mounted at /gcs/BUCKET/... (Cloud Storage FUSE): such URIs
+    are mapped onto the mount when it exists. Every other URI is returned unchanged.
+    """
+    if uri.startswith("gs://") and os.path.isdir("/gcs"):
+        return "/gcs/" + uri[len("gs://"):]
+    return uri
+
+
+def path(artifact) -> str:
+    """`local_path(artifact.uri)`."""
+    return local_path(artifact.uri)
+
+
 def split_dir(examples_uri: str, split: str) -> str:
     """URI/Split-<split>: the TFX folder of one split."""
     return os.path.join(examples_uri, f"Split-{split}")

@@ -334,6 +334,9 @@ def cmd_index_backfill(args: argparse.Namespace) -> int:
                                            batch_size=args.batch_size, progress=stage)
         stage(f"re-embedded {step['backfilled']} entries with {step['version']} ({step['signature']}); "
               f"{step['fraction']:.1%} of the gallery is now at {step['version']}")
+    if args.rebuild:
+        stage(f"retraining the {index.config.algorithm} searcher on the current {len(index)} vectors")
+        index.rebuild()
     path = index.save(out)
     stage(f"wrote index {path}: {_index_summary(index)}")
     return 0
@@ -376,6 +379,8 @@ def _add_index_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="backfill order seed (keep it across steps)")
     p.add_argument("--t12", action="store_true", help="map every gallery vector through the new model's T12 "
                    "into its own space (no images); needs --out")
+    p.add_argument("--rebuild", action="store_true", help="retrain the searcher (partitions, AH codebooks) on "
+                   "the current vectors after the step; advisable after large steps (upserts keep the old training)")
     p.add_argument("--out", help="index directory to write (default: replace --index atomically)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--batch-size", type=int, default=256)

@@ -7,8 +7,11 @@ writes
     OUT/<pipeline_name>.json   KFP v2 PipelineJob (KubeflowV2DagRunner; Vertex AI Pipelines / KFP 2)
     OUT/<pipeline_name>.yaml   KFP v1 Argo workflow (KubeflowDagRunner, still supported by TFX 1.15)
 
-Every component runs in `config.kubeflow_image` (build it from pipeline/Dockerfile). The data folders
-and the pipeline root are paths the cluster sees (gs://... on GCP); they are not checked here. Beam
+Every component runs in `config.kubeflow_image` (build it from pipeline/Dockerfile). The data folders,
+the pipeline root and the serving directory are paths the containers see; they are not checked here.
+lce_tf reads and writes through the local file system API (image folders, model directories, indexes),
+so give mounted paths: on Vertex AI Pipelines Cloud Storage is mounted at /gcs/<bucket>/ (Cloud Storage
+FUSE), on Kubeflow use a shared volume. Beam
 components get `config.beam_pipeline_args` (e.g. --runner=DataflowRunner --project=... --region=...
 --temp_location=gs://...) plus `--setup_file=<kubeflow_setup_file>` so remote Beam workers install
 lce_tf and the components from the image's copy of the project. The old model is resolved by the

@@ -76,12 +76,14 @@ class Profile:
       epochs: epochs of every new model (and of the cross-model transformations).
       old_epochs: epochs of the old models.
       batch_size: training batch size.
-      new_arch, small_arch: the new models' backbone and S2's small old backbone.
+      new_arch: the backbone of every model except S2's (old and new).
+      small_arch, large_arch: S2's old (small) and new (larger) backbones.
       dim, small_dim: embedding sizes (S4's old model uses small_dim).
       boundary, lambda_align, lambda_boundary, lambda_compat: LCE / baseline settings (chosen with
         --validate on training classes; see benchmarks/results/validation.md).
       val_classes: training classes held out by --validate.
       triplet_k: images per class in a triplet batch (P x K sampling).
+      learning_rate, old_learning_rate: Adam learning rates of the new and the old models.
     """
 
     name: str
@@ -93,6 +95,7 @@ class Profile:
     batch_size: int = 128
     new_arch: str = "cnn"
     small_arch: str = "small_cnn"
+    large_arch: str = "cnn"
     dim: int = 128
     small_dim: int = 64
     boundary: str = "percentile:20"
@@ -101,12 +104,17 @@ class Profile:
     lambda_compat: float = 1.0
     val_classes: int = 100
     triplet_k: int = 4
+    learning_rate: float = 1e-3
+    old_learning_rate: float = 1e-3
 
 
 PROFILES = {
-    "full": Profile("full", train_classes=500, test_classes=200, size=32, epochs=3, old_epochs=3),
-    "quick": Profile("quick", train_classes=60, test_classes=30, size=24, epochs=2, old_epochs=2,
-                     val_classes=20),
+    # λ_a = 3000 (λ_b = 10, boundary = 20th percentile) was chosen with --validate on held-out TRAINING classes
+    # (benchmarks/results/validation.md); the reference λ_a = 100 failed the criterion there.
+    "full": Profile("full", train_classes=500, test_classes=200, size=20, epochs=2, old_epochs=2, batch_size=64,
+                    lambda_align=3000.0),
+    "quick": Profile("quick", train_classes=60, test_classes=30, size=20, epochs=4, old_epochs=3, batch_size=32,
+                     lambda_align=3000.0, val_classes=20),
 }
 
 
@@ -122,6 +130,7 @@ class Spec:
       parent: the old model (modes that need one).
       partner: the frozen new model (cross-model mode).
       boundary, lambda_align, lambda_boundary, lambda_compat: compatibility settings.
+      learning_rate: Adam learning rate.
     """
 
     arch: str
@@ -136,10 +145,11 @@ class Spec:
     lambda_align: float = 100.0
     lambda_boundary: float = 10.0
     lambda_compat: float = 1.0
+    learning_rate: float = 1e-3
 
     def describe(self) -> dict[str, Any]:
         out = {"arch": self.arch, "dim": self.dim, "loss": self.loss, "classes": self.classes,
-               "epochs": self.epochs, "compat": self.compat}
+               "epochs": self.epochs, "compat": self.compat, "learning_rate": self.learning_rate}
         if self.compat in ("lce", "lce-transform", "cross-model"):
             out.update(boundary=self.boundary, lambda_align=self.lambda_align, lambda_boundary=self.lambda_boundary)
         if self.compat in ("bct", "l2"):
@@ -389,7 +399,12 @@ class ModelZoo:
             architecture=spec.arch, embedding_dim=spec.dim, loss=spec.loss, compat=spec.compat,
             lambda_align=spec.lambda_align, lambda_boundary=spec.lambda_boundary,
             lambda_compat=spec.lambda_compat, epochs=spec.epochs, batch_size=self.profile.batch_size,
+            learning_rate=spec.learning_rate,
             seed=self.seed, version=label)
+        # Seed BEFORE building the input pipeline: its shuffle/shift seeds combine with the global seed
+        # state, so a dataset built after other models were trained would see another order, and a model
+        # would depend on what was trained before it in this process (measured).
+        training.seed_everything(self.seed)
         dataset, steps = self._dataset(folder, spec)
         _log(f"training {label}: {spec.describe()} on {folder.num_classes} classes / {len(folder)} images")
         start = time.perf_counter()
@@ -423,7 +438,7 @@ class ModelZoo:
             images = {"train": self.split.train_images, "query": self.split.query_images,
                       "gallery": self.split.gallery_images}[which]
             fn = model.embed_compat if space == "old" else model
-            call = tf.function(lambda x: fn(x, training=False), reduce_retracing=True)
+            call = tf.function(lambda x: fn(x, training=False), autograph=False, reduce_retracing=True)
             out = [call(tf.constant(images[i:i + 512])).numpy() for i in range(0, len(images), 512)]
             self._embeddings[key] = np.concatenate(out).astype(np.float32)
         return self._embeddings[key]
@@ -557,15 +572,16 @@ class Benchmark:
         self.profile, self.seed, self.out_dir = profile, seed, out_dir
         self.zoo = ModelZoo(split, profile, seed, verbose)
         self.ev = Evaluator(self.zoo)
+        self.used_in: dict[Spec, list[str]] = {}
         p = profile
-        self.new_star = Spec(p.new_arch, p.dim, "arcface", "all", p.epochs)
+        self.new_star = Spec(p.new_arch, p.dim, "arcface", "all", p.epochs, learning_rate=p.learning_rate)
         self.zoo.name(self.new_star, "new* (independent)")
 
     def spec(self, method: str, old: Spec, *, arch: Optional[str] = None, dim: Optional[int] = None,
              loss: str = "arcface", classes: str = "all", **overrides) -> Spec:
         """The new model of `method` against `old` (independent ignores `old`)."""
         p = self.profile
-        base = Spec(arch or p.new_arch, dim or p.dim, loss, classes, p.epochs)
+        base = Spec(arch or p.new_arch, dim or p.dim, loss, classes, p.epochs, learning_rate=p.learning_rate)
         if method == "independent":
             return base
         return dataclasses.replace(base, compat=method, parent=old, boundary=p.boundary, lambda_align=p.lambda_align,
@@ -574,9 +590,14 @@ class Benchmark:
     def old(self, label: str, *, arch: Optional[str] = None, dim: Optional[int] = None, loss: str = "arcface",
             classes: str = "0:50%") -> Spec:
         p = self.profile
-        spec = Spec(arch or p.new_arch, dim or p.dim, loss, classes, p.old_epochs)
+        spec = Spec(arch or p.new_arch, dim or p.dim, loss, classes, p.old_epochs, learning_rate=p.old_learning_rate)
         self.zoo.name(spec, label)
         return spec
+
+    def _uses(self, key: str, specs) -> None:
+        for spec in specs:
+            if key not in self.used_in.setdefault(spec, []):
+                self.used_in[spec].append(key)
 
     def _heatmap(self, key: str, matrix: dict, models: Sequence[str], title: str) -> str:
         from lce_tf.report import plot_compatibility_heatmap
@@ -615,6 +636,7 @@ class Benchmark:
                 note = f"new* = the model '{zoo.names[spec]}' (identical settings and seed; trained once)"
             rows.append(_row(self.ev, method, spec, old, independent, note))
         models = {"old": old, **rows_specs}
+        self._uses(key, models.values())
         matrix, pairs = _matrix_entries(self.ev, models, old)
         heatmap = self._heatmap(key, matrix, list(models), f"{key}: {title} (top-1; rows: query model)")
         return {"title": title, "description": description, "old": {"model": zoo.names[old], **old.describe()},
@@ -622,33 +644,36 @@ class Benchmark:
                 "rows": rows, "not_applicable": not_applicable, "matrix": pairs, "heatmap": heatmap}
 
     def s1(self):
+        p = self.profile
         old = self.old("S1 old (50% classes)")
         return self.upgrade_scenario(
-            "S1", "more classes", "old: cnn 128-d ArcFace on 50% of the training classes; new: the same network "
-            "on 100%", old, {})
+            "S1", "more classes", f"old: {p.new_arch} {p.dim}-d ArcFace on 50% of the training classes; new: the same "
+            "network on 100%", old, {})
 
     def s2(self):
         p = self.profile
         old = self.old(f"S2 old ({p.small_arch})", arch=p.small_arch)
         return self.upgrade_scenario(
-            "S2", "new architecture", f"old: {p.small_arch} (small) 128-d ArcFace on 50% of the classes; new: "
-            f"{p.new_arch} (larger) on 100%", old, {})
+            "S2", "new architecture", f"old: {p.small_arch} (small) {p.dim}-d ArcFace on 50% of the classes; new: "
+            f"{p.large_arch} (larger) on 100%", old, {"arch": p.large_arch})
 
     def s3(self):
+        p = self.profile
         old = self.old("S3 old (NormSoftmax)", loss="normsoftmax")
         triplet = self.spec("lce", old, loss="triplet")
         note = ("new model with the semi-hard triplet loss (P x K batches) instead of ArcFace; LCE has no "
                 "classifier rows to align here, so only the boundary loss applies; sacrifice is against new* (ArcFace)")
         return self.upgrade_scenario(
-            "S3", "new loss", "old: cnn 128-d NormSoftmax on 50% of the classes; new: cnn 128-d ArcFace on 100% "
-            "(plus one LCE row with a triplet-loss new model)", old, {}, extra_rows=[("lce (triplet)", triplet, note)])
+            "S3", "new loss", f"old: {p.new_arch} {p.dim}-d NormSoftmax on 50% of the classes; new: {p.new_arch} "
+            f"{p.dim}-d ArcFace on 100% (plus one LCE row with a triplet-loss new model)", old, {},
+            extra_rows=[("lce (triplet)", triplet, note)])
 
     def s4(self):
         p = self.profile
         old = self.old(f"S4 old ({p.small_dim}-d)", dim=p.small_dim)
         return self.upgrade_scenario(
-            "S4", "new dimension", f"old: cnn {p.small_dim}-d ArcFace on 50% of the classes; new: cnn {p.dim}-d on "
-            "100%; only the transformation method can map between the dimensions", old, {})
+            "S4", "new dimension", f"old: {p.new_arch} {p.small_dim}-d ArcFace on 50% of the classes; new: "
+            f"{p.new_arch} {p.dim}-d on 100%; only the transformation method can map between the dimensions", old, {})
 
     def s5(self):
         """Chain v1 -> v2 -> v3, each LCE against its predecessor; full matrix and AC."""
@@ -660,6 +685,7 @@ class Benchmark:
         for spec, label in ((v2, "S5 v2 (lce vs v1, 75%)"), (v3, "S5 v3 (lce vs v2, 100%)")):
             self.zoo.name(spec, label)
         versions = {"v1": v1, "v2": v2, "v3": v3}
+        self._uses("S5", versions.values())
         matrix, pairs = {}, []
         for qn, qs in versions.items():
             for gn, gs in versions.items():
@@ -672,8 +698,8 @@ class Benchmark:
                             for i, t in enumerate(versions) for k in list(versions)[:i]]
         heatmap = self._heatmap("S5", matrix, list(versions), "S5: chain v1 -> v2 -> v3 (top-1; rows: query model)")
         return {"title": "chain v1 -> v2 -> v3",
-                "description": "v1 = S1's old model (cnn, 50% of the classes); v2: LCE against v1 on 75%; v3: LCE "
-                               "against v2 (not v1) on 100%",
+                "description": f"v1 = S1's old model ({self.profile.new_arch}, 50% of the classes); v2: LCE against v1 "
+                               "on 75%; v3: LCE against v2 (not v1) on 100%",
                 "versions": {k: {"model": self.zoo.names[s], **s.describe()} for k, s in versions.items()},
                 "matrix": pairs, "pairs": compatible_pairs, "average_compatibility": ac, "heatmap": heatmap}
 
@@ -685,8 +711,10 @@ class Benchmark:
         old = self.old("S1 old (50% classes)")
         new = self.new_star
         bridge = Spec(p.new_arch, p.dim, "arcface", "all", p.epochs, compat="cross-model", parent=old, partner=new,
-                      boundary=p.boundary, lambda_align=p.lambda_align, lambda_boundary=p.lambda_boundary)
+                      boundary=p.boundary, lambda_align=p.lambda_align, lambda_boundary=p.lambda_boundary,
+                      learning_rate=p.learning_rate)
         self.zoo.name(bridge, "cross T12/T21 (new* frozen)")
+        self._uses("cross", (old, new, bridge))
         ev = self.ev
         old_old, new_new = ev.m(old, old), ev.m(new, new)
         rows = [{"method": "old", "model": self.zoo.names[old], "new_new": _metric_entry(old_old)},
@@ -853,14 +881,16 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
         lines += ["", f"![{key} heatmap]({sc['heatmap']})"]
     if report.get("analysis"):
         lines += ["", "## Analysis", ""] + report["analysis"]
-    lines += ["", "## Models", "", "| model | settings | trained on | seconds | last epoch |", "|---|---|---|---|---|"]
+    lines += ["", "## Models", "", "Each distinct model is trained once; 'used in' lists the scenarios that share it "
+              "(identical settings and seed).", "",
+              "| model | settings | trained on | seconds | used in | last epoch |", "|---|---|---|---|---|---|"]
     for rec in report["models"]:
         spec = rec["spec"]
         settings = f"{spec['arch']} {spec['dim']}-d {spec['loss']} {spec['compat']}" + (
             f" vs {rec['parent']}" if rec.get("parent") else "")
         final = ", ".join(f"{k} {v}" for k, v in rec["final_epoch"].items())
         lines.append(f"| {rec['name']} | {settings} | {rec['train_classes']} classes, {spec['epochs']} epochs | "
-                     f"{rec['seconds']} | {final} |")
+                     f"{rec['seconds']} | {', '.join(rec.get('used_in', []))} | {final} |")
     _write_text(path, "\n".join(lines) + "\n")
 
 
@@ -931,7 +961,7 @@ def run_benchmark(data_dir: Optional[str], out_dir: str, profile: Profile, *, se
         results[key] = getattr(bench, key.lower())()
         scenario_seconds[key] = round(time.perf_counter() - t, 1)
     machine["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
-    models = [{**rec, "reused_in": []} for rec in bench.zoo.records.values()]
+    models = [{**rec, "used_in": bench.used_in.get(spec, [])} for spec, rec in bench.zoo.records.items()]
     wall = time.perf_counter() - start
     report = {
         "benchmark": "lce-tf compatibility benchmark", "lce_tf_version": lce_tf.__version__,
@@ -959,9 +989,13 @@ def _read_validation_choice(out_dir: str) -> Optional[str]:
                                     f"λ_b = {chosen['lambda_boundary']:g} (validation.md)")
 
 
+# (method, boundary rule, λ_a, λ_b): the reference defaults, the DESIGN.md trial's setting, stronger alignment,
+# tighter and looser boundaries; bct and l2 rows are context only (not eligible).
 VALIDATION_CANDIDATES: tuple[tuple[str, str, float, float], ...] = (
     ("lce", "min", 100.0, 1.0), ("lce", "percentile:20", 100.0, 10.0), ("lce", "percentile:20", 1000.0, 10.0),
-    ("lce", "percentile:50", 100.0, 10.0))
+    ("lce", "percentile:20", 3000.0, 10.0), ("lce", "percentile:20", 10000.0, 10.0),
+    ("lce", "percentile:50", 3000.0, 10.0), ("lce", "percentile:20", 3000.0, 1.0), ("lce", "min", 3000.0, 1.0),
+    ("bct", "", 0.0, 0.0), ("l2", "", 0.0, 0.0))
 
 
 def run_validation(data_dir: Optional[str], out_dir: str, profile: Profile, *, seed: int = 0,
@@ -1025,6 +1059,25 @@ def run_validation(data_dir: Optional[str], out_dir: str, profile: Profile, *, s
     return report
 
 
+def annotate(out_dir: str, notes_path: str) -> dict[str, Any]:
+    """Adds a written analysis (markdown lines from `notes_path`) to existing results; numbers are untouched.
+
+    compat.json gets an "analysis" field and compat.md is re-rendered from compat.json with an
+    "Analysis" section, so the analysis of a run lives next to that run's numbers.
+    """
+    path = os.path.join(out_dir, "compat.json")
+    if not os.path.exists(path):
+        raise ValueError(f"--annotate: {path} does not exist; run the benchmark first")
+    with open(path, encoding="utf-8") as f:
+        report = json.load(f)
+    with open(notes_path, encoding="utf-8") as f:
+        report["analysis"] = f.read().rstrip("\n").splitlines()
+    report["validation"] = _read_validation_choice(out_dir) or report.get("validation")
+    _write_text(path, json.dumps(report, indent=1) + "\n")
+    write_markdown(os.path.join(out_dir, "compat.md"), report)
+    return report
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1037,6 +1090,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--epochs", type=int, help="override the profile's epochs (new and old models)")
     parser.add_argument("--validate", action="store_true",
                         help="choose the LCE boundary rule and weights on held-out TRAINING classes instead")
+    parser.add_argument("--annotate", metavar="NOTES.md",
+                        help="add a written analysis to the results in --out (no training)")
     parser.add_argument("--verbose", type=int, default=0, choices=(0, 1, 2), help="Keras fit verbosity")
     args = parser.parse_args(argv)
     profile = PROFILES["quick" if args.quick else "full"]
@@ -1044,7 +1099,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         profile = dataclasses.replace(profile, epochs=args.epochs, old_epochs=args.epochs)
     command = "python scripts/bench_compat.py " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
-        if args.validate:
+        if args.annotate:
+            annotate(args.out, args.annotate)
+        elif args.validate:
             run_validation(args.data, args.out, profile, seed=args.seed, work=args.work, verbose=args.verbose)
         else:
             run_benchmark(args.data, args.out, profile, seed=args.seed,

@@ -14,6 +14,7 @@
 
 Both runs go through the same `pipeline.local_runner.run_local` (LocalDagRunner, SQLite metadata under
 WORKDIR/pipeline, Beam DirectRunner multi-processing) in this one process, so TFX is imported once.
+WORKDIR/pipeline is deleted first (unless --keep-pipeline): v1 must be the first model of the store.
 The same configuration runs from the command line with `lce-tf pipeline run --config FILE`.
 """
 
@@ -106,14 +107,25 @@ def main() -> int:
     parser.add_argument("--margin-top1", type=float, default=0.0, help="validator margin on top-1 (0 = strict)")
     parser.add_argument("--margin-map", type=float, default=0.0, help="validator margin on mAP (0 = strict)")
     parser.add_argument("--beam-workers", type=int, default=2)
-    parser.add_argument("--fresh", action="store_true", help="delete WORKDIR/pipeline first (new metadata store)")
+    parser.add_argument("--keep-pipeline", action="store_true",
+                        help="keep WORKDIR/pipeline from an earlier demo (by default it is deleted first, so v1 is "
+                        "the first model of a new metadata store; the generated data is reused either way)")
     args = parser.parse_args()
+
+    import logging
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+    components_log = logging.getLogger("components")  # one line per component step
+    components_log.setLevel(logging.INFO)
+    components_log.addHandler(handler)
+    components_log.propagate = False
 
     start = time.time()
     work = os.path.abspath(args.workdir)
     data = os.path.join(work, "data")
     root = os.path.join(work, "pipeline")
-    if args.fresh and os.path.isdir(root):
+    if not args.keep_pipeline and os.path.isdir(root):
         import shutil
 
         shutil.rmtree(root)

@@ -181,11 +181,12 @@ def test_ingest_writes_splits_with_their_description(examples_and_model):
     assert info["image_shape"] == [16, 16, 1]
     assert examples.split_names == '["train", "query", "gallery"]'
     for split, n in (("train", 30), ("query", 6), ("gallery", 9)):  # 6 x 5; 3 x 2; 3 x 3
-        assert info["splits"][split]["num_examples"] == n == count_tfrecord_examples(util.split_pattern(examples.uri, split))
+        records = count_tfrecord_examples(util.split_pattern(examples.uri, split))
+        assert info["splits"][split]["num_examples"] == n == records
     assert info["splits"]["train"]["num_shards"] == 3  # ceil(30 / 12)
     folder = read_image_folder(str(root / "data/gallery"))
     assert util.read_split_paths(examples.uri, "gallery") == [os.path.relpath(p, folder.root) for p in folder.paths]
-    with pytest.raises(ValueError, match=r"^split 'eval': examples .* have no such split \(splits: gallery, query, train\)"):
+    with pytest.raises(ValueError, match=r"^split 'eval': examples .* no such split \(splits: gallery, query, train\)"):
         util.split_info(info, "eval", examples.uri)
 
 

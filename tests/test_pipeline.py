@@ -135,8 +135,8 @@ def test_kubeflow_compiles_to_a_strict_pipeline_spec(tmp_path):
 
     from pipeline.kubeflow_runner import compile_kubeflow
 
-    config = PipelineConfig(train_dir="gs://bucket/data/train", query_dir="gs://bucket/data/query",
-                            gallery_dir="gs://bucket/data/gallery", pipeline_root="gs://bucket/root",
+    config = PipelineConfig(train_dir="/gcs/bucket/data/train", query_dir="/gcs/bucket/data/query",
+                            gallery_dir="/gcs/bucket/data/gallery", pipeline_root="/gcs/bucket/root",
                             beam_pipeline_args=["--runner=DataflowRunner", "--project=p", "--region=r"],
                             train_independent_reference=True, kubeflow_image="example.org/lce-tf:1")
     written = compile_kubeflow(config, str(tmp_path))
@@ -275,11 +275,13 @@ def test_lineage_read_back_with_ml_metadata(runs):
     pushed_id = runs["v2"]["nodes"]["Pusher"]["outputs"]["pushed_model"][0]["id"]
 
     def producer(artifact_id):
-        [event] = [e for e in store.get_events_by_artifact_ids([artifact_id]) if e.type == metadata_store_pb2.Event.OUTPUT]
+        events = store.get_events_by_artifact_ids([artifact_id])
+        [event] = [e for e in events if e.type == metadata_store_pb2.Event.OUTPUT]
         return event.execution_id
 
     def inputs(execution_id):
-        events = [e for e in store.get_events_by_execution_ids([execution_id]) if e.type == metadata_store_pb2.Event.INPUT]
+        events = [e for e in store.get_events_by_execution_ids([execution_id])
+                  if e.type == metadata_store_pb2.Event.INPUT]
         artifacts = {a.id: a for a in store.get_artifacts_by_id([e.artifact_id for e in events])}
         return {e.path.steps[0].key: artifacts[e.artifact_id] for e in events}
 

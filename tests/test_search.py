@@ -307,8 +307,8 @@ def test_backfill_cli_reembeds_then_t12_upgrade(ws, models, capsys, tmp_path):
     shutil.copytree(ws / "idx", tmp_path / "idx")
     v1, v2t = models["v1"], models["v2t"]
     code, out, _ = run_cli(capsys, "index", "backfill", "--index", tmp_path / "idx", "--model", ws / "v2t",
-                           "--data", ws / "data/gallery", "--fraction", 0.5)
-    assert code == 0 and "re-embedded 12 entries" in out
+                           "--data", ws / "data/gallery", "--fraction", 0.5, "--rebuild")
+    assert code == 0 and "re-embedded 12 entries" in out and "retraining the brute_force searcher" in out
     index = retrieval.EmbeddingIndex.load(str(tmp_path / "idx"))
     assert index.version_counts() == {v1.model_id: 12, v2t.model_id: 12}
     assert len(set(index.ids)) == 24

@@ -61,16 +61,17 @@ class Executor(base_executor.BaseExecutor):
         for split, _, path, classes in sources:
             folder = folders[split]
             num_shards = max(1, math.ceil(len(folder) / per_shard))
-            data.write_tfrecords(folder, os.path.join(util.split_dir(examples.uri, split), SHARD_PREFIX), num_shards)
+            out_dir = util.split_dir(util.path(examples), split)
+            data.write_tfrecords(folder, os.path.join(out_dir, SHARD_PREFIX), num_shards)
             root = os.path.abspath(folder.root)
-            util.write_text(util.paths_file(examples.uri, split),
+            util.write_text(util.paths_file(util.path(examples), split),
                             "".join(os.path.relpath(p, root).replace(os.sep, "/") + "\n" for p in folder.paths))
             info["splits"][split] = {"class_names": list(folder.class_names), "num_classes": folder.num_classes,
                                      "num_examples": len(folder), "source": path, "classes": classes or "",
                                      "num_shards": num_shards}
             _LOG.info("ImageFolderExampleGen: split %s: %d images of %d classes from %s (%d shards)", split,
                       len(folder), folder.num_classes, path, num_shards)
-        util.write_json(os.path.join(examples.uri, util.EXAMPLES_INFO_FILE), info)
+        util.write_json(os.path.join(util.path(examples), util.EXAMPLES_INFO_FILE), info)
 
         split_names = [split for split, *_ in sources]
         examples.split_names = standard_artifact_utils.encode_split_names(split_names)

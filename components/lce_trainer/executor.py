@@ -85,8 +85,8 @@ class Executor(base_executor.BaseExecutor):
         model_artifact = util.single(output_dict, MODEL_KEY)
         mode = util.check_choice(MODE_KEY, str(exec_properties.get(MODE_KEY)), MODES)
         split = str(exec_properties.get(SPLIT_KEY) or "train")
-        info = util.read_examples_info(examples.uri)
-        entry = util.split_info(info, split, examples.uri, SPLIT_KEY)
+        info = util.read_examples_info(util.path(examples))
+        entry = util.split_info(info, split, util.path(examples), SPLIT_KEY)
         class_names = list(entry["class_names"])
         input_shape = tuple(int(v) for v in info["image_shape"])
 
@@ -99,21 +99,21 @@ class Executor(base_executor.BaseExecutor):
 
         old_model = None
         if effective != "independent":
-            old_model = load_embedding_model(util.model_dir(old_artifact.uri, OLD_MODEL_KEY))
+            old_model = load_embedding_model(util.model_dir(util.path(old_artifact), OLD_MODEL_KEY))
         old_centers = None
         if effective in MODES_NEEDING_CENTERS:
             if centers_artifact is None or centers_artifact.get_int_custom_property("available") != 1:
                 raise ValueError(f"input {CLASS_CENTERS_KEY!r} holds no centers but mode {mode!r} needs the old "
                                  f"model's class centers (connect a ClassCenterExtractor fed with the same old model)")
-            old_centers = ClassCenters.load(os.path.join(centers_artifact.uri, artifacts.CENTERS_FILE))
+            old_centers = ClassCenters.load(os.path.join(util.path(centers_artifact), artifacts.CENTERS_FILE))
             if old_centers.source_model_id != old_model.model_id:
                 raise ValueError(f"input {CLASS_CENTERS_KEY!r} was computed with model {old_centers.source_model_id} "
                                  f"but input {OLD_MODEL_KEY!r} is model {old_model.model_id}")
             old_centers = old_centers.subset(class_names)  # row j = training class j
             if effective in ("lce", "bct") and old_centers.dim != config.embedding_dim:
                 raise ValueError(f"parameter {EMBEDDING_DIM_KEY} is {config.embedding_dim} but the old model "
-                                 f"{old_model.model_id} has dimension {old_centers.dim}: mode {effective!r} needs equal "
-                                 f"dimensions (use mode 'lce-transform')")
+                                 f"{old_model.model_id} has dimension {old_centers.dim}: mode {effective!r} needs "
+                                 f"equal dimensions (use mode 'lce-transform')")
         old_embedder = None
         if effective in MODES_NEEDING_OLD_MODEL:
             if old_model.embedding_dim != config.embedding_dim:
@@ -125,8 +125,9 @@ class Executor(base_executor.BaseExecutor):
                                  f"but the training split has {input_shape}")
             old_embedder = old_model.keras_embedder()
 
-        dataset = data.make_tfrecord_dataset(util.split_pattern(examples.uri, split), input_shape, config.batch_size,
-                                             shuffle=True, seed=config.seed, shift_pixels=config.shift_pixels)
+        dataset = data.make_tfrecord_dataset(util.split_pattern(util.path(examples), split), input_shape,
+                                             config.batch_size, shuffle=True, seed=config.seed,
+                                             shift_pixels=config.shift_pixels)
         _LOG.info("LceTrainer: %s %s D=%d mode=%s on %d images of %d classes for %d epochs", config.version,
                   config.architecture, config.embedding_dim, effective, entry["num_examples"], len(class_names),
                   config.epochs)
@@ -136,7 +137,7 @@ class Executor(base_executor.BaseExecutor):
         old_dim = old_centers.dim if old_centers is not None else (old_model.embedding_dim if old_model else None)
         from lce_tf.export import export_model
 
-        serving_dir = os.path.join(model_artifact.uri, util.SERVING_MODEL_DIR)
+        serving_dir = os.path.join(util.path(model_artifact), util.SERVING_MODEL_DIR)
         settings = {k: v for k, v in vars(config).items()}
         settings["configured_mode"] = mode
         settings["history"] = {k: [float(x) for x in v] for k, v in history.items()}
