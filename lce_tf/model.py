@@ -60,6 +60,9 @@ class CompatibilityConfig:
       lambda_boundary: λ_b (reference 1; 10 with the percentile-20 boundary measured better, DESIGN.md).
       lambda_compat: weight of the BCT influence or L2 regression term.
       new_centers: [C, D_new] unit rows of the frozen new model (cross-model mode only).
+      init_from_old_centers: in lce mode, start the classifier rows at the old centers c_j, so that
+        L_a (item 3) is 0 at step 0 and the new features are pulled into the old cones from the first
+        step instead of after the classifier has drifted (measured: benchmarks/results/validation.md).
     """
 
     mode: str = "independent"
@@ -69,6 +72,7 @@ class CompatibilityConfig:
     lambda_boundary: float = 10.0
     lambda_compat: float = 1.0
     new_centers: Optional[np.ndarray] = None
+    init_from_old_centers: bool = True
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -145,6 +149,8 @@ class CompatibleEmbeddingModel(tf.keras.Model):
         # Creates the head variables now, outside the first traced train step.
         if self.classifier is not None:
             self.classifier(tf.zeros((1, self.embedding_dim)))
+            if self.compatibility.mode == "lce" and self.compatibility.init_from_old_centers:
+                self.classifier.raw_weights.assign(self._old_centers)
         if self.t12 is not None:
             self.t12(tf.zeros((2, self.compatibility.old_dim)))
             self.t21(tf.zeros((2, self.embedding_dim)))

@@ -32,6 +32,7 @@ class TrainConfig:
       scale, margin: s and m of the margin-softmax head (reference re-id config: ArcFace s=16, m=0.1).
       compat: compatibility mode (lce_tf.model.MODES).
       lambda_align, lambda_boundary, lambda_compat: loss weights (λ_a, λ_b, and the BCT/L2 weight).
+      init_from_old_centers: lce mode: the classifier rows start at the old centers.
       epochs, batch_size, learning_rate: optimisation.
       shift_pixels: random-translation augmentation in pixels.
       seed: seeds Python, NumPy and TensorFlow, with op determinism on.
@@ -47,6 +48,7 @@ class TrainConfig:
     lambda_align: float = 100.0
     lambda_boundary: float = 10.0
     lambda_compat: float = 1.0
+    init_from_old_centers: bool = True
     epochs: int = 5
     batch_size: int = 128
     learning_rate: float = 1e-3
@@ -126,7 +128,7 @@ def train(config: TrainConfig, train_dataset, *, num_classes: int, input_shape: 
         old_centers=None if old_centers is None else old_centers.centers,
         old_boundary_cos=None if old_centers is None else old_centers.boundary_cos,
         lambda_align=config.lambda_align, lambda_boundary=config.lambda_boundary,
-        lambda_compat=config.lambda_compat,
+        lambda_compat=config.lambda_compat, init_from_old_centers=config.init_from_old_centers,
         new_centers=None if new_centers is None else new_centers.centers)
     head_classes = None if config.loss == "triplet" else num_classes
     if config.compat == "cross-model":

@@ -128,7 +128,7 @@ def test_lce_alignment_pulls_classifier_rows_onto_old_centers(toy, old_centers):
     cosines = {}
     for mode in ("independent", "lce"):
         config = training.TrainConfig(architecture="small_cnn", embedding_dim=old_centers.dim, epochs=4,
-                                      batch_size=8, compat=mode, learning_rate=2e-2)
+                                      batch_size=8, compat=mode, learning_rate=2e-2, init_from_old_centers=False)
         model, history = training.train(config, _dataset(images, labels), num_classes=NUM_CLASSES,
                                         input_shape=SHAPE, old_centers=old_centers, verbose=0)
         rows = model.classifier.class_centers.numpy()
@@ -136,6 +136,18 @@ def test_lce_alignment_pulls_classifier_rows_onto_old_centers(toy, old_centers):
     assert history["align_loss"][-1] < 0.6 * history["align_loss"][0]
     # Independent rows are unrelated to the old centers; LCE rows move onto them.
     assert cosines["lce"].mean() > cosines["independent"].mean() + 0.25, cosines
+
+
+@pytest.mark.parametrize("init", [True, False])
+def test_lce_classifier_rows_start_at_the_old_centers_unless_disabled(old_centers, init):
+    compat = CompatibilityConfig("lce", old_centers.centers, old_centers.boundary_cos, init_from_old_centers=init)
+    model = build_compatible_model("small_cnn", SHAPE, old_centers.dim, NUM_CLASSES, compat)
+    align = float(losses.alignment_loss(model.classifier.raw_weights, old_centers.centers))
+    if init:
+        np.testing.assert_allclose(model.classifier.class_centers.numpy(), old_centers.centers, atol=1e-6)
+        assert align < 1e-10
+    else:
+        assert align > 1e-2
 
 
 def test_direct_mode_rejects_centers_of_another_dimension(old_centers):
