@@ -70,10 +70,12 @@ from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, 
 
 import numpy as np
 
+from lce_tf import defaults
+
 _LOG = logging.getLogger(__name__)
 
 FORMAT_VERSION = "lce_tf.class_centers/1"
-DEFAULT_BOUNDARY_RULE = "percentile:20"
+DEFAULT_BOUNDARY_RULE = defaults.BOUNDARY_RULE
 # Mean pairwise cosine of the centers above which the old model's embeddings have likely collapsed
 # into one cone (DESIGN.md trial: 0.98-0.99 when collapsed, 0.39 when healthy).
 COLLAPSE_COSINE_WARNING = 0.9
@@ -934,7 +936,7 @@ def compute_class_centers(embeddings: np.ndarray, labels: np.ndarray, class_name
       embeddings: [N, D] raw old-model embeddings (flip-summed already if flip-averaging is wanted).
       labels: [N] int class indices in [0, C).
       class_names: the C class names; label j is class_names[j].
-      boundary: "min" or "percentile:P" (default "percentile:20", DESIGN.md trial).
+      boundary: "min" or "percentile:P" (default `lce_tf.defaults.BOUNDARY_RULE`).
       source_model_id: id of the model that produced the embeddings.
       chunk_size: rows per chunk (bounds the float64 working memory to chunk_size × D).
 

@@ -26,6 +26,7 @@ import time
 from typing import Any, Optional, Sequence
 
 import lce_tf
+from lce_tf import defaults
 
 EXIT_BAD_INPUT = 2
 _HEADS = ("normsoftmax", "cosface", "arcface", "triplet")
@@ -478,10 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "--old-centers is not given; required by l2)")
     p.add_argument("--old-centers", help="old class centers .npz (lce-tf centers)")
     p.add_argument("--new-model", help="frozen new model directory (cross-model mode)")
-    p.add_argument("--boundary", default="percentile:20", help="boundary rule when centers are computed "
+    p.add_argument("--boundary", default=defaults.BOUNDARY_RULE, help="boundary rule when centers are computed "
                    "here: 'min' (reference) or 'percentile:P'")
-    p.add_argument("--lambda-align", type=float, default=100.0)
-    p.add_argument("--lambda-boundary", type=float, default=10.0)
+    p.add_argument("--lambda-align", type=float, default=defaults.LAMBDA_ALIGN)
+    p.add_argument("--lambda-boundary", type=float, default=defaults.LAMBDA_BOUNDARY)
     p.add_argument("--lambda-compat", type=float, default=1.0, help="weight of the bct / l2 term")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--version", dest="version", help="version label (default: the --out folder name)")
@@ -494,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--classes")
-    p.add_argument("--boundary", default="percentile:20")
+    p.add_argument("--boundary", default=defaults.BOUNDARY_RULE)
     p.set_defaults(func=cmd_centers)
 
     p = sub.add_parser("evaluate", help="compatibility matrix, criterion and update gain of models")

@@ -35,6 +35,7 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow as tf
 
+from lce_tf import defaults
 from lce_tf import layers as lce_layers
 from lce_tf import losses as lce_losses
 
@@ -56,8 +57,8 @@ class CompatibilityConfig:
       mode: one of `MODES`.
       old_centers: [C, D_old] unit rows, row j = old center of the new training set's class j.
       old_boundary_cos: [C] boundary cosines b_j of the old classes (DESIGN.md item 1).
-      lambda_align: λ_a (reference default 100).
-      lambda_boundary: λ_b (reference 1; 10 with the percentile-20 boundary measured better, DESIGN.md).
+      lambda_align: λ_a (default `lce_tf.defaults.LAMBDA_ALIGN`, the reference 100).
+      lambda_boundary: λ_b (default `lce_tf.defaults.LAMBDA_BOUNDARY`, the reference 1).
       lambda_compat: weight of the BCT influence or L2 regression term.
       new_centers: [C, D_new] unit rows of the frozen new model (cross-model mode only).
       init_from_old_centers: in lce mode, start the classifier rows at the old centers c_j, so that
@@ -68,8 +69,8 @@ class CompatibilityConfig:
     mode: str = "independent"
     old_centers: Optional[np.ndarray] = None
     old_boundary_cos: Optional[np.ndarray] = None
-    lambda_align: float = 100.0
-    lambda_boundary: float = 10.0
+    lambda_align: float = defaults.LAMBDA_ALIGN
+    lambda_boundary: float = defaults.LAMBDA_BOUNDARY
     lambda_compat: float = 1.0
     new_centers: Optional[np.ndarray] = None
     init_from_old_centers: bool = True

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from lce_tf import defaults
 from lce_tf.centers import ClassCenters
 
 HEADS = ("normsoftmax", "cosface", "arcface", "triplet")
@@ -45,8 +46,8 @@ class TrainConfig:
     scale: float = 16.0
     margin: float = 0.1
     compat: str = "independent"
-    lambda_align: float = 100.0
-    lambda_boundary: float = 10.0
+    lambda_align: float = defaults.LAMBDA_ALIGN
+    lambda_boundary: float = defaults.LAMBDA_BOUNDARY
     lambda_compat: float = 1.0
     init_from_old_centers: bool = True
     epochs: int = 5

@@ -22,6 +22,8 @@ import re
 import typing
 from typing import Any, Mapping, Optional, Sequence
 
+from lce_tf import defaults
+
 # Mirrors of the library's choices (checked against lce_tf in tests; kept here so that validating a
 # configuration does not import TensorFlow).
 MODES = ("independent", "lce", "lce-transform", "bct", "l2")
@@ -111,8 +113,8 @@ class PipelineConfig:
     loss: str = "arcface"
     scale: float = 16.0
     margin: float = 0.1
-    lambda_align: float = 100.0
-    lambda_boundary: float = 10.0
+    lambda_align: float = defaults.LAMBDA_ALIGN
+    lambda_boundary: float = defaults.LAMBDA_BOUNDARY
     lambda_compat: float = 1.0
     epochs: int = 5
     batch_size: int = 128
@@ -121,7 +123,7 @@ class PipelineConfig:
     seed: int = 0
     train_independent_reference: bool = False
 
-    boundary: str = "percentile:20"
+    boundary: str = defaults.BOUNDARY_RULE
     flip_average: bool = False
 
     margin_top1: float = 0.0

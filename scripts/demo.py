@@ -3,9 +3,9 @@
 
 1. generate glyph data (CJK characters from the installed fonts; random stroke patterns when fewer
    than three CJK fonts are installed), with disjoint training and test classes;
-2. train v1: a small CNN on the first half of the training classes;
+2. train v1: a CNN on the first half of the training classes, briefly (the model in production);
 3. extract v1's class centers and boundaries over ALL training classes;
-4. train v2 with LCE against those centers (a larger CNN, all classes);
+4. train v2 with LCE against those centers (the same CNN on all classes, trained longer: the upgrade);
 5. train v2-independent the same way without any compatibility term (the reference new* model);
 6. evaluate every pair on the held-out query/gallery classes: the table, the BCT criterion and the
    update gain.
@@ -33,7 +33,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="build/demo")
     parser.add_argument("--classes", type=int, default=600, help="total classes of the generated dataset")
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--size", type=int, default=20, help="image side in pixels")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of the v2 models")
+    parser.add_argument("--old-epochs", type=int, default=2, help="epochs of v1")
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-kind", choices=("auto", "glyphs", "synthetic"), default="auto")
     args = parser.parse_args()
@@ -52,12 +55,15 @@ def main() -> int:
         if kind == "synthetic":
             print("fewer than 3 CJK fonts installed (scripts/install_fonts.sh installs them): "
                   "using the synthetic stroke dataset", flush=True)
-    run(lce + ["data", kind, "--out", data, "--classes", str(args.classes), "--seed", str(args.seed), "--overwrite"])
-    common = ["--data", os.path.join(data, "train"), "--epochs", str(args.epochs), "--seed", str(args.seed),
-              "--overwrite", "--dim", "64"]
-    run(lce + ["train", *common, "--classes", "0:50%", "--arch", "small_cnn", "--out", f"{models}/v1"])
+    run(lce + ["data", kind, "--out", data, "--classes", str(args.classes), "--size", str(args.size),
+               "--seed", str(args.seed), "--overwrite"])
+    common = ["--data", os.path.join(data, "train"), "--seed", str(args.seed), "--overwrite", "--dim", "128",
+              "--batch-size", str(args.batch_size)]
+    run(lce + ["train", *common, "--epochs", str(args.old_epochs), "--classes", "0:50%", "--arch", "cnn",
+               "--out", f"{models}/v1"])
     run(lce + ["centers", "--model", f"{models}/v1", "--data", os.path.join(data, "train"),
                "--out", f"{work}/v1_centers.npz"])
+    common += ["--epochs", str(args.epochs)]
     run(lce + ["train", *common, "--arch", "cnn", "--compat", "lce", "--old-centers", f"{work}/v1_centers.npz",
                "--out", f"{models}/v2-lce"])
     run(lce + ["train", *common, "--arch", "cnn", "--out", f"{models}/v2-independent"])

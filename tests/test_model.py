@@ -97,7 +97,8 @@ def test_unknown_architecture_is_rejected():
 def test_every_loss_term_appears_in_the_fit_history(mode, terms, toy, old_centers):
     images, labels = toy
     dim = 16 if mode == "lce-transform" else old_centers.dim
-    config = training.TrainConfig(architecture="small_cnn", embedding_dim=dim, epochs=2, batch_size=8, compat=mode)
+    config = training.TrainConfig(architecture="small_cnn", embedding_dim=dim, epochs=2, batch_size=8, compat=mode,
+                                  lambda_align=100.0, lambda_boundary=10.0)
     model, history = training.train(config, _dataset(images, labels), num_classes=NUM_CLASSES, input_shape=SHAPE,
                                     old_centers=None if mode == "independent" else old_centers, verbose=0)
     assert terms | {"loss", "accuracy"} == set(history)

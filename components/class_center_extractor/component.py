@@ -17,6 +17,7 @@ from tfx.types import channel, standard_artifacts
 from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionParameter
 
 from components import artifacts
+from lce_tf import defaults
 from components.class_center_extractor import executor
 from components.class_center_extractor.executor import (  # noqa: F401  (the keys)
     AVAILABLE_PROPERTY, BATCH_SIZE_KEY, BOUNDARY_KEY, CLASS_CENTERS_KEY, EXAMPLES_KEY, FLIP_AVERAGE_KEY,
@@ -51,7 +52,7 @@ class ClassCenterExtractor(base_beam_component.BaseBeamComponent):
     EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(executor.Executor)
 
     def __init__(self, examples: channel.BaseChannel, old_model: Optional[channel.BaseChannel] = None, *,
-                 split: str = "train", boundary: str = "percentile:20", flip_average: bool = False,
+                 split: str = "train", boundary: str = defaults.BOUNDARY_RULE, flip_average: bool = False,
                  batch_size: int = 256):
         """Args:
           examples: Examples with the training split (lce_tf.data records).

@@ -22,6 +22,7 @@ from tfx.types import channel, standard_artifacts
 from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionParameter
 
 from components import artifacts
+from lce_tf import defaults
 from components.lce_trainer import executor
 from components.lce_trainer.executor import (  # noqa: F401  (the keys and modes)
     ARCHITECTURE_KEY, BATCH_SIZE_KEY, CLASS_CENTERS_KEY, EFFECTIVE_MODE_PROPERTY, EMBEDDING_DIM_KEY, EPOCHS_KEY,
@@ -73,7 +74,7 @@ class LceTrainer(base_component.BaseComponent):
     def __init__(self, examples: channel.BaseChannel, class_centers: Optional[channel.BaseChannel] = None,
                  old_model: Optional[channel.BaseChannel] = None, *, mode: str = "lce", architecture: str = "cnn",
                  embedding_dim: int = 64, loss: str = "arcface", scale: float = 16.0, margin: float = 0.1,
-                 lambda_align: float = 100.0, lambda_boundary: float = 10.0, lambda_compat: float = 1.0,
+                 lambda_align: float = defaults.LAMBDA_ALIGN, lambda_boundary: float = defaults.LAMBDA_BOUNDARY, lambda_compat: float = 1.0,
                  epochs: int = 5, batch_size: int = 128, learning_rate: float = 1e-3, shift_pixels: int = 2,
                  seed: int = 0, version: str = "v1", split: str = "train"):
         """Args:
