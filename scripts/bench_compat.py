@@ -262,9 +262,11 @@ def validation_split(split: Split, num_val_classes: int, seed: int, num_query_fo
     """A validation split made of TRAINING classes only (the test classes are not touched).
 
     `num_val_classes` training classes (seeded choice) are held out of training and split into
-    query and gallery by font: `num_query_fonts` fonts (seeded) give the queries, the others the
-    gallery, as the glyph builder does for the test classes. Synthetic data (no fonts in the file
-    names) is split by image: the first quarter of each class's images are queries.
+    query and gallery by font as the test split is: the fonts of the test split's queries give the
+    validation queries (fonts are not classes: the protocol is mirrored, no test image is used), the
+    others the gallery. When the test queries name no known font, `num_query_fonts` seeded fonts are
+    used. Synthetic data (no fonts in the file names) is split by image: the first quarter of each
+    class's images are queries.
     """
     from lce_tf.data import ImageFolder
 
@@ -277,7 +279,10 @@ def validation_split(split: Split, num_val_classes: int, seed: int, num_query_fo
     keep_names = [n for n in train.class_names if n not in set(val_names)]
     fonts = sorted({_font_of(p) for p in train.paths})
     by_font = len(fonts) > num_query_fonts and len(fonts) < len(train.paths) // train.num_classes + 2
-    query_fonts = set(rng.choice(fonts, size=num_query_fonts, replace=False).tolist()) if by_font else set()
+    test_query_paths = split.query.paths if split.query is not None else []
+    query_fonts = {_font_of(p) for p in test_query_paths} & set(fonts) if by_font else set()
+    if by_font and not query_fonts:
+        query_fonts = set(rng.choice(fonts, size=num_query_fonts, replace=False).tolist())
     name_index = {n: i for i, n in enumerate(train.class_names)}
     q_idx, g_idx = [], []
     for name in val_names:

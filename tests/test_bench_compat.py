@@ -132,6 +132,22 @@ def test_validation_split_uses_only_training_classes(tmp_path):
     assert list(val.query_labels) == [val.query.class_names[i] for i in val.query.labels]
 
 
+def test_validation_queries_use_the_test_splits_query_fonts():
+    from lce_tf.data import ImageFolder
+
+    fonts = [f"font{k}-regular" for k in range(8)]
+    classes = [f"c{j}" for j in range(10)]
+    train = ImageFolder("/t", [f"/t/{c}/{f}-0.png" for c in classes for f in fonts],
+                        np.repeat(np.arange(10), 8), classes)
+    query = ImageFolder("/q", ["/q/x/font2-regular-0.png", "/q/x/font5-regular-0.png"], np.array([0, 0]), ["x"])
+    split = bench.Split(train, query, None, (8, 8, 1), np.zeros((80, 8, 8, 1), np.float32), None, None, None, None,
+                        {"kind": "glyphs"})
+    val = bench.validation_split(split, 3, seed=0)
+    assert val.description["query_fonts"] == ["font2-regular", "font5-regular"]
+    assert {bench._font_of(p) for p in val.query.paths} == {"font2-regular", "font5-regular"}
+    assert len(val.query) == 3 * 2 and len(val.gallery) == 3 * 6
+
+
 def test_bad_scenario_name_is_one_line_error(capsys):
     assert bench.main(["--scenarios", "S9", "--data", "/nonexistent"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
