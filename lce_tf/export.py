@@ -9,7 +9,8 @@ A model directory is a SavedModel whose serving signatures take images float32 [
 
 plus `lce_tf_model.json` (see `lce_tf.serving.METADATA_FILE`). The directory reloads with plain
 `tf.saved_model.load` in a process that never imports lce_tf. It is written to a temporary sibling
-directory and renamed into place, so a reader never sees half a model.
+directory and committed with `lce_tf.fileio.commit_directory` (an atomic swap when it replaces a
+model), so a reader never sees half a model.
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
-import tempfile
 import uuid
 from typing import Any, Optional, Sequence
 
 import tensorflow as tf
 
 import lce_tf
+from lce_tf import fileio
 from lce_tf.serving import METADATA_FILE, MODEL_FORMAT
 
 
@@ -110,9 +110,7 @@ def export_model(model, out_dir: str, *, architecture: str, input_shape: Sequenc
         "lce_tf_version": lce_tf.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    tmp_dir = fileio.make_temp_dir(out_dir)
     try:
         module = _ServingModule(model, input_shape)
         tf.saved_model.save(module, tmp_dir, signatures=_signatures(module))
@@ -120,23 +118,8 @@ def export_model(model, out_dir: str, *, architecture: str, input_shape: Sequenc
             json.dump(metadata, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        _move_into_place(tmp_dir, out_dir)
+        fileio.commit_directory(tmp_dir, out_dir)
     except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        fileio.remove_tree(tmp_dir)
         raise
     return metadata
-
-
-def _move_into_place(tmp_dir: str, out_dir: str) -> None:
-    """Renames a complete temporary directory to `out_dir`, keeping an old one until the swap is done."""
-    if not os.path.exists(out_dir):
-        os.rename(tmp_dir, out_dir)
-        return
-    backup = f"{tmp_dir}.previous"
-    os.rename(out_dir, backup)
-    try:
-        os.rename(tmp_dir, out_dir)
-    except BaseException:
-        os.rename(backup, out_dir)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)

@@ -47,7 +47,6 @@ top-N scoring for tree-AH) `upsert` rebuilds the searcher instead.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import datetime
 import hashlib
@@ -55,14 +54,12 @@ import json
 import logging
 import math
 import os
-import shutil
-import sys
-import uuid
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 import lce_tf
+from lce_tf import fileio
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +78,6 @@ DISTANCES = ("dot_product",)
 BRUTE_FORCE_BELOW = 20_000
 TREE_AH_FROM = 100_000
 
-_TMP_TAG = ".lce-tmp-"
-_OLD_TAG = ".lce-old-"
 
 _SCANN_INSTALL_HINT = ("ScaNN is required for lce_tf.retrieval indexes: install it with "
                        "`pip install scann==1.3.0` (Linux x86-64 wheels, built against tensorflow 2.15)")
@@ -403,19 +398,6 @@ def _metadata_checksum(metadata: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
-def _fsync_path(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: str, payload: Any) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=1 if isinstance(payload, dict) else None)
@@ -428,63 +410,6 @@ def _write_npy(path: str, array: np.ndarray) -> None:
         np.save(f, array, allow_pickle=False)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _rename(src: str, dst: str) -> None:
-    os.rename(src, dst)
-
-
-def _remove_tree(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange_dirs(a: str, b: str) -> bool:
-    """Atomically swaps two directory entries (Linux renameat2 RENAME_EXCHANGE). False if unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    renameat2.restype = ctypes.c_int
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    import errno  # pylint: disable=import-outside-toplevel
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV, errno.EPERM):
-        return False
-    raise OSError(err, f"renameat2(RENAME_EXCHANGE) {a} <-> {b}: {os.strerror(err)}")
-
-
-def _commit_directory(tmp_dir: str, target: str) -> None:
-    """Puts the complete directory `tmp_dir` at `target`, replacing an existing one atomically.
-
-    See the module docstring ("Atomic save") for what a crash at each step leaves behind.
-    """
-    parent = os.path.dirname(target)
-    if not os.path.lexists(target):
-        _rename(tmp_dir, target)
-        _fsync_path(parent)
-        return
-    if _exchange_dirs(tmp_dir, target):  # target = new; tmp_dir = old
-        _fsync_path(parent)
-        _remove_tree(tmp_dir)
-        return
-    backup = os.path.join(parent, f".{os.path.basename(target)}{_OLD_TAG}{uuid.uuid4().hex[:8]}")
-    _rename(target, backup)
-    try:
-        _rename(tmp_dir, target)
-    except BaseException:
-        _rename(backup, target)
-        raise
-    _fsync_path(parent)
-    _remove_tree(backup)
 
 
 def _rewrite_assets(assets_text: str, old_root: str, new_root: Optional[str], index_dir_label: str) -> str:
@@ -869,16 +794,12 @@ class EmbeddingIndex:
             if os.listdir(target) and not os.path.isfile(os.path.join(target, METADATA_FILE)):
                 raise ValueError(f"refusing to replace {target}: it is a non-empty directory without "
                                  f"{METADATA_FILE} (not an lce_tf index)")
-        parent = os.path.dirname(target)
-        os.makedirs(parent, exist_ok=True)
-        # os.mkdir (not tempfile.mkdtemp, which makes it 0700) so the index gets the umask's permissions.
-        tmp = os.path.join(parent, f".{os.path.basename(target)}{_TMP_TAG}{uuid.uuid4().hex[:12]}")
-        os.mkdir(tmp)
+        tmp = fileio.make_temp_dir(target)
         try:
             metadata = self._write_files(tmp)
-            _commit_directory(tmp, target)
+            fileio.commit_directory(tmp, target)
         except BaseException:
-            _remove_tree(tmp)
+            fileio.remove_tree(tmp)
             raise
         self._metadata = metadata
         return target
@@ -912,15 +833,15 @@ class EmbeddingIndex:
                 rel = os.path.relpath(path, root).replace(os.sep, "/")
                 if rel == METADATA_FILE:
                     continue
-                _fsync_path(path)
+                fileio.fsync_path(path)
                 files[rel] = _sha256_file(path)
         metadata = dict(self._metadata)
         metadata.update(count=len(self._ids), version_counts=self.version_counts(), config=self._config.to_dict(),
                         lce_tf_version=lce_tf.__version__, files=dict(sorted(files.items())))
         metadata["checksum"] = _metadata_checksum(metadata)
         _write_json(os.path.join(root, METADATA_FILE), metadata)
-        _fsync_path(scann_dir)
-        _fsync_path(root)
+        fileio.fsync_path(scann_dir)
+        fileio.fsync_path(root)
         return metadata
 
     @classmethod
@@ -1044,7 +965,7 @@ def _find_backup(root: str) -> Optional[str]:
         entries = os.listdir(parent)
     except OSError:
         return None
-    candidates = [os.path.join(parent, e) for e in entries if e.startswith(f".{name}{_OLD_TAG}")]
+    candidates = [os.path.join(parent, e) for e in entries if e.startswith(f".{name}{fileio.OLD_TAG}")]
     for path in sorted(candidates, key=os.path.getmtime, reverse=True):
         try:
             metadata = _read_metadata(path)

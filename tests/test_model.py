@@ -231,10 +231,23 @@ def test_export_refuses_to_overwrite_and_leaves_no_partial_directory(toy, tmp_pa
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
+    # Replacing with overwrite=True swaps in the complete new directory; it gets the umask's mode.
+    first = json.loads((tmp_path / "m" / "lce_tf_model.json").read_text())["model_id"]
+    export_model(model, str(tmp_path / "m"), architecture="small_cnn", input_shape=SHAPE, version="v1",
+                 overwrite=True)
+    assert json.loads((tmp_path / "m" / "lce_tf_model.json").read_text())["model_id"] != first
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "m").st_mode & 0o777 == 0o777 & ~umask  # not tempfile.mkdtemp's 0700
+
     monkeypatch.setattr(tf.saved_model, "save", crash)
     with pytest.raises(OSError, match="disk full"):
         export_model(model, str(tmp_path / "n"), architecture="small_cnn", input_shape=SHAPE, version="v1")
+    with pytest.raises(OSError, match="disk full"):  # a failed replacement keeps the previous model
+        export_model(model, str(tmp_path / "m"), architecture="small_cnn", input_shape=SHAPE, version="v1",
+                     overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["m"]
+    assert (tmp_path / "m" / "saved_model.pb").is_file()
 
 
 def test_training_divergence_raises_and_names_the_loss():

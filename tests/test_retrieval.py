@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from lce_tf import fileio
 from lce_tf import retrieval as R
 from lce_tf.retrieval import EmbeddingIndex, IncompatibleModelError, IndexConfig
 
@@ -268,7 +269,7 @@ def test_crash_while_writing_keeps_previous_index(data, tmp_path, monkeypatch):
     assert EmbeddingIndex.load(str(target)).model_version == "v1"
 
     monkeypatch.setattr(R, "_write_json", real_write)
-    monkeypatch.setattr(R, "_exchange_dirs", lambda a, b: (_ for _ in ()).throw(OSError("disk gone")))
+    monkeypatch.setattr(fileio, "exchange_dirs", lambda a, b: (_ for _ in ()).throw(OSError("disk gone")))
     with pytest.raises(OSError, match="disk gone"):
         new.save(str(target))
     assert os.listdir(tmp_path) == ["index"]
@@ -294,9 +295,9 @@ def test_every_step_of_a_replacing_save_leaves_old_or_new_loadable(data, tmp_pat
             return result
         return wrapped
 
-    monkeypatch.setattr(R, "_rename", wrap(R._rename))
-    monkeypatch.setattr(R, "_remove_tree", wrap(R._remove_tree))
-    monkeypatch.setattr(R, "_exchange_dirs", wrap(R._exchange_dirs if exchange else lambda a, b: False))
+    monkeypatch.setattr(fileio, "rename", wrap(fileio.rename))
+    monkeypatch.setattr(fileio, "remove_tree", wrap(fileio.remove_tree))
+    monkeypatch.setattr(fileio, "exchange_dirs", wrap(fileio.exchange_dirs if exchange else lambda a, b: False))
     new.save(str(target))
     versions = [v for _, v in probes]
     assert versions[0] == "v1" and versions[-1] == "v2" and set(versions) == {"v1", "v2"}

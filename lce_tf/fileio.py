@@ -1,0 +1,100 @@
+"""Atomic directory writes shared by model export (`lce_tf.export`) and index saves (`lce_tf.retrieval`).
+
+A directory is written completely under a hidden sibling `.NAME.lce-tmp-XXXX` (`make_temp_dir`), then
+committed with `commit_directory`: one rename when NAME does not exist; otherwise an atomic swap with
+Linux renameat2(RENAME_EXCHANGE), so NAME holds the complete old or the complete new directory at
+every moment. Where the swap is unavailable (non-Linux, some network file systems) it falls back to
+two renames (old -> `.NAME.lce-old-XXXX`, new -> NAME); a crash between them leaves the complete old
+directory under that hidden name. Standard library only: importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import sys
+import uuid
+
+TMP_TAG = ".lce-tmp-"
+OLD_TAG = ".lce-old-"
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def fsync_path(path: str) -> None:
+    """fsyncs a file or directory entry; silently does nothing where that is not possible."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def rename(src: str, dst: str) -> None:
+    os.rename(src, dst)
+
+
+def remove_tree(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def exchange_dirs(a: str, b: str) -> bool:
+    """Atomically swaps two directory entries (Linux renameat2 RENAME_EXCHANGE). False if unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV, errno.EPERM):
+        return False
+    raise OSError(err, f"renameat2(RENAME_EXCHANGE) {a} <-> {b}: {os.strerror(err)}")
+
+
+def make_temp_dir(target: str) -> str:
+    """Creates the hidden sibling `.NAME.lce-tmp-XXXX` of `target` (and target's parent).
+
+    os.mkdir, not tempfile.mkdtemp (which makes it 0700), so the committed directory gets the
+    permissions of the umask like any other directory the user creates.
+    """
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(target)}{TMP_TAG}{uuid.uuid4().hex[:12]}")
+    os.mkdir(tmp)
+    return tmp
+
+
+def commit_directory(tmp_dir: str, target: str) -> None:
+    """Puts the complete directory `tmp_dir` at `target`, replacing an existing one atomically."""
+    parent = os.path.dirname(os.path.abspath(target))
+    if not os.path.lexists(target):
+        rename(tmp_dir, target)
+        fsync_path(parent)
+        return
+    if exchange_dirs(tmp_dir, target):  # target = new; tmp_dir = old
+        fsync_path(parent)
+        remove_tree(tmp_dir)
+        return
+    backup = os.path.join(parent, f".{os.path.basename(target)}{OLD_TAG}{uuid.uuid4().hex[:8]}")
+    rename(target, backup)
+    try:
+        rename(tmp_dir, target)
+    except BaseException:
+        rename(backup, target)
+        raise
+    fsync_path(parent)
+    remove_tree(backup)
