@@ -143,9 +143,9 @@ class Spec:
     compat: str = "independent"
     parent: Optional["Spec"] = None
     partner: Optional["Spec"] = None
-    boundary: str = "percentile:20"
-    lambda_align: float = 100.0
-    lambda_boundary: float = 10.0
+    boundary: str = defaults.BOUNDARY_RULE
+    lambda_align: float = defaults.LAMBDA_ALIGN
+    lambda_boundary: float = defaults.LAMBDA_BOUNDARY
     lambda_compat: float = 1.0
     learning_rate: float = 1e-3
 
