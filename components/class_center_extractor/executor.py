@@ -49,12 +49,14 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         batch_size = int(exec_properties.get(BATCH_SIZE_KEY) or 256)
         if batch_size < 1:
             raise ValueError(f"parameter {BATCH_SIZE_KEY} must be >= 1; received {batch_size}")
-        info = util.read_examples_info(util.path(examples))
-        entry = util.split_info(info, split, util.path(examples), SPLIT_KEY)
-        os.makedirs(util.path(output), exist_ok=True)
+        examples_dir = util.path(examples)
+        info = util.read_examples_info(examples_dir)
+        entry = util.split_info(info, split, examples_dir, SPLIT_KEY)
+        output_dir = util.path(output)
+        os.makedirs(output_dir, exist_ok=True)
         if old_model is None:
             _LOG.warning("ClassCenterExtractor: no old model (first run of the pipeline): no centers to compute")
-            util.write_text(os.path.join(util.path(output), artifacts.NO_OLD_MODEL_FILE),
+            util.write_text(os.path.join(output_dir, artifacts.NO_OLD_MODEL_FILE),
                             "No old model was resolved (first run): the new model is trained independently.\n")
             output.set_int_custom_property(AVAILABLE_PROPERTY, 0)
             return
@@ -64,12 +66,12 @@ class Executor(base_beam_executor.BaseBeamExecutor):
 
         from components.class_center_extractor import centers_beam
 
-        out_path = os.path.join(util.path(output), artifacts.CENTERS_FILE)
+        out_path = os.path.join(output_dir, artifacts.CENTERS_FILE)
         _LOG.info("ClassCenterExtractor: embedding split %s (%d images, %d classes) with %s; boundary %s",
                   split, entry["num_examples"], entry["num_classes"], metadata["model_id"], boundary)
         with self._make_beam_pipeline() as pipeline:
             centers_beam.extract_class_centers(
-                pipeline, util.split_pattern(util.path(examples), split), model_dir, image_shape, entry["class_names"],
+                pipeline, util.split_pattern(examples_dir, split), model_dir, image_shape, entry["class_names"],
                 out_path, boundary=boundary, source_model_id=metadata["model_id"], batch_size=batch_size,
                 flip_average=flip_average)
         centers = ClassCenters.load(out_path)  # verifies the checksum; small ([C, D])

@@ -106,12 +106,13 @@ class Executor(base_executor.BaseExecutor):
             if not 0.0 <= params[key] <= 1.0:
                 raise ValueError(f"parameter {key} must be in [0, 1]; received {params[key]}")
         batch_size = int(exec_properties.get(BATCH_SIZE_KEY) or 256)
-        info = util.read_examples_info(util.path(examples))
+        examples_dir = util.path(examples)
+        info = util.read_examples_info(examples_dir)
         splits = {}
         for key in (QUERY_SPLIT_KEY, GALLERY_SPLIT_KEY):
             name = str(exec_properties.get(key) or "")
-            entry = util.split_info(info, name, util.path(examples), key)
-            splits[key] = EvalData.from_tfrecords(util.split_pattern(util.path(examples), name), entry["class_names"],
+            entry = util.split_info(info, name, examples_dir, key)
+            splits[key] = EvalData.from_tfrecords(util.split_pattern(examples_dir, name), entry["class_names"],
                                                   name=f"split {name}", num_images=entry["num_examples"])
 
         candidate = load_embedding_model(util.model_dir(util.path(candidate_artifact), MODEL_KEY))
@@ -136,7 +137,8 @@ class Executor(base_executor.BaseExecutor):
             reasons.insert(0, f"no old model (first run of the pipeline): {new_name} is judged on its own accuracy")
         verdict = "BLESSED" if blessed else "NOT_BLESSED"
 
-        os.makedirs(util.path(blessing), exist_ok=True)
+        blessing_dir = util.path(blessing)
+        os.makedirs(blessing_dir, exist_ok=True)
         ids = {name: m.model_id for name, m in models.items()}
         payload = {
             "verdict": verdict, "blessed": blessed, "reasons": reasons,
@@ -144,7 +146,7 @@ class Executor(base_executor.BaseExecutor):
             "thresholds": params, "splits": {k: splits[k].name for k in splits},
             **{k: v for k, v in report.items() if k not in ("old", "independent")},
         }
-        util.write_json(os.path.join(util.path(blessing), METRICS_FILE), payload)
+        util.write_json(os.path.join(blessing_dir, METRICS_FILE), payload)
         rows = [{"query": p["query"], "gallery": p["gallery"], "signature": p["signature"], "top1": p["top1"],
                  "top5": p["top5"], "mAP": p["mAP"],
                  "top1 95% CI": f"[{p['top1_ci95'][0]:.3f}, {p['top1_ci95'][1]:.3f}]",
@@ -152,15 +154,15 @@ class Executor(base_executor.BaseExecutor):
                 for p in report["pairs"]]
         details = {f"model {name}": f"{ids[name]} ({m.model_dir})" for name, m in models.items()}
         details.update({"query split": splits[QUERY_SPLIT_KEY].name, "gallery split": splits[GALLERY_SPLIT_KEY].name,
-                        "examples": util.path(examples), **{k: f"{v:g}" for k, v in params.items()}})
+                        "examples": examples_dir, **{k: f"{v:g}" for k, v in params.items()}})
         for note in report["skipped"]:
             details[f"skipped {note.split(':')[0]}"] = note.split(":", 1)[1].strip()
         title = (f"Compatibility validation of {new_name} against {old_name}" if old_name
                  else f"Validation of {new_name} (first model of the pipeline)")
-        write_html_report(os.path.join(util.path(blessing), REPORT_FILE), title=title, verdict=verdict, reasons=reasons,
+        write_html_report(os.path.join(blessing_dir, REPORT_FILE), title=title, verdict=verdict, reasons=reasons,
                           matrix=results, models=list(models), metrics_table=rows, details=details)
         marker = BLESSED_FILE if blessed else NOT_BLESSED_FILE
-        util.write_text(os.path.join(util.path(blessing), marker), "\n".join(reasons) + "\n")
+        util.write_text(os.path.join(blessing_dir, marker), "\n".join(reasons) + "\n")
 
         blessing.set_int_custom_property(BLESSED_PROPERTY, 1 if blessed else 0)
         blessing.set_string_custom_property(CURRENT_MODEL_PROPERTY, candidate_artifact.uri)

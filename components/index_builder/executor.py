@@ -58,20 +58,22 @@ class Executor(base_executor.BaseExecutor):
         if num_neighbors < 1 or batch_size < 1:
             raise ValueError(f"parameters {NUM_NEIGHBORS_KEY} and {BATCH_SIZE_KEY} must be >= 1; received "
                              f"{num_neighbors} and {batch_size}")
-        info = util.read_examples_info(util.path(examples))
-        entry = util.split_info(info, split, util.path(examples), SPLIT_KEY)
-        os.makedirs(util.path(output), exist_ok=True)
+        examples_dir = util.path(examples)
+        info = util.read_examples_info(examples_dir)
+        entry = util.split_info(info, split, examples_dir, SPLIT_KEY)
+        output_dir = util.path(output)
+        os.makedirs(output_dir, exist_ok=True)
         if blessing is not None and blessing.get_int_custom_property("blessed") != 1:
             _LOG.info("IndexBuilder: the model was not blessed: no index built")
-            util.write_text(os.path.join(util.path(output), artifacts.NOT_BUILT_FILE),
+            util.write_text(os.path.join(output_dir, artifacts.NOT_BUILT_FILE),
                             f"The model {model_artifact.uri} was not blessed ({blessing.uri}): no index built.\n")
             output.set_int_custom_property(BUILT_PROPERTY, 0)
             return
 
         model = load_embedding_model(util.model_dir(util.path(model_artifact), MODEL_KEY))
-        dataset = make_tfrecord_dataset(util.split_pattern(util.path(examples), split), model.input_shape, batch_size)
+        dataset = make_tfrecord_dataset(util.split_pattern(examples_dir, split), model.input_shape, batch_size)
         embeddings, labels = model.embed_dataset(dataset, signature="embed")
-        ids = entry_ids(util.read_split_paths(util.path(examples), split), entry["class_names"], labels, split)
+        ids = entry_ids(util.read_split_paths(examples_dir, split), entry["class_names"], labels, split)
         overrides = {"num_neighbors": min(num_neighbors, len(ids))}
         if algorithm:
             overrides["algorithm"] = algorithm
@@ -79,7 +81,7 @@ class Executor(base_executor.BaseExecutor):
         index = retrieval.EmbeddingIndex.build(ids, embeddings, model.model_id,
                                                embedding_space=model.metadata["embedding_space"],
                                                model_id=model.model_id, model_version=model.model_id, config=config)
-        path = index.save(os.path.join(util.path(output), artifacts.INDEX_SUBDIR))
+        path = index.save(os.path.join(output_dir, artifacts.INDEX_SUBDIR))
         output.set_int_custom_property(BUILT_PROPERTY, 1)
         output.set_string_custom_property("index_dir", path)
         output.set_string_custom_property("embedding_space", index.embedding_space)

@@ -85,8 +85,9 @@ class Executor(base_executor.BaseExecutor):
         model_artifact = util.single(output_dict, MODEL_KEY)
         mode = util.check_choice(MODE_KEY, str(exec_properties.get(MODE_KEY)), MODES)
         split = str(exec_properties.get(SPLIT_KEY) or "train")
-        info = util.read_examples_info(util.path(examples))
-        entry = util.split_info(info, split, util.path(examples), SPLIT_KEY)
+        examples_dir = util.path(examples)
+        info = util.read_examples_info(examples_dir)
+        entry = util.split_info(info, split, examples_dir, SPLIT_KEY)
         class_names = list(entry["class_names"])
         input_shape = tuple(int(v) for v in info["image_shape"])
 
@@ -125,7 +126,7 @@ class Executor(base_executor.BaseExecutor):
                                  f"but the training split has {input_shape}")
             old_embedder = old_model.keras_embedder()
 
-        dataset = data.make_tfrecord_dataset(util.split_pattern(util.path(examples), split), input_shape,
+        dataset = data.make_tfrecord_dataset(util.split_pattern(examples_dir, split), input_shape,
                                              config.batch_size, shuffle=True, seed=config.seed,
                                              shift_pixels=config.shift_pixels)
         _LOG.info("LceTrainer: %s %s D=%d mode=%s on %d images of %d classes for %d epochs", config.version,
