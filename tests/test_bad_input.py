@@ -1,0 +1,735 @@
+"""Bad input, table-driven: every case states the input and the exact outcome (issue 6, part 1).
+
+Each row of CASES is one test: an id, the input in words, a builder that makes the input (and returns
+the action to run plus an optional check of what must still hold afterwards), and the expected outcome:
+
+  Raises(type, regex)   the library raises `type`; the one-line message matches `regex`, which names the
+                        offending file, folder or field;
+  CliError(regex)       `lce_tf.cli.main` returns 2 with exactly one stderr line `lce-tf: error: ...`
+                        matching `regex`, and no traceback;
+  Notice(regex)         the call succeeds and logs one notice matching `regex` (a documented conversion,
+                        or a documented skip with its count).
+
+Disk full and read-only output are simulated with monkeypatch (the tests run as root, so chmod would not
+stop a write): the failing call raises OSError(ENOSPC / EROFS) in the middle of the write, and the case
+checks that the previous version is intact and nothing half-written is visible in the parent directory.
+
+Everything is tiny (12 px images, an untrained 8-d small_cnn; one CLI training run of a few steps), and
+nothing here imports tfx: the component cases call the executors' helpers in `components.util`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+import unicodedata
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lce_tf import cli
+
+SHAPE = (12, 12, 1)
+CLASSES = ("a", "b", "c", "d")
+HIDDEN = re.compile(r"^\.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Expected outcomes
+
+
+@dataclasses.dataclass(frozen=True)
+class Raises:
+    """The action raises `error` (or a subclass) with a one-line message matching `match`."""
+
+    error: type
+    match: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CliError:
+    """`lce_tf.cli.main(argv)` returns 2 and prints one line `lce-tf: error: ...` matching `match`."""
+
+    match: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Notice:
+    """The action succeeds and logs a notice matching `match` (logger `logger`, at `level` or above)."""
+
+    match: str
+    logger: str = "lce_tf.data"
+    level: int = logging.INFO
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    id: str
+    given: str
+    build: Callable[..., tuple[Callable[[], Any], Optional[Callable[[Any], None]]]]
+    expect: Any
+
+    def __str__(self) -> str:
+        return self.id
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data helpers
+
+
+def _image(path, mode: str = "L", size: tuple[int, int] = SHAPE[:2], seed: int = 0) -> str:
+    """A random image file of PIL `mode` and (height, width) `size`."""
+    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(*size, channels), dtype=np.uint8)
+    os.makedirs(os.path.dirname(os.fspath(path)), exist_ok=True)
+    Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode).save(path)
+    return os.fspath(path)
+
+
+def _folder(root, per_class: int, classes=CLASSES, seed: int = 0) -> str:
+    for j, name in enumerate(classes):
+        for i in range(per_class):
+            _image(os.path.join(root, name, f"{i}.png"), seed=seed + 100 * j + i)
+    return os.fspath(root)
+
+
+def _visible(directory) -> list[str]:
+    """Every entry of a directory, hidden ones included (a leftover temporary would show here)."""
+    return sorted(os.listdir(directory))
+
+
+def _tree_digest(directory) -> dict[str, bytes]:
+    out = {}
+    for dirpath, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, directory)] = f.read()
+    return out
+
+
+def _oserror(code: int):
+    def fail(*_args, **_kwargs):
+        raise OSError(code, os.strerror(code))
+
+    return fail
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """Train/query/gallery folders (4 classes), an untrained exported 8-d model v1, its centers, an index."""
+    import tensorflow as tf
+
+    from lce_tf.export import export_model
+    from lce_tf.model import build_compatible_model
+
+    root = tmp_path_factory.mktemp("bad_input")
+    _folder(root / "train", 4)
+    _folder(root / "gallery", 3, seed=1000)
+    _folder(root / "query", 2, seed=2000)
+    tf.keras.utils.set_random_seed(0)
+    export_model(build_compatible_model("small_cnn", SHAPE, 8, len(CLASSES)), str(root / "v1"),
+                 architecture="small_cnn", input_shape=SHAPE, version="v1", class_names=CLASSES)
+    assert cli.main(["centers", "--model", str(root / "v1"), "--data", str(root / "train"),
+                     "--out", str(root / "v1_centers.npz")]) == 0
+    assert cli.main(["index", "build", "--model", str(root / "v1"), "--data", str(root / "gallery"),
+                     "--out", str(root / "index")]) == 0
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------
+# Builders: (ws, tmp, monkeypatch) -> (action, check afterwards or None)
+
+
+def _cli(*argv):
+    return lambda: cli.main([os.fspath(a) for a in argv])
+
+
+# -- images and folders -----------------------------------------------------------------------------
+
+
+def zero_byte_image(ws, tmp, mp):
+    from lce_tf.data import read_image_folder
+
+    _folder(tmp / "data", 2)
+    (tmp / "data/b/z.png").write_bytes(b"")
+    return lambda: read_image_folder(tmp / "data"), lambda folder: _assert_len(folder, 8)
+
+
+def corrupt_image(ws, tmp, mp):
+    from lce_tf.data import read_image_folder
+
+    _folder(tmp / "data", 2)
+    (tmp / "data/c/junk.png").write_bytes(b"\x89PNG\r\n\x1a\n but then garbage")
+    return lambda: read_image_folder(tmp / "data"), lambda folder: _assert_len(folder, 8)
+
+
+def truncated_png(ws, tmp, mp):
+    from lce_tf.data import read_image_folder
+
+    _folder(tmp / "data", 2)
+    whole = (tmp / "data/a/0.png").read_bytes()
+    (tmp / "data/a/cut.png").write_bytes(whole[: len(whole) // 2])
+    return lambda: read_image_folder(tmp / "data"), lambda folder: _assert_len(folder, 8)
+
+
+def _assert_len(folder, n):
+    assert len(folder) == n, folder.paths
+
+
+def class_without_readable_image(ws, tmp, mp):
+    _folder(tmp / "data", 2, classes=("good", "other"))
+    (tmp / "data/broken").mkdir()
+    (tmp / "data/broken/empty.png").write_bytes(b"")
+    return _cli("train", "--data", tmp / "data", "--out", tmp / "m"), lambda _: _assert_absent(tmp / "m")
+
+
+def _assert_absent(path):
+    assert not os.path.lexists(path)
+    assert not [e for e in os.listdir(os.path.dirname(path)) if HIDDEN.match(e)]
+
+
+def mixed_modes_and_sizes(ws, tmp, mp):
+    """Grayscale, RGB and RGBA 12 x 12 plus a 20 x 16 grayscale image, read at 12 x 12 x 1."""
+    from lce_tf.data import make_image_dataset, read_image_folder
+
+    _image(tmp / "data/a/gray.png", "L")
+    _image(tmp / "data/a/rgb.png", "RGB")
+    _image(tmp / "data/b/rgba.png", "RGBA")
+    _image(tmp / "data/b/big.png", "L", size=(20, 16))
+
+    def act():
+        images, _ = next(iter(make_image_dataset(read_image_folder(tmp / "data"), SHAPE, 8)))
+        return images.numpy()
+
+    def check(images):
+        assert images.shape == (4, *SHAPE) and 0.0 <= images.min() and images.max() <= 1.0
+
+    return act, check
+
+
+def cli_centers_on_mixed_folder(ws, tmp, mp):
+    """The CLI converts too: RGBA and wrong-size images through `lce-tf centers` (exit 0, a notice)."""
+    _folder(tmp / "data", 2)
+    _image(tmp / "data/a/rgba.png", "RGBA", size=(16, 16))
+    out = tmp / "c.npz"
+    act = _cli("centers", "--model", ws / "v1", "--data", tmp / "data", "--out", out)
+
+    def check(code):
+        assert code == 0 and out.is_file()
+
+    return act, check
+
+
+def query_file_rgba_wrong_size(ws, tmp, mp):
+    query = _image(tmp / "q.png", "RGBA", size=(20, 20))
+    act = _cli("index", "search", "--index", ws / "index", "--model", ws / "v1", "--data", query, "--k", "3")
+    return act, lambda code: _assert_equal(code, 0)
+
+
+def _assert_equal(a, b):
+    assert a == b
+
+
+def non_utf8_image_name(ws, tmp, mp):
+    from lce_tf.data import read_image_folder
+
+    _folder(tmp / "data", 2)
+    shutil.copy(tmp / "data/a/0.png", os.path.join(os.fsencode(tmp / "data/a"), b"caf\xe9.png"))
+    return lambda: read_image_folder(tmp / "data"), lambda folder: _assert_len(folder, 8)
+
+
+def non_utf8_class_folder(ws, tmp, mp):
+    from lce_tf.data import read_image_folder
+
+    _folder(tmp / "data", 2)
+    os.rename(os.fsencode(tmp / "data/d"), os.path.join(os.fsencode(tmp / "data"), b"d\xe9j\xe0"))
+    return lambda: read_image_folder(tmp / "data"), None
+
+
+def duplicate_class_after_normalization(ws, tmp, mp):
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    assert nfc != nfd
+    _folder(tmp / "data", 2, classes=(nfc, nfd, "x"))
+    return _cli("train", "--data", tmp / "data", "--out", tmp / "m"), lambda _: _assert_absent(tmp / "m")
+
+
+def one_image_query_class(ws, tmp, mp):
+    """Query class 'solo' has one image and the gallery has none of it: its query cannot be answered."""
+    shutil.copytree(ws / "query", tmp / "query")
+    _image(tmp / "query/solo/only.png", seed=7)
+    out = tmp / "r.json"
+    act = _cli("evaluate", "--query", tmp / "query", "--gallery", ws / "gallery", "--model", f"v1={ws / 'v1'}",
+               "--json", out)
+
+    def check(code):
+        assert code == 0
+        (pair,) = json.loads(out.read_text())["pairs"]
+        assert pair["num_queries"] == 8 and pair["num_skipped_queries"] == 1
+
+    return act, check
+
+
+# -- TFRecords --------------------------------------------------------------------------------------
+
+
+def _examples(ws, tmp, split: str = "gallery") -> tuple[str, dict]:
+    """An Examples directory in the components' layout (TFRecords + lce_tf_examples.json), without tfx."""
+    from components import util
+    from lce_tf.data import read_image_folder, write_tfrecords
+
+    folder = read_image_folder(ws / split)
+    examples = str(tmp / "examples")
+    write_tfrecords(folder, os.path.join(util.split_dir(examples, split), "data"), 1)
+    info = {"format": util.EXAMPLES_FORMAT, "image_shape": list(SHAPE),
+            "splits": {split: {"class_names": folder.class_names, "num_classes": folder.num_classes,
+                               "num_examples": len(folder), "source": str(ws / split)}}}
+    util.write_json(os.path.join(examples, util.EXAMPLES_INFO_FILE), info)
+    return examples, info
+
+
+def _shard(examples: str, split: str = "gallery") -> str:
+    from components import util
+
+    (shard,) = os.listdir(util.split_dir(examples, split))
+    return os.path.join(util.split_dir(examples, split), shard)
+
+
+def truncated_tfrecord(ws, tmp, mp):
+    from lce_tf.data import count_tfrecord_examples
+
+    examples, _ = _examples(ws, tmp)
+    shard = _shard(examples)
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) - 7)
+    return lambda: count_tfrecord_examples(shard), None
+
+
+def bit_flipped_tfrecord_component(ws, tmp, mp):
+    """A component reading a split whose shard has one flipped byte (CRC mismatch)."""
+    from components import util
+
+    examples, info = _examples(ws, tmp)
+    shard = _shard(examples)
+    data = bytearray(open(shard, "rb").read())
+    data[40] ^= 0xFF
+    open(shard, "wb").write(bytes(data))
+    return lambda: util.check_split_records(examples, "gallery", info["splits"]["gallery"]), None
+
+
+def tfrecord_count_mismatch_component(ws, tmp, mp):
+    from components import util
+
+    examples, info = _examples(ws, tmp)
+    entry = {**info["splits"]["gallery"], "num_examples": 13}
+    return lambda: util.check_split_records(examples, "gallery", entry), None
+
+
+def tfrecord_labels_beyond_class_names(ws, tmp, mp):
+    """Records labelled 0..3 evaluated with a vocabulary of 2 class names (what the validator passes)."""
+    from lce_tf.comparison import EvalData, compare_models
+    from lce_tf.serving import load_embedding_model
+
+    examples, _ = _examples(ws, tmp)
+    data = EvalData.from_tfrecords(_shard(examples), ["a", "b"], name="gallery split")
+    model = load_embedding_model(str(ws / "v1"))
+    return lambda: compare_models({"v1": model}, data, data, old="v1"), None
+
+
+# -- centers ----------------------------------------------------------------------------------------
+
+
+def labels_beyond_centers(ws, tmp, mp):
+    from lce_tf.centers import compute_class_centers
+
+    embeddings = np.eye(3, 8)  # 3 unit vectors of dimension 8; labels 0, 1, 4 with only 2 class names
+    return lambda: compute_class_centers(embeddings, np.array([0, 1, 4]), ["a", "b"]), None
+
+
+def _rewrite_npz(src, dst, **changes):
+    with np.load(src, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays.update(changes)
+    np.savez(dst, **arrays)
+
+
+def tampered_centers(ws, tmp, mp):
+    with np.load(ws / "v1_centers.npz") as f:
+        centers = f["centers"][[1, 0, 2, 3]]  # two rows swapped: still unit vectors, checksum unchanged
+    _rewrite_npz(ws / "v1_centers.npz", tmp / "tampered.npz", centers=centers)
+    act = _cli("train", "--data", ws / "train", "--out", tmp / "m", "--arch", "small_cnn", "--dim", "8",
+               "--compat", "lce", "--old-centers", tmp / "tampered.npz")
+    return act, lambda _: _assert_absent(tmp / "m")
+
+
+def truncated_centers(ws, tmp, mp):
+    from lce_tf.centers import ClassCenters
+
+    data = (ws / "v1_centers.npz").read_bytes()
+    (tmp / "cut.npz").write_bytes(data[: len(data) // 2])
+    return lambda: ClassCenters.load(tmp / "cut.npz"), None
+
+
+def centers_dim_differs_from_new_model(ws, tmp, mp):
+    act = _cli("train", "--data", ws / "train", "--out", tmp / "m", "--arch", "small_cnn", "--dim", "16",
+               "--compat", "lce", "--old-centers", ws / "v1_centers.npz")
+    return act, lambda _: _assert_absent(tmp / "m")
+
+
+# -- models -----------------------------------------------------------------------------------------
+
+
+def _savedmodel_without_embed(path) -> None:
+    """A SavedModel with one signature, `serving_default`, taking images -> embedding."""
+    import tensorflow as tf
+
+    module = tf.Module()
+    module.f = tf.function(lambda images: {"embedding": tf.reduce_mean(images, axis=[1, 2, 3])[:, None]},
+                           input_signature=[tf.TensorSpec([None, *SHAPE], tf.float32, name="images")])
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.f})
+
+
+def savedmodel_without_signature(ws, tmp, mp):
+    _savedmodel_without_embed(tmp / "m")
+    shutil.copy(ws / "v1/lce_tf_model.json", tmp / "m/lce_tf_model.json")  # promises `embed`
+    return _cli("index", "build", "--model", tmp / "m", "--data", ws / "gallery", "--out", tmp / "i"), \
+        lambda _: _assert_absent(tmp / "i")
+
+
+def savedmodel_without_metadata(ws, tmp, mp):
+    _savedmodel_without_embed(tmp / "m")
+    return _cli("centers", "--model", tmp / "m", "--data", ws / "train", "--out", tmp / "c.npz"), \
+        lambda _: _assert_absent(tmp / "c.npz")
+
+
+def metadata_dim_disagrees_with_model(ws, tmp, mp):
+    shutil.copytree(ws / "v1", tmp / "m")
+    meta = json.loads((tmp / "m/lce_tf_model.json").read_text())
+    meta["embedding_dim"] = 16  # the SavedModel returns 8
+    (tmp / "m/lce_tf_model.json").write_text(json.dumps(meta))
+    return _cli("centers", "--model", tmp / "m", "--data", ws / "train", "--out", tmp / "c.npz"), \
+        lambda _: _assert_absent(tmp / "c.npz")
+
+
+def diverging_training(ws, tmp, mp):
+    """Training data that turns into NaN (as a diverging model's activations do): TerminateOnNaN stops fit."""
+    from lce_tf import data
+
+    real = data.make_image_dataset
+
+    def nan_dataset(*args, **kwargs):
+        return real(*args, **kwargs).map(lambda images, labels: (images * np.float32("nan"), labels))
+
+    mp.setattr(data, "make_image_dataset", nan_dataset)
+    act = _cli("train", "--data", ws / "train", "--out", tmp / "m", "--arch", "small_cnn", "--dim", "8",
+               "--epochs", "1", "--batch-size", "8", "--shift", "0", "--verbose", "0")
+    return act, lambda _: _assert_absent(tmp / "m")
+
+
+# -- indexes ----------------------------------------------------------------------------------------
+
+
+def _index(ws):
+    from lce_tf.retrieval import EmbeddingIndex
+
+    return EmbeddingIndex.load(str(ws / "index"))
+
+
+def query_dim_differs_from_index(ws, tmp, mp):
+    index = _index(ws)
+    return lambda: index.search(np.ones((2, 16), np.float32), 3), None
+
+
+def upsert_dim_differs_from_index(ws, tmp, mp):
+    index = _index(ws)
+    return lambda: index.upsert(["a/new.png"], np.ones((1, 4), np.float32), "v2"), None
+
+
+def _copy_index(ws, tmp):
+    shutil.copytree(ws / "index", tmp / "index")
+    return tmp / "index"
+
+
+def tampered_index_embeddings(ws, tmp, mp):
+    index = _copy_index(ws, tmp)
+    emb = np.load(index / "embeddings.npy")
+    np.save(index / "embeddings.npy", emb[::-1].copy())
+    return _cli("index", "search", "--index", index, "--model", ws / "v1", "--data", ws / "query"), None
+
+
+def tampered_index_metadata(ws, tmp, mp):
+    index = _copy_index(ws, tmp)
+    meta = json.loads((index / "index.json").read_text())
+    meta["count"] = 11
+    (index / "index.json").write_text(json.dumps(meta))
+    return _cli("index", "search", "--index", index, "--model", ws / "v1", "--data", ws / "query"), None
+
+
+def k_zero(ws, tmp, mp):
+    return _cli("index", "search", "--index", ws / "index", "--model", ws / "v1", "--data", ws / "query",
+                "--k", "0"), None
+
+
+def k_beyond_gallery(ws, tmp, mp):
+    return _cli("index", "search", "--index", ws / "index", "--model", ws / "v1", "--data", ws / "query",
+                "--k", "13"), None
+
+
+def empty_gallery_folder(ws, tmp, mp):
+    (tmp / "gallery").mkdir()
+    return _cli("index", "build", "--model", ws / "v1", "--data", tmp / "gallery", "--out", tmp / "i"), \
+        lambda _: _assert_absent(tmp / "i")
+
+
+def empty_gallery_arrays(ws, tmp, mp):
+    from lce_tf.retrieval import EmbeddingIndex
+
+    return lambda: EmbeddingIndex.build([], np.zeros((0, 8), np.float32), "v1", embedding_space="s"), None
+
+
+# -- disk full / read-only during writes ------------------------------------------------------------
+
+
+def _keeps_previous(parent, name: str, before: dict[str, bytes]):
+    """The check: parent lists exactly `name` (no temporary, no backup) and its files are unchanged."""
+
+    def check(_):
+        assert _visible(parent) == [name]
+        assert _tree_digest(parent / name) == before
+
+    return check
+
+
+def export_disk_full(ws, tmp, mp):
+    """Replacing a model (overwrite) when the disk fills while the metadata is written."""
+    from lce_tf.export import export_model
+    from lce_tf.model import build_compatible_model
+
+    shutil.copytree(ws / "v1", tmp / "models/v1")
+    before = _tree_digest(tmp / "models/v1")
+    model = build_compatible_model("small_cnn", SHAPE, 8, len(CLASSES))
+    mp.setattr(os, "fsync", _oserror(errno.ENOSPC))
+    act = lambda: export_model(model, str(tmp / "models/v1"), architecture="small_cnn", input_shape=SHAPE,
+                               version="v1", overwrite=True)
+    return act, _keeps_previous(tmp / "models", "v1", before)
+
+
+def export_read_only(ws, tmp, mp):
+    """Exporting a new version beside an existing one into a read-only models directory."""
+    from lce_tf.export import export_model
+    from lce_tf.model import build_compatible_model
+
+    shutil.copytree(ws / "v1", tmp / "models/v1")
+    before = _tree_digest(tmp / "models/v1")
+    model = build_compatible_model("small_cnn", SHAPE, 8, len(CLASSES))
+    mp.setattr(os, "mkdir", _oserror(errno.EROFS))
+    act = lambda: export_model(model, str(tmp / "models/v2"), architecture="small_cnn", input_shape=SHAPE,
+                               version="v2")
+    return act, _keeps_previous(tmp / "models", "v1", before)
+
+
+def index_save_disk_full(ws, tmp, mp):
+    """`lce-tf index build --overwrite` when the disk fills while embeddings.npy is written."""
+    from lce_tf import retrieval
+
+    shutil.copytree(ws / "index", tmp / "indexes/gallery")
+    before = _tree_digest(tmp / "indexes/gallery")
+    mp.setattr(retrieval, "_write_npy", _oserror(errno.ENOSPC))
+    act = _cli("index", "build", "--model", ws / "v1", "--data", ws / "gallery", "--out", tmp / "indexes/gallery",
+               "--overwrite")
+    return act, _keeps_previous(tmp / "indexes", "gallery", before)
+
+
+def centers_save_disk_full(ws, tmp, mp):
+    shutil.copy(ws / "v1_centers.npz", tmp / "centers.npz")
+    before = {"centers.npz": (tmp / "centers.npz").read_bytes()}
+    mp.setattr(os, "fsync", _oserror(errno.ENOSPC))
+    act = _cli("centers", "--model", ws / "v1", "--data", ws / "train", "--out", tmp / "centers.npz")
+
+    def check(_):
+        assert _visible(tmp) == ["centers.npz"]
+        assert (tmp / "centers.npz").read_bytes() == before["centers.npz"]
+
+    return act, check
+
+
+def push_disk_full(ws, tmp, mp):
+    """The push copy (model directory -> SERVING_DIR/<version>) when the disk fills half-way."""
+    from components import util
+    from lce_tf import fileio
+
+    serving = tmp / "serving"
+    shutil.copytree(ws / "v1", serving / "1700000000")
+    before = _tree_digest(serving / "1700000000")
+    real_copy = shutil.copy2
+    copied = []
+
+    def copy_then_fill(src, dst, **kwargs):
+        if copied:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        copied.append(src)
+        return real_copy(src, dst, **kwargs)
+
+    mp.setattr(shutil, "copy2", copy_then_fill)
+    act = lambda: fileio.copy_directory(str(ws / "v1"), str(serving / "1700000100"))
+    assert util  # the Pusher executor calls fileio.copy_directory
+    return act, _keeps_previous(serving, "1700000000", before)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The table
+
+CASES = [
+    # images and folders
+    Case("image-zero-byte", "class b holds a zero-byte b/z.png beside 2 good images per class",
+         zero_byte_image, Notice(r"^data folder \S+: skipped 1 unreadable image files \(first: \S+/b/z\.png: "
+                                 r"zero-byte file\)$", level=logging.WARNING)),
+    Case("image-corrupt", "c/junk.png is a PNG signature followed by garbage",
+         corrupt_image, Notice(r"skipped 1 unreadable image files \(first: \S+/c/junk\.png: not a readable image",
+                               level=logging.WARNING)),
+    Case("image-truncated-png", "a/cut.png is the first half of a valid PNG (header intact, data cut)",
+         truncated_png, Notice(r"skipped 1 unreadable image files \(first: \S+/a/cut\.png: not a readable image",
+                               level=logging.WARNING)),
+    Case("cli-class-without-readable-image", "lce-tf train on a folder whose class 'broken' holds one zero-byte file",
+         class_without_readable_image,
+         CliError(r"class folder \S+/broken has no readable image .*\(1 unreadable files skipped\)$")),
+    Case("image-modes-and-sizes", "gray, RGB, RGBA 12x12 and a gray 20x16 image read at 12x12x1",
+         mixed_modes_and_sizes,
+         Notice(r"^data folder \S+: resized 1 and converted the channels of 2 of 4 images to 12x12x1 "
+                r"\(first: \S+/a/rgb\.png\)$")),
+    Case("cli-centers-mixed-images", "lce-tf centers over a folder with an RGBA 16x16 image among 12x12 gray ones",
+         cli_centers_on_mixed_folder,
+         Notice(r"resized 1 and converted the channels of 1 of 9 images to 12x12x1 \(first: \S+/a/rgba\.png\)")),
+    Case("cli-query-rgba-wrong-size", "lce-tf index search with one RGBA 20x20 query file",
+         query_file_rgba_wrong_size,
+         Notice(r"^load_images: resized 1 and converted the channels of 1 of 1 images to 12x12x1$")),
+    Case("image-non-utf8-name", "a/caf\\xe9.png: an image file name that is not UTF-8 (Latin-1 bytes)",
+         non_utf8_image_name,
+         Notice(r"skipped 1 unreadable image files \(first: \S+/a/caf\\xe9\.png: file name is not valid UTF-8",
+                level=logging.WARNING)),
+    Case("class-non-utf8-name", "class folder named by the Latin-1 bytes d\\xe9j\\xe0",
+         non_utf8_class_folder,
+         Raises(ValueError, r"^data folder \S+: class folder name b'd\\xe9j\\xe0' is not valid UTF-8")),
+    Case("cli-duplicate-class-after-nfc", "class folders 'café' (NFC) and 'café' (NFD): one name after normalization",
+         duplicate_class_after_normalization,
+         CliError(r"class folders 'caf\\xe9' and 'cafe\\u0301' have the same name after Unicode NFC normalization")),
+    Case("cli-query-class-with-one-image", "query class 'solo' has one image, the gallery none (no query/gallery "
+         "split possible)", one_image_query_class,
+         Notice(r"^skipped 1 of 9 queries: their class has no gallery image", logger="lce_tf.comparison")),
+    # TFRecords
+    Case("tfrecord-truncated", "the last 7 bytes of a gallery shard are cut off",
+         truncated_tfrecord, Raises(ValueError, r"^TFRecord file \S+/Split-gallery/data-00000-of-00001\.tfrecord "
+                                                r"is truncated or corrupted")),
+    Case("component-tfrecord-bit-flip", "one byte of a gallery shard flipped (CRC mismatch), read by a component",
+         bit_flipped_tfrecord_component,
+         Raises(ValueError, r"^examples \S+: split 'gallery': TFRecord file \S+/data-00000-of-00001\.tfrecord is "
+                            r"truncated or corrupted")),
+    Case("component-tfrecord-count-mismatch", "lce_tf_examples.json says 13 gallery records, the shards hold 12",
+         tfrecord_count_mismatch_component,
+         Raises(ValueError, r"^examples \S+: split 'gallery' holds 12 records but lce_tf_examples\.json says 13")),
+    Case("tfrecord-label-beyond-class-names", "records labelled 0..3 evaluated with the 2 class names a, b",
+         tfrecord_labels_beyond_class_names,
+         Raises(ValueError, r"^gallery split: label 2 \(field image/class/label\) is beyond the 2 class names")),
+    # centers
+    Case("centers-labels-beyond", "compute_class_centers with labels 0, 1, 4 and class names a, b",
+         labels_beyond_centers, Raises(ValueError, r"^labels must be in \[0, 2\)")),
+    Case("cli-centers-tampered", "lce-tf train --compat lce with a centers file whose rows 0 and 1 were swapped",
+         tampered_centers, CliError(r"centers file \S+/tampered\.npz: checksum mismatch")),
+    Case("centers-truncated", "ClassCenters.load of the first half of a centers file",
+         truncated_centers, Raises(ValueError, r"^centers file \S+/cut\.npz: not a readable \.npz file")),
+    Case("cli-centers-dim-vs-new-dim", "lce-tf train --compat lce --dim 16 with 8-d old centers",
+         centers_dim_differs_from_new_model,
+         CliError(r"Old centers \S+/v1_centers\.npz has dimension 8 but the new embedding has dimension 16 \(--dim\)")),
+    # models
+    Case("cli-savedmodel-without-signature", "a SavedModel with only serving_default, metadata promising `embed`",
+         savedmodel_without_signature, CliError(r"SavedModel in \S+/m lacks the signature\(s\) embed")),
+    Case("cli-savedmodel-without-metadata", "a plain SavedModel without lce_tf_model.json given to lce-tf centers",
+         savedmodel_without_metadata, CliError(r"\S+/m is not an lce_tf model directory: lce_tf_model\.json is missing")),
+    Case("cli-model-metadata-dim-wrong", "lce_tf_model.json says embedding_dim 16, the SavedModel returns 8",
+         metadata_dim_disagrees_with_model,
+         CliError(r"model \S+ \(\S+/m\): signature 'embed' returned dimension 8 but lce_tf_model\.json says 16")),
+    Case("cli-training-diverges", "lce-tf train whose batches become NaN (a diverging model)",
+         diverging_training,
+         CliError(r"^lce-tf: error: Training diverged: loss became nan in epoch 1; nothing was exported")),
+    # indexes
+    Case("index-query-dim", "16-d queries against the 8-d index", query_dim_differs_from_index,
+         Raises(ValueError, r"^queries have dimension 16 but the index \(embedding space '\S+'\) has dimension 8$")),
+    Case("index-upsert-dim", "upserting a 4-d embedding into the 8-d index", upsert_dim_differs_from_index,
+         Raises(ValueError, r"^embeddings have dimension 4 but the index \(embedding space '\S+'\) has dimension 8$")),
+    Case("cli-index-tampered-embeddings", "embeddings.npy of a saved index rewritten with its rows reversed",
+         tampered_index_embeddings, CliError(r"index \S+/index: file embeddings\.npy checksum mismatch")),
+    Case("cli-index-tampered-metadata", "index.json of a saved index edited: count 12 -> 11",
+         tampered_index_metadata, CliError(r"index \S+/index: file index\.json checksum mismatch")),
+    Case("cli-k-zero", "lce-tf index search --k 0", k_zero, CliError(r"k must be a positive integer; received 0$")),
+    Case("cli-k-beyond-gallery", "lce-tf index search --k 13 on a 12-entry index", k_beyond_gallery,
+         CliError(r"k=13 exceeds the number of index entries \(12\)$")),
+    Case("cli-empty-gallery-folder", "lce-tf index build --data on an empty folder", empty_gallery_folder,
+         CliError(r"data folder \S+/gallery is empty: expected \S+/<class>/<image>\.png$")),
+    Case("index-empty-gallery", "EmbeddingIndex.build with 0 ids and a [0, 8] array", empty_gallery_arrays,
+         Raises(ValueError, r"^cannot build an index from an empty gallery \(0 ids\)$")),
+    # disk full / read-only during writes
+    Case("export-disk-full", "export_model(overwrite=True) over models/v1; fsync fails with ENOSPC",
+         export_disk_full,
+         Raises(OSError, r"^\[Errno 28\] model directory \S+/models/v1 was not written: No space left on device; "
+                         r"the previous version is unchanged$")),
+    Case("export-read-only", "export_model of models/v2 beside v1; mkdir fails with EROFS",
+         export_read_only,
+         Raises(OSError, r"^\[Errno 30\] model directory \S+/models/v2 was not written: Read-only file system")),
+    Case("cli-index-save-disk-full", "lce-tf index build --overwrite; writing embeddings.npy fails with ENOSPC",
+         index_save_disk_full,
+         CliError(r"index directory \S+/indexes/gallery was not written: No space left on device; the previous "
+                  r"version is unchanged$")),
+    Case("cli-centers-save-disk-full", "lce-tf centers --out over an existing file; fsync fails with ENOSPC",
+         centers_save_disk_full,
+         CliError(r"centers file \S+/centers\.npz was not written: No space left on device; the previous version "
+                  r"is unchanged$")),
+    Case("push-disk-full", "pushing serving/1700000100 beside serving/1700000000; the 2nd file copy hits ENOSPC",
+         push_disk_full,
+         Raises(OSError, r"^\[Errno 28\] directory \S+/serving/1700000100 was not written: No space left on device")),
+]
+
+
+def test_the_table_is_large_enough_and_ids_are_unique():
+    assert len(CASES) >= 25
+    assert len({case.id for case in CASES}) == len(CASES)
+
+
+def _one_line(text: str) -> str:
+    assert "\n" not in text.strip(), text
+    return text.strip()
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_bad_input(case: Case, ws, tmp_path, monkeypatch, capsys, caplog):
+    act, check = case.build(ws, tmp_path, monkeypatch)
+    expect = case.expect
+    caplog.set_level(logging.INFO)
+    if isinstance(expect, Raises):
+        with pytest.raises(expect.error) as info:
+            act()
+        assert re.search(expect.match, _one_line(str(info.value))), str(info.value)
+        result = info.value
+    elif isinstance(expect, CliError):
+        result = act()
+        err = capsys.readouterr().err
+        assert result == cli.EXIT_BAD_INPUT, err
+        assert "Traceback" not in err
+        line = _one_line(err)
+        assert line.startswith("lce-tf: error: ") and re.search(expect.match, line), line
+    else:
+        result = act()
+        out = capsys.readouterr().out
+        messages = [r.getMessage() for r in caplog.records
+                    if r.name.startswith(expect.logger) and r.levelno >= expect.level]
+        messages += out.splitlines() if expect.logger == "lce_tf.comparison" else []  # the CLI prints it
+        assert any(re.search(expect.match, m) for m in messages), messages
+    if check is not None:
+        monkeypatch.undo()  # the check reads files with the real os functions
+        check(result)
