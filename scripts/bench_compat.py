@@ -1003,23 +1003,36 @@ VALIDATION_CANDIDATES: tuple[tuple[str, str, float, float], ...] = (
     ("lce", "percentile:80", 100.0, 10.0))
 
 
+VALIDATION_SETTINGS = {
+    "S1": "old on 50% of the classes, new: the same network on 100%",
+    "S2": "old: the small network on 50% of the classes, new: the larger network on 100% (the pipeline demo's upgrade)",
+}
+
+
 def run_validation(data_dir: Optional[str], out_dir: str, profile: Profile, *, seed: int = 0,
                    work: str = "build/bench",
                    candidates: Sequence[tuple[str, str, float, float]] = VALIDATION_CANDIDATES,
-                   verbose: int = 0) -> dict[str, Any]:
-    """Chooses the LCE boundary rule and weights on a validation split of the training classes (S1 setting)."""
+                   setting: str = "S1", name: str = "validation", verbose: int = 0) -> dict[str, Any]:
+    """Chooses the LCE boundary rule and weights on a validation split of the training classes.
+
+    `setting` is the upgrade ("S1" or "S2", VALIDATION_SETTINGS); results go to OUT_DIR/NAME.{json,md}.
+    """
+    if setting not in VALIDATION_SETTINGS:
+        raise ValueError(f"validation setting {setting!r}: expected one of {', '.join(VALIDATION_SETTINGS)}")
     start = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
     data_dir, summary = ensure_dataset(data_dir, work, profile, seed)
     split = validation_split(load_split(data_dir, summary), profile.val_classes, seed)
     _log(f"validation data (training classes only): {split.description}")
     bench = Benchmark(split, profile, seed, out_dir, verbose)
-    old = bench.old("old (50% classes)")
-    ind = bench.new_star
+    arch = {"old": profile.small_arch, "new": profile.large_arch} if setting == "S2" else {}
+    old = bench.old("old (50% classes)", arch=arch.get("old"))
+    ind = bench.spec("independent", old, arch=arch.get("new"))
+    bench.zoo.name(ind, "new* (independent)")
     ev = bench.ev
     rows = []
     for method, boundary, la, lb in candidates:
-        spec = bench.spec(method, old)
+        spec = bench.spec(method, old, arch=arch.get("new"))
         if method in ("lce", "lce-transform"):
             spec = dataclasses.replace(spec, boundary=boundary, lambda_align=la, lambda_boundary=lb)
             label = f"{method} {boundary} λa={la:g} λb={lb:g}"
@@ -1039,16 +1052,17 @@ def run_validation(data_dir: Optional[str], out_dir: str, profile: Profile, *, s
     best = max((r for r in rows if r["method"] == "lce"), key=score)
     chosen = {"boundary": best["boundary"], "lambda_align": best["lambda_align"], "lambda_boundary": best["lambda_boundary"]}
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "seed": seed,
-              "profile": dataclasses.asdict(profile), "dataset": split.description,
+              "setting": setting, "profile": dataclasses.asdict(profile), "dataset": split.description,
               "rule": "criterion on top-1 and mAP first, then the mean over top-1/mAP of update gain + sacrifice",
               "old_old": _metric_entry(ev.m(old, old)), "independent_new_new": _metric_entry(ev.m(ind, ind)),
               "candidates": rows, "chosen": chosen, "wall_time_seconds": round(time.perf_counter() - start, 1),
               "models": list(bench.zoo.records.values())}
-    _write_text(os.path.join(out_dir, "validation.json"), json.dumps(report, indent=1) + "\n")
+    _write_text(os.path.join(out_dir, f"{name}.json"), json.dumps(report, indent=1) + "\n")
     lines = ["# LCE settings chosen on a validation split of the training classes", "",
              f"{split.description['test_classes']} of the training classes held out (query/gallery split by "
              f"{split.description['split_by']}); the models train on the other {split.description['train_classes']}. "
-             "The benchmark's test classes are not used. Setting: S1 (old on 50% of the classes).", "",
+             f"The benchmark's test classes are not used. Setting: {setting} ({VALIDATION_SETTINGS[setting]}); "
+             f"epochs: old {profile.old_epochs}, new {profile.epochs}; {profile.size} px.", "",
              f"old/old top-1 {report['old_old']['top1']:.4f}, mAP {report['old_old']['mAP']:.4f}; new*/new* top-1 "
              f"{report['independent_new_new']['top1']:.4f}, mAP {report['independent_new_new']['mAP']:.4f}", "",
              "| method | boundary | λ_a | λ_b | new/old top-1 | mAP | new/new top-1 | mAP | criterion | UG top-1 / mAP |",
@@ -1060,7 +1074,7 @@ def run_validation(data_dir: Optional[str], out_dir: str, profile: Profile, *, s
                      f"{_yn(r['criterion']['pass'])} | {r['update_gain']['top1']:.2f} / {r['update_gain']['mAP']:.2f} |")
     lines += ["", f"Rule: {report['rule']}. Chosen: boundary {chosen['boundary']}, λ_a = {chosen['lambda_align']:g}, "
               f"λ_b = {chosen['lambda_boundary']:g}. Wall time {report['wall_time_seconds'] / 60:.1f} min."]
-    _write_text(os.path.join(out_dir, "validation.md"), "\n".join(lines) + "\n")
+    _write_text(os.path.join(out_dir, f"{name}.md"), "\n".join(lines) + "\n")
     return report
 
 
@@ -1095,6 +1109,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--epochs", type=int, help="override the profile's epochs (new and old models)")
     parser.add_argument("--validate", action="store_true",
                         help="choose the LCE boundary rule and weights on held-out TRAINING classes instead")
+    parser.add_argument("--setting", default="S1", choices=sorted(VALIDATION_SETTINGS),
+                        help="--validate: the upgrade to validate (S2 = the pipeline demo's small -> larger network)")
+    parser.add_argument("--name", default="validation", help="--validate: results file name (NAME.json, NAME.md)")
+    parser.add_argument("--val-classes", type=int, help="--validate: training classes held out (default: profile)")
+    parser.add_argument("--old-epochs", type=int, help="override the profile's epochs of the old models")
     parser.add_argument("--annotate", metavar="NOTES.md",
                         help="add a written analysis to the results in --out (no training)")
     parser.add_argument("--verbose", type=int, default=0, choices=(0, 1, 2), help="Keras fit verbosity")
@@ -1102,12 +1121,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     profile = PROFILES["quick" if args.quick else "full"]
     if args.epochs:
         profile = dataclasses.replace(profile, epochs=args.epochs, old_epochs=args.epochs)
+    if args.old_epochs:
+        profile = dataclasses.replace(profile, old_epochs=args.old_epochs)
+    if args.val_classes:
+        profile = dataclasses.replace(profile, val_classes=args.val_classes)
     command = "python scripts/bench_compat.py " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         if args.annotate:
             annotate(args.out, args.annotate)
         elif args.validate:
-            run_validation(args.data, args.out, profile, seed=args.seed, work=args.work, verbose=args.verbose)
+            run_validation(args.data, args.out, profile, seed=args.seed, work=args.work, setting=args.setting,
+                           name=args.name, verbose=args.verbose)
         else:
             run_benchmark(args.data, args.out, profile, seed=args.seed,
                           scenarios=[s.strip() for s in args.scenarios.split(",") if s.strip()],
