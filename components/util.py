@@ -9,7 +9,7 @@ Split-* folder, so TFX readers that glob a split never see it):
     paths-<split>.txt      the image path of every record, relative to the split's source folder
                             ("<class>/<file>"), one per line, in record order
 
-This module imports neither tfx nor TensorFlow.
+This module imports neither tfx nor TensorFlow (`check_split_records` imports TensorFlow when called).
 """
 
 from __future__ import annotations
@@ -83,6 +83,31 @@ def split_info(info: dict[str, Any], split: str, examples_uri: str, parameter: s
         raise ValueError(f"{parameter} {split!r}: examples {examples_uri} have no such split "
                          f"(splits: {', '.join(sorted(splits))})")
     return splits[split]
+
+
+def check_split_records(examples_uri: str, split: str, entry: dict[str, Any]) -> int:
+    """Reads every record of a split's shards once (CRC checks) and compares the count with the description.
+
+    Executors call it before training or embedding, so that a damaged shard fails with its file name
+    instead of a TensorFlow DataLossError in the middle of the work.
+
+    Returns:
+      The number of records.
+
+    Raises:
+      ValueError: one line naming the Examples artifact, the split and the truncated/corrupted shard, or
+        the two disagreeing counts.
+    """
+    from lce_tf.data import DataError, count_tfrecord_examples
+
+    try:
+        count = count_tfrecord_examples(split_pattern(examples_uri, split))
+    except DataError as e:
+        raise ValueError(f"examples {examples_uri}: split {split!r}: {e}") from None
+    if count != int(entry["num_examples"]):
+        raise ValueError(f"examples {examples_uri}: split {split!r} holds {count} records but {EXAMPLES_INFO_FILE} "
+                         f"says {entry['num_examples']}")
+    return count
 
 
 def read_split_paths(examples_uri: str, split: str) -> Optional[list[str]]:

@@ -70,7 +70,7 @@ from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, 
 
 import numpy as np
 
-from lce_tf import defaults
+from lce_tf import defaults, fileio
 
 _LOG = logging.getLogger(__name__)
 
@@ -445,6 +445,10 @@ class ClassCenters:
 
         Returns:
           The path written (str).
+
+        Raises:
+          OSError: the write failed (disk full, read-only, ...): one line naming `path`; a previous
+            file there is unchanged and no temporary file is left.
         """
         path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(path))
@@ -460,17 +464,20 @@ class ClassCenters:
             "boundary_rule": np.array(self.boundary_rule, dtype=np.str_),
             "checksum": np.array(self.checksum()),
         }
-        # os.open honours the umask (mkstemp would leave the file 0600).
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        existed = os.path.lexists(path)
         try:
+            # os.open honours the umask (mkstemp would leave the file 0600).
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, **arrays)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             if os.path.exists(tmp):
                 os.remove(tmp)
+            if isinstance(e, OSError):
+                raise fileio.write_error(e, "centers file", path, existed) from e
             raise
         try:  # make the rename itself durable; not every platform can open a directory
             dir_fd = os.open(directory, os.O_RDONLY)

@@ -71,13 +71,6 @@ class EvalData:
                    make_dataset=lambda shape, batch: make_tfrecord_dataset(file_pattern, shape, batch))
 
 
-def _query_dim(model, signature: str) -> int:
-    """The dimension of what `signature` of `model` returns."""
-    if signature == "embed_compat":
-        return int(model.metadata["compatible_with"]["dim"])
-    return int(model.embedding_dim)
-
-
 def compare_models(models: Mapping[str, Any], query: EvalData, gallery: EvalData, *, old: str,
                    independent: Optional[str] = None, batch_size: int = 256,
                    progress: Optional[Callable[[str], None]] = None) -> tuple[dict[str, Any], dict]:
@@ -103,13 +96,15 @@ def compare_models(models: Mapping[str, Any], query: EvalData, gallery: EvalData
 
     Returns:
       (report, results): report is JSON-serializable: {"old", "independent", "pairs": [{"query",
-      "gallery", "signature", "top1", "top5", "mAP", "top1_ci95", "mAP_ci95", "num_queries"}],
-      "skipped": [reason], "criterion": {name: {"top1", "mAP", "pass"}}, "update_gain": {name: {metric:
+      "gallery", "signature", "top1", "top5", "mAP", "top1_ci95", "mAP_ci95", "num_queries",
+      "num_skipped_queries"}], "skipped": [reason] (pairs of different dimensions; queries whose class
+      has no gallery image, with their count), "criterion": {name: {"top1", "mAP", "pass"}}, "update_gain": {name: {metric:
       UG}}, "new_model_sacrifice": {name: {metric: ratio}}, "table": fixed-width text}; results is
       {(query name, gallery name): lce_tf.evaluation.RetrievalResult}.
 
     Raises:
-      ValueError: `old`/`independent` not among the models, or (old, old) could not be evaluated.
+      ValueError: `old`/`independent` not among the models, (old, old) could not be evaluated, or a
+        label is not an index into the data's class names.
     """
     from lce_tf import evaluation
 
@@ -131,6 +126,10 @@ def compare_models(models: Mapping[str, Any], query: EvalData, gallery: EvalData
             model = models[name]
             dataset = data.make_dataset(tuple(model.input_shape), batch_size)
             embeddings, labels = model.embed_dataset(dataset, signature=signature)
+            bad = labels[(labels < 0) | (labels >= len(data.class_names))]
+            if bad.size:
+                raise ValueError(f"{data.name}: label {int(bad[0])} (field image/class/label) is beyond the "
+                                 f"{len(data.class_names)} class names ({bad.size} records)")
             cache[key] = (embeddings, labels)
         return cache[key]
 
@@ -140,7 +139,7 @@ def compare_models(models: Mapping[str, Any], query: EvalData, gallery: EvalData
     for q_name, q_model in models.items():
         for g_name, g_model in models.items():
             signature = q_model.signature_for_space(g_model.metadata["embedding_space"]) or "embed"
-            q_dim = _query_dim(q_model, signature)
+            q_dim = q_model.signature_dim(signature)
             if q_dim != g_model.embedding_dim:
                 skipped.append(f"{q_name}/{g_name}: dimensions {q_dim} and {g_model.embedding_dim} differ")
                 continue
@@ -153,7 +152,13 @@ def compare_models(models: Mapping[str, Any], query: EvalData, gallery: EvalData
             for metric in ("top1", "mAP"):
                 entry[f"{metric}_ci95"] = [float(v) for v in result.bootstrap_interval(metric)]
             entry["num_queries"] = int(result.num_queries)
+            entry["num_skipped_queries"] = int(result.num_skipped_queries)
             pairs.append(entry)
+    unanswerable = max((r.num_skipped_queries for r in results.values()), default=0)
+    if unanswerable:  # the same queries for every pair: their class is not in the gallery
+        total = unanswerable + next(iter(results.values())).num_queries
+        skipped.append(f"{unanswerable} of {total} queries: their class has no gallery image (left out of every "
+                       f"metric)")
     if (old, old) not in results:
         raise ValueError(f"M({old}, {old}) could not be evaluated: {'; '.join(skipped) or 'no result'}")
     report: dict[str, Any] = {"old": old, "independent": independent, "pairs": pairs, "skipped": skipped,

@@ -29,8 +29,9 @@ import fractions
 import logging
 import os
 import re
+import unicodedata
 import uuid
-from typing import TYPE_CHECKING, Callable, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -84,18 +85,26 @@ class ImageFolder:
         paths: image file paths, [N], grouped by class in label order, sorted within a class.
         labels: int64 [N]; ``labels[i]`` is the index of the class of ``paths[i]`` in ``class_names``.
         class_names: sorted class names, [C].
+        headers: (height, width, channels) of each image as its file header states it (channels as
+            TensorFlow decodes the file: 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA), [N]; None when unknown
+            (``read_image_folder(check_images=False)``). :func:`make_image_dataset` uses it for its
+            conversion notice.
     """
 
     root: str
     paths: list[str]
     labels: np.ndarray
     class_names: list[str]
+    headers: Optional[list[tuple[int, int, int]]] = None
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
         if len(self.paths) != len(self.labels):
             raise ValueError(
                 f"ImageFolder {self.root}: {len(self.paths)} paths but {len(self.labels)} labels")
+        if self.headers is not None and len(self.headers) != len(self.paths):
+            raise ValueError(
+                f"ImageFolder {self.root}: {len(self.paths)} paths but {len(self.headers)} headers")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -133,7 +142,8 @@ class ImageFolder:
         new_labels = old_to_new[self.labels]
         keep = np.flatnonzero(new_labels >= 0)
         return ImageFolder(root=self.root, paths=[self.paths[i] for i in keep],
-                           labels=new_labels[keep], class_names=wanted)
+                           labels=new_labels[keep], class_names=wanted,
+                           headers=None if self.headers is None else [self.headers[i] for i in keep])
 
 
 def _preview(names: Sequence[str], k: int = 5) -> str:
@@ -157,22 +167,66 @@ def _list_class_images(class_dir: str) -> list[str]:
     return [os.path.join(class_dir, rel) for rel in sorted(found)]
 
 
-def _image_problem(path: str) -> str | None:
-    """Why TensorFlow could not decode this file (cheap PIL header check), or None when it looks fine."""
+def _is_utf8(name: str) -> bool:
+    """False for a file name that held bytes that are not UTF-8 (os.listdir maps them to surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(path: str) -> str:
+    """The path for a message: bytes that are not UTF-8 shown as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _decoded_channels(fmt: str, mode: str, info: dict) -> int:
+    """The channel count TensorFlow's decode_image gives a file (GIF: 3; palette: RGB or RGBA)."""
     from PIL import Image  # pylint: disable=import-outside-toplevel
 
+    if fmt == "GIF":
+        return 3
+    if mode == "P":
+        return 4 if "transparency" in info else 3
+    return Image.getmodebands(mode)
+
+
+def _image_problem(path: str) -> tuple[str | None, tuple[int, int, int] | None]:
+    """Why TensorFlow could not decode this file (a PIL check of the header and, for PNG, the chunk
+    checksums, without decoding pixels), or None, with the (height, width, decoded channels) of the
+    header when it looks fine."""
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+
+    if not _is_utf8(path):
+        return "file name is not valid UTF-8 (rename it)", None
     try:
         if os.path.getsize(path) == 0:
-            return "zero-byte file"
+            return "zero-byte file", None
         with Image.open(path) as image:
-            fmt, mode = image.format, image.mode
+            fmt, mode, (width, height), info = image.format, image.mode, image.size, dict(image.info)
+            image.verify()  # PNG: every chunk's CRC up to IEND (a truncated file fails here)
     except Exception as err:  # pylint: disable=broad-except  # PIL raises many types for bad files
-        return f"not a readable image ({type(err).__name__})"
+        return f"not a readable image ({type(err).__name__})", None
     if fmt not in _TF_FORMATS:
-        return f"{fmt} data (TensorFlow decodes PNG, JPEG, BMP and GIF)"
+        return f"{fmt} data (TensorFlow decodes PNG, JPEG, BMP and GIF)", None
     if fmt == "BMP" and mode not in _TF_BMP_MODES:
-        return f"{mode}-mode BMP (TensorFlow decodes only 8-bit grayscale, 24- and 32-bit BMP)"
-    return None
+        return f"{mode}-mode BMP (TensorFlow decodes only 8-bit grayscale, 24- and 32-bit BMP)", None
+    return None, (int(height), int(width), _decoded_channels(fmt, mode, info))
+
+
+def _check_class_names_text(root: str, names: Sequence[str]) -> None:
+    """Class names are text written to TFRecords, metadata and centers: UTF-8 and distinct after NFC."""
+    by_nfc: dict[str, str] = {}
+    for name in names:
+        if not _is_utf8(name):
+            raise DataError(f"data folder {root}: class folder name {os.fsencode(name)!r} is not valid UTF-8; "
+                            f"rename the folder")
+        key = unicodedata.normalize("NFC", name)
+        if key in by_nfc:
+            raise DataError(f"data folder {root}: class folders {ascii(by_nfc[key])} and {ascii(name)} have the "
+                            f"same name after Unicode NFC normalization; merge or rename them")
+        by_nfc[key] = name
 
 
 def read_image_folder(root: Union[str, os.PathLike], classes: Union[Sequence[str], str, None] = None, *,
@@ -184,14 +238,17 @@ def read_image_folder(root: Union[str, os.PathLike], classes: Union[Sequence[str
         classes: None for all classes, a list of class names, or a :func:`select_classes` spec
             ("0:50%", "50%:100%", "0:100", or a file with one class name per line).
         check_images: open each file's header with PIL and skip (with one logged warning giving the
-            count) zero-byte files, files PIL cannot open, and files TensorFlow cannot decode.
+            count) zero-byte files, files PIL cannot open or verify (e.g. a truncated PNG), files
+            TensorFlow cannot decode, and files whose name is not valid UTF-8.
 
     Returns:
         ImageFolder with sorted class names and, within a class, files sorted by relative path.
 
     Raises:
         DataError: root missing or not a directory; no class folders or no images; unknown class names;
-            a selected class folder without any readable image.
+            a selected class folder without any readable image; a class folder name that is not valid
+            UTF-8, or two that are equal after Unicode NFC normalization (e.g. "é" as one code point
+            and as "e" + combining accent).
     """
     root = os.fspath(root)
     if not os.path.exists(root):
@@ -221,21 +278,24 @@ def read_image_folder(root: Union[str, os.PathLike], classes: Union[Sequence[str
         if not class_names:
             raise DataError(f"data folder {root}: empty class selection")
 
+    _check_class_names_text(root, all_classes)
     files = {name: _list_class_images(os.path.join(root, name)) for name in class_names}
     if not any(files.values()):
         raise DataError(empty_msg)
 
     paths: list[str] = []
     labels: list[int] = []
+    headers: list[tuple[int, int, int]] = []
     skipped: list[tuple[str, str]] = []
     for label, name in enumerate(class_names):
         class_files = files[name]
         class_skipped = 0
         for path in class_files:
-            problem = _image_problem(path) if check_images else None
+            problem, header = _image_problem(path) if check_images else (None, None)
             if problem is None:
                 paths.append(path)
                 labels.append(label)
+                headers.append(header)
             else:
                 skipped.append((path, problem))
                 class_skipped += 1
@@ -245,10 +305,10 @@ def read_image_folder(root: Union[str, os.PathLike], classes: Union[Sequence[str
                             f"({'/'.join(IMAGE_EXTENSIONS)}){detail}")
     if skipped:
         logger.warning("data folder %s: skipped %d unreadable image files (first: %s: %s)",
-                       root, len(skipped), skipped[0][0], skipped[0][1])
+                       root, len(skipped), _printable(skipped[0][0]), skipped[0][1])
     logger.debug("data folder %s: %d images of %d classes", root, len(paths), len(class_names))
     return ImageFolder(root=root, paths=paths, labels=np.asarray(labels, dtype=np.int64),
-                       class_names=list(class_names))
+                       class_names=list(class_names), headers=headers if check_images else None)
 
 
 _RANGE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?%?)?\s*:\s*(\d+(?:\.\d+)?%?)?\s*$")
@@ -494,12 +554,27 @@ def load_images(paths: Sequence[Union[str, os.PathLike]], image_shape: Sequence[
     return out
 
 
+def _log_conversions(folder: ImageFolder, shape: tuple[int, int, int]) -> None:
+    """One warning when the folder's headers show images that decoding will resize or convert."""
+    if folder.headers is None:
+        return
+    height, width, channels = shape
+    resized = [i for i, (h, w, _) in enumerate(folder.headers) if (h, w) != (height, width)]
+    converted = [i for i, (_, _, c) in enumerate(folder.headers) if c != channels]
+    if resized or converted:
+        first = folder.paths[min(resized[:1] + converted[:1])]
+        logger.warning("data folder %s: resized %d and converted the channels of %d of %d images to %dx%dx%d "
+                       "(first: %s)", folder.root, len(resized), len(converted), len(folder.paths), *shape, first)
+
+
 def make_image_dataset(folder: ImageFolder, image_shape: Sequence[int], batch_size: int, *,
                        shuffle: bool = False, seed: int = 0, shift_pixels: int = 0, repeat: bool = False,
                        drop_remainder: bool = False, with_labels: bool = True) -> "tf.data.Dataset":
     """A streaming tf.data pipeline over an image folder.
 
-    Files are read with tf.io.read_file and decoded exactly as :func:`load_images` does.
+    Files are read with tf.io.read_file and decoded exactly as :func:`load_images` does. When the
+    folder's headers show images of another size or channel count than ``image_shape``, one warning
+    gives the counts and the first such file (they are converted, as the module docstring says).
 
     Args:
         folder: the images and labels.
@@ -524,6 +599,7 @@ def make_image_dataset(folder: ImageFolder, image_shape: Sequence[int], batch_si
     _check_batching(batch_size, shift_pixels)
     if not folder.paths:
         raise DataError(f"data folder {folder.root} has no images")
+    _log_conversions(folder, shape)
     ds = tf.data.Dataset.from_tensor_slices(
         (tf.constant(folder.paths, dtype=tf.string), tf.constant(folder.labels, dtype=tf.int64)))
     if shuffle:

@@ -86,6 +86,8 @@ def export_model(model, out_dir: str, *, architecture: str, input_shape: Sequenc
 
     Raises:
       ValueError: `out_dir` exists and `overwrite` is False.
+      OSError: the write failed (disk full, read-only, ...): one line naming `out_dir`; the previous
+        model there, if any, is unchanged and no temporary directory is left.
     """
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
@@ -110,16 +112,11 @@ def export_model(model, out_dir: str, *, architecture: str, input_shape: Sequenc
         "lce_tf_version": lce_tf.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    tmp_dir = fileio.make_temp_dir(out_dir)
-    try:
+    with fileio.atomic_directory(out_dir, "model directory") as tmp_dir:
         module = _ServingModule(model, input_shape)
         tf.saved_model.save(module, tmp_dir, signatures=_signatures(module))
         with open(os.path.join(tmp_dir, METADATA_FILE), "w", encoding="utf-8") as f:
             json.dump(metadata, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        fileio.commit_directory(tmp_dir, out_dir)
-    except BaseException:
-        fileio.remove_tree(tmp_dir)
-        raise
     return metadata

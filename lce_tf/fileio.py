@@ -5,17 +5,20 @@ committed with `commit_directory`: one rename when NAME does not exist; otherwis
 Linux renameat2(RENAME_EXCHANGE), so NAME holds the complete old or the complete new directory at
 every moment. Where the swap is unavailable (non-Linux, some network file systems) it falls back to
 two renames (old -> `.NAME.lce-old-XXXX`, new -> NAME); a crash between them leaves the complete old
-directory under that hidden name. Standard library only: importing this module is cheap.
+directory under that hidden name. `atomic_directory` wraps the three steps (temporary directory, commit,
+clean-up on failure) for the writers. Standard library only: importing this module is cheap.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import shutil
 import sys
 import uuid
+from typing import Iterator
 
 TMP_TAG = ".lce-tmp-"
 OLD_TAG = ".lce-old-"
@@ -98,3 +101,67 @@ def commit_directory(tmp_dir: str, target: str) -> None:
         raise
     fsync_path(parent)
     remove_tree(backup)
+
+
+def write_error(error: OSError, what: str, path: str, existed: bool) -> OSError:
+    """The OSError of a failed write (disk full, read-only file system, ...), one line naming `path`.
+
+    Keeps the errno (hence the subclass, e.g. PermissionError) of `error`; says whether a previous
+    version at `path` is still there.
+    """
+    reason = error.strerror or str(error)
+    state = "the previous version is unchanged" if existed else "nothing was left behind"
+    message = f"{what} {path} was not written: {reason}; {state}"
+    return OSError(error.errno, message) if error.errno is not None else OSError(message)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str, what: str = "directory") -> Iterator[str]:
+    """Yields a new hidden temporary sibling of `target` to fill; commits it to `target` when the block ends.
+
+    On any error the temporary directory is removed and `target` keeps its previous content (or stays
+    absent). An OSError is re-raised as `write_error(...)`, e.g. "[Errno 28] model directory /m/v2 was
+    not written: No space left on device; the previous version is unchanged".
+
+    Args:
+      target: the directory to create or replace.
+      what: how messages name it ("model directory", "index directory").
+    """
+    target = os.path.abspath(target)
+    existed = os.path.lexists(target)
+    tmp = None
+    try:
+        tmp = make_temp_dir(target)
+        yield tmp
+        commit_directory(tmp, target)
+    except OSError as e:
+        if tmp is not None:
+            remove_tree(tmp)
+        raise write_error(e, what, target, existed) from e
+    except BaseException:
+        if tmp is not None:
+            remove_tree(tmp)
+        raise
+
+
+def copy_directory(src: str, dst: str, what: str = "directory") -> None:
+    """Copies the directory tree `src` to `dst` (which must not exist) atomically: complete or absent.
+
+    The copy is made in a hidden sibling of `dst`, fsynced, and renamed into place, so a reader (a model
+    server watching the parent) never sees a partial copy, and a failure (disk full, ...) stops the copy
+    at once and leaves nothing behind.
+
+    Raises:
+      FileExistsError: `dst` exists.
+      OSError: the copy failed (see `atomic_directory`).
+    """
+    dst = os.path.abspath(dst)
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, f"{what} {dst} already exists; it is never overwritten")
+    with atomic_directory(dst, what) as tmp:
+        for dirpath, _, filenames in os.walk(src):  # not shutil.copytree, which goes on after an error
+            out = os.path.normpath(os.path.join(tmp, os.path.relpath(dirpath, src)))
+            os.makedirs(out, exist_ok=True)
+            for name in filenames:
+                shutil.copy2(os.path.join(dirpath, name), os.path.join(out, name))
+                fsync_path(os.path.join(out, name))

@@ -786,6 +786,8 @@ class EmbeddingIndex:
         Raises:
           ValueError: `index_dir` exists and is a file, or a non-empty directory that is not an lce_tf
             index (never overwritten).
+          OSError: the write failed (disk full, read-only, ...): one line naming `index_dir`; the
+            previous index there, if any, is unchanged and no temporary directory is left.
         """
         target = os.path.abspath(index_dir)
         if os.path.lexists(target):
@@ -794,13 +796,8 @@ class EmbeddingIndex:
             if os.listdir(target) and not os.path.isfile(os.path.join(target, METADATA_FILE)):
                 raise ValueError(f"refusing to replace {target}: it is a non-empty directory without "
                                  f"{METADATA_FILE} (not an lce_tf index)")
-        tmp = fileio.make_temp_dir(target)
-        try:
+        with fileio.atomic_directory(target, "index directory") as tmp:
             metadata = self._write_files(tmp)
-            fileio.commit_directory(tmp, target)
-        except BaseException:
-            fileio.remove_tree(tmp)
-            raise
         self._metadata = metadata
         return target
 

@@ -82,6 +82,14 @@ class EmbeddingModel:
     def compatible_with(self) -> Optional[dict[str, Any]]:
         return self.metadata.get("compatible_with")
 
+    def signature_dim(self, name: str) -> Optional[int]:
+        """The embedding size the metadata promises for a signature: `embedding_dim` for `embed`, the old
+        model's `compatible_with.dim` for `embed_compat` (None when the metadata does not record it)."""
+        if name == "embed_compat":
+            dim = (self.compatible_with or {}).get("dim")
+            return None if dim is None else int(dim)
+        return self.embedding_dim
+
     def has_signature(self, name: str) -> bool:
         return name in self.metadata["signatures"]
 
@@ -139,8 +147,12 @@ class EmbeddingModel:
             raise ValueError(f"Model {self.model_id} ({self.model_dir}) has no {signature!r} signature; "
                              f"it has {', '.join(self.metadata['signatures'])}.")
         fn = self._saved.signatures[signature]
+        expected = self.signature_dim(signature)
         for batch in batches:
             out = fn(images=np.asarray(batch, np.float32))["embedding"].numpy()
+            if out.ndim != 2 or (expected is not None and out.shape[1] != expected):
+                raise ValueError(f"Model {self.model_id} ({self.model_dir}): signature {signature!r} returned "
+                                 f"dimension {out.shape[-1]} but {METADATA_FILE} says {expected}.")
             if not np.all(np.isfinite(out)):
                 raise ValueError(f"Model {self.model_id} ({self.model_dir}) produced NaN/Inf embeddings.")
             yield out

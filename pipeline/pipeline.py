@@ -12,7 +12,8 @@
           │                       │ blessing (blessed 1/0, BLESSED/NOT_BLESSED, metrics.json, report.html)
           ├──────────────> IndexBuilder (ScaNN index of the gallery, blessed models only)
           │                       │
-          └─ Pusher (stock; pushes the model to SERVING_DIR/<unix time> only when blessed)
+          └─ Pusher (stock, with components.atomic_pusher's executor: copies the model to
+             SERVING_DIR/<unix time> all-or-nothing, only when blessed)
 
 The old model: with `old_model = "latest"` a Resolver picks the latest Model whose ModelBlessing says
 blessed = 1, i.e. the model the previous successful run pushed. On the first run there is none: the old
@@ -76,8 +77,10 @@ def _trainer(config: PipelineConfig, examples, centers, old_model, *, mode: str,
 def create_components(config: PipelineConfig) -> list:
     """The pipeline's nodes for a validated, resolved config (see the module docstring)."""
     from tfx.components.pusher.component import Pusher
+    from tfx.dsl.components.base import executor_spec
     from tfx.proto import pusher_pb2
 
+    from components.atomic_pusher import executor as atomic_pusher
     from components.class_center_extractor.component import ClassCenterExtractor
     from components.compatibility_validator.component import CompatibilityValidator
     from components.image_example_gen.component import ImageFolderExampleGen, folder_fingerprint
@@ -127,6 +130,7 @@ def create_components(config: PipelineConfig) -> list:
         model=trainer.outputs["model"], model_blessing=validator.outputs["blessing"],
         push_destination=pusher_pb2.PushDestination(
             filesystem=pusher_pb2.PushDestination.Filesystem(base_directory=config.serving_dir)),
+        custom_executor_spec=executor_spec.ExecutorClassSpec(atomic_pusher.Executor),
     ).with_id(PUSHER_ID)
     nodes += [validator, index_builder, pusher]
     return nodes

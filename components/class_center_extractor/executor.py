@@ -60,6 +60,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                             "No old model was resolved (first run): the new model is trained independently.\n")
             output.set_int_custom_property(AVAILABLE_PROPERTY, 0)
             return
+        util.check_split_records(examples_dir, split, entry)
         model_dir = util.model_dir(util.path(old_model), OLD_MODEL_KEY)
         metadata = read_model_metadata(model_dir)
         image_shape = tuple(int(v) for v in metadata["input_shape"])

@@ -112,6 +112,7 @@ class Executor(base_executor.BaseExecutor):
         for key in (QUERY_SPLIT_KEY, GALLERY_SPLIT_KEY):
             name = str(exec_properties.get(key) or "")
             entry = util.split_info(info, name, examples_dir, key)
+            util.check_split_records(examples_dir, name, entry)
             splits[key] = EvalData.from_tfrecords(util.split_pattern(examples_dir, name), entry["class_names"],
                                                   name=f"split {name}", num_images=entry["num_examples"])
 

@@ -70,6 +70,7 @@ class Executor(base_executor.BaseExecutor):
             output.set_int_custom_property(BUILT_PROPERTY, 0)
             return
 
+        util.check_split_records(examples_dir, split, entry)
         model = load_embedding_model(util.model_dir(util.path(model_artifact), MODEL_KEY))
         dataset = make_tfrecord_dataset(util.split_pattern(examples_dir, split), model.input_shape, batch_size)
         embeddings, labels = model.embed_dataset(dataset, signature="embed")

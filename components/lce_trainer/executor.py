@@ -88,6 +88,7 @@ class Executor(base_executor.BaseExecutor):
         examples_dir = util.path(examples)
         info = util.read_examples_info(examples_dir)
         entry = util.split_info(info, split, examples_dir, SPLIT_KEY)
+        util.check_split_records(examples_dir, split, entry)
         class_names = list(entry["class_names"])
         input_shape = tuple(int(v) for v in info["image_shape"])
 

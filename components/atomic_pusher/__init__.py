@@ -1,0 +1,1 @@
+"""AtomicPusher executor: the stock Pusher with an all-or-nothing filesystem push."""
