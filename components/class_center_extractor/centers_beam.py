@@ -3,13 +3,25 @@
 DESIGN.md, the method, item 1, as a two-pass Beam computation over streamed data:
 
     f̂_i = normalize(φ1(x_i))                           (EmbedExamples: a DoFn loading φ1 in setup())
-    pass 1  c_j = normalize(Σ_{y_i=j} f̂_i)              ("SumPerClass": CombinePerKey(CenterSumCombineFn))
-    pass 2  b_j = min / percentile_P of ⟨f̂_i, c_j⟩       ("BoundaryPerClass": CombinePerKey(BoundaryCombineFn)),
+    pass 1  c_j = normalize(Σ_{y_i=j} f̂_i)              ("SumPerClass": CombineGlobally(CenterSumsCombineFn))
+    pass 2  b_j = min / percentile_P of ⟨f̂_i, c_j⟩       ("BoundaryPerClass": CombineGlobally(BoundariesCombineFn)),
             with the centers of pass 1 as a side input    ("CosineToCenter")
 
-The accumulators are lce_tf.centers' own (`CenterSumAccumulator`, `BoundaryAccumulator`) and the final
-assembly is `lce_tf.centers.build_class_centers`, so the result equals
-`lce_tf.centers.compute_class_centers` on the same embeddings (up to float64 summation order).
+Elements are batches (embeddings [n, D], labels [n]): every step is vectorized NumPy, and Beam's
+combiner lifting pre-combines each bundle inside the worker, so what crosses a stage boundary is one
+{label: accumulator} dict per bundle ([C, D] floats), never the embeddings themselves
+(`ComputeClassCentersFromBatches`). `ComputeClassCenters` accepts (label, embedding [D]) pairs and
+batches them first.
+
+Both passes need the same data. Given ONE PCollection, the runner keeps it between the passes (Dataflow
+in its shuffle/disk; the DirectRunner's FnApiRunner in the driver's memory, which then grows with
+N·D). Given a PAIR of PCollections (two reads of a re-readable source), nothing is kept and memory
+stays bounded by bundle buffers (benchmarks/results/scale.md measures both).
+
+The accumulators are lce_tf.centers' own (`CenterSumAccumulator`, `BoundaryAccumulator`, filled by
+`center_sums_by_label` / `boundaries_by_label`) and the final assembly is
+`lce_tf.centers.build_class_centers`, so the result equals `lce_tf.centers.compute_class_centers` on
+the same embeddings (up to float64 summation order).
 
 This module imports apache_beam, numpy and lce_tf.centers only (never tfx), so Beam's multi-processing
 workers unpickle these DoFns cheaply; TensorFlow is imported in `EmbedExamplesFn.setup`, in the worker.
@@ -63,17 +75,79 @@ class BoundaryCombineFn(beam.CombineFn):
         return accumulator
 
 
+class CenterSumsCombineFn(beam.CombineFn):
+    """Pass 1 over batches: (embeddings [n, D], labels [n]) -> {label: CenterSumAccumulator}.
+
+    `lce_tf.centers.center_sums_by_label` does the per-batch work (vectorized); merging adds the
+    per-label accumulators. Only the first accumulator of a merge is modified (Beam's contract).
+    """
+
+    def create_accumulator(self) -> dict:
+        return {}
+
+    def add_input(self, accumulator: dict, batch) -> dict:
+        embeddings, labels = batch
+        return _merge_into(accumulator, lce_centers.center_sums_by_label(embeddings, labels))
+
+    def merge_accumulators(self, accumulators: Iterable[dict]) -> dict:
+        first, *rest = accumulators
+        for other in rest:
+            _merge_into(first, other)
+        return first
+
+    def extract_output(self, accumulator: dict) -> dict:
+        return accumulator
+
+
+class BoundariesCombineFn(beam.CombineFn):
+    """Pass 2: merges per-batch {label: BoundaryAccumulator} dicts (from `batch_boundaries`)."""
+
+    def create_accumulator(self) -> dict:
+        return {}
+
+    def add_input(self, accumulator: dict, boundaries: dict) -> dict:
+        return _merge_into(accumulator, boundaries)
+
+    def merge_accumulators(self, accumulators: Iterable[dict]) -> dict:
+        first, *rest = accumulators
+        for other in rest:
+            _merge_into(first, other)
+        return first
+
+    def extract_output(self, accumulator: dict) -> dict:
+        return accumulator
+
+
+def _merge_into(into: dict, other: dict) -> dict:
+    """Merges {label: accumulator} `other` into `into` without sharing or modifying other's accumulators."""
+    for label, acc in other.items():
+        mine = into.get(label)
+        if mine is None:
+            mine = into[label] = (lce_centers.BoundaryAccumulator(acc.rule)
+                                  if isinstance(acc, lce_centers.BoundaryAccumulator)
+                                  else lce_centers.CenterSumAccumulator())
+        mine.merge([acc])
+    return into
+
+
 def centers_and_counts(sums: dict, class_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """{label: CenterSumAccumulator} -> (centers float32 [C, D] unit rows, counts int64 [C])."""
     return lce_centers.centers_from_sums(sums, class_names)
 
 
-def cosine_to_center(keyed_embedding: tuple[int, np.ndarray], centers_counts) -> tuple[int, float]:
-    """(label j, embedding [D]) -> (j, ⟨f̂, c_j⟩) with the pass-1 centers as side input."""
-    label, embedding = keyed_embedding
+def batch_boundaries(batch, centers_counts, rule: str) -> dict:
+    """(embeddings [n, D], labels [n]) -> {label: BoundaryAccumulator} of ⟨f̂_i, c_{y_i}⟩ (pass 2).
+
+    The pass-1 centers come in as a side input; labels outside [0, C) fail with the range named.
+    """
+    embeddings, labels = batch
     centers = centers_counts[0]
-    cosine = lce_centers.cosines_to_centers(np.asarray(embedding)[None, :], np.asarray([label]), centers)[0]
-    return int(label), float(cosine)
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= centers.shape[0]):
+        raise ValueError(f"labels must be in [0, {centers.shape[0]}); received values in "
+                         f"[{labels.min()}, {labels.max()}]")
+    cosines = lce_centers.cosines_to_centers(np.asarray(embeddings), labels, centers)
+    return lce_centers.boundaries_by_label(cosines, labels, rule)
 
 
 def assemble(centers_counts, boundaries: dict, class_names: Sequence[str], boundary: str,
@@ -84,8 +158,20 @@ def assemble(centers_counts, boundaries: dict, class_names: Sequence[str], bound
                                            source_model_id=source_model_id)
 
 
-class ComputeClassCenters(beam.PTransform):
-    """PCollection of (label int in [0, C), raw embedding [D]) -> PCollection holding ONE ClassCenters.
+def stack_keyed(pairs: Sequence[tuple[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """[(label, embedding [D]), ...] -> (embeddings [n, D], labels int64 [n])."""
+    labels = np.fromiter((int(label) for label, _ in pairs), dtype=np.int64, count=len(pairs))
+    return np.stack([np.asarray(embedding) for _, embedding in pairs]), labels
+
+
+class ComputeClassCentersFromBatches(beam.PTransform):
+    """Batches (embeddings [n, D], labels [n] int in [0, C)) -> PCollection holding ONE ClassCenters.
+
+    The input is either one PCollection of batches, read by both passes, or a pair
+    `(first_read, second_read)` of two PCollections holding the same batches (the order and the
+    batching may differ): pass 1 consumes the first, pass 2 the second. A pair lets a re-readable
+    source (files of embeddings) be read twice instead of being kept by the runner between the passes
+    (on the DirectRunner, in the driver's memory).
 
     Args:
       class_names: the C class names; label j is class_names[j] (every class needs >= 1 sample).
@@ -100,25 +186,56 @@ class ComputeClassCenters(beam.PTransform):
         self._boundary = str(lce_centers.parse_boundary_rule(boundary))
         self._source_model_id = source_model_id
 
-    def expand(self, keyed_embeddings):
+    def expand(self, batches):
+        if isinstance(batches, (tuple, list)):
+            if len(batches) != 2:
+                raise ValueError(f"expected one PCollection or a pair (first_read, second_read); received "
+                                 f"{len(batches)} PCollections")
+            first, second = batches
+        else:
+            first = second = batches
         names = self._class_names
-        centers_counts = (keyed_embeddings
-                          | "SumPerClass" >> beam.CombinePerKey(CenterSumCombineFn())
-                          | "SumsToDict" >> beam.combiners.ToDict()
+        centers_counts = (first
+                          | "SumPerClass" >> beam.CombineGlobally(CenterSumsCombineFn())
                           | "CentersFromSums" >> beam.Map(centers_and_counts, class_names=names))
-        boundaries = (keyed_embeddings
-                      | "CosineToCenter" >> beam.Map(cosine_to_center,
+        boundaries = (second
+                      | "CosineToCenter" >> beam.Map(batch_boundaries, rule=self._boundary,
                                                      centers_counts=beam.pvalue.AsSingleton(centers_counts))
-                      | "BoundaryPerClass" >> beam.CombinePerKey(BoundaryCombineFn(self._boundary))
-                      | "BoundariesToDict" >> beam.combiners.ToDict())
+                      | "BoundaryPerClass" >> beam.CombineGlobally(BoundariesCombineFn()))
         return (centers_counts
                 | "BuildClassCenters" >> beam.Map(assemble, boundaries=beam.pvalue.AsSingleton(boundaries),
                                                   class_names=names, boundary=self._boundary,
                                                   source_model_id=self._source_model_id))
 
 
+class ComputeClassCenters(beam.PTransform):
+    """PCollection of (label int in [0, C), raw embedding [D]) -> PCollection holding ONE ClassCenters.
+
+    Batches the pairs (`beam.BatchElements`, at most `batch_size`) and applies
+    `ComputeClassCentersFromBatches`.
+
+    Args:
+      class_names: the C class names; label j is class_names[j] (every class needs >= 1 sample).
+      boundary: "min" or "percentile:P".
+      source_model_id: the model that produced the embeddings.
+      batch_size: the largest batch.
+    """
+
+    def __init__(self, class_names: Sequence[str], boundary: str = lce_centers.DEFAULT_BOUNDARY_RULE,
+                 source_model_id: str = "", batch_size: int = 4096):
+        super().__init__()
+        self._centers = ComputeClassCentersFromBatches(class_names, boundary, source_model_id)
+        self._batch_size = int(batch_size)
+
+    def expand(self, keyed_embeddings):
+        return (keyed_embeddings
+                | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_size)
+                | "Stack" >> beam.Map(stack_keyed)
+                | "FromBatches" >> self._centers)
+
+
 class EmbedExamplesFn(beam.DoFn):
-    """Batches of serialized tf.train.Example (lce_tf.data format) -> (label, old-model embedding [D]).
+    """Batches of serialized tf.train.Example (lce_tf.data format) -> (embeddings [n, D], labels [n]).
 
     The model directory is loaded in `setup` (once per worker; Beam pickles the DoFn, so it only holds
     the path). With `flip_average`, an image's embedding is the sum of the embeddings of the image and
@@ -160,12 +277,11 @@ class EmbedExamplesFn(beam.DoFn):
         embeddings = self._model.embed(images, signature=self._signature)
         if self._flip_average:
             embeddings = embeddings + self._model.embed(images[:, :, ::-1, :].copy(), signature=self._signature)
-        for label, embedding in zip(labels.numpy().tolist(), embeddings):
-            yield int(label), embedding
+        yield np.asarray(embeddings), labels.numpy().astype(np.int64)
 
 
 class EmbedExamples(beam.PTransform):
-    """Serialized tf.train.Example -> (label, embedding [D]), in batches of at most `batch_size`."""
+    """Serialized tf.train.Example -> batches (embeddings [n, D], labels [n]) of at most `batch_size`."""
 
     def __init__(self, model_dir: str, image_shape: Sequence[int], *, batch_size: int = 256,
                  signature: str = "embed", flip_average: bool = False):
@@ -202,5 +318,5 @@ def extract_class_centers(pipeline: beam.Pipeline, file_pattern: str, model_dir:
             | "ReadExamples" >> beam.io.ReadFromTFRecord(file_pattern)
             | "Embed" >> EmbedExamples(model_dir, image_shape, batch_size=batch_size, signature=signature,
                                        flip_average=flip_average)
-            | "Centers" >> ComputeClassCenters(class_names, boundary, source_model_id)
+            | "Centers" >> ComputeClassCentersFromBatches(class_names, boundary, source_model_id)
             | "Save" >> beam.Map(save_class_centers, path=out_path))
