@@ -16,7 +16,8 @@ Decoding is the same everywhere (:func:`load_images`, :func:`make_image_dataset`
 channel count into float32 in [0, 1]; the alpha channel is dropped (not composited); grayscale becomes
 RGB by repetition; RGB becomes grayscale with the ITU-R BT.601 luma 0.299 R + 0.587 G + 0.114 B (exact
 for images whose three channels are equal); an image whose height or width differs from the requested
-shape is resized (bilinear, antialiased, aspect ratio not kept) and clipped to [0, 1].
+shape is resized (bilinear, antialiased, aspect ratio not kept) and clipped to [0, 1]. Conversions are
+not errors: :func:`load_images` and :func:`make_image_dataset` log one notice with their counts.
 
 Only ``read_image_folder``, ``select_classes`` and ``infer_image_shape`` work without TensorFlow;
 everything else imports it lazily on first use.
