@@ -36,7 +36,7 @@ def say(message: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def prepare_data(out: str, kind: str, classes: int, test_fraction: float, seed: int) -> str:
+def prepare_data(out: str, kind: str, classes: int, test_fraction: float, size: int, seed: int) -> str:
     from lce_tf import glyphs
 
     if kind == "auto":
@@ -46,17 +46,20 @@ def prepare_data(out: str, kind: str, classes: int, test_fraction: float, seed: 
                 "stroke dataset")
     test = max(1, round(classes * test_fraction))
     summary_file = os.path.join(out, "dataset.json")
-    wanted = {"kind": kind, "seed": seed, "train": classes - test, "test": test}
+    wanted = {"kind": kind, "seed": seed, "size": size, "train": classes - test, "test": test,
+              "query_font_rule": "package-disjoint" if kind == "glyphs" else None}
     if os.path.isfile(summary_file):
         with open(summary_file, encoding="utf-8") as f:
             have = json.load(f)
-        if {"kind": have.get("kind"), "seed": have.get("seed"), "train": have["num_classes"]["train"],
+        if {"kind": have.get("kind"), "seed": have.get("seed"), "size": have.get("size"),
+                "query_font_rule": have.get("query_font_rule"),
+                "train": have["num_classes"]["train"],
                 "test": have["num_classes"]["query"]} == wanted:
             say(f"reusing the {kind} dataset in {out}")
             return kind
     builder = glyphs.build_glyph_dataset if kind == "glyphs" else glyphs.build_synthetic_dataset
     say(f"building the {kind} dataset in {out}: {classes - test} training and {test} test classes")
-    builder(out, num_train_classes=classes - test, num_test_classes=test, seed=seed, overwrite=True,
+    builder(out, num_train_classes=classes - test, num_test_classes=test, size=size, seed=seed, overwrite=True,
             progress=say)
     return kind
 
@@ -96,10 +99,13 @@ def search_v2_against_v1_index(index_dir: str, model_dir: str, query_dir: str, o
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="build/demo-pipeline")
-    parser.add_argument("--classes", type=int, default=300, help="total classes of the generated dataset")
-    parser.add_argument("--test-fraction", type=float, default=0.3)
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--classes", type=int, default=1000, help="total classes of the generated dataset")
+    parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument("--size", type=int, default=20, help="image side in pixels")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of v2")
+    parser.add_argument("--old-epochs", type=int, default=4, help="epochs of v1 (the small network)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-kind", choices=("auto", "glyphs", "synthetic"), default="auto")
     parser.add_argument("--independent", action="store_true",
@@ -129,17 +135,18 @@ def main() -> int:
         import shutil
 
         shutil.rmtree(root)
-    prepare_data(data, args.data_kind, args.classes, args.test_fraction, args.seed)
+    prepare_data(data, args.data_kind, args.classes, args.test_fraction, args.size, args.seed)
 
     from pipeline.config import PipelineConfig
     from pipeline.local_runner import format_run_summary, run_local, run_summary
 
     common = dict(train_dir=os.path.join(data, "train"), query_dir=os.path.join(data, "query"),
                   gallery_dir=os.path.join(data, "gallery"), pipeline_root=root, embedding_dim=args.dim,
-                  epochs=args.epochs, seed=args.seed, beam_workers=args.beam_workers,
+                  batch_size=args.batch_size, seed=args.seed, beam_workers=args.beam_workers,
                   margin_top1=args.margin_top1, margin_map=args.margin_map)
-    v1 = PipelineConfig(**common, version="v1", architecture="small_cnn", train_classes="0:50%")
-    v2 = PipelineConfig(**common, version="v2", architecture="cnn", mode="lce",
+    v1 = PipelineConfig(**common, version="v1", architecture="small_cnn", train_classes="0:50%",
+                        epochs=args.old_epochs)
+    v2 = PipelineConfig(**common, version="v2", architecture="cnn", mode="lce", epochs=args.epochs,
                         train_independent_reference=args.independent)
     summaries = {}
     for config in (v1, v2):
