@@ -8,7 +8,7 @@ STAMP    := $(VENV)/.installed-from-lock
 DEMO_DIR ?= build/demo
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo bench bench-quick bench-ann lock fonts clean
+.PHONY: venv test test-fast demo demo-cli bench bench-quick bench-ann lock fonts clean
 
 venv: $(STAMP)
 
@@ -29,8 +29,13 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -m "not e2e and not slow" $(PYTEST_ARGS)
 
+# The main job: the TFX pipeline for v1, then the LCE upgrade v2, locally (scripts/demo_pipeline.py).
 demo: venv fonts
-	$(PY) scripts/demo.py --workdir $(DEMO_DIR)
+	$(PY) scripts/demo_pipeline.py --workdir $(DEMO_DIR)
+
+# The same upgrade as a walk-through of `lce-tf` commands (no TFX).
+demo-cli: venv fonts
+	$(PY) scripts/demo.py --workdir build/demo-cli
 
 # The CJK font packages of the glyph dataset (apt-get as root; otherwise it prints what to install,
 # and the demo falls back to the synthetic stroke dataset).

@@ -25,8 +25,8 @@
 
 Example:
 
-    python scripts/backfill_curve.py --old-model build/demo/models/v1 --new-model build/demo/models/v2-lce \\
-        --query build/demo/data/query --gallery build/demo/data/gallery
+    python scripts/backfill_curve.py --old-model build/demo-cli/models/v1 --new-model build/demo-cli/models/v2-lce \\
+        --query build/demo-cli/data/query --gallery build/demo-cli/data/gallery
 """
 
 from __future__ import annotations

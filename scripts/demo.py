@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The `make demo` walk-through of the lce-tf command on a small generated dataset.
+"""The `make demo-cli` walk-through of the lce-tf command on a small generated dataset (no TFX).
 
 1. generate glyph data (CJK characters from the installed fonts; random stroke patterns when fewer
    than three CJK fonts are installed), with disjoint training and test classes;
@@ -31,7 +31,7 @@ def run(argv: list[str]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="build/demo")
+    parser.add_argument("--workdir", default="build/demo-cli")
     parser.add_argument("--classes", type=int, default=600, help="total classes of the generated dataset")
     parser.add_argument("--size", type=int, default=20, help="image side in pixels")
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the v2 models")

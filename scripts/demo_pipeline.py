@@ -98,7 +98,7 @@ def search_v2_against_v1_index(index_dir: str, model_dir: str, query_dir: str, o
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="build/demo-pipeline")
+    parser.add_argument("--workdir", default="build/demo")
     parser.add_argument("--classes", type=int, default=1000, help="total classes of the generated dataset")
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--size", type=int, default=20, help="image side in pixels")
@@ -178,8 +178,9 @@ def main() -> int:
         model_dir = s2["pushed_destination"] if s2["pushed"] else s2["model_dir"]
         search_v2_against_v1_index(s1["index_dir"], model_dir, common["query_dir"],
                                    os.path.join(work, "v2_queries_on_v1_index.json"), k=5)
-    say(f"demo finished in {time.time() - start:.0f} s: v2 {s2['verdict']}")
-    return 0
+    say(f"demo finished in {time.time() - start:.0f} s: v2 {s2['verdict']}"
+        + ("" if s2["pushed"] else " (the gate refused it: see the reasons above; exit status 1)"))
+    return 0 if s1["pushed"] and s2["pushed"] else 1
 
 
 if __name__ == "__main__":
