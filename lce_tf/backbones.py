@@ -112,8 +112,16 @@ _ARCHITECTURES: dict[str, Callable[[tf.Tensor, float], tf.Tensor]] = {
 ARCHITECTURES: tuple[str, ...] = tuple(_ARCHITECTURES)
 
 
+def _synchronized_batch_norm(layer: tf.keras.layers.Layer) -> tf.keras.layers.Layer:
+    """clone_model's clone function: every BatchNormalization becomes a synchronized one."""
+    config = layer.get_config()
+    if isinstance(layer, _layers.BatchNormalization):
+        config["synchronized"] = True
+    return layer.__class__.from_config(config)
+
+
 def build_backbone(name: str, input_shape: Sequence[int], embedding_dim: int, *,
-                   bn_momentum: float = BN_MOMENTUM) -> tf.keras.Model:
+                   bn_momentum: float = BN_MOMENTUM, sync_batch_norm: bool = False) -> tf.keras.Model:
     """Builds the named embedding network.
 
     Args:
@@ -121,6 +129,10 @@ def build_backbone(name: str, input_shape: Sequence[int], embedding_dim: int, *,
       input_shape: (height, width, channels) of the images, values in [0, 1].
       embedding_dim: D, the size of the (raw, unnormalized) embedding.
       bn_momentum: BatchNormalization momentum for every BN layer.
+      sync_batch_norm: BN layers with `synchronized=True`: under a multi-replica `tf.distribute`
+        strategy they normalize with the statistics of the GLOBAL batch (one all-reduce per layer and
+        step), so training matches one worker on the same global batch; without a strategy it is plain
+        BN. Off, each replica normalizes with its own slice of the batch.
 
     Returns:
       A functional `tf.keras.Model` mapping [B, H, W, C] to [B, D], named after the architecture.
@@ -138,4 +150,7 @@ def build_backbone(name: str, input_shape: Sequence[int], embedding_dim: int, *,
     images = tf.keras.Input(shape=input_shape, name="images")
     features = _ARCHITECTURES[name](images, bn_momentum)
     embeddings = _embedding_head(features, int(embedding_dim), bn_momentum)
-    return tf.keras.Model(images, embeddings, name=name)
+    model = tf.keras.Model(images, embeddings, name=name)
+    if sync_batch_norm:
+        model = tf.keras.models.clone_model(model, clone_function=_synchronized_batch_norm)
+    return model

@@ -209,9 +209,9 @@ class CompatibleEmbeddingModel(tf.keras.Model):
         if c.mode != "cross-model":
             if self.classifier is not None:
                 logits = self.classifier(raw)
-                terms[CLS_LOSS] = self.compiled_loss(labels, logits)
+                terms[CLS_LOSS] = self._replica_mean_loss(labels, logits)
             else:
-                terms[CLS_LOSS] = self.compiled_loss(labels, raw)
+                terms[CLS_LOSS] = self._replica_mean_loss(labels, raw)
         unit = tf.math.l2_normalize(raw, axis=-1)
         if c.mode == "lce":
             terms[ALIGN_LOSS] = (lce_losses.alignment_loss(self.classifier.raw_weights, self._old_centers)
@@ -232,6 +232,22 @@ class CompatibleEmbeddingModel(tf.keras.Model):
         if logits is not None:
             self._accuracy.update_state(labels, logits)
         return terms
+
+    def _replica_mean_loss(self, labels, outputs) -> tf.Tensor:
+        """The compiled classification loss as this replica's plain batch mean.
+
+        Under a `tf.distribute` strategy with R > 1 replicas, Keras' `compiled_loss` divides a
+        mean-reduced loss (AUTO / SUM_OVER_BATCH_SIZE) by R, ready for the strategy's SUM of the
+        replicas' gradients. Every other term here is an unscaled batch mean, so that scaling is undone
+        and `train_step` divides the whole total by R instead.
+        """
+        value = self.compiled_loss(labels, outputs)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        reduction = getattr(self.loss, "reduction", tf.keras.losses.Reduction.AUTO)
+        if replicas > 1 and reduction in (tf.keras.losses.Reduction.AUTO,
+                                          tf.keras.losses.Reduction.SUM_OVER_BATCH_SIZE):
+            value = value * float(replicas)
+        return value
 
     def total_loss(self, terms: dict[str, tf.Tensor]) -> tf.Tensor:
         """L = L_cls + λ_a·L_a + λ_b·L_b + λ_c·(L_bct or L_l2) + regularization (DESIGN.md item 5)."""
@@ -254,8 +270,11 @@ class CompatibleEmbeddingModel(tf.keras.Model):
         with tf.GradientTape() as tape:
             terms = self.compute_loss_terms(images, labels, training=True)
             total = self.total_loss(terms)
+            # A strategy SUMs the replicas' gradients: divide by R so the step follows the gradient of
+            # the mean over the global batch (R = 1 without a strategy).
+            scaled = total / float(tf.distribute.get_strategy().num_replicas_in_sync)
         variables = self.trainable_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(total, variables), variables))
+        self.optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
         return self._update_trackers(total, terms)
 
     def test_step(self, data):
@@ -291,7 +310,8 @@ class FrozenEmbedder(tf.keras.layers.Layer):
 
 def build_compatible_model(architecture: str, input_shape, embedding_dim: int, num_classes: Optional[int],
                            compatibility: CompatibilityConfig = CompatibilityConfig(), *,
-                           old_embedder: Optional[Callable] = None) -> CompatibleEmbeddingModel:
+                           old_embedder: Optional[Callable] = None,
+                           sync_batch_norm: bool = False) -> CompatibleEmbeddingModel:
     """Builds a `CompatibleEmbeddingModel` on a named backbone (see `lce_tf.backbones`).
 
     Example:
@@ -302,7 +322,7 @@ def build_compatible_model(architecture: str, input_shape, embedding_dim: int, n
     """
     from lce_tf.backbones import build_backbone
 
-    backbone = build_backbone(architecture, input_shape, embedding_dim)
+    backbone = build_backbone(architecture, input_shape, embedding_dim, sync_batch_norm=sync_batch_norm)
     model = CompatibleEmbeddingModel(backbone, num_classes, compatibility, old_embedder=old_embedder)
     model(tf.zeros((1,) + tuple(input_shape)))  # creates the variables
     return model

@@ -36,6 +36,8 @@ class TrainConfig:
       init_from_old_centers: lce mode: the classifier rows start at the old centers.
       epochs, batch_size, learning_rate: optimisation.
       shift_pixels: random-translation augmentation in pixels.
+      sync_batch_norm: synchronized BatchNormalization (global-batch statistics under a multi-replica
+        strategy; `lce_tf.backbones.build_backbone`).
       seed: seeds Python, NumPy and TensorFlow, with op determinism on.
       version: version label written into the model metadata.
     """
@@ -54,6 +56,7 @@ class TrainConfig:
     batch_size: int = 128
     learning_rate: float = 1e-3
     shift_pixels: int = 2
+    sync_batch_norm: bool = False
     seed: int = 0
     version: str = "v1"
 
@@ -97,7 +100,8 @@ def seed_everything(seed: int) -> None:
 def train(config: TrainConfig, train_dataset, *, num_classes: int, input_shape: Sequence[int],
           old_centers: Optional[ClassCenters] = None, old_embedder: Optional[Callable] = None,
           new_backbone: Optional[Callable] = None, new_centers: Optional[ClassCenters] = None,
-          steps_per_epoch: Optional[int] = None, verbose: int | str = "auto", callbacks: Sequence = ()):
+          steps_per_epoch: Optional[int] = None, verbose: int | str = "auto", callbacks: Sequence = (),
+          strategy=None):
     """Builds, compiles and fits a compatible model.
 
     Args:
@@ -110,6 +114,10 @@ def train(config: TrainConfig, train_dataset, *, num_classes: int, input_shape: 
       new_backbone: the frozen new model's embed function (cross-model mode).
       new_centers: the frozen new model's class centers aligned to the labels (cross-model mode).
       steps_per_epoch, verbose, callbacks: passed to `model.fit`.
+      strategy: an optional `tf.distribute.Strategy` (e.g. `MultiWorkerMirroredStrategy`, with TF_CONFIG
+        set in every worker process): the model is built and compiled in its scope and `train_dataset`
+        then holds batches of the GLOBAL batch size, which `model.fit` splits over the replicas.
+        Without it, TensorFlow's default strategy (one device).
 
     Returns:
       (model, history dict of per-epoch lists).
@@ -132,15 +140,17 @@ def train(config: TrainConfig, train_dataset, *, num_classes: int, input_shape: 
         lambda_compat=config.lambda_compat, init_from_old_centers=config.init_from_old_centers,
         new_centers=None if new_centers is None else new_centers.centers)
     head_classes = None if config.loss == "triplet" else num_classes
-    if config.compat == "cross-model":
-        if new_backbone is None:
-            raise ValueError("Mode 'cross-model' needs the frozen new model (--new-model).")
-        model = CompatibleEmbeddingModel(new_backbone, None, compat, embedding_dim=new_centers.dim)
-    else:
-        model = build_compatible_model(config.architecture, input_shape, config.embedding_dim, head_classes,
-                                       compat, old_embedder=old_embedder)
-    model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate),
-                  loss=None if config.compat == "cross-model" else classification_loss(config))
+    if config.compat == "cross-model" and new_backbone is None:
+        raise ValueError("Mode 'cross-model' needs the frozen new model (--new-model).")
+    with (strategy or tf.distribute.get_strategy()).scope():
+        if config.compat == "cross-model":
+            model = CompatibleEmbeddingModel(new_backbone, None, compat, embedding_dim=new_centers.dim)
+        else:
+            model = build_compatible_model(config.architecture, input_shape, config.embedding_dim, head_classes,
+                                           compat, old_embedder=old_embedder,
+                                           sync_batch_norm=config.sync_batch_norm)
+        model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate),
+                      loss=None if config.compat == "cross-model" else classification_loss(config))
     history = model.fit(train_dataset, epochs=config.epochs, steps_per_epoch=steps_per_epoch, verbose=verbose,
                         callbacks=[tf.keras.callbacks.TerminateOnNaN(), *callbacks])
     check_history(history.history)
