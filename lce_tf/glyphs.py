@@ -13,8 +13,7 @@ recognition); query and gallery hold the same test classes but disjoint images.
 - :func:`build_glyph_dataset` ("glyphs"): class = one CJK character of U+4E00-U+9FFF, rendered once per
   distinct installed font design (``scripts/install_fonts.sh`` installs free Debian font packages).
   Test classes are split into query and gallery BY FONT: ``num_query_fonts`` fonts (chosen with the
-  seed among fonts that have no sibling from their package) give the queries, every other font the
-  gallery, so a query never meets its own rendering nor a sibling's.
+  seed) give the queries, every other font the gallery, so a query never meets its own rendering.
 - :func:`build_synthetic_dataset` ("synthetic"): font-free; each class is a random stroke pattern and
   each image a jittered drawing of it. For tests and machines without the fonts.
 
@@ -548,25 +547,6 @@ def _augment(crop: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarra
     return image
 
 
-def _choose_query_fonts(fonts: Sequence[FontInfo], num_query_fonts: int,
-                        rng: np.random.Generator) -> Tuple[List[int], str]:
-    """Draws the query fonts of the test classes; returns (sorted font indices, the rule used).
-
-    Fonts of one folder come from one package (one foundry's series: kiloji and kiloji-B, the three
-    Kouzan brush fonts, WenQuanYi Zen Hei and Micro Hei). With a sibling in the gallery, a query
-    is answered by its sibling's near-identical rendering: same-model top-1 then measures style
-    matching, which no other model reproduces (re-identification drops same-camera gallery images
-    for the same reason). So queries are drawn among fonts alone in their folder
-    ("package-disjoint") when there are enough of them, else among all fonts ("any").
-    """
-    per_folder: Dict[str, int] = {}
-    for font in fonts:
-        per_folder[os.path.dirname(font.path)] = per_folder.get(os.path.dirname(font.path), 0) + 1
-    alone = [i for i, font in enumerate(fonts) if per_folder[os.path.dirname(font.path)] == 1]
-    pool, rule = (alone, "package-disjoint") if len(alone) >= num_query_fonts else (list(range(len(fonts))), "any")
-    return sorted(int(pool[i]) for i in rng.choice(len(pool), size=num_query_fonts, replace=False)), rule
-
-
 def build_glyph_dataset(
     out_dir: "os.PathLike[str] | str",
     *,
@@ -591,8 +571,7 @@ def build_glyph_dataset(
     classes, the next ``num_test_classes`` the test classes (disjoint). Every (character, font) gives
     ``augment_copies`` images in every split: the plain rendering plus ``augment_copies - 1``
     augmented ones (scale, shift, blur, stroke noise). Training classes get every font; for test
-    classes ``num_query_fonts`` fonts chosen with the seed (among fonts without a sibling from their
-    package when possible, see ``_choose_query_fonts``) give the query images and all other fonts
+    classes ``num_query_fonts`` fonts chosen with the seed give the query images and all other fonts
     the gallery images. Images: ``size``x``size`` uint8 PNG, white glyph on black, font size 80% of
     the canvas, centred on the ink box. File names: ``<font-slug>-<copy>.png``; class folders
     ``U+XXXX``.
@@ -653,8 +632,7 @@ def build_glyph_dataset(
                          f"common to the {len(fonts)} usable fonts; ask for fewer classes")
     rng = np.random.default_rng(seed)
     order = [candidates[i] for i in rng.permutation(len(candidates))]
-    query_idx, query_rule = _choose_query_fonts(fonts, num_query_fonts, rng)
-    _say(progress, f"glyphs: query fonts ({query_rule}): " + ", ".join(fonts[i].name for i in query_idx))
+    query_idx = sorted(int(i) for i in rng.choice(len(fonts), size=num_query_fonts, replace=False))
     query_set = set(query_idx)
     slugs: List[str] = []
     for font in fonts:  # unique, stable file-name stems
@@ -713,7 +691,6 @@ def build_glyph_dataset(
             "fonts_kept": kept_desc,
             "fonts_dropped": sorted(dropped, key=lambda d: (str(d["path"]), int(d["index"]))),
             "query_fonts": [fonts[i].name for i in query_idx],
-            "query_font_rule": query_rule,
             "num_common_characters": len(candidates),
             "num_classes": {"train": len(train_chars), "query": len(test_chars), "gallery": len(test_chars)},
             "num_images": counts,

@@ -203,24 +203,21 @@ def ensure_dataset(data_dir: Optional[str], work: str, profile: Profile, seed: i
                              f"{profile.size}px-seed{seed}")
     summary_path = os.path.join(out, "dataset.json")
     if os.path.exists(summary_path):
-        with open(summary_path, encoding="utf-8") as f:
-            summary = json.load(f)
-        if kind != "glyphs" or "query_font_rule" in summary:  # older glyph sets drew queries among all fonts
-            _log(f"reusing the dataset in {out}")
-            return out, summary
+        _log(f"reusing the dataset in {out}")
+        return out, json.load(open(summary_path, encoding="utf-8"))
     if kind == "glyphs":
         _log(f"generating glyphs: {profile.train_classes} training + {profile.test_classes} test classes, "
              f"{profile.size} px -> {out}")
         summary = glyphs.build_glyph_dataset(out, num_train_classes=profile.train_classes,
                                              num_test_classes=profile.test_classes, size=profile.size, seed=seed,
-                                             progress=None, overwrite=True)
+                                             progress=None)
     else:
         _log("fewer than 3 CJK fonts installed (run scripts/install_fonts.sh): using the synthetic stroke "
              "dataset instead of glyphs")
         summary = glyphs.build_synthetic_dataset(out, num_train_classes=profile.train_classes,
                                                  num_test_classes=profile.test_classes, images_per_class=12,
                                                  num_query_per_class=3, size=profile.size, seed=seed,
-                                                 progress=None, overwrite=True)
+                                                 progress=None)
     return out, summary
 
 

@@ -46,13 +46,11 @@ def prepare_data(out: str, kind: str, classes: int, test_fraction: float, size: 
                 "stroke dataset")
     test = max(1, round(classes * test_fraction))
     summary_file = os.path.join(out, "dataset.json")
-    wanted = {"kind": kind, "seed": seed, "size": size, "train": classes - test, "test": test,
-              "query_font_rule": "package-disjoint" if kind == "glyphs" else None}
+    wanted = {"kind": kind, "seed": seed, "size": size, "train": classes - test, "test": test}
     if os.path.isfile(summary_file):
         with open(summary_file, encoding="utf-8") as f:
             have = json.load(f)
         if {"kind": have.get("kind"), "seed": have.get("seed"), "size": have.get("size"),
-                "query_font_rule": have.get("query_font_rule"),
                 "train": have["num_classes"]["train"],
                 "test": have["num_classes"]["query"]} == wanted:
             say(f"reusing the {kind} dataset in {out}")
