@@ -101,11 +101,10 @@ def write_shards(directory: str, num_examples: int, dim: int, num_classes: int, 
 
 
 def read_shard_chunks(prefix: str, chunk_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(embeddings [n, D] float32, labels [n] int64) chunks of one shard, read through a memory map."""
-    emb = np.load(prefix + ".emb.npy", mmap_mode="r")
-    lab = np.load(prefix + ".lab.npy", mmap_mode="r")
-    for s in range(0, emb.shape[0], chunk_rows):
-        yield np.array(emb[s:s + chunk_rows]), np.array(lab[s:s + chunk_rows])
+    """(embeddings [n, D] float32, labels [n] int64) chunks of one shard (`centers_beam.read_embedding_shard`)."""
+    from components.class_center_extractor.centers_beam import read_embedding_shard
+
+    return read_embedding_shard(prefix, chunk_rows)
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -114,19 +113,6 @@ def class_names(num_classes: int) -> list[str]:
 
 def beam_options(workers: int) -> list[str]:
     return ["--runner=DirectRunner", "--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
-
-
-def read_embedding_shards(prefixes: Sequence[str], chunk_rows: int):
-    """A PTransform: PBegin -> batches (embeddings [n, D], labels [n]) of the shards (workers read them)."""
-    import apache_beam as beam
-
-    class ReadEmbeddingShards(beam.PTransform):
-        def expand(self, pbegin):
-            return (pbegin
-                    | "ListShards" >> beam.Create(list(prefixes))  # file names only; Create reshuffles them
-                    | "ReadChunks" >> beam.FlatMap(read_shard_chunks, chunk_rows=chunk_rows))
-
-    return ReadEmbeddingShards()
 
 
 def beam_class_centers(prefixes: Sequence[str], num_classes: int, out_path: str, *, boundary: str = "min",
@@ -139,8 +125,9 @@ def beam_class_centers(prefixes: Sequence[str], num_classes: int, out_path: str,
     from lce_tf.centers import ClassCenters
 
     with beam.Pipeline(options=PipelineOptions(beam_options(workers))) as pipeline:
-        first = pipeline | "Read1" >> read_embedding_shards(prefixes, chunk_rows)
-        source = (first, pipeline | "Read2" >> read_embedding_shards(prefixes, chunk_rows)) if two_reads else first
+        first = pipeline | "Read1" >> centers_beam.ReadEmbeddingShards(prefixes, chunk_rows)
+        source = ((first, pipeline | "Read2" >> centers_beam.ReadEmbeddingShards(prefixes, chunk_rows))
+                  if two_reads else first)
         _ = (source
              | "Centers" >> centers_beam.ComputeClassCentersFromBatches(class_names(num_classes), boundary,
                                                                           "synthetic")
@@ -220,6 +207,8 @@ class TreeSampler:
                 children = []
             for child in children:
                 try:
+                    if child.name() in ("sh", "bash"):  # the `/bin/sh -c python -m ...sdk_worker_main` wrappers
+                        continue
                     rss = child.memory_info().rss // 1024
                 except psutil.Error:
                     continue

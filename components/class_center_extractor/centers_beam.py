@@ -29,7 +29,7 @@ workers unpickle these DoFns cheaply; TensorFlow is imported in `EmbedExamplesFn
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -232,6 +232,38 @@ class ComputeClassCenters(beam.PTransform):
                 | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_size)
                 | "Stack" >> beam.Map(stack_keyed)
                 | "FromBatches" >> self._centers)
+
+
+def read_embedding_shard(prefix: str, chunk_rows: int = 16384) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Batches (embeddings [n, D], labels [n] int64) of one shard of precomputed embeddings.
+
+    A shard is two .npy files, `<prefix>.emb.npy` (float [N, D]) and `<prefix>.lab.npy` (int [N]); they
+    are memory-mapped and handed out `chunk_rows` rows at a time.
+    """
+    emb = np.load(prefix + ".emb.npy", mmap_mode="r")
+    lab = np.load(prefix + ".lab.npy", mmap_mode="r")
+    if emb.ndim != 2 or lab.shape != (emb.shape[0],):
+        raise ValueError(f"shard {prefix}: embeddings {emb.shape} and labels {lab.shape} do not match")
+    for start in range(0, emb.shape[0], chunk_rows):
+        yield np.array(emb[start:start + chunk_rows]), np.array(lab[start:start + chunk_rows], dtype=np.int64)
+
+
+class ReadEmbeddingShards(beam.PTransform):
+    """PBegin -> batches (embeddings [n, D], labels [n]) of precomputed-embedding shards (workers read them).
+
+    Only the shard prefixes are created in the pipeline (and reshuffled, so the shards spread over the
+    workers); apply it twice to give `ComputeClassCentersFromBatches` one read per pass.
+    """
+
+    def __init__(self, prefixes: Sequence[str], chunk_rows: int = 16384):
+        super().__init__()
+        self._prefixes = list(prefixes)
+        self._chunk_rows = int(chunk_rows)
+
+    def expand(self, pbegin):
+        return (pbegin
+                | "ListShards" >> beam.Create(self._prefixes)
+                | "ReadChunks" >> beam.FlatMap(read_embedding_shard, chunk_rows=self._chunk_rows))
 
 
 class EmbedExamplesFn(beam.DoFn):
