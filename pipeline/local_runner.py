@@ -7,18 +7,29 @@ DirectRunner in multi-processing mode.
 Components run one after the other in this process; Beam components (the ClassCenterExtractor, and
 StatisticsGen when enabled) fan their work out to `config.beam_workers` worker processes. The worker
 processes import `components.*` to unpickle the DoFns, so the project root is put on their PYTHONPATH.
+
+One run at a time per pipeline root: a run holds an exclusive lock on PIPELINE_ROOT/.lock
+(`pipeline_lock`), and a second run on the same root refuses at once (`PipelineBusyError`, exit code 2,
+one line naming the root and the holder's pid) instead of writing the same SQLite store and serving
+directory beside the first. The kernel drops the lock when the holder exits however it ends, SIGKILL
+included, so a killed run leaves no stale lock. Holding the lock, a run marks the executions that a
+killed earlier run left RUNNING as CANCELED (`cancel_abandoned_executions`); the rerun then reuses the
+cached outputs of the components that had finished and runs the others anew (new execution, new output
+directories: a half-written output of the killed run is never read).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import logging
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
-from pipeline.config import PipelineConfig, load_config
+from pipeline.config import PipelineConfig, _is_uri, load_config
 
 _LOG = logging.getLogger(__name__)
 
@@ -73,23 +84,117 @@ def build_local_pipeline(config: PipelineConfig):
                            beam_pipeline_args=local_beam_args(resolved))
 
 
+LOCK_FILE = ".lock"  # PIPELINE_ROOT/.lock: held (flock) by the run in progress, holds its pid
+
+
+class PipelineBusyError(OSError):
+    """Another run holds the pipeline root's lock: this run refuses to start (nothing was written)."""
+
+
+@contextlib.contextmanager
+def pipeline_lock(pipeline_root: str) -> Iterator[Optional[str]]:
+    """Holds the exclusive run lock of a local pipeline root for the duration of the block.
+
+    flock(LOCK_EX | LOCK_NB) on PIPELINE_ROOT/.lock, which then records the holder's pid. The lock
+    belongs to the open file, so the kernel releases it when the holder exits in any way (SIGKILL
+    included): there is no stale lock to clean up. The file itself stays (removing a lock file races
+    with the next run opening it). A remote root (gs://...) is not locked.
+
+    Args:
+      pipeline_root: the resolved (absolute) pipeline root.
+
+    Yields:
+      The lock file's path, or None for a remote root.
+
+    Raises:
+      PipelineBusyError: one line naming the root, the lock file and the holder's pid, when another
+        run holds the lock.
+    """
+    if _is_uri(pipeline_root):
+        _LOG.warning("pipeline_root %s is remote: runs on it are not locked against each other", pipeline_root)
+        yield None
+        return
+    os.makedirs(pipeline_root, exist_ok=True)
+    path = os.path.join(pipeline_root, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise PipelineBusyError(f"pipeline_root: {pipeline_root} is in use by another run (pid {holder} holds "
+                                    f"{path}); wait for it to finish or use another pipeline_root") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)  # still holding the lock: nobody reads a pid of a finished run
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def cancel_abandoned_executions(config: PipelineConfig) -> list[int]:
+    """Marks the executions of this pipeline left NEW or RUNNING by an earlier run as CANCELED.
+
+    Call it only while holding `pipeline_lock`: no other run is then in progress on this pipeline root,
+    so an execution still NEW or RUNNING belongs to a run whose process ended without finishing it
+    (killed, power loss). Left as they are they would claim forever that they are running. TFX never
+    reuses them (a new run has its own pipeline_run context, and the cache only serves COMPLETE
+    executions); their output directories are left on disk, unreferenced.
+
+    Returns:
+      The ids of the executions marked CANCELED.
+    """
+    import ml_metadata as mlmd  # pylint: disable=import-outside-toplevel
+    from ml_metadata.proto import metadata_store_pb2  # pylint: disable=import-outside-toplevel
+
+    config = config.resolved()
+    if not os.path.isfile(config.metadata_path):
+        return []
+    connection = metadata_store_pb2.ConnectionConfig()
+    connection.sqlite.filename_uri = config.metadata_path
+    connection.sqlite.connection_mode = metadata_store_pb2.SqliteMetadataSourceConfig.READWRITE
+    store = mlmd.MetadataStore(connection)
+    pipeline_context = store.get_context_by_type_and_name("pipeline", config.pipeline_name)
+    if pipeline_context is None:
+        return []
+    active = (metadata_store_pb2.Execution.NEW, metadata_store_pb2.Execution.RUNNING)
+    abandoned = [e for e in store.get_executions_by_context(pipeline_context.id) if e.last_known_state in active]
+    if not abandoned:
+        return []
+    types = {t.id: t.name for t in store.get_execution_types()}
+    for execution in abandoned:
+        _LOG.warning("execution %d (%s) was left %s by a run that ended without finishing it: marked CANCELED",
+                     execution.id, types.get(execution.type_id, "?"),
+                     metadata_store_pb2.Execution.State.Name(execution.last_known_state))
+        execution.last_known_state = metadata_store_pb2.Execution.CANCELED
+    store.put_executions(abandoned)
+    return [e.id for e in abandoned]
+
+
 def run_local(config: PipelineConfig) -> float:
-    """Validates the config and runs the pipeline once with the LocalDagRunner.
+    """Validates the config and runs the pipeline once with the LocalDagRunner, holding `pipeline_lock`.
 
     Returns:
       The run's wall time in seconds.
 
     Raises:
       ValueError: a bad config field (before any component runs).
+      PipelineBusyError: another run holds the pipeline root (before any component runs; an OSError).
       RuntimeError: a component failed (TFX's own error, re-raised by the runner).
     """
     _export_project_path()
-    tfx_pipeline = build_local_pipeline(config)  # validates first
-    from tfx.orchestration.local.local_dag_runner import LocalDagRunner  # pylint: disable=import-outside-toplevel
+    resolved = config.resolved()
+    resolved.validate()  # a bad field fails before the lock file (or anything else) is written
+    with pipeline_lock(resolved.pipeline_root):  # before importing tfx: a second run refuses at once
+        tfx_pipeline = build_local_pipeline(resolved)
+        from tfx.orchestration.local.local_dag_runner import LocalDagRunner  # pylint: disable=import-outside-toplevel
 
-    start = time.perf_counter()
-    LocalDagRunner().run(tfx_pipeline)
-    return time.perf_counter() - start
+        cancel_abandoned_executions(resolved)
+        start = time.perf_counter()
+        LocalDagRunner().run(tfx_pipeline)
+        return time.perf_counter() - start
 
 
 def _store(metadata_path: str):
@@ -210,7 +315,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         print(f"pipeline: error: {e}", file=sys.stderr)
         return 2
-    seconds = run_local(config)
+    try:
+        seconds = run_local(config)
+    except PipelineBusyError as e:
+        print(f"pipeline: error: {e}", file=sys.stderr)
+        return 2
     print(format_run_summary(run_summary(config)))
     print(f"pipeline {config.pipeline_name} ({config.version}, mode {config.mode}) finished in {seconds:.0f} s; "
           f"metadata {config.metadata_path}, pushed models under {config.serving_dir}")
