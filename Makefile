@@ -8,7 +8,7 @@ STAMP    := $(VENV)/.installed-from-lock
 DEMO_DIR ?= build/demo
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo demo-cli bench bench-quick bench-ann lock fonts clean
+.PHONY: venv test test-fast demo demo-cli bench bench-quick bench-ann bench-scale lock fonts clean
 
 venv: $(STAMP)
 
@@ -52,6 +52,12 @@ bench-quick: venv fonts
 
 bench-ann: venv
 	$(PY) scripts/bench_ann.py $(BENCH_ARGS)
+
+# Scale-out: Beam center extraction vs in-process, multi-worker training vs one worker (scale.md),
+# then the slow scale test.
+bench-scale: venv
+	$(PY) scripts/bench_scale.py $(BENCH_ARGS)
+	$(PY) -m pytest -m slow tests/test_scale.py
 
 # Resolve requirements/lock.in into the lock (needs the network to PyPI).
 lock:
