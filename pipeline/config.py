@@ -65,7 +65,7 @@ class PipelineConfig:
         locally its Beam workers import TFDV, about 1-2 more minutes per run on 2 cores).
 
     Old model:
-      old_model: "latest" = the latest blessed (hence pushed) model of this pipeline, resolved from the
+      old_model: "latest" = the latest pushed model of this pipeline (blessed, then pushed), resolved from the
         metadata store at run time (none on the first run: the model is then trained independently and
         blessed on its own accuracy); "none" = start a new lineage (mode must be "independent"); or a
         model directory to import.

@@ -45,7 +45,9 @@ def compile_v2(config: PipelineConfig, output_dir: str, *, check_paths: bool = F
 
     from pipeline.pipeline import create_pipeline  # pylint: disable=import-outside-toplevel
 
-    tfx_pipeline = create_pipeline(config, beam_pipeline_args=kubeflow_beam_args(config), check_paths=check_paths)
+    # The KFP v2 compiler translates only TFX's stock resolver strategies into its own queries.
+    tfx_pipeline = create_pipeline(config, beam_pipeline_args=kubeflow_beam_args(config), check_paths=check_paths,
+                                   old_model_strategy="blessed")
     filename = f"{config.pipeline_name}.json"
     runner = kubeflow_v2_dag_runner.KubeflowV2DagRunner(
         config=kubeflow_v2_dag_runner.KubeflowV2DagRunnerConfig(default_image=config.kubeflow_image),

@@ -4,8 +4,8 @@
           │ examples (train / query / gallery)
           ├──────────────> ClassCenterExtractor (Beam) <── old model ─┐           [modes lce, lce-transform, bct]
           │                       │ class_centers                     │
-          ├──────────────> LceTrainer (mode) <────────────────────────┤ old model: latest blessed Model
-          │                       │ model                             │ (Resolver, LatestBlessedModelStrategy),
+          ├──────────────> LceTrainer (mode) <────────────────────────┤ old model: latest pushed Model
+          │                       │ model                             │ (Resolver, LatestPushedModelStrategy),
           ├──> IndependentTrainer (new*) ──┐                          │ an imported directory, or none
           │                       │        │ independent_model        │
           ├──────────────> CompatibilityValidator <───────────────────┘
@@ -15,8 +15,12 @@
           └─ Pusher (stock, with components.atomic_pusher's executor: copies the model to
              SERVING_DIR/<unix time> all-or-nothing, only when blessed)
 
-The old model: with `old_model = "latest"` a Resolver picks the latest Model whose ModelBlessing says
-blessed = 1, i.e. the model the previous successful run pushed. On the first run there is none: the old
+The old model: with `old_model = "latest"` a Resolver picks the Model of the latest push
+(`pipeline.latest_pushed_model.LatestPushedModelStrategy`), i.e. the model serving holds. Not merely the
+latest blessed one: a run killed between the validator's blessing and the push would otherwise make its
+unpushed candidate the old model of the rerun. KFP v2 accepts only TFX's stock strategies: compiled for
+it, the Resolver picks the latest Model whose ModelBlessing says blessed = 1 (`old_model_strategy`
+"blessed"), which is the same model unless a push failed after its blessing. On the first run there is none: the old
 model channel is empty at run time, the trainer then trains independently and the validator blesses on
 the model's own accuracy (the floors). The same pipeline object compiles for Kubeflow.
 
@@ -33,7 +37,7 @@ from pipeline.config import MODES_NEEDING_OLD_MODEL, OLD_MODEL_LATEST, OLD_MODEL
 EXAMPLE_GEN_ID = "ImageFolderExampleGen"
 STATISTICS_GEN_ID = "StatisticsGen"
 SCHEMA_GEN_ID = "SchemaGen"
-OLD_MODEL_RESOLVER_ID = "latest_blessed_model_resolver"
+OLD_MODEL_RESOLVER_ID = "latest_blessed_model_resolver"  # historical name, kept (also resolves pushes)
 OLD_MODEL_IMPORTER_ID = "old_model_importer"
 CENTERS_ID = "ClassCenterExtractor"
 TRAINER_ID = "LceTrainer"
@@ -43,20 +47,34 @@ INDEX_BUILDER_ID = "IndexBuilder"
 PUSHER_ID = "Pusher"
 
 
-def _old_model_node(config: PipelineConfig):
+OLD_MODEL_STRATEGIES = ("pushed", "blessed")
+
+
+def _old_model_node(config: PipelineConfig, strategy: str = "pushed"):
     """(node, channel) providing the old model, or (None, None) when old_model is 'none'."""
     from tfx.dsl.components.common import importer, resolver
     from tfx.dsl.input_resolution.strategies.latest_blessed_model_strategy import LatestBlessedModelStrategy
     from tfx.types import channel, standard_artifacts
 
+    from pipeline.latest_pushed_model import LatestPushedModelStrategy
+
+    if strategy not in OLD_MODEL_STRATEGIES:
+        raise ValueError(f"old_model_strategy: expected one of {', '.join(OLD_MODEL_STRATEGIES)}; received {strategy!r}")
     if config.old_model == OLD_MODEL_NONE:
         return None, None
     if config.old_model == OLD_MODEL_LATEST:
-        node = resolver.Resolver(
-            strategy_class=LatestBlessedModelStrategy,
-            model=channel.Channel(type=standard_artifacts.Model),
-            model_blessing=channel.Channel(type=standard_artifacts.ModelBlessing),
-        ).with_id(OLD_MODEL_RESOLVER_ID)
+        if strategy == "pushed":
+            node = resolver.Resolver(
+                strategy_class=LatestPushedModelStrategy,
+                model=channel.Channel(type=standard_artifacts.Model),
+                pushed_model=channel.Channel(type=standard_artifacts.PushedModel),
+            ).with_id(OLD_MODEL_RESOLVER_ID)
+        else:
+            node = resolver.Resolver(
+                strategy_class=LatestBlessedModelStrategy,
+                model=channel.Channel(type=standard_artifacts.Model),
+                model_blessing=channel.Channel(type=standard_artifacts.ModelBlessing),
+            ).with_id(OLD_MODEL_RESOLVER_ID)
         return node, node.outputs["model"]
     node = importer.Importer(source_uri=config.old_model, artifact_type=standard_artifacts.Model,
                              reimport=False).with_id(OLD_MODEL_IMPORTER_ID)
@@ -74,7 +92,7 @@ def _trainer(config: PipelineConfig, examples, centers, old_model, *, mode: str,
         learning_rate=config.learning_rate, shift_pixels=config.shift_pixels, seed=config.seed, version=version)
 
 
-def create_components(config: PipelineConfig) -> list:
+def create_components(config: PipelineConfig, *, old_model_strategy: str = "pushed") -> list:
     """The pipeline's nodes for a validated, resolved config (see the module docstring)."""
     from tfx.components.pusher.component import Pusher
     from tfx.dsl.components.base import executor_spec
@@ -100,7 +118,7 @@ def create_components(config: PipelineConfig) -> list:
         statistics_gen = StatisticsGen(examples=examples).with_id(STATISTICS_GEN_ID)
         nodes += [statistics_gen, SchemaGen(statistics=statistics_gen.outputs["statistics"]).with_id(SCHEMA_GEN_ID)]
 
-    old_node, old_model = _old_model_node(config)
+    old_node, old_model = _old_model_node(config, old_model_strategy)
     if old_node is not None:
         nodes.append(old_node)
     centers = None
@@ -137,7 +155,8 @@ def create_components(config: PipelineConfig) -> list:
 
 
 def create_pipeline(config: PipelineConfig, *, metadata_connection_config: Optional[Any] = None,
-                    beam_pipeline_args: Optional[Sequence[str]] = None, check_paths: bool = True):
+                    beam_pipeline_args: Optional[Sequence[str]] = None, check_paths: bool = True,
+                    old_model_strategy: str = "pushed"):
     """Validates the config and builds the TFX pipeline (runner-agnostic).
 
     Args:
@@ -148,6 +167,8 @@ def create_pipeline(config: PipelineConfig, *, metadata_connection_config: Optio
         prepend their own (the local runner's DirectRunner multi-processing flags).
       check_paths: check that local data folders exist (off when compiling for a cluster whose paths the
         compiling machine cannot see).
+      old_model_strategy: how `old_model = "latest"` is resolved: "pushed" (the Model of the latest push)
+        or "blessed" (TFX's LatestBlessedModelStrategy, the only one of the two that KFP v2 compiles).
 
     Returns:
       tfx.orchestration.pipeline.Pipeline.
@@ -161,6 +182,6 @@ def create_pipeline(config: PipelineConfig, *, metadata_connection_config: Optio
 
     return tfx_pipeline.Pipeline(
         pipeline_name=config.pipeline_name, pipeline_root=config.pipeline_root,
-        components=create_components(config), enable_cache=config.enable_cache,
+        components=create_components(config, old_model_strategy=old_model_strategy), enable_cache=config.enable_cache,
         metadata_connection_config=metadata_connection_config,
         beam_pipeline_args=list(config.beam_pipeline_args if beam_pipeline_args is None else beam_pipeline_args))

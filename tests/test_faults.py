@@ -229,6 +229,11 @@ def test_rerun_after_kill_in_index_build_completes_from_the_cache_and_pushes_onc
     [model_id] = after_b["LceTrainer"][-1]["outputs"]["model"]
     assert summary["nodes"]["LceTrainer"]["outputs"]["model"][0]["id"] == model_id
     assert summary["verdict"] == "BLESSED" and summary["pushed"]
+    # Run B's candidate was blessed but never pushed: it is not run C's old model (the validator's verdict
+    # above came from the cache; had the resolver picked the candidate, it would be judged against itself).
+    assert summary["nodes"]["latest_blessed_model_resolver"]["outputs"].get("model", []) == []
+    with open(summary["metrics"], encoding="utf-8") as f:
+        assert json.load(f)["old"] is None
     assert summary["index_dir"] and os.path.isfile(os.path.join(summary["index_dir"], "index.json"))
 
     # Exactly one pushed version, complete, of that model (no hidden temporary left by the kills).
