@@ -330,3 +330,55 @@ def test_sigkilled_holder_releases_the_lock(tmp_path):
         holder.wait(timeout=30)
     with pipeline_lock(root):  # the kernel released the killed holder's lock
         pass
+
+
+# --------------------------------------------------------------------------------------------------
+# The Pusher's rerun after a kill between its copy and TFX's record of it
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_pusher_rerun_records_the_version_it_already_pushed(tmp_path):
+    from google.protobuf import json_format
+    from tfx.proto import pusher_pb2
+    from tfx.types import standard_artifacts
+
+    from components.atomic_pusher.executor import Executor
+
+    def model(name, model_id):
+        artifact = standard_artifacts.Model()
+        artifact.uri = str(tmp_path / name)
+        serving = tmp_path / name / "Format-Serving"
+        serving.mkdir(parents=True)
+        (serving / "lce_tf_model.json").write_text(json.dumps({"model_id": model_id}))
+        (serving / "saved_model.pb").write_bytes(b"graph")
+        return artifact
+
+    blessing = standard_artifacts.ModelBlessing()
+    blessing.uri = str(tmp_path / "blessing")
+    blessing.set_int_custom_property("blessed", 1)
+    serving_dir = tmp_path / "serving"
+    destination = pusher_pb2.PushDestination(
+        filesystem=pusher_pb2.PushDestination.Filesystem(base_directory=str(serving_dir)))
+    properties = {"push_destination": json_format.MessageToJson(destination)}
+    pushes = []
+
+    def push(artifact):
+        pushed = standard_artifacts.PushedModel()
+        pushed.uri = str(tmp_path / f"pushed_{len(pushes)}")
+        Executor().Do({"model": [artifact], "model_blessing": [blessing]}, {"pushed_model": [pushed]}, properties)
+        assert pushed.get_int_custom_property("pushed") == 1
+        pushes.append(pushed.get_string_custom_property("pushed_destination"))
+        return sorted(os.listdir(serving_dir))
+
+    v1, v2 = model("v1", "v1-aaaa"), model("v2", "v2-bbbb")
+    [first] = push(v1)
+    time.sleep(1.1)  # versions are unix seconds: the rerun comes in a later second
+    assert push(v1) == [first] and pushes[1] == pushes[0]  # the rerun records the copy the killed run made
+    time.sleep(1.1)  # versions are unix seconds
+    assert len(push(v2)) == 2
+    time.sleep(1.1)
+    versions = push(v1)  # v1 again after v2 (a rollback): a new version, the latest
+    assert len(versions) == 3 and pushes[-1] == str(serving_dir / versions[-1])
+    with open(serving_dir / versions[-1] / "lce_tf_model.json", encoding="utf-8") as f:
+        assert json.load(f)["model_id"] == "v1-aaaa"

@@ -13,10 +13,11 @@ stock Pusher's. Use it with
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Optional
 
 from tfx.components.pusher import executor as tfx_pusher
 from tfx.proto import pusher_pb2
@@ -26,6 +27,28 @@ from tfx.utils import io_utils, proto_utils
 from components import util
 
 _LOG = logging.getLogger(__name__)
+
+
+def latest_version_of(base_directory: str, model_dir: str) -> Optional[str]:
+    """The latest version under base_directory when it holds the model of model_dir (same model_id), else None.
+
+    A run killed after its Pusher committed the copy but before TFX recorded the PushedModel reruns the
+    Pusher with the same model: it then records that version instead of pushing the model a second time.
+    Only the latest version counts, so pushing an older model again (a rollback) still makes a new version.
+    """
+    def model_id(directory: str) -> Optional[str]:
+        try:
+            with open(os.path.join(directory, util.MODEL_METADATA_FILE), encoding="utf-8") as f:
+                return json.load(f).get("model_id")
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    versions = [v for v in os.listdir(base_directory) if v.isdigit()] if os.path.isdir(base_directory) else []
+    if not versions:
+        return None
+    latest = max(versions, key=int)
+    wanted = model_id(model_dir)
+    return latest if wanted is not None and model_id(os.path.join(base_directory, latest)) == wanted else None
 
 
 class Executor(tfx_pusher.Executor):
@@ -49,9 +72,14 @@ class Executor(tfx_pusher.Executor):
                                                      pusher_pb2.Versioning.UNIX_TIMESTAMP):
             raise NotImplementedError(f"push_destination: versioning {destination.filesystem.versioning} "
                                       "is not supported (AUTO or UNIX_TIMESTAMP)")
-        version = str(int(time.time()))
-        serving_path = os.path.join(destination.filesystem.base_directory, version)
-        if os.path.exists(util.local_path(serving_path)):
+        base_directory = destination.filesystem.base_directory
+        repeated = latest_version_of(util.local_path(base_directory), util.local_path(model_path))
+        version = repeated or str(int(time.time()))
+        serving_path = os.path.join(base_directory, version)
+        if repeated:
+            _LOG.info("AtomicPusher: the latest version %s already holds this model (a push whose run ended "
+                      "before recording it): not pushed again", serving_path)
+        elif os.path.exists(util.local_path(serving_path)):
             _LOG.info("AtomicPusher: %s already exists, skipping the copy", serving_path)
         else:
             fileio.copy_directory(util.local_path(model_path), util.local_path(serving_path), "pushed model")
