@@ -7,13 +7,16 @@ dimension 8, 2 epochs; floors 0 so that the model is blessed and the index and t
   run A  SIGKILLed (the whole process group) while the LceTrainer trains;
   run B  the rerun: ImageFolderExampleGen comes from the cache, the trainer trains anew; SIGKILLed while
          the IndexBuilder runs (the Pusher runs after it: nothing is pushed yet);
-  run C  the rerun completes: example gen, trainer and validator from the cache (run B's model), the
-         index is built and the model pushed, once. While C holds the pipeline root, run D starts on
-         the same root and refuses at once (exit code 2, one line naming the root and C's pid).
+  run C  the rerun completes: example gen, trainer and validator from the cache (run B's model: blessed
+         but not pushed, so it is not C's old model), the index is built and the model pushed, once.
+         While C holds the pipeline root, run D starts on the same root and refuses at once (exit
+         code 2, one line naming the root and C's pid).
 
-Executions are read back with ml-metadata's API (node context `lce-tf.<node id>`), in id order, which
-is run order here. Cheap tests of the lock itself (in-process holder, the CLI's refusal, a SIGKILLed
-holder) run without TFX.
+Each rerun marks the execution its killed predecessor left RUNNING as CANCELED. Executions are read
+back with ml-metadata's API (node context `lce-tf.<node id>`), in id order, which is run order here.
+Cheap tests of the lock itself (in-process holder, the CLI's refusal, a SIGKILLed holder) run without
+TFX; the Pusher's rerun after a kill between its copy and TFX's record of it is simulated by running
+its executor twice.
 """
 
 import json
