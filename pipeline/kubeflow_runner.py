@@ -14,8 +14,10 @@ so give mounted paths: on Vertex AI Pipelines Cloud Storage is mounted at /gcs/<
 FUSE), on Kubeflow use a shared volume. Beam
 components get `config.beam_pipeline_args` (e.g. --runner=DataflowRunner --project=... --region=...
 --temp_location=gs://...) plus `--setup_file=<kubeflow_setup_file>` so remote Beam workers install
-lce_tf and the components from the image's copy of the project. The old model is resolved by the
-cluster's metadata store (latest blessed Model of the pipeline), exactly as in the local runner.
+lce_tf and the components from the image's copy of the project. The old model is resolved from the
+cluster's metadata store: the Model of the latest push, as in the local runner (KFP v1); the latest
+blessed Model for KFP v2, whose compiler accepts only TFX's stock resolver strategies (the same model
+unless a run ended between its blessing and its push).
 """
 
 from __future__ import annotations
