@@ -1102,7 +1102,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small version (~5 min): fewer classes and epochs")
     parser.add_argument("--data", help="dataset with train/, query/, gallery/ (default: glyphs generated in --work)")
-    parser.add_argument("--out", default="benchmarks/results", help="results directory")
+    parser.add_argument("--out", help="results directory (default: benchmarks/results; build/bench-quick with --quick, "
+                        "so a quick run never replaces the committed results)")
     parser.add_argument("--work", default="build/bench", help="where generated data is kept")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of " + ",".join(SCENARIOS))
@@ -1119,6 +1120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--verbose", type=int, default=0, choices=(0, 1, 2), help="Keras fit verbosity")
     args = parser.parse_args(argv)
     profile = PROFILES["quick" if args.quick else "full"]
+    args.out = args.out or ("build/bench-quick" if args.quick else "benchmarks/results")
     if args.epochs:
         profile = dataclasses.replace(profile, epochs=args.epochs, old_epochs=args.epochs)
     if args.old_epochs:

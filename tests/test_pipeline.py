@@ -12,10 +12,12 @@ synthetic dataset, each run with the LocalDagRunner, SQLite metadata and Beam mu
 
 At this size (120 training classes, 32 queries of 16 held-out classes) LCE does not lift M(v2, v1)
 above M(v1, v1): measured here M(v2, v1) top-1 0.31-0.44 (λ_b 10-100, run-to-run spread about 0.1)
-against M(v1, v1) 0.72-0.75, while an independent model scores 0.00-0.13 against its predecessor
-(DESIGN.md: the criterion held narrowly at 1,400 training classes). So these runs give the validator
-a tolerance, margins −0.6, which separates a model trained for compatibility from one that is not;
-the config defaults are the strict criterion (margins 0).
+against M(v1, v1) 0.72-0.75 (mAP 0.41 against 0.64), while an independent model scores 0.00-0.13
+top-1 (mAP 0.09) against its predecessor (DESIGN.md: the criterion held narrowly at 1,400 training
+classes). So these runs give the validator a tolerance, margins −0.6 on top-1 and −0.4 on mAP, which
+separates a model trained for compatibility from one that is not (the mAP bar is the robust one: the
+top-1 bar of run 3 falls near 0 when M(v2, v2) is low); the config defaults are the strict criterion
+(margins 0).
 """
 
 import json
@@ -166,7 +168,7 @@ def test_kubeflow_compiles_to_a_strict_pipeline_spec(tmp_path):
 # e2e: four local runs
 # --------------------------------------------------------------------------------------------------
 
-TOLERANCE = dict(margin_top1=-0.6, margin_map=-0.6, min_top1=0.3)
+TOLERANCE = dict(margin_top1=-0.6, margin_map=-0.4, min_top1=0.3)
 
 
 def _tree_state(path):
@@ -256,8 +258,16 @@ def test_independent_candidate_is_not_blessed_and_nothing_is_pushed(runs):
     v3 = runs["v3"]
     assert v3["verdict"] == "NOT_BLESSED" and not v3["pushed"]
     assert os.path.isfile(os.path.join(v3["blessing_dir"], "NOT_BLESSED"))
-    reasons = _metrics(v3)["reasons"]
-    assert any(r.startswith("criterion top1: M(v3, v2)") and r.endswith("NO") for r in reasons), reasons
+    metrics = _metrics(v3)
+    reasons = metrics["reasons"]
+    # With the e2e margins (-0.6) the top-1 bar can fall near 0 on this tiny data, so which criterion
+    # line fails varies; at least one does, and it is the one the numbers say.
+    pairs = {(p["query"], p["gallery"]): p for p in metrics["pairs"]}
+    failing = [m for m in ("top1", "mAP")
+               if not pairs[("v3", "v2")][m] > pairs[("v2", "v2")][m] + TOLERANCE[f"margin_{m.lower()}"]]
+    assert failing, pairs
+    for m in failing:
+        assert any(r.startswith(f"criterion {m}: M(v3, v2)") and r.endswith("NO") for r in reasons), reasons
     assert any("declares compatibility" in r and r.endswith("NO") for r in reasons), reasons
     assert v3["index_dir"] is None
     assert runs["serving"][2] == runs["serving"][1]  # no new version, nothing overwritten
