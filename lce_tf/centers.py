@@ -574,8 +574,22 @@ class _KeysMissing(Exception):
 # Mergeable accumulators
 # ----------------------------------------------------------------------------------------------
 
+# Σ f̂ is accumulated in fixed point: every component of f̂ (in [-1, 1]) is rounded to a multiple of
+# 2^-32 and summed as int64. Integer addition is associative, so the sum, and the center, are the same
+# bits whatever the order in which batches and Beam bundles are merged; float sums differ in the last
+# bits from run to run, and LCE training (classifier rows start at the centers) amplifies that into
+# different models. The rounding moves a center by < 1e-9; up to 2^30 samples per class fit.
+_FIXED_POINT_SCALE = float(2 ** 32)
+_MAX_SAMPLES_PER_CLASS = 2 ** 30
+
+
+def _to_fixed_point(unit_rows: np.ndarray) -> np.ndarray:
+    """Unit vectors (float64) -> int64 multiples of 2^-32 (exact, order-independent sums)."""
+    return np.rint(unit_rows * _FIXED_POINT_SCALE).astype(np.int64)
+
+
 class CenterSumAccumulator:
-    """Pass 1 for one class: Σ f̂_i (float64) and the number of samples.
+    """Pass 1 for one class: Σ f̂_i (exact, in fixed point; `sum` gives it as float64) and the count.
 
     Plain and picklable; `add`/`add_batch`/`merge` modify and return `self` (Beam's CombineFn contract:
     only the first accumulator of a merge is modified). The dimension is fixed by the first data.
@@ -586,23 +600,31 @@ class CenterSumAccumulator:
     """
 
     def __init__(self):
-        self.sum: Optional[np.ndarray] = None   # float64 [D]
+        self.fixed_sum: Optional[np.ndarray] = None   # int64 [D]: Σ f̂ in units of 2^-32
         self.count: int = 0
 
     def __repr__(self) -> str:
-        dim = None if self.sum is None else self.sum.shape[0]
+        dim = None if self.fixed_sum is None else self.fixed_sum.shape[0]
         return f"CenterSumAccumulator(count={self.count}, dim={dim})"
 
-    def _add_normalized_sum(self, vector_sum: np.ndarray, count: int) -> "CenterSumAccumulator":
+    @property
+    def sum(self) -> Optional[np.ndarray]:
+        """Σ f̂ as float64 [D] (None before any data)."""
+        return None if self.fixed_sum is None else self.fixed_sum / _FIXED_POINT_SCALE
+
+    def _add_fixed_sum(self, fixed_sum: np.ndarray, count: int) -> "CenterSumAccumulator":
         if count == 0:
             return self
-        if self.sum is None:
-            self.sum = np.array(vector_sum, dtype=np.float64)
+        if self.count + count > _MAX_SAMPLES_PER_CLASS:
+            raise ValueError(f"more than {_MAX_SAMPLES_PER_CLASS} samples in one class: the fixed-point center "
+                             "sum would overflow")
+        if self.fixed_sum is None:
+            self.fixed_sum = np.array(fixed_sum, dtype=np.int64)
         else:
-            if vector_sum.shape != self.sum.shape:
-                raise ValueError(f"embedding dimension {vector_sum.shape[0]} does not match this class "
-                                 f"accumulator's dimension {self.sum.shape[0]}")
-            self.sum += vector_sum
+            if fixed_sum.shape != self.fixed_sum.shape:
+                raise ValueError(f"embedding dimension {fixed_sum.shape[0]} does not match this class "
+                                 f"accumulator's dimension {self.fixed_sum.shape[0]}")
+            self.fixed_sum += fixed_sum
         self.count += int(count)
         return self
 
@@ -611,7 +633,7 @@ class CenterSumAccumulator:
         emb = _check_embeddings(embeddings, "embeddings")
         if emb.shape[0] == 0:
             return self
-        return self._add_normalized_sum(l2_normalize(emb).sum(axis=0), emb.shape[0])
+        return self._add_fixed_sum(_to_fixed_point(l2_normalize(emb)).sum(axis=0), emb.shape[0])
 
     def add(self, embedding: np.ndarray) -> "CenterSumAccumulator":
         """Adds one raw embedding [D]."""
@@ -620,8 +642,8 @@ class CenterSumAccumulator:
     def merge(self, others: Iterable["CenterSumAccumulator"]) -> "CenterSumAccumulator":
         """Adds the other accumulators into this one (they are not modified)."""
         for other in others:
-            if other.sum is not None:
-                self._add_normalized_sum(other.sum, other.count)
+            if other.fixed_sum is not None:
+                self._add_fixed_sum(other.fixed_sum, other.count)
         return self
 
     def center(self) -> np.ndarray:
@@ -632,10 +654,11 @@ class CenterSumAccumulator:
         """
         if self.count == 0:
             raise ValueError("CenterSumAccumulator has no samples: the center is undefined")
-        norm = float(np.linalg.norm(self.sum))
+        total = self.sum
+        norm = float(np.linalg.norm(total))
         if norm < 1e-9 * self.count:
             raise ValueError(f"the {self.count} normalized embeddings sum to zero: the center is undefined")
-        return self.sum / norm
+        return total / norm
 
 
 class BoundaryAccumulator:
@@ -746,11 +769,11 @@ def center_sums_by_label(embeddings: np.ndarray, labels: np.ndarray) -> dict[int
     if emb.shape[0] == 0:
         return {}
     order, uniq, starts = _group_by_label(labels)
-    sums = np.add.reduceat(l2_normalize(emb)[order], starts, axis=0)
+    sums = np.add.reduceat(_to_fixed_point(l2_normalize(emb))[order], starts, axis=0)
     counts = np.diff(np.append(starts, labels.shape[0]))
     out = {}
     for label, s, n in zip(uniq.tolist(), sums, counts.tolist()):
-        out[label] = CenterSumAccumulator()._add_normalized_sum(s, n)
+        out[label] = CenterSumAccumulator()._add_fixed_sum(s, n)
     return out
 
 

@@ -434,3 +434,26 @@ def test_modules_do_not_import_tensorflow():
             "bad = [m for m in ('tensorflow', 'tfx', 'apache_beam', 'scann') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_center_sums_are_bit_identical_whatever_the_merge_order():
+    # Beam merges bundles in any order; the centers must not change by a single bit (LCE training
+    # starts its classifier rows at them and amplifies last-bit differences into different models).
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(997, 16)).astype(np.float32)
+    labels = rng.integers(0, 5, size=997)
+    batches = [lc.center_sums_by_label(emb[i:i + 61], labels[i:i + 61]) for i in range(0, 997, 61)]
+
+    def merged(order):
+        total = {}
+        for k in order:
+            for label, acc in batches[k].items():
+                total.setdefault(label, lc.CenterSumAccumulator()).merge([acc])
+        return np.stack([total[j].center() for j in range(5)])
+
+    forward = merged(range(len(batches)))
+    for seed in range(3):
+        shuffled = merged(np.random.default_rng(seed).permutation(len(batches)))
+        assert np.array_equal(forward, shuffled)
+    reference = lc.compute_class_centers(emb, labels, [str(j) for j in range(5)])
+    np.testing.assert_allclose(forward, reference.centers, atol=1e-6)

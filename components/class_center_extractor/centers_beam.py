@@ -21,7 +21,7 @@ stays bounded by bundle buffers (benchmarks/results/scale.md measures both).
 The accumulators are lce_tf.centers' own (`CenterSumAccumulator`, `BoundaryAccumulator`, filled by
 `center_sums_by_label` / `boundaries_by_label`) and the final assembly is
 `lce_tf.centers.build_class_centers`, so the result equals `lce_tf.centers.compute_class_centers` on
-the same embeddings (up to float64 summation order).
+the same embeddings, bit for bit: the sums are exact (fixed point), whatever the merge order.
 
 This module imports apache_beam, numpy and lce_tf.centers only (never tfx), so Beam's multi-processing
 workers unpickle these DoFns cheaply; TensorFlow is imported in `EmbedExamplesFn.setup`, in the worker.
@@ -38,7 +38,7 @@ from lce_tf import centers as lce_centers
 
 
 class CenterSumCombineFn(beam.CombineFn):
-    """Pass 1 for one class: embeddings [D] -> CenterSumAccumulator (Σ f̂ in float64 and the count)."""
+    """Pass 1 for one class: embeddings [D] -> CenterSumAccumulator (exact Σ f̂ and the count)."""
 
     def create_accumulator(self) -> lce_centers.CenterSumAccumulator:
         return lce_centers.CenterSumAccumulator()
