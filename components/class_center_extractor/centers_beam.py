@@ -75,47 +75,42 @@ class BoundaryCombineFn(beam.CombineFn):
         return accumulator
 
 
-class CenterSumsCombineFn(beam.CombineFn):
-    """Pass 1 over batches: (embeddings [n, D], labels [n]) -> {label: CenterSumAccumulator}.
+class _LabelDictCombineFn(beam.CombineFn):
+    """Combines {label: accumulator} dicts; subclasses say how one input becomes such a dict.
 
-    `lce_tf.centers.center_sums_by_label` does the per-batch work (vectorized); merging adds the
-    per-label accumulators. Only the first accumulator of a merge is modified (Beam's contract).
+    Only the first accumulator of a merge is modified (Beam's contract).
     """
 
     def create_accumulator(self) -> dict:
         return {}
 
+    def merge_accumulators(self, accumulators: Iterable[dict]) -> dict:
+        first, *rest = accumulators
+        for other in rest:
+            _merge_into(first, other)
+        return first
+
+    def extract_output(self, accumulator: dict) -> dict:
+        return accumulator
+
+
+class CenterSumsCombineFn(_LabelDictCombineFn):
+    """Pass 1 over batches: (embeddings [n, D], labels [n]) -> {label: CenterSumAccumulator}.
+
+    `lce_tf.centers.center_sums_by_label` does the per-batch work (vectorized); merging adds the
+    per-label accumulators.
+    """
+
     def add_input(self, accumulator: dict, batch) -> dict:
         embeddings, labels = batch
         return _merge_into(accumulator, lce_centers.center_sums_by_label(embeddings, labels))
 
-    def merge_accumulators(self, accumulators: Iterable[dict]) -> dict:
-        first, *rest = accumulators
-        for other in rest:
-            _merge_into(first, other)
-        return first
 
-    def extract_output(self, accumulator: dict) -> dict:
-        return accumulator
-
-
-class BoundariesCombineFn(beam.CombineFn):
+class BoundariesCombineFn(_LabelDictCombineFn):
     """Pass 2: merges per-batch {label: BoundaryAccumulator} dicts (from `batch_boundaries`)."""
-
-    def create_accumulator(self) -> dict:
-        return {}
 
     def add_input(self, accumulator: dict, boundaries: dict) -> dict:
         return _merge_into(accumulator, boundaries)
-
-    def merge_accumulators(self, accumulators: Iterable[dict]) -> dict:
-        first, *rest = accumulators
-        for other in rest:
-            _merge_into(first, other)
-        return first
-
-    def extract_output(self, accumulator: dict) -> dict:
-        return accumulator
 
 
 def _merge_into(into: dict, other: dict) -> dict:
