@@ -13,6 +13,7 @@ All layers are registered as Keras serializable objects under the package "lce_t
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Optional, Sequence, Union
 
 import tensorflow as tf
@@ -157,6 +158,12 @@ class CompatibilityTransform(tf.keras.layers.Layer):
     a projection skip so that any input and output size works. The output is NOT normalized; the
     losses and the exported signatures normalize it.
 
+    The paths are computed together: stage k (k = 1, 2, 3: the Dense → BN → PReLU triples above) holds
+    the kernels of all paths in one [num_paths, fan_in, units] variable, and BN and PReLU act per (path,
+    channel). That is the same function as separate per-path layers (tests/test_layers.py checks it
+    against them) with a few ops instead of num_paths times as many, which matters when a train step
+    applies T12 and T21 three times and Keras traces it.
+
     BatchNormalization momentum defaults to 0.9 (Keras convention: moving = 0.9·moving + 0.1·batch):
     with Keras' 0.99 the moving statistics do not converge in a few hundred steps (DESIGN.md, Known
     traps). BN epsilon defaults to the reference's 2e-5; PReLU slopes are per channel and start at 0.25
@@ -200,46 +207,58 @@ class CompatibilityTransform(tf.keras.layers.Layer):
         self.prelu_alpha = float(prelu_alpha)
         self.kernel_initializer = tf.keras.initializers.get(kernel_initializer)
         self.kernel_regularizer = tf.keras.regularizers.get(kernel_regularizer)
-        self.paths: list[list[tf.keras.layers.Layer]] = []
+        self.kernels: list[tf.Variable] = []    # stage k: [num_paths, fan_in, units], every path's Dense kernel
+        self.norms: list[tf.keras.layers.BatchNormalization] = []
+        self.activations: list[tf.keras.layers.PReLU] = []
         self.skip: Optional[tf.keras.layers.Dense] = None
         self.input_dim: Optional[int] = None
 
-    def _dense(self, units: int, name: str) -> tf.keras.layers.Dense:
-        # Each sublayer gets its own initializer instance (Keras warns when one is shared).
-        return tf.keras.layers.Dense(
-            units, use_bias=False, name=name,
-            kernel_initializer=tf.keras.initializers.get(tf.keras.initializers.serialize(self.kernel_initializer)),
-            kernel_regularizer=self.kernel_regularizer)
+    def _per_path_kernel_initializer(self):
+        # The kernel of stage k holds every path's Dense kernel, [num_paths, fan_in, units]; each slice is
+        # drawn by kernel_initializer on its own [fan_in, units] shape, so the fans (glorot, he, ...) are
+        # a single path's, as if every path had its own Dense layer.
+        # A Keras initializer instance returns the same values on every call, so each path gets its own
+        # instance; a seeded one gets seed + p (reproducible, and the paths still differ).
+        config = tf.keras.initializers.serialize(self.kernel_initializer)
+
+        def path_initializer(p: int):
+            path_config = copy.deepcopy(config)
+            if isinstance(path_config, dict) and isinstance(path_config.get("config", {}).get("seed"), int):
+                path_config["config"]["seed"] += p
+            return tf.keras.initializers.get(path_config)
+
+        def initializer(shape, dtype=None, **kwargs):
+            return tf.stack([path_initializer(p)(shape[1:], dtype=dtype) for p in range(shape[0])])
+
+        return initializer
 
     def build(self, input_shape):
         self.input_dim = _last_dim(f"CompatibilityTransform {self.name!r}", input_shape)
-        sizes = (self.bottleneck_dim, self.bottleneck_dim, self.output_dim)
-        self.paths = []
-        for p in range(self.num_paths):
-            path = []
-            for k, units in enumerate(sizes):
-                prefix = f"path{p + 1}_{k + 1}"
-                path += [
-                    self._dense(units, f"{prefix}_dense"),
-                    tf.keras.layers.BatchNormalization(momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                                                       name=f"{prefix}_bn"),
-                    tf.keras.layers.PReLU(alpha_initializer=tf.keras.initializers.Constant(self.prelu_alpha),
-                                          name=f"{prefix}_prelu"),
-                ]
-            self.paths.append(path)
-        self.skip = (None if self.input_dim == self.output_dim
-                     else self._dense(self.output_dim, "skip_projection"))
-        # Build the sublayers now so that the weights exist (and have a fixed order) before any call.
-        shape = tf.TensorShape(input_shape)
-        for path in self.paths:
-            s = shape
-            for layer in path:
+        widths = (self.bottleneck_dim, self.bottleneck_dim, self.output_dim)
+        fan_ins = (self.input_dim,) + widths[:-1]
+        self.kernels, self.norms, self.activations = [], [], []
+        for k, (fan_in, units) in enumerate(zip(fan_ins, widths), start=1):
+            self.kernels.append(self.add_weight(
+                name=f"stage{k}_kernel", shape=(self.num_paths, fan_in, units),
+                initializer=self._per_path_kernel_initializer(), regularizer=self.kernel_regularizer))
+            # Normalization and PReLU act per (path, channel): axis [1, 2] of [batch, path, channel].
+            norm = tf.keras.layers.BatchNormalization(axis=[1, 2], momentum=self.bn_momentum,
+                                                      epsilon=self.bn_epsilon, name=f"stage{k}_bn")
+            activation = tf.keras.layers.PReLU(alpha_initializer=tf.keras.initializers.Constant(self.prelu_alpha),
+                                               name=f"stage{k}_prelu")
+            for layer in (norm, activation):  # built now: the weights exist, in a fixed order, before any call
                 with tf.name_scope(layer.name):  # unique variable names (HDF5 weight files need them)
-                    layer.build(s)
-                s = layer.compute_output_shape(s)
-        if self.skip is not None:
+                    layer.build(tf.TensorShape([None, self.num_paths, units]))
+            self.norms.append(norm)
+            self.activations.append(activation)
+        self.skip = None
+        if self.input_dim != self.output_dim:
+            self.skip = tf.keras.layers.Dense(self.output_dim, use_bias=False, name="skip_projection",
+                                              kernel_initializer=tf.keras.initializers.get(
+                                                  tf.keras.initializers.serialize(self.kernel_initializer)),
+                                              kernel_regularizer=self.kernel_regularizer)
             with tf.name_scope(self.skip.name):
-                self.skip.build(shape)
+                self.skip.build(tf.TensorShape(input_shape))
         super().build(input_shape)
 
     @property
@@ -250,16 +269,15 @@ class CompatibilityTransform(tf.keras.layers.Layer):
         return self.skip is None
 
     def call(self, inputs: tf.Tensor, training: Optional[bool] = None) -> tf.Tensor:
-        out = inputs if self.skip is None else self.skip(inputs)
-        for path in self.paths:
-            x = inputs
-            for layer in path:
-                if isinstance(layer, tf.keras.layers.BatchNormalization):
-                    x = layer(x, training=training)
-                else:
-                    x = layer(x)
-            out = out + x
-        return out
+        # All paths at once: h [batch, path, channel]; stage 1 reads the shared input, stages 2-3 each
+        # path's own previous output (a block-diagonal product), so Σ_p path_p(x) is one reduction.
+        h = tf.einsum("bi,pio->bpo", inputs, self.kernels[0])
+        for k, (norm, activation) in enumerate(zip(self.norms, self.activations)):
+            if k > 0:
+                h = tf.einsum("bpi,pio->bpo", h, self.kernels[k])
+            h = activation(norm(h, training=training))
+        skip = inputs if self.skip is None else self.skip(inputs)
+        return skip + tf.reduce_sum(h, axis=1)
 
     def compute_output_shape(self, input_shape):
         return tf.TensorShape(input_shape)[:-1].concatenate([self.output_dim])

@@ -151,6 +151,9 @@ def train(config: TrainConfig, train_dataset, *, num_classes: int, input_shape: 
                                            sync_batch_norm=config.sync_batch_norm)
         model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate),
                       loss=None if config.compat == "cross-model" else classification_loss(config))
+        # The optimizer's slots exist before the first step, so Keras traces the train step once (a
+        # first call that creates variables is traced twice).
+        model.optimizer.build(model.trainable_variables)
     history = model.fit(train_dataset, epochs=config.epochs, steps_per_epoch=steps_per_epoch, verbose=verbose,
                         callbacks=[tf.keras.callbacks.TerminateOnNaN(), *callbacks])
     check_history(history.history)

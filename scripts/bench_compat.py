@@ -362,8 +362,10 @@ class ModelZoo:
 
         bs = self.profile.batch_size
         if spec.loss != "triplet":
+            # Full batches only (when there is one): every step has the same shape, so Keras traces the
+            # train step once per model instead of twice (the trace dominates --quick's small models).
             return data.make_image_dataset(folder, self.split.input_shape, bs, shuffle=True, seed=self.seed,
-                                           shift_pixels=2), None
+                                           shift_pixels=2, drop_remainder=len(folder.paths) >= bs), None
         # Triplet loss needs several images of a class per batch: P x K batches (P classes, K images),
         # in a seeded order drawn anew for every epoch; the library's reader decodes and shifts them.
         k = self.profile.triplet_k

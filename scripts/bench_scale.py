@@ -9,9 +9,15 @@
                   the same combiners the component runs) on the DirectRunner with
                   --direct_running_mode=multi_processing --direct_num_workers=2; the shards are read once
                   per pass, so nothing is kept between the passes.
-  beam-one-read   the same transform given ONE read of the shards, which the component does with the
-                  embeddings of its model: the runner keeps the batches between pass 1 and pass 2 (the
-                  DirectRunner in the driver's memory).
+  beam-spill      the same transform given ONE read of the shards and a spill directory: what the
+                  component does with the embeddings of its model (computed once): pass 1 writes them to
+                  shards of `--spill-rows` rows, pass 2 reads those back.
+  beam-one-read   (not run by default) ONE read and no spill directory: the runner keeps the batches
+                  between pass 1 and pass 2 (the DirectRunner in the driver's memory).
+
+  The fixed cost of the DirectRunner (start two SDK worker processes, run a pipeline) is measured on
+  its own, with a pipeline of two elements and the same options, before and after the sizes; the
+  steady-state throughput of a Beam mode is examples / (time - that start-up time).
 
   Data: `--classes` Gaussian clusters in `--dim` dimensions (center ~ N(0, I), sample = center + 0.5 ·
   N(0, I), float32), labels balanced (every class present), written to .npy shards of `--shard-rows`
@@ -62,7 +68,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-CENTER_MODES = ("inprocess", "beam-two-reads", "beam-one-read")
+CENTER_MODES = ("inprocess", "beam-two-reads", "beam-spill", "beam-one-read")
+DEFAULT_CENTER_MODES = CENTER_MODES[:3]
 LOSS_KEYS = ("loss", "cls_loss", "align_loss", "boundary_loss")
 
 
@@ -116,23 +123,46 @@ def beam_options(workers: int) -> list[str]:
 
 
 def beam_class_centers(prefixes: Sequence[str], num_classes: int, out_path: str, *, boundary: str = "min",
-                       workers: int = 2, two_reads: bool = True, chunk_rows: int = 16384):
-    """Runs the component's Beam transform over the shards and returns the ClassCenters it wrote."""
+                       workers: int = 2, mode: str = "beam-two-reads", chunk_rows: int = 16384,
+                       spill_rows: int = 65536):
+    """Runs the component's Beam transform over the shards and returns the ClassCenters it wrote.
+
+    mode: "beam-two-reads", "beam-spill" or "beam-one-read" (see the module docstring). The spill
+    directory (beside out_path) is deleted afterwards, as the component does.
+    """
+    import shutil
+
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from components.class_center_extractor import centers_beam
     from lce_tf.centers import ClassCenters
 
-    with beam.Pipeline(options=PipelineOptions(beam_options(workers))) as pipeline:
-        first = pipeline | "Read1" >> centers_beam.ReadEmbeddingShards(prefixes, chunk_rows)
-        source = ((first, pipeline | "Read2" >> centers_beam.ReadEmbeddingShards(prefixes, chunk_rows))
-                  if two_reads else first)
-        _ = (source
-             | "Centers" >> centers_beam.ComputeClassCentersFromBatches(class_names(num_classes), boundary,
-                                                                          "synthetic")
-             | "Save" >> beam.Map(centers_beam.save_class_centers, path=out_path))
+    spill_dir = os.path.join(os.path.dirname(os.path.abspath(out_path)), ".spill") if mode == "beam-spill" else None
+    try:
+        with beam.Pipeline(options=PipelineOptions(beam_options(workers))) as pipeline:
+            first = pipeline | "Read1" >> centers_beam.ReadEmbeddingShards(prefixes, chunk_rows)
+            source = ((first, pipeline | "Read2" >> centers_beam.ReadEmbeddingShards(prefixes, chunk_rows))
+                      if mode == "beam-two-reads" else first)
+            _ = (source
+                 | "Centers" >> centers_beam.ComputeClassCentersFromBatches(
+                     class_names(num_classes), boundary, "synthetic", spill_dir=spill_dir, rows_per_shard=spill_rows)
+                 | "Save" >> beam.Map(centers_beam.save_class_centers, path=out_path))
+    finally:
+        if spill_dir is not None:
+            shutil.rmtree(spill_dir, ignore_errors=True)
     return ClassCenters.load(out_path)
+
+
+def beam_startup_seconds(workers: int = 2) -> float:
+    """Wall time of a two-element pipeline with the benchmark's options: the DirectRunner's fixed cost."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    start = time.perf_counter()
+    with beam.Pipeline(options=PipelineOptions(beam_options(workers))) as pipeline:
+        _ = pipeline | beam.Create([1, 2]) | beam.Map(lambda v: v + 1)
+    return time.perf_counter() - start
 
 
 def inprocess_class_centers(prefixes: Sequence[str], num_classes: int, *, boundary: str = "min",
@@ -239,19 +269,21 @@ def _centers_child(args) -> None:
     rss_before = _status_kb("self", "VmRSS")
     reset = _reset_peak_rss()
     start = time.perf_counter()
-    if args.mode == "inprocess":
+    if args.mode == "beam-startup":
+        beam_startup_seconds(args.workers)
+    elif args.mode == "inprocess":
         result = inprocess_class_centers(prefixes, args.classes, boundary=args.boundary, chunk_rows=args.chunk)
         result.save(args.result)
     else:
         beam_class_centers(prefixes, args.classes, args.result, boundary=args.boundary, workers=args.workers,
-                           two_reads=args.mode == "beam-two-reads", chunk_rows=args.chunk)
+                           mode=args.mode, chunk_rows=args.chunk, spill_rows=args.spill_rows)
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "driver_rss_before_mb": rss_before / 1024,
                       "driver_peak_mb": (_status_kb("self", "VmHWM") or 0) / 1024, "peak_reset": reset}))
 
 
 def measure_centers(mode: str, prefixes: Sequence[str], num_classes: int, workdir: str, *, boundary: str,
-                    workers: int, chunk_rows: int) -> tuple[dict, str]:
+                    workers: int, chunk_rows: int, spill_rows: int) -> tuple[dict, str]:
     """Runs one mode in a child process; returns (figures, path of the ClassCenters it wrote)."""
     shards_json = os.path.join(workdir, "shards.json")
     with open(shards_json, "w") as f:
@@ -261,7 +293,7 @@ def measure_centers(mode: str, prefixes: Sequence[str], num_classes: int, workdi
         os.remove(result)
     cmd = [sys.executable, os.path.abspath(__file__), "_centers-child", "--mode", mode, "--shards-json",
            shards_json, "--classes", str(num_classes), "--boundary", boundary, "--workers", str(workers),
-           "--chunk", str(chunk_rows), "--result", result]
+           "--chunk", str(chunk_rows), "--spill-rows", str(spill_rows), "--result", result]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     with TreeSampler(proc.pid) as sampler:
@@ -278,9 +310,26 @@ def measure_centers(mode: str, prefixes: Sequence[str], num_classes: int, workdi
     return figures, result
 
 
+def measure_startup(workers: int, workdir: str) -> float:
+    """Seconds of a two-element pipeline (`beam_startup_seconds`) in a fresh process."""
+    cmd = [sys.executable, os.path.abspath(__file__), "_centers-child", "--mode", "beam-startup", "--shards-json",
+           os.path.join(workdir, "none.json"), "--classes", "1", "--workers", str(workers), "--result", "-"]
+    with open(cmd[6], "w") as f:
+        json.dump([], f)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"beam-startup failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["seconds"])
+
+
 def run_centers(args) -> dict:
     from lce_tf.centers import ClassCenters
 
+    startup = []
+    if any(m.startswith("beam") for m in args.modes):
+        startup.append(measure_startup(args.workers, args.workdir))
+        print(f"[centers] Beam start-up (two-element pipeline): {startup[-1]:.2f} s", flush=True)
     rows = []
     for size in args.sizes:
         data_dir = os.path.join(args.workdir, f"embeddings-{size}-d{args.dim}-c{args.classes}")
@@ -291,7 +340,8 @@ def run_centers(args) -> dict:
         results, reference = {}, None
         for mode in args.modes:
             figures, path = measure_centers(mode, prefixes, args.classes, data_dir, boundary=args.boundary,
-                                            workers=args.workers, chunk_rows=args.chunk)
+                                            workers=args.workers, chunk_rows=args.chunk,
+                                            spill_rows=args.spill_rows)
             figures["throughput_per_s"] = size / figures["seconds"]
             centers = ClassCenters.load(path)
             if mode == "inprocess":
@@ -311,6 +361,17 @@ def run_centers(args) -> dict:
                         results["inprocess"]["seconds"] / results[mode]["seconds"])
         rows.append({"num_examples": size, "shards": len(prefixes), "data_mb": size * args.dim * 4 / 2**20,
                      "modes": results})
+    if startup:
+        startup.append(measure_startup(args.workers, args.workdir))
+        print(f"[centers] Beam start-up again: {startup[-1]:.2f} s", flush=True)
+        fixed = float(np.mean(startup))
+        for row in rows:
+            for mode, f in row["modes"].items():
+                if mode.startswith("beam") and f["seconds"] > fixed:
+                    f["steady_throughput_per_s"] = row["num_examples"] / (f["seconds"] - fixed)
+                    if "inprocess" in row["modes"]:
+                        f["steady_ratio_vs_inprocess"] = (f["steady_throughput_per_s"]
+                                                          / row["modes"]["inprocess"]["throughput_per_s"])
     summary = {}
     for mode in args.modes:
         series = [(r["num_examples"], r["modes"][mode]) for r in rows]
@@ -321,7 +382,7 @@ def run_centers(args) -> dict:
             (n0, f0), (n1, f1) = series[0], series[-1]
             entry["marginal_throughput_per_s"] = (n1 - n0) / max(f1["seconds"] - f0["seconds"], 1e-9)
         summary[mode] = entry
-    return {"sizes": list(args.sizes), "dim": args.dim, "classes": args.classes, "boundary": args.boundary,
+    return {"sizes": list(args.sizes), "beam_startup_seconds": startup, "spill_rows": args.spill_rows, "dim": args.dim, "classes": args.classes, "boundary": args.boundary,
             "chunk_rows": args.chunk, "shard_rows": args.shard_rows, "beam_workers": args.workers,
             "beam_options": beam_options(args.workers), "rows": rows, "summary": summary}
 
@@ -489,17 +550,23 @@ def markdown(report: dict) -> str:
         lines += ["## Center extraction: Beam (DirectRunner, multi-processing, "
                   f"{c['beam_workers']} workers) vs in-process", "",
                   f"{c['classes']:,} classes, dimension {c['dim']}, boundary rule `{c['boundary']}`, "
-                  f"shards of {c['shard_rows']:,} rows read {c['chunk_rows']:,} rows at a time. "
-                  f"Beam options: `{' '.join(c['beam_options'])}`.", "",
-                  "| examples | mode | time (s) | examples/s | Beam/in-process | driver peak RSS (MB) | "
-                  "worker peak RSS (MB) | max abs Δ centers | max abs Δ boundaries |",
-                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  f"shards of {c['shard_rows']:,} rows read {c['chunk_rows']:,} rows at a time; beam-spill "
+                  f"writes shards of {c.get('spill_rows', 0):,} rows. Beam options: `{' '.join(c['beam_options'])}`. "
+                  "Start-up of the DirectRunner alone (a two-element pipeline, before and after the sizes): "
+                  f"{', '.join(f'{v:.1f}' for v in c.get('beam_startup_seconds', [])) or '-'} s; steady state = "
+                  "examples / (time − mean start-up).", "",
+                  "| examples | mode | time (s) | examples/s | Beam/in-process | steady-state examples/s | "
+                  "steady Beam/in-process | driver peak RSS (MB) | worker peak RSS (MB) | max abs Δ centers | "
+                  "max abs Δ boundaries |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in c["rows"]:
             for mode, f in row["modes"].items():
                 ratio = f.get("throughput_ratio_vs_inprocess")
+                steady, steady_ratio = f.get("steady_throughput_per_s"), f.get("steady_ratio_vs_inprocess")
                 lines.append(
                     f"| {row['num_examples']:,} | {mode} | {f['seconds']:.2f} | {f['throughput_per_s']:,.0f} | "
-                    f"{'' if ratio is None else f'{ratio:.2f}'} | {f['driver_peak_mb']:.0f} | "
+                    f"{'' if ratio is None else f'{ratio:.2f}'} | {'' if steady is None else f'{steady:,.0f}'} | "
+                    f"{'' if steady_ratio is None else f'{steady_ratio:.2f}'} | {f['driver_peak_mb']:.0f} | "
                     f"{', '.join(f'{v:.0f}' for v in f['worker_peak_mb']) or '-'} | "
                     f"{f.get('max_abs_diff_centers', ''):{'.1e' if 'max_abs_diff_centers' in f else ''}} | "
                     f"{f.get('max_abs_diff_boundaries', ''):{'.1e' if 'max_abs_diff_boundaries' in f else ''}} |")
@@ -531,12 +598,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="internal")
     child = sub.add_parser("_centers-child")
-    child.add_argument("--mode", choices=CENTER_MODES, required=True)
+    child.add_argument("--mode", choices=CENTER_MODES + ("beam-startup",), required=True)
     child.add_argument("--shards-json", required=True)
     child.add_argument("--classes", type=int, required=True)
     child.add_argument("--boundary", default="min")
     child.add_argument("--workers", type=int, default=2)
     child.add_argument("--chunk", type=int, default=16384)
+    child.add_argument("--spill-rows", type=int, default=65536)
     child.add_argument("--result", required=True)
     tchild = sub.add_parser("_train-child")
     tchild.add_argument("--sync-batch-norm", action="store_true")
@@ -545,10 +613,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--boundary", default="min")
-    parser.add_argument("--modes", default=",".join(CENTER_MODES))
+    parser.add_argument("--modes", default=",".join(DEFAULT_CENTER_MODES),
+                        help=f"comma-separated subset of {', '.join(CENTER_MODES)}")
     parser.add_argument("--workers", type=int, default=2, help="Beam DirectRunner worker processes")
     parser.add_argument("--chunk", type=int, default=16384, help="rows per batch")
     parser.add_argument("--shard-rows", type=int, default=50000)
+    parser.add_argument("--spill-rows", type=int, default=65536, help="rows per spilled shard (beam-spill)")
     parser.add_argument("--train-workers", type=int, default=2)
     parser.add_argument("--train-rtol", type=float, default=1e-3,
                         help="relative tolerance of the losses with synchronized BatchNormalization")

@@ -190,8 +190,12 @@ def test_ingest_writes_splits_with_their_description(examples_and_model):
         util.split_info(info, "eval", examples.uri)
 
 
-def test_embed_examples_dofn_matches_the_model(examples_and_model):
-    """The DoFn's decode + embed path equals EmbeddingModel.embed_dataset on the same records."""
+@pytest.mark.parametrize("spill", [False, True], ids=["kept-by-runner", "spilled"])
+def test_embed_examples_dofn_matches_the_model(examples_and_model, tmp_path, spill):
+    """The DoFn's decode + embed path equals EmbeddingModel.embed_dataset on the same records.
+
+    Spilled: pass 2 reads the embeddings back from the shards that pass 1 wrote (the executor's way).
+    """
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
     from apache_beam.testing.util import assert_that, equal_to
@@ -206,9 +210,21 @@ def test_embed_examples_dofn_matches_the_model(examples_and_model):
     embeddings, labels = model.embed_dataset(make_tfrecord_dataset(pattern, model.input_shape, 7))
     names = util.read_examples_info(examples.uri)["splits"]["train"]["class_names"]
     reference = lce_centers.compute_class_centers(embeddings, labels, names, source_model_id=model.model_id)
-    out = str(root / "centers.npz")
+    out = str(tmp_path / "centers.npz")
+    spill_dir = str(tmp_path / "spill") if spill else None
     with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as pipeline:  # in-process
         written = extract_class_centers(pipeline, pattern, str(root / "model"), model.input_shape, names, out,
-                                        source_model_id=model.model_id, batch_size=4)
+                                        source_model_id=model.model_id, batch_size=4, spill_dir=spill_dir)
         assert_that(written, equal_to([out]))
     _close_to(reference, atol=1e-5)([lce_centers.ClassCenters.load(out)])
+    if spill:  # every embedding went through the spilled shards, bit for bit
+        from components.class_center_extractor.centers_beam import read_embedding_shard
+
+        prefixes = sorted({os.path.join(spill_dir, f.split(".")[0]) for f in os.listdir(spill_dir)})
+        spilled = [chunk for p in prefixes for chunk in read_embedding_shard(p)]
+        got_embeddings = np.concatenate([e for e, _ in spilled])
+        got_labels = np.concatenate([l for _, l in spilled])
+        order = np.lexsort(got_embeddings.T[::-1])
+        ref_order = np.lexsort(np.asarray(embeddings).T[::-1])
+        np.testing.assert_allclose(got_embeddings[order], np.asarray(embeddings)[ref_order], atol=1e-5)
+        np.testing.assert_array_equal(got_labels[order], np.asarray(labels)[ref_order])

@@ -115,8 +115,56 @@ def test_cosine_classifier_in_functional_model_serializes_without_custom_objects
 # CompatibilityTransform
 # ---------------------------------------------------------------------------------------------------
 
-def _bn_layers(layer):
-    return [sub for path in layer.paths for sub in path if isinstance(sub, tf.keras.layers.BatchNormalization)]
+def _reference_paths(layer, x, training):
+    """Σ_p path_p(x) + skip(x) with one Dense/BN/PReLU per path and stage, holding the layer's weights.
+
+    DESIGN.md item 6 written out path by path: the fused layer must compute exactly this.
+    """
+    out = x if layer.skip is None else layer.skip(x)
+    for p in range(layer.num_paths):
+        h = x
+        for kernel, norm, activation in zip(layer.kernels, layer.norms, layer.activations):
+            units = kernel.shape[-1]
+            dense = tf.keras.layers.Dense(units, use_bias=False)
+            bn = tf.keras.layers.BatchNormalization(momentum=norm.momentum, epsilon=norm.epsilon)
+            prelu = tf.keras.layers.PReLU()
+            dense.build((None, kernel.shape[1]))
+            bn.build((None, units))
+            prelu.build((None, units))
+            dense.kernel.assign(kernel[p])
+            for mine, theirs in zip((bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance),
+                                    (norm.gamma, norm.beta, norm.moving_mean, norm.moving_variance)):
+                mine.assign(tf.reshape(theirs, (layer.num_paths, units))[p])
+            prelu.alpha.assign(activation.alpha[p])
+            h = prelu(bn(dense(h), training=training))
+        out = out + h
+    return out
+
+
+@pytest.mark.parametrize("in_dim,out_dim,training", [(8, 8, True), (8, 8, False), (6, 10, True), (10, 6, False)])
+def test_transform_equals_separate_per_path_layers(in_dim, out_dim, training):
+    layer = CompatibilityTransform(out_dim, num_paths=4)
+    x = tf.random.stateless_normal((16, in_dim), seed=(1, 2))
+    layer(3.0 + x, training=True)  # moves the BN statistics away from their initial values
+    for norm in layer.norms:        # and gamma/beta and the PReLU slopes away from theirs
+        norm.gamma.assign(tf.random.stateless_uniform(norm.gamma.shape, seed=(3, 4), minval=0.5, maxval=1.5))
+        norm.beta.assign(tf.random.stateless_normal(norm.beta.shape, seed=(5, 6)))
+    for activation in layer.activations:
+        activation.alpha.assign(tf.random.stateless_uniform(activation.alpha.shape, seed=(7, 8)))
+    expected = _reference_paths(layer, x, training).numpy()
+    np.testing.assert_allclose(layer(x, training=training).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_transform_paths_start_different_and_seeded_initializers_reproduce():
+    seeded = [CompatibilityTransform(8, kernel_initializer=tf.keras.initializers.GlorotUniform(seed=3))
+              for _ in range(2)]
+    for layer in seeded + [CompatibilityTransform(8)]:
+        layer(tf.zeros((2, 5)))
+        first = layer.kernels[0].numpy()
+        assert all(not np.allclose(first[0], first[p]) for p in range(1, 4))
+        # Each path's kernel is drawn on its own [fan_in, units] shape: glorot limit sqrt(6 / (5 + 16)).
+        assert np.abs(first).max() <= np.sqrt(6 / (5 + 16)) + 1e-6
+    np.testing.assert_array_equal(seeded[0].kernels[2].numpy(), seeded[1].kernels[2].numpy())
 
 
 def test_transform_identity_skip_when_dims_equal():
@@ -124,13 +172,11 @@ def test_transform_identity_skip_when_dims_equal():
     x = tf.random.stateless_normal((4, 8), seed=(3, 4))
     layer(x)
     assert layer.uses_identity_skip and layer.skip is None
-    # Zero the last BN of every path (gamma = beta = 0): each path outputs PReLU(0) = 0, so the
-    # output must be exactly the skip, i.e. the input itself.
-    for path in layer.paths:
-        last_bn = path[-2]
-        assert isinstance(last_bn, tf.keras.layers.BatchNormalization)
-        last_bn.gamma.assign(tf.zeros_like(last_bn.gamma))
-        last_bn.beta.assign(tf.zeros_like(last_bn.beta))
+    # Zero the last BN (gamma = beta = 0): every path outputs PReLU(0) = 0, so the output must be
+    # exactly the skip, i.e. the input itself.
+    last_bn = layer.norms[-1]
+    last_bn.gamma.assign(tf.zeros_like(last_bn.gamma))
+    last_bn.beta.assign(tf.zeros_like(last_bn.beta))
     np.testing.assert_allclose(layer(x, training=False).numpy(), x.numpy(), atol=1e-6)
 
 
@@ -142,22 +188,21 @@ def test_transform_projection_skip_when_dims_differ(in_dim, out_dim):
     assert not layer.uses_identity_skip
     assert layer.skip.kernel.shape == (in_dim, out_dim)
     assert layer.skip.use_bias is False
-    # 4 paths x 3 Dense + skip, all without bias.
-    kernels = [w for w in layer.trainable_weights if "kernel" in w.name]
-    assert len(kernels) == 4 * 3 + 1
+    # The 4 paths' 3 Dense kernels, stacked per stage, and the skip; no bias anywhere.
+    assert [tuple(k.shape) for k in layer.kernels] == [(4, in_dim, 16), (4, 16, 16), (4, 16, out_dim)]
     assert not any("bias" in w.name for w in layer.weights)
     assert layer.compute_output_shape((None, in_dim)) == (None, out_dim)
 
 
-def test_transform_path_structure_and_bn_momentum_default():
+def test_transform_stage_structure_and_bn_momentum_default():
     layer = CompatibilityTransform(32, bottleneck_dim=16, num_paths=4)
     layer(tf.zeros((2, 10)))
-    assert len(layer.paths) == 4
-    kinds = [type(sub).__name__ for sub in layer.paths[0]]
-    assert kinds == ["Dense", "BatchNormalization", "PReLU"] * 3
-    assert [sub.units for sub in layer.paths[0] if isinstance(sub, tf.keras.layers.Dense)] == [16, 16, 32]
-    assert all(bn.momentum == 0.9 for bn in _bn_layers(layer))
-    assert len(_bn_layers(layer)) == 12
+    assert [tuple(k.shape) for k in layer.kernels] == [(4, 10, 16), (4, 16, 16), (4, 16, 32)]
+    # BN and PReLU per (path, channel) (Keras keeps a multi-axis BN's parameters as [1, path, channel]).
+    assert [tuple(bn.gamma.shape) for bn in layer.norms] == [(1, 4, 16), (1, 4, 16), (1, 4, 32)]
+    assert [tuple(a.alpha.shape) for a in layer.activations] == [(4, 16), (4, 16), (4, 32)]
+    assert all(bn.momentum == 0.9 for bn in layer.norms)
+    np.testing.assert_allclose(layer.activations[0].alpha.numpy(), 0.25)
 
 
 def test_transform_bn_moving_statistics_use_momentum_09():
@@ -165,9 +210,8 @@ def test_transform_bn_moving_statistics_use_momentum_09():
     layer = CompatibilityTransform(4, num_paths=1)
     x = tf.random.stateless_normal((16, 4), seed=(7, 8))
     layer(x, training=True)
-    first_dense, first_bn = layer.paths[0][0], layer.paths[0][1]
-    batch_mean = tf.reduce_mean(first_dense(x), axis=0).numpy()
-    np.testing.assert_allclose(first_bn.moving_mean.numpy(), 0.1 * batch_mean, atol=1e-5)
+    batch_mean = tf.reduce_mean(tf.matmul(x, layer.kernels[0][0]), axis=0).numpy()
+    np.testing.assert_allclose(layer.norms[0].moving_mean.numpy().reshape(-1), 0.1 * batch_mean, atol=1e-5)
 
 
 def test_transform_training_flag_changes_bn_behaviour():

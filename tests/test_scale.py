@@ -46,13 +46,15 @@ def test_shards_are_written_in_chunks_and_cover_every_class(bench, tmp_path):
         bench.write_shards(str(tmp_path / "few"), 10, 8, 40)
 
 
-@pytest.mark.parametrize("two_reads", [True, False], ids=["two-reads", "one-read"])
-def test_beam_two_workers_match_in_process_exactly(bench, tmp_path, two_reads):
+@pytest.mark.parametrize("mode", ["beam-two-reads", "beam-spill"])
+def test_beam_two_workers_match_in_process_exactly(bench, tmp_path, mode):
     """20,000 embeddings through the component's Beam transform on 2 worker processes == lce_tf to 1e-6."""
     prefixes = bench.write_shards(str(tmp_path / "data"), 20000, 32, 200, shard_rows=5000)
     reference = bench.inprocess_class_centers(prefixes, 200, boundary="percentile:20", chunk_rows=3000)
+    # beam-spill: shards of 4,000 rows, so pass 2 reads several spilled shards (20,000 rows in all).
     got = bench.beam_class_centers(prefixes, 200, str(tmp_path / "centers.npz"), boundary="percentile:20",
-                                   workers=2, two_reads=two_reads, chunk_rows=3000)
+                                   workers=2, mode=mode, chunk_rows=3000, spill_rows=4000)
+    assert not os.path.exists(tmp_path / ".spill")  # the spill directory is removed afterwards
     diff = bench.compare_centers(got, reference)
     assert diff["counts_equal"] and diff["names_equal"]
     assert int(got.counts.sum()) == 20000

@@ -13,10 +13,16 @@ combiner lifting pre-combines each bundle inside the worker, so what crosses a s
 (`ComputeClassCentersFromBatches`). `ComputeClassCenters` accepts (label, embedding [D]) pairs and
 batches them first.
 
-Both passes need the same data. Given ONE PCollection, the runner keeps it between the passes (Dataflow
-in its shuffle/disk; the DirectRunner's FnApiRunner in the driver's memory, which then grows with
-N·D). Given a PAIR of PCollections (two reads of a re-readable source), nothing is kept and memory
-stays bounded by bundle buffers (benchmarks/results/scale.md measures both).
+Both passes need the same data. Three ways to give it, all computing the same bits:
+- a PAIR of PCollections (two reads of a re-readable source, e.g. files of embeddings): nothing is
+  kept between the passes;
+- ONE PCollection and a `spill_dir` (what the component does with the embeddings of its model, which
+  are expensive to compute twice): pass 1 also writes the batches to .npy shards in `spill_dir`
+  (`SpillBatchesFn`, at most `rows_per_shard` rows buffered per worker) and pass 2 reads those shards;
+  only their file names cross a stage boundary;
+- ONE PCollection alone: the runner keeps it between the passes (Dataflow in its shuffle; the
+  DirectRunner's FnApiRunner in the driver's memory, which then grows with N·D).
+benchmarks/results/scale.md measures them.
 
 The accumulators are lce_tf.centers' own (`CenterSumAccumulator`, `BoundaryAccumulator`, filled by
 `center_sums_by_label` / `boundaries_by_label`) and the final assembly is
@@ -29,10 +35,14 @@ workers unpickle these DoFns cheaply; TensorFlow is imported in `EmbedExamplesFn
 
 from __future__ import annotations
 
+import os
+import uuid
 from typing import Iterable, Iterator, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms.window import GlobalWindows
 
 from lce_tf import centers as lce_centers
 
@@ -165,21 +175,27 @@ class ComputeClassCentersFromBatches(beam.PTransform):
     The input is either one PCollection of batches, read by both passes, or a pair
     `(first_read, second_read)` of two PCollections holding the same batches (the order and the
     batching may differ): pass 1 consumes the first, pass 2 the second. A pair lets a re-readable
-    source (files of embeddings) be read twice instead of being kept by the runner between the passes
-    (on the DirectRunner, in the driver's memory).
+    source (files of embeddings) be read twice. One PCollection with `spill_dir` is written to shards
+    there during pass 1 and read back by pass 2 (the caller deletes `spill_dir` afterwards). One
+    PCollection without `spill_dir` is kept by the runner between the passes (on the DirectRunner, in
+    the driver's memory).
 
     Args:
       class_names: the C class names; label j is class_names[j] (every class needs >= 1 sample).
       boundary: "min" or "percentile:P".
       source_model_id: the model that produced the embeddings.
+      spill_dir: a directory (any Beam filesystem) for the shards of one-PCollection input.
+      rows_per_shard: the rows of one spilled shard (what one worker buffers).
     """
 
     def __init__(self, class_names: Sequence[str], boundary: str = lce_centers.DEFAULT_BOUNDARY_RULE,
-                 source_model_id: str = ""):
+                 source_model_id: str = "", *, spill_dir: Optional[str] = None, rows_per_shard: int = 65536):
         super().__init__()
         self._class_names = list(class_names)
         self._boundary = str(lce_centers.parse_boundary_rule(boundary))
         self._source_model_id = source_model_id
+        self._spill_dir = spill_dir
+        self._rows_per_shard = int(rows_per_shard)
 
     def expand(self, batches):
         if isinstance(batches, (tuple, list)):
@@ -187,6 +203,12 @@ class ComputeClassCentersFromBatches(beam.PTransform):
                 raise ValueError(f"expected one PCollection or a pair (first_read, second_read); received "
                                  f"{len(batches)} PCollections")
             first, second = batches
+        elif self._spill_dir is not None:
+            first = batches
+            second = (first
+                      | "SpillShards" >> beam.ParDo(SpillBatchesFn(self._spill_dir, self._rows_per_shard))
+                      | "SpreadShards" >> beam.Reshuffle()
+                      | "ReadSpilledShards" >> beam.FlatMap(read_embedding_shard))
         else:
             first = second = batches
         names = self._class_names
@@ -229,25 +251,81 @@ class ComputeClassCenters(beam.PTransform):
                 | "FromBatches" >> self._centers)
 
 
+def _load_npy(path: str) -> np.ndarray:
+    """A .npy file: memory-mapped when local, read whole through Beam's FileSystems otherwise (gs://, ...)."""
+    if os.path.exists(path):
+        return np.load(path, mmap_mode="r")
+    with FileSystems.open(path) as f:
+        return np.load(f)
+
+
+def write_embedding_shard(prefix: str, embeddings: np.ndarray, labels: np.ndarray) -> str:
+    """Writes one shard, `<prefix>.emb.npy` and `<prefix>.lab.npy` (any Beam filesystem); returns prefix."""
+    for suffix, array in ((".emb.npy", embeddings), (".lab.npy", labels)):
+        with FileSystems.create(prefix + suffix) as f:
+            np.save(f, array)
+    return prefix
+
+
 def read_embedding_shard(prefix: str, chunk_rows: int = 16384) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Batches (embeddings [n, D], labels [n] int64) of one shard of precomputed embeddings.
 
-    A shard is two .npy files, `<prefix>.emb.npy` (float [N, D]) and `<prefix>.lab.npy` (int [N]); they
-    are memory-mapped and handed out `chunk_rows` rows at a time.
+    A shard is two .npy files, `<prefix>.emb.npy` (float [N, D]) and `<prefix>.lab.npy` (int [N]) (see
+    `write_embedding_shard`); local ones are memory-mapped; they are handed out `chunk_rows` rows at a
+    time.
     """
-    emb = np.load(prefix + ".emb.npy", mmap_mode="r")
-    lab = np.load(prefix + ".lab.npy", mmap_mode="r")
+    emb = _load_npy(prefix + ".emb.npy")
+    lab = _load_npy(prefix + ".lab.npy")
     if emb.ndim != 2 or lab.shape != (emb.shape[0],):
         raise ValueError(f"shard {prefix}: embeddings {emb.shape} and labels {lab.shape} do not match")
     for start in range(0, emb.shape[0], chunk_rows):
         yield np.array(emb[start:start + chunk_rows]), np.array(lab[start:start + chunk_rows], dtype=np.int64)
 
 
+class SpillBatchesFn(beam.DoFn):
+    """Batches (embeddings [n, D], labels [n]) -> prefixes of shards written under `spill_dir`.
+
+    Buffers at most about `rows_per_shard` rows, then writes them as one shard with a unique name
+    (`write_embedding_shard`). A retried bundle writes new files; only the prefixes of committed bundles
+    reach pass 2, so an orphaned file is never read.
+    """
+
+    def __init__(self, spill_dir: str, rows_per_shard: int = 65536):
+        super().__init__()
+        if rows_per_shard < 1:
+            raise ValueError(f"rows_per_shard must be >= 1; received {rows_per_shard}")
+        self._spill_dir = spill_dir
+        self._rows_per_shard = int(rows_per_shard)
+        self._buffer: list = []
+        self._rows = 0
+
+    def start_bundle(self):
+        self._buffer, self._rows = [], 0
+
+    def process(self, batch):
+        embeddings, labels = batch
+        self._buffer.append((np.asarray(embeddings), np.asarray(labels, dtype=np.int64)))
+        self._rows += len(self._buffer[-1][1])
+        if self._rows >= self._rows_per_shard:
+            yield self._flush()
+
+    def finish_bundle(self):
+        if self._buffer:
+            yield GlobalWindows.windowed_value(self._flush())
+
+    def _flush(self) -> str:
+        embeddings = np.concatenate([e for e, _ in self._buffer])
+        labels = np.concatenate([l for _, l in self._buffer])
+        self._buffer, self._rows = [], 0
+        prefix = FileSystems.join(self._spill_dir, uuid.uuid4().hex)
+        return write_embedding_shard(prefix, embeddings, labels)
+
+
 class ReadEmbeddingShards(beam.PTransform):
     """PBegin -> batches (embeddings [n, D], labels [n]) of precomputed-embedding shards (workers read them).
 
-    Only the shard prefixes are created in the pipeline (and reshuffled, so the shards spread over the
-    workers); apply it twice to give `ComputeClassCentersFromBatches` one read per pass.
+    Only the shard prefixes are created in the pipeline (`beam.Create` reshuffles them, so the shards
+    spread over the workers); apply it twice to give `ComputeClassCentersFromBatches` one read per pass.
     """
 
     def __init__(self, prefixes: Sequence[str], chunk_rows: int = 16384):
@@ -331,12 +409,14 @@ def save_class_centers(centers: lce_centers.ClassCenters, path: str) -> str:
 def extract_class_centers(pipeline: beam.Pipeline, file_pattern: str, model_dir: str,
                           image_shape: Sequence[int], class_names: Sequence[str], out_path: str, *,
                           boundary: str = lce_centers.DEFAULT_BOUNDARY_RULE, source_model_id: str = "",
-                          batch_size: int = 256, flip_average: bool = False,
-                          signature: str = "embed") -> Optional[beam.pvalue.PCollection]:
+                          batch_size: int = 256, flip_average: bool = False, signature: str = "embed",
+                          spill_dir: Optional[str] = None) -> Optional[beam.pvalue.PCollection]:
     """Adds the whole extraction to `pipeline`: read TFRecords -> embed -> two passes -> write .npz.
 
     The records are read by `beam.io.ReadFromTFRecord` (workers stream them; nothing is listed in the
-    driver) and the only value that reaches one worker is the final ClassCenters ([C, D]).
+    driver) and the only value that reaches one worker is the final ClassCenters ([C, D]). The
+    embeddings are computed once; with `spill_dir`, pass 2 reads them back from shards written there
+    (the caller deletes it after the run), otherwise the runner keeps them between the passes.
 
     Returns:
       The PCollection of the written path (one element).
@@ -345,5 +425,6 @@ def extract_class_centers(pipeline: beam.Pipeline, file_pattern: str, model_dir:
             | "ReadExamples" >> beam.io.ReadFromTFRecord(file_pattern)
             | "Embed" >> EmbedExamples(model_dir, image_shape, batch_size=batch_size, signature=signature,
                                        flip_average=flip_average)
-            | "Centers" >> ComputeClassCentersFromBatches(class_names, boundary, source_model_id)
+            | "Centers" >> ComputeClassCentersFromBatches(class_names, boundary, source_model_id,
+                                                          spill_dir=spill_dir)
             | "Save" >> beam.Map(save_class_centers, path=out_path))

@@ -19,6 +19,9 @@ BOUNDARY_KEY = "boundary"
 FLIP_AVERAGE_KEY = "flip_average"
 BATCH_SIZE_KEY = "batch_size"
 
+# Where pass 2's input is spilled during the run (inside the output artifact; deleted after it).
+SPILL_DIR = ".spill"
+
 # Custom properties of the output.
 AVAILABLE_PROPERTY = "available"
 
@@ -65,16 +68,24 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         metadata = read_model_metadata(model_dir)
         image_shape = tuple(int(v) for v in metadata["input_shape"])
 
+        from apache_beam.io.filesystems import FileSystems
+
         from components.class_center_extractor import centers_beam
 
         out_path = os.path.join(output_dir, artifacts.CENTERS_FILE)
         _LOG.info("ClassCenterExtractor: embedding split %s (%d images, %d classes) with %s; boundary %s",
                   split, entry["num_examples"], entry["num_classes"], metadata["model_id"], boundary)
-        with self._make_beam_pipeline() as pipeline:
-            centers_beam.extract_class_centers(
-                pipeline, util.split_pattern(examples_dir, split), model_dir, image_shape, entry["class_names"],
-                out_path, boundary=boundary, source_model_id=metadata["model_id"], batch_size=batch_size,
-                flip_average=flip_average)
+        # Pass 2 reads the embeddings back from shards spilled here (memory stays bounded by buffers).
+        spill_dir = os.path.join(output_dir, SPILL_DIR)
+        try:
+            with self._make_beam_pipeline() as pipeline:
+                centers_beam.extract_class_centers(
+                    pipeline, util.split_pattern(examples_dir, split), model_dir, image_shape,
+                    entry["class_names"], out_path, boundary=boundary, source_model_id=metadata["model_id"],
+                    batch_size=batch_size, flip_average=flip_average, spill_dir=spill_dir)
+        finally:
+            if FileSystems.exists(spill_dir):
+                FileSystems.delete([spill_dir])
         centers = ClassCenters.load(out_path)  # verifies the checksum; small ([C, D])
         output.set_int_custom_property(AVAILABLE_PROPERTY, 1)
         output.set_string_custom_property("source_model_id", centers.source_model_id)
