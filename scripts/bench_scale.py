@@ -42,7 +42,7 @@
   reported against `--train-rtol-local-bn`, default 5e-2).
 
 Usage:
-  python scripts/bench_scale.py                       # both parts, sizes 100k, 300k, 1M
+  python scripts/bench_scale.py                       # both parts, sizes 100k, 1M, 5M
   python scripts/bench_scale.py --part centers --sizes 20000
   python scripts/bench_scale.py --part training
 """
@@ -609,7 +609,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tchild = sub.add_parser("_train-child")
     tchild.add_argument("--sync-batch-norm", action="store_true")
     parser.add_argument("--part", choices=("all", "centers", "training"), default="all")
-    parser.add_argument("--sizes", default="100000,300000,1000000", help="comma-separated numbers of embeddings")
+    parser.add_argument("--sizes", default="100000,1000000,5000000", help="comma-separated numbers of embeddings")
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--boundary", default="min")
