@@ -243,6 +243,7 @@ def test_second_run_lce_blesses_and_pushes_v2(runs):
     centers_uri = v2["nodes"]["ClassCenterExtractor"]["outputs"]["class_centers"][0]["uri"]
     centers = ClassCenters.load(os.path.join(centers_uri, "class_centers.npz"))
     assert centers.source_model_id == v1["model_id"] and centers.num_classes == 120  # all classes of v2
+    assert sorted(os.listdir(centers_uri)) == ["class_centers.npz"]  # the spilled embeddings are gone
     with open(os.path.join(v2["pushed_destination"], "lce_tf_model.json"), encoding="utf-8") as f:
         pushed = json.load(f)
     assert pushed["compatible_with"]["model_id"] == v1["model_id"] and pushed["training"]["compat"] == "lce"
