@@ -130,8 +130,6 @@ def beam_class_centers(prefixes: Sequence[str], num_classes: int, out_path: str,
     mode: "beam-two-reads", "beam-spill" or "beam-one-read" (see the module docstring). The spill
     directory (beside out_path) is deleted afterwards, as the component does.
     """
-    import shutil
-
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -150,7 +148,7 @@ def beam_class_centers(prefixes: Sequence[str], num_classes: int, out_path: str,
                  | "Save" >> beam.Map(centers_beam.save_class_centers, path=out_path))
     finally:
         if spill_dir is not None:
-            shutil.rmtree(spill_dir, ignore_errors=True)
+            centers_beam.delete_spill_dir(spill_dir)
     return ClassCenters.load(out_path)
 
 
@@ -294,7 +292,7 @@ def measure_centers(mode: str, prefixes: Sequence[str], num_classes: int, workdi
     cmd = [sys.executable, os.path.abspath(__file__), "_centers-child", "--mode", mode, "--shards-json",
            shards_json, "--classes", str(num_classes), "--boundary", boundary, "--workers", str(workers),
            "--chunk", str(chunk_rows), "--spill-rows", str(spill_rows), "--result", result]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = _child_env({})
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     with TreeSampler(proc.pid) as sampler:
         out, err = proc.communicate()
@@ -316,7 +314,7 @@ def measure_startup(workers: int, workdir: str) -> float:
            os.path.join(workdir, "none.json"), "--classes", "1", "--workers", str(workers), "--result", "-"]
     with open(cmd[6], "w") as f:
         json.dump([], f)
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = _child_env({})
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if done.returncode != 0:
         raise RuntimeError(f"beam-startup failed (exit {done.returncode}):\n{done.stderr[-3000:]}")

@@ -296,8 +296,6 @@ class SpillBatchesFn(beam.DoFn):
             raise ValueError(f"rows_per_shard must be >= 1; received {rows_per_shard}")
         self._spill_dir = spill_dir
         self._rows_per_shard = int(rows_per_shard)
-        self._buffer: list = []
-        self._rows = 0
 
     def start_bundle(self):
         self._buffer, self._rows = [], 0
@@ -319,6 +317,12 @@ class SpillBatchesFn(beam.DoFn):
         self._buffer, self._rows = [], 0
         prefix = FileSystems.join(self._spill_dir, uuid.uuid4().hex)
         return write_embedding_shard(prefix, embeddings, labels)
+
+
+def delete_spill_dir(spill_dir: str) -> None:
+    """Removes a spill directory of `ComputeClassCentersFromBatches` (any Beam filesystem), if it exists."""
+    if FileSystems.exists(spill_dir):
+        FileSystems.delete([spill_dir])
 
 
 class ReadEmbeddingShards(beam.PTransform):

@@ -68,8 +68,6 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         metadata = read_model_metadata(model_dir)
         image_shape = tuple(int(v) for v in metadata["input_shape"])
 
-        from apache_beam.io.filesystems import FileSystems
-
         from components.class_center_extractor import centers_beam
 
         out_path = os.path.join(output_dir, artifacts.CENTERS_FILE)
@@ -84,8 +82,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                     entry["class_names"], out_path, boundary=boundary, source_model_id=metadata["model_id"],
                     batch_size=batch_size, flip_average=flip_average, spill_dir=spill_dir)
         finally:
-            if FileSystems.exists(spill_dir):
-                FileSystems.delete([spill_dir])
+            centers_beam.delete_spill_dir(spill_dir)
         centers = ClassCenters.load(out_path)  # verifies the checksum; small ([C, D])
         output.set_int_custom_property(AVAILABLE_PROPERTY, 1)
         output.set_string_custom_property("source_model_id", centers.source_model_id)
