@@ -1,10 +1,17 @@
-"""Executor of IndexBuilder: embeds the gallery split and saves an `lce_tf.retrieval.EmbeddingIndex`."""
+"""Executor of IndexBuilder: the served gallery index of a blessed model, as an `lce_tf.retrieval.EmbeddingIndex`.
+
+Backward blessing or first model: the gallery split is embedded with the model's `embed` signature.
+Forward blessing: the current served index (`base_index`) is upgraded through the fitted transformation
+T12 (`lce_tf.search.upgrade_with_transformation`): every stored vector moves into the new model's space,
+no image is read. When no usable base index was resolved (none yet, not built, or in another space than
+T12's source) it falls back to embedding the gallery split, and says why (`built_from`).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Optional
 
 from tfx.dsl.components.base import base_executor
 
@@ -14,14 +21,19 @@ from components import artifacts, util
 MODEL_KEY = "model"
 EXAMPLES_KEY = "examples"
 BLESSING_KEY = "blessing"
+TRANSFORMATION_KEY = "transformation"
+BASE_INDEX_KEY = "base_index"
 INDEX_KEY = "index"
 SPLIT_KEY = "split"
 ALGORITHM_KEY = "algorithm"
 NUM_NEIGHBORS_KEY = "num_neighbors"
 BATCH_SIZE_KEY = "batch_size"
 
-# Custom property of the output: 1 when the index was built.
+# Custom properties of the output: 1 when the index was built; how ("gallery split" or "upgraded from ...").
 BUILT_PROPERTY = "built"
+BUILT_FROM_PROPERTY = "built_from"
+MODEL_ID_PROPERTY = "model_id"
+INDEX_DIR_PROPERTY = "index_dir"
 
 _LOG = logging.getLogger(__name__)
 
@@ -34,20 +46,44 @@ def entry_ids(paths: list[str] | None, class_names: list[str], labels, split: st
     return [f"{class_names[int(label)]}/{split}-{i:07d}" for i, label in enumerate(labels)]
 
 
+def _usable_base_index(base, transformation) -> tuple[Optional[Any], str]:
+    """(the loaded base index, "") when it can be upgraded through the transformation, else (None, why not)."""
+    from lce_tf import retrieval
+    from lce_tf.transformation import TransformationError
+
+    if base is None:
+        return None, "no served index was resolved"
+    if base.get_int_custom_property(BUILT_PROPERTY) != 1:
+        return None, f"the resolved index {base.uri} was not built"
+    index_dir = os.path.join(util.path(base), artifacts.INDEX_SUBDIR)
+    index = retrieval.EmbeddingIndex.load(index_dir)
+    try:
+        transformation.check_source_space(index.embedding_space, f"served index {index_dir}")
+    except TransformationError as e:
+        return None, str(e)
+    return index, ""
+
+
 class Executor(base_executor.BaseExecutor):
-    """Builds the gallery index with the model's own `embed` signature (its own embedding space).
+    """Builds (or, on a forward blessing, upgrades) the gallery index of a blessed model.
 
     With a connected blessing that is not blessed, no index is built (NOT_BUILT marker, `built` = 0).
     """
 
     def Do(self, input_dict: dict[str, list], output_dict: dict[str, list], exec_properties: dict[str, Any]) -> None:
-        from lce_tf import retrieval
+        from lce_tf import retrieval, search
         from lce_tf.data import make_tfrecord_dataset
         from lce_tf.serving import load_embedding_model
+        from lce_tf.transformation import load_transformation
+
+        from components.compatibility_validator.executor import BLESSED_ROUTE_PROPERTY
+        from components.gallery_transform_fitter.executor import transformation_dir
 
         model_artifact = util.single(input_dict, MODEL_KEY)
         examples = util.single(input_dict, EXAMPLES_KEY)
         blessing = util.single(input_dict, BLESSING_KEY, optional=True)
+        transform_dir = transformation_dir(util.single(input_dict, TRANSFORMATION_KEY, optional=True))
+        base = util.single(input_dict, BASE_INDEX_KEY, optional=True)
         output = util.single(output_dict, INDEX_KEY)
         split = str(exec_properties.get(SPLIT_KEY) or "gallery")
         algorithm = str(exec_properties.get(ALGORITHM_KEY) or "")
@@ -69,26 +105,44 @@ class Executor(base_executor.BaseExecutor):
                             f"The model {model_artifact.uri} was not blessed ({blessing.uri}): no index built.\n")
             output.set_int_custom_property(BUILT_PROPERTY, 0)
             return
-
-        util.check_split_records(examples_dir, split, entry)
+        route = blessing.get_string_custom_property(BLESSED_ROUTE_PROPERTY) if blessing is not None else ""
         model = load_embedding_model(util.model_dir(util.path(model_artifact), MODEL_KEY))
-        dataset = make_tfrecord_dataset(util.split_pattern(examples_dir, split), model.input_shape, batch_size)
-        embeddings, labels = model.embed_dataset(dataset, signature="embed")
-        ids = entry_ids(util.read_split_paths(examples_dir, split), entry["class_names"], labels, split)
-        overrides = {"num_neighbors": min(num_neighbors, len(ids))}
+        overrides = {"num_neighbors": num_neighbors}
         if algorithm:
             overrides["algorithm"] = algorithm
-        config = retrieval.IndexConfig.for_size(len(ids), embeddings.shape[1], **overrides)
-        index = retrieval.EmbeddingIndex.build(ids, embeddings, model.model_id,
-                                               embedding_space=model.metadata["embedding_space"],
-                                               model_id=model.model_id, model_version=model.model_id, config=config)
+        index, built_from = None, f"gallery split {split}"
+        if route == "forward":
+            if transform_dir is None:
+                raise ValueError(f"input {TRANSFORMATION_KEY!r}: the blessing names the forward route but no fitted "
+                                 "transformation is connected")
+            transformation = load_transformation(transform_dir)
+            base_index, why_not = _usable_base_index(base, transformation)
+            if base_index is not None:
+                overrides["num_neighbors"] = min(num_neighbors, len(base_index))
+                index = search.upgrade_with_transformation(base_index, transformation, overrides=overrides,
+                                                           index_dir=base.uri)
+                built_from = f"upgraded from {base.uri} by {transformation.transform_id} (no image read)"
+            else:
+                _LOG.warning("IndexBuilder: forward blessing, but %s: embedding the gallery split instead", why_not)
+                built_from = f"gallery split {split} ({why_not})"
+        if index is None:
+            util.check_split_records(examples_dir, split, entry)
+            dataset = make_tfrecord_dataset(util.split_pattern(examples_dir, split), model.input_shape, batch_size)
+            embeddings, labels = model.embed_dataset(dataset, signature="embed")
+            ids = entry_ids(util.read_split_paths(examples_dir, split), entry["class_names"], labels, split)
+            overrides["num_neighbors"] = min(num_neighbors, len(ids))
+            config = retrieval.IndexConfig.for_size(len(ids), embeddings.shape[1], **overrides)
+            index = retrieval.EmbeddingIndex.build(ids, embeddings, model.model_id,
+                                                   embedding_space=model.metadata["embedding_space"],
+                                                   model_id=model.model_id, model_version=model.model_id, config=config)
         path = index.save(os.path.join(output_dir, artifacts.INDEX_SUBDIR))
         output.set_int_custom_property(BUILT_PROPERTY, 1)
-        output.set_string_custom_property("index_dir", path)
+        output.set_string_custom_property(BUILT_FROM_PROPERTY, built_from)
+        output.set_string_custom_property(INDEX_DIR_PROPERTY, path)
         output.set_string_custom_property("embedding_space", index.embedding_space)
-        output.set_string_custom_property("model_id", model.model_id)
+        output.set_string_custom_property(MODEL_ID_PROPERTY, model.model_id)
         output.set_int_custom_property("count", len(index))
         output.set_int_custom_property("dim", index.dim)
         output.set_string_custom_property("algorithm", index.config.algorithm)
-        _LOG.info("IndexBuilder: %d gallery entries x %d (%s, space %s) -> %s", len(index), index.dim,
-                  index.config.algorithm, index.embedding_space, path)
+        _LOG.info("IndexBuilder: %d gallery entries x %d (%s, space %s), %s -> %s", len(index), index.dim,
+                  index.config.algorithm, index.embedding_space, built_from, path)
