@@ -153,8 +153,9 @@ def test_kubeflow_compiles_to_a_strict_pipeline_spec(tmp_path):
     json_format.Parse(json.dumps(job_json), job)
     tasks = set(spec.root.dag.tasks)
     assert {"ImageFolderExampleGen", "ClassCenterExtractor", "LceTrainer", "IndependentTrainer",
-            "CompatibilityValidator", "IndexBuilder", "Pusher"} <= tasks
+            "GalleryTransformFitter", "CompatibilityValidator", "IndexBuilder", "Pusher"} <= tasks
     assert any(t.startswith("latest_blessed_model_resolver") for t in tasks)
+    assert any(t.startswith("latest_index_resolver") for t in tasks)  # the served index for the forward route
     executors = job_json["pipelineSpec"]["deploymentSpec"]["executors"]
     centers = executors["ClassCenterExtractor_executor"]["container"]
     assert centers["image"] == "example.org/lce-tf:1"
