@@ -20,11 +20,15 @@ The architectures differ clearly in capacity so that the "new architecture" upgr
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+from typing import Callable, Iterator, Sequence
 
 import tensorflow as tf
 
 BN_MOMENTUM = 0.9
+
+PRECISIONS: tuple[str, ...] = ("float32", "mixed_bfloat16")
+"""Compute precisions of the convolutional body (`build_backbone(precision=...)`)."""
 
 _layers = tf.keras.layers
 
@@ -120,8 +124,20 @@ def _synchronized_batch_norm(layer: tf.keras.layers.Layer) -> tf.keras.layers.La
     return layer.__class__.from_config(config)
 
 
+@contextlib.contextmanager
+def _global_policy(policy: str) -> Iterator[None]:
+    """Keras' global dtype policy set to `policy` while layers are created, then restored."""
+    previous = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy(policy)
+    try:
+        yield
+    finally:
+        tf.keras.mixed_precision.set_global_policy(previous)
+
+
 def build_backbone(name: str, input_shape: Sequence[int], embedding_dim: int, *,
-                   bn_momentum: float = BN_MOMENTUM, sync_batch_norm: bool = False) -> tf.keras.Model:
+                   bn_momentum: float = BN_MOMENTUM, sync_batch_norm: bool = False,
+                   precision: str = "float32") -> tf.keras.Model:
     """Builds the named embedding network.
 
     Args:
@@ -133,6 +149,11 @@ def build_backbone(name: str, input_shape: Sequence[int], embedding_dim: int, *,
         strategy they normalize with the statistics of the GLOBAL batch (one all-reduce per layer and
         step), so training matches one worker on the same global batch; without a strategy it is plain
         BN. Off, each replica normalizes with its own slice of the batch.
+      precision: "float32" (Keras' global policy, as every other layer), or "mixed_bfloat16": the
+        convolutional body computes in bfloat16 with float32 variables (Keras mixed precision), the
+        embedding head (pooling, projection, BN) in float32, so the embeddings are float32. bfloat16
+        is fast only where oneDNN has bfloat16 kernels (CPUs with AVX512_BF16 or AMX); elsewhere it
+        is much slower. Call `use_float32(backbone)` after training to serve in float32.
 
     Returns:
       A functional `tf.keras.Model` mapping [B, H, W, C] to [B, D], named after the architecture.
@@ -148,9 +169,28 @@ def build_backbone(name: str, input_shape: Sequence[int], embedding_dim: int, *,
     if len(input_shape) != 3 or min(input_shape) <= 0:
         raise ValueError(f"Expected input_shape (height, width, channels); received {input_shape}.")
     images = tf.keras.Input(shape=input_shape, name="images")
-    features = _ARCHITECTURES[name](images, bn_momentum)
-    embeddings = _embedding_head(features, int(embedding_dim), bn_momentum)
+    if precision == "float32":
+        features = _ARCHITECTURES[name](images, bn_momentum)
+        embeddings = _embedding_head(features, int(embedding_dim), bn_momentum)
+    else:
+        with _global_policy(precision):
+            features = _ARCHITECTURES[name](images, bn_momentum)
+        with _global_policy("float32"):
+            embeddings = _embedding_head(features, int(embedding_dim), bn_momentum)
     model = tf.keras.Model(images, embeddings, name=name)
     if sync_batch_norm:
         model = tf.keras.models.clone_model(model, clone_function=_synchronized_batch_norm)
     return model
+
+
+def use_float32(backbone: tf.keras.Model) -> None:
+    """Switches every layer of a backbone built with precision "mixed_bfloat16" to float32 compute.
+
+    The variables are float32 already (mixed precision keeps them so); afterwards every call of the
+    backbone, and every function traced from it later (export, embedding), computes in float32. A
+    backbone built in float32 is left unchanged.
+    """
+    float32 = tf.keras.mixed_precision.Policy("float32")
+    for layer in backbone.layers:
+        if layer.dtype_policy.name != "float32":
+            layer._set_dtype_policy(float32)  # pylint: disable=protected-access  # Keras 2 has no public setter
