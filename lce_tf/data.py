@@ -19,6 +19,12 @@ for images whose three channels are equal); an image whose height or width diffe
 shape is resized (bilinear, antialiased, aspect ratio not kept) and clipped to [0, 1]. Conversions are
 not errors: :func:`load_images` and :func:`make_image_dataset` log one notice with their counts.
 
+Training pipelines decode once: when :func:`make_image_dataset` / :func:`make_tfrecord_dataset` shuffle or
+repeat and the decoded split fits in :data:`IN_MEMORY_MAX_BYTES`, every image is decoded once into memory
+(uint8 when its pixels are 8-bit values at the requested shape, else float32) and each batch is gathered,
+converted and augmented inside the graph; the pixels, labels, order and augmentation are exactly those of
+the streaming pipeline (``in_memory=False``), which reads and decodes the files every epoch.
+
 Only ``read_image_folder``, ``select_classes`` and ``infer_image_shape`` work without TensorFlow;
 everything else imports it lazily on first use.
 """
@@ -30,6 +36,7 @@ import fractions
 import logging
 import os
 import re
+import time
 import unicodedata
 import uuid
 from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
@@ -51,7 +58,12 @@ FEATURE_TEXT = "image/class/text"
 TFRECORD_SHUFFLE_BUFFER = 10_000
 """Examples held by the shuffle buffer of :func:`make_tfrecord_dataset` (encoded bytes, not pixels)."""
 
+IN_MEMORY_MAX_BYTES = 1 << 30
+"""Largest decoded split (bytes: N x H x W x C, times 4 when stored as float32) that the dataset functions
+keep in memory by default (``in_memory=None``); larger splits stream from the files every epoch."""
+
 _LOAD_BATCH = 256
+_OFFSET_CHUNK = 64
 _LUMA = (0.299, 0.587, 0.114)
 # PIL format names whose files tf.io.decode_image decodes (MPO = multi-picture JPEG from cameras).
 _TF_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "GIF")
@@ -454,12 +466,18 @@ def _decode(encoded: "tf.Tensor", image_shape: tuple[int, int, int]):
     return image, resized, converted
 
 
-def _border_fill(image: "tf.Tensor") -> "tf.Tensor":
-    """Per-channel median of the outermost pixel ring of image [H, W, C] -> [C] (the background)."""
+def _pad_with_background(images: "tf.Tensor", shift_pixels: int) -> "tf.Tensor":
+    """Pads images [..., H, W, C] by s pixels on each side with each image's background, the per-channel
+    median of its outermost pixel ring (2H + 2W - 4 pixels)."""
     tf = _tf()
-    ring = tf.concat([image[0], image[-1], image[1:-1, 0], image[1:-1, -1]], axis=0)  # [2H + 2W - 4, C]
-    ordered = tf.sort(ring, axis=0)
-    return ordered[tf.shape(ordered)[0] // 2]
+    s = int(shift_pixels)
+    ring = tf.concat([images[..., 0, :, :], images[..., -1, :, :], images[..., 1:-1, 0, :],
+                      images[..., 1:-1, -1, :]], axis=-2)  # [..., 2H + 2W - 4, C]
+    ordered = tf.sort(ring, axis=-2)
+    fill = ordered[..., tf.shape(ordered)[-2] // 2, :]  # [..., C]
+    paddings = [[0, 0]] * (len(images.shape) - 3) + [[s, s], [s, s], [0, 0]]
+    outside = tf.pad(tf.zeros_like(images), paddings, constant_values=1.0)
+    return tf.pad(images, paddings) + outside * fill[..., None, None, :]  # interior: x + 0 (exact)
 
 
 def _random_shift(image: "tf.Tensor", shift_pixels: int, seed: "tf.Tensor") -> "tf.Tensor":
@@ -468,11 +486,41 @@ def _random_shift(image: "tf.Tensor", shift_pixels: int, seed: "tf.Tensor") -> "
     Pads by s with the per-channel border median, then crops [H, W, C] at a stateless random offset.
     """
     tf = _tf()
-    s = int(shift_pixels)
-    paddings = [[s, s], [s, s], [0, 0]]
-    outside = tf.pad(tf.zeros_like(image), paddings, constant_values=1.0)
-    padded = tf.pad(image, paddings) + outside * _border_fill(image)  # interior: x + 0 (exact)
-    return tf.image.stateless_random_crop(padded, tf.shape(image), seed=seed)
+    return tf.image.stateless_random_crop(_pad_with_background(image, shift_pixels), tf.shape(image), seed=seed)
+
+
+def _shift_offsets(noise: "tf.Tensor", shift_pixels: int, chunk: int) -> "tf.Tensor":
+    """Noise [B] int64 -> crop offsets [B, 2] int32 in [0, 2s]: for each r the offset (rows, columns)
+    that ``tf.image.stateless_random_crop`` draws in :func:`_random_shift` with the seed [r, 0].
+
+    The per-seed random op cannot be vectorized; it is unrolled ``chunk`` times inside a loop over chunks.
+    """
+    tf = _tf()
+    limit = tf.constant([2 * int(shift_pixels) + 1] * 2, tf.int32)
+    zero = tf.constant(0, tf.int64)
+
+    def _chunk(seeds):
+        return tf.stack([tf.random.stateless_uniform([3], seed=tf.stack([seeds[i], zero]), maxval=tf.int32.max,
+                                                     dtype=tf.int32)[:2] for i in range(chunk)]) % limit
+
+    count = tf.shape(noise)[0]
+    chunks = (count + chunk - 1) // chunk
+    padded = tf.reshape(tf.pad(noise, [[0, chunks * chunk - count]]), [chunks, chunk])
+    offsets = tf.map_fn(_chunk, padded, fn_output_signature=tf.TensorSpec([chunk, 2], tf.int32))
+    return tf.reshape(offsets, [-1, 2])[:count]
+
+
+def _random_shift_batch(images: "tf.Tensor", shift_pixels: int, noise: "tf.Tensor", chunk: int) -> "tf.Tensor":
+    """:func:`_random_shift` of every image of a batch [B, H, W, C], image i with the seed [noise_i, 0]:
+    the same pixels, computed for the whole batch at once."""
+    tf = _tf()
+    height, width = int(images.shape[1]), int(images.shape[2])
+    padded = _pad_with_background(images, shift_pixels)
+    offsets = _shift_offsets(noise, shift_pixels, chunk)
+    rows = offsets[:, :1] + tf.range(height)[None]  # [B, H]
+    cols = offsets[:, 1:] + tf.range(width)[None]  # [B, W]
+    cropped = tf.gather(padded, rows, axis=1, batch_dims=1)
+    return tf.gather(cropped, cols, axis=2, batch_dims=1)
 
 
 def _batched(encoded_and_labels: "tf.data.Dataset", image_shape: tuple[int, int, int], batch_size: int,
@@ -498,6 +546,126 @@ def _batched(encoded_and_labels: "tf.data.Dataset", image_shape: tuple[int, int,
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+# --------------------------------------------------------------------------------------------------
+# Decoded images kept in memory (decode once, gather and augment batches in the graph)
+# --------------------------------------------------------------------------------------------------
+
+
+class _PixelStore:
+    """Decoded float32 images [N, H, W, C] kept as uint8 codes plus a 256-entry float32 table while that
+    reproduces every pixel exactly (8-bit files at the requested shape have at most 256 values), else as
+    float32. `add` returns False, and keeps nothing more, once float32 storage would exceed max_bytes."""
+
+    def __init__(self, count: int, shape: tuple[int, int, int], max_bytes: Optional[int]):
+        self.count, self.shape, self.max_bytes = count, shape, max_bytes
+        self.codes: Optional[np.ndarray] = np.empty((count,) + shape, np.uint8)
+        self.values: Optional[np.ndarray] = None
+        self.table = np.zeros(256, np.float32)
+        self._seen = np.zeros(256, bool)
+
+    def _exact_codes(self, batch: np.ndarray) -> Optional[np.ndarray]:
+        """uint8 codes of a float32 batch when the table (extended by the batch's values) gives it back."""
+        with np.errstate(invalid="ignore"):
+            codes = np.clip(np.rint(batch * 255.0), 0, 255).astype(np.uint8)
+        table = self.table.copy()
+        table[codes.reshape(-1)] = batch.reshape(-1)
+        if not np.array_equal(table[self._seen], self.table[self._seen]) or not np.array_equal(table[codes], batch):
+            return None
+        self.table = table
+        self._seen[codes.reshape(-1)] = True
+        return codes
+
+    def add(self, start: int, batch: np.ndarray) -> bool:
+        stop = start + len(batch)
+        if self.codes is not None:
+            codes = self._exact_codes(batch)
+            if codes is not None:
+                self.codes[start:stop] = codes
+                return True
+            if self.max_bytes is not None and self.count * int(np.prod(self.shape)) * 4 > self.max_bytes:
+                self.codes = None
+                return False
+            self.values = np.empty((self.count,) + self.shape, np.float32)
+            self.values[:start] = self.table[self.codes[:start]]
+            self.codes = None
+        self.values[start:stop] = batch
+        return True
+
+    @property
+    def pixels(self) -> np.ndarray:
+        return self.codes if self.codes is not None else self.values
+
+
+@dataclasses.dataclass
+class _DecodedImages:
+    """Images decoded once and kept in memory (the in-memory training pipeline).
+
+    Attributes:
+        pixels: uint8 [N, H, W, C] codes when ``table`` is set, else float32 [N, H, W, C] in [0, 1].
+        table: float32 [256], the decoded value of each uint8 code (exact), or None.
+    """
+
+    pixels: np.ndarray
+    table: Optional[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.pixels.nbytes)
+
+    def images(self) -> np.ndarray:
+        """float32 [N, H, W, C] in [0, 1], identical to :func:`load_images` of the same files."""
+        return self.table[self.pixels] if self.table is not None else self.pixels
+
+
+def _decode_into_store(batches, store: _PixelStore) -> bool:
+    """Feeds decoded batches (float32 numpy arrays, in order) into the store; False when it gave up."""
+    start = 0
+    for images in batches:
+        if not store.add(start, images):
+            return False
+        start += len(images)
+    return True
+
+
+def _estimated_bytes(count: int, shape: tuple[int, int, int], float_storage: bool) -> int:
+    return count * int(np.prod(shape)) * (4 if float_storage else 1)
+
+
+def _in_memory_dataset(decoded: _DecodedImages, indices: np.ndarray, labels: np.ndarray, batch_size: int, *,
+                       shuffle: bool, seed: int, shift_pixels: int, repeat: bool, drop_remainder: bool,
+                       with_labels: bool) -> "tf.data.Dataset":
+    """The batches of the streaming pipeline (:func:`_batched`) from decoded images: element k is image
+    ``indices[k]`` with label ``labels[k]``; shuffle, repeat and the shift noise are applied to the same
+    element stream in the same order, so the same seed gives the same pixels."""
+    tf = _tf()
+    pixels = tf.constant(decoded.pixels)  # captured by the map function: one copy, not one per epoch
+    table = None if decoded.table is None else tf.constant(decoded.table)
+    ds = tf.data.Dataset.from_tensor_slices((tf.constant(indices, tf.int64), tf.constant(labels, tf.int64)))
+    if shuffle:
+        ds = ds.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    if shift_pixels:
+        ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)))
+    ds = ds.batch(int(batch_size), drop_remainder=drop_remainder)
+    chunk = min(int(batch_size), _OFFSET_CHUNK)
+
+    def _map(*element):
+        (index, label), noise = (element[0], element[1]) if shift_pixels else (element, None)
+        images = tf.gather(pixels, index)
+        if table is not None:
+            images = tf.gather(table, tf.cast(images, tf.int32))
+        if shift_pixels:
+            images = _random_shift_batch(images, shift_pixels, noise, chunk)
+        return (images, label) if with_labels else images
+
+    ds = ds.map(_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
 def _one_line(err: Exception) -> str:
     message = getattr(err, "message", None) or str(err)
     message = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", message)
@@ -513,6 +681,24 @@ def _find_undecodable(paths: Sequence[str], image_shape: tuple[int, int, int]) -
             _decode(tf.io.read_file(path), image_shape)
         except tf.errors.OpError as err:
             raise DataError(f"image {path}: cannot be decoded ({_one_line(err)})") from None
+
+
+def _decoded_file_batches(paths: Sequence[str], shape: tuple[int, int, int], counts: list[int]):
+    """Decodes files in order: yields float32 [<= _LOAD_BATCH, H, W, C] batches and adds the numbers of
+    resized and channel-converted images to counts[0] and counts[1]. Raises DataError naming a file
+    that cannot be decoded."""
+    tf = _tf()
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant(list(paths), dtype=tf.string))
+    ds = ds.map(lambda p: _decode(tf.io.read_file(p), shape), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True).batch(_LOAD_BATCH).prefetch(tf.data.AUTOTUNE)
+    try:
+        for images, resized, converted in ds:
+            counts[0] += int(np.sum(resized.numpy()))
+            counts[1] += int(np.sum(converted.numpy()))
+            yield images.numpy()
+    except tf.errors.OpError:
+        _find_undecodable(paths, shape)
+        raise
 
 
 def load_images(paths: Sequence[Union[str, os.PathLike]], image_shape: Sequence[int]) -> np.ndarray:
@@ -533,26 +719,44 @@ def load_images(paths: Sequence[Union[str, os.PathLike]], image_shape: Sequence[
     out = np.empty((len(paths),) + shape, dtype=np.float32)
     if not paths:
         return out
-    tf = _tf()
-    ds = tf.data.Dataset.from_tensor_slices(tf.constant(paths, dtype=tf.string))
-    ds = ds.map(lambda p: _decode(tf.io.read_file(p), shape), num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True).batch(_LOAD_BATCH).prefetch(tf.data.AUTOTUNE)
-    n_resized = n_converted = 0
+    counts = [0, 0]
     start = 0
-    try:
-        for images, resized, converted in ds:
-            stop = start + int(images.shape[0])
-            out[start:stop] = images.numpy()
-            n_resized += int(np.sum(resized.numpy()))
-            n_converted += int(np.sum(converted.numpy()))
-            start = stop
-    except tf.errors.OpError:
-        _find_undecodable(paths, shape)
-        raise
-    if n_resized or n_converted:
+    for images in _decoded_file_batches(paths, shape, counts):
+        out[start:start + len(images)] = images
+        start += len(images)
+    if counts[0] or counts[1]:
         logger.info("load_images: resized %d and converted the channels of %d of %d images to %dx%dx%d",
-                    n_resized, n_converted, len(paths), *shape)
+                    counts[0], counts[1], len(paths), *shape)
     return out
+
+
+def _decode_folder(folder: ImageFolder, image_shape: Sequence[int], *,
+                  max_bytes: Optional[int] = None) -> tuple[Optional[_DecodedImages], np.ndarray]:
+    """Decodes every distinct file of a folder once, as :func:`load_images` does, and keeps it compactly.
+
+    Args:
+        folder: the images (a path listed several times is decoded once).
+        image_shape: (H, W, C), C in {1, 3}.
+        max_bytes: give up (return None) when the decoded images would take more bytes than this; None:
+            no limit.
+
+    Returns:
+        (decoded, index): ``decoded.images()[index[i]]`` is image ``folder.paths[i]`` with label
+        ``folder.labels[i]``; decoded is None when it would exceed max_bytes.
+
+    Raises:
+        DataError: the folder has no images, or a file cannot be decoded (the message names it).
+    """
+    shape = _check_image_shape(image_shape)
+    if not folder.paths:
+        raise DataError(f"data folder {folder.root} has no images")
+    unique, index = np.unique(np.asarray(folder.paths, dtype=object).astype(str), return_inverse=True)
+    if max_bytes is not None and _estimated_bytes(len(unique), shape, False) > max_bytes:
+        return None, index
+    store = _PixelStore(len(unique), shape, max_bytes)
+    if not _decode_into_store(_decoded_file_batches(list(unique), shape, [0, 0]), store):
+        return None, index
+    return _DecodedImages(store.pixels, None if store.codes is None else store.table), index
 
 
 def _log_conversions(folder: ImageFolder, shape: tuple[int, int, int]) -> None:
@@ -568,12 +772,35 @@ def _log_conversions(folder: ImageFolder, shape: tuple[int, int, int]) -> None:
                        "(first: %s)", folder.root, len(resized), len(converted), len(folder.paths), *shape, first)
 
 
+def _memory_plan(in_memory: Optional[bool], shuffle: bool, repeat: bool) -> tuple[bool, Optional[int]]:
+    """(decode into memory?, byte limit) for the in_memory argument of the dataset functions."""
+    if in_memory is None:
+        return bool(shuffle or repeat), IN_MEMORY_MAX_BYTES
+    if not isinstance(in_memory, bool):
+        raise TypeError(f"in_memory must be True, False or None; received {in_memory!r}")
+    return in_memory, None
+
+
+def _log_in_memory(what: str, decoded: Optional[_DecodedImages], count: int, seconds: float,
+                   max_bytes: Optional[int]) -> None:
+    if decoded is None:
+        logger.info("%s: %d images do not fit in %d MiB decoded (data.IN_MEMORY_MAX_BYTES): reading and "
+                    "decoding the files every epoch", what, count, (max_bytes or 0) >> 20)
+    else:
+        logger.info("%s: decoded %d images once into memory (%.1f MiB, %s) in %.1f s", what, len(decoded.pixels),
+                    decoded.nbytes / 2**20, decoded.pixels.dtype, seconds)
+
+
 def make_image_dataset(folder: ImageFolder, image_shape: Sequence[int], batch_size: int, *,
                        shuffle: bool = False, seed: int = 0, shift_pixels: int = 0, repeat: bool = False,
-                       drop_remainder: bool = False, with_labels: bool = True) -> "tf.data.Dataset":
-    """A streaming tf.data pipeline over an image folder.
+                       drop_remainder: bool = False, with_labels: bool = True,
+                       in_memory: Optional[bool] = None) -> "tf.data.Dataset":
+    """A tf.data pipeline over an image folder: decoded once into memory, or streamed from the files.
 
-    Files are read with tf.io.read_file and decoded exactly as :func:`load_images` does. When the
+    Streaming, files are read with tf.io.read_file and decoded exactly as :func:`load_images` does, every
+    epoch. In memory, each distinct file is decoded once, here (uint8 when that is exact, else float32),
+    and every batch is gathered, converted and shifted inside the graph: the batches (pixels, labels,
+    order, shifts) are identical to the streaming ones for the same arguments and seed. When the
     folder's headers show images of another size or channel count than ``image_shape``, one warning
     gives the counts and the first such file (they are converted, as the module docstring says).
 
@@ -588,12 +815,15 @@ def make_image_dataset(folder: ImageFolder, image_shape: Sequence[int], batch_si
         repeat: repeat forever (after shuffling, so every epoch is a full permutation).
         drop_remainder: drop the last incomplete batch.
         with_labels: yield (images, labels); otherwise images only.
+        in_memory: None (default): in memory when the dataset is for training (shuffle or repeat) and
+            the decoded images fit in :data:`IN_MEMORY_MAX_BYTES`, else streamed; True: in memory
+            whatever the size; False: streamed.
 
     Returns:
         Dataset of (float32 [B, H, W, C] in [0, 1], int64 [B]); deterministic order when shuffle=False.
 
     Raises:
-        DataError: the folder has no images.
+        DataError: the folder has no images; in memory, a file cannot be decoded (the message names it).
     """
     tf = _tf()
     shape = _check_image_shape(image_shape)
@@ -601,6 +831,16 @@ def make_image_dataset(folder: ImageFolder, image_shape: Sequence[int], batch_si
     if not folder.paths:
         raise DataError(f"data folder {folder.root} has no images")
     _log_conversions(folder, shape)
+    use_memory, max_bytes = _memory_plan(in_memory, shuffle, repeat)
+    if use_memory:
+        start = time.perf_counter()
+        decoded, index = _decode_folder(folder, shape, max_bytes=max_bytes)
+        _log_in_memory(f"data folder {folder.root}", decoded, len(folder.paths), time.perf_counter() - start,
+                       max_bytes)
+        if decoded is not None:
+            return _in_memory_dataset(decoded, index, folder.labels, batch_size, shuffle=shuffle, seed=seed,
+                                      shift_pixels=shift_pixels, repeat=repeat, drop_remainder=drop_remainder,
+                                      with_labels=with_labels)
     ds = tf.data.Dataset.from_tensor_slices(
         (tf.constant(folder.paths, dtype=tf.string), tf.constant(folder.labels, dtype=tf.int64)))
     if shuffle:
