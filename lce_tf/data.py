@@ -968,28 +968,67 @@ def parse_example_fn(image_shape: Sequence[int]) -> Callable[["tf.Tensor"], tupl
     return parse
 
 
+def _decode_records(files: list[str], compression: str, shape: tuple[int, int, int],
+                    max_bytes: Optional[int]) -> tuple[Optional[_DecodedImages], np.ndarray]:
+    """Decodes every record of the files in order: (decoded images or None beyond max_bytes, labels [N])."""
+    tf = _tf()
+    count = count_tfrecord_examples(files)
+    if count == 0:
+        raise DataError(f"TFRecord files {files[0]} ... ({len(files)} files) hold no examples")
+    labels = np.empty(count, np.int64)
+    if max_bytes is not None and _estimated_bytes(count, shape, False) > max_bytes:
+        return None, labels
+    ds = tf.data.TFRecordDataset(files, compression_type=compression).map(
+        lambda record: (lambda encoded, label: (_decode(encoded, shape)[0], label))(*_parse_encoded(record)),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(_LOAD_BATCH).prefetch(tf.data.AUTOTUNE)
+
+    def batches():
+        start = 0
+        try:
+            for images, batch_labels in ds:
+                labels[start:start + len(batch_labels)] = batch_labels.numpy()
+                start += len(batch_labels)
+                yield images.numpy()
+        except tf.errors.OpError as err:
+            raise DataError(f"TFRecord files {files[0]} ... ({len(files)} files): example {start + 1} or one "
+                            f"of the next {_LOAD_BATCH - 1} cannot be read ({_one_line(err)})") from None
+
+    store = _PixelStore(count, shape, max_bytes)
+    if not _decode_into_store(batches(), store):
+        return None, labels
+    return _DecodedImages(store.pixels, None if store.codes is None else store.table), labels
+
+
 def make_tfrecord_dataset(file_pattern: PathsLike, image_shape: Sequence[int], batch_size: int, *,
                           shuffle: bool = False, seed: int = 0, shift_pixels: int = 0, repeat: bool = False,
-                          drop_remainder: bool = False, with_labels: bool = True) -> "tf.data.Dataset":
+                          drop_remainder: bool = False, with_labels: bool = True,
+                          in_memory: Optional[bool] = None) -> "tf.data.Dataset":
     """A tf.data pipeline over TFRecord shards, with the same output as :func:`make_image_dataset`.
 
     Without shuffle the sorted files are read in sequence (the order written by
-    :func:`write_tfrecords`). With shuffle the file order is shuffled each epoch, up to 4 files are
-    interleaved and examples pass a seeded buffer of :data:`TFRECORD_SHUFFLE_BUFFER`. Files ending in
-    ".gz" are read as GZIP. Corrupt files fail at iteration time with a TensorFlow DataLossError; call
-    :func:`count_tfrecord_examples` first for a DataError naming the file.
+    :func:`write_tfrecords`). Files ending in ".gz" are read as GZIP.
+
+    In memory (training: shuffle or repeat, and the decoded split fits in :data:`IN_MEMORY_MAX_BYTES`),
+    the records are counted (which checks every file), decoded once here, and batches are gathered and
+    shifted in the graph; with shuffle, every epoch is a seeded uniform permutation of all examples.
+    Streamed (``in_memory=False``, or a split too large), the records are parsed and decoded every epoch;
+    with shuffle the file order is shuffled each epoch, up to 4 files are interleaved and examples pass a
+    seeded buffer of :data:`TFRECORD_SHUFFLE_BUFFER`; corrupt files fail at iteration time with a
+    TensorFlow DataLossError (call :func:`count_tfrecord_examples` first for a DataError naming the file).
+    Without shuffle both give the same batches.
 
     Args:
         file_pattern: glob pattern, file, or list of them.
         image_shape: (H, W, C), C in {1, 3}.
         batch_size: examples per batch B.
-        shuffle, seed, shift_pixels, repeat, drop_remainder, with_labels: as in make_image_dataset.
+        shuffle, seed, shift_pixels, repeat, drop_remainder, with_labels, in_memory: as in
+            make_image_dataset.
 
     Returns:
         Dataset of (float32 [B, H, W, C] in [0, 1], int64 [B]).
 
     Raises:
-        DataError: no file matches.
+        DataError: no file matches; in memory, a file is corrupt or an image cannot be decoded.
     """
     tf = _tf()
     shape = _check_image_shape(image_shape)
@@ -999,6 +1038,16 @@ def make_tfrecord_dataset(file_pattern: PathsLike, image_shape: Sequence[int], b
     if len(kinds) > 1:
         raise DataError(f"TFRecord files {files[0]} ...: mix of GZIP (.gz) and uncompressed files")
     compression = kinds.pop()
+    use_memory, max_bytes = _memory_plan(in_memory, shuffle, repeat)
+    if use_memory:
+        start = time.perf_counter()
+        decoded, labels = _decode_records(files, compression, shape, max_bytes)
+        _log_in_memory(f"TFRecords {files[0]} ({len(files)} files)", decoded, len(labels),
+                       time.perf_counter() - start, max_bytes)
+        if decoded is not None:
+            return _in_memory_dataset(decoded, np.arange(len(labels)), labels, batch_size, shuffle=shuffle, seed=seed,
+                                      shift_pixels=shift_pixels, repeat=repeat, drop_remainder=drop_remainder,
+                                      with_labels=with_labels)
     if shuffle:
         ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed,
                                                                reshuffle_each_iteration=True)
