@@ -311,7 +311,7 @@ class FrozenEmbedder(tf.keras.layers.Layer):
 def build_compatible_model(architecture: str, input_shape, embedding_dim: int, num_classes: Optional[int],
                            compatibility: CompatibilityConfig = CompatibilityConfig(), *,
                            old_embedder: Optional[Callable] = None,
-                           sync_batch_norm: bool = False) -> CompatibleEmbeddingModel:
+                           sync_batch_norm: bool = False, precision: str = "float32") -> CompatibleEmbeddingModel:
     """Builds a `CompatibleEmbeddingModel` on a named backbone (see `lce_tf.backbones`).
 
     Example:
@@ -322,7 +322,8 @@ def build_compatible_model(architecture: str, input_shape, embedding_dim: int, n
     """
     from lce_tf.backbones import build_backbone
 
-    backbone = build_backbone(architecture, input_shape, embedding_dim, sync_batch_norm=sync_batch_norm)
+    backbone = build_backbone(architecture, input_shape, embedding_dim, sync_batch_norm=sync_batch_norm,
+                              precision=precision)
     model = CompatibleEmbeddingModel(backbone, num_classes, compatibility, old_embedder=old_embedder)
     model(tf.zeros((1,) + tuple(input_shape)))  # creates the variables
     return model

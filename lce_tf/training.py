@@ -40,6 +40,16 @@ class TrainConfig:
         strategy; `lce_tf.backbones.build_backbone`).
       seed: seeds Python, NumPy and TensorFlow, with op determinism on.
       version: version label written into the model metadata.
+      steps_per_execution: train steps run per call into the TensorFlow graph (Keras
+        `compile(steps_per_execution=...)`): callbacks, the progress bar and the NaN check see every
+        N-th step; the steps and the results are the same.
+      precision: "float32", or "mixed_bfloat16": the backbone's convolutions compute in bfloat16
+        (float32 variables, head and losses); faster only on CPUs with bfloat16 instructions (AVX512_BF16,
+        AMX) through oneDNN, and not bit-identical to float32 (`lce_tf.backbones.build_backbone`). The
+        trained model computes in float32 afterwards (export, embedding).
+      jit_compile: compile the train step with XLA. Off: on CPU, XLA's convolutions are several times
+        slower than oneDNN's, and with op determinism on, models with max-pooling (small_cnn, cnn) fail
+        (XLA has no deterministic max-pool gradient); benchmarks/results/train_speed.md.
     """
 
     architecture: str = "cnn"
@@ -59,9 +69,12 @@ class TrainConfig:
     sync_batch_norm: bool = False
     seed: int = 0
     version: str = "v1"
+    steps_per_execution: int = 1
+    precision: str = "float32"
+    jit_compile: bool = False
 
     def validate(self) -> None:
-        from lce_tf.backbones import ARCHITECTURES
+        from lce_tf.backbones import ARCHITECTURES, PRECISIONS
         from lce_tf.model import MODES
 
         if self.architecture not in ARCHITECTURES:
@@ -70,7 +83,9 @@ class TrainConfig:
             raise ValueError(f"Unknown loss {self.loss!r}; expected one of {', '.join(HEADS)}.")
         if self.compat not in MODES:
             raise ValueError(f"Unknown compatibility mode {self.compat!r}; expected one of {', '.join(MODES)}.")
-        for name in ("embedding_dim", "epochs", "batch_size"):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"Unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}.")
+        for name in ("embedding_dim", "epochs", "batch_size", "steps_per_execution"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"Expected a positive {name}; received {getattr(self, name)}.")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
@@ -97,34 +112,21 @@ def seed_everything(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def train(config: TrainConfig, train_dataset, *, num_classes: int, input_shape: Sequence[int],
-          old_centers: Optional[ClassCenters] = None, old_embedder: Optional[Callable] = None,
-          new_backbone: Optional[Callable] = None, new_centers: Optional[ClassCenters] = None,
-          steps_per_epoch: Optional[int] = None, verbose: int | str = "auto", callbacks: Sequence = (),
-          strategy=None):
-    """Builds, compiles and fits a compatible model.
+def build_model(config: TrainConfig, *, num_classes: int, input_shape: Sequence[int],
+                old_centers: Optional[ClassCenters] = None, old_embedder: Optional[Callable] = None,
+                new_backbone: Optional[Callable] = None, new_centers: Optional[ClassCenters] = None,
+                strategy=None):
+    """Seeds, builds and compiles the compatible model of a run, ready for `model.fit` (what `train` fits).
 
     Args:
-      config: the run's settings (validated here).
-      train_dataset: a tf.data.Dataset of (images [B, H, W, C], labels [B]) batches, one epoch.
-      num_classes: C, the number of training classes.
-      input_shape: (H, W, C).
-      old_centers: old class centers aligned to the training labels (modes that need them).
-      old_embedder: the frozen old model, images -> embeddings (l2 mode).
-      new_backbone: the frozen new model's embed function (cross-model mode).
-      new_centers: the frozen new model's class centers aligned to the labels (cross-model mode).
-      steps_per_epoch, verbose, callbacks: passed to `model.fit`.
-      strategy: an optional `tf.distribute.Strategy` (e.g. `MultiWorkerMirroredStrategy`, with TF_CONFIG
-        set in every worker process): the model is built and compiled in its scope and `train_dataset`
-        then holds batches of the GLOBAL batch size, which `model.fit` splits over the replicas.
-        Without it, TensorFlow's default strategy (one device).
+      config, num_classes, input_shape, old_centers, old_embedder, new_backbone, new_centers, strategy:
+        as in `train`.
 
     Returns:
-      (model, history dict of per-epoch lists).
+      The compiled `CompatibleEmbeddingModel`, with its optimizer built.
 
     Raises:
       ValueError: inconsistent settings (unknown names, missing centers, dimension mismatch).
-      TrainingDivergedError: a loss became NaN/Inf.
     """
     import tensorflow as tf
 
@@ -148,14 +150,69 @@ def train(config: TrainConfig, train_dataset, *, num_classes: int, input_shape: 
         else:
             model = build_compatible_model(config.architecture, input_shape, config.embedding_dim, head_classes,
                                            compat, old_embedder=old_embedder,
-                                           sync_batch_norm=config.sync_batch_norm)
+                                           sync_batch_norm=config.sync_batch_norm, precision=config.precision)
         model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate),
-                      loss=None if config.compat == "cross-model" else classification_loss(config))
+                      loss=None if config.compat == "cross-model" else classification_loss(config),
+                      steps_per_execution=config.steps_per_execution, jit_compile=config.jit_compile)
         # The optimizer's slots exist before the first step, so Keras traces the train step once (a
         # first call that creates variables is traced twice).
         model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def fit_callbacks(callbacks: Sequence = ()) -> list:
+    """The callbacks of every `train` fit: TerminateOnNaN, then the caller's."""
+    import tensorflow as tf
+
+    return [tf.keras.callbacks.TerminateOnNaN(), *callbacks]
+
+
+def finish_training(model) -> None:
+    """After fitting: a mixed-precision backbone computes in float32 from now on (export, embedding)."""
+    import tensorflow as tf
+
+    from lce_tf.backbones import use_float32
+
+    if isinstance(model.backbone, tf.keras.Model):  # not the frozen SavedModel of cross-model mode
+        use_float32(model.backbone)
+
+
+def train(config: TrainConfig, train_dataset, *, num_classes: int, input_shape: Sequence[int],
+          old_centers: Optional[ClassCenters] = None, old_embedder: Optional[Callable] = None,
+          new_backbone: Optional[Callable] = None, new_centers: Optional[ClassCenters] = None,
+          steps_per_epoch: Optional[int] = None, verbose: int | str = "auto", callbacks: Sequence = (),
+          strategy=None):
+    """Builds, compiles and fits a compatible model.
+
+    Args:
+      config: the run's settings (validated here).
+      train_dataset: a tf.data.Dataset of (images [B, H, W, C], labels [B]) batches, one epoch (e.g.
+        `lce_tf.data.make_image_dataset(..., shuffle=True)`, which decodes the images once into memory).
+      num_classes: C, the number of training classes.
+      input_shape: (H, W, C).
+      old_centers: old class centers aligned to the training labels (modes that need them).
+      old_embedder: the frozen old model, images -> embeddings (l2 mode).
+      new_backbone: the frozen new model's embed function (cross-model mode).
+      new_centers: the frozen new model's class centers aligned to the labels (cross-model mode).
+      steps_per_epoch, verbose, callbacks: passed to `model.fit`.
+      strategy: an optional `tf.distribute.Strategy` (e.g. `MultiWorkerMirroredStrategy`, with TF_CONFIG
+        set in every worker process): the model is built and compiled in its scope and `train_dataset`
+        then holds batches of the GLOBAL batch size, which `model.fit` splits over the replicas.
+        Without it, TensorFlow's default strategy (one device).
+
+    Returns:
+      (model, history dict of per-epoch lists).
+
+    Raises:
+      ValueError: inconsistent settings (unknown names, missing centers, dimension mismatch).
+      TrainingDivergedError: a loss became NaN/Inf.
+    """
+    model = build_model(config, num_classes=num_classes, input_shape=input_shape, old_centers=old_centers,
+                        old_embedder=old_embedder, new_backbone=new_backbone, new_centers=new_centers,
+                        strategy=strategy)
     history = model.fit(train_dataset, epochs=config.epochs, steps_per_epoch=steps_per_epoch, verbose=verbose,
-                        callbacks=[tf.keras.callbacks.TerminateOnNaN(), *callbacks])
+                        callbacks=fit_callbacks(callbacks))
+    finish_training(model)
     check_history(history.history)
     return model, history.history
 
