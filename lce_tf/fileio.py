@@ -14,17 +14,35 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
+import json
 import os
 import shutil
 import sys
 import uuid
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 TMP_TAG = ".lce-tmp-"
 OLD_TAG = ".lce-old-"
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
+
+
+def sha256_file(path: str) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def json_checksum(payload: Mapping[str, Any], exclude: str = "checksum") -> str:
+    """The sha256 of a JSON object in canonical form (sorted keys, no spaces), without its `exclude` key:
+    what a metadata file records about itself so that an edit of any field is detected."""
+    body = {k: v for k, v in payload.items() if k != exclude}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
 def fsync_path(path: str) -> None:

@@ -19,6 +19,10 @@ Index directory layout (DESIGN.md, "Artifacts and formats"):
                         of this metadata itself
       ids.json          entry ids, in ScaNN datapoint order
       versions.json     the model version that produced each entry, same order
+      provenance.json   how each entry's vector was made, same order: "embedded" (by its version's
+                        model, from the image) or "transformed from <space> by <transformation id>"
+                        (moved from another space without re-encoding; `transform_gallery`); indexes
+                        saved before this file existed load with every entry "embedded"
       embeddings.npy    float32 [N, D] unit vectors, same order (also ScaNN's reordering dataset)
       scann/            the serialized ScaNN searcher; scann_assets.pbtxt holds paths RELATIVE to
                         INDEX_DIR (ScaNN itself writes absolute ones)
@@ -67,6 +71,8 @@ INDEX_FORMAT = "lce_tf.index/1"
 METADATA_FILE = "index.json"
 IDS_FILE = "ids.json"
 VERSIONS_FILE = "versions.json"
+PROVENANCE_FILE = "provenance.json"
+EMBEDDED = "embedded"  # provenance of an entry embedded from its image by its version's model
 EMBEDDINGS_FILE = "embeddings.npy"
 SCANN_DIR = "scann"
 SCANN_ASSETS_FILE = "scann_assets.pbtxt"
@@ -323,17 +329,18 @@ def _check_ids(ids: Any, name: str = "ids") -> list[str]:
     return ids
 
 
-def _check_versions(versions: Union[str, Sequence[str]], n: int) -> list[str]:
+def _check_versions(versions: Union[str, Sequence[str]], n: int, name: str = "versions") -> list[str]:
+    """One non-empty string per entry: a single string is repeated n times (versions, provenance)."""
     if isinstance(versions, str):
         if not versions:
-            raise ValueError("version must be a non-empty string; received ''")
+            raise ValueError(f"{name.removesuffix('s')} must be a non-empty string; received ''")
         return [versions] * n
     versions = list(versions)
     if len(versions) != n:
-        raise ValueError(f"versions has {len(versions)} entries but there are {n} ids")
+        raise ValueError(f"{name} has {len(versions)} entries but there are {n} ids")
     for i, v in enumerate(versions):
         if not isinstance(v, str) or not v:
-            raise ValueError(f"versions[{i}] must be a non-empty string; received {v!r}")
+            raise ValueError(f"{name}[{i}] must be a non-empty string; received {v!r}")
     return versions
 
 
@@ -385,19 +392,6 @@ def exact_top_k(queries: np.ndarray, gallery: np.ndarray, k: int, *, query_chunk
 # File helpers (small module-level functions so tests can inject crashes between steps)
 # ----------------------------------------------------------------------------------------------------
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _metadata_checksum(metadata: Mapping[str, Any]) -> str:
-    body = {k: v for k, v in metadata.items() if k != "checksum"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
-
-
 def _write_json(path: str, payload: Any) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=1 if isinstance(payload, dict) else None)
@@ -443,6 +437,14 @@ def _rewrite_assets(assets_text: str, old_root: str, new_root: Optional[str], in
     return text_format.MessageToString(assets)
 
 
+def _counts(values: Sequence[str]) -> dict[str, int]:
+    """{value: occurrences}, sorted by value."""
+    counts: dict[str, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -463,12 +465,13 @@ class EmbeddingIndex:
       >>> top_ids, scores = index.search(queries, k=10)    # [Q, 10] str, [Q, 10] float32
     """
 
-    def __init__(self, *, ids: list[str], embeddings: np.ndarray, versions: list[str], metadata: dict[str, Any],
-                 config: IndexConfig, searcher: Any):
+    def __init__(self, *, ids: list[str], embeddings: np.ndarray, versions: list[str], provenance: list[str],
+                 metadata: dict[str, Any], config: IndexConfig, searcher: Any):
         self._ids = ids
         self._pos = {v: i for i, v in enumerate(ids)}
         self._embeddings = embeddings
         self._versions = versions
+        self._provenance = provenance
         self._metadata = metadata
         self._config = config
         self._searcher = searcher
@@ -479,7 +482,8 @@ class EmbeddingIndex:
     @classmethod
     def build(cls, ids: Sequence[str], embeddings: np.ndarray, versions: Union[str, Sequence[str]], *,
               embedding_space: str, model_id: Optional[str] = None, model_version: Optional[str] = None,
-              config: Optional[IndexConfig] = None) -> "EmbeddingIndex":
+              config: Optional[IndexConfig] = None, provenance: Union[str, Sequence[str]] = EMBEDDED
+              ) -> "EmbeddingIndex":
         """Builds an index (trains and fills the ScaNN searcher) from gallery embeddings.
 
         Args:
@@ -492,6 +496,8 @@ class EmbeddingIndex:
           model_version: its version; defaults to the entries' version when they all share one.
           config: searcher configuration; None -> `IndexConfig.for_size(N, D)`. Size-derived fields
             left None are resolved for N.
+          provenance: how each entry's vector was made ([N] strings, or one for all): `EMBEDDED` or
+            "transformed from <space> by <transformation id>" (see the module docstring).
 
         Returns:
           The built index (not yet saved).
@@ -509,6 +515,7 @@ class EmbeddingIndex:
         if emb.shape[0] != len(ids):
             raise ValueError(f"embeddings has {emb.shape[0]} rows but there are {len(ids)} ids")
         versions = _check_versions(versions, len(ids))
+        provenance = _check_versions(provenance, len(ids), "provenance")
         if model_version is None:
             distinct = sorted(set(versions))
             if len(distinct) != 1:
@@ -530,7 +537,8 @@ class EmbeddingIndex:
             "updated": created,
         }
         searcher = _build_searcher(emb, ids, config)
-        return cls(ids=ids, embeddings=emb, versions=versions, metadata=metadata, config=config, searcher=searcher)
+        return cls(ids=ids, embeddings=emb, versions=versions, provenance=provenance, metadata=metadata,
+                   config=config, searcher=searcher)
 
     # -- properties ----------------------------------------------------------------------------------
 
@@ -546,6 +554,11 @@ class EmbeddingIndex:
     def versions(self) -> list[str]:
         """The model version of each entry, aligned with `ids` (a copy)."""
         return list(self._versions)
+
+    @property
+    def provenance(self) -> list[str]:
+        """How each entry's vector was made, aligned with `ids` (a copy; see the module docstring)."""
+        return list(self._provenance)
 
     @property
     def embeddings(self) -> np.ndarray:
@@ -565,6 +578,7 @@ class EmbeddingIndex:
         md = json.loads(json.dumps(self._metadata))
         md["count"] = len(self._ids)
         md["version_counts"] = self.version_counts()
+        md["provenance_counts"] = self.provenance_counts()
         return md
 
     @property
@@ -585,10 +599,11 @@ class EmbeddingIndex:
 
     def version_counts(self) -> dict[str, int]:
         """{model version: number of entries it produced}."""
-        counts: dict[str, int] = {}
-        for v in self._versions:
-            counts[v] = counts.get(v, 0) + 1
-        return dict(sorted(counts.items()))
+        return _counts(self._versions)
+
+    def provenance_counts(self) -> dict[str, int]:
+        """{provenance: number of entries}, e.g. {"embedded": 120, "transformed from v1-... by t12-...": 3680}."""
+        return _counts(self._provenance)
 
     def version_of(self, ids: Sequence[str]) -> list[str]:
         """The model versions of the given ids. Raises ValueError naming an unknown id."""
@@ -688,7 +703,8 @@ class EmbeddingIndex:
     # -- updates -------------------------------------------------------------------------------------
 
     def upsert(self, ids: Sequence[str], embeddings: np.ndarray, version: Union[str, Sequence[str]], *,
-               embedding_space: Optional[str] = None) -> dict[str, int]:
+               embedding_space: Optional[str] = None, provenance: Union[str, Sequence[str]] = EMBEDDED
+               ) -> dict[str, int]:
         """Updates the index in place: existing ids get the new embedding and version, new ids are added.
 
         Uses ScaNN's in-place `upsert` when the searcher is mutable (`config.mutable`, the default);
@@ -700,6 +716,7 @@ class EmbeddingIndex:
           embeddings: float [M, D] in the index's embedding space; normalized here.
           version: the model version that produced them (one string, or [M] strings).
           embedding_space: when given, must equal the index's space (IncompatibleModelError otherwise).
+          provenance: how the vectors were made (default `EMBEDDED`: from the images, by `version`).
 
         Returns:
           {"replaced": number of existing ids updated, "added": number of new ids}.
@@ -713,6 +730,7 @@ class EmbeddingIndex:
         if emb.shape[0] != len(ids):
             raise ValueError(f"embeddings has {emb.shape[0]} rows but there are {len(ids)} ids")
         versions = _check_versions(version, len(ids))
+        provenance = _check_versions(provenance, len(ids), "provenance")
         if not ids:
             return {"replaced": 0, "added": 0}
         rows = [self._pos.get(v) for v in ids]
@@ -732,12 +750,14 @@ class EmbeddingIndex:
             self._embeddings[[r for r, _ in replace]] = emb[[j for _, j in replace]]
             for r, j in replace:
                 self._versions[r] = versions[j]
+                self._provenance[r] = provenance[j]
         if add:
             self._embeddings = np.concatenate([self._embeddings, emb[add]], axis=0)
             for j in add:
                 self._pos[ids[j]] = len(self._ids)
                 self._ids.append(ids[j])
                 self._versions.append(versions[j])
+                self._provenance.append(provenance[j])
         if in_place and (self._searcher.size() != len(self._ids) or self._searcher.docids != self._ids):
             logger.warning("ScaNN docids out of step after upsert; rebuilding the searcher")
             in_place = False
@@ -806,6 +826,7 @@ class EmbeddingIndex:
         _write_npy(os.path.join(root, EMBEDDINGS_FILE), self._embeddings)
         _write_json(os.path.join(root, IDS_FILE), self._ids)
         _write_json(os.path.join(root, VERSIONS_FILE), self._versions)
+        _write_json(os.path.join(root, PROVENANCE_FILE), self._provenance)
         scann_dir = os.path.join(root, SCANN_DIR)
         os.makedirs(scann_dir)
         self._searcher.searcher.serialize(scann_dir)  # the raw searcher: no pickled docids file
@@ -831,11 +852,12 @@ class EmbeddingIndex:
                 if rel == METADATA_FILE:
                     continue
                 fileio.fsync_path(path)
-                files[rel] = _sha256_file(path)
+                files[rel] = fileio.sha256_file(path)
         metadata = dict(self._metadata)
-        metadata.update(count=len(self._ids), version_counts=self.version_counts(), config=self._config.to_dict(),
+        metadata.update(count=len(self._ids), version_counts=self.version_counts(),
+                        provenance_counts=self.provenance_counts(), config=self._config.to_dict(),
                         lce_tf_version=lce_tf.__version__, files=dict(sorted(files.items())))
-        metadata["checksum"] = _metadata_checksum(metadata)
+        metadata["checksum"] = fileio.json_checksum(metadata)
         _write_json(os.path.join(root, METADATA_FILE), metadata)
         fileio.fsync_path(scann_dir)
         fileio.fsync_path(root)
@@ -869,7 +891,7 @@ class EmbeddingIndex:
             path = os.path.join(root, *rel.split("/"))
             if not os.path.isfile(path):
                 raise ValueError(f"index {root}: file {rel} is missing")
-            if _sha256_file(path) != digest:
+            if fileio.sha256_file(path) != digest:
                 raise ValueError(f"index {root}: file {rel} checksum mismatch (file is corrupted or was edited)")
         config = IndexConfig.from_dict(metadata["config"])
         count, dim = int(metadata["count"]), int(metadata["dim"])
@@ -877,6 +899,11 @@ class EmbeddingIndex:
             ids = _check_ids(json.load(f), f"{IDS_FILE} entries")
         with open(os.path.join(root, VERSIONS_FILE), encoding="utf-8") as f:
             versions = _check_versions(json.load(f), len(ids))
+        provenance: Union[str, list[str]] = EMBEDDED
+        if PROVENANCE_FILE in metadata["files"]:
+            with open(os.path.join(root, PROVENANCE_FILE), encoding="utf-8") as f:
+                provenance = json.load(f)
+        provenance = _check_versions(provenance, len(ids), f"{PROVENANCE_FILE} entries")
         emb = np.load(os.path.join(root, EMBEDDINGS_FILE), allow_pickle=False)
         if len(ids) != count or emb.shape != (count, dim) or emb.dtype != np.float32:
             raise ValueError(f"index {root}: {IDS_FILE} ({len(ids)} ids), {EMBEDDINGS_FILE} {emb.shape} {emb.dtype} "
@@ -896,8 +923,8 @@ class EmbeddingIndex:
                              f"{METADATA_FILE} says {count}")
         if config.num_threads:
             searcher.set_num_threads(config.num_threads)
-        return cls(ids=ids, embeddings=np.ascontiguousarray(emb), versions=versions, metadata=metadata,
-                   config=config, searcher=searcher)
+        return cls(ids=ids, embeddings=np.ascontiguousarray(emb), versions=versions, provenance=provenance,
+                   metadata=metadata, config=config, searcher=searcher)
 
     def __repr__(self) -> str:
         return (f"EmbeddingIndex({len(self)} entries, dim={self.dim}, space={self.embedding_space!r}, "
@@ -942,7 +969,7 @@ def _read_metadata(root: str) -> dict[str, Any]:
         raise ValueError(f"index {root}: file {METADATA_FILE} is not valid JSON ({e})") from None
     if not isinstance(metadata, dict) or metadata.get("format") != INDEX_FORMAT:
         raise ValueError(f"index {root}: file {METADATA_FILE} is not format {INDEX_FORMAT!r}")
-    if metadata.get("checksum") != _metadata_checksum(metadata):
+    if metadata.get("checksum") != fileio.json_checksum(metadata):
         raise ValueError(f"index {root}: file {METADATA_FILE} checksum mismatch (file is corrupted or was edited)")
     missing = [k for k in ("embedding_space", "dim", "model_id", "model_version", "config", "count", "files")
                if k not in metadata]
@@ -966,7 +993,7 @@ def _find_backup(root: str) -> Optional[str]:
     for path in sorted(candidates, key=os.path.getmtime, reverse=True):
         try:
             metadata = _read_metadata(path)
-            if all(_sha256_file(os.path.join(path, *rel.split("/"))) == digest
+            if all(fileio.sha256_file(os.path.join(path, *rel.split("/"))) == digest
                    for rel, digest in metadata["files"].items()):
                 return path
         except (ValueError, OSError):
@@ -1128,36 +1155,41 @@ def backfill(index: EmbeddingIndex, ids: Sequence[str], new_embeddings: np.ndarr
 
 
 def transform_gallery(index: EmbeddingIndex, transform_fn: Callable[[np.ndarray], np.ndarray], new_space: str,
-                      new_version: str, *, model_id: Optional[str] = None, config: Optional[IndexConfig] = None,
-                      batch_size: int = 65_536) -> EmbeddingIndex:
-    """Forward-compatible upgrade: maps every gallery vector through T12 into the new model's space.
+                      new_version: Optional[str] = None, *, transformed_by: str, model_id: Optional[str] = None,
+                      config: Optional[IndexConfig] = None, batch_size: int = 65_536) -> EmbeddingIndex:
+    """Forward-compatible upgrade: maps every stored vector through T12 into the new space (no images).
 
-    Builds a NEW index (the input is untouched) with entries e'_i = normalize(T12(e_i)) (DESIGN.md
-    "The method" 6-7: forward compatible training, the gallery is upgraded without re-encoding
-    images), whose embedding_space is `new_space` and whose entries all have version `new_version`.
-    Choose a version that differs from the new model's own (e.g. "v2-t12"), so
-    `select_backfill_ids(new_index, f, new_version="v2")` can then re-embed from images gradually.
+    Builds a NEW index (the input is untouched) with entries e'_i = normalize(T12(e_i)) (DESIGN.md,
+    "The forward path"; "The method" 7: forward compatible training), whose embedding_space is
+    `new_space`. Ids are kept; every entry's provenance records the move ("transformed from <old space>
+    by <transformed_by>", appended to an earlier transformation's as "...; then from <space> by <id>"),
+    so a later backfill with re-encoded images (provenance "embedded") can be told apart.
 
     Args:
       index: the old-space index.
-      transform_fn: numpy [B, D_old] -> numpy [B, D_new] (e.g. the new model's
-        `transform_old_to_new` signature), called in batches of `batch_size`.
-      new_space: the new model's embedding_space.
-      new_version: version recorded for every transformed entry.
-      model_id: model id recorded in the metadata; defaults to `new_space`.
+      transform_fn: numpy [B, D_old] -> numpy [B, D_new] (a fitted transformation's `old_to_new`, or a
+        model's `transform_old_to_new` signature), called in batches of `batch_size`.
+      new_space: the embedding space the transformation maps into.
+      new_version: None keeps each entry's model version (the model that embedded its image); a string
+        sets every entry's version to it.
+      transformed_by: id of the transformation (recorded in the provenance and the metadata).
+      model_id: model id recorded in the metadata (the new space's model); defaults to `new_space`.
       config: the new index's configuration; None -> `IndexConfig.for_size(N, D_new)` keeping the
         old index's num_neighbors, threads and mutability.
       batch_size: rows per transform call.
 
     Returns:
-      The new index, with metadata "transformed_from" naming the old space, model and version.
+      The new index, with metadata "transformed_from" naming the old space, model, version counts and
+      the transformation.
 
     Raises:
       ValueError: the transform returns the wrong number of rows, a non-2-D array, NaN/Inf or zero rows.
     """
     _check_int("batch_size", batch_size, minimum=1)
-    if not isinstance(new_version, str) or not new_version:
-        raise ValueError(f"new_version must be a non-empty string; received {new_version!r}")
+    if new_version is not None and (not isinstance(new_version, str) or not new_version):
+        raise ValueError(f"new_version must be None or a non-empty string; received {new_version!r}")
+    if not isinstance(transformed_by, str) or not transformed_by:
+        raise ValueError(f"transformed_by must be a non-empty string; received {transformed_by!r}")
     old = index.embeddings
     parts = []
     for start in range(0, old.shape[0], batch_size):
@@ -1173,9 +1205,13 @@ def transform_gallery(index: EmbeddingIndex, transform_fn: Callable[[np.ndarray]
         config = IndexConfig.for_size(len(index), new.shape[1], num_neighbors=c.num_neighbors,
                                       num_threads=c.num_threads, training_threads=c.training_threads,
                                       mutable=c.mutable)
-    new_index = EmbeddingIndex.build(index.ids, new, new_version, embedding_space=new_space,
-                                     model_id=model_id or new_space, model_version=new_version, config=config)
+    step = f"from {index.embedding_space} by {transformed_by}"
+    provenance = [f"transformed {step}" if p == EMBEDDED else f"{p}; then {step}" for p in index.provenance]
+    model_id = model_id or new_space
+    new_index = EmbeddingIndex.build(index.ids, new, new_version or index.versions, embedding_space=new_space,
+                                     model_id=model_id, model_version=new_version or model_id, config=config,
+                                     provenance=provenance)
     new_index._metadata["transformed_from"] = {  # pylint: disable=protected-access
-        "embedding_space": index.embedding_space, "model_id": index.model_id,
+        "embedding_space": index.embedding_space, "model_id": index.model_id, "transformation": transformed_by,
         "model_version": index.model_version, "dim": index.dim, "version_counts": index.version_counts()}
     return new_index

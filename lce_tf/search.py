@@ -434,7 +434,8 @@ def upgrade_with_t12(index: "retrieval.EmbeddingIndex", model, *, new_version: O
             f"model {model.model_id}'s T12 maps from embedding space {compat.get('embedding_space')!r}, but the index "
             f"holds embedding space {index.embedding_space!r}")
     return retrieval.transform_gallery(index, model.transform_old_to_new, model.metadata["embedding_space"],
-                                       new_version or f"{model.model_id}-t12", model_id=model.model_id, config=config)
+                                       new_version or f"{model.model_id}-t12", model_id=model.model_id, config=config,
+                                       transformed_by=f"{model.model_id} (transform_old_to_new)")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -470,21 +470,63 @@ def test_transform_gallery_moves_every_entry_to_the_new_space(data):
     old = _build(data, "ah")
     calls = []
     new = R.transform_gallery(old, lambda e: calls.append(len(e)) or e @ t12, "space-v2", "v2-t12",
-                              batch_size=512)
+                              transformed_by="t12-test", batch_size=512)
     assert calls == [512, 512, 512, 464]
     assert (new.embedding_space, new.dim, new.model_version, new.ids) == ("space-v2", 8, "v2-t12", ids)
     assert new.version_counts() == {"v2-t12": 2000} and new.config.algorithm == "brute_force"
+    assert new.provenance_counts() == {"transformed from space-v1 by t12-test": 2000}
     assert new.metadata["transformed_from"]["embedding_space"] == "space-v1"
+    assert new.metadata["transformed_from"]["transformation"] == "t12-test"
     ref = _unit(_unit(gallery) @ t12)
     np.testing.assert_allclose(new.embeddings, ref, atol=1e-5)
     q_new = queries @ t12
     top, _ = new.search(q_new, 1)
     assert top[:, 0].tolist() == [ids[i] for i in np.argmax(_unit(q_new) @ ref.T, axis=1)]
     assert old.dim == DIM and old.embedding_space == "space-v1"  # the old index is untouched
+    assert old.provenance_counts() == {R.EMBEDDED: 2000}
     with pytest.raises(ValueError, match="transform_fn returned shape \\(10, 8\\) for input shape \\(512, 16\\)"):
-        R.transform_gallery(old, lambda e: (e @ t12)[:10], "space-v2", "v2-t12", batch_size=512)
+        R.transform_gallery(old, lambda e: (e @ t12)[:10], "space-v2", "v2-t12", transformed_by="t", batch_size=512)
     with pytest.raises(ValueError, match="transformed embeddings contain NaN or Inf"):
-        R.transform_gallery(old, lambda e: e @ t12 * np.nan, "space-v2", "v2-t12")
+        R.transform_gallery(old, lambda e: e @ t12 * np.nan, "space-v2", "v2-t12", transformed_by="t")
+
+
+def test_transform_gallery_keeps_versions_and_records_provenance_through_save_backfill_and_a_chain(data, tmp_path):
+    ids, gallery, _ = data
+    old = _build(data, version="v1")
+    old.upsert(ids[:3], gallery[:3], "v1b")  # two versions in the old gallery
+    t12 = np.eye(DIM, 8, dtype=np.float32)
+    new = R.transform_gallery(old, lambda e: e @ t12, "space-v2", transformed_by="T12", model_id="v2")
+    # versions are kept per entry (the model that embedded the image); the provenance says how it moved
+    assert new.versions == old.versions and new.version_counts() == {"v1": 1997, "v1b": 3}
+    assert (new.model_id, new.model_version) == ("v2", "v2")
+    assert set(new.provenance) == {"transformed from space-v1 by T12"}
+    new.save(str(tmp_path / "v2"))
+    loaded = EmbeddingIndex.load(str(tmp_path / "v2"))
+    assert loaded.provenance == new.provenance and loaded.metadata["provenance_counts"] == new.provenance_counts()
+    # a backfill with re-encoded images replaces transformed entries: provenance "embedded" again
+    R.backfill(loaded, ids[:5], (gallery[:5] @ t12) + 0.01, "v2")
+    assert loaded.provenance[:5] == [R.EMBEDDED] * 5 and loaded.version_of(ids[:5]) == ["v2"] * 5
+    assert loaded.provenance_counts()["transformed from space-v1 by T12"] == 1995
+    # a second move (v2 -> v3) extends the provenance of transformed entries only
+    t23 = np.eye(8, 6, dtype=np.float32)
+    v3 = R.transform_gallery(loaded, lambda e: e @ t23, "space-v3", transformed_by="T23")
+    assert v3.provenance_counts() == {"transformed from space-v1 by T12; then from space-v2 by T23": 1995,
+                                      "transformed from space-v2 by T23": 5}
+
+
+def test_index_saved_without_provenance_loads_as_embedded(data, tmp_path):
+    index = _build(data, version="v1")
+    path = index.save(str(tmp_path / "old-format"))
+    os.remove(os.path.join(path, R.PROVENANCE_FILE))  # an index written before provenance.json existed
+    meta_path = os.path.join(path, R.METADATA_FILE)
+    with open(meta_path) as f:
+        meta = json.load(f)
+    del meta["files"][R.PROVENANCE_FILE]
+    del meta["provenance_counts"]
+    meta["checksum"] = fileio.json_checksum(meta)
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    assert EmbeddingIndex.load(path).provenance_counts() == {R.EMBEDDED: 2000}
 
 
 # ---------------------------------------------------------------------------------------------------
