@@ -475,11 +475,116 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def check_gallery(ids: Sequence[str], embeddings: np.ndarray, versions: Union[str, Sequence[str]],
+                  provenance: Union[str, Sequence[str]], embedding_space: str, model_version: Optional[str]
+                  ) -> tuple[list[str], np.ndarray, list[str], list[str], str]:
+    """The checks of a gallery that builds an index (either backend).
+
+    Returns:
+      (ids, unit float32 embeddings [N, D], versions [N], provenance [N], model_version), model_version
+      defaulting to the entries' version when they all share one.
+
+    Raises:
+      ValueError: empty gallery, duplicate ids, length mismatches, bad vectors, several versions
+        without model_version.
+    """
+    if not isinstance(embedding_space, str) or not embedding_space:
+        raise ValueError(f"embedding_space must be a non-empty string; received {embedding_space!r}")
+    ids = _check_ids(ids)
+    if not ids:
+        raise ValueError("cannot build an index from an empty gallery (0 ids)")
+    emb = _unit_rows(embeddings, "embeddings")
+    if emb.shape[0] != len(ids):
+        raise ValueError(f"embeddings has {emb.shape[0]} rows but there are {len(ids)} ids")
+    versions = _check_versions(versions, len(ids))
+    provenance = _check_versions(provenance, len(ids), "provenance")
+    if model_version is None:
+        distinct = sorted(set(versions))
+        if len(distinct) != 1:
+            raise ValueError(f"entries have several versions ({', '.join(distinct[:5])}); pass model_version")
+        model_version = distinct[0]
+    return ids, emb, versions, provenance, model_version
+
+
+def base_metadata(embedding_space: str, dim: int, model_id: str, model_version: str, config: Mapping[str, Any],
+                  count: int) -> dict[str, Any]:
+    """The index.json fields every backend writes (the backend adds its own)."""
+    created = _now()
+    return {"format": INDEX_FORMAT, "embedding_space": embedding_space, "dim": int(dim), "model_id": model_id,
+            "model_version": model_version, "config": dict(config), "count": int(count),
+            "lce_tf_version": lce_tf.__version__, "created": created, "updated": created}
+
+
+def check_replaceable(target: str) -> None:
+    """Refuses to write an index over a file or over a non-empty directory that is not an lce_tf index.
+
+    Raises:
+      ValueError: naming `target`.
+    """
+    if os.path.lexists(target):
+        if not os.path.isdir(target):
+            raise ValueError(f"index directory {target} exists and is not a directory")
+        if os.listdir(target) and not os.path.isfile(os.path.join(target, METADATA_FILE)):
+            raise ValueError(f"refusing to replace {target}: it is a non-empty directory without "
+                             f"{METADATA_FILE} (not an lce_tf index)")
+
+
+class IndexCommon:
+    """What both backends share: the metadata-backed properties, the space guard and the query checks.
+
+    Subclasses set `_metadata` (the index.json dict) and `_config` (with `num_neighbors`) and define
+    `__len__`.
+    """
+
+    _metadata: dict[str, Any]
+    _config: Any
+
+    @property
+    def embedding_space(self) -> str:
+        return self._metadata["embedding_space"]
+
+    @property
+    def dim(self) -> int:
+        return int(self._metadata["dim"])
+
+    @property
+    def model_id(self) -> str:
+        return self._metadata["model_id"]
+
+    @property
+    def model_version(self) -> str:
+        return self._metadata["model_version"]
+
+    @property
+    def config(self):
+        return self._config
+
+    def _check_space(self, embedding_space: Optional[str], what: str) -> None:
+        if embedding_space is not None and embedding_space != self.embedding_space:
+            raise IncompatibleModelError(f"{what} live in embedding space {embedding_space!r} but the index holds "
+                                         f"embedding space {self.embedding_space!r}")
+
+    def _queries(self, queries: np.ndarray, k: Optional[int]) -> tuple[np.ndarray, int]:
+        q = np.asarray(queries, dtype=np.float32) if not isinstance(queries, np.ndarray) else queries
+        if q.ndim == 1:
+            q = q[None, :]
+        q = _unit_rows(q, "queries", self.dim, f"the index (embedding space {self.embedding_space!r})")
+        k = _check_k(self._config.num_neighbors if k is None else k, len(self))
+        return q, k
+
+    def _vectors(self, embeddings: Any, n: int, what: str = "embeddings") -> np.ndarray:
+        """Upserted vectors: [n, D] in this index's dimension, unit-normalized."""
+        emb = _unit_rows(embeddings, what, self.dim, f"the index (embedding space {self.embedding_space!r})")
+        if emb.shape[0] != n:
+            raise ValueError(f"{what} has {emb.shape[0]} rows but there are {n} ids")
+        return emb
+
+
 # ----------------------------------------------------------------------------------------------------
 # The index
 # ----------------------------------------------------------------------------------------------------
 
-class EmbeddingIndex:
+class EmbeddingIndex(IndexCommon):
     """A ScaNN nearest-neighbour index over (id, embedding, model version) entries in one embedding space.
 
     Build with `EmbeddingIndex.build(...)` or `EmbeddingIndex.load(dir)`; do not call the constructor.
@@ -532,36 +637,12 @@ class EmbeddingIndex:
           ValueError: empty gallery, duplicate ids, length mismatches, bad vectors, bad config.
           ImportError: ScaNN is not installed (the message says what to install).
         """
-        if not isinstance(embedding_space, str) or not embedding_space:
-            raise ValueError(f"embedding_space must be a non-empty string; received {embedding_space!r}")
-        ids = _check_ids(ids)
-        if not ids:
-            raise ValueError("cannot build an index from an empty gallery (0 ids)")
-        emb = _unit_rows(embeddings, "embeddings")
-        if emb.shape[0] != len(ids):
-            raise ValueError(f"embeddings has {emb.shape[0]} rows but there are {len(ids)} ids")
-        versions = _check_versions(versions, len(ids))
-        provenance = _check_versions(provenance, len(ids), "provenance")
-        if model_version is None:
-            distinct = sorted(set(versions))
-            if len(distinct) != 1:
-                raise ValueError(f"entries have several versions ({', '.join(distinct[:5])}); pass model_version")
-            model_version = distinct[0]
+        ids, emb, versions, provenance, model_version = check_gallery(ids, embeddings, versions, provenance,
+                                                                      embedding_space, model_version)
         config = (config or IndexConfig.for_size(len(ids), emb.shape[1])).resolved(len(ids))
-        created = _now()
-        metadata = {
-            "format": INDEX_FORMAT,
-            "embedding_space": embedding_space,
-            "dim": int(emb.shape[1]),
-            "model_id": model_id or embedding_space,
-            "model_version": model_version,
-            "config": config.to_dict(),
-            "count": len(ids),
-            "lce_tf_version": lce_tf.__version__,
-            "scann_version": _scann_version(),
-            "created": created,
-            "updated": created,
-        }
+        metadata = base_metadata(embedding_space, emb.shape[1], model_id or embedding_space, model_version,
+                                 config.to_dict(), len(ids))
+        metadata["scann_version"] = _scann_version()
         searcher = _build_searcher(emb, ids, config)
         return cls(ids=ids, embeddings=emb, versions=versions, provenance=provenance, metadata=metadata,
                    config=config, searcher=searcher)
@@ -595,10 +676,6 @@ class EmbeddingIndex:
         return view
 
     @property
-    def config(self) -> IndexConfig:
-        return self._config
-
-    @property
     def metadata(self) -> dict[str, Any]:
         """The index metadata (a copy), with `count` and `version_counts` current."""
         md = json.loads(json.dumps(self._metadata))
@@ -606,22 +683,6 @@ class EmbeddingIndex:
         md["version_counts"] = self.version_counts()
         md["provenance_counts"] = self.provenance_counts()
         return md
-
-    @property
-    def embedding_space(self) -> str:
-        return self._metadata["embedding_space"]
-
-    @property
-    def dim(self) -> int:
-        return int(self._metadata["dim"])
-
-    @property
-    def model_id(self) -> str:
-        return self._metadata["model_id"]
-
-    @property
-    def model_version(self) -> str:
-        return self._metadata["model_version"]
 
     def version_counts(self) -> dict[str, int]:
         """{model version: number of entries it produced}."""
@@ -657,19 +718,6 @@ class EmbeddingIndex:
                              np.array(self._embeddings[start:end]) if vectors else None)
 
     # -- search --------------------------------------------------------------------------------------
-
-    def _check_space(self, embedding_space: Optional[str], what: str) -> None:
-        if embedding_space is not None and embedding_space != self.embedding_space:
-            raise IncompatibleModelError(f"{what} live in embedding space {embedding_space!r} but the index holds "
-                                         f"embedding space {self.embedding_space!r}")
-
-    def _queries(self, queries: np.ndarray, k: Optional[int]) -> tuple[np.ndarray, int]:
-        q = np.asarray(queries, dtype=np.float32) if not isinstance(queries, np.ndarray) else queries
-        if q.ndim == 1:
-            q = q[None, :]
-        q = _unit_rows(q, "queries", self.dim, f"the index (embedding space {self.embedding_space!r})")
-        k = _check_k(self._config.num_neighbors if k is None else k, len(self._ids))
-        return q, k
 
     def _ids_of(self, rows: np.ndarray) -> np.ndarray:
         if self._ids_array is None:
@@ -768,9 +816,7 @@ class EmbeddingIndex:
         """
         self._check_space(embedding_space, "upserted embeddings")
         ids = _check_ids(ids)
-        emb = _unit_rows(embeddings, "embeddings", self.dim, f"the index (embedding space {self.embedding_space!r})")
-        if emb.shape[0] != len(ids):
-            raise ValueError(f"embeddings has {emb.shape[0]} rows but there are {len(ids)} ids")
+        emb = self._vectors(embeddings, len(ids))
         versions = _check_versions(version, len(ids))
         provenance = _check_versions(provenance, len(ids), "provenance")
         if not ids:
@@ -852,12 +898,7 @@ class EmbeddingIndex:
             previous index there, if any, is unchanged and no temporary directory is left.
         """
         target = os.path.abspath(index_dir)
-        if os.path.lexists(target):
-            if not os.path.isdir(target):
-                raise ValueError(f"index directory {target} exists and is not a directory")
-            if os.listdir(target) and not os.path.isfile(os.path.join(target, METADATA_FILE)):
-                raise ValueError(f"refusing to replace {target}: it is a non-empty directory without "
-                                 f"{METADATA_FILE} (not an lce_tf index)")
+        check_replaceable(target)
         with fileio.atomic_directory(target, "index directory") as tmp:
             metadata = self._write_files(tmp)
         self._metadata = metadata
