@@ -2,12 +2,16 @@
 
     lce-tf train     --data DIR --out MODEL_DIR [--compat lce --old-model DIR | --old-centers FILE] ...
     lce-tf centers   --model MODEL_DIR --data DIR --out FILE.npz
-    lce-tf evaluate  --query DIR --gallery DIR --model NAME=MODEL_DIR [--model ...] --json OUT.json
+    lce-tf evaluate  --query DIR --gallery DIR --model NAME=MODEL_DIR [--model ...] [--transform NAME=DIR ...]
+                     [--json OUT.json]
+    lce-tf transform fit --old-model OLD_DIR --new-model NEW_DIR --data TRAIN_DIR --out TRANSFORM_DIR
+                     [--direction old-to-new|both] [--epochs N] [--batch-size N] [--seed N]
     lce-tf data      glyphs|synthetic --out DIR
     lce-tf index     build --model MODEL_DIR --data GALLERY_DIR --out INDEX_DIR [--config K=V]
                      search --index INDEX_DIR --model MODEL_DIR --data QUERY_DIR_OR_FILES [--k K] [--json F]
                      backfill --index INDEX_DIR --model NEW_MODEL_DIR (--data GALLERY_DIR --fraction F
                               | --t12 --out DIR)
+                     upgrade --index INDEX_DIR --transform TRANSFORM_DIR --out NEW_INDEX_DIR
     lce-tf pipeline  run [--config FILE] [--set KEY=VALUE ...]     (the TFX pipeline, LocalDagRunner)
                      compile [--config FILE] [--set KEY=VALUE ...] --out DIR   (Kubeflow v2 JSON + v1 YAML)
 
@@ -169,56 +173,69 @@ def cmd_centers(args: argparse.Namespace) -> int:
 # evaluate
 
 
-def _parse_named_models(specs: Sequence[str]) -> dict[str, str]:
-    models: dict[str, str] = {}
+def _parse_named(flag: str, what: str, specs: Sequence[str]) -> dict[str, str]:
+    """NAME=PATH arguments of a repeatable flag, e.g. --model v1=models/v1."""
+    named: dict[str, str] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
-            raise UsageError(f"--model expects NAME=MODEL_DIR; received {spec!r}.")
-        if name in models:
-            raise UsageError(f"--model name {name!r} is given twice.")
-        models[name] = path
-    return models
+            raise UsageError(f"{flag} expects NAME={what}; received {spec!r}.")
+        if name in named:
+            raise UsageError(f"{flag} name {name!r} is given twice.")
+        named[name] = path
+    return named
 
 
 def evaluate_models(query_dir: str, gallery_dir: str, model_dirs: dict[str, str], *, old: str,
-                    independent: Optional[str] = None, batch_size: int = 256) -> dict[str, Any]:
+                    independent: Optional[str] = None, transform_dirs: Optional[dict[str, str]] = None,
+                    batch_size: int = 256) -> dict[str, Any]:
     """Compatibility matrix of every (query model, gallery model) pair plus criterion and update gain.
 
     The image-folder front end of `lce_tf.comparison.compare_models` (which the TFX
-    CompatibilityValidator also calls on TFRecord splits); see there for the signature rules and the
-    report's keys.
+    CompatibilityValidator also calls on TFRecord splits); see there for the signature rules, the pairs
+    through fitted transformations (`transform_dirs`, {name: directory}) and the report's keys.
     """
     from lce_tf.comparison import EvalData, compare_models
     from lce_tf.serving import load_embedding_model
+    from lce_tf.transformation import load_transformation
 
+    transforms = {name: load_transformation(path) for name, path in (transform_dirs or {}).items()}
     query, gallery = _read_folder(query_dir), _read_folder(gallery_dir)
     models = {name: load_embedding_model(path) for name, path in model_dirs.items()}
     report, _ = compare_models(models, EvalData.from_folder(query), EvalData.from_folder(gallery), old=old,
-                               independent=independent, batch_size=batch_size, progress=stage)
+                               independent=independent, transforms=transforms, batch_size=batch_size,
+                               progress=stage)
     return report
 
 
 def format_criterion(report: dict[str, Any]) -> str:
+    """One line per criterion entry: which pair, which route, top-1 / mAP verdicts, update gain."""
+    from lce_tf.comparison import transformed_label
+
     lines = []
-    for name, verdict in report["criterion"].items():
+    old = report["old"]
+    for key, verdict in report["criterion"].items():
         status = "PASS" if verdict["pass"] else "FAIL"
-        ug = report["update_gain"].get(name)
+        ug = report["update_gain"].get(key)
         ug_text = f"; update gain top-1 {ug['top1']:.2f}, mAP {ug['mAP']:.2f}" if ug else ""
-        lines.append(f"criterion M({name}, {report['old']}) > M({report['old']}, {report['old']}) on top-1 "
+        name, via = verdict.get("query", key), verdict.get("via")
+        pair = (f"M({name}, {old})" if via is None else f"M({name}, {transformed_label(via, old)})"
+                if verdict["direction"] == "old_to_new" else f"M({transformed_label(via, name, 'new_to_old')}, {old})")
+        lines.append(f"criterion ({verdict.get('route', 'backward')}) {pair} > M({old}, {old}) on top-1 "
                      f"{'yes' if verdict['top1'] else 'no'}, mAP {'yes' if verdict['mAP'] else 'no'}: "
                      f"{status}{ug_text}")
     return "\n".join(lines)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    model_dirs = _parse_named_models(args.model)
+    model_dirs = _parse_named("--model", "MODEL_DIR", args.model)
+    transform_dirs = _parse_named("--transform", "TRANSFORM_DIR", args.transform or [])
     old = args.old or next(iter(model_dirs))
     for flag, name in (("--old", old), ("--independent", args.independent)):
         if name is not None and name not in model_dirs:
             raise UsageError(f"{flag} {name!r} is not one of the --model names ({', '.join(model_dirs)}).")
     report = evaluate_models(args.query, args.gallery, model_dirs, old=old, independent=args.independent,
-                             batch_size=args.batch_size)
+                             transform_dirs=transform_dirs, batch_size=args.batch_size)
     print(report["table"])
     print(format_criterion(report))
     for note in report["skipped"]:
@@ -236,6 +253,57 @@ def _write_json_atomically(path: str, payload: Any) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=2)
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# transform: fitted gallery transformations (lce_tf.transform_fit, lce_tf.transformation)
+
+
+def cmd_transform_fit(args: argparse.Namespace) -> int:
+    from lce_tf.comparison import EvalData
+    from lce_tf.serving import load_embedding_model
+    from lce_tf.transform_fit import TransformFitSettings, fit_between_models
+
+    settings = TransformFitSettings(direction=args.direction, width=args.width, epochs=args.epochs,
+                                    batch_size=args.batch_size, learning_rate=args.learning_rate,
+                                    seed=args.seed).validate()
+    if os.path.exists(args.out) and not args.overwrite:
+        raise UsageError(f"Output {args.out} already exists; choose a new --out or pass --overwrite.")
+    folder = _read_folder(args.data, args.classes)
+    old_model, new_model = load_embedding_model(args.old_model), load_embedding_model(args.new_model)
+    metadata = fit_between_models(old_model, new_model, EvalData.from_folder(folder), args.out, settings,
+                                  data_label=os.path.abspath(args.data) + (f" (classes {args.classes})"
+                                                                           if args.classes else ""),
+                                  overwrite=args.overwrite, progress=stage)
+    losses = ", ".join(f"{k} {v:.4f}" for k, v in metadata["fit_loss"].items())
+    stage(f"wrote transformation {metadata['transform_id']} to {args.out}: {metadata['source']['embedding_space']} "
+          f"({metadata['source']['dim']}-d) -> {metadata['target']['embedding_space']} ({metadata['target']['dim']}-d); "
+          f"final fit loss (1 - cos) {losses}")
+    return 0
+
+
+def _add_transform_commands(sub) -> None:
+    from lce_tf.transform_fit import DIRECTIONS, TransformFitSettings
+
+    defaults_ = TransformFitSettings()
+    p = sub.add_parser("transform", help="fit a transformation between two models' embedding spaces")
+    commands = p.add_subparsers(dest="transform_command", required=True, metavar="ACTION", parser_class=_Parser)
+    q = commands.add_parser("fit", help="fit old->new (and optionally new->old) on paired embeddings of training "
+                            "images and write a transformation directory")
+    q.add_argument("--old-model", required=True, help="the old model directory (the gallery's space)")
+    q.add_argument("--new-model", required=True, help="the new model directory (the queries' space)")
+    q.add_argument("--data", required=True, help="TRAINING image folder DIR/<class>/<image> (never the test classes)")
+    q.add_argument("--out", required=True, help="transformation directory to create")
+    q.add_argument("--direction", default=defaults_.direction, choices=DIRECTIONS,
+                   help="old-to-new (the forward route) or both (also new-to-old)")
+    q.add_argument("--epochs", type=int, default=defaults_.epochs)
+    q.add_argument("--batch-size", type=int, default=defaults_.batch_size)
+    q.add_argument("--seed", type=int, default=defaults_.seed)
+    q.add_argument("--width", type=int, default=defaults_.width, help="bottleneck width of each of the 4 paths")
+    q.add_argument("--learning-rate", type=float, default=defaults_.learning_rate)
+    q.add_argument("--classes", help="class subset of --data (as lce-tf train --classes)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out atomically")
+    q.set_defaults(func=cmd_transform_fit)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -343,9 +411,26 @@ def cmd_index_backfill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index_upgrade(args: argparse.Namespace) -> int:
+    from lce_tf import search
+    from lce_tf.transformation import load_transformation
+
+    if os.path.abspath(args.out) != os.path.abspath(args.index) or not args.overwrite:
+        _check_index_out(args.out, args.overwrite)
+    overrides = search.parse_config_overrides(args.config or [])
+    transformation = load_transformation(args.transform)
+    index = search.load_index(args.index)
+    stage(f"moving {len(index)} gallery vectors of {args.index} through {transformation.describe()}")
+    upgraded = search.upgrade_with_transformation(index, transformation, overrides=overrides,
+                                                  index_dir=args.index)
+    path = upgraded.save(args.out)
+    stage(f"wrote index {path}: {_index_summary(upgraded)}; no image was read")
+    return 0
+
+
 def _add_index_commands(sub) -> None:
     """The `lce-tf index build|search|backfill` subcommands."""
-    index = sub.add_parser("index", help="build, search and backfill versioned ScaNN indexes")
+    index = sub.add_parser("index", help="build, search, backfill and upgrade versioned ScaNN indexes")
     commands = index.add_subparsers(dest="index_command", required=True, metavar="ACTION", parser_class=_Parser)
 
     p = commands.add_parser("build", help="embed a gallery image folder with a model and build an index")
@@ -386,6 +471,16 @@ def _add_index_commands(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=cmd_index_backfill)
+
+    p = commands.add_parser("upgrade", help="move every stored vector into a new model's space through a fitted "
+                            "transformation (no image is read) and write a new index")
+    p.add_argument("--index", required=True, help="the index in the transformation's source (old) space")
+    p.add_argument("--transform", required=True, help="transformation directory (lce-tf transform fit)")
+    p.add_argument("--out", required=True, help="the new index directory (in the target space)")
+    p.add_argument("--config", action="append", metavar="JSON|KEY=VALUE",
+                   help="IndexConfig overrides of the new index (default: by size, as index build)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out atomically")
+    p.set_defaults(func=cmd_index_upgrade)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -505,6 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a model to compare; repeat; the first is the old model unless --old")
     p.add_argument("--old", help="name of the old model (default: the first --model)")
     p.add_argument("--independent", help="name of the independently trained new model (new*)")
+    p.add_argument("--transform", action="append", metavar="NAME=TRANSFORM_DIR",
+                   help="a fitted transformation (lce-tf transform fit): adds the pairs through it, e.g. new "
+                   "queries against the old gallery moved into the new space; repeatable")
     p.add_argument("--json", help="write the results as JSON")
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=cmd_evaluate)
@@ -519,6 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_data)
+    _add_transform_commands(sub)
     _add_index_commands(sub)
     _add_pipeline_commands(sub)
     return parser

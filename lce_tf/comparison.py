@@ -71,19 +71,39 @@ class EvalData:
                    make_dataset=lambda shape, batch: make_tfrecord_dataset(file_pattern, shape, batch))
 
 
+def transformed_label(transform_name: str, model_name: str, direction: str = "old_to_new") -> str:
+    """The matrix label of a model's embeddings moved through a named transformation: "T12(v1)" for its
+    old_to_new direction, "T12^-1(v2)" for new_to_old (the reverse map, fitted beside it)."""
+    return f"{transform_name}({model_name})" if direction == "old_to_new" else f"{transform_name}^-1({model_name})"
+
+
 def compare_models(models: Mapping[str, Any], query: EvalData, gallery: EvalData, *, old: str,
-                   independent: Optional[str] = None, batch_size: int = 256,
-                   progress: Optional[Callable[[str], None]] = None) -> tuple[dict[str, Any], dict]:
+                   independent: Optional[str] = None, transforms: Optional[Mapping[str, Any]] = None,
+                   batch_size: int = 256, progress: Optional[Callable[[str], None]] = None
+                   ) -> tuple[dict[str, Any], dict]:
     """Compatibility matrix of every (query model, gallery model) pair plus criterion and update gain.
 
     M(Q, G) = `lce_tf.evaluation.retrieval_metrics` of the query images embedded by Q (through the
     signature that maps into G's space, see the module docstring) against the gallery images embedded
     by G's `embed`. Labels are matched by class name across the query and gallery vocabularies.
 
-    For every model `name` != old with an (name, old) entry:
-      criterion[name]   = empirical_criterion(M(name, old), M(old, old)) on top-1 and mAP (strict >);
-      update_gain[name] = (M(name, old) − M(old, old)) / (M(new*, new*) − M(old, old))  (with independent);
-      new_model_sacrifice[name] = M(name, name) / M(new*, new*)                       (with independent).
+    Fitted transformations (`lce_tf.transformation.Transformation`, DESIGN.md "The forward path") add
+    pairs through them. For a transformation NAME, every gallery model G whose space is its source and
+    every query model Q whose space is its target:
+      forward   M(Q, NAME(G)): Q's queries against G's gallery vectors moved by `old_to_new`
+                (matrix label `transformed_label(NAME, G)` as the gallery);
+      backward  M(NAME^-1(Q), G): Q's queries moved by `new_to_old` against G's gallery (when fitted
+                both ways; label `transformed_label(NAME, Q, "new_to_old")` as the query).
+
+    For every model `name` != old with an (name, old) entry, and every pair through a transformation
+    whose gallery is the old model's:
+      criterion[key]   = empirical_criterion(M(new, old route), M(old, old)) on top-1 and mAP (strict >);
+      update_gain[key] = (M(new, old route) − M(old, old)) / (M(new*, new*) − M(old, old))  (with independent);
+      new_model_sacrifice[name] = M(name, name) / M(new*, new*)                         (with independent).
+    The key is the model name for the direct pair and "<name> via <NAME>" ("... via <NAME> (new_to_old)"
+    for the backward direction) for a transformation; each criterion entry names its "query", "via"
+    (None for the direct pair), "direction" and "route" ("backward": the untouched old gallery is
+    searched; "forward": the old gallery moved into the new space).
 
     Args:
       models: {name: lce_tf.serving.EmbeddingModel}, in the order the matrix should list them.
@@ -91,20 +111,23 @@ def compare_models(models: Mapping[str, Any], query: EvalData, gallery: EvalData
       gallery: the gallery images.
       old: the name of the old model (must be in `models`).
       independent: the name of the independently trained new model new*, or None.
+      transforms: {name: Transformation}; each must connect two of the models' spaces.
       batch_size: images per embedding batch.
       progress: called with one line per embedding pass (None = silent).
 
     Returns:
       (report, results): report is JSON-serializable: {"old", "independent", "pairs": [{"query",
-      "gallery", "signature", "top1", "top5", "mAP", "top1_ci95", "mAP_ci95", "num_queries",
-      "num_skipped_queries"}], "skipped": [reason] (pairs of different dimensions; queries whose class
-      has no gallery image, with their count), "criterion": {name: {"top1", "mAP", "pass"}}, "update_gain": {name: {metric:
-      UG}}, "new_model_sacrifice": {name: {metric: ratio}}, "table": fixed-width text}; results is
-      {(query name, gallery name): lce_tf.evaluation.RetrievalResult}.
+      "gallery", "via", "direction", "signature", "top1", "top5", "mAP", "top1_ci95", "mAP_ci95",
+      "num_queries", "num_skipped_queries"}], "skipped": [reason] (pairs of different dimensions;
+      queries whose class has no gallery image, with their count), "criterion": {key: {"top1", "mAP",
+      "pass", "query", "via", "direction", "route"}}, "update_gain": {key: {metric: UG}},
+      "new_model_sacrifice": {name: {metric: ratio}}, "table": fixed-width text}; results is
+      {(query label, gallery label): lce_tf.evaluation.RetrievalResult}.
 
     Raises:
-      ValueError: `old`/`independent` not among the models, (old, old) could not be evaluated, or a
-        label is not an index into the data's class names.
+      ValueError: `old`/`independent` not among the models, (old, old) could not be evaluated, a label
+        is not an index into the data's class names, or a transformation whose spaces hold none of the
+        models (one line naming it and both spaces).
     """
     from lce_tf import evaluation
 
@@ -112,6 +135,8 @@ def compare_models(models: Mapping[str, Any], query: EvalData, gallery: EvalData
         raise ValueError(f"old model {old!r} is not one of the models ({', '.join(models)})")
     if independent is not None and independent not in models:
         raise ValueError(f"independent model {independent!r} is not one of the models ({', '.join(models)})")
+    transforms = dict(transforms or {})
+    routes = _transform_routes(models, transforms)  # checked before the (slow) embedding
     vocabulary = {name: i for i, name in enumerate(sorted(set(query.class_names) | set(gallery.class_names)))}
     query_codes = np.asarray([vocabulary[n] for n in query.class_names], dtype=np.int64)
     gallery_codes = np.asarray([vocabulary[n] for n in gallery.class_names], dtype=np.int64)
@@ -136,6 +161,18 @@ def compare_models(models: Mapping[str, Any], query: EvalData, gallery: EvalData
     results: dict[Pair, Any] = {}
     pairs: list[dict[str, Any]] = []
     skipped: list[str] = []
+
+    def record(q_label: str, g_label: str, q: tuple[np.ndarray, np.ndarray], g: tuple[np.ndarray, np.ndarray],
+               entry: dict[str, Any]) -> None:
+        result = evaluation.retrieval_metrics(q[0], query_codes[q[1]], g[0], gallery_codes[g[1]])
+        results[(q_label, g_label)] = result
+        entry.update({m: float(getattr(result, m)) for m in ("top1", "top5", "mAP")})
+        for metric in ("top1", "mAP"):
+            entry[f"{metric}_ci95"] = [float(v) for v in result.bootstrap_interval(metric)]
+        entry["num_queries"] = int(result.num_queries)
+        entry["num_skipped_queries"] = int(result.num_skipped_queries)
+        pairs.append(entry)
+
     for q_name, q_model in models.items():
         for g_name, g_model in models.items():
             signature = q_model.signature_for_space(g_model.metadata["embedding_space"]) or "embed"
@@ -143,17 +180,25 @@ def compare_models(models: Mapping[str, Any], query: EvalData, gallery: EvalData
             if q_dim != g_model.embedding_dim:
                 skipped.append(f"{q_name}/{g_name}: dimensions {q_dim} and {g_model.embedding_dim} differ")
                 continue
-            q_emb, q_labels = embed(q_name, query, signature)
-            g_emb, g_labels = embed(g_name, gallery, "embed")
-            result = evaluation.retrieval_metrics(q_emb, query_codes[q_labels], g_emb, gallery_codes[g_labels])
-            results[(q_name, g_name)] = result
-            entry = {"query": q_name, "gallery": g_name, "signature": signature,
-                     **{m: float(getattr(result, m)) for m in ("top1", "top5", "mAP")}}
-            for metric in ("top1", "mAP"):
-                entry[f"{metric}_ci95"] = [float(v) for v in result.bootstrap_interval(metric)]
-            entry["num_queries"] = int(result.num_queries)
-            entry["num_skipped_queries"] = int(result.num_skipped_queries)
-            pairs.append(entry)
+            record(q_name, g_name, embed(q_name, query, signature), embed(g_name, gallery, "embed"),
+                   {"query": q_name, "gallery": g_name, "via": None, "direction": None, "signature": signature})
+    # (criterion key, query model, (query label, gallery label), via, direction) of every new-vs-old route
+    routes_to_old = [(name, name, (name, old), None, None) for name in models if name != old and (name, old) in results]
+    for t_name, direction, q_name, g_name in routes:
+        transformation = transforms[t_name]
+        q_emb, q_labels = embed(q_name, query, "embed")
+        g_emb, g_labels = embed(g_name, gallery, "embed")
+        if direction == "old_to_new":
+            labels = (q_name, transformed_label(t_name, g_name))
+            g_emb = cache.setdefault(("moved", t_name, g_name), (transformation.old_to_new(g_emb), g_labels))[0]
+        else:
+            labels = (transformed_label(t_name, q_name, direction), g_name)
+            q_emb = cache.setdefault(("moved", t_name, q_name), (transformation.new_to_old(q_emb), q_labels))[0]
+        record(*labels, (q_emb, q_labels), (g_emb, g_labels),
+               {"query": q_name, "gallery": g_name, "via": t_name, "direction": direction, "signature": "embed"})
+        if g_name == old and q_name != old:
+            key = f"{q_name} via {t_name}" + ("" if direction == "old_to_new" else " (new_to_old)")
+            routes_to_old.append((key, q_name, labels, t_name, direction))
     unanswerable = max((r.num_skipped_queries for r in results.values()), default=0)
     if unanswerable:  # the same queries for every pair: their class is not in the gallery
         total = unanswerable + next(iter(results.values())).num_queries
@@ -164,17 +209,45 @@ def compare_models(models: Mapping[str, Any], query: EvalData, gallery: EvalData
     report: dict[str, Any] = {"old": old, "independent": independent, "pairs": pairs, "skipped": skipped,
                               "criterion": {}, "update_gain": {}, "new_model_sacrifice": {}}
     old_old = results[(old, old)]
-    for name in models:
-        if name == old or (name, old) not in results:
-            continue
-        verdict = evaluation.empirical_criterion(results[(name, old)], old_old)
-        report["criterion"][name] = {**{m: bool(v) for m, v in verdict.items()}, "pass": all(verdict.values())}
-        if independent and name != independent and (independent, independent) in results:
-            ug = evaluation.update_gain(results[(name, old)], old_old, results[(independent, independent)])
-            report["update_gain"][name] = {m: float(v) for m, v in ug.items()}
-            if (name, name) in results:
-                sacrifice = evaluation.new_model_sacrifice(results[(name, name)],
-                                                           results[(independent, independent)])
+    new_star = results.get((independent, independent)) if independent else None
+    for key, name, labels, via, direction in routes_to_old:
+        verdict = evaluation.empirical_criterion(results[labels], old_old)
+        report["criterion"][key] = {**{m: bool(v) for m, v in verdict.items()}, "pass": all(verdict.values()),
+                                    "query": name, "via": via, "direction": direction,
+                                    "route": "forward" if direction == "old_to_new" else "backward"}
+        if new_star is not None and name != independent:
+            ug = evaluation.update_gain(results[labels], old_old, new_star)
+            report["update_gain"][key] = {m: float(v) for m, v in ug.items()}
+    if new_star is not None:
+        for name in models:
+            if name not in (old, independent) and (name, name) in results:
+                sacrifice = evaluation.new_model_sacrifice(results[(name, name)], new_star)
                 report["new_model_sacrifice"][name] = {m: float(v) for m, v in sacrifice.items()}
     report["table"] = evaluation.format_table(results)
     return report, results
+
+
+def _transform_routes(models: Mapping[str, Any], transforms: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(transform name, direction, query model, gallery model) of every pair through a transformation.
+
+    Raises:
+      ValueError: a transformation none of whose spaces' models are given (names both spaces, and says
+        "wrong direction" when the models sit the other way round).
+    """
+    spaces = {name: m.metadata["embedding_space"] for name, m in models.items()}
+    routes = []
+    for t_name, t in transforms.items():
+        source, target = t.source["embedding_space"], t.target["embedding_space"]
+        galleries = [n for n, space in spaces.items() if space == source]
+        queries = [n for n, space in spaces.items() if space == target]
+        if not galleries or not queries:
+            raise ValueError(
+                f"transformation {t_name} ({t.transform_dir}) maps embedding space {source} -> {target}, but the "
+                f"models give {'no' if not galleries else 'a'} gallery in {source} and {'no' if not queries else 'a'} "
+                f"query model in {target} (models: {', '.join(f'{n}={s}' for n, s in spaces.items())})")
+        for g_name in galleries:
+            for q_name in queries:
+                routes.append((t_name, "old_to_new", q_name, g_name))
+                if t.has("new_to_old"):
+                    routes.append((t_name, "new_to_old", q_name, g_name))
+    return routes

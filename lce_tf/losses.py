@@ -12,6 +12,8 @@ Every loss is a plain function (the math, testable without a model) paired with 
     boundary_loss     / BoundaryLoss        L_b, item 4
     transformed_alignment_loss              L_a through T12 / T21, item 6 (function only: its
                                             arguments include two layers, not y_true / y_pred)
+  fitted transformations (DESIGN.md, "The forward path"), on unit vectors:
+    cosine_distance_loss / CosineDistanceLoss   1 − cos(prediction, target)
   baselines (item 8):
     bct_influence_loss / BCTInfluenceLoss   new features classified by the frozen old classifier
     l2_regression_loss / L2RegressionLoss   regress φ2(x) onto φ1(x)
@@ -361,6 +363,33 @@ def l2_regression_loss(new_embeddings: Any, old_embeddings: Any) -> tf.Tensor:
     return tf.reduce_sum(tf.square(_l2n(f2) - _l2n(f1)), axis=-1)
 
 
+def cosine_distance_loss(targets: Any, predictions: Any) -> tf.Tensor:
+    """1 − cos(prediction, target) per example: the fit loss of a gallery transformation T12 / T21.
+
+    Both sides are L2-normalized first, so for unit vectors it is ½‖p − t‖² (0 when they coincide, 1
+    when orthogonal, 2 when opposite). Gradients do not flow into `targets` (the frozen model's
+    embeddings of the same images).
+
+    Example (hand-worked): targets [[1, 0]], predictions [[3, 4]] -> 1 − 3/5 = 0.4.
+
+    Args:
+      targets: [B, D] embeddings of the images under the target model.
+      predictions: [B, D] the transformation's output for the source model's embeddings.
+
+    Returns:
+      [B] per-example loss.
+
+    Raises:
+      ValueError: wrong ranks, or D or batch sizes that differ (the message names both values).
+    """
+    fn = "cosine_distance_loss"
+    t = tf.stop_gradient(_float_tensor(targets, "targets", fn, rank=2))
+    p = _float_tensor(predictions, "predictions", fn, rank=2)
+    _check_same(fn, "dimension D =", "targets", _dim(t, 1), "predictions", _dim(p, 1))
+    _check_same(fn, "batch size", "targets", _dim(t, 0), "predictions", _dim(p, 0))
+    return 1.0 - tf.reduce_sum(_l2n(t) * _l2n(p), axis=-1)
+
+
 def triplet_loss(labels: Any, embeddings: Any, margin: float = 1.0, *, normalize: bool = True) -> tf.Tensor:
     """Semi-hard triplet loss (`tensorflow_addons.losses.triplet_semihard_loss`, L2 distance).
 
@@ -582,6 +611,22 @@ class L2RegressionLoss(tf.keras.losses.Loss):
 
     def call(self, y_true, y_pred):
         return l2_regression_loss(y_pred, y_true)
+
+
+@tf.keras.utils.register_keras_serializable(package=_PACKAGE)
+class CosineDistanceLoss(tf.keras.losses.Loss):
+    """Loss class of `cosine_distance_loss`: y_true = target embeddings [B, D], y_pred = predictions [B, D].
+
+    Args:
+      reduction: a `tf.keras.losses.Reduction`.
+      name: loss name.
+    """
+
+    def __init__(self, reduction: str = _Reduction.SUM_OVER_BATCH_SIZE, name: str = "cosine_distance_loss"):
+        super().__init__(reduction=reduction, name=name)
+
+    def call(self, y_true, y_pred):
+        return cosine_distance_loss(y_true, y_pred)
 
 
 @tf.keras.utils.register_keras_serializable(package=_PACKAGE)

@@ -438,6 +438,48 @@ def upgrade_with_t12(index: "retrieval.EmbeddingIndex", model, *, new_version: O
                                        transformed_by=f"{model.model_id} (transform_old_to_new)")
 
 
+def upgrade_with_transformation(index: "retrieval.EmbeddingIndex", transformation, *,
+                                overrides: Optional[Mapping[str, Any]] = None,
+                                index_dir: Optional[str] = None) -> "retrieval.EmbeddingIndex":
+    """The forward route's index upgrade (`lce-tf index upgrade`): every stored vector through a fitted
+    transformation's `old_to_new`, into a NEW index in its target space; no image is read.
+
+    Ids and per-entry model versions are kept; every entry's provenance becomes "transformed from <old
+    space> by <transformation id>" (`retrieval.transform_gallery`). The new index lives in the new
+    model's space, so `check_query_compatibility` accepts that model's queries (signature `embed`) and
+    refuses the old model's; `backfill_from_images(new_index, new_model, ...)` later replaces
+    transformed entries with re-encoded ones. The input index is untouched.
+
+    Args:
+      index: the index to upgrade (in the transformation's source space).
+      transformation: an `lce_tf.transformation.Transformation`.
+      overrides: IndexConfig fields of the new index (default: by size, keeping num_neighbors,
+        threads and mutability).
+      index_dir: the index's directory, for messages.
+
+    Raises:
+      lce_tf.transformation.TransformationError: the index is not in the source space (names both; a
+        "wrong direction" when it is already in the target space) or its dimension differs.
+    """
+    where = f"index {index_dir or ''}".rstrip()
+    transformation.check_source_space(index.embedding_space, where)
+    if index.dim != int(transformation.source["dim"]):
+        from lce_tf.transformation import TransformationError
+
+        raise TransformationError(f"{where} has dimension {index.dim} but transformation {transformation.transform_id} "
+                                  f"maps from dimension {transformation.source['dim']}")
+    config = None
+    if overrides:
+        c = index.config
+        config = retrieval.IndexConfig.for_size(len(index), int(transformation.target["dim"]), **{
+            "num_neighbors": c.num_neighbors, "num_threads": c.num_threads, "training_threads": c.training_threads,
+            "mutable": c.mutable, **dict(overrides)})
+    target = transformation.target
+    return retrieval.transform_gallery(index, transformation.old_to_new, target["embedding_space"],
+                                       transformed_by=transformation.transform_id, model_id=target["model_id"],
+                                       config=config)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Metrics through the index (ANN) against exact search
 # ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,386 @@
+"""Fits a transformation between two models' embedding spaces from paired embeddings of the same images.
+
+The forward upgrade route (DESIGN.md, "The forward path"): after v2 is trained, embed the training
+images with both models, x -> (φ1(x), φ2(x)), and fit T12 (old -> new) with the
+`lce_tf.layers.CompatibilityTransform` block and `model.fit`, minimising the cosine distance on unit
+vectors (`lce_tf.losses.cosine_distance_loss`):
+
+    L(T12) = mean_i [1 − cos(T12(φ1(x_i)), φ2(x_i))],        (and, with direction "both",
+    L(T21) = mean_i [1 − cos(T21(φ2(x_i)), φ1(x_i))]          fitted in the same `fit`)
+
+New queries are then searched against normalize(T12(old gallery vector)): the gallery's stored vectors
+move through a small network; no image is re-encoded.
+
+Memory stays bounded whatever the data size: the pairs are embedded batch by batch and appended to two
+float32 files on disk (`PairStore`), which `fit` reads back through a `tf.data` generator in shuffled
+blocks of at most `PairStore.BLOCK_ROWS` rows per epoch.
+
+Defaults (`TransformFitSettings`) were chosen on a validation split of the TRAINING classes of the
+glyph set, never on its test classes: `scripts/validate_transform.py`, results in
+benchmarks/results/transform_validation.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+
+from lce_tf import transformation as tr
+
+Progress = Optional[Callable[[str], None]]
+
+DIRECTIONS = ("old-to-new", "both")
+
+
+@dataclasses.dataclass
+class TransformFitSettings:
+    """How a transformation is fitted (validated by `validate`).
+
+    Attributes:
+      direction: "old-to-new" (T12 only: the forward route) or "both" (also T21, new -> old, for the
+        backward route through a fitted transformation).
+      width: bottleneck width of every path of the CompatibilityTransform block (the paper's: 16).
+      num_paths: parallel paths of the block (the paper's: 4).
+      epochs, batch_size, learning_rate: optimisation (Adam).
+      seed: seeds Python, NumPy and TensorFlow (op determinism on): the same pairs give the same fit.
+    """
+
+    direction: str = "old-to-new"
+    width: int = 64
+    num_paths: int = 4
+    epochs: int = 30
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    seed: int = 0
+
+    def validate(self) -> "TransformFitSettings":
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"direction: expected one of {', '.join(DIRECTIONS)}; received {self.direction!r}")
+        for name in ("width", "num_paths", "epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer; received {value!r}")
+        if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
+                and self.learning_rate > 0):
+            raise ValueError(f"learning_rate: expected a positive number; received {self.learning_rate!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed: expected a non-negative integer; received {self.seed!r}")
+        return self
+
+    @property
+    def signatures(self) -> tuple[str, ...]:
+        return (tr.OLD_TO_NEW, tr.NEW_TO_OLD) if self.direction == "both" else (tr.OLD_TO_NEW,)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Paired embeddings on disk
+# ----------------------------------------------------------------------------------------------------
+
+class PairStore:
+    """Paired unit embeddings (old [N, D_old], new [N, D_new]) of the same images, in two files on disk.
+
+    Fill with `append`, then `close`; read with `blocks` / `dataset`. Memory: one block at a time.
+
+    Args:
+      directory: an existing directory for the two files (owned by the caller).
+      old_dim, new_dim: D_old and D_new.
+    """
+
+    BLOCK_ROWS = 65_536
+
+    def __init__(self, directory: str, old_dim: int, new_dim: int):
+        self.directory = directory
+        self.old_dim, self.new_dim = int(old_dim), int(new_dim)
+        self._paths = {"old": os.path.join(directory, "old.f32"), "new": os.path.join(directory, "new.f32")}
+        self._files = {k: open(p, "wb") for k, p in self._paths.items()}
+        self.num_pairs = 0
+        self.class_counts: dict[int, int] = {}
+        self._arrays: Optional[dict[str, np.ndarray]] = None
+
+    def append(self, old: np.ndarray, new: np.ndarray, labels: np.ndarray) -> None:
+        """Adds pairs: old [B, D_old], new [B, D_new] (row i of both = image i), labels [B]."""
+        old = np.ascontiguousarray(old, dtype=np.float32)
+        new = np.ascontiguousarray(new, dtype=np.float32)
+        if old.shape != (len(labels), self.old_dim) or new.shape != (len(labels), self.new_dim):
+            raise ValueError(f"pair batch shapes {old.shape} and {new.shape} do not match {len(labels)} labels of "
+                             f"dimensions {self.old_dim} and {self.new_dim}")
+        self._files["old"].write(old.tobytes())
+        self._files["new"].write(new.tobytes())
+        self.num_pairs += len(labels)
+        for label, count in zip(*np.unique(np.asarray(labels), return_counts=True)):
+            self.class_counts[int(label)] = self.class_counts.get(int(label), 0) + int(count)
+
+    def close(self) -> None:
+        """Finishes writing; the pairs are then readable (memory-mapped, read-only).
+
+        Raises:
+          ValueError: no pair was appended.
+        """
+        self.close_files()
+        if not self.num_pairs:
+            raise ValueError("no pairs to fit a transformation on (the data holds no images)")
+        self._arrays = {k: np.memmap(p, dtype=np.float32, mode="r", shape=(self.num_pairs, dim))
+                        for (k, p), dim in zip(self._paths.items(), (self.old_dim, self.new_dim))}
+
+    def close_files(self) -> None:
+        """Closes the files being written (also after a failure; the caller removes the directory)."""
+        for f in self._files.values():
+            f.close()
+
+    def blocks(self, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """One epoch in a random order: blocks of ≤ BLOCK_ROWS consecutive rows in random order, each
+        read into memory and permuted (a full shuffle when N ≤ BLOCK_ROWS)."""
+        if self._arrays is None:
+            raise RuntimeError("PairStore.close() must be called before reading")
+        starts = np.arange(0, self.num_pairs, self.BLOCK_ROWS)
+        for start in rng.permutation(starts):
+            stop = min(start + self.BLOCK_ROWS, self.num_pairs)
+            order = rng.permutation(stop - start)
+            yield (np.asarray(self._arrays["old"][start:stop])[order],
+                   np.asarray(self._arrays["new"][start:stop])[order])
+
+    def dataset(self, batch_size: int, seed: int, signatures: tuple[str, ...]):
+        """A tf.data.Dataset of one shuffled epoch per iteration (a new order every epoch, seeded):
+        elements (inputs {"old", "new"}, targets {signature: target}) for the Keras model of
+        `build_transform_model` (old_to_new's target is the new embedding, new_to_old's the old one)."""
+        import tensorflow as tf
+
+        epoch = [0]
+
+        def generate():
+            rng = np.random.default_rng([seed, epoch[0]])
+            epoch[0] += 1
+            for old, new in self.blocks(rng):
+                for i in range(0, len(old), batch_size):
+                    o, n = old[i:i + batch_size], new[i:i + batch_size]
+                    targets = {tr.OLD_TO_NEW: n, tr.NEW_TO_OLD: o}
+                    yield {"old": o, "new": n}, {s: targets[s] for s in signatures}
+
+        specs = {"old": tf.TensorSpec([None, self.old_dim], tf.float32),
+                 "new": tf.TensorSpec([None, self.new_dim], tf.float32)}
+        target_specs = {tr.OLD_TO_NEW: specs["new"], tr.NEW_TO_OLD: specs["old"]}
+        return tf.data.Dataset.from_generator(
+            generate, output_signature=(specs, {s: target_specs[s] for s in signatures})).prefetch(2)
+
+
+def embed_pairs(old_model, new_model, data, store_dir: str, *, batch_size: int = 256,
+                progress: Progress = None) -> PairStore:
+    """Embeds every image of `data` with both models and stores the pairs on disk.
+
+    Args:
+      old_model, new_model: `lce_tf.serving.EmbeddingModel`s (their `embed` signatures are used).
+      data: `lce_tf.comparison.EvalData` (an image folder or TFRecord split), read in a fixed order;
+        when the two models take different input shapes the images are decoded once per shape.
+      store_dir: an existing empty directory for the pair files.
+      batch_size: images per model call.
+      progress: called with a line about every 10% of the images.
+
+    Returns:
+      The closed PairStore.
+    """
+    store = PairStore(store_dir, old_model.embedding_dim, new_model.embedding_dim)
+    old_shape, new_shape = tuple(old_model.input_shape), tuple(new_model.input_shape)
+    old_batches = data.make_dataset(old_shape, batch_size)
+    if new_shape == old_shape:  # decode once, embed twice
+        batches = ((images.numpy(),) * 2 + (labels,) for images, labels in old_batches)
+    else:
+        batches = ((o.numpy(), n.numpy(), labels)
+                   for (o, labels), (n, _) in zip(old_batches, data.make_dataset(new_shape, batch_size)))
+    total, next_report = max(int(data.num_images), 1), 0.1
+    try:
+        for old_images, new_images, labels in batches:
+            store.append(old_model.embed(old_images, batch_size=batch_size),
+                         new_model.embed(new_images, batch_size=batch_size), labels.numpy())
+            if progress and data.num_images and store.num_pairs / total >= next_report:
+                progress(f"embedded {store.num_pairs} of {data.num_images} image pairs")
+                next_report += 0.1
+    finally:
+        store.close_files()
+    if not store.num_pairs:
+        raise ValueError(f"{data.name}: no images to fit a transformation on")
+    store.close()
+    return store
+
+
+# ----------------------------------------------------------------------------------------------------
+# The Keras model and the fit
+# ----------------------------------------------------------------------------------------------------
+
+def build_transform_model(old_dim: int, new_dim: int, settings: TransformFitSettings):
+    """The Keras model fitted by `fit_transformation`.
+
+    Inputs {"old": [B, D_old], "new": [B, D_new]}; outputs {"old_to_new": unit T12(old) [B, D_new]} and,
+    with direction "both", {"new_to_old": unit T21(new) [B, D_old]}. Each T is a
+    `CompatibilityTransform(width, num_paths)` followed by `L2Normalize` (DESIGN.md, item 6).
+    """
+    import tensorflow as tf
+
+    from lce_tf.layers import CompatibilityTransform, L2Normalize
+
+    inputs = {"old": tf.keras.Input((old_dim,), name="old"), "new": tf.keras.Input((new_dim,), name="new")}
+    outputs = {}
+    for signature in settings.signatures:
+        source, out_dim = ("old", new_dim) if signature == tr.OLD_TO_NEW else ("new", old_dim)
+        block = CompatibilityTransform(out_dim, bottleneck_dim=settings.width, num_paths=settings.num_paths,
+                                       name=f"{signature}_block")
+        outputs[signature] = L2Normalize(name=signature)(block(inputs[source]))
+    return tf.keras.Model(inputs, outputs, name="gallery_transformation")
+
+
+@dataclasses.dataclass
+class FittedTransformation:
+    """The result of `fit_transformation`: the Keras model, its settings, the per-epoch losses."""
+
+    model: Any
+    settings: TransformFitSettings
+    history: dict[str, list[float]]
+    num_pairs: int
+    num_classes: int
+
+    @property
+    def fit_loss(self) -> dict[str, float]:
+        """{signature: the last epoch's mean cosine distance}."""
+        if len(self.settings.signatures) == 1:
+            return {tr.OLD_TO_NEW: self.history["loss"][-1]}
+        return {s: self.history[f"{s}_loss"][-1] for s in self.settings.signatures}
+
+    def apply(self, signature: str, embeddings: np.ndarray, batch_size: int = 65_536) -> np.ndarray:
+        """Runs one direction in inference mode (numpy in, unit rows out)."""
+        layer = self.model.get_layer(f"{signature}_block")
+        out = [layer(embeddings[i:i + batch_size], training=False).numpy() for i in range(0, len(embeddings), batch_size)]
+        out = np.concatenate(out) if out else np.zeros((0, layer.output_dim), np.float32)
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+def fit_transformation(pairs: PairStore, settings: TransformFitSettings, *, progress: Progress = None,
+                       verbose: int = 0) -> FittedTransformation:
+    """Fits T12 (and T21) on the pairs with `model.fit` (Adam, cosine distance; see the module docstring).
+
+    Raises:
+      ValueError: bad settings.
+      lce_tf.training.TrainingDivergedError: a loss became NaN/Inf.
+    """
+    import tensorflow as tf
+
+    from lce_tf.losses import CosineDistanceLoss
+    from lce_tf.training import check_history, seed_everything
+
+    settings.validate()
+    seed_everything(settings.seed)
+    model = build_transform_model(pairs.old_dim, pairs.new_dim, settings)
+    model.compile(optimizer=tf.keras.optimizers.Adam(settings.learning_rate),
+                  loss={s: CosineDistanceLoss() for s in settings.signatures})
+    model.optimizer.build(model.trainable_variables)  # one trace of the train step (lce_tf.training.train)
+    callbacks = [tf.keras.callbacks.TerminateOnNaN()]
+    if progress:
+        callbacks.append(tf.keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: progress(
+            f"transformation fit epoch {epoch + 1}/{settings.epochs}: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in sorted((logs or {}).items())))))
+    history = model.fit(pairs.dataset(settings.batch_size, settings.seed, settings.signatures),
+                        epochs=settings.epochs, verbose=verbose, callbacks=callbacks).history
+    check_history(history)
+    return FittedTransformation(model, settings, {k: [float(v) for v in vs] for k, vs in history.items()},
+                                pairs.num_pairs, len(pairs.class_counts))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------------
+
+def export_transformation(fitted: FittedTransformation, out_dir: str, *, source: dict[str, Any],
+                          target: dict[str, Any], fitted_on: dict[str, Any], overwrite: bool = False
+                          ) -> dict[str, Any]:
+    """Writes a fitted transformation as a transformation directory (`lce_tf.transformation`).
+
+    Args:
+      fitted: the result of `fit_transformation`.
+      out_dir: the directory to create.
+      source, target: `transformation.space_record`s of the old and new models (their dimensions must
+        be the fitted ones).
+      fitted_on: what it was fitted on (e.g. {"data": path}); the pair and class counts are added.
+      overwrite: replace an existing directory atomically.
+
+    Returns:
+      The metadata written.
+    """
+    import tensorflow as tf
+
+    if (int(source["dim"]), int(target["dim"])) != (fitted.model.input["old"].shape[-1],
+                                                    fitted.model.input["new"].shape[-1]):
+        raise ValueError(f"the transformation was fitted between dimensions {fitted.model.input['old'].shape[-1]} "
+                         f"and {fitted.model.input['new'].shape[-1]}, not {source['dim']} and {target['dim']}")
+    module = tf.Module()
+    module.variables_ = list(fitted.model.variables)  # tracked: the functions below capture them
+    signatures = {}
+    for signature in fitted.settings.signatures:
+        layer = fitted.model.get_layer(f"{signature}_block")
+        in_dim = int(source["dim"] if signature == tr.OLD_TO_NEW else target["dim"])
+        spec = tf.TensorSpec([None, in_dim], tf.float32, name="embeddings")
+        signatures[signature] = _unit_output_function(layer, spec)
+        setattr(module, signature, signatures[signature])
+    return tr.write_transformation_dir(
+        out_dir, module, signatures, source=source, target=target,
+        transform_id=tr.new_transform_id(str(source.get("version") or "old"), str(target.get("version") or "new")),
+        fitted_on={**fitted_on, "num_pairs": fitted.num_pairs, "num_classes": fitted.num_classes},
+        settings=dataclasses.asdict(fitted.settings), fit_loss=fitted.fit_loss, history=fitted.history,
+        overwrite=overwrite)
+
+
+def _unit_output_function(layer, spec):
+    """tf.function: embeddings -> {"embedding": unit rows of layer(embeddings) in inference mode}."""
+    import tensorflow as tf
+
+    return tf.function(lambda embeddings: {"embedding": tf.math.l2_normalize(layer(embeddings, training=False),
+                                                                             axis=-1, epsilon=1e-12)},
+                       input_signature=[spec])
+
+
+def fit_between_models(old_model, new_model, data, out_dir: str, settings: TransformFitSettings, *,
+                       data_label: Optional[str] = None, work_dir: Optional[str] = None, batch_size: int = 256,
+                       overwrite: bool = False, progress: Progress = None) -> dict[str, Any]:
+    """The whole job of `lce-tf transform fit` and the GalleryTransformFitter component.
+
+    Embeds `data` with both models (`embed_pairs`, into a temporary directory under `work_dir` that is
+    deleted afterwards), fits (`fit_transformation`) and exports (`export_transformation`).
+
+    Args:
+      old_model, new_model: `lce_tf.serving.EmbeddingModel`s (source and target spaces).
+      data: `lce_tf.comparison.EvalData` of TRAINING images (never the test classes).
+      out_dir: the transformation directory to create.
+      settings: fit settings.
+      data_label: how the metadata names the data (default: data.name).
+      work_dir: where the pair files go (default: the system's temporary directory).
+      batch_size: images per model call.
+      overwrite: replace an existing out_dir atomically.
+      progress: one line per stage and per epoch.
+
+    Returns:
+      The metadata written to the transformation directory.
+    """
+    settings.validate()
+    if old_model.metadata["embedding_space"] == new_model.metadata["embedding_space"]:
+        raise ValueError(f"old and new model share the embedding space {old_model.metadata['embedding_space']}: "
+                         "there is nothing to transform")
+    if os.path.exists(out_dir) and not overwrite:
+        raise ValueError(f"Transformation directory {out_dir} already exists; choose a new --out or pass --overwrite.")
+    pair_dir = tempfile.mkdtemp(prefix="lce-tf-pairs-", dir=work_dir)
+    try:
+        if progress:
+            progress(f"embedding {data.num_images or 'the'} training images with {old_model.model_id} and "
+                     f"{new_model.model_id}")
+        pairs = embed_pairs(old_model, new_model, data, pair_dir, batch_size=batch_size, progress=progress)
+        if progress:
+            progress(f"fitting {', '.join(settings.signatures)} on {pairs.num_pairs} pairs of "
+                     f"{len(pairs.class_counts)} classes (width {settings.width}, {settings.epochs} epochs)")
+        fitted = fit_transformation(pairs, settings, progress=progress)
+    finally:
+        shutil.rmtree(pair_dir, ignore_errors=True)
+    return export_transformation(fitted, out_dir, source=tr.space_record(old_model.metadata),
+                                 target=tr.space_record(new_model.metadata),
+                                 fitted_on={"data": data_label or data.name}, overwrite=overwrite)
