@@ -1367,9 +1367,9 @@ def transform_gallery(index, transform_fn: Callable[[np.ndarray], np.ndarray], n
         the size-based default for D_new keeping the old index's num_neighbors (ScaNN: also threads
         and mutability; Milvus: the index type).
       batch_size: rows per transform call.
-      index_dir: where the new index is written: required for Milvus (its collection is filled as it
-        is made; the directory may be the old index's own, to upgrade it in place); for ScaNN the new
-        index is also saved there when given.
+      index_dir: Milvus only (required there): where the new index is served from (its collection is
+        filled as it is made; the directory may be the old index's own, to upgrade it in place). A
+        ScaNN index is returned unsaved, whatever `index_dir` says.
 
     Returns:
       The new index, with metadata "transformed_from" naming the old space, model, version counts and
@@ -1397,6 +1397,4 @@ def transform_gallery(index, transform_fn: Callable[[np.ndarray], np.ndarray], n
                                      model_id=model_id, model_version=new_version or model_id, config=config,
                                      provenance=provenance)
     new_index._metadata["transformed_from"] = transformed_from_record(index, transformed_by)  # pylint: disable=protected-access
-    if index_dir is not None:
-        new_index.save(index_dir)
     return new_index

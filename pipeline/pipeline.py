@@ -10,7 +10,7 @@
           │                       │        │ independent_model        │
           ├──────────────> CompatibilityValidator <───────────────────┘
           │                       │ blessing (blessed 1/0, BLESSED/NOT_BLESSED, metrics.json, report.html)
-          ├──────────────> IndexBuilder (ScaNN index of the gallery, blessed models only)
+          ├──────────────> IndexBuilder (ScaNN or Milvus index of the gallery, blessed models only)
           │                       │
           └─ Pusher (stock, with components.atomic_pusher's executor: copies the model to
              SERVING_DIR/<unix time> all-or-nothing, only when blessed)
@@ -143,7 +143,9 @@ def create_components(config: PipelineConfig, *, old_model_strategy: str = "push
         min_top1=config.min_top1, min_map=config.min_map).with_id(VALIDATOR_ID)
     index_builder = IndexBuilder(
         model=trainer.outputs["model"], examples=examples, blessing=validator.outputs["blessing"],
-        algorithm=config.index_algorithm, num_neighbors=config.index_num_neighbors).with_id(INDEX_BUILDER_ID)
+        algorithm=config.index_algorithm, num_neighbors=config.index_num_neighbors, backend=config.index_backend,
+        milvus_uri=config.index_milvus_uri, milvus_index_type=config.index_milvus_index_type,
+    ).with_id(INDEX_BUILDER_ID)
     pusher = Pusher(
         model=trainer.outputs["model"], model_blessing=validator.outputs["blessing"],
         push_destination=pusher_pb2.PushDestination(

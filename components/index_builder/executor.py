@@ -1,4 +1,4 @@
-"""Executor of IndexBuilder: embeds the gallery split and saves an `lce_tf.retrieval.EmbeddingIndex`."""
+"""Executor of IndexBuilder: embeds the gallery split and writes an index directory (ScaNN or Milvus)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ SPLIT_KEY = "split"
 ALGORITHM_KEY = "algorithm"
 NUM_NEIGHBORS_KEY = "num_neighbors"
 BATCH_SIZE_KEY = "batch_size"
+BACKEND_KEY = "backend"
+MILVUS_URI_KEY = "milvus_uri"
+MILVUS_INDEX_TYPE_KEY = "milvus_index_type"
+BACKENDS = ("scann", "milvus")
 
 # Custom property of the output: 1 when the index was built.
 BUILT_PROPERTY = "built"
@@ -32,6 +36,45 @@ def entry_ids(paths: list[str] | None, class_names: list[str], labels, split: st
     if paths is not None and len(paths) == len(labels):
         return list(paths)
     return [f"{class_names[int(label)]}/{split}-{i:07d}" for i, label in enumerate(labels)]
+
+
+def build_index_dir(index_dir: str, ids: list[str], embeddings, model_id: str, embedding_space: str, *,
+                    backend: str = "scann", algorithm: str = "", num_neighbors: int = 10, milvus_uri: str = "",
+                    milvus_index_type: str = "") -> dict[str, Any]:
+    """Builds the gallery index into `index_dir` with the chosen backend; returns the output's properties.
+
+    ScaNN: an `EmbeddingIndex` saved in the directory (algorithm by size unless given). Milvus: a
+    `MilvusIndex` whose collection is on `milvus_uri`, or, when it is "", in a Milvus Lite database file
+    inside `index_dir` (under the pipeline root in a local run).
+    """
+    from lce_tf import search
+
+    overrides: dict[str, Any] = {"num_neighbors": min(num_neighbors, len(ids))}
+    if backend == "milvus":
+        if milvus_index_type:
+            overrides["index_type"] = milvus_index_type
+        config = search.config_for(backend, len(ids), embeddings.shape[1], overrides)
+        from lce_tf.milvus_index import MilvusIndex
+
+        index = MilvusIndex.build(ids, embeddings, model_id, embedding_space=embedding_space, model_id=model_id,
+                                  model_version=model_id, config=config, index_dir=index_dir,
+                                  uri=milvus_uri or None)
+        try:
+            return {"index_dir": index.index_dir, "count": len(index), "dim": index.dim,
+                    "algorithm": index.config.algorithm, "backend": backend, "collection": index.collection,
+                    "milvus_uri": milvus_uri or "milvus-lite"}
+        finally:
+            index.close()
+    from lce_tf import retrieval
+
+    if algorithm:
+        overrides["algorithm"] = algorithm
+    config = search.config_for(backend, len(ids), embeddings.shape[1], overrides)
+    index = retrieval.EmbeddingIndex.build(ids, embeddings, model_id, embedding_space=embedding_space,
+                                           model_id=model_id, model_version=model_id, config=config)
+    path = index.save(index_dir)
+    return {"index_dir": path, "count": len(index), "dim": index.dim, "algorithm": index.config.algorithm,
+            "backend": backend}
 
 
 class Executor(base_executor.BaseExecutor):
@@ -53,6 +96,10 @@ class Executor(base_executor.BaseExecutor):
         algorithm = str(exec_properties.get(ALGORITHM_KEY) or "")
         if algorithm:
             util.check_choice(ALGORITHM_KEY, algorithm, retrieval.ALGORITHMS)
+        backend = str(exec_properties.get(BACKEND_KEY) or "scann")
+        util.check_choice(BACKEND_KEY, backend, BACKENDS)
+        milvus_uri = str(exec_properties.get(MILVUS_URI_KEY) or "")
+        milvus_index_type = str(exec_properties.get(MILVUS_INDEX_TYPE_KEY) or "")
         num_neighbors = int(exec_properties.get(NUM_NEIGHBORS_KEY) or 10)
         batch_size = int(exec_properties.get(BATCH_SIZE_KEY) or 256)
         if num_neighbors < 1 or batch_size < 1:
@@ -75,20 +122,17 @@ class Executor(base_executor.BaseExecutor):
         dataset = make_tfrecord_dataset(util.split_pattern(examples_dir, split), model.input_shape, batch_size)
         embeddings, labels = model.embed_dataset(dataset, signature="embed")
         ids = entry_ids(util.read_split_paths(examples_dir, split), entry["class_names"], labels, split)
-        overrides = {"num_neighbors": min(num_neighbors, len(ids))}
-        if algorithm:
-            overrides["algorithm"] = algorithm
-        config = retrieval.IndexConfig.for_size(len(ids), embeddings.shape[1], **overrides)
-        index = retrieval.EmbeddingIndex.build(ids, embeddings, model.model_id,
-                                               embedding_space=model.metadata["embedding_space"],
-                                               model_id=model.model_id, model_version=model.model_id, config=config)
-        path = index.save(os.path.join(output_dir, artifacts.INDEX_SUBDIR))
+        space = model.metadata["embedding_space"]
+        built = build_index_dir(os.path.join(output_dir, artifacts.INDEX_SUBDIR), ids, embeddings, model.model_id,
+                                space, backend=backend, algorithm=algorithm, num_neighbors=num_neighbors,
+                                milvus_uri=milvus_uri, milvus_index_type=milvus_index_type)
         output.set_int_custom_property(BUILT_PROPERTY, 1)
-        output.set_string_custom_property("index_dir", path)
-        output.set_string_custom_property("embedding_space", index.embedding_space)
+        output.set_string_custom_property("embedding_space", space)
         output.set_string_custom_property("model_id", model.model_id)
-        output.set_int_custom_property("count", len(index))
-        output.set_int_custom_property("dim", index.dim)
-        output.set_string_custom_property("algorithm", index.config.algorithm)
-        _LOG.info("IndexBuilder: %d gallery entries x %d (%s, space %s) -> %s", len(index), index.dim,
-                  index.config.algorithm, index.embedding_space, path)
+        for key, value in built.items():
+            if isinstance(value, int):
+                output.set_int_custom_property(key, value)
+            else:
+                output.set_string_custom_property(key, str(value))
+        _LOG.info("IndexBuilder: %d gallery entries x %d (%s %s, space %s) -> %s", built["count"], built["dim"],
+                  backend, built["algorithm"], space, built["index_dir"])
