@@ -660,6 +660,7 @@ def _quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # errors still surface as exceptions
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"google\..*")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"tensorflow_addons\..*")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"milvus_lite")  # its pkg_resources import
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -668,6 +669,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from lce_tf import milvus_index  # light: pymilvus itself is imported only by a command that needs it
 
     milvus_index.QUIET_CLIENT_LOGS = True
+    with milvus_index.closing_opened():  # Milvus Lite: the command's database servers stop when it ends
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     known_errors: tuple[type, ...] = (ValueError, OSError)
     try:
         from lce_tf.training import TrainingDivergedError

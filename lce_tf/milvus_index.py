@@ -364,35 +364,51 @@ def check_server_uri(uri: str) -> str:
 _lite_users: dict[str, int] = {}  # open clients per Milvus Lite database path in this process
 
 
-def _lite_open_failure(path: str, error: BaseException) -> str:
+def _refuse_if_open_elsewhere(path: str, where: str) -> None:
+    """Raises ValueError when another process holds the Milvus Lite lock of the database `path`.
+
+    Checked BEFORE milvus-lite tries: its failed start (milvus-lite 2.5.1) unlinks the lock file that
+    the other process holds, after which a third process could open the database too. Not checked when
+    this process already serves the database (probing our own POSIX lock would release it).
+    """
+    from milvus_lite.server_manager import server_manager_instance  # pylint: disable=import-outside-toplevel
+
+    if path in getattr(server_manager_instance, "_servers", {}):
+        return
     lock = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
-    if os.path.exists(lock):
-        with open(lock, "a", encoding="utf-8") as f:
-            try:
-                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                fcntl.lockf(f, fcntl.LOCK_UN)
-            except OSError:
-                return ("it is open in another process (Milvus Lite serves one process per database file; use a "
-                        "Milvus server for concurrent readers)")
-    return _first_line(error)
+    if not os.path.exists(lock):
+        return
+    with open(lock, "a", encoding="utf-8") as f:
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ValueError(f"{where}: Milvus Lite could not open {path}: it is open in another process (Milvus Lite "
+                             f"serves one process per database file; use a Milvus server for concurrent readers)") \
+                from None
+        fcntl.lockf(f, fcntl.LOCK_UN)
 
 
 def _connect(lite_path: Optional[str], uri: Optional[str], where: str):
-    """A MilvusClient on a Milvus Lite database file (lite_path) or a server (uri)."""
+    """A MilvusClient on a Milvus Lite database file (lite_path) or a server (uri).
+
+    Each client gets a connection of its own (a unique pymilvus alias): pymilvus otherwise shares one
+    connection per URI between clients, and closing any of them would close it for all.
+    """
     pm = _pymilvus()
+    alias = f"lce_tf-{uuid.uuid4().hex}"
     if lite_path is not None:
+        _refuse_if_open_elsewhere(lite_path, where)
         try:
             with _quiet_lite_logs():
-                client = pm.MilvusClient(lite_path)
+                client = pm.MilvusClient(lite_path, alias=alias)
         except Exception as e:  # pylint: disable=broad-except  (ConnectionConfigException, gRPC errors)
             if not _is_client_error(e):
                 raise
-            raise ValueError(f"{where}: Milvus Lite could not open {lite_path}: {_lite_open_failure(lite_path, e)}") \
-                from None
+            raise ValueError(f"{where}: Milvus Lite could not open {lite_path}: {_first_line(e)}") from None
         _lite_users[lite_path] = _lite_users.get(lite_path, 0) + 1
         return client
     try:
-        return pm.MilvusClient(uri=uri, token=os.environ.get(TOKEN_ENV, ""))
+        return pm.MilvusClient(uri=uri, token=os.environ.get(TOKEN_ENV, ""), alias=alias)
     except Exception as e:  # pylint: disable=broad-except
         if not _is_client_error(e):
             raise
@@ -599,6 +615,7 @@ class MilvusIndex(R.IndexCommon):
         self._client = client
         self._lite_path = lite_path
         self._count = int(metadata["count"])
+        _open_indexes.add(self)
         self._version_counts = dict(metadata.get("version_counts") or {})
         self._provenance_counts = dict(metadata.get("provenance_counts") or {})
 
@@ -1124,18 +1141,33 @@ class MilvusIndex(R.IndexCommon):
         if self._client is not None:
             _disconnect(self._client, self._lite_path)
             self._client = None
-
-    def __enter__(self) -> "MilvusIndex":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+        _open_indexes.discard(self)
 
     def __repr__(self) -> str:
         where = f"Milvus Lite {self._root}/{LITE_DB_FILE}" if self.lite else f"Milvus {self.uri}"
         return (f"MilvusIndex({self._count} entries, dim={self.dim}, space={self.embedding_space!r}, "
                 f"{self._config.index_type} on {where}, collection={self.collection!r}, "
                 f"versions={self.version_counts()})")
+
+
+_open_indexes: set = set()  # open MilvusIndex objects (strong references: an index stays open until closed)
+
+
+@contextlib.contextmanager
+def closing_opened() -> Iterator[None]:
+    """Closes, when the block ends, every MilvusIndex opened inside it and still open (each `lce-tf`
+    command runs in one: its Milvus Lite servers stop when it ends, also after an error).
+
+    Milvus Lite locks its database with a POSIX lock, which a process loses as soon as it closes ANY
+    descriptor of the lock file (copying the index directory does): close indexes before copying them.
+    """
+    before = set(_open_indexes)
+    try:
+        yield
+    finally:
+        for index in list(_open_indexes):
+            if index not in before:
+                index.close()
 
 
 def _shift(counts: dict[str, int], key: str, delta: int) -> None:

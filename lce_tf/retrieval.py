@@ -572,6 +572,15 @@ class IndexCommon:
         k = _check_k(self._config.num_neighbors if k is None else k, len(self))
         return q, k
 
+    def close(self) -> None:
+        """Releases what the index holds open (a Milvus connection; nothing for ScaNN)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def _vectors(self, embeddings: Any, n: int, what: str = "embeddings") -> np.ndarray:
         """Upserted vectors: [n, D] in this index's dimension, unit-normalized."""
         emb = _unit_rows(embeddings, what, self.dim, f"the index (embedding space {self.embedding_space!r})")
