@@ -254,7 +254,8 @@ class PipelineConfig:
         if self.index_backend == "milvus" and self.index_algorithm:
             raise ValueError(f"index_algorithm: {self.index_algorithm!r} is a ScaNN algorithm; with index_backend "
                              f"'milvus' choose index_milvus_index_type")
-        if self.index_milvus_uri and not re.match(r"^(https?|tcp|grpc)://[^@/\s]+|^unix:\S+", self.index_milvus_uri):
+        if self.index_milvus_uri and not re.fullmatch(r"(https?|tcp|grpc)://[^@/\s]+(/[^@\s]*)?|unix:\S+",
+                                                        self.index_milvus_uri):
             raise ValueError(f"index_milvus_uri: {self.index_milvus_uri!r} must be a Milvus server address "
                              f"(http(s)://HOST:PORT, tcp://, grpc://, unix:PATH) without credentials (the token comes "
                              f"from LCE_TF_MILVUS_TOKEN)")

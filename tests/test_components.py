@@ -14,7 +14,7 @@ import pytest
 from components import util
 from components.compatibility_validator.executor import decide
 from components.image_example_gen.component import folder_fingerprint
-from components.index_builder.executor import entry_ids
+from components.index_builder.executor import build_index_dir, entry_ids
 from lce_tf import centers as lce_centers
 
 MULTI_PROCESSING = ["--runner=FnApiRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=2"]
@@ -123,6 +123,26 @@ def test_blessing_rule_margins_floors_and_declaration():
 def test_entry_ids_follow_the_search_convention():
     assert entry_ids(["a/x.png", "b/y.png"], ["a", "b"], np.array([0, 1]), "gallery") == ["a/x.png", "b/y.png"]
     assert entry_ids(None, ["a", "b"], np.array([1, 0]), "gallery") == ["b/gallery-0000000", "a/gallery-0000001"]
+
+
+@pytest.mark.parametrize("backend, algorithm", [("scann", "brute_force"), ("milvus", "IVF_FLAT")])
+def test_index_builder_writes_either_backend(tmp_path, backend, algorithm):
+    """The IndexBuilder's build step (what its executor runs after embedding the gallery split)."""
+    from lce_tf.retrieval import open_index
+
+    rng = np.random.default_rng(2)
+    embeddings = rng.normal(size=(30, 8)).astype(np.float32)
+    ids = [f"c{i % 3}/gallery-{i:07d}" for i in range(30)]
+    built = build_index_dir(str(tmp_path / "index"), ids, embeddings, "v1-abc", "space-v1", backend=backend,
+                            num_neighbors=50)
+    assert (built["backend"], built["count"], built["dim"], built["algorithm"]) == (backend, 30, 8, algorithm)
+    with open_index(built["index_dir"]) as index:
+        assert (index.backend, index.embedding_space, index.model_id, len(index)) == (backend, "space-v1", "v1-abc", 30)
+        assert index.config.num_neighbors == 30  # capped at the gallery size
+        assert list(index.search(embeddings[:2], 1)[0][:, 0]) == ids[:2]
+    if backend == "milvus":
+        assert built["milvus_uri"] == "milvus-lite" and built["collection"] == index.collection
+        assert os.path.isfile(tmp_path / "index" / "milvus.db")
 
 
 def test_folder_fingerprint_changes_with_the_content(tmp_path):

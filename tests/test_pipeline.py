@@ -62,6 +62,14 @@ def _config(data, root, **overrides):
     ({"boundary": "percentile:120"}, "boundary", "percentile:120"),
     ({"min_top1": 1.5}, "min_top1", "must be in [0, 1]"),
     ({"beam_workers": 0}, "beam_workers", "positive integer"),
+    ({"index_backend": "faiss"}, "index_backend", "unknown index backend 'faiss'; expected one of scann, milvus"),
+    ({"index_milvus_uri": "http://m:19530"}, "index_milvus_uri / index_milvus_index_type",
+     "set index_backend to 'milvus'"),
+    ({"index_backend": "milvus", "index_milvus_index_type": "HNSW"}, "index_milvus_index_type",
+     "HNSW needs a Milvus server (index_milvus_uri); Milvus Lite takes FLAT, IVF_FLAT, AUTOINDEX"),
+    ({"index_backend": "milvus", "index_milvus_uri": "http://root:pw@m:19530"}, "index_milvus_uri",
+     "without credentials"),
+    ({"index_backend": "milvus", "index_algorithm": "tree_ah"}, "index_algorithm", "is a ScaNN algorithm"),
 ])
 def test_bad_config_fails_before_any_component_runs(tiny_data, tmp_path, overrides, field, fragment):
     from pipeline.local_runner import run_local
@@ -105,11 +113,15 @@ def test_config_file_overrides_and_unknown_fields(tmp_path):
 
 
 def test_config_choices_mirror_the_library():
-    from lce_tf import backbones, model, training
+    from lce_tf import backbones, milvus_index, model, retrieval, training
+    from components.index_builder import executor as index_executor
     from components.lce_trainer import executor
     from pipeline import config
 
     assert set(config.MODES) == set(model.MODES) - {"cross-model"} == set(executor.MODES)
+    assert set(config.INDEX_BACKENDS) == set(retrieval.BACKENDS) == set(index_executor.BACKENDS)
+    assert set(config.MILVUS_INDEX_TYPES) - {""} == set(milvus_index.SERVER_INDEX_TYPES)
+    assert set(config.MILVUS_LITE_INDEX_TYPES) - {""} == set(milvus_index.LITE_INDEX_TYPES)
     assert set(config.ARCHITECTURES) == set(backbones.ARCHITECTURES)
     assert set(config.LOSSES) == set(training.HEADS)
     assert "independent" in MODES
@@ -190,7 +202,7 @@ def runs(tiny_data, tmp_path_factory):
     configs = {
         "v1": _config(tiny_data, root, version="v1", architecture="small_cnn", train_classes="0:50%", **TOLERANCE),
         "v2": _config(tiny_data, root, version="v2", architecture="cnn", mode="lce", epochs=10, lambda_boundary=100.0,
-                      **TOLERANCE),
+                      index_backend="milvus", **TOLERANCE),
         "v3": _config(tiny_data, root, version="v3", architecture="cnn", mode="independent", epochs=10, **TOLERANCE),
     }
     out = {"root": root, "configs": configs, "serving": [], "seconds": {}}
@@ -252,6 +264,16 @@ def test_second_run_lce_blesses_and_pushes_v2(runs):
     # Two pushed versions now; v1's files are untouched.
     before, after = runs["serving"][0], runs["serving"][1]
     assert len(after) == 2 and all(after[v] == state for v, state in before.items())
+    # v2's gallery index is a Milvus Lite collection whose database lives under the pipeline root
+    from lce_tf.retrieval import open_index
+
+    index_dir = v2["index_dir"]
+    assert index_dir.startswith(str(runs["root"])) and os.path.isfile(os.path.join(index_dir, "milvus.db"))
+    properties = v2["nodes"]["IndexBuilder"]["outputs"]["index"][0]["properties"]
+    assert (properties["backend"], properties["milvus_uri"]) == ("milvus", "milvus-lite")
+    with open_index(index_dir) as index:
+        assert (index.backend, index.model_id, index.collection) == ("milvus", v2["model_id"], properties["collection"])
+        assert len(index) == properties["count"] == 16 * 4  # 16 test classes x 4 gallery images
 
 
 @pytest.mark.e2e
