@@ -708,16 +708,18 @@ class MilvusIndex(R.IndexCommon):
             if isinstance(e, OSError) and not isinstance(e, ConnectionError):
                 raise fileio.write_error(e, "index directory", target, current is not None) from e
             raise
-        if client is not None and not lite:
+        # Switched: the directory serves the new collection. What follows only tidies up.
+        if client is None:
+            return cls.load(target)
+        index = cls(root=target, metadata=written, config=config, client=client, lite_path=lite_path)
+        if not lite:
             _point_alias(client, alias, name)
         if in_place and old.get("collection") and old.get("collection") != name:
             _drop_quietly(client, old["collection"])
         elif current is not None and not in_place and not old.get("lite") and old.get("uri"):
             logger.warning("index %s was served from collection %s on %s; that collection was left there", target,
                            old.get("collection"), old.get("uri"))
-        if client is not None:
-            return cls(root=target, metadata=written, config=config, client=client, lite_path=lite_path)
-        return cls.load(target)
+        return index
 
     @classmethod
     def load(cls, index_dir: str) -> "MilvusIndex":

@@ -243,6 +243,19 @@ def test_upsert_replaces_adds_and_keeps_per_entry_versions(small):
     reopened.close()
 
 
+def test_rebuild_changes_the_index_type_and_keeps_the_answers(small):
+    index = _build(small, "rebuild", config=MilvusConfig(index_type="FLAT"))
+    before = index.search(small["queries"], 10)
+    index.rebuild(MilvusConfig(index_type="IVF_FLAT", index_params={"nlist": 8}))
+    assert index._client.describe_index(index.collection, "vector")["index_type"] == "IVF_FLAT"
+    after = index.search(small["queries"], 10, nprobe=8)
+    np.testing.assert_array_equal(after[0], before[0])
+    index.save()
+    index.close()
+    meta = json.loads((small["root"] / "rebuild" / "index.json").read_text())
+    assert meta["config"]["index_type"] == "IVF_FLAT" and meta["config"]["index_params"] == {"nlist": 8}
+
+
 def test_unsaved_upsert_is_recounted_on_load(small, caplog):
     index = _build(small, "unsaved")
     index.upsert(["extra/1.png", small["ids"][0]], np.ones((2, DIM), np.float32), "v3")
