@@ -20,7 +20,7 @@ import os
 import shutil
 import sys
 import uuid
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Optional
 
 TMP_TAG = ".lce-tmp-"
 OLD_TAG = ".lce-old-"
@@ -162,12 +162,19 @@ def atomic_directory(target: str, what: str = "directory") -> Iterator[str]:
         raise
 
 
-def copy_directory(src: str, dst: str, what: str = "directory") -> None:
+def copy_directory(src: str, dst: str, what: str = "directory", extra: Optional[Mapping[str, str]] = None) -> None:
     """Copies the directory tree `src` to `dst` (which must not exist) atomically: complete or absent.
 
     The copy is made in a hidden sibling of `dst`, fsynced, and renamed into place, so a reader (a model
     server watching the parent) never sees a partial copy, and a failure (disk full, ...) stops the copy
     at once and leaves nothing behind.
+
+    Args:
+      src: the directory to copy.
+      dst: the new directory.
+      what: how messages name it.
+      extra: {subdirectory name: another directory} copied into dst/<name> in the same commit (e.g. a
+        pushed model with its gallery transformation); a name that `src` already holds is refused.
 
     Raises:
       FileExistsError: `dst` exists.
@@ -176,10 +183,14 @@ def copy_directory(src: str, dst: str, what: str = "directory") -> None:
     dst = os.path.abspath(dst)
     if os.path.lexists(dst):
         raise FileExistsError(errno.EEXIST, f"{what} {dst} already exists; it is never overwritten")
+    clashes = [name for name in (extra or {}) if os.path.lexists(os.path.join(src, name))]
+    if clashes:
+        raise ValueError(f"{what} {dst}: {src} already holds {clashes[0]!r}, where another directory was to go")
     with atomic_directory(dst, what) as tmp:
-        for dirpath, _, filenames in os.walk(src):  # not shutil.copytree, which goes on after an error
-            out = os.path.normpath(os.path.join(tmp, os.path.relpath(dirpath, src)))
-            os.makedirs(out, exist_ok=True)
-            for name in filenames:
-                shutil.copy2(os.path.join(dirpath, name), os.path.join(out, name))
-                fsync_path(os.path.join(out, name))
+        for source, target in [(src, tmp)] + [(path, os.path.join(tmp, name)) for name, path in (extra or {}).items()]:
+            for dirpath, _, filenames in os.walk(source):  # not shutil.copytree, which goes on after an error
+                out = os.path.normpath(os.path.join(target, os.path.relpath(dirpath, source)))
+                os.makedirs(out, exist_ok=True)
+                for name in filenames:
+                    shutil.copy2(os.path.join(dirpath, name), os.path.join(out, name))
+                    fsync_path(os.path.join(out, name))

@@ -54,12 +54,15 @@ def save_figure(figure, path: str) -> str:
 
 
 def plot_compatibility_heatmap(matrix: Mapping[tuple[str, str], MetricSource], models: Sequence[str], *,
-                               metric: str = "top1", title: str = "", path: Optional[str] = None):
+                               metric: str = "top1", title: str = "", path: Optional[str] = None,
+                               galleries: Optional[Sequence[str]] = None):
     """The compatibility matrix M(query model, gallery model) as a heatmap.
 
     Args:
       matrix: {(query_model, gallery_model): metrics} (RetrievalResult or a dict with `metric`).
-      models: row/column order (oldest first).
+      models: row order (oldest first), and the column order unless `galleries` is given.
+      galleries: the column order when it differs from the rows, e.g. with a transformed gallery
+        "T12(v1)" (`lce_tf.comparison.transformed_label`) beside the models.
       metric: "top1", "top5" or "mAP".
       title: figure title.
       path: when given, the PNG is written there.
@@ -70,20 +73,21 @@ def plot_compatibility_heatmap(matrix: Mapping[tuple[str, str], MetricSource], m
     import numpy as np
 
     plt = _pyplot()
-    values = np.full((len(models), len(models)), np.nan)
+    galleries = list(models if galleries is None else galleries)
+    values = np.full((len(models), len(galleries)), np.nan)
     for i, query in enumerate(models):
-        for j, gallery in enumerate(models):
+        for j, gallery in enumerate(galleries):
             if (query, gallery) in matrix:
                 values[i, j] = _metric(matrix[(query, gallery)], metric)
     size = 1.2 + 0.9 * len(models)
-    figure, axes = plt.subplots(figsize=(size + 1.2, size))
+    figure, axes = plt.subplots(figsize=(1.2 + 0.9 * len(galleries) + 1.2, size))
     image = axes.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=0.0, vmax=1.0)
-    axes.set_xticks(range(len(models)), labels=models, rotation=30, ha="right")
+    axes.set_xticks(range(len(galleries)), labels=galleries, rotation=30, ha="right")
     axes.set_yticks(range(len(models)), labels=models)
     axes.set_xlabel("gallery model")
     axes.set_ylabel("query model")
     for i in range(len(models)):
-        for j in range(len(models)):
+        for j in range(len(galleries)):
             text = "n/a" if np.isnan(values[i, j]) else f"{values[i, j]:.3f}"
             color = "black" if np.isnan(values[i, j]) or values[i, j] > 0.6 else "white"
             axes.text(j, i, text, ha="center", va="center", color=color, fontsize=9)
@@ -125,7 +129,8 @@ def _table_html(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> st
 def write_html_report(path: str, *, title: str, verdict: str, reasons: Sequence[str],
                       matrix: Mapping[tuple[str, str], MetricSource], models: Sequence[str],
                       metrics_table: Sequence[Mapping[str, Any]] = (),
-                      details: Optional[Mapping[str, Any]] = None) -> str:
+                      details: Optional[Mapping[str, Any]] = None, galleries: Optional[Sequence[str]] = None,
+                      routes_table: Sequence[Mapping[str, Any]] = ()) -> str:
     """A self-contained HTML page (images inlined) a person can open in a browser.
 
     Args:
@@ -134,8 +139,11 @@ def write_html_report(path: str, *, title: str, verdict: str, reasons: Sequence[
       verdict: "BLESSED" or "NOT_BLESSED" (shown as a coloured banner).
       reasons: one line per check, e.g. "top-1 M(new, old) 0.84 > M(old, old) 0.80 + margin 0.00: yes".
       matrix: the compatibility matrix for the heatmaps (top-1 and mAP).
-      models: heatmap order.
+      models: heatmap order (rows; also the columns unless `galleries`).
       metrics_table: rows of a table (dicts with the same keys) under the heatmaps.
+      galleries: heatmap column order (e.g. with the transformed old gallery "T12(v1)").
+      routes_table: rows of the "Upgrade routes" table shown under the verdict (backward and forward
+        side by side).
       details: key/value facts shown at the end (model ids, data sizes, settings).
 
     Returns:
@@ -143,11 +151,12 @@ def write_html_report(path: str, *, title: str, verdict: str, reasons: Sequence[
     """
     images = []
     for metric in ("top1", "mAP"):
-        png = figure_png(plot_compatibility_heatmap(matrix, models, metric=metric))
+        png = figure_png(plot_compatibility_heatmap(matrix, models, metric=metric, galleries=galleries))
         images.append(f'<img alt="compatibility heatmap ({metric})" '
                       f'src="data:image/png;base64,{base64.b64encode(png).decode()}">')
     color = "#1b7f3b" if verdict == "BLESSED" else "#b3261e"
     table = _table_html(metrics_table, list(metrics_table[0])) if metrics_table else ""
+    routes = (f"<h2>Upgrade routes</h2>{_table_html(routes_table, list(routes_table[0]))}" if routes_table else "")
     facts = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
                     for k, v in (details or {}).items())
     page = f"""<!DOCTYPE html>
@@ -161,6 +170,7 @@ img {{ max-width: 48%; margin-right: 1%; }}
 <h1>{html.escape(title)}</h1>
 <p class="verdict">{html.escape(verdict)}</p>
 <ul>{"".join(f"<li>{html.escape(r)}</li>" for r in reasons)}</ul>
+{routes}
 <h2>Compatibility matrix</h2>
 <p>Rows: the model that embeds the queries; columns: the model that embedded the gallery.</p>
 {"".join(images)}

@@ -23,6 +23,7 @@ import typing
 from typing import Any, Mapping, Optional, Sequence
 
 from lce_tf import defaults
+from lce_tf.transform_fit import DIRECTIONS as TRANSFORM_DIRECTIONS, TransformFitSettings
 
 # Mirrors of the library's choices (checked against lce_tf in tests; kept here so that validating a
 # configuration does not import TensorFlow).
@@ -36,6 +37,8 @@ INDEX_ALGORITHMS = ("", "brute_force", "ah", "tree_ah")
 INDEX_BACKENDS = ("scann", "milvus")
 MILVUS_INDEX_TYPES = ("", "FLAT", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "HNSW", "DISKANN", "SCANN", "AUTOINDEX")
 MILVUS_LITE_INDEX_TYPES = ("", "FLAT", "IVF_FLAT", "AUTOINDEX")
+COMPATIBILITY_ROUTES = ("backward", "forward", "either")  # components.compatibility_validator
+_FIT = TransformFitSettings()  # the library's fit defaults (lce_tf.transform_fit imports no TensorFlow)
 OLD_MODEL_LATEST = "latest"
 OLD_MODEL_NONE = "none"
 
@@ -82,8 +85,13 @@ class PipelineConfig:
 
     Class centers: boundary ("min" or "percentile:P"), flip_average.
 
-    Validation: margin_top1, margin_map (required lead of M(new, old) over M(old, old)); min_top1,
-      min_map (floors of the candidate's own M(new, new)).
+    Forward route (DESIGN.md, "The forward path"; with an old model the GalleryTransformFitter fits T12 old ->
+      new on the training split): transform_direction ("old-to-new" or "both"), transform_width,
+      transform_epochs, transform_batch_size (lce_tf.transform_fit.TransformFitSettings).
+
+    Validation: compatibility, the route that may bless the candidate: "backward" (M(new, old), the paper's
+      criterion), "forward" (M(new, T12(old))) or "either" (the default); margin_top1, margin_map (required
+      lead of the route's M over M(old, old)); min_top1, min_map (floors of the candidate's own M(new, new)).
 
     Index: index_backend ("scann": a ScaNN index in the IndexBuilder's artifact; "milvus": a Milvus
       collection), index_algorithm (ScaNN; "" = by gallery size), index_num_neighbors, index_milvus_uri
@@ -134,6 +142,12 @@ class PipelineConfig:
     boundary: str = defaults.BOUNDARY_RULE
     flip_average: bool = False
 
+    transform_direction: str = _FIT.direction
+    transform_width: int = _FIT.width
+    transform_epochs: int = _FIT.epochs
+    transform_batch_size: int = _FIT.batch_size
+
+    compatibility: str = "either"
     margin_top1: float = 0.0
     margin_map: float = 0.0
     min_top1: float = 0.5
@@ -247,6 +261,8 @@ class PipelineConfig:
         _choice("architecture", self.architecture, ARCHITECTURES, "architecture")
         _choice("loss", self.loss, LOSSES, "loss")
         _choice("index_algorithm", self.index_algorithm, INDEX_ALGORITHMS, "index algorithm")
+        _choice("compatibility", self.compatibility, COMPATIBILITY_ROUTES, "upgrade route")
+        _choice("transform_direction", self.transform_direction, TRANSFORM_DIRECTIONS, "transformation direction")
         _choice("index_backend", self.index_backend, INDEX_BACKENDS, "index backend")
         _choice("index_milvus_index_type", self.index_milvus_index_type, MILVUS_INDEX_TYPES, "Milvus index type")
         if self.index_backend != "milvus" and (self.index_milvus_uri or self.index_milvus_index_type):
@@ -270,7 +286,8 @@ class PipelineConfig:
         for name in ("pipeline_root",):
             if not getattr(self, name):
                 raise ValueError(f"{name}: required")
-        for name in ("embedding_dim", "epochs", "batch_size", "index_num_neighbors", "beam_workers"):
+        for name in ("embedding_dim", "epochs", "batch_size", "index_num_neighbors", "beam_workers", "transform_width",
+                     "transform_epochs", "transform_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer; received {value!r}")

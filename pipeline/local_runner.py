@@ -218,8 +218,10 @@ def run_summary(config: PipelineConfig, run_id: Optional[str] = None) -> dict:
 
     Returns:
       {"run_id", "nodes": {node id: {"state": "COMPLETE" | "CACHED" | ..., "execution_id",
-      "outputs": {key: [{"id", "uri", "properties"}]}}}, "verdict", "blessing_dir", "report", "metrics",
-      "pushed", "pushed_destination", "model_dir", "model_id", "index_dir"}.
+      "outputs": {key: [{"id", "uri", "properties"}]}}}, "verdict", "route" (the route that blessed:
+      "backward", "forward", "first-model"; "" when refused), "blessing_dir", "report", "metrics", "pushed",
+      "pushed_destination", "gallery_transform" (shipped with the push on a forward blessing), "model_dir",
+      "model_id", "transformation_dir", "index_dir", "index_built_from"}.
     """
     from ml_metadata.proto import metadata_store_pb2  # pylint: disable=import-outside-toplevel
 
@@ -263,13 +265,15 @@ def run_summary(config: PipelineConfig, run_id: Optional[str] = None) -> dict:
 
     from pipeline import pipeline as ids  # pylint: disable=import-outside-toplevel
 
-    summary: dict = {"run_id": run_id, "nodes": nodes, "verdict": None, "blessing_dir": None, "report": None,
-                     "metrics": None, "pushed": False, "pushed_destination": None, "model_dir": None,
-                     "model_id": None, "index_dir": None}
+    summary: dict = {"run_id": run_id, "nodes": nodes, "verdict": None, "route": None, "blessing_dir": None,
+                     "report": None, "metrics": None, "pushed": False, "pushed_destination": None,
+                     "gallery_transform": None, "model_dir": None, "model_id": None, "transformation_dir": None,
+                     "index_dir": None, "index_built_from": None}
     blessing = first_output(ids.VALIDATOR_ID, "blessing")
     if blessing:
         summary["blessing_dir"] = blessing["uri"]
         summary["verdict"] = "BLESSED" if blessing["properties"].get("blessed") == 1 else "NOT_BLESSED"
+        summary["route"] = blessing["properties"].get("blessed_route")
         summary["report"] = os.path.join(blessing["uri"], "report.html")
         summary["metrics"] = os.path.join(blessing["uri"], "metrics.json")
     model = first_output(ids.TRAINER_ID, "model")
@@ -280,9 +284,14 @@ def run_summary(config: PipelineConfig, run_id: Optional[str] = None) -> dict:
     if pushed:
         summary["pushed"] = pushed["properties"].get("pushed") == 1
         summary["pushed_destination"] = pushed["properties"].get("pushed_destination")
+        summary["gallery_transform"] = pushed["properties"].get("gallery_transform")
+    transformation = first_output(ids.TRANSFORM_FITTER_ID, "transformation")
+    if transformation:
+        summary["transformation_dir"] = transformation["properties"].get("transformation_dir")
     index = first_output(ids.INDEX_BUILDER_ID, "index")
     if index and index["properties"].get("built") == 1:
         summary["index_dir"] = index["properties"].get("index_dir")
+        summary["index_built_from"] = index["properties"].get("built_from")
     return summary
 
 
@@ -296,11 +305,18 @@ def format_run_summary(summary: dict) -> str:
         with open(summary["metrics"], encoding="utf-8") as f:
             metrics = json.load(f)
         lines += ["", metrics.get("table", ""), ""] + [f"  {r}" for r in metrics.get("reasons", [])]
-    lines.append(f"verdict: {summary['verdict']}")
+    route = f" through the {summary['route']} route" if summary.get("route") not in (None, "", "first-model") else ""
+    lines.append(f"verdict: {summary['verdict']}{route}")
     lines.append(f"model {summary['model_id']}: {summary['model_dir']}")
+    if summary.get("transformation_dir"):
+        lines.append(f"fitted transformation T12 (old -> new): {summary['transformation_dir']}")
     lines.append(f"report: {summary['report']}")
-    lines.append(f"pushed: {summary['pushed_destination'] if summary['pushed'] else 'no (not blessed)'}")
-    lines.append(f"gallery index: {summary['index_dir'] or 'not built (model not blessed)'}")
+    pushed = summary["pushed_destination"] if summary["pushed"] else "no (not blessed)"
+    if summary.get("gallery_transform"):
+        pushed += f" (with its gallery transformation {summary['gallery_transform']})"
+    lines.append(f"pushed: {pushed}")
+    built = f" ({summary['index_built_from']})" if summary.get("index_built_from") else ""
+    lines.append(f"gallery index: {summary['index_dir'] or 'not built (model not blessed)'}{built}")
     return "\n".join(lines)
 
 

@@ -5,15 +5,20 @@
           ├──────────────> ClassCenterExtractor (Beam) <── old model ─┐           [modes lce, lce-transform, bct]
           │                       │ class_centers                     │
           ├──────────────> LceTrainer (mode) <────────────────────────┤ old model: latest pushed Model
-          │                       │ model                             │ (Resolver, LatestPushedModelStrategy),
-          ├──> IndependentTrainer (new*) ──┐                          │ an imported directory, or none
+          │                       │ model                             │ (Resolver, LatestPushedModelStrategy)
+          ├──────────────> GalleryTransformFitter <───────────────────┤ and its served index, an imported
+          │                       │ transformation T12 (old -> new)   │ directory, or none
+          ├──> IndependentTrainer (new*) ──┐                          │
           │                       │        │ independent_model        │
           ├──────────────> CompatibilityValidator <───────────────────┘
-          │                       │ blessing (blessed 1/0, BLESSED/NOT_BLESSED, metrics.json, report.html)
-          ├──────────────> IndexBuilder (ScaNN or Milvus index of the gallery, blessed models only)
+          │                       │ blessing (blessed 1/0, blessed_route backward|forward, BLESSED/NOT_BLESSED,
+          │                       │ metrics.json, report.html with both routes)
+          ├──────────────> IndexBuilder (blessed models only: backward -> the gallery embedded by the model;
+          │                       │       forward -> the served index upgraded through T12, no image read;
+          │                       │       ScaNN, or a Milvus collection: index_backend)
           │                       │
-          └─ Pusher (stock, with components.atomic_pusher's executor: copies the model to
-             SERVING_DIR/<unix time> all-or-nothing, only when blessed)
+          └─ Pusher (stock, with components.atomic_pusher's executor: copies the model, and on a forward
+             blessing its transformation, to SERVING_DIR/<unix time> all-or-nothing, only when blessed)
 
 The old model: with `old_model = "latest"` a Resolver picks the Model of the latest push
 (`pipeline.latest_pushed_model.LatestPushedModelStrategy`), i.e. the model serving holds. Not merely the
@@ -39,8 +44,10 @@ STATISTICS_GEN_ID = "StatisticsGen"
 SCHEMA_GEN_ID = "SchemaGen"
 OLD_MODEL_RESOLVER_ID = "latest_blessed_model_resolver"  # historical name, kept (also resolves pushes)
 OLD_MODEL_IMPORTER_ID = "old_model_importer"
+SERVED_INDEX_RESOLVER_ID = "latest_index_resolver"  # KFP v2 only (the local runner resolves it with the old model)
 CENTERS_ID = "ClassCenterExtractor"
 TRAINER_ID = "LceTrainer"
+TRANSFORM_FITTER_ID = "GalleryTransformFitter"
 INDEPENDENT_TRAINER_ID = "IndependentTrainer"
 VALIDATOR_ID = "CompatibilityValidator"
 INDEX_BUILDER_ID = "IndexBuilder"
@@ -50,35 +57,46 @@ PUSHER_ID = "Pusher"
 OLD_MODEL_STRATEGIES = ("pushed", "blessed")
 
 
-def _old_model_node(config: PipelineConfig, strategy: str = "pushed"):
-    """(node, channel) providing the old model, or (None, None) when old_model is 'none'."""
+def _old_model_nodes(config: PipelineConfig, strategy: str = "pushed") -> tuple[list, Any, Any]:
+    """(nodes, old model channel, served index channel) of the old model; ([], None, None) when 'none'.
+
+    "pushed": one Resolver (LatestPushedModelStrategy) gives the latest pushed Model and the index built
+    for it. "blessed" (KFP v2, stock strategies only): LatestBlessedModelStrategy for the model and
+    LatestArtifactStrategy for the index (the IndexBuilder checks that it is built and in T12's source
+    space, else it embeds the gallery). An imported old model directory has no served index.
+    """
     from tfx.dsl.components.common import importer, resolver
+    from tfx.dsl.input_resolution.strategies.latest_artifact_strategy import LatestArtifactStrategy
     from tfx.dsl.input_resolution.strategies.latest_blessed_model_strategy import LatestBlessedModelStrategy
     from tfx.types import channel, standard_artifacts
 
+    from components.artifacts import RetrievalIndex
     from pipeline.latest_pushed_model import LatestPushedModelStrategy
 
     if strategy not in OLD_MODEL_STRATEGIES:
         raise ValueError(f"old_model_strategy: expected one of {', '.join(OLD_MODEL_STRATEGIES)}; received {strategy!r}")
     if config.old_model == OLD_MODEL_NONE:
-        return None, None
+        return [], None, None
     if config.old_model == OLD_MODEL_LATEST:
         if strategy == "pushed":
             node = resolver.Resolver(
                 strategy_class=LatestPushedModelStrategy,
                 model=channel.Channel(type=standard_artifacts.Model),
                 pushed_model=channel.Channel(type=standard_artifacts.PushedModel),
+                index=channel.Channel(type=RetrievalIndex),
             ).with_id(OLD_MODEL_RESOLVER_ID)
-        else:
-            node = resolver.Resolver(
-                strategy_class=LatestBlessedModelStrategy,
-                model=channel.Channel(type=standard_artifacts.Model),
-                model_blessing=channel.Channel(type=standard_artifacts.ModelBlessing),
-            ).with_id(OLD_MODEL_RESOLVER_ID)
-        return node, node.outputs["model"]
+            return [node], node.outputs["model"], node.outputs["index"]
+        node = resolver.Resolver(
+            strategy_class=LatestBlessedModelStrategy,
+            model=channel.Channel(type=standard_artifacts.Model),
+            model_blessing=channel.Channel(type=standard_artifacts.ModelBlessing),
+        ).with_id(OLD_MODEL_RESOLVER_ID)
+        index_node = resolver.Resolver(strategy_class=LatestArtifactStrategy,
+                                       index=channel.Channel(type=RetrievalIndex)).with_id(SERVED_INDEX_RESOLVER_ID)
+        return [node, index_node], node.outputs["model"], index_node.outputs["index"]
     node = importer.Importer(source_uri=config.old_model, artifact_type=standard_artifacts.Model,
                              reimport=False).with_id(OLD_MODEL_IMPORTER_ID)
-    return node, node.outputs["result"]
+    return [node], node.outputs["result"], None
 
 
 def _trainer(config: PipelineConfig, examples, centers, old_model, *, mode: str, version: str):
@@ -101,6 +119,7 @@ def create_components(config: PipelineConfig, *, old_model_strategy: str = "push
     from components.atomic_pusher import executor as atomic_pusher
     from components.class_center_extractor.component import ClassCenterExtractor
     from components.compatibility_validator.component import CompatibilityValidator
+    from components.gallery_transform_fitter.component import GalleryTransformFitter
     from components.image_example_gen.component import ImageFolderExampleGen, folder_fingerprint
     from components.index_builder.component import IndexBuilder
 
@@ -118,9 +137,8 @@ def create_components(config: PipelineConfig, *, old_model_strategy: str = "push
         statistics_gen = StatisticsGen(examples=examples).with_id(STATISTICS_GEN_ID)
         nodes += [statistics_gen, SchemaGen(statistics=statistics_gen.outputs["statistics"]).with_id(SCHEMA_GEN_ID)]
 
-    old_node, old_model = _old_model_node(config, old_model_strategy)
-    if old_node is not None:
-        nodes.append(old_node)
+    old_nodes, old_model, served_index = _old_model_nodes(config, old_model_strategy)
+    nodes += old_nodes
     centers = None
     if config.needs_centers and old_model is not None:
         extractor = ClassCenterExtractor(examples=examples, old_model=old_model, boundary=config.boundary,
@@ -131,6 +149,14 @@ def create_components(config: PipelineConfig, *, old_model_strategy: str = "push
     trainer = _trainer(config, examples, centers, trainer_old_model, mode=config.mode,
                        version=config.version).with_id(TRAINER_ID)
     nodes.append(trainer)
+    transformation = None
+    if old_model is not None:
+        fitter = GalleryTransformFitter(
+            model=trainer.outputs["model"], old_model=old_model, examples=examples,
+            direction=config.transform_direction, width=config.transform_width, epochs=config.transform_epochs,
+            batch_size=config.transform_batch_size, seed=config.seed).with_id(TRANSFORM_FITTER_ID)
+        nodes.append(fitter)
+        transformation = fitter.outputs["transformation"]
     independent_model = None
     if config.train_independent_reference:
         reference = _trainer(config, examples, None, None, mode="independent",
@@ -139,13 +165,14 @@ def create_components(config: PipelineConfig, *, old_model_strategy: str = "push
         independent_model = reference.outputs["model"]
     validator = CompatibilityValidator(
         model=trainer.outputs["model"], examples=examples, old_model=old_model,
-        independent_model=independent_model, margin_top1=config.margin_top1, margin_map=config.margin_map,
-        min_top1=config.min_top1, min_map=config.min_map).with_id(VALIDATOR_ID)
+        independent_model=independent_model, transformation=transformation, margin_top1=config.margin_top1,
+        margin_map=config.margin_map, min_top1=config.min_top1, min_map=config.min_map,
+        compatibility=config.compatibility).with_id(VALIDATOR_ID)
     index_builder = IndexBuilder(
         model=trainer.outputs["model"], examples=examples, blessing=validator.outputs["blessing"],
-        algorithm=config.index_algorithm, num_neighbors=config.index_num_neighbors, backend=config.index_backend,
-        milvus_uri=config.index_milvus_uri, milvus_index_type=config.index_milvus_index_type,
-    ).with_id(INDEX_BUILDER_ID)
+        transformation=transformation, base_index=served_index, algorithm=config.index_algorithm,
+        num_neighbors=config.index_num_neighbors, backend=config.index_backend, milvus_uri=config.index_milvus_uri,
+        milvus_index_type=config.index_milvus_index_type).with_id(INDEX_BUILDER_ID)
     pusher = Pusher(
         model=trainer.outputs["model"], model_blessing=validator.outputs["blessing"],
         push_destination=pusher_pb2.PushDestination(

@@ -124,6 +124,9 @@ def test_config_choices_mirror_the_library():
     assert set(config.MILVUS_LITE_INDEX_TYPES) - {""} == set(milvus_index.LITE_INDEX_TYPES)
     assert set(config.ARCHITECTURES) == set(backbones.ARCHITECTURES)
     assert set(config.LOSSES) == set(training.HEADS)
+    from components.compatibility_validator import executor as validator
+
+    assert config.COMPATIBILITY_ROUTES == validator.COMPATIBILITY_ROUTES
     assert "independent" in MODES
 
 

@@ -5,7 +5,13 @@ a failure half-way (disk full, read-only mount) leaves a partial version directo
 watching BASE_DIRECTORY sees. This executor copies into a hidden sibling and renames it into place, so
 BASE_DIRECTORY only ever holds complete versions and a failed push leaves the previous ones as they
 were. Everything else (blessing check, versioning, the PushedModel artifact and its properties) is the
-stock Pusher's. Use it with
+stock Pusher's.
+
+On a forward blessing (the ModelBlessing's `blessed_route` is "forward", components.compatibility_validator)
+the fitted transformation ships with the model, in the same atomic copy: BASE_DIRECTORY/<version>/
+holds the model directory plus `gallery_transform/` (the transformation directory, whose `old_to_new`
+moves the previous version's gallery vectors into this model's space: `lce-tf index upgrade`). The
+PushedModel gets the custom property `gallery_transform` (its path). Use it with
 
     Pusher(model=..., model_blessing=..., push_destination=...,
            custom_executor_spec=executor_spec.ExecutorClassSpec(atomic_pusher.executor.Executor))
@@ -27,6 +33,26 @@ from tfx.utils import io_utils, proto_utils
 from components import util
 
 _LOG = logging.getLogger(__name__)
+
+GALLERY_TRANSFORM_SUBDIR = "gallery_transform"  # in a pushed version: the forward route's transformation
+GALLERY_TRANSFORM_PROPERTY = "gallery_transform"
+
+
+def shipped_transformation(input_dict: dict[str, list]) -> Optional[str]:
+    """The transformation directory to ship with the model: the blessing's `transformation_dir` when it
+    names the forward route, else None.
+
+    Raises:
+      ValueError: a forward blessing whose transformation directory is missing.
+    """
+    blessings = input_dict.get(standard_component_specs.MODEL_BLESSING_KEY) or []
+    if not blessings or blessings[0].get_string_custom_property("blessed_route") != "forward":
+        return None
+    path = util.local_path(blessings[0].get_string_custom_property("transformation_dir"))
+    if not path or not os.path.isdir(path):
+        raise ValueError(f"model_blessing {blessings[0].uri}: the forward route was blessed but its transformation "
+                         f"directory {path!r} does not exist")
+    return path
 
 
 def latest_version_of(base_directory: str, model_dir: str) -> Optional[str]:
@@ -68,6 +94,8 @@ class Executor(tfx_pusher.Executor):
             self._MarkNotPushed(model_push)
             return
         model_path = self.GetModelPath(input_dict)
+        transformation = shipped_transformation(input_dict)
+        extra = {GALLERY_TRANSFORM_SUBDIR: transformation} if transformation else None
         if destination.filesystem.versioning not in (pusher_pb2.Versioning.AUTO,
                                                      pusher_pb2.Versioning.UNIX_TIMESTAMP):
             raise NotImplementedError(f"push_destination: versioning {destination.filesystem.versioning} "
@@ -82,7 +110,11 @@ class Executor(tfx_pusher.Executor):
         elif os.path.exists(util.local_path(serving_path)):
             _LOG.info("AtomicPusher: %s already exists, skipping the copy", serving_path)
         else:
-            fileio.copy_directory(util.local_path(model_path), util.local_path(serving_path), "pushed model")
-            _LOG.info("AtomicPusher: model written to %s", serving_path)
+            fileio.copy_directory(util.local_path(model_path), util.local_path(serving_path), "pushed model", extra=extra)
+            _LOG.info("AtomicPusher: model written to %s%s", serving_path,
+                      f" with its gallery transformation ({GALLERY_TRANSFORM_SUBDIR}/)" if extra else "")
         io_utils.copy_dir(model_path, model_push.uri)  # the archive copy in the PushedModel artifact
         self._MarkPushed(model_push, pushed_destination=serving_path, pushed_version=version)
+        if transformation:
+            model_push.set_string_custom_property(GALLERY_TRANSFORM_PROPERTY,
+                                                  os.path.join(serving_path, GALLERY_TRANSFORM_SUBDIR))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -16,6 +17,7 @@ MODEL_KEY = "model"
 EXAMPLES_KEY = "examples"
 OLD_MODEL_KEY = "old_model"
 INDEPENDENT_MODEL_KEY = "independent_model"
+TRANSFORMATION_KEY = "transformation"
 BLESSING_KEY = "blessing"
 QUERY_SPLIT_KEY = "query_split"
 GALLERY_SPLIT_KEY = "gallery_split"
@@ -24,6 +26,12 @@ MARGIN_MAP_KEY = "margin_map"
 MIN_TOP1_KEY = "min_top1"
 MIN_MAP_KEY = "min_map"
 BATCH_SIZE_KEY = "batch_size"
+COMPATIBILITY_KEY = "compatibility"
+
+# The values of the `compatibility` parameter: which upgrade route may bless the candidate.
+COMPATIBILITY_ROUTES = ("backward", "forward", "either")
+# The name of the fitted old -> new transformation in the matrix ("T12(v1)": v1's gallery moved by it).
+TRANSFORM_NAME = "T12"
 
 # Files written into the ModelBlessing directory.
 BLESSED_FILE = "BLESSED"
@@ -38,6 +46,12 @@ CURRENT_MODEL_PROPERTY = "current_model"
 CURRENT_MODEL_ID_PROPERTY = "current_model_id"
 BASELINE_MODEL_PROPERTY = "baseline_model"
 BASELINE_MODEL_ID_PROPERTY = "baseline_model_id"
+# The route that blessed ("backward", "forward", "first-model"; "" when refused), the routes whose checks
+# pass, and the transformation the forward route needs (read by the IndexBuilder and the Pusher).
+BLESSED_ROUTE_PROPERTY = "blessed_route"
+PASSED_ROUTES_PROPERTY = "passed_routes"
+TRANSFORMATION_DIR_PROPERTY = "transformation_dir"
+TRANSFORM_ID_PROPERTY = "transform_id"
 
 _LOG = logging.getLogger(__name__)
 
@@ -52,50 +66,129 @@ def _names(candidate, old, independent) -> tuple[str, Optional[str], Optional[st
     return new_name, old_name, ind_name
 
 
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """The validator's verdict.
+
+    Attributes:
+      blessed: every check of the own-accuracy floors and of one allowed route passed.
+      route: the route that blessed: "backward", "forward", "first-model" (no old model), or "" (refused).
+      passed_routes: the routes whose checks all pass, whether or not `compatibility` allows them.
+      reasons: one line per check ("...: yes" / "...: NO"), then the conclusion.
+    """
+
+    blessed: bool
+    route: str
+    passed_routes: tuple[str, ...]
+    reasons: list[str]
+
+
+def _criterion_checks(route: str, pair: Optional[tuple[str, str]], results: dict, old: str, margin_top1: float,
+                      margin_map: float, missing: str) -> list[tuple[bool, str]]:
+    """M(pair) > M(old, old) + margin on top-1 and mAP, or one failed check per metric saying why it is missing."""
+    checks = []
+    old_old = results[(old, old)]
+    for metric, margin in (("top1", margin_top1), ("mAP", margin_map)):
+        if pair is None or pair not in results:
+            checks.append((False, f"{route} route: criterion {metric}: M({pair[0] if pair else '?'}, "
+                                  f"{pair[1] if pair else '?'}) cannot be computed ({missing})"))
+            continue
+        a, b = float(getattr(results[pair], metric)), float(getattr(old_old, metric))
+        checks.append((a > b + margin, f"{route} route: criterion {metric}: M({pair[0]}, {pair[1]}) = {a:.4f} > "
+                                       f"M({old}, {old}) = {b:.4f} + margin {margin:.4f}"))
+    return checks
+
+
 def decide(report: dict[str, Any], results: dict, *, new: str, old: Optional[str], margin_top1: float,
-           margin_map: float, min_top1: float, min_map: float, declared_compatible: bool) -> tuple[bool, list[str]]:
-    """The blessing rule, one reason line per check; blessed when every check passes.
+           margin_map: float, min_top1: float, min_map: float, declared_compatible: bool,
+           compatibility: str = "backward", forward_gallery: Optional[str] = None) -> Decision:
+    """The blessing rule: own-accuracy floors, then the upgrade routes that `compatibility` allows.
 
     Checks:
-      own accuracy   M(new, new).top1 >= min_top1 and M(new, new).mAP >= min_map;
-      with an old model:
-        declared       the candidate's metadata declares compatibility with the old model's space (else a
-                       query could not be served against the old index);
-        criterion      M(new, old).top1 > M(old, old).top1 + margin_top1 and
-                       M(new, old).mAP  > M(old, old).mAP  + margin_map   (BCT empirical criterion, by margins).
+      own accuracy     M(new, new).top1 >= min_top1 and M(new, new).mAP >= min_map;
+      with an old model, two routes (both are measured and reported; DESIGN.md "The forward path"):
+        backward       the candidate declares compatibility with the old model's space (else its queries
+                       could not be served against the old index), and M(new, old) > M(old, old) + margin
+                       on top-1 and on mAP (the BCT empirical criterion, the paper's);
+        forward        a transformation T12 old -> new was fitted (`forward_gallery` is the matrix label of
+                       the old gallery moved through it, e.g. "T12(v1)"), and M(new, T12(old)) >
+                       M(old, old) + margin on top-1 and on mAP.
+      compatibility    "backward" or "forward": that route must pass; "either": one of them must pass. When
+                       both pass under "either" the blessing names the forward route: the served index
+                       then moves into the new model's own space, where later backfills take it.
+
+    Without an old model (the pipeline's first run) only the floors apply (route "first-model").
+
+    Raises:
+      ValueError: an unknown `compatibility`.
     """
-    checks: list[tuple[bool, str]] = []
+    if compatibility not in COMPATIBILITY_ROUTES:
+        raise ValueError(f"parameter {COMPATIBILITY_KEY}: unknown value {compatibility!r}; expected one of "
+                         f"{', '.join(COMPATIBILITY_ROUTES)}")
     own = results.get((new, new))
-    for metric, floor in (("top1", min_top1), ("mAP", min_map)):
-        value = float(getattr(own, metric))
-        checks.append((value >= floor, f"own accuracy: {metric} M({new}, {new}) = {value:.4f} >= floor {floor:.4f}"))
-    if old is not None:
-        checks.append((declared_compatible, f"{new} declares compatibility with {old}'s embedding space"))
-        new_old, old_old = results.get((new, old)), results[(old, old)]
-        for metric, margin in (("top1", margin_top1), ("mAP", margin_map)):
-            if new_old is None:
-                skipped = [s for s in report["skipped"] if s.startswith(f"{new}/{old}:")]
-                checks.append((False, f"criterion {metric}: M({new}, {old}) cannot be computed "
-                                      f"({'; '.join(skipped) or 'no result'})"))
-                continue
-            a, b = float(getattr(new_old, metric)), float(getattr(old_old, metric))
-            checks.append((a > b + margin, f"criterion {metric}: M({new}, {old}) = {a:.4f} > M({old}, {old}) = {b:.4f} "
-                                           f"+ margin {margin:.4f}"))
-    return all(ok for ok, _ in checks), [f"{text}: {'yes' if ok else 'NO'}" for ok, text in checks]
+    floors = [(float(getattr(own, m)) >= floor, f"own accuracy: {m} M({new}, {new}) = {float(getattr(own, m)):.4f} "
+                                                f">= floor {floor:.4f}")
+              for m, floor in (("top1", min_top1), ("mAP", min_map))]
+    lines = [f"{text}: {'yes' if ok else 'NO'}" for ok, text in floors]
+    own_ok = all(ok for ok, _ in floors)
+    if old is None:
+        return Decision(own_ok, "first-model" if own_ok else "", (), lines)
+    skipped = "; ".join(s for s in report.get("skipped", []) if s.startswith(f"{new}/{old}:")) or "no result"
+    routes = {
+        "backward": [(declared_compatible, f"backward route: {new} declares compatibility with {old}'s embedding space")]
+        + _criterion_checks("backward", (new, old), results, old, margin_top1, margin_map, skipped),
+        "forward": [(forward_gallery is not None, f"forward route: a transformation T12 ({old} -> {new}) was fitted")]
+        + _criterion_checks("forward", (new, forward_gallery) if forward_gallery else None, results, old, margin_top1,
+                            margin_map, "no fitted transformation"),
+    }
+    for checks in routes.values():
+        lines += [f"{text}: {'yes' if ok else 'NO'}" for ok, text in checks]
+    passed = tuple(route for route, checks in routes.items() if all(ok for ok, _ in checks))
+    allowed = ("forward", "backward") if compatibility == "either" else (compatibility,)
+    route = next((r for r in allowed if r in passed), "") if own_ok else ""
+    lines.append(f"compatibility {compatibility!r}: routes passing: {', '.join(passed) or 'none'}; "
+                 + (f"blessed through the {route} route" if route else "no allowed route passes" if own_ok
+                    else "own accuracy below the floor"))
+    return Decision(bool(route), route, passed, lines)
+
+
+def _route_rows(report: dict[str, Any], results: dict, new: str, old: str, forward_gallery: Optional[str],
+                decision: Decision, compatibility: str) -> list[dict[str, Any]]:
+    """The report's "upgrade routes" table: one row per route, side by side with the old model's bar."""
+    old_old = results[(old, old)]
+    rows = []
+    for route, pair, what in (("backward", (new, old), "new queries against the untouched old gallery"),
+                              ("forward", (new, forward_gallery), "new queries against the old gallery moved by T12")):
+        result = results.get(pair) if pair[1] else None
+        ug = report["update_gain"].get(new if route == "backward" else f"{new} via {TRANSFORM_NAME}", {})
+        rows.append({
+            "route": route, "pair": f"M({pair[0]}, {pair[1] or 'T12(' + old + ')'})", "what": what,
+            "top1": float(result.top1) if result else "n/a", "mAP": float(result.mAP) if result else "n/a",
+            "bar M(old, old) top1 / mAP": f"{old_old.top1:.4f} / {old_old.mAP:.4f}",
+            "update gain top1 / mAP": f"{ug['top1']:.3f} / {ug['mAP']:.3f}" if ug else "n/a",
+            "passes": "yes" if route in decision.passed_routes else "no",
+            "allowed": "yes" if compatibility in (route, "either") else "no",
+            "blessed by": "this route" if decision.route == route else ""})
+    return rows
 
 
 class Executor(base_executor.BaseExecutor):
-    """Evaluates the candidate (and the old / independent models) on the query and gallery splits."""
+    """Evaluates the candidate (and the old / independent models, and the forward route through the fitted
+    transformation) on the query and gallery splits, and blesses by the `compatibility` parameter."""
 
     def Do(self, input_dict: dict[str, list], output_dict: dict[str, list], exec_properties: dict[str, Any]) -> None:
-        from lce_tf.comparison import EvalData, compare_models
+        from lce_tf.comparison import EvalData, compare_models, transformed_label
         from lce_tf.report import write_html_report
         from lce_tf.serving import load_embedding_model
+        from lce_tf.transformation import load_transformation
+
+        from components.gallery_transform_fitter.executor import transformation_dir
 
         candidate_artifact = util.single(input_dict, MODEL_KEY)
         examples = util.single(input_dict, EXAMPLES_KEY)
         old_artifact = util.single(input_dict, OLD_MODEL_KEY, optional=True)
         independent_artifact = util.single(input_dict, INDEPENDENT_MODEL_KEY, optional=True)
+        transform_dir = transformation_dir(util.single(input_dict, TRANSFORMATION_KEY, optional=True))
         blessing = util.single(output_dict, BLESSING_KEY)
         params = {key: float(exec_properties.get(key) or 0.0)
                   for key in (MARGIN_TOP1_KEY, MARGIN_MAP_KEY, MIN_TOP1_KEY, MIN_MAP_KEY)}
@@ -105,6 +198,8 @@ class Executor(base_executor.BaseExecutor):
         for key in (MIN_TOP1_KEY, MIN_MAP_KEY):
             if not 0.0 <= params[key] <= 1.0:
                 raise ValueError(f"parameter {key} must be in [0, 1]; received {params[key]}")
+        compatibility = util.check_choice(COMPATIBILITY_KEY, str(exec_properties.get(COMPATIBILITY_KEY) or "backward"),
+                                          COMPATIBILITY_ROUTES)
         batch_size = int(exec_properties.get(BATCH_SIZE_KEY) or 256)
         examples_dir = util.path(examples)
         info = util.read_examples_info(examples_dir)
@@ -120,6 +215,7 @@ class Executor(base_executor.BaseExecutor):
         old = load_embedding_model(util.model_dir(util.path(old_artifact), OLD_MODEL_KEY)) if old_artifact else None
         independent = (load_embedding_model(util.model_dir(util.path(independent_artifact), INDEPENDENT_MODEL_KEY))
                        if independent_artifact else None)
+        transformation = load_transformation(transform_dir) if transform_dir and old is not None else None
         new_name, old_name, ind_name = _names(candidate, old, independent)
         models = {}
         if old is not None:
@@ -127,52 +223,79 @@ class Executor(base_executor.BaseExecutor):
         models[new_name] = candidate
         if independent is not None:
             models[ind_name] = independent
+        if transformation is not None:  # it must map the old model's space into the candidate's
+            transformation.check_source_space(old.metadata["embedding_space"], f"old model {old.model_id}")
+            transformation.check_target_space(candidate.metadata["embedding_space"], f"candidate {candidate.model_id}")
         report, results = compare_models(models, splits[QUERY_SPLIT_KEY], splits[GALLERY_SPLIT_KEY],
-                                         old=old_name or new_name, independent=ind_name, batch_size=batch_size,
+                                         old=old_name or new_name, independent=ind_name,
+                                         transforms={TRANSFORM_NAME: transformation} if transformation else None,
+                                         batch_size=batch_size,
                                          progress=lambda line: _LOG.info("CompatibilityValidator: %s", line))
         declared = old is not None and candidate.signature_for_space(old.metadata["embedding_space"]) is not None
-        blessed, reasons = decide(report, results, new=new_name, old=old_name, declared_compatible=declared,
-                                  margin_top1=params[MARGIN_TOP1_KEY], margin_map=params[MARGIN_MAP_KEY],
-                                  min_top1=params[MIN_TOP1_KEY], min_map=params[MIN_MAP_KEY])
+        forward_gallery = transformed_label(TRANSFORM_NAME, old_name) if transformation is not None else None
+        decision = decide(report, results, new=new_name, old=old_name, declared_compatible=declared,
+                          margin_top1=params[MARGIN_TOP1_KEY], margin_map=params[MARGIN_MAP_KEY],
+                          min_top1=params[MIN_TOP1_KEY], min_map=params[MIN_MAP_KEY], compatibility=compatibility,
+                          forward_gallery=forward_gallery)
+        reasons = list(decision.reasons)
         if old is None:
             reasons.insert(0, f"no old model (first run of the pipeline): {new_name} is judged on its own accuracy")
-        verdict = "BLESSED" if blessed else "NOT_BLESSED"
+        verdict = "BLESSED" if decision.blessed else "NOT_BLESSED"
 
         blessing_dir = util.path(blessing)
         os.makedirs(blessing_dir, exist_ok=True)
         ids = {name: m.model_id for name, m in models.items()}
         payload = {
-            "verdict": verdict, "blessed": blessed, "reasons": reasons,
+            "verdict": verdict, "blessed": decision.blessed, "route": decision.route,
+            "passed_routes": list(decision.passed_routes), "compatibility": compatibility, "reasons": reasons,
             "candidate": new_name, "old": old_name, "independent": ind_name, "model_ids": ids,
+            "transformation": ({"name": TRANSFORM_NAME, "transform_id": transformation.transform_id,
+                                "dir": transform_dir} if transformation else None),
             "thresholds": params, "splits": {k: splits[k].name for k in splits},
             **{k: v for k, v in report.items() if k not in ("old", "independent")},
         }
         util.write_json(os.path.join(blessing_dir, METRICS_FILE), payload)
-        rows = [{"query": p["query"], "gallery": p["gallery"], "signature": p["signature"], "top1": p["top1"],
-                 "top5": p["top5"], "mAP": p["mAP"],
+        rows = [{"query": p["query"], "gallery": p["gallery"], "via": p["via"] or "", "signature": p["signature"],
+                 "top1": p["top1"], "top5": p["top5"], "mAP": p["mAP"],
                  "top1 95% CI": f"[{p['top1_ci95'][0]:.3f}, {p['top1_ci95'][1]:.3f}]",
                  "mAP 95% CI": f"[{p['mAP_ci95'][0]:.3f}, {p['mAP_ci95'][1]:.3f}]", "queries": p["num_queries"]}
                 for p in report["pairs"]]
         details = {f"model {name}": f"{ids[name]} ({m.model_dir})" for name, m in models.items()}
+        if transformation is not None:
+            details[f"transformation {TRANSFORM_NAME}"] = transformation.describe()
         details.update({"query split": splits[QUERY_SPLIT_KEY].name, "gallery split": splits[GALLERY_SPLIT_KEY].name,
-                        "examples": examples_dir, **{k: f"{v:g}" for k, v in params.items()}})
+                        "examples": examples_dir, "compatibility": compatibility, **{k: f"{v:g}" for k, v in params.items()}})
         for note in report["skipped"]:
             details[f"skipped {note.split(':')[0]}"] = note.split(":", 1)[1].strip()
         title = (f"Compatibility validation of {new_name} against {old_name}" if old_name
                  else f"Validation of {new_name} (first model of the pipeline)")
+        galleries = list(models) + ([forward_gallery] if forward_gallery else [])
         write_html_report(os.path.join(blessing_dir, REPORT_FILE), title=title, verdict=verdict, reasons=reasons,
-                          matrix=results, models=list(models), metrics_table=rows, details=details)
-        marker = BLESSED_FILE if blessed else NOT_BLESSED_FILE
+                          matrix=results, models=list(models), galleries=galleries, metrics_table=rows,
+                          routes_table=(_route_rows(report, results, new_name, old_name, forward_gallery, decision,
+                                                    compatibility) if old_name else ()),
+                          details=details)
+        marker = BLESSED_FILE if decision.blessed else NOT_BLESSED_FILE
         util.write_text(os.path.join(blessing_dir, marker), "\n".join(reasons) + "\n")
 
-        blessing.set_int_custom_property(BLESSED_PROPERTY, 1 if blessed else 0)
+        blessing.set_int_custom_property(BLESSED_PROPERTY, 1 if decision.blessed else 0)
+        blessing.set_string_custom_property(BLESSED_ROUTE_PROPERTY, decision.route)
+        blessing.set_string_custom_property(PASSED_ROUTES_PROPERTY, ",".join(decision.passed_routes))
+        blessing.set_string_custom_property(COMPATIBILITY_KEY, compatibility)
+        if transformation is not None:
+            blessing.set_string_custom_property(TRANSFORMATION_DIR_PROPERTY, transform_dir)
+            blessing.set_string_custom_property(TRANSFORM_ID_PROPERTY, transformation.transform_id)
         blessing.set_string_custom_property(CURRENT_MODEL_PROPERTY, candidate_artifact.uri)
         blessing.set_int_custom_property(CURRENT_MODEL_ID_PROPERTY, candidate_artifact.id)
         if old_artifact is not None:
             blessing.set_string_custom_property(BASELINE_MODEL_PROPERTY, old_artifact.uri)
             blessing.set_int_custom_property(BASELINE_MODEL_ID_PROPERTY, old_artifact.id)
+        role = {new_name: "new", old_name: "old", ind_name: "independent"}
+        if forward_gallery:
+            role[forward_gallery] = "T12old"
+            role[transformed_label(TRANSFORM_NAME, new_name, "new_to_old")] = "T21new"
         for (q, g), result in results.items():
-            role = {new_name: "new", old_name: "old", ind_name: "independent"}
             for metric in ("top1", "mAP"):
                 blessing.set_float_custom_property(f"{metric}_{role[q]}_{role[g]}", float(getattr(result, metric)))
-        _LOG.info("CompatibilityValidator: %s\n%s\n%s", verdict, report["table"], "\n".join(reasons))
+        _LOG.info("CompatibilityValidator: %s%s\n%s\n%s", verdict,
+                  f" (route {decision.route})" if decision.route else "", report["table"], "\n".join(reasons))

@@ -1,10 +1,24 @@
-"""Executor of IndexBuilder: embeds the gallery split and writes an index directory (ScaNN or Milvus)."""
+"""Executor of IndexBuilder: the served gallery index of a blessed model, ScaNN or Milvus.
+
+Backward blessing or first model: the gallery split is embedded with the model's `embed` signature.
+Forward blessing: the current served index (`base_index`) is upgraded through the fitted transformation
+T12 (`lce_tf.search.upgrade_with_transformation`): every stored vector moves into the new model's space,
+no image is read. When no usable base index was resolved (none yet, not built, in another space than
+T12's source, or of another backend than `backend`) it falls back to embedding the gallery split, and
+says why (`built_from`).
+
+Backends (`backend`): "scann" saves an `lce_tf.retrieval.EmbeddingIndex` in the artifact's index
+directory; "milvus" writes an `lce_tf.milvus_index.MilvusIndex` whose collection lives on `milvus_uri`,
+or, when that is "", in a Milvus Lite database file inside the artifact's index directory (under the
+pipeline root in a local run). A forward upgrade of a Milvus index fills a new collection and serves it
+from the new artifact (on a server the alias moves to it); the base artifact keeps its own.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Optional
 
 from tfx.dsl.components.base import base_executor
 
@@ -14,6 +28,8 @@ from components import artifacts, util
 MODEL_KEY = "model"
 EXAMPLES_KEY = "examples"
 BLESSING_KEY = "blessing"
+TRANSFORMATION_KEY = "transformation"
+BASE_INDEX_KEY = "base_index"
 INDEX_KEY = "index"
 SPLIT_KEY = "split"
 ALGORITHM_KEY = "algorithm"
@@ -24,8 +40,11 @@ MILVUS_URI_KEY = "milvus_uri"
 MILVUS_INDEX_TYPE_KEY = "milvus_index_type"
 BACKENDS = ("scann", "milvus")
 
-# Custom property of the output: 1 when the index was built.
+# Custom properties of the output: 1 when the index was built; how ("gallery split" or "upgraded from ...").
 BUILT_PROPERTY = "built"
+BUILT_FROM_PROPERTY = "built_from"
+MODEL_ID_PROPERTY = "model_id"
+INDEX_DIR_PROPERTY = "index_dir"
 
 _LOG = logging.getLogger(__name__)
 
@@ -38,6 +57,26 @@ def entry_ids(paths: list[str] | None, class_names: list[str], labels, split: st
     return [f"{class_names[int(label)]}/{split}-{i:07d}" for i, label in enumerate(labels)]
 
 
+def _overrides(backend: str, num_neighbors: int, algorithm: str, milvus_index_type: str) -> dict[str, Any]:
+    """The index configuration overrides of the component's parameters for a backend."""
+    overrides: dict[str, Any] = {"num_neighbors": num_neighbors}
+    if backend == "milvus" and milvus_index_type:
+        overrides["index_type"] = milvus_index_type
+    if backend == "scann" and algorithm:
+        overrides["algorithm"] = algorithm
+    return overrides
+
+
+def index_properties(index, path: str) -> dict[str, Any]:
+    """The output's custom properties that describe a written index (either backend)."""
+    props: dict[str, Any] = {INDEX_DIR_PROPERTY: path, "embedding_space": index.embedding_space,
+                             "count": len(index), "dim": index.dim, "algorithm": index.config.algorithm,
+                             "backend": index.backend}
+    if index.backend == "milvus":
+        props.update(collection=index.collection, milvus_uri=index.uri or "milvus-lite")
+    return props
+
+
 def build_index_dir(index_dir: str, ids: list[str], embeddings, model_id: str, embedding_space: str, *,
                     backend: str = "scann", algorithm: str = "", num_neighbors: int = 10, milvus_uri: str = "",
                     milvus_index_type: str = "") -> dict[str, Any]:
@@ -45,52 +84,64 @@ def build_index_dir(index_dir: str, ids: list[str], embeddings, model_id: str, e
 
     ScaNN: an `EmbeddingIndex` saved in the directory (algorithm by size unless given). Milvus: a
     `MilvusIndex` whose collection is on `milvus_uri`, or, when it is "", in a Milvus Lite database file
-    inside `index_dir` (under the pipeline root in a local run).
+    inside `index_dir`.
     """
-    from lce_tf import search
+    from lce_tf import retrieval, search
+    from lce_tf.milvus_index import MilvusIndex
 
-    overrides: dict[str, Any] = {"num_neighbors": min(num_neighbors, len(ids))}
-    if backend == "milvus":
-        if milvus_index_type:
-            overrides["index_type"] = milvus_index_type
-        config = search.config_for(backend, len(ids), embeddings.shape[1], overrides)
-        from lce_tf.milvus_index import MilvusIndex
-
-        index = MilvusIndex.build(ids, embeddings, model_id, embedding_space=embedding_space, model_id=model_id,
-                                  model_version=model_id, config=config, index_dir=index_dir,
-                                  uri=milvus_uri or None)
-        try:
-            return {"index_dir": index.index_dir, "count": len(index), "dim": index.dim,
-                    "algorithm": index.config.algorithm, "backend": backend, "collection": index.collection,
-                    "milvus_uri": milvus_uri or "milvus-lite"}
-        finally:
-            index.close()
-    from lce_tf import retrieval
-
-    if algorithm:
-        overrides["algorithm"] = algorithm
+    overrides = _overrides(backend, min(num_neighbors, len(ids)), algorithm, milvus_index_type)
     config = search.config_for(backend, len(ids), embeddings.shape[1], overrides)
-    index = retrieval.EmbeddingIndex.build(ids, embeddings, model_id, embedding_space=embedding_space,
-                                           model_id=model_id, model_version=model_id, config=config)
-    path = index.save(index_dir)
-    return {"index_dir": path, "count": len(index), "dim": index.dim, "algorithm": index.config.algorithm,
-            "backend": backend}
+    common = dict(embedding_space=embedding_space, model_id=model_id, model_version=model_id, config=config)
+    if backend == "milvus":
+        with MilvusIndex.build(ids, embeddings, model_id, index_dir=index_dir, uri=milvus_uri or None,
+                               **common) as index:
+            return index_properties(index, index.index_dir)
+    index = retrieval.EmbeddingIndex.build(ids, embeddings, model_id, **common)
+    return index_properties(index, index.save(index_dir))
+
+
+def _usable_base_index(base, transformation, backend: str) -> tuple[Optional[Any], str]:
+    """(the opened base index, "") when it can be upgraded through the transformation, else (None, why not)."""
+    from lce_tf import retrieval
+    from lce_tf.transformation import TransformationError
+
+    if base is None:
+        return None, "no served index was resolved"
+    if base.get_int_custom_property(BUILT_PROPERTY) != 1:
+        return None, f"the resolved index {base.uri} was not built"
+    index_dir = os.path.join(util.path(base), artifacts.INDEX_SUBDIR)
+    index = retrieval.open_index(index_dir)
+    try:
+        transformation.check_source_space(index.embedding_space, f"served index {index_dir}")
+    except TransformationError as e:
+        index.close()
+        return None, str(e)
+    if index.backend != backend:
+        index.close()
+        return None, f"the served index {index_dir} is a {index.backend} index and {BACKEND_KEY} is {backend!r}"
+    return index, ""
 
 
 class Executor(base_executor.BaseExecutor):
-    """Builds the gallery index with the model's own `embed` signature (its own embedding space).
+    """Builds (or, on a forward blessing, upgrades) the gallery index of a blessed model.
 
     With a connected blessing that is not blessed, no index is built (NOT_BUILT marker, `built` = 0).
     """
 
     def Do(self, input_dict: dict[str, list], output_dict: dict[str, list], exec_properties: dict[str, Any]) -> None:
-        from lce_tf import retrieval
+        from lce_tf import milvus_index, retrieval, search
         from lce_tf.data import make_tfrecord_dataset
         from lce_tf.serving import load_embedding_model
+        from lce_tf.transformation import load_transformation
+
+        from components.compatibility_validator.executor import BLESSED_ROUTE_PROPERTY
+        from components.gallery_transform_fitter.executor import transformation_dir
 
         model_artifact = util.single(input_dict, MODEL_KEY)
         examples = util.single(input_dict, EXAMPLES_KEY)
         blessing = util.single(input_dict, BLESSING_KEY, optional=True)
+        transform_dir = transformation_dir(util.single(input_dict, TRANSFORMATION_KEY, optional=True))
+        base = util.single(input_dict, BASE_INDEX_KEY, optional=True)
         output = util.single(output_dict, INDEX_KEY)
         split = str(exec_properties.get(SPLIT_KEY) or "gallery")
         algorithm = str(exec_properties.get(ALGORITHM_KEY) or "")
@@ -116,23 +167,43 @@ class Executor(base_executor.BaseExecutor):
                             f"The model {model_artifact.uri} was not blessed ({blessing.uri}): no index built.\n")
             output.set_int_custom_property(BUILT_PROPERTY, 0)
             return
-
-        util.check_split_records(examples_dir, split, entry)
+        route = blessing.get_string_custom_property(BLESSED_ROUTE_PROPERTY) if blessing is not None else ""
         model = load_embedding_model(util.model_dir(util.path(model_artifact), MODEL_KEY))
-        dataset = make_tfrecord_dataset(util.split_pattern(examples_dir, split), model.input_shape, batch_size)
-        embeddings, labels = model.embed_dataset(dataset, signature="embed")
-        ids = entry_ids(util.read_split_paths(examples_dir, split), entry["class_names"], labels, split)
-        space = model.metadata["embedding_space"]
-        built = build_index_dir(os.path.join(output_dir, artifacts.INDEX_SUBDIR), ids, embeddings, model.model_id,
-                                space, backend=backend, algorithm=algorithm, num_neighbors=num_neighbors,
-                                milvus_uri=milvus_uri, milvus_index_type=milvus_index_type)
+        index_dir = os.path.join(output_dir, artifacts.INDEX_SUBDIR)
+        built, built_from = None, f"gallery split {split}"
+        with milvus_index.closing_opened():  # the Milvus indexes opened here are closed when the step ends
+            if route == "forward":
+                if transform_dir is None:
+                    raise ValueError(f"input {TRANSFORMATION_KEY!r}: the blessing names the forward route but no "
+                                     "fitted transformation is connected")
+                transformation = load_transformation(transform_dir)
+                base_index, why_not = _usable_base_index(base, transformation, backend)
+                if base_index is not None:
+                    overrides = _overrides(backend, min(num_neighbors, len(base_index)), algorithm, milvus_index_type)
+                    index = search.upgrade_with_transformation(base_index, transformation, overrides=overrides,
+                                                               index_dir=base.uri, out_dir=index_dir)
+                    built = index_properties(index, index.save(index_dir))
+                    built_from = f"upgraded from {base.uri} by {transformation.transform_id} (no image read)"
+                else:
+                    _LOG.warning("IndexBuilder: forward blessing, but %s: embedding the gallery split instead",
+                                 why_not)
+                    built_from = f"gallery split {split} ({why_not})"
+            if built is None:
+                util.check_split_records(examples_dir, split, entry)
+                dataset = make_tfrecord_dataset(util.split_pattern(examples_dir, split), model.input_shape,
+                                                batch_size)
+                embeddings, labels = model.embed_dataset(dataset, signature="embed")
+                ids = entry_ids(util.read_split_paths(examples_dir, split), entry["class_names"], labels, split)
+                built = build_index_dir(index_dir, ids, embeddings, model.model_id, model.metadata["embedding_space"],
+                                        backend=backend, algorithm=algorithm, num_neighbors=num_neighbors,
+                                        milvus_uri=milvus_uri, milvus_index_type=milvus_index_type)
         output.set_int_custom_property(BUILT_PROPERTY, 1)
-        output.set_string_custom_property("embedding_space", space)
-        output.set_string_custom_property("model_id", model.model_id)
+        output.set_string_custom_property(BUILT_FROM_PROPERTY, built_from)
+        output.set_string_custom_property(MODEL_ID_PROPERTY, model.model_id)
         for key, value in built.items():
             if isinstance(value, int):
                 output.set_int_custom_property(key, value)
             else:
                 output.set_string_custom_property(key, str(value))
-        _LOG.info("IndexBuilder: %d gallery entries x %d (%s %s, space %s) -> %s", built["count"], built["dim"],
-                  backend, built["algorithm"], space, built["index_dir"])
+        _LOG.info("IndexBuilder: %d gallery entries x %d (%s %s, space %s), %s -> %s", built["count"], built["dim"],
+                  backend, built["algorithm"], built["embedding_space"], built_from, built[INDEX_DIR_PROPERTY])

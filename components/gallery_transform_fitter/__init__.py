@@ -1,0 +1,1 @@
+"""GalleryTransformFitter: the fitted old -> new transformation of the forward upgrade route."""
