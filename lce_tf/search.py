@@ -349,10 +349,13 @@ class SearchResults:
 
 def index_info(index: "retrieval.EmbeddingIndex", index_dir: Optional[str] = None) -> dict[str, Any]:
     """Summary of an index for reports: dir, backend, embedding space, model id, count, dim, algorithm
-    (the Milvus index type for Milvus), versions."""
+    (the Milvus index type for Milvus), versions; Milvus: the collection and the server URI
+    ("milvus-lite" for Milvus Lite)."""
     info = {"backend": index.backend, "embedding_space": index.embedding_space, "model_id": index.model_id,
             "count": len(index), "dim": index.dim, "algorithm": index.config.algorithm,
             "version_counts": index.version_counts()}
+    if index.backend == retrieval.MILVUS_BACKEND:
+        info.update(collection=index.collection, milvus_uri=index.uri or "milvus-lite")
     if index_dir is not None:
         info = {"dir": os.path.abspath(index_dir), **info}
     return info

@@ -68,13 +68,12 @@ def _overrides(backend: str, num_neighbors: int, algorithm: str, milvus_index_ty
 
 
 def index_properties(index, path: str) -> dict[str, Any]:
-    """The output's custom properties that describe a written index (either backend)."""
-    props: dict[str, Any] = {INDEX_DIR_PROPERTY: path, "embedding_space": index.embedding_space,
-                             "count": len(index), "dim": index.dim, "algorithm": index.config.algorithm,
-                             "backend": index.backend}
-    if index.backend == "milvus":
-        props.update(collection=index.collection, milvus_uri=index.uri or "milvus-lite")
-    return props
+    """The output's custom properties that describe a written index (`lce_tf.search.index_info`, either
+    backend, without the model id and the version counts, which the executor records itself)."""
+    from lce_tf import search
+
+    info = search.index_info(index)
+    return {INDEX_DIR_PROPERTY: path, **{k: v for k, v in info.items() if k not in ("model_id", "version_counts")}}
 
 
 def build_index_dir(index_dir: str, ids: list[str], embeddings, model_id: str, embedding_space: str, *,
