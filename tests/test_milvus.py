@@ -457,6 +457,18 @@ def test_bad_input_database_open_in_another_process(small, tmp_path):
         holder.wait()
 
 
+def test_unreachable_server_is_one_line_and_leaves_nothing(small, monkeypatch):
+    from pymilvus.settings import Config
+
+    monkeypatch.setattr(Config, "MILVUS_CONN_TIMEOUT", 1.0)  # pymilvus' wait for the channel (env MILVUS_CONN_TIMEOUT)
+    with pytest.raises(ConnectionError) as info:
+        _build(small, "unreachable", uri="http://127.0.0.1:1")
+    assert str(info.value).startswith(f"index {small['root'] / 'unreachable'}: cannot connect to the Milvus server "
+                                      "http://127.0.0.1:1: ") and "\n" not in str(info.value)
+    assert not (small["root"] / "unreachable").exists()
+    assert not [e for e in os.listdir(small["root"]) if e.startswith(".unreachable")]
+
+
 def test_bad_input_lite_index_type_is_refused_before_anything_is_written(small):
     _one_line_value_error(lambda: _build(small, "hnsw", config=MilvusConfig(index_type="HNSW")),
                           r"needs a Milvus server")
