@@ -736,8 +736,9 @@ def write_plot(path: str, report: dict) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("recall@10")
         ax.set_ylabel(f"queries per second ({report['threads']} thread{'s' if report['threads'] > 1 else ''})")
-        ax.set_title(f"{name}: {dataset['n']:,} x {dataset['dim']} (lines: best settings; faint: the others)",
-                     fontsize=10)
+        carried = dataset.get("carried_over")
+        ax.set_title(f"{name}: {dataset['n']:,} x {dataset['dim']} (lines: best settings; faint: the others)"
+                     + (f"\ncarried over from the run of {carried['date'][:10]}" if carried else ""), fontsize=10)
         ax.grid(True, alpha=0.3, which="both")
         ax.legend(fontsize=8)
     save_figure(figure, path)
