@@ -112,7 +112,7 @@ def settings_for(method: str, n: int) -> list[dict]:
     if method == "milvus-lite":
         from lce_tf.milvus_index import MilvusConfig  # pylint: disable=import-outside-toplevel
 
-        config = MilvusConfig.for_size(n, 128)
+        config = MilvusConfig.for_size(n, 128)  # nlist and nprobe depend on n only
         nlist, default = config.index_params["nlist"], config.search_params["nprobe"]
         return [{"nprobe": v} for v in sorted({1, min(nlist, 16), default})]
     if method == "faiss-ivfpq":
