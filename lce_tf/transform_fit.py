@@ -103,6 +103,17 @@ class PairStore:
         self.class_counts: dict[int, int] = {}
         self._arrays: Optional[dict[str, np.ndarray]] = None
 
+    @classmethod
+    def from_arrays(cls, directory: str, old: np.ndarray, new: np.ndarray, labels: np.ndarray) -> "PairStore":
+        """A closed store of pairs already in memory (old [N, D_old], new [N, D_new], labels [N])."""
+        store = cls(directory, np.shape(old)[1], np.shape(new)[1])
+        try:
+            store.append(old, new, labels)
+        finally:
+            store.close_files()
+        store.close()
+        return store
+
     def append(self, old: np.ndarray, new: np.ndarray, labels: np.ndarray) -> None:
         """Adds pairs: old [B, D_old], new [B, D_new] (row i of both = image i), labels [B]."""
         old = np.ascontiguousarray(old, dtype=np.float32)

@@ -1090,6 +1090,115 @@ def run_validation(data_dir: Optional[str], out_dir: str, profile: Profile, *, s
     return report
 
 
+# The fit settings of the forward route's transformation T12 tried by --validate-transform: the paper's
+# block (width 16) and wider ones, short and long fits (lce_tf.transform_fit.TransformFitSettings).
+TRANSFORM_CANDIDATES: tuple[tuple[int, int], ...] = ((16, 10), (16, 30), (64, 10), (64, 30), (128, 30))
+
+
+def fit_forward(zoo: ModelZoo, old: Spec, new: Spec, settings) -> tuple[Any, float]:
+    """T12 old -> new fitted on the pairs (φ_old(x), φ_new(x)) of the new model's training images; returns
+    (lce_tf.transform_fit.FittedTransformation, seconds)."""
+    import tempfile
+
+    from lce_tf import transform_fit
+
+    rows, folder = zoo._train_rows(new.classes)  # pylint: disable=protected-access
+    with tempfile.TemporaryDirectory(prefix="bench-pairs-") as pair_dir:
+        pairs = transform_fit.PairStore.from_arrays(pair_dir, zoo.embed(old, "train")[rows],
+                                                    zoo.embed(new, "train")[rows], folder.labels)
+        start = time.perf_counter()
+        fitted = transform_fit.fit_transformation(pairs, settings)
+    return fitted, time.perf_counter() - start
+
+
+def forward_result(zoo: ModelZoo, new: Spec, old: Spec, fitted) -> Any:
+    """M(new, T12(old)): new queries against the old gallery moved by the fitted T12."""
+    from lce_tf import evaluation
+
+    moved = fitted.apply("old_to_new", zoo.embed(old, "gallery"))
+    return evaluation.retrieval_metrics(zoo.embed(new, "query"), zoo.split.query_labels, moved,
+                                        zoo.split.gallery_labels)
+
+
+def run_transform_validation(data_dir: Optional[str], out_dir: str, profile: Profile, *, seed: int = 0,
+                             work: str = "build/bench", candidates: Sequence[tuple[int, int]] = TRANSFORM_CANDIDATES,
+                             name: str = "transform_validation", verbose: int = 0) -> dict[str, Any]:
+    """Chooses the forward route's fit settings (width, epochs) on a validation split of the TRAINING classes.
+
+    For both upgrades of VALIDATION_SETTINGS (S1: same network, more classes; S2: small -> larger network,
+    the demo's), the old model and the LCE new model are trained on the kept training classes; T12 is fitted
+    with every candidate on their training pairs and M(new, T12(old)) is measured on the held-out training
+    classes (query/gallery by font, as the test split). Rule: criterion passes (top-1 and mAP, both
+    settings) first, then the mean of top-1 and mAP over the settings. Results: OUT_DIR/NAME.{json,md}.
+    """
+    from lce_tf.evaluation import empirical_criterion
+    from lce_tf.transform_fit import TransformFitSettings
+
+    start = time.perf_counter()
+    os.makedirs(out_dir, exist_ok=True)
+    data_dir, summary = ensure_dataset(data_dir, work, profile, seed)
+    split = validation_split(load_split(data_dir, summary), profile.val_classes, seed)
+    _log(f"transform validation data (training classes only): {split.description}")
+    bench = Benchmark(split, profile, seed, out_dir, verbose)
+    settings_rows: dict[str, dict[str, Any]] = {}
+    rows = []
+    for setting in VALIDATION_SETTINGS:
+        arch = {"old": profile.small_arch, "new": profile.large_arch} if setting == "S2" else {}
+        old = bench.old(f"{setting} old (50% classes)", arch=arch.get("old"))
+        new = bench.spec("lce", old, arch=arch.get("new"))
+        bench.zoo.name(new, f"{setting} lce")
+        old_old, backward = bench.ev.m(old, old), bench.ev.m(new, old, old)
+        settings_rows[setting] = {"description": VALIDATION_SETTINGS[setting], "old_old": _metric_entry(old_old),
+                                  "backward": _metric_entry(backward), "new_new": _metric_entry(bench.ev.m(new, new))}
+        for width, epochs in candidates:
+            fitted, seconds = fit_forward(bench.zoo, old, new, TransformFitSettings(width=width, epochs=epochs,
+                                                                                    seed=seed))
+            result = forward_result(bench.zoo, new, old, fitted)
+            verdict = empirical_criterion(result, old_old)
+            rows.append({"setting": setting, "width": width, "epochs": epochs, "forward": _metric_entry(result),
+                         "criterion": {**{m: bool(verdict[m]) for m in METRICS}, "pass": all(verdict.values())},
+                         "fit_loss": round(fitted.fit_loss["old_to_new"], 4), "fit_seconds": round(seconds, 1)})
+            _log(f"{setting} T12 width {width}, {epochs} epochs: forward top-1 {result.top1:.4f} mAP {result.mAP:.4f} "
+                 f"(old/old {old_old.top1:.4f} / {old_old.mAP:.4f}; backward {backward.top1:.4f} / {backward.mAP:.4f}); "
+                 f"fit loss {fitted.fit_loss['old_to_new']:.4f} in {seconds:.0f} s")
+
+    def score(candidate):
+        mine = [r for r in rows if (r["width"], r["epochs"]) == candidate]
+        return (sum(r["criterion"]["pass"] for r in mine),
+                float(np.mean([(r["forward"]["top1"] + r["forward"]["mAP"]) / 2 for r in mine])))
+
+    chosen = max(candidates, key=score)
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "seed": seed,
+              "profile": dataclasses.asdict(profile), "dataset": split.description, "settings": settings_rows,
+              "rule": "criterion passes (top-1 and mAP, both settings) first, then the mean of top-1 and mAP",
+              "candidates": rows, "chosen": {"width": chosen[0], "epochs": chosen[1]},
+              "wall_time_seconds": round(time.perf_counter() - start, 1), "machine": machine_info(),
+              "models": list(bench.zoo.records.values())}
+    _write_text(os.path.join(out_dir, f"{name}.json"), json.dumps(report, indent=1) + "\n")
+    lines = ["# Forward route: fit settings of T12 chosen on a validation split of the training classes", "",
+             f"{split.description['test_classes']} of the training classes held out (query/gallery split by "
+             f"{split.description['split_by']}); the models train on the other {split.description['train_classes']}. "
+             f"The test classes are not used. Epochs: old {profile.old_epochs}, new {profile.epochs}; {profile.size} px; "
+             f"T12 = CompatibilityTransform (4 paths of the given width), Adam 1e-3, batch 256, cosine loss, fitted on "
+             "the new model's training pairs.", ""]
+    for setting, info in settings_rows.items():
+        lines.append(f"- {setting} ({info['description']}): old/old {_fmt(info['old_old'], 'top1', False)} / "
+                     f"{_fmt(info['old_old'], 'mAP', False)}; backward M(new, old) {_fmt(info['backward'], 'top1', False)} / "
+                     f"{_fmt(info['backward'], 'mAP', False)}; new/new {_fmt(info['new_new'], 'top1', False)} / "
+                     f"{_fmt(info['new_new'], 'mAP', False)}")
+    lines += ["", "| setting | width | epochs | forward top-1 | forward mAP | criterion | fit loss | fit s |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['width']} | {r['epochs']} | {_fmt(r['forward'], 'top1')} | "
+                     f"{_fmt(r['forward'], 'mAP')} | {_yn(r['criterion']['pass'])} | {r['fit_loss']:.4f} | "
+                     f"{r['fit_seconds']:.0f} |")
+    lines += ["", f"Rule: {report['rule']}. Chosen: width {chosen[0]}, {chosen[1]} epochs. Machine: "
+              f"{report['machine'].get('cpu', '')}; wall time {report['wall_time_seconds'] / 60:.1f} min; command: "
+              f"`python scripts/bench_compat.py --validate-transform`."]
+    _write_text(os.path.join(out_dir, f"{name}.md"), "\n".join(lines) + "\n")
+    return report
+
+
 def annotate(out_dir: str, notes_path: str) -> dict[str, Any]:
     """Adds a written analysis (markdown lines from `notes_path`) to existing results; numbers are untouched.
 
@@ -1122,6 +1231,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--epochs", type=int, help="override the profile's epochs (new and old models)")
     parser.add_argument("--validate", action="store_true",
                         help="choose the LCE boundary rule and weights on held-out TRAINING classes instead")
+    parser.add_argument("--validate-transform", action="store_true",
+                        help="choose the forward route's T12 fit settings on held-out TRAINING classes instead")
     parser.add_argument("--setting", default="S1", choices=sorted(VALIDATION_SETTINGS),
                         help="--validate: the upgrade to validate (S2 = the pipeline demo's small -> larger network)")
     parser.add_argument("--name", default="validation", help="--validate: results file name (NAME.json, NAME.md)")
@@ -1143,6 +1254,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.annotate:
             annotate(args.out, args.annotate)
+        elif args.validate_transform:
+            run_transform_validation(args.data, args.out, profile, seed=args.seed, work=args.work,
+                                     verbose=args.verbose)
         elif args.validate:
             run_validation(args.data, args.out, profile, seed=args.seed, work=args.work, setting=args.setting,
                            name=args.name, verbose=args.verbose)

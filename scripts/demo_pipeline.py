@@ -2,15 +2,21 @@
 """The pipeline walk-through: a compatible model upgrade through the lce-tf TFX pipeline, locally.
 
 1. prepare the glyph data (CJK characters from the installed fonts; random stroke patterns when fewer
-   than three CJK fonts are installed): training classes, and held-out query/gallery classes;
+   than three CJK fonts are installed): by default all 2,064 characters the installed fonts share at
+   20 px, 1,445 training classes and 619 held-out query/gallery classes;
 2. run the pipeline for v1 (small CNN, half of the training classes). The metadata store is empty, so
    v1 is trained independently, blessed on its own accuracy, pushed, and its gallery is indexed;
 3. run the pipeline for v2 (larger CNN, all training classes, mode lce): v1 is resolved from the
    metadata store as the old model, its class centers are computed with Beam, v2 is trained with LCE
-   (with --independent also the reference v2* trained without compatibility terms), validated
-   against v1 and pushed only if blessed;
-4. print the compatibility table, the verdict, and where the pushed model, the report and the index are;
-5. search v2 queries against the v1 index (`lce-tf index search`): the gallery is NOT re-encoded.
+   (with --independent also the reference v2* trained without compatibility terms), T12 (v1 -> v2) is
+   fitted on the training pairs, and v2 is validated on both upgrade routes (backward: v2 queries
+   against the untouched v1 gallery; forward: against the v1 gallery moved by T12) and pushed only if
+   a route blesses it (`compatibility`, default either). On a forward blessing the served v1 index is
+   upgraded through T12 (no image read) and T12 ships with the pushed model;
+4. print the backward and forward rows, the verdict and which route blessed v2, and where the pushed
+   model, the report and the index are;
+5. search v2 queries against the served index (`lce-tf index search`): the v1 gallery upgraded through T12
+   (forward blessing) or the v1 index itself (backward); no gallery image is re-encoded either way.
 
 Both runs go through the same `pipeline.local_runner.run_local` (LocalDagRunner, SQLite metadata under
 WORKDIR/pipeline, Beam DirectRunner multi-processing) in this one process, so TFX is imported once.
@@ -62,8 +68,29 @@ def prepare_data(out: str, kind: str, classes: int, test_fraction: float, size: 
     return kind
 
 
-def search_v2_against_v1_index(index_dir: str, model_dir: str, query_dir: str, out_json: str, k: int) -> None:
-    """`lce-tf index search` of the v2 queries against the v1 index; prints the command and top-1/top-k."""
+def format_routes(metrics: dict) -> str:
+    """The two upgrade routes side by side (from the validator's metrics.json): pair, top-1, mAP, verdict."""
+    old, new = metrics["old"], metrics["candidate"]
+    pairs = {(p["query"], p["gallery"], p.get("via"), p.get("direction")): p for p in metrics["pairs"]}
+    bar = pairs[(old, old, None, None)]
+    lines = [f"{'route':<9} {'pair':<22} {'top-1':>7} {'mAP':>7}   criterion (> M({old}, {old}) = "
+             f"{bar['top1']:.4f} / {bar['mAP']:.4f})"]
+    for route, key, label in (("backward", (new, old, None, None), f"M({new}, {old})"),
+                              ("forward", (new, old, "T12", "old_to_new"), f"M({new}, T12({old}))")):
+        p = pairs.get(key)
+        if p is None:
+            lines.append(f"{route:<9} {label:<22} {'n/a':>7} {'n/a':>7}   not measured")
+            continue
+        ok = {m: p[m] > bar[m] for m in ("top1", "mAP")}
+        lines.append(f"{route:<9} {label:<22} {p['top1']:7.4f} {p['mAP']:7.4f}   top-1 {'yes' if ok['top1'] else 'NO'}, "
+                     f"mAP {'yes' if ok['mAP'] else 'NO'}: {'PASS' if all(ok.values()) else 'FAIL'}")
+    lines.append(f"verdict: {metrics['verdict']}" + (f" through the {metrics['route']} route" if metrics.get("route")
+                                                     else "") + f" (compatibility {metrics.get('compatibility')!r})")
+    return "\n".join(lines)
+
+
+def search_v2_against_index(index_dir: str, what: str, model_dir: str, query_dir: str, out_json: str, k: int) -> None:
+    """`lce-tf index search` of the v2 queries against the served index; prints the command and top-1/top-k."""
     from lce_tf import cli
 
     argv = ["index", "search", "--index", index_dir, "--model", model_dir, "--data", query_dir, "--k", str(k),
@@ -75,8 +102,9 @@ def search_v2_against_v1_index(index_dir: str, model_dir: str, query_dir: str, o
         queries = results["queries"]
         top1 = sum(q["results"][0]["class"] == q["class"] for q in queries) / len(queries)
         topk = sum(any(r["class"] == q["class"] for r in q["results"]) for q in queries) / len(queries)
-        say(f"v2 queries against the v1 index ({results['index']['count']} v1 gallery entries, signature "
-            f"{results['signature']!r}): top-1 {top1:.3f}, top-{k} {topk:.3f} over {len(queries)} queries")
+        say(f"v2 queries against {what} ({results['index']['count']} entries, versions "
+            f"{results['index']['version_counts']}, signature {results['signature']!r}): top-1 {top1:.3f}, top-{k} "
+            f"{topk:.3f} over {len(queries)} queries")
         return
     # The index command is not available (or refused): the same search with lce_tf.retrieval directly.
     from lce_tf.data import load_images, read_image_folder
@@ -91,14 +119,15 @@ def search_v2_against_v1_index(index_dir: str, model_dir: str, query_dir: str, o
     ids, _ = index.search(queries, k, embedding_space=index.embedding_space)
     truth = [folder.class_names[j] for j in folder.labels]
     top1 = sum(row[0].split("/")[0] == c for row, c in zip(ids, truth)) / len(truth)
-    say(f"v2 queries against the v1 index via lce_tf.retrieval (signature {signature!r}): top-1 {top1:.3f}")
+    say(f"v2 queries against {what} via lce_tf.retrieval (signature {signature!r}): top-1 {top1:.3f}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="build/demo")
-    parser.add_argument("--classes", type=int, default=1000, help="total classes of the generated dataset")
-    parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument("--classes", type=int, default=2064,
+                        help="total classes of the generated dataset (2,064: every character the fonts share)")
+    parser.add_argument("--test-fraction", type=float, default=0.3)
     parser.add_argument("--size", type=int, default=20, help="image side in pixels")
     parser.add_argument("--epochs", type=int, default=3, help="epochs of v2")
     parser.add_argument("--old-epochs", type=int, default=4, help="epochs of v1 (the small network)")
@@ -110,6 +139,8 @@ def main() -> int:
                         help="also train the independent reference v2* (update gain, sacrifice; ~2 more minutes)")
     parser.add_argument("--margin-top1", type=float, default=0.0, help="validator margin on top-1 (0 = strict)")
     parser.add_argument("--margin-map", type=float, default=0.0, help="validator margin on mAP (0 = strict)")
+    parser.add_argument("--compatibility", choices=("backward", "forward", "either"), default="either",
+                        help="the upgrade route that may bless v2")
     parser.add_argument("--beam-workers", type=int, default=2)
     parser.add_argument("--keep-pipeline", action="store_true",
                         help="keep WORKDIR/pipeline from an earlier demo (by default it is deleted first, so v1 is "
@@ -141,7 +172,7 @@ def main() -> int:
     common = dict(train_dir=os.path.join(data, "train"), query_dir=os.path.join(data, "query"),
                   gallery_dir=os.path.join(data, "gallery"), pipeline_root=root, embedding_dim=args.dim,
                   batch_size=args.batch_size, seed=args.seed, beam_workers=args.beam_workers,
-                  margin_top1=args.margin_top1, margin_map=args.margin_map)
+                  margin_top1=args.margin_top1, margin_map=args.margin_map, compatibility=args.compatibility)
     v1 = PipelineConfig(**common, version="v1", architecture="small_cnn", train_classes="0:50%",
                         epochs=args.old_epochs)
     v2 = PipelineConfig(**common, version="v2", architecture="cnn", mode="lce", epochs=args.epochs,
@@ -161,8 +192,9 @@ def main() -> int:
     print(format_run_summary(s2))
     with open(s2["metrics"], encoding="utf-8") as f:
         metrics = json.load(f)
+    print("\n" + format_routes(metrics))
     for name, gain in metrics.get("update_gain", {}).items():
-        sacrifice = metrics.get("new_model_sacrifice", {}).get(name, {})
+        sacrifice = metrics.get("new_model_sacrifice", {}).get(metrics["criterion"][name]["query"], {})
         print(f"update gain of {name}: top-1 {gain['top1']:.3f}, mAP {gain['mAP']:.3f}; new-model sacrifice "
               f"top-1 {sacrifice.get('top1', float('nan')):.3f}, mAP {sacrifice.get('mAP', float('nan')):.3f}")
     print(f"v1: pushed to {s1['pushed_destination']}; gallery index {s1['index_dir']}")
@@ -172,11 +204,14 @@ def main() -> int:
     print(f"metadata store: {v2.resolved().metadata_path}; pushed versions: {v2.resolved().serving_dir}")
     print("=" * 100)
 
-    if s1["index_dir"]:
+    served_index = s2["index_dir"] if s2["pushed"] and s2["route"] == "forward" else s1["index_dir"]
+    if served_index:
         model_dir = s2["pushed_destination"] if s2["pushed"] else s2["model_dir"]
-        search_v2_against_v1_index(s1["index_dir"], model_dir, common["query_dir"],
-                                   os.path.join(work, "v2_queries_on_v1_index.json"), k=5)
-    say(f"demo finished in {time.time() - start:.0f} s: v2 {s2['verdict']}"
+        what = "the v1 gallery upgraded through T12" if served_index == s2["index_dir"] else "the v1 index"
+        search_v2_against_index(served_index, what, model_dir, common["query_dir"],
+                                os.path.join(work, "v2_queries_on_served_index.json"), k=5)
+    route = f" through the {s2['route']} route" if s2["pushed"] else ""
+    say(f"demo finished in {time.time() - start:.0f} s: v2 {s2['verdict']}{route}"
         + ("" if s2["pushed"] else " -- the gate refused it (reasons above); v1 stays the served model"))
     # Exit status 0 when the pipeline did its job: v1 pushed and v2 judged (either verdict).
     return 0 if s1["pushed"] and s2["verdict"] else 1

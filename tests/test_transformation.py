@@ -33,10 +33,7 @@ def _rotation_pairs(n, dim, seed, noise=0.01):
 
 
 def _store(tmp_path, old, new, labels=None):
-    store = TF.PairStore(str(tmp_path), old.shape[1], new.shape[1])
-    store.append(old, new, np.zeros(len(old), np.int64) if labels is None else labels)
-    store.close()
-    return store
+    return TF.PairStore.from_arrays(str(tmp_path), old, new, np.zeros(len(old), np.int64) if labels is None else labels)
 
 
 # ---------------------------------------------------------------------------------------------------

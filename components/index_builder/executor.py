@@ -121,6 +121,28 @@ def _usable_base_index(base, transformation, backend: str) -> tuple[Optional[Any
     return index, ""
 
 
+def upgrade_served_index(base, transformation, index_dir: str, *, backend: str = "scann", algorithm: str = "",
+                         num_neighbors: int = 10, milvus_index_type: str = "") -> tuple[Optional[dict[str, Any]], str]:
+    """The forward route's step: the served index (`base`, a RetrievalIndex artifact) moved through T12
+    into `index_dir` (a Milvus index: a new collection, served from there).
+
+    Returns:
+      (the output's properties, built_from), or (None, why the base index cannot be used).
+    """
+    from lce_tf import search
+
+    base_index, why_not = _usable_base_index(base, transformation, backend)
+    if base_index is None:
+        return None, why_not
+    with base_index:
+        overrides = _overrides(backend, min(num_neighbors, len(base_index)), algorithm, milvus_index_type)
+        index = search.upgrade_with_transformation(base_index, transformation, overrides=overrides,
+                                                   index_dir=base.uri, out_dir=index_dir)
+        with index:
+            built = index_properties(index, index.save(index_dir))
+    return built, f"upgraded from {base.uri} by {transformation.transform_id} (no image read)"
+
+
 class Executor(base_executor.BaseExecutor):
     """Builds (or, on a forward blessing, upgrades) the gallery index of a blessed model.
 
@@ -128,7 +150,7 @@ class Executor(base_executor.BaseExecutor):
     """
 
     def Do(self, input_dict: dict[str, list], output_dict: dict[str, list], exec_properties: dict[str, Any]) -> None:
-        from lce_tf import milvus_index, retrieval, search
+        from lce_tf import milvus_index, retrieval
         from lce_tf.data import make_tfrecord_dataset
         from lce_tf.serving import load_embedding_model
         from lce_tf.transformation import load_transformation
@@ -175,18 +197,15 @@ class Executor(base_executor.BaseExecutor):
                 if transform_dir is None:
                     raise ValueError(f"input {TRANSFORMATION_KEY!r}: the blessing names the forward route but no "
                                      "fitted transformation is connected")
-                transformation = load_transformation(transform_dir)
-                base_index, why_not = _usable_base_index(base, transformation, backend)
-                if base_index is not None:
-                    overrides = _overrides(backend, min(num_neighbors, len(base_index)), algorithm, milvus_index_type)
-                    index = search.upgrade_with_transformation(base_index, transformation, overrides=overrides,
-                                                               index_dir=base.uri, out_dir=index_dir)
-                    built = index_properties(index, index.save(index_dir))
-                    built_from = f"upgraded from {base.uri} by {transformation.transform_id} (no image read)"
+                built, reason = upgrade_served_index(base, load_transformation(transform_dir), index_dir,
+                                                     backend=backend, algorithm=algorithm, num_neighbors=num_neighbors,
+                                                     milvus_index_type=milvus_index_type)
+                if built is not None:
+                    built_from = reason
                 else:
                     _LOG.warning("IndexBuilder: forward blessing, but %s: embedding the gallery split instead",
-                                 why_not)
-                    built_from = f"gallery split {split} ({why_not})"
+                                 reason)
+                    built_from = f"gallery split {split} ({reason})"
             if built is None:
                 util.check_split_records(examples_dir, split, entry)
                 dataset = make_tfrecord_dataset(util.split_pattern(examples_dir, split), model.input_shape,
