@@ -115,6 +115,10 @@ PROFILES = {
     # held-out TRAINING classes (benchmarks/results/validation.md). The new models train one epoch more than
     # the old ones: an upgrade is a better model, and the 45-minute budget allows 3 epochs.
     "full": Profile("full", train_classes=500, test_classes=200, size=20, epochs=3, old_epochs=2, batch_size=64),
+    # Every glyph class the installed fonts share (2,064 = 1,445 training + 619 test at a 0.3 test fraction),
+    # as `make demo` and `lce-tf data glyphs --classes 2064 --test-fraction 0.3` make them.
+    "all": Profile("all", train_classes=1445, test_classes=619, size=20, epochs=3, old_epochs=2, batch_size=128,
+                   val_classes=400),
     # --quick: the same scenarios (22 models) at smoke-test size, within 5 minutes: ~60 steps per new model
     # and ~56 per old one, about the fewest that leave BatchNormalization's moving statistics converged
     # (DESIGN.md, "Known traps"). Measured: 4/3 epochs at 20 px, batch 32 took 9.0 min; 3/3 at 16 px 6.6 min.
@@ -1222,6 +1226,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small version (~5 min): fewer classes and epochs")
+    parser.add_argument("--profile", choices=sorted(PROFILES), help="the sizes of the run (default: full; quick with "
+                        "--quick)")
     parser.add_argument("--data", help="dataset with train/, query/, gallery/ (default: glyphs generated in --work)")
     parser.add_argument("--out", help="results directory (default: benchmarks/results; build/bench-quick with --quick, "
                         "so a quick run never replaces the committed results)")
@@ -1242,7 +1248,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="add a written analysis to the results in --out (no training)")
     parser.add_argument("--verbose", type=int, default=0, choices=(0, 1, 2), help="Keras fit verbosity")
     args = parser.parse_args(argv)
-    profile = PROFILES["quick" if args.quick else "full"]
+    profile = PROFILES[args.profile or ("quick" if args.quick else "full")]
     args.out = args.out or ("build/bench-quick" if args.quick else "benchmarks/results")
     if args.epochs:
         profile = dataclasses.replace(profile, epochs=args.epochs, old_epochs=args.epochs)
