@@ -127,7 +127,7 @@ def finite_batches(dataset: "tf.data.Dataset", what: str) -> "tf.data.Dataset":
         batch = tf.cond(tf.reduce_all(tf.math.is_finite(batch)), lambda: batch, fail)
         return (batch, *element[1:]) if isinstance(element, tuple) else batch
 
-    return dataset.enumerate().map(check, deterministic=True)
+    return dataset.enumerate().map(check)
 
 
 @contextlib.contextmanager

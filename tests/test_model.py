@@ -255,13 +255,40 @@ def test_training_divergence_raises_and_names_the_loss():
         training.check_history({"cls_loss": [1.0, float("nan")], "loss": [1.0, 2.0]})
 
 
-def test_nan_inputs_stop_training_without_export(toy):
+# Adam moves every weight by about the learning rate per step: after one step of 1e38 the weights are
+# ±1e38, their squares overflow float32 and the normalizing layers compute inf − inf = NaN after the last
+# pooling layer (and the classifier rows become NaN at the next step), on every CPU (IEEE arithmetic, no
+# reliance on NaN passing through max-pool). Learning rates up to 1e30 do not diverge here: the
+# normalized layers are scale-invariant.
+DIVERGING_LEARNING_RATE = 1e38
+
+
+def test_diverging_training_stops_without_a_model(toy):
+    """A genuinely diverging run (finite data, an enormous learning rate): TerminateOnNaN + check_history."""
+    images, labels = toy
+    assert np.isfinite(images).all()
+    config = training.TrainConfig(architecture="small_cnn", embedding_dim=8, epochs=2, batch_size=8,
+                                  learning_rate=DIVERGING_LEARNING_RATE)
+    with pytest.raises(training.TrainingDivergedError, match=r"^Training diverged: loss became nan in epoch 1; "):
+        training.train(config, _dataset(images, labels), num_classes=NUM_CLASSES, input_shape=SHAPE, verbose=0)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
+def test_non_finite_images_are_refused_before_a_training_step(toy, value):
+    """NaN/Inf images never reach a training step (on AVX-512 CPUs NaN images would train to finite
+    losses): the batch that holds them is named, with the count and the first bad row."""
     images, labels = toy
     images = images.copy()
-    images[:] = np.nan
+    images[19, 3, 4, 0] = value  # unshuffled batches of 8: batch 2, row 3
+    images[22, 0, 0, 0] = value
+    steps = []
+    record = tf.keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: steps.append(batch))
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
     config = training.TrainConfig(architecture="small_cnn", embedding_dim=8, epochs=2, batch_size=8)
-    with pytest.raises(training.TrainingDivergedError, match="Training diverged"):
-        training.train(config, _dataset(images, labels), num_classes=NUM_CLASSES, input_shape=SHAPE, verbose=0)
+    with pytest.raises(ValueError, match=r"^training data batch 2 contains 2 non-finite values \(NaN/Inf\), "
+                                         r"first at row 3$"):
+        training.train(config, dataset, num_classes=NUM_CLASSES, input_shape=SHAPE, verbose=0, callbacks=[record])
+    assert steps == [0, 1]  # batches 0 and 1 trained; batch 2 never reached a step
 
 
 def test_compile_accepts_any_margin_head(toy):
