@@ -425,6 +425,15 @@ def metadata_dim_disagrees_with_model(ws, tmp, mp):
 DIVERGING_LEARNING_RATE = "1e38"
 
 
+def model_metadata_of_another_format(ws, tmp, mp):
+    shutil.copytree(ws / "v1", tmp / "m")
+    meta = json.loads((tmp / "m/lce_tf_model.json").read_text())
+    meta["format"] = "lce_tf.model/2"  # everything else intact: only the format check can refuse
+    (tmp / "m/lce_tf_model.json").write_text(json.dumps(meta))
+    return _cli("centers", "--model", tmp / "m", "--data", ws / "train", "--out", tmp / "c.npz"), \
+        lambda _: _assert_absent(tmp / "c.npz")
+
+
 def diverging_training(ws, tmp, mp):
     """Finite images, an enormous learning rate: the loss becomes NaN, TerminateOnNaN stops fit."""
     act = _cli("train", "--data", ws / "train", "--out", tmp / "m", "--arch", "small_cnn", "--dim", "8",
@@ -570,6 +579,18 @@ def tampered_index_metadata(ws, tmp, mp):
     meta["count"] = 11
     (index / "index.json").write_text(json.dumps(meta))
     return _cli("index", "search", "--index", index, "--model", ws / "v1", "--data", ws / "query"), None
+
+
+def index_of_another_format_version(ws, tmp, mp):
+    """index.json says format lce_tf.index/2, with its checksum recomputed: only the format check can refuse."""
+    from lce_tf import retrieval
+
+    index = _copy_index(ws, tmp)
+    meta = json.loads((index / "index.json").read_text())
+    meta["format"] = "lce_tf.index/2"
+    meta["checksum"] = retrieval._metadata_checksum(meta)  # pylint: disable=protected-access
+    (index / "index.json").write_text(json.dumps(meta))
+    return lambda: retrieval.EmbeddingIndex.load(str(index)), None
 
 
 def k_zero(ws, tmp, mp):
@@ -754,6 +775,9 @@ CASES = [
     Case("cli-model-metadata-dim-wrong", "lce_tf_model.json says embedding_dim 16, the SavedModel returns 8",
          metadata_dim_disagrees_with_model,
          CliError(r"Model \S+ \(\S+/m\): signature 'embed' returned dimension 8 but lce_tf_model\.json says 16")),
+    Case("cli-model-metadata-format", "lce_tf_model.json says format lce_tf.model/2 (a future version)",
+         model_metadata_of_another_format,
+         CliError(r"Model metadata \S+/m/lce_tf_model\.json: expected format 'lce_tf\.model/1'\.$")),
     Case("cli-training-diverges", "lce-tf train on finite images with --learning-rate 1e38 (a diverging model)",
          diverging_training,
          CliError(r"^lce-tf: error: Training diverged: loss became nan in epoch 1; nothing was exported")),
@@ -796,6 +820,9 @@ CASES = [
          tampered_index_embeddings, CliError(r"index \S+/index: file embeddings\.npy checksum mismatch")),
     Case("cli-index-tampered-metadata", "index.json of a saved index edited: count 12 -> 11",
          tampered_index_metadata, CliError(r"index \S+/index: file index\.json checksum mismatch")),
+    Case("index-format-version", "index.json says format lce_tf.index/2 (checksum recomputed)",
+         index_of_another_format_version,
+         Raises(ValueError, r"^index \S+/index: file index\.json is not format 'lce_tf\.index/1'$")),
     Case("cli-k-zero", "lce-tf index search --k 0", k_zero, CliError(r"k must be a positive integer; received 0$")),
     Case("cli-k-beyond-gallery", "lce-tf index search --k 13 on a 12-entry index", k_beyond_gallery,
          CliError(r"k=13 exceeds the number of index entries \(12\)$")),
