@@ -256,7 +256,8 @@ def test_trainer_executor_refuses_non_finite_records(examples_and_model, tmp_pat
                   trainer.EMBEDDING_DIM_KEY: 8, trainer.SCALE_KEY: 16.0, trainer.MARGIN_KEY: 0.1,
                   trainer.LAMBDA_ALIGN_KEY: 100.0, trainer.LAMBDA_BOUNDARY_KEY: 1.0, trainer.LAMBDA_COMPAT_KEY: 1.0,
                   trainer.EPOCHS_KEY: 1, trainer.BATCH_SIZE_KEY: 8, trainer.LEARNING_RATE_KEY: 1e-3,
-                  trainer.SHIFT_PIXELS_KEY: 0, trainer.SEED_KEY: 0, trainer.VERSION_KEY: "v1", trainer.SPLIT_KEY: "train"}
+                  trainer.SHIFT_PIXELS_KEY: 0, trainer.SEED_KEY: 0, trainer.VERSION_KEY: "v1",
+                  trainer.SPLIT_KEY: "train"}
     # 8 images of 16 x 16 x 1 per batch, all NaN.
     with pytest.raises(ValueError, match=r"^training data batch 0 contains 2048 non-finite values \(NaN/Inf\), "
                                          r"first at row 0$"):
