@@ -699,7 +699,8 @@ class BoundaryAccumulator:
 
     def add(self, cosine: float) -> "BoundaryAccumulator":
         """Adds one cosine."""
-        value = float(check_finite(float(cosine), "cosine"))
+        value = float(cosine)
+        check_finite(value, "cosine")
         self.count += 1
         self.minimum = min(self.minimum, value)
         if self._keeps_values:

@@ -36,9 +36,9 @@ import numpy as np
 import tensorflow as tf
 
 from lce_tf import defaults
-from lce_tf.checks import check_finite
 from lce_tf import layers as lce_layers
 from lce_tf import losses as lce_losses
+from lce_tf.checks import check_finite
 
 MODES: tuple[str, ...] = ("independent", "lce", "lce-transform", "bct", "l2", "cross-model")
 TRANSFORM_MODES = ("lce-transform", "cross-model")

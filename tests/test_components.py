@@ -146,6 +146,9 @@ def test_util_model_dir_and_bool(tmp_path):
     (tmp_path / "Format-Serving" / "lce_tf_model.json").write_text("{}")
     assert util.model_dir(str(tmp_path)) == os.path.join(str(tmp_path), "Format-Serving")  # a trained Model
     assert util.as_bool("true", "x") is True and util.as_bool(0, "x") is False
+    assert util.is_local(str(tmp_path)) and util.is_local("relative/dir") and util.is_local("/gcs-like/a:b")
+    assert not util.is_local("ram://serving") and not util.is_local("s3://bucket/serving")
+    assert util.is_local("gs://bucket/serving") == os.path.isdir("/gcs")  # mapped onto the FUSE mount
     with pytest.raises(ValueError, match="parameter flip must be a boolean"):
         util.as_bool("maybe", "flip")
 
