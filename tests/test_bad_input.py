@@ -420,8 +420,8 @@ def metadata_dim_disagrees_with_model(ws, tmp, mp):
         lambda _: _assert_absent(tmp / "c.npz")
 
 
-# Adam moves each weight by about the learning rate per step: after one step of 1e38 the squares of the
-# weights overflow float32 and the normalizing layers compute inf - inf = NaN (tests/test_model.py).
+# Adam moves each weight by about the learning rate per step: after one step of 1e38 float32 overflows and
+# every weight becomes NaN, the classifier rows included (tests/test_model.py, DIVERGING_LEARNING_RATE).
 DIVERGING_LEARNING_RATE = "1e38"
 
 

@@ -256,10 +256,11 @@ def test_training_divergence_raises_and_names_the_loss():
 
 
 # Adam moves every weight by about the learning rate per step: after one step of 1e38 the weights are
-# ±1e38, their squares overflow float32 and the normalizing layers compute inf − inf = NaN after the last
-# pooling layer (and the classifier rows become NaN at the next step), on every CPU (IEEE arithmetic, no
-# reliance on NaN passing through max-pool). Learning rates up to 1e30 do not diverge here: the
-# normalized layers are scale-invariant.
+# ±1e38, the next forward pass overflows float32 (inf, then inf − inf = NaN) and its gradients make every
+# weight NaN, the classifier rows included, so the logits are NaN whatever max-pool does to NaN
+# activations: IEEE arithmetic, the same on every CPU (measured here: loss NaN at the second step, every
+# variable NaN after it). Learning rates up to 1e30 do not diverge: the normalized layers are
+# scale-invariant.
 DIVERGING_LEARNING_RATE = 1e38
 
 
