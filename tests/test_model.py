@@ -187,6 +187,11 @@ def test_cross_model_trains_only_the_transformations(toy, old_model_dir, old_cen
     cross = load_embedding_model(str(tmp_path / "cross"))
     assert cross.metadata["signatures"] == ["embed", "embed_compat", "transform_old_to_new"]
     assert cross.embed(images[:2], signature="embed_compat").shape == (2, old_centers.dim)
+    gallery = old_centers.centers.copy()  # old-space vectors, one with an Inf
+    gallery[2, 0] = np.inf
+    with pytest.raises(ValueError, match=r"^old-space embeddings contains 1 non-finite value \(NaN/Inf\), "
+                                         r"first at row 2$"):
+        cross.transform_old_to_new(gallery)
 
 
 def test_export_reloads_in_a_fresh_process_without_lce_tf(toy, old_centers, tmp_path):
