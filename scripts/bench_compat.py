@@ -931,6 +931,40 @@ def check_targets(scenarios: dict[str, Any], seeds: Optional[dict[str, Any]] = N
     return targets
 
 
+def results_table(report: dict[str, Any]) -> list[str]:
+    """The README's results table: one row per scenario and route (old/old, LCE, independent, the best baseline by
+    the mean of top-1 and mAP, LCE's criterion). S1 and S2 show the mean over seeds when the report has them."""
+    lines = ["| scenario | route | old/old top-1 / mAP | LCE | independent | best baseline | LCE criterion top-1 / mAP |",
+             "|---|---|---|---|---|---|---|"]
+
+    def cell(entry):
+        return "n/a" if entry is None else f"{entry['top1']:.3f} / {entry['mAP']:.3f}"
+
+    for key, sc in report["scenarios"].items():
+        if "rows" not in sc or key == "cross":
+            continue
+        rows = {r["method"]: r for r in sc["rows"]}
+        lce_name = "lce" if "lce" in rows else "lce-transform"
+        summary = report.get("seeds", {}).get(key)
+        old_old = summary["old_old"] if summary else rows["old"]["new_new"]
+        label = f"{key} {sc['title']}" + (f" (mean of {len(summary['seeds'])} seeds)" if summary else "")
+        for route in ROUTES:
+            if summary:
+                lce = summary["lce"][route] and summary["lce"][route]["new_old"]
+                ind = summary["independent"][route] and summary["independent"][route]["new_old"]
+                crit = summary["lce"][route]["criterion"] if summary["lce"][route] else None
+            else:
+                lce, ind = rows[lce_name][route]["new_old"], rows["independent"][route]["new_old"]
+                crit = rows[lce_name][route]["criterion"] if lce else None
+            baselines = [(m, rows[m][route]["new_old"]) for m in ("bct", "l2") if m in rows and rows[m][route]["new_old"]]
+            best = max(baselines, key=lambda b: b[1]["top1"] + b[1]["mAP"], default=None)
+            lines.append(f"| {label if route == 'backward' else ''} | {route} | {cell(old_old) if route == 'backward' else ''}"
+                         f" | {cell(lce)}{'' if lce_name == 'lce' else ' (lce-transform)'} | {cell(ind)} | "
+                         + (f"{best[0]} {cell(best[1])}" if best else "n/a") + " | "
+                         + (f"{_yn(crit['top1'])} / {_yn(crit['mAP'])}" if crit else "n/a") + " |")
+    return lines
+
+
 def _fmt(entry: Optional[dict], metric: str, ci: bool = True) -> str:
     if entry is None:
         return "n/a"
@@ -1509,6 +1543,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--name", default="validation", help="--validate: results file name (NAME.json, NAME.md)")
     parser.add_argument("--val-classes", type=int, help="--validate: training classes held out (default: profile)")
     parser.add_argument("--old-epochs", type=int, help="override the profile's epochs of the old models")
+    parser.add_argument("--readme-table", action="store_true",
+                        help="print the README's results table from --out/compat.json (no training)")
     parser.add_argument("--annotate", metavar="NOTES.md",
                         help="add a written analysis to the results in --out (no training)")
     parser.add_argument("--verbose", type=int, default=0, choices=(0, 1, 2), help="Keras fit verbosity")
@@ -1523,7 +1559,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         profile = dataclasses.replace(profile, val_classes=args.val_classes)
     command = "python scripts/bench_compat.py " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
-        if args.annotate:
+        if args.readme_table:
+            with open(os.path.join(args.out, "compat.json"), encoding="utf-8") as f:
+                print("\n".join(results_table(json.load(f))))
+        elif args.annotate:
             annotate(args.out, args.annotate)
         elif args.validate_transform:
             run_transform_validation(args.data, args.out, profile, seed=args.seed, work=args.work,

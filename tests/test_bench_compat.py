@@ -192,3 +192,13 @@ def test_bad_scenario_name_is_one_line_error(capsys):
     assert bench.main(["--scenarios", "S9", "--data", "/nonexistent"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("bench_compat: error:")
+
+
+@pytest.mark.e2e
+def test_readme_table_from_the_ci_run(ci_run):
+    _, report = ci_run
+    table = bench.results_table(report)
+    assert table[0].startswith("| scenario | route | old/old") and len(table) == 2 + 2 * 3  # S1, S2, S4 x 2 routes
+    s1 = report["seeds"]["S1"]
+    expected = f"{s1['lce']['forward']['new_old']['top1']:.3f} / {s1['lce']['forward']['new_old']['mAP']:.3f}"
+    assert expected in table[3] and "| forward |" in table[3]
