@@ -71,6 +71,7 @@ import numpy as np
 
 import lce_tf
 from lce_tf import fileio
+from lce_tf.checks import check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -322,10 +323,7 @@ def _unit_rows(x: Any, name: str, dim: Optional[int] = None, dim_owner: str = "t
         raise ValueError(f"{name} must be a 2-D array [N, D]; received shape {a.shape}")
     if dim is not None and a.shape[1] != dim:
         raise ValueError(f"{name} have dimension {a.shape[1]} but {dim_owner} has dimension {dim}")
-    finite = np.isfinite(a)
-    if not finite.all():
-        row = int(np.argwhere(~finite)[0][0])
-        raise ValueError(f"{name} contain NaN or Inf values (first in row {row})")
+    check_finite(a, name)
     norms = np.linalg.norm(a.astype(np.float64), axis=1)
     if a.shape[0] and (norms == 0).any():
         row = int(np.argmax(norms == 0))

@@ -12,10 +12,12 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from lce_tf import defaults
+from lce_tf import checks, defaults
 from lce_tf.centers import ClassCenters
 
 HEADS = ("normsoftmax", "cosface", "arcface", "triplet")
+TRAINING_DATA = "training data"
+"""How a non-finite-input error names `train`'s dataset ("training data batch 3 contains ...")."""
 
 
 class TrainingDivergedError(RuntimeError):
@@ -104,6 +106,10 @@ def train(config: TrainConfig, train_dataset, *, num_classes: int, input_shape: 
           strategy=None):
     """Builds, compiles and fits a compatible model.
 
+    Every batch is checked for NaN/Inf inside the input pipeline (`lce_tf.checks.finite_batches`, one
+    reduction per batch) before a training step sees it: NaN does not always reach the loss (max-pool
+    squashes it on some CPUs), so `TerminateOnNaN` alone would not stop such a run.
+
     Args:
       config: the run's settings (validated here).
       train_dataset: a tf.data.Dataset of (images [B, H, W, C], labels [B]) batches, one epoch.
@@ -124,6 +130,8 @@ def train(config: TrainConfig, train_dataset, *, num_classes: int, input_shape: 
 
     Raises:
       ValueError: inconsistent settings (unknown names, missing centers, dimension mismatch).
+      lce_tf.checks.NonFiniteError: (a ValueError) a batch of images holds NaN/Inf; one line naming the
+        batch and the count. Nothing is returned, so nothing is exported.
       TrainingDivergedError: a loss became NaN/Inf.
     """
     import tensorflow as tf
@@ -154,8 +162,10 @@ def train(config: TrainConfig, train_dataset, *, num_classes: int, input_shape: 
         # The optimizer's slots exist before the first step, so Keras traces the train step once (a
         # first call that creates variables is traced twice).
         model.optimizer.build(model.trainable_variables)
-    history = model.fit(train_dataset, epochs=config.epochs, steps_per_epoch=steps_per_epoch, verbose=verbose,
-                        callbacks=[tf.keras.callbacks.TerminateOnNaN(), *callbacks])
+    with checks.raise_nonfinite_errors():
+        history = model.fit(checks.finite_batches(train_dataset, TRAINING_DATA), epochs=config.epochs,
+                            steps_per_epoch=steps_per_epoch, verbose=verbose,
+                            callbacks=[tf.keras.callbacks.TerminateOnNaN(), *callbacks])
     check_history(history.history)
     return model, history.history
 

@@ -256,6 +256,9 @@ def test_util_model_dir_and_bool(tmp_path):
     (tmp_path / "Format-Serving" / "lce_tf_model.json").write_text("{}")
     assert util.model_dir(str(tmp_path)) == os.path.join(str(tmp_path), "Format-Serving")  # a trained Model
     assert util.as_bool("true", "x") is True and util.as_bool(0, "x") is False
+    assert util.is_local(str(tmp_path)) and util.is_local("relative/dir") and util.is_local("/gcs-like/a:b")
+    assert not util.is_local("ram://serving") and not util.is_local("s3://bucket/serving")
+    assert util.is_local("gs://bucket/serving") == os.path.isdir("/gcs")  # mapped onto the FUSE mount
     with pytest.raises(ValueError, match="parameter flip must be a boolean"):
         util.as_bool("maybe", "flip")
 
@@ -338,3 +341,58 @@ def test_embed_examples_dofn_matches_the_model(examples_and_model, tmp_path, spi
         ref_order = np.lexsort(np.asarray(embeddings).T[::-1])
         np.testing.assert_allclose(got_embeddings[order], np.asarray(embeddings)[ref_order], atol=1e-5)
         np.testing.assert_array_equal(got_labels[order], np.asarray(labels)[ref_order])
+
+
+def _nan_tfrecord_reader(monkeypatch):
+    """Makes lce_tf.data.make_tfrecord_dataset hand over NaN images: what a reader of float records would
+    do (the lce_tf records hold encoded PNG/JPEG bytes, which decode to finite pixels in [0, 1])."""
+    from lce_tf import data
+
+    real = data.make_tfrecord_dataset
+
+    def nan_records(*args, **kwargs):
+        return real(*args, **kwargs).map(lambda images, labels: (images * np.float32("nan"), labels))
+
+    monkeypatch.setattr(data, "make_tfrecord_dataset", nan_records)
+
+
+def test_trainer_executor_refuses_non_finite_records(examples_and_model, tmp_path, monkeypatch):
+    from tfx.types import standard_artifacts
+
+    from components.lce_trainer import executor as trainer
+
+    _, examples = examples_and_model
+    _nan_tfrecord_reader(monkeypatch)
+    model = standard_artifacts.Model()
+    model.uri = str(tmp_path / "model")
+    properties = {trainer.MODE_KEY: "independent", trainer.ARCHITECTURE_KEY: "small_cnn", trainer.LOSS_KEY: "arcface",
+                  trainer.EMBEDDING_DIM_KEY: 8, trainer.SCALE_KEY: 16.0, trainer.MARGIN_KEY: 0.1,
+                  trainer.LAMBDA_ALIGN_KEY: 100.0, trainer.LAMBDA_BOUNDARY_KEY: 1.0, trainer.LAMBDA_COMPAT_KEY: 1.0,
+                  trainer.EPOCHS_KEY: 1, trainer.BATCH_SIZE_KEY: 8, trainer.LEARNING_RATE_KEY: 1e-3,
+                  trainer.SHIFT_PIXELS_KEY: 0, trainer.SEED_KEY: 0, trainer.VERSION_KEY: "v1",
+                  trainer.SPLIT_KEY: "train"}
+    # 8 images of 16 x 16 x 1 per batch, all NaN.
+    with pytest.raises(ValueError, match=r"^training data batch 0 contains 2048 non-finite values \(NaN/Inf\), "
+                                         r"first at row 0$"):
+        trainer.Executor().Do({trainer.EXAMPLES_KEY: [examples]}, {trainer.MODEL_KEY: [model]}, properties)
+    assert not os.path.exists(os.path.join(model.uri, util.SERVING_MODEL_DIR))
+
+
+def test_index_builder_executor_refuses_non_finite_records(examples_and_model, tmp_path, monkeypatch):
+    from tfx.types import standard_artifacts
+
+    from components import artifacts
+    from components.index_builder import executor as index_builder
+
+    root, examples = examples_and_model
+    _nan_tfrecord_reader(monkeypatch)
+    model = standard_artifacts.Model()
+    model.uri = str(root / "model")
+    index = artifacts.RetrievalIndex()
+    index.uri = str(tmp_path / "index")
+    # The gallery split: 9 images of 16 x 16 x 1 in one batch of 256.
+    with pytest.raises(ValueError, match=r"^images of batch 0 contains 2304 non-finite values \(NaN/Inf\), "
+                                         r"first at row 0$"):
+        index_builder.Executor().Do({index_builder.MODEL_KEY: [model], index_builder.EXAMPLES_KEY: [examples]},
+                                    {index_builder.INDEX_KEY: [index]}, {index_builder.SPLIT_KEY: "gallery"})
+    assert os.listdir(index.uri) == []
