@@ -338,6 +338,7 @@ class ModelZoo:
         self._embeddings: dict[tuple, np.ndarray] = {}
         self._embed_fns: dict[tuple, Any] = {}  # (spec, space) -> traced embedding function
         self._centers: dict[tuple, Any] = {}
+        self.callbacks: list[Any] = []  # extra Keras callbacks of every fit (the epoch study's probe)
 
     # -- names ----------------------------------------------------------------------------------
     def name(self, spec: Spec, label: str) -> str:
@@ -430,7 +431,8 @@ class ModelZoo:
         model, history = training.train(config, dataset, num_classes=folder.num_classes,
                                         input_shape=self.split.input_shape, old_centers=old_centers,
                                         old_embedder=old_embedder, new_backbone=new_backbone,
-                                        new_centers=new_centers, steps_per_epoch=steps, verbose=self.verbose)
+                                        new_centers=new_centers, steps_per_epoch=steps, verbose=self.verbose,
+                                        callbacks=self.callbacks)
         seconds = time.perf_counter() - start
         self.models[spec] = model
         final = {k: round(float(v[-1]), 4) for k, v in history.items()}
@@ -1500,6 +1502,101 @@ def run_transform_validation(data_dir: Optional[str], out_dir: str, profile: Pro
     return report
 
 
+def _epoch_probe(split: Split, records: list[dict[str, Any]], label: str, old_gallery: Optional[np.ndarray] = None):
+    """A Keras callback that measures, after every epoch, M(model, model) on the validation split and, with
+    `old_gallery` (the old model's gallery embeddings), M(model, old): appended to `records`."""
+    import tensorflow as tf
+
+    from lce_tf import evaluation
+
+    def embed(model, images):
+        return np.concatenate([model(images[i:i + 512], training=False).numpy() for i in range(0, len(images), 512)])
+
+    class Probe(tf.keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            q, g = embed(self.model, split.query_images), embed(self.model, split.gallery_images)
+            own = evaluation.retrieval_metrics(q, split.query_labels, g, split.gallery_labels)
+            entry = {"model": label, "epoch": epoch + 1, "loss": round(float((logs or {}).get("loss", np.nan)), 4),
+                     "own": {m: round(float(own.metric(m)), 4) for m in METRICS}}
+            if old_gallery is not None:
+                cross = evaluation.retrieval_metrics(q, split.query_labels, old_gallery, split.gallery_labels)
+                entry["backward"] = {m: round(float(cross.metric(m)), 4) for m in METRICS}
+            records.append(entry)
+            _log(f"epoch study: {label} epoch {epoch + 1}: loss {entry['loss']}, own top-1 {entry['own']['top1']}, "
+                 f"mAP {entry['own']['mAP']}" + (f"; backward top-1 {entry['backward']['top1']}" if "backward" in entry
+                                                 else ""))
+
+    return Probe()
+
+
+def run_epoch_study(data_dir: Optional[str], out_dir: str, profile: Profile, *, max_epochs: int = 8, seed: int = 0,
+                    work: str = "build/bench", name: str = "epochs", verbose: int = 0,
+                    command: str = "python scripts/bench_compat.py --epoch-study") -> dict[str, Any]:
+    """How many epochs the benchmark's models need, measured on a validation split of the TRAINING classes.
+
+    Trains S1's old model (the new network on 50% of the kept training classes), S2's old model (the small
+    network) and S1's LCE model for `max_epochs` epochs each, measuring after every epoch M(model, model) and,
+    for the LCE model, M(new, old) on held-out training classes (the test classes are not used). Rule: the
+    first epoch after which one more epoch adds less than 1 point of own top-1 (a plateau at this learning
+    rate). Results: OUT_DIR/NAME.{json,md,png}.
+    """
+    from lce_tf.report import plot_curves
+
+    start = time.perf_counter()
+    os.makedirs(out_dir, exist_ok=True)
+    data_dir, summary = ensure_dataset(data_dir, work, profile, seed)
+    split = validation_split(load_split(data_dir, summary), profile.val_classes, seed)
+    study = dataclasses.replace(profile, epochs=max_epochs, old_epochs=max_epochs)
+    bench = Benchmark(split, study, seed, out_dir, verbose)
+    records: list[dict[str, Any]] = []
+    old_s1 = bench.old("S1 old", arch=study.new_arch)
+    old_s2 = bench.old("S2 old", arch=study.small_arch)
+    for label, spec in (("S1 old", old_s1), ("S2 old", old_s2)):
+        bench.zoo.callbacks = [_epoch_probe(split, records, label)]
+        bench.zoo.model(spec)
+    lce = bench.spec("lce", old_s1)
+    bench.zoo.name(lce, "S1 lce")
+    bench.zoo.callbacks = [_epoch_probe(split, records, "S1 lce", bench.zoo.embed(old_s1, "gallery"))]
+    bench.zoo.model(lce)
+    bench.zoo.callbacks = []
+
+    def plateau(label: str) -> int:
+        tops = [r["own"]["top1"] for r in records if r["model"] == label]
+        return next((e + 1 for e in range(len(tops) - 1) if tops[e + 1] - tops[e] < 0.01), len(tops))
+
+    chosen = {label: plateau(label) for label in ("S1 old", "S2 old", "S1 lce")}
+    curves = {f"{label} (own top-1)": ([r["epoch"] for r in records if r["model"] == label],
+                                       [r["own"]["top1"] for r in records if r["model"] == label])
+              for label in chosen}
+    curves["S1 lce (backward top-1)"] = ([r["epoch"] for r in records if r["model"] == "S1 lce"],
+                                         [r["backward"]["top1"] for r in records if r["model"] == "S1 lce"])
+    plot_curves(curves, xlabel="epoch", ylabel="top-1 on held-out training classes",
+                title="Epoch study (validation split of the training classes)", path=os.path.join(out_dir, f"{name}.png"))
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "seed": seed,
+              "command": command, "machine": machine_info(), "profile": dataclasses.asdict(study),
+              "dataset": split.description, "records": records, "plateau_epochs": chosen,
+              "rule": "the first epoch after which one more epoch adds less than 1 point of own top-1",
+              "wall_time_seconds": round(time.perf_counter() - start, 1),
+              "models": list(bench.zoo.records.values())}
+    _write_text(os.path.join(out_dir, f"{name}.json"), json.dumps(report, indent=1) + "\n")
+    lines = ["# Epochs: how long the benchmark's models train", "",
+             f"Measured on {split.description['test_classes']} held-out TRAINING classes (query/gallery by "
+             f"{split.description['split_by']}), the models trained on the other {split.description['train_classes']}; "
+             f"batch {study.batch_size}, Adam 1e-3, {study.size} px. The test classes are not used.", "",
+             "| model | epoch | training loss | own top-1 | own mAP | backward top-1 | backward mAP |",
+             "|---|---|---|---|---|---|---|"]
+    for r in records:
+        back = r.get("backward")
+        lines.append(f"| {r['model']} | {r['epoch']} | {r['loss']} | {r['own']['top1']:.3f} | {r['own']['mAP']:.3f} | "
+                     + (f"{back['top1']:.3f} | {back['mAP']:.3f} |" if back else " | |"))
+    lines += ["", f"Rule: {report['rule']}. Plateau: " + ", ".join(f"{k} {v}" for k, v in chosen.items()) + ".", "",
+              f"![epoch study]({name}.png)", "",
+              f"Machine: {report['machine']['cpu']}; wall time {report['wall_time_seconds'] / 60:.1f} min; command: "
+              f"`{command}`."]
+    _write_text(os.path.join(out_dir, f"{name}.md"), "\n".join(lines) + "\n")
+    return report
+
+
 def annotate(out_dir: str, notes_path: str) -> dict[str, Any]:
     """Adds a written analysis (markdown lines from `notes_path`) to existing results; numbers are untouched.
 
@@ -1543,6 +1640,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--name", default="validation", help="--validate: results file name (NAME.json, NAME.md)")
     parser.add_argument("--val-classes", type=int, help="--validate: training classes held out (default: profile)")
     parser.add_argument("--old-epochs", type=int, help="override the profile's epochs of the old models")
+    parser.add_argument("--epoch-study", type=int, metavar="MAX_EPOCHS",
+                        help="measure per-epoch validation accuracy on held-out TRAINING classes up to MAX_EPOCHS")
     parser.add_argument("--readme-table", action="store_true",
                         help="print the README's results table from --out/compat.json (no training)")
     parser.add_argument("--annotate", metavar="NOTES.md",
@@ -1559,7 +1658,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         profile = dataclasses.replace(profile, val_classes=args.val_classes)
     command = "python scripts/bench_compat.py " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
-        if args.readme_table:
+        if args.epoch_study:
+            run_epoch_study(args.data, args.out, profile, max_epochs=args.epoch_study, seed=args.seed, work=args.work,
+                            verbose=args.verbose, command=command.strip())
+        elif args.readme_table:
             with open(os.path.join(args.out, "compat.json"), encoding="utf-8") as f:
                 print("\n".join(results_table(json.load(f))))
         elif args.annotate:

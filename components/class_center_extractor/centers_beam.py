@@ -382,7 +382,9 @@ class EmbedExamplesFn(beam.DoFn):
         self._model = load_embedding_model(self._model_dir)
         parse = parse_example_fn(self._image_shape)
         spec = (tf.TensorSpec(self._image_shape, tf.float32), tf.TensorSpec([], tf.int64))
-        self._decode = tf.function(lambda serialized: tf.map_fn(parse, serialized, fn_output_signature=spec))
+        # One trace for every batch size (BatchElements varies it): a signature with an unknown batch dimension.
+        self._decode = tf.function(lambda serialized: tf.map_fn(parse, serialized, fn_output_signature=spec),
+                                   input_signature=[tf.TensorSpec([None], tf.string)])
 
     def process(self, batch: Sequence[bytes]):
         import tensorflow as tf  # pylint: disable=import-outside-toplevel
