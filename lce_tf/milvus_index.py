@@ -658,8 +658,7 @@ class MilvusIndex(R.IndexCommon):
 
     @classmethod
     def _write(cls, index_dir: str, batches: Iterable[EntryBatch], metadata: dict[str, Any], config: MilvusConfig,
-               *, uri: Optional[str], alias: Optional[str], expected: Optional[int],
-               lineage: Optional[str] = None) -> "MilvusIndex":
+               *, uri: Optional[str], alias: Optional[str], expected: Optional[int]) -> "MilvusIndex":
         """Fills a NEW collection from `batches` and makes it the one served at `index_dir` (see the
         module docstring: in place when a Milvus index at the same place is there, else staged)."""
         target = os.path.abspath(index_dir)
@@ -670,10 +669,9 @@ class MilvusIndex(R.IndexCommon):
         old = (current or {}).get("milvus", {})
         in_place = current is not None and (old.get("lite") if lite else old.get("uri") == uri)
         staging = None if in_place else fileio.make_temp_dir(target)
+        lineage = (old.get("lineage") if in_place else None) or uuid.uuid4().hex[:12]
         if in_place:
-            lineage = old.get("lineage") or uuid.uuid4().hex[:12]
             alias = alias or old.get("alias")
-        lineage = lineage or uuid.uuid4().hex[:12]
         if not lite:
             alias = alias or f"lce_{lineage}"
         lite_path = os.path.realpath(os.path.join(staging or target, LITE_DB_FILE)) if lite else None
