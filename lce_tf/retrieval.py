@@ -60,11 +60,11 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import heapq
 import json
 import logging
 import math
 import os
-import heapq
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
