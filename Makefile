@@ -23,10 +23,11 @@ $(STAMP): $(LOCK) setup.py
 	$(VENV)/bin/uv pip install --python $(PY) -q --no-deps -e .; \
 	touch $(STAMP)
 
-test: venv
+# The glyph tests need the CJK fonts: they skip without them, and fail when CI=true (tests/test_glyphs.py).
+test: venv fonts
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: venv
+test-fast: venv fonts
 	$(PY) -m pytest -m "not e2e and not slow" $(PYTEST_ARGS)
 
 # The main job: the TFX pipeline for v1, then the LCE upgrade v2, locally (scripts/demo_pipeline.py).

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Optional, Sequence
 
 EXAMPLES_FORMAT = "lce_tf.examples/1"
@@ -34,6 +35,16 @@ def local_path(uri: str) -> str:
     if uri.startswith("gs://") and os.path.isdir("/gcs"):
         return "/gcs/" + uri[len("gs://"):]
     return uri
+
+
+_URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_local(uri: str) -> bool:
+    """True when `local_path(uri)` is a path of the local (or mounted) file system: False for a URI
+    with a scheme (gs:// without the /gcs mount, s3://, hdfs://, ram://) that os functions would
+    misread as a relative path."""
+    return _URI_SCHEME.match(local_path(uri)) is None
 
 
 def path(artifact) -> str:

@@ -71,6 +71,7 @@ from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, 
 import numpy as np
 
 from lce_tf import defaults, fileio
+from lce_tf.checks import check_finite
 
 _LOG = logging.getLogger(__name__)
 
@@ -156,14 +157,6 @@ def l2_normalize(x: np.ndarray, axis: int = -1, epsilon: float = 1e-12) -> np.nd
     return x / np.sqrt(np.maximum(sq, epsilon))
 
 
-def _first_nonfinite_row(x: np.ndarray) -> Optional[int]:
-    bad = ~np.isfinite(x)
-    if x.ndim > 1:
-        bad = bad.reshape(x.shape[0], -1).any(axis=1)
-    idx = np.flatnonzero(bad)
-    return int(idx[0]) if idx.size else None
-
-
 def _check_embeddings(x, name: str) -> np.ndarray:
     x = np.asarray(x)
     if x.ndim != 2:
@@ -172,10 +165,7 @@ def _check_embeddings(x, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be numeric; received dtype {x.dtype}")
     if x.shape[1] == 0:
         raise ValueError(f"{name} has dimension 0; received shape {x.shape}")
-    row = _first_nonfinite_row(x)
-    if row is not None:
-        raise ValueError(f"{name} contains NaN or Inf (first at row {row})")
-    return x
+    return check_finite(x, name)
 
 
 def _check_labels(labels, n: int, num_classes: int, name: str = "labels") -> np.ndarray:
@@ -297,9 +287,7 @@ class ClassCenters:
         if len(names) != num_classes:
             raise ValueError(f"class_names has {len(names)} names but centers has {num_classes} rows")
         for field, arr in (("centers", centers), ("boundary_cos", boundary)):
-            row = _first_nonfinite_row(arr)
-            if row is not None:
-                raise ValueError(f"{field} contains NaN or Inf (first at row {row})")
+            check_finite(arr, field)
         norms = np.linalg.norm(centers.astype(np.float64), axis=1)
         off = np.flatnonzero(np.abs(norms - 1.0) > _UNIT_NORM_TOL)
         if off.size:
@@ -698,11 +686,9 @@ class BoundaryAccumulator:
 
     def add_batch(self, cosines: np.ndarray) -> "BoundaryAccumulator":
         """Adds cosines [n] of this class's samples to its center."""
-        cos = np.asarray(cosines, dtype=np.float64).ravel()
+        cos = check_finite(np.asarray(cosines, dtype=np.float64).ravel(), "cosines")
         if cos.size == 0:
             return self
-        if not np.all(np.isfinite(cos)):
-            raise ValueError("cosines contain NaN or Inf")
         self.count += int(cos.size)
         self.minimum = min(self.minimum, float(cos.min()))
         if self._keeps_values:
@@ -714,8 +700,7 @@ class BoundaryAccumulator:
     def add(self, cosine: float) -> "BoundaryAccumulator":
         """Adds one cosine."""
         value = float(cosine)
-        if not math.isfinite(value):
-            raise ValueError(f"cosine must be finite; received {value}")
+        check_finite(value, "cosine")
         self.count += 1
         self.minimum = min(self.minimum, value)
         if self._keeps_values:

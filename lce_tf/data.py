@@ -18,6 +18,9 @@ RGB by repetition; RGB becomes grayscale with the ITU-R BT.601 luma 0.299 R + 0.
 for images whose three channels are equal); an image whose height or width differs from the requested
 shape is resized (bilinear, antialiased, aspect ratio not kept) and clipped to [0, 1]. Conversions are
 not errors: :func:`load_images` and :func:`make_image_dataset` log one notice with their counts.
+Decoded pixels are always finite (the formats hold integers, scaled into [0, 1]), so NaN/Inf cannot enter
+through these readers; arrays and batches from anywhere else are checked where they reach a model
+(:mod:`lce_tf.checks`: ``lce_tf.training.train``, ``EmbeddingModel.embed`` / ``embed_dataset``).
 
 Training pipelines decode once: when :func:`make_image_dataset` / :func:`make_tfrecord_dataset` shuffle or
 repeat and the decoded split fits in :data:`IN_MEMORY_MAX_BYTES`, every image is decoded once into memory

@@ -35,6 +35,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from lce_tf.centers import ClassCenters, cosines_to_centers, l2_normalize
+from lce_tf.checks import check_finite
 
 DEFAULT_KS: tuple[int, ...] = (1, 5)
 DEFAULT_METRICS: tuple[str, ...] = ("top1", "mAP")
@@ -151,10 +152,7 @@ def _check_embeddings(x, name: str) -> np.ndarray:
         raise ValueError(f"{name} is empty; received shape {x.shape}")
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise ValueError(f"{name} must be numeric; received dtype {x.dtype}")
-    finite = np.isfinite(x).all(axis=1)
-    if not finite.all():
-        raise ValueError(f"{name} contains NaN or Inf (first at row {int(np.argmin(finite))})")
-    return x
+    return check_finite(x, name)
 
 
 def _check_label_array(labels, n: int, name: str) -> np.ndarray:

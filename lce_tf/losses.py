@@ -35,6 +35,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import tensorflow as tf
 
+from lce_tf.checks import check_finite
+
 _PACKAGE = "lce_tf"
 _Reduction = tf.keras.losses.Reduction
 
@@ -102,9 +104,7 @@ def _array(value: Any, name: str, cls: str, rank: int) -> np.ndarray:
     array = np.asarray(value, dtype=np.float32)
     if array.ndim != rank:
         raise ValueError(f"{cls}: expected {name} of rank {rank}; received shape {array.shape}.")
-    if not np.all(np.isfinite(array)):
-        raise ValueError(f"{cls}: {name} contains NaN or Inf values.")
-    return array
+    return check_finite(array, f"{cls}: {name}")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import tensorflow as tf
 from lce_tf import defaults
 from lce_tf import layers as lce_layers
 from lce_tf import losses as lce_losses
+from lce_tf.checks import check_finite
 
 MODES: tuple[str, ...] = ("independent", "lce", "lce-transform", "bct", "l2", "cross-model")
 TRANSFORM_MODES = ("lce-transform", "cross-model")
@@ -86,9 +87,8 @@ class CompatibilityConfig:
             if not np.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"Expected a finite, non-negative {name}; received {getattr(self, name)}.")
         for name in ("old_centers", "old_boundary_cos", "new_centers"):
-            value = getattr(self, name)
-            if value is not None and not np.all(np.isfinite(value)):
-                raise ValueError(f"{name} contains NaN or Inf values.")
+            if getattr(self, name) is not None:
+                check_finite(getattr(self, name), name)
 
     @property
     def old_dim(self) -> Optional[int]:

@@ -11,6 +11,8 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
+from lce_tf.checks import check_finite
+
 METADATA_FILE = "lce_tf_model.json"
 MODEL_FORMAT = "lce_tf.model/1"
 _REQUIRED_KEYS = ("format", "model_id", "version", "input_shape", "embedding_dim", "embedding_space",
@@ -103,15 +105,29 @@ class EmbeddingModel:
         return None
 
     def embed(self, images: np.ndarray, signature: str = "embed", batch_size: int = 256) -> np.ndarray:
-        """Images float32 [N, H, W, C] in [0, 1] -> unit embeddings [N, D] (numpy), in batches."""
+        """Images float32 [N, H, W, C] in [0, 1] -> unit embeddings [N, D] (numpy), in batches.
+
+        Raises:
+          lce_tf.checks.NonFiniteError: (a ValueError) `images` holds NaN/Inf, checked before any batch
+            is embedded ("images contains 3 non-finite values (NaN/Inf), first at row 5").
+          ValueError: a missing signature, or embeddings of the wrong dimension or non-finite.
+        """
+        images = check_finite(images, "images")
         return np.concatenate(list(self._run(signature, (images[i:i + batch_size]
                                                          for i in range(0, len(images), batch_size)))),
                               axis=0) if len(images) else np.zeros((0, self.embedding_dim), np.float32)
 
     def embed_dataset(self, dataset: Iterable, signature: str = "embed") -> tuple[np.ndarray, np.ndarray]:
-        """Embeds a dataset of (images, labels) batches; returns (embeddings [N, D], labels [N])."""
+        """Embeds a dataset of (images, labels) batches; returns (embeddings [N, D], labels [N]).
+
+        Raises:
+          lce_tf.checks.NonFiniteError: (a ValueError) a batch holds NaN/Inf, checked before it is
+            embedded ("images of batch 2 contains 3 non-finite values (NaN/Inf), first at row 1").
+          ValueError: no batch, a missing signature, or bad embeddings (see `embed`).
+        """
         embeddings, labels = [], []
-        for images, batch_labels in dataset:
+        for i, (images, batch_labels) in enumerate(dataset):
+            images = check_finite(images, f"images of batch {i}")
             embeddings.append(next(self._run(signature, [images])))
             labels.append(np.asarray(batch_labels))
         if not embeddings:
@@ -135,9 +151,14 @@ class EmbeddingModel:
         return FrozenEmbedder(self._saved, signature, self.embedding_dim, name=f"frozen_{signature}")
 
     def transform_old_to_new(self, old_embeddings: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-        """Old-space gallery vectors [N, D_old] -> this model's space through T12."""
+        """Old-space gallery vectors [N, D_old] -> this model's space through T12.
+
+        Raises:
+          ValueError: no T12 signature, or NaN/Inf among the old embeddings (lce_tf.checks.NonFiniteError).
+        """
         if not self.has_signature("transform_old_to_new"):
             raise ValueError(f"Model {self.model_id} has no T12 (transform_old_to_new) signature.")
+        old_embeddings = check_finite(old_embeddings, "old-space embeddings")
         fn = self._saved.signatures["transform_old_to_new"]
         return np.concatenate([fn(embeddings=np.asarray(old_embeddings[i:i + batch_size], np.float32))
                                ["embedding"].numpy() for i in range(0, len(old_embeddings), batch_size)])
@@ -153,8 +174,7 @@ class EmbeddingModel:
             if out.ndim != 2 or (expected is not None and out.shape[1] != expected):
                 raise ValueError(f"Model {self.model_id} ({self.model_dir}): signature {signature!r} returned "
                                  f"dimension {out.shape[-1]} but {METADATA_FILE} says {expected}.")
-            if not np.all(np.isfinite(out)):
-                raise ValueError(f"Model {self.model_id} ({self.model_dir}) produced NaN/Inf embeddings.")
+            check_finite(out, f"the {signature!r} output of model {self.model_id} ({self.model_dir})")
             yield out
 
 

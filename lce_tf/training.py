@@ -12,10 +12,12 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from lce_tf import defaults
+from lce_tf import checks, defaults
 from lce_tf.centers import ClassCenters
 
 HEADS = ("normsoftmax", "cosface", "arcface", "triplet")
+TRAINING_DATA = "training data"
+"""How a non-finite-input error names `train`'s dataset ("training data batch 3 contains ...")."""
 
 
 class TrainingDivergedError(RuntimeError):
@@ -160,11 +162,16 @@ def build_model(config: TrainConfig, *, num_classes: int, input_shape: Sequence[
     return model
 
 
-def fit_callbacks(callbacks: Sequence = ()) -> list:
-    """The callbacks of every `train` fit: TerminateOnNaN, then the caller's."""
+def fit_model(model, train_dataset, *, epochs: int, steps_per_epoch: Optional[int] = None,
+              verbose: int | str = "auto", callbacks: Sequence = ()):
+    """`model.fit` as `train` runs it: every batch checked for NaN/Inf, TerminateOnNaN before the
+    caller's callbacks. Returns the Keras History."""
     import tensorflow as tf
 
-    return [tf.keras.callbacks.TerminateOnNaN(), *callbacks]
+    with checks.raise_nonfinite_errors():
+        return model.fit(checks.finite_batches(train_dataset, TRAINING_DATA), epochs=epochs,
+                         steps_per_epoch=steps_per_epoch, verbose=verbose,
+                         callbacks=[tf.keras.callbacks.TerminateOnNaN(), *callbacks])
 
 
 def finish_training(model) -> None:
@@ -183,6 +190,10 @@ def train(config: TrainConfig, train_dataset, *, num_classes: int, input_shape: 
           steps_per_epoch: Optional[int] = None, verbose: int | str = "auto", callbacks: Sequence = (),
           strategy=None):
     """Builds, compiles and fits a compatible model.
+
+    Every batch is checked for NaN/Inf inside the input pipeline (`lce_tf.checks.finite_batches`, one
+    reduction per batch) before a training step sees it: NaN does not always reach the loss (max-pool
+    squashes it on some CPUs), so `TerminateOnNaN` alone would not stop such a run.
 
     Args:
       config: the run's settings (validated here).
@@ -205,13 +216,15 @@ def train(config: TrainConfig, train_dataset, *, num_classes: int, input_shape: 
 
     Raises:
       ValueError: inconsistent settings (unknown names, missing centers, dimension mismatch).
+      lce_tf.checks.NonFiniteError: (a ValueError) a batch of images holds NaN/Inf; one line naming the
+        batch and the count. Nothing is returned, so nothing is exported.
       TrainingDivergedError: a loss became NaN/Inf.
     """
     model = build_model(config, num_classes=num_classes, input_shape=input_shape, old_centers=old_centers,
                         old_embedder=old_embedder, new_backbone=new_backbone, new_centers=new_centers,
                         strategy=strategy)
-    history = model.fit(train_dataset, epochs=config.epochs, steps_per_epoch=steps_per_epoch, verbose=verbose,
-                        callbacks=fit_callbacks(callbacks))
+    history = fit_model(model, train_dataset, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
+                        verbose=verbose, callbacks=callbacks)
     finish_training(model)
     check_history(history.history)
     return model, history.history

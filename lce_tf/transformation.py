@@ -32,6 +32,7 @@ import numpy as np
 
 import lce_tf
 from lce_tf import fileio
+from lce_tf.checks import check_finite
 
 METADATA_FILE = "lce_tf_transform.json"
 TRANSFORM_FORMAT = "lce_tf.transform/1"
@@ -252,9 +253,7 @@ class Transformation:
         if x.ndim != 2 or x.shape[1] != dim:
             raise TransformationError(f"{signature} of transformation {self.transform_id} takes vectors of dimension "
                                       f"{dim}; received shape {x.shape}")
-        if not np.isfinite(x).all():
-            raise TransformationError(f"{signature} of transformation {self.transform_id}: the input holds "
-                                      f"{int((~np.isfinite(x)).sum())} non-finite values")
+        check_finite(x, f"{signature} input of transformation {self.transform_id}")
         fn = self._saved.signatures[signature]
         out_dim = int(self.target["dim"] if signature == OLD_TO_NEW else self.source["dim"])
         if not len(x):

@@ -86,6 +86,7 @@ class Profile:
       val_classes: training classes held out by --validate.
       triplet_k: images per class in a triplet batch (P x K sampling).
       learning_rate, old_learning_rate: Adam learning rates of the new and the old models.
+      seeds: the seeds of the rows that decide the targets (S1/S2 old, independent, LCE, both routes).
     """
 
     name: str
@@ -108,18 +109,28 @@ class Profile:
     triplet_k: int = 4
     learning_rate: float = 1e-3
     old_learning_rate: float = 1e-3
+    seeds: tuple[int, ...] = (0, 1, 2)
 
 
 PROFILES = {
-    # The LCE settings (lce_tf.defaults: boundary min, λ_a = 100, λ_b = 1) were chosen with --validate on
-    # held-out TRAINING classes (benchmarks/results/validation.md). The new models train one epoch more than
-    # the old ones: an upgrade is a better model, and the 45-minute budget allows 3 epochs.
-    "full": Profile("full", train_classes=500, test_classes=200, size=20, epochs=3, old_epochs=2, batch_size=64),
+    # Every glyph class the installed fonts share (2,064 = 1,445 training + 619 test at a 0.3 test fraction), as
+    # `make demo` and `lce-tf data glyphs --classes 2064 --test-fraction 0.3` make them. Epochs from the epoch
+    # study on held-out TRAINING classes (benchmarks/results/epochs.md): the old models' own top-1 plateaus
+    # at 5 (cnn) and 7 (small_cnn) epochs, so every old model trains 7; the new models' top-1 plateaus at 2-3
+    # epochs and their mAP rises until 5-7: 5. The LCE settings (lce_tf.defaults) were chosen with --validate
+    # on held-out training classes (benchmarks/results/validation.md); the forward route's T12 uses the
+    # library's fit defaults (benchmarks/results/transform_validation.md).
+    "full": Profile("full", train_classes=1445, test_classes=619, size=20, epochs=5, old_epochs=7, batch_size=128,
+                    val_classes=400),
+    # The same data with the epochs of the studies made before the epoch study (new 3, old 2): what
+    # --validate-transform and --epoch-study ran with (transform_validation.md, epochs.md).
+    "all": Profile("all", train_classes=1445, test_classes=619, size=20, epochs=3, old_epochs=2, batch_size=128,
+                   val_classes=400),
     # --quick: the same scenarios (22 models) at smoke-test size, within 5 minutes: ~60 steps per new model
     # and ~56 per old one, about the fewest that leave BatchNormalization's moving statistics converged
     # (DESIGN.md, "Known traps"). Measured: 4/3 epochs at 20 px, batch 32 took 9.0 min; 3/3 at 16 px 6.6 min.
     "quick": Profile("quick", train_classes=60, test_classes=30, size=16, epochs=2, old_epochs=4, batch_size=48,
-                     val_classes=20),
+                     val_classes=20, seeds=(0, 1)),
 }
 
 
@@ -332,6 +343,7 @@ class ModelZoo:
         self._embeddings: dict[tuple, np.ndarray] = {}
         self._embed_fns: dict[tuple, Any] = {}  # (spec, space) -> traced embedding function
         self._centers: dict[tuple, Any] = {}
+        self.callbacks: list[Any] = []  # extra Keras callbacks of every fit (the epoch study's probe)
 
     # -- names ----------------------------------------------------------------------------------
     def name(self, spec: Spec, label: str) -> str:
@@ -424,15 +436,17 @@ class ModelZoo:
         model, history = training.train(config, dataset, num_classes=folder.num_classes,
                                         input_shape=self.split.input_shape, old_centers=old_centers,
                                         old_embedder=old_embedder, new_backbone=new_backbone,
-                                        new_centers=new_centers, steps_per_epoch=steps, verbose=self.verbose)
+                                        new_centers=new_centers, steps_per_epoch=steps, verbose=self.verbose,
+                                        callbacks=self.callbacks)
         seconds = time.perf_counter() - start
         self.models[spec] = model
         final = {k: round(float(v[-1]), 4) for k, v in history.items()}
-        self.records[spec] = {"name": label, "spec": spec.describe(),
+        self.records[spec] = {"name": label, "seed": self.seed, "spec": spec.describe(),
                               "parent": self.names.get(spec.parent) if spec.parent else None,
                               "partner": self.names.get(spec.partner) if spec.partner else None,
                               "train_classes": folder.num_classes, "train_images": len(folder),
-                              "seconds": round(seconds, 1), "final_epoch": final}
+                              "seconds": round(seconds, 1), "final_epoch": final,
+                              "history": {k: [round(float(x), 4) for x in v] for k, v in history.items()}}
         if old_centers is not None:
             self.records[spec]["old_centers_mean_pairwise_cosine"] = round(old_centers.mean_pairwise_cosine(), 4)
         _log(f"trained {label} in {seconds:.0f} s ({', '.join(f'{k}={v}' for k, v in final.items())})")
@@ -536,32 +550,47 @@ class Evaluator:
         return result
 
 
-def _row(ev: Evaluator, method: str, new: Spec, old: Spec, independent: Spec, note: str = "") -> dict[str, Any]:
-    """One table row: M(new, new), M(new, old), criterion, update gain and new-model sacrifice."""
+def _route(result, old_old, independent_new) -> dict[str, Any]:
+    """One route's entry: M(new, old route), the criterion against M(old, old), whether the verdict is clear of
+    the bootstrap noise, and the update gain against M(new*, new*). `result` None: the route is not defined."""
     from lce_tf import evaluation
 
-    zoo = ev.zoo
-    old_old, ind = ev.m(old, old), ev.m(independent, independent)
-    new_new, new_old = ev.m(new, new), ev.m(new, old, old)
-    row: dict[str, Any] = {"method": method, "model": zoo.names.get(new), "new_new": _metric_entry(new_new)}
-    if note:
-        row["note"] = note
-    if new_old is None:
-        row.update(new_old=None, applicable_new_old=False,
-                   criterion={"top1": False, "mAP": False, "pass": False},
-                   update_gain=None)
-        row["note"] = (note + "; " if note else "") + (
-            f"new/old not defined: the {zoo.embed(new, 'query').shape[1]}-d embeddings cannot be compared with "
-            f"the {zoo.embed(old, 'gallery').shape[1]}-d old gallery (no transformation)")
-    else:
-        verdict = evaluation.empirical_criterion(new_old, old_old)
-        row["new_old"] = _metric_entry(new_old)
-        row["criterion"] = {**{m: bool(verdict[m]) for m in METRICS}, "pass": all(verdict.values())}
+    if result is None:
+        return {"new_old": None, "criterion": {"top1": False, "mAP": False, "pass": False}, "update_gain": None}
+    verdict = evaluation.empirical_criterion(result, old_old)
+    return {
+        "new_old": _metric_entry(result),
+        "criterion": {**{m: bool(verdict[m]) for m in METRICS}, "pass": all(verdict.values())},
         # The decision is only clear of noise when the intervals do not overlap.
-        row["criterion_clear_of_noise"] = {
-            m: bool(new_old.bootstrap_interval(m, seed=0)[0] > old_old.bootstrap_interval(m, seed=1)[1])
-            for m in METRICS}
-        row["update_gain"] = {m: round(float(v), 4) for m, v in evaluation.update_gain(new_old, old_old, ind).items()}
+        "criterion_clear_of_noise": {
+            m: bool(result.bootstrap_interval(m, seed=0)[0] > old_old.bootstrap_interval(m, seed=1)[1]) for m in METRICS},
+        "update_gain": {m: round(float(v), 4)
+                        for m, v in evaluation.update_gain(result, old_old, independent_new).items()}}
+
+
+def _row(bench: "Benchmark", method: str, new: Spec, old: Spec, independent: Spec, note: str = "") -> dict[str, Any]:
+    """One table row: M(new, new), both upgrade routes (each with its criterion and update gain), sacrifice.
+
+    backward: M(new, old), new queries against the untouched old gallery (through T21 for the transformation
+    modes); forward: M(new, T12(old)), new queries against the old gallery moved by a T12 fitted on the
+    training pairs (`fit_forward`). lce-transform also gets `forward_own`: through its own jointly trained T12.
+    """
+    from lce_tf import evaluation
+
+    ev, zoo = bench.ev, bench.zoo
+    old_old, ind = ev.m(old, old), ev.m(independent, independent)
+    new_new = ev.m(new, new)
+    row: dict[str, Any] = {"method": method, "model": zoo.names.get(new), "new_new": _metric_entry(new_new),
+                           "backward": _route(ev.m(new, old, old), old_old, ind),
+                           "forward": _route(bench.forward(new, old), old_old, ind)}
+    if new.compat in ("lce-transform", "cross-model"):  # their own, jointly trained T12
+        row["forward_own"] = _route(ev.m(new, old, old, gallery_through_t12=new), old_old, ind)
+    notes = [note] if note else []
+    if row["backward"]["new_old"] is None:
+        notes.append(f"backward not defined: the {zoo.embed(new, 'query').shape[1]}-d embeddings cannot be compared "
+                     f"with the {zoo.embed(old, 'gallery').shape[1]}-d old gallery (no T21)")
+    if notes:
+        row["note"] = "; ".join(notes)
     row["new_model_sacrifice"] = {m: round(float(v), 4)
                                   for m, v in evaluation.new_model_sacrifice(new_new, ind).items()}
     return row
@@ -595,6 +624,31 @@ class Benchmark:
         p = profile
         self.new_star = Spec(p.new_arch, p.dim, "arcface", "all", p.epochs, learning_rate=p.learning_rate)
         self.zoo.name(self.new_star, "new* (independent)")
+        self.transforms: dict[tuple[Spec, Spec], Any] = {}  # (old, new) -> fitted T12
+        self.transform_records: list[dict[str, Any]] = []
+        self._forward: dict[tuple[Spec, Spec], Any] = {}
+
+    def transform(self, old: Spec, new: Spec):
+        """T12 old -> new fitted on the new model's training pairs with the library's defaults (cached)."""
+        from lce_tf.transform_fit import TransformFitSettings
+
+        if (old, new) not in self.transforms:
+            fitted, seconds = fit_forward(self.zoo, old, new, TransformFitSettings(seed=self.seed))
+            self.transforms[(old, new)] = fitted
+            self.transform_records.append({"old": self.zoo.names.get(old), "new": self.zoo.names.get(new),
+                                           "pairs": fitted.num_pairs, "fit_loss": round(fitted.fit_loss["old_to_new"], 4),
+                                           "seconds": round(seconds, 1)})
+            _log(f"fitted T12 {self.zoo.names.get(old)} -> {self.zoo.names.get(new)} on {fitted.num_pairs} pairs in "
+                 f"{seconds:.0f} s (loss {fitted.fit_loss['old_to_new']:.4f})")
+        return self.transforms[(old, new)]
+
+    def forward(self, new: Spec, old: Spec, through: Sequence[Spec] = ()):
+        """M(new, T(old)): the old gallery moved by fitted T12s along old -> *through -> new (composed)."""
+        chain = (old, *through, new)
+        if chain not in self._forward:
+            self._forward[chain] = forward_result(self.zoo, new, old,
+                                                  *(self.transform(a, b) for a, b in zip(chain, chain[1:])))
+        return self._forward[chain]
 
     def spec(self, method: str, old: Spec, *, arch: Optional[str] = None, dim: Optional[int] = None,
              loss: str = "arcface", classes: str = "all", **overrides) -> Spec:
@@ -618,12 +672,13 @@ class Benchmark:
             if key not in self.used_in.setdefault(spec, []):
                 self.used_in[spec].append(key)
 
-    def _heatmap(self, key: str, matrix: dict, models: Sequence[str], title: str) -> str:
+    def _heatmap(self, key: str, matrix: dict, models: Sequence[str], title: str,
+                 galleries: Optional[Sequence[str]] = None) -> str:
         from lce_tf.report import plot_compatibility_heatmap
 
         name = f"{key}_heatmap.png"
         plot_compatibility_heatmap(matrix, list(models), metric="top1", title=title,
-                                   path=os.path.join(self.out_dir, name))
+                                   path=os.path.join(self.out_dir, name), galleries=galleries)
         return name
 
     def upgrade_scenario(self, key: str, title: str, description: str, old: Spec, new_kwargs: dict,
@@ -653,7 +708,7 @@ class Benchmark:
             note = notes.get(method, "")
             if method == "independent" and zoo.names[spec] != f"{key} independent":
                 note = f"new* = the model '{zoo.names[spec]}' (identical settings and seed; trained once)"
-            rows.append(_row(self.ev, method, spec, old, independent, note))
+            rows.append(_row(self, method, spec, old, independent, note))
         models = {"old": old, **rows_specs}
         self._uses(key, models.values())
         matrix, pairs = _matrix_entries(self.ev, models, old)
@@ -695,7 +750,8 @@ class Benchmark:
             f"{p.new_arch} {p.dim}-d on 100%; only the transformation method can map between the dimensions", old, {})
 
     def s5(self):
-        """Chain v1 -> v2 -> v3, each LCE against its predecessor; full matrix and AC."""
+        """Chain v1 -> v2 -> v3, each LCE against its predecessor: the direct (backward) matrix and AC, and the
+        forward route with fitted transformations, composed for v1 (v1 gallery -> T12 -> T23 against v3)."""
         from lce_tf import evaluation
 
         v1 = self.old("S1 old (50% classes)")
@@ -711,21 +767,35 @@ class Benchmark:
                 result = self.ev.m(qs, gs)
                 matrix[(qn, gn)] = result
                 pairs.append({"query": qn, "gallery": gn, **_metric_entry(result)})
-        ac = {m: round(evaluation.average_compatibility(matrix, list(versions), metric=m), 4) for m in METRICS}
+        names = list(versions)
+        # (new, old): (the versions the old gallery passes through, how the heatmap labels the moved gallery)
+        routes = {("v2", "v1"): ((), "T12(v1)"), ("v3", "v2"): ((), "T23(v2)"), ("v3", "v1"): ((v2,), "T23.T12(v1)")}
+        forward_pairs, forward = [], {}
+        for (t, k), (through, label) in routes.items():
+            result = self.forward(versions[t], versions[k], through)
+            forward[(t, label)] = result
+            forward_pairs.append({"new": t, "old": k, "via": label, **_metric_entry(result),
+                                  **{m: bool(result.metric(m) > matrix[(k, k)].metric(m)) for m in METRICS}})
+        ac = {m: round(evaluation.average_compatibility(matrix, names, metric=m), 4) for m in METRICS}
+        ac_forward = {m: round(float(np.mean([p[m] for p in forward_pairs])), 4) for m in METRICS}
         compatible_pairs = [{"new": t, "old": k, **{m: bool(matrix[(t, k)].metric(m) > matrix[(k, k)].metric(m))
                                                     for m in METRICS}}
-                            for i, t in enumerate(versions) for k in list(versions)[:i]]
-        heatmap = self._heatmap("S5", matrix, list(versions), "S5: chain v1 -> v2 -> v3 (top-1; rows: query model)")
+                            for i, t in enumerate(names) for k in names[:i]]
+        heat = {**matrix, **forward}
+        galleries = names + [label for _, label in forward]
+        heatmap = self._heatmap("S5", heat, names, "S5: chain v1 -> v2 -> v3 (top-1; rows: query model)",
+                                galleries=galleries)
         return {"title": "chain v1 -> v2 -> v3",
                 "description": f"v1 = S1's old model ({self.profile.new_arch}, 50% of the classes); v2: LCE against v1 "
-                               "on 75%; v3: LCE against v2 (not v1) on 100%",
+                               "on 75%; v3: LCE against v2 (not v1) on 100%. Forward: T12 (v1 -> v2) and T23 (v2 -> v3) "
+                               "fitted on the training pairs; v1's gallery reaches v3's space through T12 then T23 "
+                               "(composed, labelled T123)",
                 "versions": {k: {"model": self.zoo.names[s], **s.describe()} for k, s in versions.items()},
-                "matrix": pairs, "pairs": compatible_pairs, "average_compatibility": ac, "heatmap": heatmap}
+                "matrix": pairs, "pairs": compatible_pairs, "average_compatibility": ac,
+                "forward_pairs": forward_pairs, "average_compatibility_forward": ac_forward, "heatmap": heatmap}
 
     def cross(self):
         """Cross-model: S1's old model and new*, both independent, bridged by T12/T21 only."""
-        from lce_tf import evaluation
-
         p = self.profile
         old = self.old("S1 old (50% classes)")
         new = self.new_star
@@ -735,29 +805,24 @@ class Benchmark:
         self.zoo.name(bridge, "cross T12/T21 (new* frozen)")
         self._uses("cross", (old, new, bridge))
         ev = self.ev
-        old_old, new_new = ev.m(old, old), ev.m(new, new)
-        rows = [{"method": "old", "model": self.zoo.names[old], "new_new": _metric_entry(old_old)},
-                {**_row(ev, "independent (no transformation)", new, old, new)},
-                {**_row(ev, "cross-model T21 (backward)", bridge, old, new),
-                 "note": "new* queries mapped by T21 into the old space, old gallery as is"}]
-        forward = ev.m(bridge, old, old, gallery_through_t12=bridge)
-        verdict = evaluation.empirical_criterion(forward, old_old)
-        rows.append({"method": "cross-model T12 (forward)", "model": self.zoo.names[bridge],
-                     "new_new": _metric_entry(new_new), "new_old": _metric_entry(forward),
-                     "criterion": {**{m: bool(verdict[m]) for m in METRICS}, "pass": all(verdict.values())},
-                     "update_gain": {m: round(float(v), 4)
-                                     for m, v in evaluation.update_gain(forward, old_old, new_new).items()},
-                     "new_model_sacrifice": {m: 1.0 for m in METRICS},
-                     "note": "new* queries in the new space, old gallery mapped by T12 into the new space"})
-        matrix = {("old", "old"): old_old, ("new*", "new*"): new_new, ("new* via T21", "old"): ev.m(bridge, old, old),
-                  ("new*", "old"): ev.m(new, old, old), ("new*", "old via T12"): forward}
-        models = ["old", "new*", "new* via T21", "old via T12"]
+        rows = [{"method": "old", "model": self.zoo.names[old], "new_new": _metric_entry(ev.m(old, old))},
+                _row(self, "independent new*", new, old, new,
+                     "backward: new* queries against the old gallery as they are; forward: through a T12 fitted on "
+                     "the training pairs"),
+                _row(self, "cross-model T12/T21", bridge, old, new,
+                     "backward: new* queries mapped by the jointly trained T21; forward: a T12 fitted on the training "
+                     "pairs; forward_own: the jointly trained T12 (from both models' class centers)")]
+        matrix = {("old", "old"): ev.m(old, old), ("new*", "new*"): ev.m(new, new), ("new* via T21", "old"): ev.m(bridge, old, old),
+                  ("new*", "old"): ev.m(new, old, old), ("new*", "joint T12(old)"): ev.m(bridge, old, old, gallery_through_t12=bridge),
+                  ("new*", "fitted T12(old)"): self.forward(new, old)}
         heat = {(q, g): r for (q, g), r in matrix.items() if r is not None}
-        heatmap = self._heatmap("cross", heat, models, "cross-model: T12/T21 between two frozen models (top-1)")
+        heatmap = self._heatmap("cross", heat, ["old", "new*", "new* via T21"],
+                                "cross-model: T12/T21 between two frozen models (top-1)",
+                                galleries=["old", "new*", "joint T12(old)", "fitted T12(old)"])
         return {"title": "cross-model compatibility",
                 "description": "old = S1's old model, new = new*; both trained independently and frozen; only "
-                               "T12/T21 are trained (from both models' class centers and the boundary loss on "
-                               "T21(new features))",
+                               "T12/T21 are trained (jointly from both models' class centers and the boundary loss on "
+                               "T21(new features)), or T12 fitted on the training pairs (the forward route)",
                 "old": {"model": self.zoo.names[old], **old.describe()}, "rows": rows,
                 "matrix": [{"query": q, "gallery": g, **_metric_entry(r)} for (q, g), r in heat.items()],
                 "heatmap": heatmap}
@@ -767,47 +832,144 @@ class Benchmark:
 # Targets and reports
 
 
-def check_targets(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets, each with the measured numbers (met or missed, by how much)."""
+ROUTES = ("backward", "forward")
+SEED_SCENARIOS = ("S1", "S2")
+SEED_METHODS = ("independent", "lce")
+
+
+def _mean_entry(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean top-1 / top-5 / mAP of several seeds' metric entries (no interval: each seed keeps its own)."""
+    return {m: round(float(np.mean([e[m] for e in entries])), 4) for m in ("top1", "top5", "mAP")}
+
+
+def seed_summary(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Mean over seeds of the rows that decide the targets, and each seed's criterion verdicts.
+
+    Args:
+      per_seed: {seed: {"old": entry, "independent": row, "lce": row}} (rows as `_row` makes them).
+
+    Returns:
+      {"seeds": [...], "old_old": mean entry, "<method>": {"new_new": mean, "<route>": {"new_old": mean,
+       "criterion": on the means, "per_seed_pass": {seed: bool}, "disagreeing_seeds": [...], "update_gain": on the
+       means}}, "sacrifice": LCE new/new over independent new/new, on the means}.
+    """
+    seeds = sorted(per_seed)
+    old_old = _mean_entry([per_seed[k]["old"] for k in seeds])
+    out: dict[str, Any] = {"seeds": seeds, "old_old": old_old}
+    means_new_new = {method: _mean_entry([per_seed[k][method]["new_new"] for k in seeds]) for method in SEED_METHODS}
+    for method in SEED_METHODS:
+        entry: dict[str, Any] = {"new_new": means_new_new[method]}
+        for route in ROUTES:
+            rows = [per_seed[k][method][route] for k in seeds]
+            if any(r["new_old"] is None for r in rows):
+                entry[route] = None
+                continue
+            mean = _mean_entry([r["new_old"] for r in rows])
+            criterion = {m: bool(mean[m] > old_old[m]) for m in METRICS}
+            criterion["pass"] = all(criterion.values())
+            per_seed_pass = {k: bool(r["criterion"]["pass"]) for k, r in zip(seeds, rows)}
+            ind = means_new_new["independent"]
+            entry[route] = {
+                "new_old": mean, "criterion": criterion, "per_seed_pass": per_seed_pass,
+                "disagreeing_seeds": [k for k, ok in per_seed_pass.items() if ok != criterion["pass"]],
+                "update_gain": {m: round((mean[m] - old_old[m]) / (ind[m] - old_old[m]), 4)
+                                if ind[m] != old_old[m] else float("nan") for m in METRICS}}
+        out[method] = entry
+    out["sacrifice"] = {m: round(means_new_new["lce"][m] / means_new_new["independent"][m], 4) for m in METRICS}
+    return out
+
+
+def check_targets(scenarios: dict[str, Any], seeds: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
+    """The issue's targets, each with the measured numbers (met or missed, by how much).
+
+    S1 and S2 are judged on the mean over seeds (`seeds`: {scenario: seed_summary}) when given, else on the
+    scenario's single run. Forward-route targets have "forward" in their names.
+    """
     targets = []
 
-    def rows_by_method(key):
-        return {r["method"]: r for r in scenarios[key]["rows"]}
+    def single_seed(key):
+        rows = {r["method"]: r for r in scenarios[key]["rows"]}
+        summary = {"seeds": [scenarios.get("seed", 0)], "old_old": rows["old"]["new_new"]}
+        for method in SEED_METHODS:
+            summary[method] = {"new_new": rows[method]["new_new"],
+                               **{route: {**rows[method][route], "per_seed_pass": {}, "disagreeing_seeds": []}
+                                  if rows[method][route]["new_old"] is not None else None for route in ROUTES}}
+        summary["sacrifice"] = rows["lce"]["new_model_sacrifice"]
+        return summary
 
-    for key in ("S1", "S2", "S3", "S4"):
-        if key not in scenarios:
+    for key in SEED_SCENARIOS:
+        if key not in scenarios and key not in (seeds or {}):
             continue
-        rows = rows_by_method(key)
-        method = "lce" if "lce" in rows else "lce-transform"
-        lce, ind = rows[method], rows["independent"]
-        gaps = {m: round(lce["new_old"][m] - rows["old"]["new_new"][m], 4) for m in METRICS} if lce["new_old"] else None
-        targets.append({"target": f"{key}: {method} satisfies the criterion on top-1 and mAP",
-                        "met": bool(lce["criterion"]["pass"]),
-                        "detail": f"M(new, old) - M(old, old): top-1 {gaps['top1']:+.4f}, mAP {gaps['mAP']:+.4f}"})
-        targets.append({"target": f"{key}: independent fails the criterion (sanity)",
-                        "met": not ind["criterion"]["pass"],
-                        "detail": "no comparable embedding" if ind["new_old"] is None else
-                        f"M(new*, old) top-1 {ind['new_old']['top1']:.4f}, mAP {ind['new_old']['mAP']:.4f}"})
-        ratio = lce["new_model_sacrifice"]
-        targets.append({"target": f"{key}: {method} new/new >= 0.97 x independent new/new",
+        summary = (seeds or {}).get(key) or single_seed(key)
+        over = f"mean of seeds {', '.join(map(str, summary['seeds']))}" if len(summary["seeds"]) > 1 else "one seed"
+        old_old = summary["old_old"]
+        for route in ("forward", "backward"):
+            entry = summary["lce"][route]
+            gaps = {m: entry["new_old"][m] - old_old[m] for m in METRICS}
+            disagree = (f"; seeds disagreeing with the mean's verdict: {entry['disagreeing_seeds']}"
+                        if entry["disagreeing_seeds"] else "")
+            label = "M(LCE, T12(old))" if route == "forward" else "M(LCE, old)"
+            targets.append({
+                "target": f"{key}: LCE {route} route meets the criterion on top-1 and mAP ({over})",
+                "met": bool(entry["criterion"]["pass"]),
+                "detail": f"{label} - M(old, old): top-1 {gaps['top1']:+.4f}, mAP {gaps['mAP']:+.4f}; update gain "
+                          f"top-1 {entry['update_gain']['top1']:.2f}, mAP {entry['update_gain']['mAP']:.2f}{disagree}"})
+        ratio = summary["sacrifice"]
+        targets.append({"target": f"{key}: LCE new/new >= 0.97 x independent new/new ({over})",
                         "met": all(ratio[m] >= 0.97 for m in METRICS),
                         "detail": f"ratio top-1 {ratio['top1']:.4f}, mAP {ratio['mAP']:.4f}"})
-        if key in ("S1", "S2"):
-            ug = lce["update_gain"]
-            others = {m: rows[m]["update_gain"] for m in ("bct", "l2") if m in rows and rows[m]["update_gain"]}
-            targets.append({"target": f"{key}: LCE update gain >= 0.5 (top-1 and mAP)",
-                            "met": all(ug[m] >= 0.5 for m in METRICS),
-                            "detail": f"UG top-1 {ug['top1']:.4f}, mAP {ug['mAP']:.4f}"})
-            targets.append({"target": f"{key}: LCE update gain higher than BCT and L2 (top-1 and mAP)",
-                            "met": all(ug[m] > o[m] for o in others.values() for m in METRICS),
-                            "detail": "; ".join(f"{n} top-1 {o['top1']:.4f}, mAP {o['mAP']:.4f}"
-                                                for n, o in others.items())})
+        ind = summary["independent"]["backward"]
+        targets.append({"target": f"{key}: independent fails the backward criterion (sanity; {over})",
+                        "met": ind is None or not ind["criterion"]["pass"],
+                        "detail": "no comparable embedding" if ind is None else
+                        f"M(new*, old) top-1 {ind['new_old']['top1']:.4f}, mAP {ind['new_old']['mAP']:.4f}"})
     if "S5" in scenarios:
-        ac = scenarios["S5"]["average_compatibility"]
-        targets.append({"target": "S5: chain average compatibility = 1.0 (top-1 and mAP)",
+        ac = scenarios["S5"]["average_compatibility_forward"]
+        pairs = "; ".join(f"{p['new']} vs {p['via']}: top-1 {_yn(p['top1'])}, mAP {_yn(p['mAP'])}"
+                          for p in scenarios["S5"]["forward_pairs"])
+        targets.append({"target": "S5: chain average compatibility through composed transformations (forward) = 1.0 "
+                                  "(top-1 and mAP)",
                         "met": all(ac[m] == 1.0 for m in METRICS),
-                        "detail": f"AC top-1 {ac['top1']:.4f}, mAP {ac['mAP']:.4f}"})
+                        "detail": f"AC top-1 {ac['top1']:.4f}, mAP {ac['mAP']:.4f} ({pairs})"})
+        direct = scenarios["S5"]["average_compatibility"]
+        targets.append({"target": "S5: chain average compatibility of the direct chain (backward) = 1.0 (reported)",
+                        "met": all(direct[m] == 1.0 for m in METRICS),
+                        "detail": f"AC top-1 {direct['top1']:.4f}, mAP {direct['mAP']:.4f}"})
     return targets
+
+
+def results_table(report: dict[str, Any]) -> list[str]:
+    """The README's results table: one row per scenario and route (old/old, LCE, independent, the best baseline by
+    the mean of top-1 and mAP, LCE's criterion). S1 and S2 show the mean over seeds when the report has them."""
+    lines = ["| scenario | route | old/old top-1 / mAP | LCE | independent | best baseline | LCE criterion top-1 / mAP |",
+             "|---|---|---|---|---|---|---|"]
+
+    def cell(entry):
+        return "n/a" if entry is None else f"{entry['top1']:.3f} / {entry['mAP']:.3f}"
+
+    for key, sc in report["scenarios"].items():
+        if "rows" not in sc or key == "cross":
+            continue
+        rows = {r["method"]: r for r in sc["rows"]}
+        lce_name = "lce" if "lce" in rows else "lce-transform"
+        summary = report.get("seeds", {}).get(key)
+        old_old = summary["old_old"] if summary else rows["old"]["new_new"]
+        label = f"{key} {sc['title']}" + (f" (mean of {len(summary['seeds'])} seeds)" if summary else "")
+        for route in ROUTES:
+            if summary:
+                lce = summary["lce"][route] and summary["lce"][route]["new_old"]
+                ind = summary["independent"][route] and summary["independent"][route]["new_old"]
+                crit = summary["lce"][route]["criterion"] if summary["lce"][route] else None
+            else:
+                lce, ind = rows[lce_name][route]["new_old"], rows["independent"][route]["new_old"]
+                crit = rows[lce_name][route]["criterion"] if lce else None
+            baselines = [(m, rows[m][route]["new_old"]) for m in ("bct", "l2") if m in rows and rows[m][route]["new_old"]]
+            best = max(baselines, key=lambda b: b[1]["top1"] + b[1]["mAP"], default=None)
+            lines.append(f"| {label if route == 'backward' else ''} | {route} | {cell(old_old) if route == 'backward' else ''}"
+                         f" | {cell(lce)}{'' if lce_name == 'lce' else ' (lce-transform)'} | {cell(ind)} | "
+                         + (f"{best[0]} {cell(best[1])}" if best else "n/a") + " | "
+                         + (f"{_yn(crit['top1'])} / {_yn(crit['mAP'])}" if crit else "n/a") + " |")
+    return lines
 
 
 def _fmt(entry: Optional[dict], metric: str, ci: bool = True) -> str:
@@ -824,28 +986,72 @@ def _yn(value: Optional[bool]) -> str:
     return "n/a" if value is None else ("pass" if value else "FAIL")
 
 
+def _route_cells(route: Optional[dict[str, Any]]) -> str:
+    """'top-1 [CI] | mAP [CI] | criterion top-1 / mAP | UG top-1 / mAP' of one route (4 cells)."""
+    if not route or route.get("new_old") is None:
+        return "n/a | n/a | n/a | n/a"
+    crit, ug = route["criterion"], route.get("update_gain")
+    return (f"{_fmt(route['new_old'], 'top1')} | {_fmt(route['new_old'], 'mAP')} | {_yn(crit['top1'])} / "
+            f"{_yn(crit['mAP'])} | " + (f"{ug['top1']:.2f} / {ug['mAP']:.2f}" if ug else "n/a"))
+
+
 def scenario_table(scenario: dict[str, Any]) -> list[str]:
-    """The markdown table of one upgrade scenario (S1-S4, cross)."""
-    lines = ["| model | M(self, self) top-1 | mAP | M(model, old) top-1 [95% CI] | mAP [95% CI] | criterion "
-             "top-1 / mAP | update gain top-1 / mAP | sacrifice top-1 / mAP |",
+    """The markdown table of one upgrade scenario (S1-S4, cross): both routes side by side."""
+    lines = ["| model | M(self, self) top-1 / mAP | route | M(model, old route) top-1 [95% CI] | mAP [95% CI] | "
+             "criterion top-1 / mAP | update gain top-1 / mAP | sacrifice top-1 / mAP |",
              "|---|---|---|---|---|---|---|---|"]
     for row in scenario["rows"]:
-        name = f"{row['method']}"
         if row["method"] == "old":
-            lines.append(f"| old: {row['model']} | {_fmt(row['new_new'], 'top1')} | {_fmt(row['new_new'], 'mAP')} | "
-                         f"(= old/old) | | | | |")
+            lines.append(f"| old: {row['model']} | {_fmt(row['new_new'], 'top1')} / {_fmt(row['new_new'], 'mAP')} | "
+                         "(= the bar M(old, old)) | | | | | |")
             continue
-        crit = row.get("criterion")
-        ug = row.get("update_gain")
         sac = row.get("new_model_sacrifice")
-        lines.append(
-            f"| {name} | {_fmt(row['new_new'], 'top1', False)} | {_fmt(row['new_new'], 'mAP', False)} | "
-            f"{_fmt(row.get('new_old'), 'top1')} | {_fmt(row.get('new_old'), 'mAP')} | "
-            f"{_yn(crit['top1']) if crit else 'n/a'} / {_yn(crit['mAP']) if crit else 'n/a'} | "
-            + (f"{ug['top1']:.2f} / {ug['mAP']:.2f}" if ug else "n/a") + " | "
-            + (f"{sac['top1']:.3f} / {sac['mAP']:.3f}" if sac else "n/a") + " |")
+        own = f"{_fmt(row['new_new'], 'top1', False)} / {_fmt(row['new_new'], 'mAP', False)}"
+        sacrifice = f"{sac['top1']:.3f} / {sac['mAP']:.3f}" if sac else "n/a"
+        routes = [("backward", "backward"), ("forward", "forward (fitted T12)")]
+        if "forward_own" in row:
+            routes.append(("forward_own", "forward (own T12)"))
+        for i, (key, label) in enumerate(routes):
+            first = i == 0
+            lines.append(f"| {row['method'] if first else ''} | {own if first else ''} | {label} | "
+                         f"{_route_cells(row.get(key))} | {sacrifice if first else ''} |")
     for method, reason in scenario.get("not_applicable", {}).items():
         lines.append(f"| {method} | not applicable: {reason} | | | | | | |")
+    return lines
+
+
+def seeds_table(key: str, summary: dict[str, Any], per_seed: dict[int, dict[str, Any]]) -> list[str]:
+    """The seeds of one scenario: each seed's M(old, old) and both routes of LCE and the independent model, then
+    the mean (on which the targets are judged)."""
+    lines = [f"### {key}: {len(summary['seeds'])} seeds", "",
+             "| seed | M(old, old) top-1 / mAP | model | M(self, self) top-1 / mAP | backward top-1 / mAP | "
+             "forward top-1 / mAP |", "|---|---|---|---|---|---|"]
+
+    def pair(entry):
+        return "n/a" if entry is None else f"{entry['top1']:.3f} / {entry['mAP']:.3f}"
+
+    def cis(entry):
+        if entry is None:
+            return "n/a"
+        return (f"{entry['top1']:.3f} [{entry['top1_ci95'][0]:.3f}, {entry['top1_ci95'][1]:.3f}] / "
+                f"{entry['mAP']:.3f} [{entry['mAP_ci95'][0]:.3f}, {entry['mAP_ci95'][1]:.3f}]")
+
+    for seed in summary["seeds"]:
+        for i, method in enumerate(SEED_METHODS):
+            row = per_seed[seed][method]
+            lines.append(f"| {seed if i == 0 else ''} | {cis(per_seed[seed]['old']) if i == 0 else ''} | {method} | "
+                         f"{pair(row['new_new'])} | {cis(row['backward']['new_old'])} | {cis(row['forward']['new_old'])} |")
+    for i, method in enumerate(SEED_METHODS):
+        entry = summary[method]
+        lines.append(f"| **mean** | {pair(summary['old_old']) if i == 0 else ''} | {method} | {pair(entry['new_new'])} | "
+                     + " | ".join(pair(entry[r]['new_old'] if entry[r] else None) + (
+                         f" ({_yn(entry[r]['criterion']['pass'])})" if entry[r] else "") for r in ROUTES) + " |")
+    for route in ROUTES:
+        entry = summary["lce"][route]
+        if entry and entry["disagreeing_seeds"]:
+            lines.append(f"\nLCE {route}: seed(s) {', '.join(map(str, entry['disagreeing_seeds']))} disagree with the "
+                         f"mean's verdict ({_yn(entry['criterion']['pass'])}); per seed: "
+                         + ", ".join(f"{k}: {_yn(v)}" for k, v in entry["per_seed_pass"].items()) + ".")
     return lines
 
 
@@ -872,13 +1078,28 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
                  f"BCT/L2 weight {p['lambda_compat']:g}; BCT uses the old class centers as the old classifier")
     if report.get("validation"):
         lines.append(f"- LCE settings chosen on training classes only: {report['validation']}")
-    lines += ["", "M(Q, G): queries embedded by Q, gallery by G, on the held-out test classes. Criterion: "
-              "M(new, old) > M(old, old). Update gain: (M(new, old) − M(old, old)) / (M(new*, new*) − M(old, old)). "
-              "Sacrifice: M(new, new) / M(new*, new*), new* = the independently trained new model. Transformation "
-              "models answer old galleries through T21.", ""]
+    lines += ["", "M(Q, G): queries embedded by Q, gallery by G, on the held-out test classes. Two upgrade routes: "
+              "backward M(new, old), new queries against the untouched old gallery (transformation models answer "
+              "through T21; the paper's criterion); forward M(new, T12(old)), new queries against the old gallery's "
+              "vectors moved into the new space by a T12 fitted on the training pairs (lce_tf.transform_fit defaults; "
+              "no image re-encoded). Criterion: M(new, route) > M(old, old). Update gain: (M(new, route) − M(old, old)) "
+              "/ (M(new*, new*) − M(old, old)). Sacrifice: M(new, new) / M(new*, new*), new* = the independently "
+              "trained new model. Intervals: 95% bootstrap over the queries.", ""]
     lines += ["## Targets", ""]
     for t in report["targets"]:
         lines.append(f"- {'met' if t['met'] else '**MISSED**'}: {t['target']} ({t['detail']})")
+    if report.get("seeds"):
+        lines += ["", "## Seeds", "", "The rows that decide the targets (old, independent and LCE in S1 and S2, both "
+                  "routes) trained with every seed (data, splits and settings fixed); the targets are judged on the "
+                  "mean. Each seed's values carry their own 95% bootstrap interval.", ""]
+        for key, summary in report["seeds"].items():
+            per_seed = {int(k): v for k, v in report["seed_rows"][key].items()}
+            lines += seeds_table(key, summary, per_seed) + [""]
+    if report.get("curves"):
+        lines += ["", "## Training curves", "", "Per-epoch training loss (classification term) of the old and new "
+                  "models of S1 and S2 (seed 0); 'last-epoch change' in the models table is the relative drop of the "
+                  "loss over the last epoch (small = converged at this learning rate).", "",
+                  f"![training curves]({report['curves']})"]
     for key, sc in report["scenarios"].items():
         lines += ["", f"## {key}: {sc['title']}", "", sc["description"] + ".", ""]
         if key == "S5":
@@ -891,7 +1112,16 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
             ac = sc["average_compatibility"]
             pair_text = ", ".join(f"{q['new']}→{q['old']}: top-1 {_yn(q['top1'])}, mAP {_yn(q['mAP'])}"
                                   for q in sc["pairs"])
-            lines += ["", f"Average compatibility: top-1 {ac['top1']:.2f}, mAP {ac['mAP']:.2f} ({pair_text})."]
+            lines += ["", f"Direct chain (backward): average compatibility top-1 {ac['top1']:.2f}, mAP {ac['mAP']:.2f} "
+                      f"({pair_text}).", "", "| forward pair | via | top-1 [95% CI] | mAP [95% CI] | bar M(old, old) "
+                      "top-1 / mAP | criterion top-1 / mAP |", "|---|---|---|---|---|---|"]
+            for q in sc["forward_pairs"]:
+                bar = entries[(q["old"], q["old"])]
+                lines.append(f"| M({q['new']}, {q['via']}) | {q['via']} | {_fmt(q, 'top1')} | {_fmt(q, 'mAP')} | "
+                             f"{bar['top1']:.3f} / {bar['mAP']:.3f} | {_yn(q['top1'])} / {_yn(q['mAP'])} |")
+            acf = sc["average_compatibility_forward"]
+            lines += ["", f"Through composed transformations (forward): average compatibility top-1 {acf['top1']:.2f}, "
+                      f"mAP {acf['mAP']:.2f}."]
         else:
             lines += scenario_table(sc)
             for row in sc["rows"]:
@@ -900,16 +1130,24 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
         lines += ["", f"![{key} heatmap]({sc['heatmap']})"]
     if report.get("analysis"):
         lines += ["", "## Analysis", ""] + report["analysis"]
-    lines += ["", "## Models", "", "Each distinct model is trained once; 'used in' lists the scenarios that share it "
-              "(identical settings and seed).", "",
-              "| model | settings | trained on | seconds | used in | last epoch |", "|---|---|---|---|---|---|"]
+    lines += ["", "## Models", "", "Each distinct model is trained once per seed; 'used in' lists the scenarios that "
+              "share it (identical settings and seed).", "",
+              "| model | seed | settings | trained on | seconds | used in | last epoch | last-epoch change of the loss |",
+              "|---|---|---|---|---|---|---|---|"]
     for rec in report["models"]:
         spec = rec["spec"]
         settings = f"{spec['arch']} {spec['dim']}-d {spec['loss']} {spec['compat']}" + (
             f" vs {rec['parent']}" if rec.get("parent") else "")
         final = ", ".join(f"{k} {v}" for k, v in rec["final_epoch"].items())
-        lines.append(f"| {rec['name']} | {settings} | {rec['train_classes']} classes, {spec['epochs']} epochs | "
-                     f"{rec['seconds']} | {', '.join(rec.get('used_in', []))} | {final} |")
+        losses = rec.get("history", {}).get("loss", [])
+        change = f"{(losses[-1] - losses[-2]) / losses[-2]:+.1%}" if len(losses) > 1 and losses[-2] else "n/a"
+        lines.append(f"| {rec['name']} | {rec.get('seed', report['seed'])} | {settings} | {rec['train_classes']} classes, "
+                     f"{spec['epochs']} epochs | {rec['seconds']} | {', '.join(rec.get('used_in', []))} | {final} | "
+                     f"{change} |")
+    if report.get("transforms"):
+        lines += ["", "Fitted transformations T12 (forward route): " + "; ".join(
+            f"{t['old']} -> {t['new']} ({t['pairs']} pairs, loss {t['fit_loss']}, {t['seconds']} s)"
+            for t in report["transforms"]) + "."]
     _write_text(path, "\n".join(lines) + "\n")
 
 
@@ -940,20 +1178,68 @@ def machine_info() -> dict[str, Any]:
 # Entry points
 
 
+def run_seeds(split: Split, profile: Profile, seeds: Sequence[int], out_dir: str, main: Optional["Benchmark"] = None,
+              verbose: int = 0) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows that decide the targets (old, independent, LCE of S1 and S2, both routes) for every seed.
+
+    Seed `main.seed` reuses the main run's models; every other seed trains its own (same data and settings).
+
+    Returns:
+      (summaries {scenario: seed_summary}, per-seed rows {scenario: {seed: {"old", "independent", "lce"}}},
+       model records, transformation records) of the extra seeds.
+    """
+    rows: dict[str, dict[int, dict[str, Any]]] = {key: {} for key in SEED_SCENARIOS}
+    records, transforms = [], []
+    for seed in seeds:
+        bench = main if main is not None and seed == main.seed else Benchmark(split, profile, seed, out_dir, verbose)
+        for key in SEED_SCENARIOS:
+            arch = {"old": profile.small_arch, "new": profile.large_arch} if key == "S2" else {}
+            old = bench.old(f"{key} old ({arch['old']})" if arch else "S1 old (50% classes)", arch=arch.get("old"))
+            independent = bench.spec("independent", old, arch=arch.get("new"))
+            lce = bench.spec("lce", old, arch=arch.get("new"))
+            bench.zoo.name(lce, f"{key} lce")
+            _log(f"seed {seed}, {key}: old, independent and LCE, both routes")
+            rows[key][seed] = {"old": _metric_entry(bench.ev.m(old, old)),
+                               "independent": _row(bench, "independent", independent, old, independent),
+                               "lce": _row(bench, "lce", lce, old, independent)}
+        if bench is not main:
+            records += list(bench.zoo.records.values())
+            transforms += [{**t, "seed": seed} for t in bench.transform_records]
+    return {key: seed_summary(per_seed) for key, per_seed in rows.items()}, rows, records, transforms
+
+
+def plot_training_curves(records: Sequence[dict[str, Any]], path: str) -> str:
+    """The per-epoch classification loss of the S1/S2 old and new models (seed 0) as one PNG."""
+    from lce_tf.report import plot_curves
+
+    curves = {}
+    for rec in records:
+        history = rec.get("history", {})
+        loss = history.get("cls_loss") or history.get("loss")
+        if loss and rec["name"].split(" ")[0] in ("S1", "S2", "new*") and rec.get("seed", 0) == 0 and \
+                rec["spec"]["compat"] in ("independent", "lce"):
+            curves[rec["name"]] = (list(range(1, len(loss) + 1)), loss)
+    plot_curves(curves, xlabel="epoch", ylabel="training loss (classification term)",
+                title="Training curves (S1 / S2, seed 0)", path=path)
+    return os.path.basename(path)
+
+
 def run_benchmark(data_dir: Optional[str], out_dir: str, profile: Profile, *, seed: int = 0,
                   scenarios: Sequence[str] = SCENARIOS, work: str = "build/bench", verbose: int = 0,
-                  command: str = "") -> dict[str, Any]:
-    """Runs the scenarios and writes compat.json, compat.md and the heatmaps into `out_dir`.
+                  command: str = "", seeds: Sequence[int] = ()) -> dict[str, Any]:
+    """Runs the scenarios and writes compat.json, compat.md, the heatmaps and the training curves into `out_dir`.
 
     Args:
       data_dir: a dataset with train/, query/, gallery/ image folders, or None to generate glyphs.
       out_dir: results directory.
       profile: sizes and settings.
-      seed: seed of the data generation and of every model.
+      seed: seed of the data generation and of every model of the scenarios.
       scenarios: a subset of SCENARIOS, run in that order.
       work: where generated data is cached.
       verbose: Keras fit verbosity.
       command: the command line recorded in the results.
+      seeds: the seeds of the rows that decide the targets (S1 and S2: old, independent, LCE, both routes);
+        `seed` among them reuses the scenarios' models. Empty: judged on `seed` alone.
 
     Returns:
       The report dict written to compat.json.
@@ -979,8 +1265,17 @@ def run_benchmark(data_dir: Optional[str], out_dir: str, profile: Profile, *, se
         _log(f"== scenario {key}")
         results[key] = getattr(bench, key.lower())()
         scenario_seconds[key] = round(time.perf_counter() - t, 1)
+    seed_summaries, seed_rows, seed_records, seed_transforms = {}, {}, [], []
+    if seeds and all(k in scenarios for k in SEED_SCENARIOS):
+        t = time.perf_counter()
+        _log(f"== seeds {', '.join(map(str, seeds))}")
+        seed_summaries, seed_rows, seed_records, seed_transforms = run_seeds(split, profile, seeds, out_dir, bench,
+                                                                             verbose)
+        scenario_seconds["seeds"] = round(time.perf_counter() - t, 1)
     machine["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     models = [{**rec, "used_in": bench.used_in.get(spec, [])} for spec, rec in bench.zoo.records.items()]
+    models += [{**rec, "used_in": ["seeds"]} for rec in seed_records]
+    curves = plot_training_curves(models, os.path.join(out_dir, "training_curves.png")) if models else None
     wall = time.perf_counter() - start
     report = {
         "benchmark": "lce-tf compatibility benchmark", "lce_tf_version": lce_tf.__version__,
@@ -988,13 +1283,17 @@ def run_benchmark(data_dir: Optional[str], out_dir: str, profile: Profile, *, se
         "command": command or f"python scripts/bench_compat.py --profile {profile.name}",
         "seed": seed, "machine": machine, "profile": dataclasses.asdict(profile), "dataset": split.description,
         "wall_time_seconds": round(wall, 1),
-        "training_seconds": round(sum(r["seconds"] for r in bench.zoo.records.values()), 1),
-        "scenario_seconds": scenario_seconds, "scenarios": results, "targets": check_targets(results),
-        "models": models, "validation": _read_validation_choice(out_dir),
+        "training_seconds": round(sum(r["seconds"] for r in models), 1),
+        "transform_seconds": round(sum(t["seconds"] for t in bench.transform_records + seed_transforms), 1),
+        "scenario_seconds": scenario_seconds, "scenarios": results, "seeds": seed_summaries,
+        "seed_rows": {k: {str(s): v for s, v in rows.items()} for k, rows in seed_rows.items()},
+        "targets": check_targets(results, seed_summaries or None), "models": models,
+        "transforms": bench.transform_records + seed_transforms, "curves": curves,
+        "validation": _read_validation_choice(out_dir),
     }
     _write_text(os.path.join(out_dir, "compat.json"), json.dumps(report, indent=1) + "\n")
     write_markdown(os.path.join(out_dir, "compat.md"), report)
-    _log(f"wrote {out_dir}/compat.json, compat.md and {len(results)} heatmaps in {wall / 60:.1f} min")
+    _log(f"wrote {out_dir}/compat.json, compat.md, {len(results)} heatmaps and the training curves in {wall / 60:.1f} min")
     return report
 
 
@@ -1052,14 +1351,16 @@ def run_validation(data_dir: Optional[str], out_dir: str, profile: Profile, *, s
             boundary, la, lb = "", float("nan"), float("nan")
             label = method
         bench.zoo.name(spec, label)
-        row = _row(ev, method, spec, old, ind)
+        row = _row(bench, method, spec, old, ind)
         rows.append({"boundary": boundary, "lambda_align": la, "lambda_boundary": lb, **row})
-        _log(f"validation {label}: new/old top-1 {row['new_old']['top1']:.4f} mAP {row['new_old']['mAP']:.4f} "
+        back = row["backward"]
+        _log(f"validation {label}: new/old top-1 {back['new_old']['top1']:.4f} mAP {back['new_old']['mAP']:.4f} "
              f"(old/old {ev.m(old, old).top1:.4f} / {ev.m(old, old).mAP:.4f}), new/new {row['new_new']['top1']:.4f} "
              f"(new* {ev.m(ind, ind).top1:.4f} / {ev.m(ind, ind).mAP:.4f})")
 
-    def score(row):  # criterion first, then update gain + sacrifice, averaged over top-1 and mAP
-        return (row["criterion"]["pass"], np.mean([row["update_gain"][m] + row["new_model_sacrifice"][m] for m in METRICS]))
+    def score(row):  # backward criterion first, then update gain + sacrifice, averaged over top-1 and mAP
+        back = row["backward"]
+        return (back["criterion"]["pass"], np.mean([back["update_gain"][m] + row["new_model_sacrifice"][m] for m in METRICS]))
 
     best = max((r for r in rows if r["method"] == "lce"), key=score)
     chosen = {"boundary": best["boundary"], "lambda_align": best["lambda_align"], "lambda_boundary": best["lambda_boundary"]}
@@ -1080,10 +1381,12 @@ def run_validation(data_dir: Optional[str], out_dir: str, profile: Profile, *, s
              "| method | boundary | λ_a | λ_b | new/old top-1 | mAP | new/new top-1 | mAP | criterion | UG top-1 / mAP |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        back = r["backward"]
         lines.append(f"| {r['method']} | {r['boundary']} | {r['lambda_align']:g} | {r['lambda_boundary']:g} | "
-                     f"{_fmt(r['new_old'], 'top1')} | "
-                     f"{_fmt(r['new_old'], 'mAP')} | {r['new_new']['top1']:.4f} | {r['new_new']['mAP']:.4f} | "
-                     f"{_yn(r['criterion']['pass'])} | {r['update_gain']['top1']:.2f} / {r['update_gain']['mAP']:.2f} |")
+                     f"{_fmt(back['new_old'], 'top1')} | "
+                     f"{_fmt(back['new_old'], 'mAP')} | {r['new_new']['top1']:.4f} | {r['new_new']['mAP']:.4f} | "
+                     f"{_yn(back['criterion']['pass'])} | {back['update_gain']['top1']:.2f} / "
+                     f"{back['update_gain']['mAP']:.2f} |")
     lines += ["", f"Rule: {report['rule']}. Chosen: boundary {chosen['boundary']}, λ_a = {chosen['lambda_align']:g}, "
               f"λ_b = {chosen['lambda_boundary']:g}. Wall time {report['wall_time_seconds'] / 60:.1f} min."]
     _write_text(os.path.join(out_dir, f"{name}.md"), "\n".join(lines) + "\n")
@@ -1111,18 +1414,22 @@ def fit_forward(zoo: ModelZoo, old: Spec, new: Spec, settings) -> tuple[Any, flo
     return fitted, time.perf_counter() - start
 
 
-def forward_result(zoo: ModelZoo, new: Spec, old: Spec, fitted) -> Any:
-    """M(new, T12(old)): new queries against the old gallery moved by the fitted T12."""
+def forward_result(zoo: ModelZoo, new: Spec, old: Spec, *fitted) -> Any:
+    """M(new, T(old)): new queries against the old gallery moved by the fitted transformations in turn
+    (one T12, or T12 then T23 ... for a chain)."""
     from lce_tf import evaluation
 
-    moved = fitted.apply("old_to_new", zoo.embed(old, "gallery"))
+    moved = zoo.embed(old, "gallery")
+    for transformation in fitted:
+        moved = transformation.apply("old_to_new", moved)
     return evaluation.retrieval_metrics(zoo.embed(new, "query"), zoo.split.query_labels, moved,
                                         zoo.split.gallery_labels)
 
 
 def run_transform_validation(data_dir: Optional[str], out_dir: str, profile: Profile, *, seed: int = 0,
                              work: str = "build/bench", candidates: Sequence[tuple[int, int]] = TRANSFORM_CANDIDATES,
-                             name: str = "transform_validation", verbose: int = 0) -> dict[str, Any]:
+                             name: str = "transform_validation", verbose: int = 0,
+                             command: str = "python scripts/bench_compat.py --validate-transform") -> dict[str, Any]:
     """Chooses the forward route's fit settings (width, epochs) on a validation split of the TRAINING classes.
 
     For both upgrades of VALIDATION_SETTINGS (S1: same network, more classes; S2: small -> larger network,
@@ -1171,6 +1478,7 @@ def run_transform_validation(data_dir: Optional[str], out_dir: str, profile: Pro
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "seed": seed,
               "profile": dataclasses.asdict(profile), "dataset": split.description, "settings": settings_rows,
               "rule": "criterion passes (top-1 and mAP, both settings) first, then the mean of top-1 and mAP",
+              "command": command,
               "candidates": rows, "chosen": {"width": chosen[0], "epochs": chosen[1]},
               "wall_time_seconds": round(time.perf_counter() - start, 1), "machine": machine_info(),
               "models": list(bench.zoo.records.values())}
@@ -1194,7 +1502,102 @@ def run_transform_validation(data_dir: Optional[str], out_dir: str, profile: Pro
                      f"{r['fit_seconds']:.0f} |")
     lines += ["", f"Rule: {report['rule']}. Chosen: width {chosen[0]}, {chosen[1]} epochs. Machine: "
               f"{report['machine'].get('cpu', '')}; wall time {report['wall_time_seconds'] / 60:.1f} min; command: "
-              f"`python scripts/bench_compat.py --validate-transform`."]
+              f"`{command}`."]
+    _write_text(os.path.join(out_dir, f"{name}.md"), "\n".join(lines) + "\n")
+    return report
+
+
+def _epoch_probe(split: Split, records: list[dict[str, Any]], label: str, old_gallery: Optional[np.ndarray] = None):
+    """A Keras callback that measures, after every epoch, M(model, model) on the validation split and, with
+    `old_gallery` (the old model's gallery embeddings), M(model, old): appended to `records`."""
+    import tensorflow as tf
+
+    from lce_tf import evaluation
+
+    def embed(model, images):
+        return np.concatenate([model(images[i:i + 512], training=False).numpy() for i in range(0, len(images), 512)])
+
+    class Probe(tf.keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            q, g = embed(self.model, split.query_images), embed(self.model, split.gallery_images)
+            own = evaluation.retrieval_metrics(q, split.query_labels, g, split.gallery_labels)
+            entry = {"model": label, "epoch": epoch + 1, "loss": round(float((logs or {}).get("loss", np.nan)), 4),
+                     "own": {m: round(float(own.metric(m)), 4) for m in METRICS}}
+            if old_gallery is not None:
+                cross = evaluation.retrieval_metrics(q, split.query_labels, old_gallery, split.gallery_labels)
+                entry["backward"] = {m: round(float(cross.metric(m)), 4) for m in METRICS}
+            records.append(entry)
+            _log(f"epoch study: {label} epoch {epoch + 1}: loss {entry['loss']}, own top-1 {entry['own']['top1']}, "
+                 f"mAP {entry['own']['mAP']}" + (f"; backward top-1 {entry['backward']['top1']}" if "backward" in entry
+                                                 else ""))
+
+    return Probe()
+
+
+def run_epoch_study(data_dir: Optional[str], out_dir: str, profile: Profile, *, max_epochs: int = 8, seed: int = 0,
+                    work: str = "build/bench", name: str = "epochs", verbose: int = 0,
+                    command: str = "python scripts/bench_compat.py --epoch-study") -> dict[str, Any]:
+    """How many epochs the benchmark's models need, measured on a validation split of the TRAINING classes.
+
+    Trains S1's old model (the new network on 50% of the kept training classes), S2's old model (the small
+    network) and S1's LCE model for `max_epochs` epochs each, measuring after every epoch M(model, model) and,
+    for the LCE model, M(new, old) on held-out training classes (the test classes are not used). Rule: the
+    first epoch after which one more epoch adds less than 1 point of own top-1 (a plateau at this learning
+    rate). Results: OUT_DIR/NAME.{json,md,png}.
+    """
+    from lce_tf.report import plot_curves
+
+    start = time.perf_counter()
+    os.makedirs(out_dir, exist_ok=True)
+    data_dir, summary = ensure_dataset(data_dir, work, profile, seed)
+    split = validation_split(load_split(data_dir, summary), profile.val_classes, seed)
+    study = dataclasses.replace(profile, epochs=max_epochs, old_epochs=max_epochs)
+    bench = Benchmark(split, study, seed, out_dir, verbose)
+    records: list[dict[str, Any]] = []
+    old_s1 = bench.old("S1 old", arch=study.new_arch)
+    old_s2 = bench.old("S2 old", arch=study.small_arch)
+    for label, spec in (("S1 old", old_s1), ("S2 old", old_s2)):
+        bench.zoo.callbacks = [_epoch_probe(split, records, label)]
+        bench.zoo.model(spec)
+    lce = bench.spec("lce", old_s1)
+    bench.zoo.name(lce, "S1 lce")
+    bench.zoo.callbacks = [_epoch_probe(split, records, "S1 lce", bench.zoo.embed(old_s1, "gallery"))]
+    bench.zoo.model(lce)
+    bench.zoo.callbacks = []
+
+    def plateau(label: str) -> int:
+        tops = [r["own"]["top1"] for r in records if r["model"] == label]
+        return next((e + 1 for e in range(len(tops) - 1) if tops[e + 1] - tops[e] < 0.01), len(tops))
+
+    chosen = {label: plateau(label) for label in ("S1 old", "S2 old", "S1 lce")}
+    curves = {f"{label} (own top-1)": ([r["epoch"] for r in records if r["model"] == label],
+                                       [r["own"]["top1"] for r in records if r["model"] == label])
+              for label in chosen}
+    curves["S1 lce (backward top-1)"] = ([r["epoch"] for r in records if r["model"] == "S1 lce"],
+                                         [r["backward"]["top1"] for r in records if r["model"] == "S1 lce"])
+    plot_curves(curves, xlabel="epoch", ylabel="top-1 on held-out training classes",
+                title="Epoch study (validation split of the training classes)", path=os.path.join(out_dir, f"{name}.png"))
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "seed": seed,
+              "command": command, "machine": machine_info(), "profile": dataclasses.asdict(study),
+              "dataset": split.description, "records": records, "plateau_epochs": chosen,
+              "rule": "the first epoch after which one more epoch adds less than 1 point of own top-1",
+              "wall_time_seconds": round(time.perf_counter() - start, 1),
+              "models": list(bench.zoo.records.values())}
+    _write_text(os.path.join(out_dir, f"{name}.json"), json.dumps(report, indent=1) + "\n")
+    lines = ["# Epochs: how long the benchmark's models train", "",
+             f"Measured on {split.description['test_classes']} held-out TRAINING classes (query/gallery by "
+             f"{split.description['split_by']}), the models trained on the other {split.description['train_classes']}; "
+             f"batch {study.batch_size}, Adam 1e-3, {study.size} px. The test classes are not used.", "",
+             "| model | epoch | training loss | own top-1 | own mAP | backward top-1 | backward mAP |",
+             "|---|---|---|---|---|---|---|"]
+    for r in records:
+        back = r.get("backward")
+        lines.append(f"| {r['model']} | {r['epoch']} | {r['loss']} | {r['own']['top1']:.3f} | {r['own']['mAP']:.3f} | "
+                     + (f"{back['top1']:.3f} | {back['mAP']:.3f} |" if back else " | |"))
+    lines += ["", f"Rule: {report['rule']}. Plateau: " + ", ".join(f"{k} {v}" for k, v in chosen.items()) + ".", "",
+              f"![epoch study]({name}.png)", "",
+              f"Machine: {report['machine']['cpu']}; wall time {report['wall_time_seconds'] / 60:.1f} min; command: "
+              f"`{command}`."]
     _write_text(os.path.join(out_dir, f"{name}.md"), "\n".join(lines) + "\n")
     return report
 
@@ -1222,11 +1625,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small version (~5 min): fewer classes and epochs")
+    parser.add_argument("--profile", choices=sorted(PROFILES), help="the sizes of the run (default: full; quick with "
+                        "--quick)")
     parser.add_argument("--data", help="dataset with train/, query/, gallery/ (default: glyphs generated in --work)")
     parser.add_argument("--out", help="results directory (default: benchmarks/results; build/bench-quick with --quick, "
                         "so a quick run never replaces the committed results)")
     parser.add_argument("--work", default="build/bench", help="where generated data is kept")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", help="comma-separated seeds of the rows that decide the targets (S1/S2 old, "
+                        "independent, LCE; default: the profile's)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of " + ",".join(SCENARIOS))
     parser.add_argument("--epochs", type=int, help="override the profile's epochs (new and old models)")
     parser.add_argument("--validate", action="store_true",
@@ -1238,11 +1645,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--name", default="validation", help="--validate: results file name (NAME.json, NAME.md)")
     parser.add_argument("--val-classes", type=int, help="--validate: training classes held out (default: profile)")
     parser.add_argument("--old-epochs", type=int, help="override the profile's epochs of the old models")
+    parser.add_argument("--epoch-study", type=int, metavar="MAX_EPOCHS",
+                        help="measure per-epoch validation accuracy on held-out TRAINING classes up to MAX_EPOCHS")
+    parser.add_argument("--readme-table", action="store_true",
+                        help="print the README's results table from --out/compat.json (no training)")
     parser.add_argument("--annotate", metavar="NOTES.md",
                         help="add a written analysis to the results in --out (no training)")
     parser.add_argument("--verbose", type=int, default=0, choices=(0, 1, 2), help="Keras fit verbosity")
     args = parser.parse_args(argv)
-    profile = PROFILES["quick" if args.quick else "full"]
+    profile = PROFILES[args.profile or ("quick" if args.quick else "full")]
     args.out = args.out or ("build/bench-quick" if args.quick else "benchmarks/results")
     if args.epochs:
         profile = dataclasses.replace(profile, epochs=args.epochs, old_epochs=args.epochs)
@@ -1252,18 +1663,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         profile = dataclasses.replace(profile, val_classes=args.val_classes)
     command = "python scripts/bench_compat.py " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
-        if args.annotate:
+        if args.epoch_study:
+            run_epoch_study(args.data, args.out, profile, max_epochs=args.epoch_study, seed=args.seed, work=args.work,
+                            verbose=args.verbose, command=command.strip())
+        elif args.readme_table:
+            with open(os.path.join(args.out, "compat.json"), encoding="utf-8") as f:
+                print("\n".join(results_table(json.load(f))))
+        elif args.annotate:
             annotate(args.out, args.annotate)
         elif args.validate_transform:
             run_transform_validation(args.data, args.out, profile, seed=args.seed, work=args.work,
-                                     verbose=args.verbose)
+                                     verbose=args.verbose, command=command.strip())
         elif args.validate:
             run_validation(args.data, args.out, profile, seed=args.seed, work=args.work, setting=args.setting,
                            name=args.name, verbose=args.verbose)
         else:
+            seeds = ([int(v) for v in args.seeds.split(",") if v.strip()] if args.seeds is not None
+                     else list(profile.seeds))
             run_benchmark(args.data, args.out, profile, seed=args.seed,
                           scenarios=[s.strip() for s in args.scenarios.split(",") if s.strip()],
-                          work=args.work, verbose=args.verbose, command=command.strip())
+                          work=args.work, verbose=args.verbose, command=command.strip(), seeds=seeds)
     except ValueError as e:
         print(f"bench_compat: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

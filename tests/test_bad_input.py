@@ -15,7 +15,8 @@ stop a write): the failing call raises OSError(ENOSPC / EROFS) in the middle of 
 checks that the previous version is intact and nothing half-written is visible in the parent directory.
 
 Everything is tiny (12 px images, an untrained 8-d small_cnn; one CLI training run of a few steps), and
-nothing here imports tfx: the component cases call the executors' helpers in `components.util`.
+nothing here imports tfx: the component cases call the executors' helpers in `components.util` and
+`centers_beam` (Apache Beam, not tfx).
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ def _oserror(code: int):
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    """Train/query/gallery folders (4 classes), an untrained exported 8-d model v1, its centers, an index."""
+    """Train/query/gallery folders (4 classes), an untrained exported 8-d model v1, its centers, a ScaNN index
+    and a Milvus Lite index of the gallery."""
     import tensorflow as tf
 
     from lce_tf.export import export_model
@@ -142,6 +144,8 @@ def ws(tmp_path_factory):
                      "--out", str(root / "v1_centers.npz")]) == 0
     assert cli.main(["index", "build", "--model", str(root / "v1"), "--data", str(root / "gallery"),
                      "--out", str(root / "index")]) == 0
+    assert cli.main(["index", "build", "--model", str(root / "v1"), "--data", str(root / "gallery"),
+                     "--out", str(root / "index-milvus"), "--backend", "milvus"]) == 0
     return root
 
 
@@ -419,8 +423,31 @@ def metadata_dim_disagrees_with_model(ws, tmp, mp):
         lambda _: _assert_absent(tmp / "c.npz")
 
 
+# Adam moves each weight by about the learning rate per step: after one step of 1e38 float32 overflows and
+# every weight becomes NaN, the classifier rows included (tests/test_model.py, DIVERGING_LEARNING_RATE).
+DIVERGING_LEARNING_RATE = "1e38"
+
+
+def model_metadata_of_another_format(ws, tmp, mp):
+    shutil.copytree(ws / "v1", tmp / "m")
+    meta = json.loads((tmp / "m/lce_tf_model.json").read_text())
+    meta["format"] = "lce_tf.model/2"  # everything else intact: only the format check can refuse
+    (tmp / "m/lce_tf_model.json").write_text(json.dumps(meta))
+    return _cli("centers", "--model", tmp / "m", "--data", ws / "train", "--out", tmp / "c.npz"), \
+        lambda _: _assert_absent(tmp / "c.npz")
+
+
 def diverging_training(ws, tmp, mp):
-    """Training data that turns into NaN (as a diverging model's activations do): TerminateOnNaN stops fit."""
+    """Finite images, an enormous learning rate: the loss becomes NaN, TerminateOnNaN stops fit."""
+    act = _cli("train", "--data", ws / "train", "--out", tmp / "m", "--arch", "small_cnn", "--dim", "8",
+               "--epochs", "2", "--batch-size", "8", "--shift", "0", "--verbose", "0",
+               "--learning-rate", DIVERGING_LEARNING_RATE)
+    return act, lambda _: _assert_absent(tmp / "m")
+
+
+def nan_training_batches(ws, tmp, mp):
+    """lce-tf train whose input pipeline yields NaN images (what a reader of float data could hand over;
+    decoded PNG files cannot): the batch is refused before a training step, nothing is exported."""
     from lce_tf import data
 
     real = data.make_image_dataset
@@ -432,6 +459,90 @@ def diverging_training(ws, tmp, mp):
     act = _cli("train", "--data", ws / "train", "--out", tmp / "m", "--arch", "small_cnn", "--dim", "8",
                "--epochs", "1", "--batch-size", "8", "--shift", "0", "--verbose", "0")
     return act, lambda _: _assert_absent(tmp / "m")
+
+
+# -- non-finite arrays (NaN/Inf) given to the library -----------------------------------------------
+
+
+def _images_with(value: float, rows: tuple[int, ...], n: int = 6) -> np.ndarray:
+    """n finite 12 x 12 gray images in [0, 1], one pixel of each of `rows` set to `value`."""
+    images = np.random.default_rng(0).uniform(0.0, 1.0, (n, *SHAPE)).astype(np.float32)
+    for row in rows:
+        images[row, row % SHAPE[0], 0, 0] = value
+    return images
+
+
+def nan_images_training(ws, tmp, mp):
+    """training.train on a tf.data pipeline of arrays; batch 1 (rows 4-7) holds NaN in rows 5 and 7."""
+    import tensorflow as tf
+
+    from lce_tf import training
+
+    images = _images_with(np.nan, (5, 7), n=8)
+    dataset = tf.data.Dataset.from_tensor_slices((images, np.arange(8) % len(CLASSES))).batch(4)
+    config = training.TrainConfig(architecture="small_cnn", embedding_dim=8, epochs=1, batch_size=4)
+    return lambda: training.train(config, dataset, num_classes=len(CLASSES), input_shape=SHAPE, verbose=0), None
+
+
+def inf_images_embed(ws, tmp, mp):
+    from lce_tf.serving import load_embedding_model
+
+    model = load_embedding_model(str(ws / "v1"))
+    images = _images_with(np.inf, (2, 4))
+    return lambda: model.embed(images, batch_size=2), None
+
+
+def nan_images_embed_dataset(ws, tmp, mp):
+    import tensorflow as tf
+
+    from lce_tf.serving import load_embedding_model
+
+    model = load_embedding_model(str(ws / "v1"))
+    images = _images_with(np.nan, (4,))
+    dataset = tf.data.Dataset.from_tensor_slices((images, np.zeros(6, np.int64))).batch(3)
+    return lambda: model.embed_dataset(dataset), None
+
+
+def nan_embeddings_centers(ws, tmp, mp):
+    from lce_tf.centers import compute_class_centers
+
+    embeddings = np.eye(4, 8)
+    embeddings[2, 3] = embeddings[3, 3] = np.nan
+    return lambda: compute_class_centers(embeddings, np.array([0, 1, 0, 1]), ["a", "b"]), None
+
+
+def inf_embeddings_evaluation(ws, tmp, mp):
+    from lce_tf.evaluation import retrieval_metrics
+
+    gallery = np.eye(4, 8)
+    gallery[1, 0] = -np.inf
+    labels = np.array([0, 1, 2, 3])
+    return lambda: retrieval_metrics(np.eye(4, 8), labels, gallery, labels), None
+
+
+def nan_embeddings_index_build(ws, tmp, mp):
+    from lce_tf.retrieval import EmbeddingIndex
+
+    embeddings = np.eye(3, 8)
+    embeddings[1:, 5] = np.nan
+    return lambda: EmbeddingIndex.build(["a", "b", "c"], embeddings, "v1", embedding_space="s"), None
+
+
+def nan_queries_index_search(ws, tmp, mp):
+    index = _index(ws)
+    queries = np.ones((3, 8), np.float32)
+    queries[2, 0] = np.nan
+    return lambda: index.search(queries, 3), None
+
+
+def nan_embedding_shard_component(ws, tmp, mp):
+    """A shard of precomputed embeddings (the ClassCenterExtractor's spill / ReadEmbeddingShards input)."""
+    from components.class_center_extractor.centers_beam import read_embedding_shard, write_embedding_shard
+
+    embeddings = np.eye(5, 8, dtype=np.float32)
+    embeddings[3, :2] = np.nan
+    prefix = write_embedding_shard(str(tmp / "shard"), embeddings, np.arange(5) % 2)
+    return lambda: list(read_embedding_shard(prefix, chunk_rows=2)), None
 
 
 # -- indexes ----------------------------------------------------------------------------------------
@@ -471,6 +582,56 @@ def tampered_index_metadata(ws, tmp, mp):
     meta["count"] = 11
     (index / "index.json").write_text(json.dumps(meta))
     return _cli("index", "search", "--index", index, "--model", ws / "v1", "--data", ws / "query"), None
+
+
+def milvus_query_dim_differs(ws, tmp, mp):
+    from lce_tf.retrieval import open_index
+
+    index = open_index(str(ws / "index-milvus"))
+    return lambda: index.search(np.ones((2, 16), np.float32), 3), lambda _: index.close()
+
+
+def _copy_milvus_index(ws, tmp):
+    shutil.copytree(ws / "index-milvus", tmp / "index-milvus")  # closed: the CLI closes what it opens
+    return tmp / "index-milvus"
+
+
+def milvus_database_missing(ws, tmp, mp):
+    index = _copy_milvus_index(ws, tmp)
+    os.remove(index / "milvus.db")
+    return _cli("index", "search", "--index", index, "--model", ws / "v1", "--data", ws / "query"), \
+        lambda _: _assert_absent(index / "milvus.db")
+
+
+def milvus_metadata_tampered(ws, tmp, mp):
+    index = _copy_milvus_index(ws, tmp)
+    meta = json.loads((index / "index.json").read_text())
+    meta["milvus"]["collection"] = "lce_another_collection"
+    (index / "index.json").write_text(json.dumps(meta))
+    return _cli("index", "search", "--index", index, "--model", ws / "v1", "--data", ws / "query"), None
+
+
+def milvus_lite_index_type(ws, tmp, mp):
+    return _cli("index", "build", "--model", ws / "v1", "--data", ws / "gallery", "--out", tmp / "i", "--backend",
+                "milvus", "--config", "index_type=HNSW,M=16"), lambda _: _assert_absent(tmp / "i")
+
+
+def milvus_uri_with_credentials(ws, tmp, mp):
+    return _cli("index", "build", "--model", ws / "v1", "--data", ws / "gallery", "--out", tmp / "i", "--backend",
+                "milvus", "--milvus-uri", "http://root:Milvus@milvus.example:19530"), \
+        lambda _: _assert_absent(tmp / "i")
+
+
+def index_of_another_format_version(ws, tmp, mp):
+    """index.json says format lce_tf.index/2, with its checksum recomputed: only the format check can refuse."""
+    from lce_tf import fileio, retrieval
+
+    index = _copy_index(ws, tmp)
+    meta = json.loads((index / "index.json").read_text())
+    meta["format"] = "lce_tf.index/2"
+    meta["checksum"] = fileio.json_checksum(meta)
+    (index / "index.json").write_text(json.dumps(meta))
+    return lambda: retrieval.EmbeddingIndex.load(str(index)), None
 
 
 def k_zero(ws, tmp, mp):
@@ -655,9 +816,42 @@ CASES = [
     Case("cli-model-metadata-dim-wrong", "lce_tf_model.json says embedding_dim 16, the SavedModel returns 8",
          metadata_dim_disagrees_with_model,
          CliError(r"Model \S+ \(\S+/m\): signature 'embed' returned dimension 8 but lce_tf_model\.json says 16")),
-    Case("cli-training-diverges", "lce-tf train whose batches become NaN (a diverging model)",
+    Case("cli-model-metadata-format", "lce_tf_model.json says format lce_tf.model/2 (a future version)",
+         model_metadata_of_another_format,
+         CliError(r"Model metadata \S+/m/lce_tf_model\.json: expected format 'lce_tf\.model/1'\.$")),
+    Case("cli-training-diverges", "lce-tf train on finite images with --learning-rate 1e38 (a diverging model)",
          diverging_training,
          CliError(r"^lce-tf: error: Training diverged: loss became nan in epoch 1; nothing was exported")),
+    # non-finite values (NaN/Inf) where they enter
+    Case("cli-training-nan-batches", "lce-tf train whose input pipeline yields all-NaN images (8 of 12 x 12 x 1)",
+         nan_training_batches,
+         CliError(r"^lce-tf: error: training data batch 0 contains 1152 non-finite values \(NaN/Inf\), first at "
+                  r"row 0$")),
+    Case("train-nan-images", "training.train on arrays whose batch 1 (rows 4-7) holds NaN in rows 5 and 7",
+         nan_images_training,
+         Raises(ValueError, r"^training data batch 1 contains 2 non-finite values \(NaN/Inf\), first at row 1$")),
+    Case("embed-inf-images", "EmbeddingModel.embed of 6 images, +Inf in rows 2 and 4",
+         inf_images_embed,
+         Raises(ValueError, r"^images contains 2 non-finite values \(NaN/Inf\), first at row 2$")),
+    Case("embed-dataset-nan-images", "EmbeddingModel.embed_dataset, batches of 3, NaN in row 4 (batch 1, row 1)",
+         nan_images_embed_dataset,
+         Raises(ValueError, r"^images of batch 1 contains 1 non-finite value \(NaN/Inf\), first at row 1$")),
+    Case("centers-nan-embeddings", "compute_class_centers with NaN in rows 2 and 3",
+         nan_embeddings_centers,
+         Raises(ValueError, r"^embeddings contains 2 non-finite values \(NaN/Inf\), first at row 2$")),
+    Case("evaluation-inf-gallery", "retrieval_metrics with -Inf in gallery row 1",
+         inf_embeddings_evaluation,
+         Raises(ValueError, r"^gallery_emb contains 1 non-finite value \(NaN/Inf\), first at row 1$")),
+    Case("index-build-nan", "EmbeddingIndex.build with NaN in rows 1 and 2",
+         nan_embeddings_index_build,
+         Raises(ValueError, r"^embeddings contains 2 non-finite values \(NaN/Inf\), first at row 1$")),
+    Case("index-search-nan", "index.search with NaN in query row 2",
+         nan_queries_index_search,
+         Raises(ValueError, r"^queries contains 1 non-finite value \(NaN/Inf\), first at row 2$")),
+    Case("component-embedding-shard-nan", "an embedding shard (.emb.npy) with NaN in row 3, read in chunks of 2",
+         nan_embedding_shard_component,
+         Raises(ValueError, r"^embedding shard \S+/shard\.emb\.npy contains 2 non-finite values \(NaN/Inf\), "
+                            r"first at row 3$")),
     # indexes
     Case("index-query-dim", "16-d queries against the 8-d index", query_dim_differs_from_index,
          Raises(ValueError, r"^queries have dimension 16 but the index \(embedding space '\S+'\) has dimension 8$")),
@@ -667,6 +861,21 @@ CASES = [
          tampered_index_embeddings, CliError(r"index \S+/index: file embeddings\.npy checksum mismatch")),
     Case("cli-index-tampered-metadata", "index.json of a saved index edited: count 12 -> 11",
          tampered_index_metadata, CliError(r"index \S+/index: file index\.json checksum mismatch")),
+    Case("milvus-query-dim", "16-d queries against the 8-d Milvus Lite index", milvus_query_dim_differs,
+         Raises(ValueError, r"^queries have dimension 16 but the index \(embedding space '\S+'\) has dimension 8$")),
+    Case("cli-milvus-database-missing", "a Milvus Lite index directory whose milvus.db was deleted",
+         milvus_database_missing, CliError(r"index \S+/index-milvus: Milvus Lite database file milvus\.db is missing$")),
+    Case("cli-milvus-metadata-tampered", "index.json of a Milvus index edited to name another collection",
+         milvus_metadata_tampered, CliError(r"index \S+/index-milvus: file index\.json checksum mismatch")),
+    Case("cli-milvus-lite-index-type", "lce-tf index build --backend milvus --config index_type=HNSW without a server",
+         milvus_lite_index_type, CliError(r"Milvus index type HNSW needs a Milvus server \(pass a server URI\); "
+                                          r"Milvus Lite accepts only FLAT, IVF_FLAT, AUTOINDEX$")),
+    Case("cli-milvus-uri-credentials", "lce-tf index build --milvus-uri http://root:Milvus@host:19530",
+         milvus_uri_with_credentials, CliError(r"holds credentials; pass the token in the environment variable "
+                                               r"LCE_TF_MILVUS_TOKEN instead")),
+    Case("index-format-version", "index.json says format lce_tf.index/2 (checksum recomputed)",
+         index_of_another_format_version,
+         Raises(ValueError, r"^index \S+/index: file index\.json is not format 'lce_tf\.index/1'$")),
     Case("cli-k-zero", "lce-tf index search --k 0", k_zero, CliError(r"k must be a positive integer; received 0$")),
     Case("cli-k-beyond-gallery", "lce-tf index search --k 13 on a 12-entry index", k_beyond_gallery,
          CliError(r"k=13 exceeds the number of index entries \(12\)$")),

@@ -144,7 +144,7 @@ def test_from_batches_names_the_bad_batch():
     emb, labels, names = _data()
     bad = emb[:10].copy()
     bad[4, 1] = np.nan
-    with pytest.raises(ValueError, match=r"batch 1: embeddings contains NaN or Inf \(first at row 4\)"):
+    with pytest.raises(ValueError, match=r"batch 1: embeddings contains 1 non-finite value \(NaN/Inf\), first at row 4$"):
         compute_class_centers_from_batches(lambda: [(emb[:10], labels[:10]), (bad, labels[:10])], names)
     with pytest.raises(ValueError, match="batch 1: embeddings have dimension 4, earlier batches 8"):
         compute_class_centers_from_batches(lambda: [(emb[:10], labels[:10]), (emb[:10, :4], labels[:10])], names)
@@ -158,7 +158,7 @@ def test_compute_errors():
         compute_class_centers(emb, labels, names + ["extra_1", "extra_2"])
     bad = emb.copy()
     bad[5, 0] = np.inf
-    with pytest.raises(ValueError, match=r"embeddings contains NaN or Inf \(first at row 5\)"):
+    with pytest.raises(ValueError, match=r"^embeddings contains 1 non-finite value \(NaN/Inf\), first at row 5$"):
         compute_class_centers(bad, labels, names)
     with pytest.raises(ValueError, match=r"labels must be in \[0, 7\); received values in \[1, 7\]"):
         compute_class_centers(emb, np.where(labels == 0, 7, labels), names)
@@ -255,8 +255,10 @@ def test_boundary_accumulator():
         mn.merge([p50])
     with pytest.raises(ValueError, match="no samples"):
         BoundaryAccumulator("min").boundary()
-    with pytest.raises(ValueError, match="finite"):
+    with pytest.raises(ValueError, match=r"^cosine contains 1 non-finite value \(NaN/Inf\)$"):
         BoundaryAccumulator("min").add(float("nan"))
+    with pytest.raises(ValueError, match=r"^cosines contains 2 non-finite values \(NaN/Inf\), first at row 1$"):
+        BoundaryAccumulator("min").add_batch(np.array([0.5, np.nan, 0.2, -np.inf]))
 
 
 def test_centers_from_sums_names_missing_classes():
@@ -274,8 +276,8 @@ def test_centers_from_sums_names_missing_classes():
     (dict(counts=np.array([1, 2])), r"counts must have shape \[3\]"),
     (dict(class_names=["a", "b"]), "class_names has 2 names"),
     (dict(class_names=["a", "b", "a"]), "class_names must be unique; duplicated: 'a'"),
-    (dict(centers=np.array([[1, 0, 0], [0, np.nan, 0], [0, 0, 1]])), r"centers contains NaN or Inf \(first at row 1\)"),
-    (dict(boundary_cos=np.array([0.5, np.inf, 0])), "boundary_cos contains NaN or Inf"),
+    (dict(centers=np.array([[1, 0, 0], [0, np.nan, 0], [0, 0, 1]])), r"^centers contains 1 non-finite value \(NaN/Inf\), first at row 1$"),
+    (dict(boundary_cos=np.array([0.5, np.inf, 0])), r"^boundary_cos contains 1 non-finite value \(NaN/Inf\), first at row 1$"),
     (dict(centers=np.diag([1.0, 1.01, 1.0])), r"unit-norm .* row 1 \('b'\) has norm 1.01"),
     (dict(counts=np.array([3, 0, 2])), "counts must be > 0; classes with count <= 0: 'b'"),
     (dict(counts=np.array([3, 1.5, 2])), "counts must be integers"),
@@ -417,7 +419,7 @@ def test_load_errors(tmp_path):
     nan_centers = cc.centers.copy()
     nan_centers[1, 1] = np.nan
     _write_raw(tmp_path / "nan.npz", cc, centers=nan_centers)
-    expect(tmp_path / "nan.npz", "invalid content: centers contains NaN or Inf")
+    expect(tmp_path / "nan.npz", r"invalid content: centers contains 1 non-finite value \(NaN/Inf\), first at row 1")
     _write_raw(tmp_path / "shape.npz", cc, boundary_cos=cc.boundary_cos[:2])
     expect(tmp_path / "shape.npz", r"invalid content: boundary_cos must have shape \[3\]")
     _write_raw(tmp_path / "version.npz", cc, format=np.array("lce_tf.class_centers/9"))

@@ -171,11 +171,11 @@ def test_retrieval_errors():
         retrieval_metrics(q, ql, g[:, :4], gl)
     bad = q.copy()
     bad[3, 2] = np.nan
-    with pytest.raises(ValueError, match=r"query_emb contains NaN or Inf \(first at row 3\)"):
+    with pytest.raises(ValueError, match=r"^query_emb contains 1 non-finite value \(NaN/Inf\), first at row 3$"):
         retrieval_metrics(bad, ql, g, gl)
     bad = g.copy()
     bad[7, 0] = -np.inf
-    with pytest.raises(ValueError, match=r"gallery_emb contains NaN or Inf \(first at row 7\)"):
+    with pytest.raises(ValueError, match=r"^gallery_emb contains 1 non-finite value \(NaN/Inf\), first at row 7$"):
         retrieval_metrics(q, ql, bad, gl)
     with pytest.raises(ValueError, match="query_emb is empty"):
         retrieval_metrics(q[:0], ql[:0], g, gl)

@@ -1,7 +1,9 @@
 """Tests of lce_tf.glyphs: the synthetic and the glyph dataset builders (layout, open-set split,
 determinism, atomicity) and the font checks (near-duplicates, blank / .notdef renders).
 
-The glyph tests need >= 3 installed CJK fonts (scripts/install_fonts.sh) and are skipped otherwise.
+The glyph tests need >= 3 installed CJK fonts (scripts/install_fonts.sh; `make test` runs it): without
+them they are skipped, except on CI (environment variable CI=true), where they fail, so a CI machine
+without the fonts cannot pass by skipping them.
 """
 
 from __future__ import annotations
@@ -205,16 +207,27 @@ def test_no_fonts_is_a_clear_error(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 _FONTS = glyphs.discover_cjk_fonts()
-needs_fonts = pytest.mark.skipif(
-    len(_FONTS) < 3, reason=f"needs >= 3 CJK fonts, found {len(_FONTS)} (run scripts/install_fonts.sh)"
-)
+MIN_FONTS = 3
+ON_CI = os.environ.get("CI", "").strip().lower() in ("true", "1")
 TINY = dict(num_train_classes=20, num_test_classes=10, size=16, num_query_fonts=2, augment_copies=2, seed=5)
 
 
 @pytest.fixture(scope="module")
-def tiny_glyphs(tmp_path_factory):
-    if len(_FONTS) < 3:
-        pytest.skip("needs >= 3 CJK fonts")
+def cjk_fonts():
+    """The installed CJK fonts; skips the test when fewer than MIN_FONTS, or fails it on CI (CI=true)."""
+    if len(_FONTS) < MIN_FONTS:
+        reason = f"needs >= {MIN_FONTS} CJK fonts, found {len(_FONTS)} (run scripts/install_fonts.sh or make fonts)"
+        if ON_CI:
+            pytest.fail(f"CI=true: {reason}", pytrace=False)
+        pytest.skip(reason)
+    return _FONTS
+
+
+needs_fonts = pytest.mark.usefixtures("cjk_fonts")
+
+
+@pytest.fixture(scope="module")
+def tiny_glyphs(cjk_fonts, tmp_path_factory):
     root = tmp_path_factory.mktemp("glyphs") / "ds"
     lines = []
     summary = glyphs.build_glyph_dataset(root, progress=lines.append, **TINY)

@@ -255,14 +255,23 @@ def test_transform_round_trip_same_outputs():
     assert config["kernel_regularizer"] is not None
 
 
-def test_transform_h5_weights_have_unique_names(tmp_path):
-    inputs = tf.keras.Input((6,))
-    model = tf.keras.Model(inputs, CompatibilityTransform(4, name="t21")(inputs))
+def test_transform_h5_weights_have_unique_names_and_load_into_a_fresh_model(tmp_path):
+    def build(seed):
+        inputs = tf.keras.Input((6,))
+        layer = CompatibilityTransform(4, name="t21", kernel_initializer=tf.keras.initializers.GlorotUniform(seed))
+        return tf.keras.Model(inputs, layer(inputs))
+
+    model = build(seed=0)
     names = [w.name for w in model.weights]
     assert len(names) == len(set(names))
+    x = 3.0 + tf.random.stateless_normal((5, 6), seed=(17, 18))
+    model(x, training=True)  # moves the BN moving statistics: the file must carry non-trainable weights too
     path = str(tmp_path / "w.h5")
     model.save_weights(path)
-    model.load_weights(path)
+    fresh = build(seed=1)  # other initial weights, untouched BN statistics
+    assert not np.allclose(fresh(x, training=False).numpy(), model(x, training=False).numpy(), atol=1e-3)
+    fresh.load_weights(path)
+    np.testing.assert_allclose(fresh(x, training=False).numpy(), model(x, training=False).numpy(), atol=1e-6)
 
 
 @pytest.mark.parametrize("kwargs,needle", [

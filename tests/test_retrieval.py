@@ -486,7 +486,8 @@ def test_transform_gallery_moves_every_entry_to_the_new_space(data):
     assert old.provenance_counts() == {R.EMBEDDED: 2000}
     with pytest.raises(ValueError, match="transform_fn returned shape \\(10, 8\\) for input shape \\(512, 16\\)"):
         R.transform_gallery(old, lambda e: (e @ t12)[:10], "space-v2", "v2-t12", transformed_by="t", batch_size=512)
-    with pytest.raises(ValueError, match="transformed embeddings contain NaN or Inf"):
+    nan_match = r"^transformed embeddings contains 16000 non-finite values \(NaN/Inf\), first at row 0$"  # 2000 x 8
+    with pytest.raises(ValueError, match=nan_match):
         R.transform_gallery(old, lambda e: e @ t12 * np.nan, "space-v2", "v2-t12", transformed_by="t")
 
 
@@ -547,8 +548,8 @@ def small_index():
     (lambda ix: ix.search(np.ones((2, 4)), 11), "k=11 exceeds the number of index entries \\(10\\)"),
     (lambda ix: ix.search(np.ones((2, 5)), 3), "queries have dimension 5 but the index .*'tiny'.* dimension 4"),
     (lambda ix: ix.search(np.array([[1.0, np.nan, 0, 0]]), 3),
-     "queries contain NaN or Inf values \\(first in row 0\\)"),
-    (lambda ix: ix.search(np.array([[1.0, 0, 0, 0], [np.inf, 0, 0, 0]]), 3), "NaN or Inf values \\(first in row 1\\)"),
+     "^queries contains 1 non-finite value \\(NaN/Inf\\), first at row 0$"),
+    (lambda ix: ix.search(np.array([[1.0, 0, 0, 0], [np.inf, 0, 0, 0]]), 3), "contains 1 non-finite value \\(NaN/Inf\\), first at row 1$"),
     (lambda ix: ix.search(np.zeros((1, 4)), 3), "queries row 0 has zero norm"),
     (lambda ix: ix.search(np.ones((2, 2, 4)), 3), "queries must be a 2-D array"),
     (lambda ix: ix.search(np.ones((2, 4)), 3, leaves_to_search=2), "leaves_to_search applies only to tree_ah"),
@@ -557,7 +558,7 @@ def small_index():
     (lambda ix: ix.upsert(["a"], np.ones((1, 3)), "v2"), "embeddings have dimension 3 but the index"),
     (lambda ix: ix.upsert(["a", "b"], np.ones((1, 4)), "v2"), "embeddings has 1 rows but there are 2 ids"),
     (lambda ix: ix.upsert(["a"], np.ones((1, 4)), ""), "version must be a non-empty string"),
-    (lambda ix: ix.upsert(["a"], np.full((1, 4), np.nan), "v2"), "embeddings contain NaN or Inf"),
+    (lambda ix: ix.upsert(["a"], np.full((1, 4), np.nan), "v2"), "^embeddings contains 4 non-finite values"),
 ])
 def test_bad_queries_and_updates(small_index, call, message):
     with pytest.raises(ValueError, match=message) as info:
@@ -572,7 +573,7 @@ def test_bad_queries_and_updates(small_index, call, message):
     (dict(ids=["a", "b"]), "embeddings has 3 rows but there are 2 ids"),
     (dict(ids=["a", 7, "c"]), "ids\\[1\\] must be a non-empty string; received 7"),
     (dict(ids="abc"), "ids must be a sequence of strings"),
-    (dict(embeddings=np.array([[1, 0, 0, 0], [0, np.inf, 0, 0], [0, 0, 1, 0]])), "embeddings contain NaN or Inf"),
+    (dict(embeddings=np.array([[1, 0, 0, 0], [0, np.inf, 0, 0], [0, 0, 1, 0]])), "^embeddings contains 1 non-finite value \\(NaN/Inf\\), first at row 1$"),
     (dict(embeddings=np.array([[1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0]])), "embeddings row 1 has zero norm"),
     (dict(versions=["v1", "v1"]), "versions has 2 entries but there are 3 ids"),
     (dict(versions=["v1", "v2", "v2"]), "several versions .*pass model_version"),

@@ -123,7 +123,8 @@ def test_loaded_transformation_equals_the_fitted_one(exported):
     np.testing.assert_allclose(np.linalg.norm(forward, axis=1), 1.0, atol=1e-5)
     with pytest.raises(TR.TransformationError, match=r"takes vectors of dimension 8; received shape \(2, 5\)"):
         loaded.old_to_new(np.ones((2, 5), np.float32))
-    with pytest.raises(TR.TransformationError, match="holds 1 non-finite values"):
+    with pytest.raises(ValueError, match=r"^old_to_new input of transformation \S+ contains 1 non-finite value "
+                                         r"\(NaN/Inf\), first at row 0$"):
         loaded.old_to_new(np.where(np.eye(2, 8) == 1, np.nan, 0.5).astype(np.float32)[:1])
 
 
@@ -365,3 +366,31 @@ def test_cli_transformation_bad_input(ws, capsys, tmp_path):
                      ws / "data/train", "--out", tmp_path / "t", "--epochs", "0", match="epochs: expected a positive")
     assert_bad_input(capsys, "transform", "fit", "--old-model", ws / "v1", "--new-model", ws / "v1", "--data",
                      ws / "data/train", "--out", tmp_path / "t", match="share the embedding space")
+
+
+@pytest.mark.e2e
+def test_cli_index_upgrade_is_atomic(ws, capsys, tmp_path, monkeypatch):
+    import errno
+
+    from lce_tf import retrieval
+    from lce_tf.retrieval import EmbeddingIndex
+
+    # An existing upgraded index at --out is replaced only by a complete one.
+    out = tmp_path / "idx-v2"
+    assert cli.main(["index", "upgrade", "--index", str(ws / "idx-v1"), "--transform", str(ws / "t12"),
+                     "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+
+    def disk_full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(retrieval, "_write_npy", disk_full)  # fails in the middle of writing the new index
+    assert_bad_input(capsys, "index", "upgrade", "--index", ws / "idx-v1", "--transform", ws / "t12", "--out", out,
+                     "--overwrite", match="was not written: No space left on device; the previous version is unchanged")
+    assert_bad_input(capsys, "index", "upgrade", "--index", ws / "idx-v1", "--transform", ws / "t12",
+                     "--out", tmp_path / "fresh", match="nothing was left behind")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not (tmp_path / "fresh").exists() and not [e for e in os.listdir(tmp_path) if e.startswith(".")]
+    assert len(EmbeddingIndex.load(str(out))) == len(EmbeddingIndex.load(str(ws / "idx-v1")))

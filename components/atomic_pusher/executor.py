@@ -5,7 +5,9 @@ a failure half-way (disk full, read-only mount) leaves a partial version directo
 watching BASE_DIRECTORY sees. This executor copies into a hidden sibling and renames it into place, so
 BASE_DIRECTORY only ever holds complete versions and a failed push leaves the previous ones as they
 were. Everything else (blessing check, versioning, the PushedModel artifact and its properties) is the
-stock Pusher's.
+stock Pusher's. Destinations this process cannot address with the local file-system API (a base
+directory or model on gs:// without the /gcs mount, s3://, hdfs://, ...) fall back to the stock
+Pusher, whose copy is not atomic (a warning says so).
 
 On a forward blessing (the ModelBlessing's `blessed_route` is "forward", components.compatibility_validator)
 the fitted transformation ships with the model, in the same atomic copy: BASE_DIRECTORY/<version>/
@@ -86,6 +88,15 @@ class Executor(tfx_pusher.Executor):
         destination = pusher_pb2.PushDestination()
         proto_utils.json_to_proto(exec_properties[standard_component_specs.PUSH_DESTINATION_KEY], destination)
         if destination.WhichOneof("destination") != "filesystem":
+            super().Do(input_dict, output_dict, exec_properties)
+            return
+        remote = [p for p in (destination.filesystem.base_directory, self.GetModelPath(input_dict))
+                  if not util.is_local(p)]
+        if remote:
+            _LOG.warning("AtomicPusher: %s is not on a local or mounted file system: pushing with the stock "
+                         "Pusher, whose copy is not atomic%s", remote[0],
+                         " and ships the model only (the forward route's transformation stays in the "
+                         "GalleryTransformation artifact)" if shipped_transformation(input_dict) else "")
             super().Do(input_dict, output_dict, exec_properties)
             return
         self._log_startup(input_dict, output_dict, exec_properties)

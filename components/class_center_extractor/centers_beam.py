@@ -45,6 +45,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
 from lce_tf import centers as lce_centers
+from lce_tf.checks import check_finite
 
 
 class CenterSumCombineFn(beam.CombineFn):
@@ -273,11 +274,16 @@ def read_embedding_shard(prefix: str, chunk_rows: int = 16384) -> Iterator[tuple
     A shard is two .npy files, `<prefix>.emb.npy` (float [N, D]) and `<prefix>.lab.npy` (int [N]) (see
     `write_embedding_shard`); local ones are memory-mapped; they are handed out `chunk_rows` rows at a
     time.
+
+    Raises:
+      ValueError: the two files do not match, or the embeddings hold NaN/Inf (one line naming the file,
+        the count and the first row; checked before any batch is handed out).
     """
     emb = _load_npy(prefix + ".emb.npy")
     lab = _load_npy(prefix + ".lab.npy")
     if emb.ndim != 2 or lab.shape != (emb.shape[0],):
         raise ValueError(f"shard {prefix}: embeddings {emb.shape} and labels {lab.shape} do not match")
+    check_finite(emb, f"embedding shard {prefix}.emb.npy")
     for start in range(0, emb.shape[0], chunk_rows):
         yield np.array(emb[start:start + chunk_rows]), np.array(lab[start:start + chunk_rows], dtype=np.int64)
 
@@ -376,7 +382,9 @@ class EmbedExamplesFn(beam.DoFn):
         self._model = load_embedding_model(self._model_dir)
         parse = parse_example_fn(self._image_shape)
         spec = (tf.TensorSpec(self._image_shape, tf.float32), tf.TensorSpec([], tf.int64))
-        self._decode = tf.function(lambda serialized: tf.map_fn(parse, serialized, fn_output_signature=spec))
+        # One trace for every batch size (BatchElements varies it): a signature with an unknown batch dimension.
+        self._decode = tf.function(lambda serialized: tf.map_fn(parse, serialized, fn_output_signature=spec),
+                                   input_signature=[tf.TensorSpec([None], tf.string)])
 
     def process(self, batch: Sequence[bytes]):
         import tensorflow as tf  # pylint: disable=import-outside-toplevel
