@@ -115,6 +115,10 @@ _ARCHITECTURES: dict[str, Callable[[tf.Tensor, float], tf.Tensor]] = {
 
 ARCHITECTURES: tuple[str, ...] = tuple(_ARCHITECTURES)
 
+MAX_POOLING_ARCHITECTURES: tuple[str, ...] = ("small_cnn", "cnn")
+"""Architectures with max-pooling layers: XLA has no deterministic max-pool gradient, so they cannot be
+trained with `jit_compile` while op determinism is on (`lce_tf.training.TrainConfig.jit_compile`)."""
+
 
 def _synchronized_batch_norm(layer: tf.keras.layers.Layer) -> tf.keras.layers.Layer:
     """clone_model's clone function: every BatchNormalization becomes a synchronized one."""

@@ -38,6 +38,7 @@ EXIT_BAD_INPUT = 2
 _HEADS = ("normsoftmax", "cosface", "arcface", "triplet")
 _MODES = ("independent", "lce", "lce-transform", "bct", "l2", "cross-model")
 _ARCHS = ("small_cnn", "cnn", "resnet", "mobilenet")
+_PRECISIONS = ("float32", "mixed_bfloat16")
 
 
 class UsageError(ValueError):
@@ -89,7 +90,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         compat=args.compat, lambda_align=args.lambda_align, lambda_boundary=args.lambda_boundary,
         lambda_compat=args.lambda_compat, epochs=args.epochs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, shift_pixels=args.shift, seed=args.seed,
-        version=args.version or os.path.basename(os.path.normpath(args.out)))
+        precision=args.precision, version=args.version or os.path.basename(os.path.normpath(args.out)),
+        **({} if args.steps_per_execution is None else {"steps_per_execution": args.steps_per_execution}))
     config.validate()
     if os.path.exists(args.out) and not args.overwrite:
         raise UsageError(f"Output {args.out} already exists; choose a new --out or pass --overwrite.")
@@ -132,7 +134,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config.architecture = new_model.metadata.get("architecture", config.architecture)
 
     dataset = data.make_image_dataset(folder, input_shape, config.batch_size, shuffle=True, seed=config.seed,
-                                      shift_pixels=config.shift_pixels)
+                                      shift_pixels=config.shift_pixels, in_memory=False if args.stream else None)
     stage(f"training {config.architecture} D={config.embedding_dim} loss={config.loss} compat={config.compat} "
           f"for {config.epochs} epochs")
     model, history = training.train(config, dataset, num_classes=len(folder.class_names), input_shape=input_shape,
@@ -594,6 +596,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--shift", type=int, default=2, help="random-shift augmentation in pixels")
+    p.add_argument("--stream", action="store_true", help="read and decode the image files every epoch instead "
+                   "of decoding them once into memory (the default when they fit in lce_tf.data.IN_MEMORY_MAX_BYTES, "
+                   "1 GiB decoded; larger folders stream anyway)")
+    p.add_argument("--precision", default="float32", choices=_PRECISIONS,
+                   help="mixed_bfloat16: convolutions in bfloat16, faster on CPUs with AVX512_BF16/AMX (not "
+                   "bit-identical to float32; the exported model computes in float32)")
+    p.add_argument("--steps-per-execution", type=int, help="train steps per call into the TensorFlow graph "
+                   "(default: lce_tf.training.TrainConfig's; the progress and the NaN check see every N-th step)")
     p.add_argument("--compat", default="independent", choices=_MODES)
     p.add_argument("--old-model", help="old model directory (centers are computed from it when "
                    "--old-centers is not given; required by l2)")

@@ -7,13 +7,17 @@ implementation of how a compatible model is configured, compiled, fitted and che
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import os
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from lce_tf import checks, defaults
 from lce_tf.centers import ClassCenters
+
+logger = logging.getLogger(__name__)
 
 HEADS = ("normsoftmax", "cosface", "arcface", "triplet")
 TRAINING_DATA = "training data"
@@ -44,7 +48,8 @@ class TrainConfig:
       version: version label written into the model metadata.
       steps_per_execution: train steps run per call into the TensorFlow graph (Keras
         `compile(steps_per_execution=...)`): callbacks, the progress bar and the NaN check see every
-        N-th step; the steps and the results are the same.
+        N-th step; the steps and the results are the same. `train` runs one step per call when the
+        dataset's size is unknown (Keras needs it to run several) and no steps_per_epoch is given.
       precision: "float32", or "mixed_bfloat16": the backbone's convolutions compute in bfloat16
         (float32 variables, head and losses); faster only on CPUs with bfloat16 instructions (AVX512_BF16,
         AMX) through oneDNN, and not bit-identical to float32 (`lce_tf.backbones.build_backbone`). The
@@ -71,12 +76,12 @@ class TrainConfig:
     sync_batch_norm: bool = False
     seed: int = 0
     version: str = "v1"
-    steps_per_execution: int = 1
+    steps_per_execution: int = 8
     precision: str = "float32"
     jit_compile: bool = False
 
     def validate(self) -> None:
-        from lce_tf.backbones import ARCHITECTURES, PRECISIONS
+        from lce_tf.backbones import ARCHITECTURES, MAX_POOLING_ARCHITECTURES, PRECISIONS
         from lce_tf.model import MODES
 
         if self.architecture not in ARCHITECTURES:
@@ -87,6 +92,10 @@ class TrainConfig:
             raise ValueError(f"Unknown compatibility mode {self.compat!r}; expected one of {', '.join(MODES)}.")
         if self.precision not in PRECISIONS:
             raise ValueError(f"Unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}.")
+        if self.jit_compile and self.architecture in MAX_POOLING_ARCHITECTURES and self.compat != "cross-model":
+            raise ValueError(f"jit_compile=True cannot train {self.architecture}: XLA has no deterministic max-pool "
+                             "gradient and training runs with op determinism on; use jit_compile=False (on CPU it "
+                             "is also the faster choice) or a backbone without max-pooling (resnet, mobilenet).")
         for name in ("embedding_dim", "epochs", "batch_size", "steps_per_execution"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"Expected a positive {name}; received {getattr(self, name)}.")
@@ -114,6 +123,19 @@ def seed_everything(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
+def bfloat16_is_fast() -> Optional[bool]:
+    """Whether oneDNN can run bfloat16 convolutions natively here: oneDNN on (TensorFlow's default on x86
+    Linux) and a CPU flag avx512_bf16 or amx_bf16 in /proc/cpuinfo; None when that cannot be read."""
+    if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1").lower() in ("0", "false"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
 def build_model(config: TrainConfig, *, num_classes: int, input_shape: Sequence[int],
                 old_centers: Optional[ClassCenters] = None, old_embedder: Optional[Callable] = None,
                 new_backbone: Optional[Callable] = None, new_centers: Optional[ClassCenters] = None,
@@ -135,6 +157,9 @@ def build_model(config: TrainConfig, *, num_classes: int, input_shape: Sequence[
     from lce_tf.model import CompatibilityConfig, CompatibleEmbeddingModel, build_compatible_model
 
     config.validate()
+    if config.precision == "mixed_bfloat16" and bfloat16_is_fast() is False:
+        logger.warning("precision mixed_bfloat16: this CPU has no bfloat16 instructions (AVX512_BF16 or AMX) that "
+                       "oneDNN can use, so bfloat16 convolutions will be slower than float32")
     seed_everything(config.seed)
     compat = CompatibilityConfig(
         mode=config.compat,
@@ -220,6 +245,10 @@ def train(config: TrainConfig, train_dataset, *, num_classes: int, input_shape: 
         batch and the count. Nothing is returned, so nothing is exported.
       TrainingDivergedError: a loss became NaN/Inf.
     """
+    cardinality = getattr(train_dataset, "cardinality", None)
+    if config.steps_per_execution > 1 and steps_per_epoch is None and cardinality is not None and int(cardinality()) < 0:
+        logger.info("train: the dataset's size is unknown and no steps_per_epoch is given: one step per execution")
+        config = dataclasses.replace(config, steps_per_execution=1)
     model = build_model(config, num_classes=num_classes, input_shape=input_shape, old_centers=old_centers,
                         old_embedder=old_embedder, new_backbone=new_backbone, new_centers=new_centers,
                         strategy=strategy)

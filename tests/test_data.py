@@ -408,3 +408,152 @@ def test_corrupt_tfrecords_raise_data_error_naming_the_file(gray, tmp_path):
         data.make_tfrecord_dataset(str(tmp_path / "none-*.tfrecord"), (8, 8, 1), 4)
     with pytest.raises(ValueError, match=r"num_shards must be in \[1, 12\].*received 13"):
         data.write_tfrecords(folder, tmp_path / "s", num_shards=13)
+
+
+# ------------------------------------------------------------------------------------------------ in memory
+# make_image_dataset / make_tfrecord_dataset decode once into memory for training (shuffle or repeat); the
+# batches must be exactly those of the streaming pipeline (in_memory=False) for the same seed.
+
+
+@pytest.fixture(scope="module")
+def glyphlike(tmp_path_factory):
+    """3 classes x 5 images of 10 x 9 (not square): a light background, a dark random blob."""
+    root = tmp_path_factory.mktemp("glyphlike")
+    rng = np.random.default_rng(11)
+    for i in range(15):
+        glyph = np.full((10, 9), 230 + i, np.uint8)
+        glyph[3:7, 2:7] = rng.integers(0, 120, (4, 5))
+        _save(root / f"c{i % 3}" / f"{i}.png", glyph, "L")
+    return str(root)
+
+
+def _passes(ds, count=2):
+    """`count` passes over a dataset (epochs: reshuffled and re-augmented), each a list of numpy elements."""
+    def element(e):
+        return tuple(t.numpy() for t in e) if isinstance(e, tuple) else (e.numpy(),)
+
+    return [[element(e) for e in ds] for _ in range(count)]
+
+
+def _assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for epoch_a, epoch_b in zip(a, b):
+        assert len(epoch_a) == len(epoch_b)
+        for x, y in zip(epoch_a, epoch_b):
+            for u, v in zip(x, y):
+                assert u.dtype == v.dtype
+                np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"shuffle": True, "shift_pixels": 2},
+    {"shuffle": True, "shift_pixels": 1, "drop_remainder": True},
+    {"shuffle": False, "shift_pixels": 3, "with_labels": False},
+    {"shuffle": True},
+], ids=["shuffle-shift2", "drop-remainder", "no-labels", "no-shift"])
+def test_in_memory_batches_equal_streaming_batches(glyphlike, kwargs):
+    folder = data.read_image_folder(glyphlike)
+    streamed = data.make_image_dataset(folder, (10, 9, 1), 4, seed=5, in_memory=False, **kwargs)
+    in_memory = data.make_image_dataset(folder, (10, 9, 1), 4, seed=5, in_memory=True, **kwargs)
+    assert in_memory.element_spec == streamed.element_spec
+    _assert_same_batches(_passes(streamed), _passes(in_memory))
+
+
+def test_in_memory_repeat_equals_streaming_repeat(glyphlike):
+    folder = data.read_image_folder(glyphlike)
+    kwargs = {"shuffle": True, "shift_pixels": 2, "repeat": True, "seed": 9}
+    streamed = data.make_image_dataset(folder, (10, 9, 1), 4, in_memory=False, **kwargs).take(9)  # 2.4 epochs
+    in_memory = data.make_image_dataset(folder, (10, 9, 1), 4, **kwargs).take(9)  # default: in memory
+    _assert_same_batches(_passes(streamed, 1), _passes(in_memory, 1))
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 3), (8, 8, 1)])
+def test_in_memory_converted_images_equal_streaming(mixed, shape):
+    """Channel conversion and resizing happen once, with the same pixels (stored as float32 then)."""
+    folder = data.read_image_folder(mixed[0])
+    kwargs = {"shuffle": True, "shift_pixels": 1, "seed": 2}
+    _assert_same_batches(_passes(data.make_image_dataset(folder, shape, 3, in_memory=False, **kwargs)),
+                         _passes(data.make_image_dataset(folder, shape, 3, in_memory=True, **kwargs)))
+
+
+def test_decoded_pixels_are_uint8_when_exact_else_float32(gray, mixed):
+    folder = data.read_image_folder(gray[0])
+    decoded, index = data._decode_folder(folder, (8, 8, 1))  # pylint: disable=protected-access
+    assert decoded.pixels.dtype == np.uint8 and decoded.table.dtype == np.float32
+    np.testing.assert_array_equal(decoded.images()[index], data.load_images(folder.paths, (8, 8, 1)))
+    folder = data.read_image_folder(mixed[0])  # a 16 x 12 image resized to 8 x 8: not 8-bit values
+    decoded, index = data._decode_folder(folder, (8, 8, 3))  # pylint: disable=protected-access
+    assert decoded.pixels.dtype == np.float32 and decoded.table is None
+    np.testing.assert_array_equal(decoded.images()[index], data.load_images(folder.paths, (8, 8, 3)))
+
+
+def test_in_memory_is_the_default_for_training_up_to_the_byte_limit(gray, caplog, monkeypatch):
+    folder = data.read_image_folder(gray[0])  # 12 images of 8 x 8 x 1: 768 bytes as uint8
+    with caplog.at_level(logging.INFO, logger="lce_tf.data"):
+        data.make_image_dataset(folder, (8, 8, 1), 4, shuffle=True)
+        assert "decoded 12 images once into memory (0.0 MiB, uint8)" in caplog.text
+        caplog.clear()
+        data.make_image_dataset(folder, (8, 8, 1), 4)  # one pass (inference): streamed
+        assert "memory" not in caplog.text
+        monkeypatch.setattr(data, "IN_MEMORY_MAX_BYTES", 767)
+        streamed = data.make_image_dataset(folder, (8, 8, 1), 4, shuffle=True, seed=1)
+        assert "12 images do not fit in 0 MiB decoded (data.IN_MEMORY_MAX_BYTES)" in caplog.text
+        caplog.clear()
+        in_memory = data.make_image_dataset(folder, (8, 8, 1), 4, shuffle=True, seed=1, in_memory=True)
+        assert "decoded 12 images once into memory" in caplog.text  # True: whatever the size
+    _assert_same_batches(_passes(streamed), _passes(in_memory))
+    with pytest.raises(TypeError, match="in_memory must be True, False or None; received 'yes'"):
+        data.make_image_dataset(folder, (8, 8, 1), 4, in_memory="yes")
+
+
+def test_float32_storage_beyond_the_byte_limit_streams(mixed, caplog, monkeypatch):
+    folder = data.read_image_folder(mixed[0])  # 8 images: 1,536 bytes as uint8, 6,144 as float32
+    monkeypatch.setattr(data, "IN_MEMORY_MAX_BYTES", 4000)
+    with caplog.at_level(logging.INFO, logger="lce_tf.data"):
+        data.make_image_dataset(folder, (8, 8, 3), 4, shuffle=True)
+    assert "8 images do not fit" in caplog.text
+
+
+def test_a_path_listed_twice_is_decoded_once(gray, caplog):
+    folder = data.read_image_folder(gray[0])
+    order = [3, 0, 3, 7, 11, 0, 5]  # e.g. P x K triplet batches listing images again
+    twice = data.ImageFolder(folder.root, [folder.paths[i] for i in order], folder.labels[order],
+                             folder.class_names)
+    with caplog.at_level(logging.INFO, logger="lce_tf.data"):
+        in_memory = data.make_image_dataset(twice, (8, 8, 1), 3, shift_pixels=1, in_memory=True)
+    assert "decoded 5 images once into memory" in caplog.text
+    _assert_same_batches(_passes(data.make_image_dataset(twice, (8, 8, 1), 3, shift_pixels=1)), _passes(in_memory))
+
+
+def test_in_memory_decoding_error_names_the_file(tmp_path):
+    _make_gray_folder(str(tmp_path), classes=("a",), names=("1.png", "2.png"))
+    (tmp_path / "a" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    folder = data.read_image_folder(tmp_path, check_images=False)
+    with pytest.raises(DataError, match=r"image .*3\.png: cannot be decoded"):
+        data.make_image_dataset(folder, (8, 8, 1), 2, shuffle=True)
+
+
+def test_in_memory_tfrecords_equal_streaming_and_shuffle_every_epoch(gray, tmp_path, caplog, monkeypatch):
+    folder = data.read_image_folder(gray[0])
+    pattern = f"{tmp_path}/r-*.tfrecord"
+    data.write_tfrecords(folder, tmp_path / "r", num_shards=3)
+    kwargs = {"shift_pixels": 2, "seed": 4}
+    _assert_same_batches(_passes(data.make_tfrecord_dataset(pattern, (8, 8, 1), 5, in_memory=False, **kwargs)),
+                         _passes(data.make_tfrecord_dataset(pattern, (8, 8, 1), 5, in_memory=True, **kwargs)))
+    with caplog.at_level(logging.INFO, logger="lce_tf.data"):
+        shuffled = data.make_tfrecord_dataset(pattern, (8, 8, 1), 12, shuffle=True, seed=4)
+    assert "decoded 12 images once into memory" in caplog.text
+    first, second = _passes(shuffled)
+    again = _passes(data.make_tfrecord_dataset(pattern, (8, 8, 1), 12, shuffle=True, seed=4), 1)[0]
+    plain = data.load_images(folder.paths, (8, 8, 1))
+    key = lambda a: sorted(x.tobytes() for x in a)  # noqa: E731
+    assert key(first[0][0]) == key(second[0][0]) == key(plain)  # each epoch: a permutation of all examples
+    assert not np.array_equal(first[0][0], second[0][0])
+    np.testing.assert_array_equal(first[0][0], again[0][0])
+    np.testing.assert_array_equal(first[0][1], folder.labels[[np.flatnonzero((plain == x).all(axis=(1, 2, 3)))[0]
+                                                              for x in first[0][0]]])
+    monkeypatch.setattr(data, "IN_MEMORY_MAX_BYTES", 100)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lce_tf.data"):
+        data.make_tfrecord_dataset(pattern, (8, 8, 1), 12, shuffle=True, seed=4)
+    assert "12 images do not fit" in caplog.text

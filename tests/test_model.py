@@ -290,7 +290,8 @@ def test_non_finite_images_are_refused_before_a_training_step(toy, value):
     steps = []
     record = tf.keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: steps.append(batch))
     dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
-    config = training.TrainConfig(architecture="small_cnn", embedding_dim=8, epochs=2, batch_size=8)
+    config = training.TrainConfig(architecture="small_cnn", embedding_dim=8, epochs=2, batch_size=8,
+                                  steps_per_execution=1)  # the callback sees every step
     with pytest.raises(ValueError, match=r"^training data batch 2 contains 2 non-finite values \(NaN/Inf\), "
                                          r"first at row 3$"):
         training.train(config, dataset, num_classes=NUM_CLASSES, input_shape=SHAPE, verbose=0, callbacks=[record])
