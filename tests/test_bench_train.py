@@ -1,0 +1,62 @@
+"""scripts/bench_train.py --quick: the report's structure only (speed is never asserted in tests)."""
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_train.py")
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("bench_train", _SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_script()
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench_train")
+    assert bench.main(["--quick", "--out-dir", str(root / "results"), "--work", str(root / "work")]) == 0
+    with open(root / "results" / "train_speed.json", encoding="utf-8") as f:
+        loaded = json.load(f)
+    with open(root / "results" / "train_speed.md", encoding="utf-8") as f:
+        return loaded, f.read()
+
+
+def _rate(value):
+    return isinstance(value, float) and value > 0
+
+
+def test_quick_report_structure(report):
+    loaded, md = report
+    assert {"date", "command", "machine", "load_average_start", "load_average_end", "wall_seconds", "data",
+            "defaults", "table", "ablation", "inference", "accuracy", "profile"} <= set(loaded)
+    assert loaded["command"].startswith("python scripts/bench_train.py --quick")
+    assert {"cpu", "cpus_available", "tensorflow", "python"} <= set(loaded["machine"])
+    assert len(loaded["load_average_start"]) == 3
+    assert loaded["op_determinism"] is True
+    assert [(r["backbone"], r["mode"]) for r in loaded["table"]] == [("small_cnn", "independent"), ("small_cnn", "lce")]
+    for row in loaded["table"]:
+        for path in bench.PATHS:
+            entry = row[path]
+            assert entry["path"] == path and entry["error"] is None
+            assert _rate(entry["images_per_s"]) and _rate(entry["cpu_us_per_image"])
+            assert len(entry["images_per_s_rounds"]) == loaded["profile"]["rounds"]
+            assert entry["first_call_seconds"] > 0
+        assert row["before"]["dataset"] == "stream" and row["after"]["dataset"] == "memory"
+        assert row["after+bf16"]["settings"] == {"precision": "mixed_bfloat16"}
+        assert _rate(row["speedup_after"]) and _rate(row["cpu_speedup_after+bf16"])
+    lce = loaded["table"][1]
+    assert all(isinstance(lce[f"{kind}overhead_vs_independent_{p}"], float) for p in bench.PATHS
+               for kind in ("", "cpu_"))
+    assert _rate(loaded["inference"]["small_cnn"]["images_per_s"])
+    assert loaded["ablation"] == [] and loaded["accuracy"] == []
+    assert md.startswith("# Training speed") and "| small_cnn | lce |" in md
