@@ -559,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="training image folder DIR/<class>/<image>")
     p.add_argument("--out", required=True, help="model directory to create")
     p.add_argument("--arch", default="cnn", choices=_ARCHS)
-    p.add_argument("--dim", type=int, default=128, help="embedding size D")
+    p.add_argument("--dim", type=int, default=defaults.EMBEDDING_DIM, help="embedding size D")
     p.add_argument("--loss", default="arcface", choices=_HEADS)
     p.add_argument("--scale", type=float, default=16.0, help="margin-softmax scale s")
     p.add_argument("--margin", type=float, default=0.1, help="margin-softmax margin m")

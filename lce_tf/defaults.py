@@ -9,6 +9,9 @@ item 1), λ_a = 100 (item 3) and λ_b = 1 (item 4). Tighter boundaries (20th, 50
 new/old top-1 there, and λ_a = 3000 lost 3.
 """
 
+EMBEDDING_DIM = 128
+"""The embedding size D of a new model: `lce-tf train --dim`, TrainConfig, the pipeline's embedding_dim."""
+
 BOUNDARY_RULE = "min"
 LAMBDA_ALIGN = 100.0
 LAMBDA_BOUNDARY = 1.0

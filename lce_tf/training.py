@@ -45,7 +45,7 @@ class TrainConfig:
     """
 
     architecture: str = "cnn"
-    embedding_dim: int = 128
+    embedding_dim: int = defaults.EMBEDDING_DIM
     loss: str = "arcface"
     scale: float = 16.0
     margin: float = 0.1

@@ -117,7 +117,7 @@ class PipelineConfig:
     mode: str = "lce"
     version: str = "v1"
     architecture: str = "cnn"
-    embedding_dim: int = 64
+    embedding_dim: int = defaults.EMBEDDING_DIM
     loss: str = "arcface"
     scale: float = 16.0
     margin: float = 0.1
