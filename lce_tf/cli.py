@@ -61,7 +61,7 @@ def _read_folder(path: str, classes: Optional[str] = None):
 
 
 def _centers_for_folder(model, folder, boundary: str, batch_size: int = 256):
-    """Old-model class centers over an image folder (DESIGN.md item 1, exact two-pass)."""
+    """Old-model class centers over an image folder (docs/design.md item 1, exact two-pass)."""
     from lce_tf import centers as lce_centers
 
     embeddings, labels = model.embed_folder(folder, batch_size=batch_size)

@@ -26,7 +26,7 @@ class TrainingDivergedError(RuntimeError):
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Settings of one training run (defaults are the demo's; see DESIGN.md for the loss weights).
+    """Settings of one training run (defaults are the demo's; see docs/design.md for the loss weights).
 
     Attributes:
       architecture: backbone name (lce_tf.backbones.ARCHITECTURES).

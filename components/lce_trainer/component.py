@@ -10,7 +10,7 @@ work is `lce_tf.training.train` + `lce_tf.export.export_model`; the Model artifa
 model directory in Format-Serving/, the layout the stock Pusher and Evaluator read.
 
 Modes: independent (new*), lce (direct, D_new = D_old), lce-transform (T12/T21, any dimensions), bct,
-l2 (DESIGN.md, the method, items 3-8). An empty old-model channel (first run) trains independently.
+l2 (docs/design.md, the method, items 3-8). An empty old-model channel (first run) trains independently.
 """
 
 from __future__ import annotations
