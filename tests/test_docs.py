@@ -641,7 +641,7 @@ def test_documented_commands_run(doc, tmp_path):
     script = tmp_path / "doc.sh"
     script.write_text(doc_script(doc), encoding="utf-8")
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
-               LCE_DOCS_PYTHON=sys.executable, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+               LCE_DOCS_PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
     start = time.time()
     with open(tmp_path / "doc.log", "w", encoding="utf-8") as log:
         result = subprocess.run(["bash", str(script)], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
