@@ -8,7 +8,9 @@
                      [--direction old-to-new|both] [--epochs N] [--batch-size N] [--seed N]
     lce-tf data      glyphs|synthetic --out DIR
     lce-tf index     build --model MODEL_DIR --data GALLERY_DIR --out INDEX_DIR [--config K=V]
+                           [--backend scann|milvus [--milvus-uri URI] [--milvus-alias NAME]]
                      search --index INDEX_DIR --model MODEL_DIR --data QUERY_DIR_OR_FILES [--k K] [--json F]
+                            [--param K=V]
                      backfill --index INDEX_DIR --model NEW_MODEL_DIR (--data GALLERY_DIR --fraction F
                               | --t12 --out DIR)
                      upgrade --index INDEX_DIR --transform TRANSFORM_DIR --out NEW_INDEX_DIR
@@ -332,7 +334,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-# index: versioned ScaNN indexes (lce_tf.search, lce_tf.retrieval)
+# index: versioned indexes, ScaNN or Milvus (lce_tf.search, lce_tf.retrieval, lce_tf.milvus_index)
 
 
 def _check_index_out(out: str, overwrite: bool) -> None:
@@ -342,8 +344,13 @@ def _check_index_out(out: str, overwrite: bool) -> None:
 
 def _index_summary(index) -> str:
     versions = ", ".join(f"{v}: {n}" for v, n in index.version_counts().items())
+    where = ""
+    if index.backend == "milvus":
+        where = (f" in Milvus collection {index.collection} ("
+                 + ("Milvus Lite database in the index directory" if index.lite else
+                    f"server {index.uri}, alias {index.alias}") + ")")
     return (f"{len(index)} entries x {index.dim}, embedding space {index.embedding_space}, "
-            f"{index.config.algorithm}; versions {versions}")
+            f"{index.config.algorithm}{where}; versions {versions}")
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
@@ -351,10 +358,14 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     from lce_tf.serving import load_embedding_model
 
     overrides = search.parse_config_overrides(args.config or [])
+    if args.backend != "milvus" and (args.milvus_uri or args.milvus_alias):
+        raise UsageError("--milvus-uri and --milvus-alias need --backend milvus.")
     _check_index_out(args.out, args.overwrite)
     folder = _read_folder(args.data)
     model = load_embedding_model(args.model)
-    index = search.build_index(model, folder, overrides=overrides, batch_size=args.batch_size, progress=stage)
+    index = search.build_index(model, folder, overrides=overrides, batch_size=args.batch_size, progress=stage,
+                               backend=args.backend, index_dir=args.out, milvus_uri=args.milvus_uri,
+                               milvus_alias=args.milvus_alias)
     path = index.save(args.out)
     stage(f"wrote index {path}: {_index_summary(index)}")
     return 0
@@ -366,10 +377,11 @@ def cmd_index_search(args: argparse.Namespace) -> int:
 
     index = search.load_index(args.index)
     k = search.check_k(args.k, index)
+    params = search.check_search_params(index, search.parse_config_overrides(args.param or []))
     search.collect_queries(args.data)  # bad query paths fail before the model loads
     model = load_embedding_model(args.model)
     results = search.search_images(index, model, args.data, k=k, force=args.force, batch_size=args.batch_size,
-                                   index_dir=args.index)
+                                   index_dir=args.index, search_params=params)
     if results.forced:
         print(f"lce-tf: warning: forced search: query model {model.model_id} is not declared compatible with "
               f"index embedding space {index.embedding_space}; scores are not meaningful", file=sys.stderr)
@@ -393,12 +405,13 @@ def cmd_index_backfill(args: argparse.Namespace) -> int:
             _check_index_out(args.out, args.overwrite)
     elif args.fraction is None or args.data is None:
         raise UsageError("index backfill needs --fraction F and --data GALLERY_DIR (or --t12 --out DIR).")
-    index = search.load_index(args.index)
     model = load_embedding_model(args.model)
     if args.t12:
+        index = search.load_index(args.index)
         stage(f"mapping {len(index)} gallery vectors through the T12 of {model.model_id}")
-        index = search.upgrade_with_t12(index, model)
+        index = search.upgrade_with_t12(index, model, out_dir=out)
     else:
+        index = search.index_for_update(args.index, out)  # Milvus: a copy when --out is another directory
         step = search.backfill_from_images(index, model, args.data, args.fraction, seed=args.seed,
                                            batch_size=args.batch_size, progress=stage)
         stage(f"re-embedded {step['backfilled']} entries with {step['version']} ({step['signature']}); "
@@ -422,15 +435,15 @@ def cmd_index_upgrade(args: argparse.Namespace) -> int:
     index = search.load_index(args.index)
     stage(f"moving {len(index)} gallery vectors of {args.index} through {transformation.describe()}")
     upgraded = search.upgrade_with_transformation(index, transformation, overrides=overrides,
-                                                  index_dir=args.index)
+                                                  index_dir=args.index, out_dir=args.out)
     path = upgraded.save(args.out)
     stage(f"wrote index {path}: {_index_summary(upgraded)}; no image was read")
     return 0
 
 
 def _add_index_commands(sub) -> None:
-    """The `lce-tf index build|search|backfill` subcommands."""
-    index = sub.add_parser("index", help="build, search, backfill and upgrade versioned ScaNN indexes")
+    """The `lce-tf index build|search|backfill|upgrade` subcommands."""
+    index = sub.add_parser("index", help="build, search, backfill and upgrade versioned indexes (ScaNN or Milvus)")
     commands = index.add_subparsers(dest="index_command", required=True, metavar="ACTION", parser_class=_Parser)
 
     p = commands.add_parser("build", help="embed a gallery image folder with a model and build an index")
@@ -438,8 +451,17 @@ def _add_index_commands(sub) -> None:
     p.add_argument("--data", required=True, help="gallery image folder DIR/<class>/<image>")
     p.add_argument("--out", required=True, help="index directory to create")
     p.add_argument("--config", action="append", metavar="JSON|KEY=VALUE",
-                   help="IndexConfig overrides of the size-based defaults, e.g. algorithm=tree_ah,num_leaves=50 "
-                   "or '{\"reorder_num_neighbors\": 200}'; repeatable")
+                   help="overrides of the size-based defaults; ScaNN: e.g. algorithm=tree_ah,num_leaves=50 or "
+                   "'{\"reorder_num_neighbors\": 200}'; Milvus: index_type=IVF_FLAT,nlist=1024,nprobe=32 (or "
+                   "HNSW with M, efConstruction, ef on a server); repeatable")
+    p.add_argument("--backend", default="scann", choices=("scann", "milvus"),
+                   help="scann: an in-memory ScaNN index in the directory (default); milvus: a Milvus collection "
+                   "(Milvus Lite database in the directory, or a server with --milvus-uri)")
+    p.add_argument("--milvus-uri", help="a running Milvus server, e.g. http://milvus.example:19530 (lce-tf never "
+                   "starts one); its token, if any, is read from the environment variable LCE_TF_MILVUS_TOKEN. "
+                   "Default: Milvus Lite in INDEX_DIR/milvus.db")
+    p.add_argument("--milvus-alias", help="server only: the collection alias that follows the served collection "
+                   "(default lce_<lineage>, recorded in index.json)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--overwrite", action="store_true", help="replace an existing index atomically")
     p.set_defaults(func=cmd_index_build)
@@ -453,6 +475,9 @@ def _add_index_commands(sub) -> None:
     p.add_argument("--json", help="write the results as JSON instead of printing the table")
     p.add_argument("--force", action="store_true",
                    help="search even if the query model is not declared compatible with the index")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="search parameters of this search: ScaNN leaves_to_search, reorder_num_neighbors; Milvus "
+                   "the index type's (nprobe for IVF_*, ef for HNSW, ...); repeatable")
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=cmd_index_search)
 
@@ -635,11 +660,20 @@ def _quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # errors still surface as exceptions
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"google\..*")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"tensorflow_addons\..*")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"milvus_lite")  # its pkg_resources import
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_tensorflow()
+    from lce_tf import milvus_index  # light: pymilvus itself is imported only by a command that needs it
+
+    milvus_index.QUIET_CLIENT_LOGS = True
+    with milvus_index.closing_opened():  # Milvus Lite: the command's database servers stop when it ends
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     known_errors: tuple[type, ...] = (ValueError, OSError)
     try:
         from lce_tf.training import TrainingDivergedError

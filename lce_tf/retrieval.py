@@ -43,6 +43,12 @@ is two renames (old -> hidden backup `.NAME.lce-old-XXXX`, new -> INDEX_DIR); a 
 leaves no INDEX_DIR, and `load(INDEX_DIR)` then loads the backup (and logs a warning). One writer per
 index directory at a time.
 
+Backends: this module is the ScaNN backend and the index API. An index directory may instead hold a
+Milvus collection (`lce_tf.milvus_index.MilvusIndex`, index.json field "backend": "milvus"); `open_index`
+reads the backend from index.json and returns the matching class. Both classes answer the same calls
+(build, search, exact_search, upsert, version_counts, version_of, iter_batches, save, metadata), and
+the backfill, selection and transformation functions below work on either.
+
 Updates: `upsert` uses ScaNN's own in-place `upsert` (the pybind searcher supports it when built with
 docids, which `IndexConfig.mutable=True`, the default, does; a replaced datapoint is re-hashed and
 re-assigned to its partition). With `mutable=False` (ScaNN can then use its faster immutable global
@@ -54,11 +60,12 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import heapq
 import json
 import logging
 import math
 import os
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -75,6 +82,9 @@ VERSIONS_FILE = "versions.json"
 PROVENANCE_FILE = "provenance.json"
 EMBEDDED = "embedded"  # provenance of an entry embedded from its image by its version's model
 EMBEDDINGS_FILE = "embeddings.npy"
+SCANN_BACKEND = "scann"
+MILVUS_BACKEND = "milvus"
+BACKENDS = (SCANN_BACKEND, MILVUS_BACKEND)
 SCANN_DIR = "scann"
 SCANN_ASSETS_FILE = "scann_assets.pbtxt"
 
@@ -92,6 +102,22 @@ _SCANN_INSTALL_HINT = ("ScaNN is required for lce_tf.retrieval indexes: install 
 
 class IncompatibleModelError(ValueError):
     """A query model's embeddings do not live in the index's embedding space (and force was not set)."""
+
+
+class EntryBatch(NamedTuple):
+    """A batch of stored entries, as `iter_batches` of either backend yields them.
+
+    Attributes:
+      ids: [B] entry ids.
+      versions: [B] model version of each entry.
+      provenance: [B] how each vector was made (`EMBEDDED` or "transformed from ...").
+      embeddings: float32 [B, D] unit vectors, or None when the batch was asked without vectors.
+    """
+
+    ids: list[str]
+    versions: list[str]
+    provenance: list[str]
+    embeddings: Optional[np.ndarray]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -447,11 +473,125 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def check_gallery(ids: Sequence[str], embeddings: np.ndarray, versions: Union[str, Sequence[str]],
+                  provenance: Union[str, Sequence[str]], embedding_space: str, model_version: Optional[str]
+                  ) -> tuple[list[str], np.ndarray, list[str], list[str], str]:
+    """The checks of a gallery that builds an index (either backend).
+
+    Returns:
+      (ids, unit float32 embeddings [N, D], versions [N], provenance [N], model_version), model_version
+      defaulting to the entries' version when they all share one.
+
+    Raises:
+      ValueError: empty gallery, duplicate ids, length mismatches, bad vectors, several versions
+        without model_version.
+    """
+    if not isinstance(embedding_space, str) or not embedding_space:
+        raise ValueError(f"embedding_space must be a non-empty string; received {embedding_space!r}")
+    ids = _check_ids(ids)
+    if not ids:
+        raise ValueError("cannot build an index from an empty gallery (0 ids)")
+    emb = _unit_rows(embeddings, "embeddings")
+    if emb.shape[0] != len(ids):
+        raise ValueError(f"embeddings has {emb.shape[0]} rows but there are {len(ids)} ids")
+    versions = _check_versions(versions, len(ids))
+    provenance = _check_versions(provenance, len(ids), "provenance")
+    if model_version is None:
+        distinct = sorted(set(versions))
+        if len(distinct) != 1:
+            raise ValueError(f"entries have several versions ({', '.join(distinct[:5])}); pass model_version")
+        model_version = distinct[0]
+    return ids, emb, versions, provenance, model_version
+
+
+def base_metadata(embedding_space: str, dim: int, model_id: str, model_version: str, config: Mapping[str, Any],
+                  count: int) -> dict[str, Any]:
+    """The index.json fields every backend writes (the backend adds its own)."""
+    created = _now()
+    return {"format": INDEX_FORMAT, "embedding_space": embedding_space, "dim": int(dim), "model_id": model_id,
+            "model_version": model_version, "config": dict(config), "count": int(count),
+            "lce_tf_version": lce_tf.__version__, "created": created, "updated": created}
+
+
+def check_replaceable(target: str) -> None:
+    """Refuses to write an index over a file or over a non-empty directory that is not an lce_tf index.
+
+    Raises:
+      ValueError: naming `target`.
+    """
+    if os.path.lexists(target):
+        if not os.path.isdir(target):
+            raise ValueError(f"index directory {target} exists and is not a directory")
+        if os.listdir(target) and not os.path.isfile(os.path.join(target, METADATA_FILE)):
+            raise ValueError(f"refusing to replace {target}: it is a non-empty directory without "
+                             f"{METADATA_FILE} (not an lce_tf index)")
+
+
+class IndexCommon:
+    """What both backends share: the metadata-backed properties, the space guard and the query checks.
+
+    Subclasses set `_metadata` (the index.json dict) and `_config` (with `num_neighbors`) and define
+    `__len__`.
+    """
+
+    _metadata: dict[str, Any]
+    _config: Any
+
+    @property
+    def embedding_space(self) -> str:
+        return self._metadata["embedding_space"]
+
+    @property
+    def dim(self) -> int:
+        return int(self._metadata["dim"])
+
+    @property
+    def model_id(self) -> str:
+        return self._metadata["model_id"]
+
+    @property
+    def model_version(self) -> str:
+        return self._metadata["model_version"]
+
+    @property
+    def config(self):
+        return self._config
+
+    def _check_space(self, embedding_space: Optional[str], what: str) -> None:
+        if embedding_space is not None and embedding_space != self.embedding_space:
+            raise IncompatibleModelError(f"{what} live in embedding space {embedding_space!r} but the index holds "
+                                         f"embedding space {self.embedding_space!r}")
+
+    def _queries(self, queries: np.ndarray, k: Optional[int]) -> tuple[np.ndarray, int]:
+        q = np.asarray(queries, dtype=np.float32) if not isinstance(queries, np.ndarray) else queries
+        if q.ndim == 1:
+            q = q[None, :]
+        q = _unit_rows(q, "queries", self.dim, f"the index (embedding space {self.embedding_space!r})")
+        k = _check_k(self._config.num_neighbors if k is None else k, len(self))
+        return q, k
+
+    def close(self) -> None:
+        """Releases what the index holds open (a Milvus connection; nothing for ScaNN)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _vectors(self, embeddings: Any, n: int, what: str = "embeddings") -> np.ndarray:
+        """Upserted vectors: [n, D] in this index's dimension, unit-normalized."""
+        emb = _unit_rows(embeddings, what, self.dim, f"the index (embedding space {self.embedding_space!r})")
+        if emb.shape[0] != n:
+            raise ValueError(f"{what} has {emb.shape[0]} rows but there are {n} ids")
+        return emb
+
+
 # ----------------------------------------------------------------------------------------------------
 # The index
 # ----------------------------------------------------------------------------------------------------
 
-class EmbeddingIndex:
+class EmbeddingIndex(IndexCommon):
     """A ScaNN nearest-neighbour index over (id, embedding, model version) entries in one embedding space.
 
     Build with `EmbeddingIndex.build(...)` or `EmbeddingIndex.load(dir)`; do not call the constructor.
@@ -504,36 +644,12 @@ class EmbeddingIndex:
           ValueError: empty gallery, duplicate ids, length mismatches, bad vectors, bad config.
           ImportError: ScaNN is not installed (the message says what to install).
         """
-        if not isinstance(embedding_space, str) or not embedding_space:
-            raise ValueError(f"embedding_space must be a non-empty string; received {embedding_space!r}")
-        ids = _check_ids(ids)
-        if not ids:
-            raise ValueError("cannot build an index from an empty gallery (0 ids)")
-        emb = _unit_rows(embeddings, "embeddings")
-        if emb.shape[0] != len(ids):
-            raise ValueError(f"embeddings has {emb.shape[0]} rows but there are {len(ids)} ids")
-        versions = _check_versions(versions, len(ids))
-        provenance = _check_versions(provenance, len(ids), "provenance")
-        if model_version is None:
-            distinct = sorted(set(versions))
-            if len(distinct) != 1:
-                raise ValueError(f"entries have several versions ({', '.join(distinct[:5])}); pass model_version")
-            model_version = distinct[0]
+        ids, emb, versions, provenance, model_version = check_gallery(ids, embeddings, versions, provenance,
+                                                                      embedding_space, model_version)
         config = (config or IndexConfig.for_size(len(ids), emb.shape[1])).resolved(len(ids))
-        created = _now()
-        metadata = {
-            "format": INDEX_FORMAT,
-            "embedding_space": embedding_space,
-            "dim": int(emb.shape[1]),
-            "model_id": model_id or embedding_space,
-            "model_version": model_version,
-            "config": config.to_dict(),
-            "count": len(ids),
-            "lce_tf_version": lce_tf.__version__,
-            "scann_version": _scann_version(),
-            "created": created,
-            "updated": created,
-        }
+        metadata = base_metadata(embedding_space, emb.shape[1], model_id or embedding_space, model_version,
+                                 config.to_dict(), len(ids))
+        metadata["scann_version"] = _scann_version()
         searcher = _build_searcher(emb, ids, config)
         return cls(ids=ids, embeddings=emb, versions=versions, provenance=provenance, metadata=metadata,
                    config=config, searcher=searcher)
@@ -567,10 +683,6 @@ class EmbeddingIndex:
         return view
 
     @property
-    def config(self) -> IndexConfig:
-        return self._config
-
-    @property
     def metadata(self) -> dict[str, Any]:
         """The index metadata (a copy), with `count` and `version_counts` current."""
         md = json.loads(json.dumps(self._metadata))
@@ -578,22 +690,6 @@ class EmbeddingIndex:
         md["version_counts"] = self.version_counts()
         md["provenance_counts"] = self.provenance_counts()
         return md
-
-    @property
-    def embedding_space(self) -> str:
-        return self._metadata["embedding_space"]
-
-    @property
-    def dim(self) -> int:
-        return int(self._metadata["dim"])
-
-    @property
-    def model_id(self) -> str:
-        return self._metadata["model_id"]
-
-    @property
-    def model_version(self) -> str:
-        return self._metadata["model_version"]
 
     def version_counts(self) -> dict[str, int]:
         """{model version: number of entries it produced}."""
@@ -612,20 +708,23 @@ class EmbeddingIndex:
             out.append(self._versions[self._pos[v]])
         return out
 
+    @property
+    def backend(self) -> str:
+        return SCANN_BACKEND
+
+    def missing_ids(self, ids: Sequence[str]) -> list[str]:
+        """The given ids that are not in the index, in the order given."""
+        return [v for v in ids if v not in self._pos]
+
+    def iter_batches(self, batch_size: int = 65_536, *, vectors: bool = True) -> Iterator[EntryBatch]:
+        """The stored entries in index order, `batch_size` at a time (embeddings are copies)."""
+        _check_int("batch_size", batch_size, minimum=1)
+        for start in range(0, len(self._ids), batch_size):
+            end = start + batch_size
+            yield EntryBatch(self._ids[start:end], self._versions[start:end], self._provenance[start:end],
+                             np.array(self._embeddings[start:end]) if vectors else None)
+
     # -- search --------------------------------------------------------------------------------------
-
-    def _check_space(self, embedding_space: Optional[str], what: str) -> None:
-        if embedding_space is not None and embedding_space != self.embedding_space:
-            raise IncompatibleModelError(f"{what} live in embedding space {embedding_space!r} but the index holds "
-                                         f"embedding space {self.embedding_space!r}")
-
-    def _queries(self, queries: np.ndarray, k: Optional[int]) -> tuple[np.ndarray, int]:
-        q = np.asarray(queries, dtype=np.float32) if not isinstance(queries, np.ndarray) else queries
-        if q.ndim == 1:
-            q = q[None, :]
-        q = _unit_rows(q, "queries", self.dim, f"the index (embedding space {self.embedding_space!r})")
-        k = _check_k(self._config.num_neighbors if k is None else k, len(self._ids))
-        return q, k
 
     def _ids_of(self, rows: np.ndarray) -> np.ndarray:
         if self._ids_array is None:
@@ -724,9 +823,7 @@ class EmbeddingIndex:
         """
         self._check_space(embedding_space, "upserted embeddings")
         ids = _check_ids(ids)
-        emb = _unit_rows(embeddings, "embeddings", self.dim, f"the index (embedding space {self.embedding_space!r})")
-        if emb.shape[0] != len(ids):
-            raise ValueError(f"embeddings has {emb.shape[0]} rows but there are {len(ids)} ids")
+        emb = self._vectors(embeddings, len(ids))
         versions = _check_versions(version, len(ids))
         provenance = _check_versions(provenance, len(ids), "provenance")
         if not ids:
@@ -808,12 +905,7 @@ class EmbeddingIndex:
             previous index there, if any, is unchanged and no temporary directory is left.
         """
         target = os.path.abspath(index_dir)
-        if os.path.lexists(target):
-            if not os.path.isdir(target):
-                raise ValueError(f"index directory {target} exists and is not a directory")
-            if os.listdir(target) and not os.path.isfile(os.path.join(target, METADATA_FILE)):
-                raise ValueError(f"refusing to replace {target}: it is a non-empty directory without "
-                                 f"{METADATA_FILE} (not an lce_tf index)")
+        check_replaceable(target)
         with fileio.atomic_directory(target, "index directory") as tmp:
             metadata = self._write_files(tmp)
         self._metadata = metadata
@@ -874,16 +966,7 @@ class EmbeddingIndex:
           ValueError: one line naming the directory and the missing, corrupted or edited file.
           ImportError: ScaNN is not installed.
         """
-        root = os.path.abspath(index_dir)
-        if os.path.lexists(root) and not os.path.isdir(root):
-            raise ValueError(f"index directory {root} is not a directory")
-        if not os.path.isdir(root):
-            backup = _find_backup(root)
-            if backup is None:
-                raise ValueError(f"index directory {root} does not exist")
-            logger.warning("index %s is missing (a save was interrupted); loading the previous index kept at %s",
-                           root, backup)
-            root = backup
+        root = resolve_index_dir(index_dir)
         metadata = _read_metadata(root)
         for rel, digest in metadata["files"].items():
             path = os.path.join(root, *rel.split("/"))
@@ -956,7 +1039,34 @@ def _build_searcher(emb: np.ndarray, ids: list[str], config: IndexConfig):
     return searcher
 
 
-def _read_metadata(root: str) -> dict[str, Any]:
+def resolve_index_dir(index_dir: str) -> str:
+    """The absolute index directory to read: `index_dir`, or, when it is missing because a save was
+    interrupted between its two renames, the verified backup kept beside it (with a warning).
+
+    Raises:
+      ValueError: `index_dir` is a file, or neither it nor a backup exists.
+    """
+    root = os.path.abspath(index_dir)
+    if os.path.lexists(root) and not os.path.isdir(root):
+        raise ValueError(f"index directory {root} is not a directory")
+    if not os.path.isdir(root):
+        backup = _find_backup(root)
+        if backup is None:
+            raise ValueError(f"index directory {root} does not exist")
+        logger.warning("index %s is missing (a save was interrupted); loading the previous index kept at %s",
+                       root, backup)
+        root = backup
+    return root
+
+
+def read_index_metadata(root: str) -> dict[str, Any]:
+    """index.json of an index directory of either backend, checked: valid JSON, the format, its own
+    checksum, the fields every backend writes, and a known "backend" (absent = "scann", the only
+    backend before issue 14).
+
+    Raises:
+      ValueError: one line naming the directory and what is wrong.
+    """
     path = os.path.join(root, METADATA_FILE)
     if not os.path.isfile(path):
         raise ValueError(f"{root} is not an lce_tf index: file {METADATA_FILE} is missing")
@@ -973,6 +1083,17 @@ def _read_metadata(root: str) -> dict[str, Any]:
                if k not in metadata]
     if missing:
         raise ValueError(f"index {root}: file {METADATA_FILE} lacks the field(s) {', '.join(missing)}")
+    if metadata.get("backend", SCANN_BACKEND) not in BACKENDS:
+        raise ValueError(f"index {root}: file {METADATA_FILE} names backend {metadata.get('backend')!r}; this lce_tf "
+                         f"reads {', '.join(BACKENDS)}")
+    return metadata
+
+
+def _read_metadata(root: str) -> dict[str, Any]:
+    """index.json of a ScaNN index directory (`read_index_metadata` plus the files ScaNN needs)."""
+    metadata = read_index_metadata(root)
+    if metadata.get("backend", SCANN_BACKEND) != SCANN_BACKEND:
+        raise ValueError(f"index {root} is a {metadata['backend']} index; open it with lce_tf.retrieval.open_index")
     required = {IDS_FILE, VERSIONS_FILE, EMBEDDINGS_FILE, f"{SCANN_DIR}/{SCANN_ASSETS_FILE}"}
     absent = sorted(required - set(metadata["files"]))
     if absent:
@@ -990,7 +1111,7 @@ def _find_backup(root: str) -> Optional[str]:
     candidates = [os.path.join(parent, e) for e in entries if e.startswith(f".{name}{fileio.OLD_TAG}")]
     for path in sorted(candidates, key=os.path.getmtime, reverse=True):
         try:
-            metadata = _read_metadata(path)
+            metadata = read_index_metadata(path)
             if all(fileio.sha256_file(os.path.join(path, *rel.split("/"))) == digest
                    for rel, digest in metadata["files"].items()):
                 return path
@@ -999,11 +1120,50 @@ def _find_backup(root: str) -> Optional[str]:
     return None
 
 
+def write_metadata_file(root: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """Replaces ROOT/index.json atomically (a temporary file in ROOT, fsynced, renamed over it) with
+    `metadata` plus its checksum; returns what was written. A reader sees the old or the new file,
+    never a mix: this rename is how a Milvus index switches the collection it serves."""
+    metadata = dict(metadata)
+    metadata.pop("checksum", None)
+    metadata["checksum"] = fileio.json_checksum(metadata)
+    tmp = os.path.join(root, f".{METADATA_FILE}{fileio.TMP_TAG}{os.getpid()}")
+    try:
+        _write_json(tmp, metadata)
+        fileio.rename(tmp, os.path.join(root, METADATA_FILE))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    fileio.fsync_path(root)
+    return metadata
+
+
+def open_index(index_dir: str):
+    """Opens an index directory of either backend: the backend is read from its index.json.
+
+    Returns:
+      `EmbeddingIndex` (ScaNN) or `lce_tf.milvus_index.MilvusIndex` (Milvus Lite or a Milvus server).
+
+    Raises:
+      ValueError: one line naming the directory and the missing, corrupted or edited file (or the
+        missing database / collection of a Milvus index).
+      ImportError: the backend's package is not installed (the message says what to install).
+    """
+    root = resolve_index_dir(index_dir)
+    backend = read_index_metadata(root).get("backend", SCANN_BACKEND)
+    if backend == MILVUS_BACKEND:
+        from lce_tf.milvus_index import MilvusIndex  # pylint: disable=import-outside-toplevel
+
+        return MilvusIndex.load(root)
+    return EmbeddingIndex.load(root)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Version safety
 # ----------------------------------------------------------------------------------------------------
 
-def check_query_compatibility(index_metadata: Union[Mapping[str, Any], EmbeddingIndex],
+def check_query_compatibility(index_metadata: Union[Mapping[str, Any], "EmbeddingIndex", Any],
                               query_model_metadata: Mapping[str, Any], force: bool = False) -> str:
     """Which signature of the query model produces vectors in the index's embedding space.
 
@@ -1014,7 +1174,7 @@ def check_query_compatibility(index_metadata: Union[Mapping[str, Any], Embedding
     is returned, preferring "embed", with a warning).
 
     Args:
-      index_metadata: `EmbeddingIndex.metadata` (or the index itself).
+      index_metadata: an index's `metadata` (or the index itself, of either backend).
       query_model_metadata: the query model's `lce_tf_model.json` dict.
       force: search anyway when the spaces are unrelated.
 
@@ -1026,7 +1186,7 @@ def check_query_compatibility(index_metadata: Union[Mapping[str, Any], Embedding
         the index's, or (even with force) no signature of the model has the index's dimension.
       ValueError: the model metadata lacks a required field or lists no such signature.
     """
-    index_md = index_metadata.metadata if isinstance(index_metadata, EmbeddingIndex) else index_metadata
+    index_md = index_metadata if isinstance(index_metadata, Mapping) else index_metadata.metadata
     for key in ("embedding_space", "dim"):
         if key not in index_md:
             raise ValueError(f"index metadata lacks the field {key!r}")
@@ -1073,19 +1233,23 @@ def check_query_compatibility(index_metadata: Union[Mapping[str, Any], Embedding
 # Gradual backfill
 # ----------------------------------------------------------------------------------------------------
 
-def _pending_rows(index: EmbeddingIndex, new_version: Optional[str]) -> list[int]:
-    versions = index._versions  # pylint: disable=protected-access
+def _is_pending(version: str, index, new_version: Optional[str]) -> bool:
+    return version == index.model_version if new_version is None else version != new_version
+
+
+def _pending_count(index, new_version: Optional[str]) -> int:
+    counts = index.version_counts()
     if new_version is None:
-        return [i for i, v in enumerate(versions) if v == index.model_version]
-    return [i for i, v in enumerate(versions) if v != new_version]
+        return counts.get(index.model_version, 0)
+    return len(index) - counts.get(new_version, 0)
 
 
-def backfilled_fraction(index: EmbeddingIndex, new_version: Optional[str] = None) -> float:
+def backfilled_fraction(index, new_version: Optional[str] = None) -> float:
     """Share of entries already backfilled (see `select_backfill_ids` for what "pending" means)."""
-    return 1.0 - len(_pending_rows(index, new_version)) / len(index)
+    return 1.0 - _pending_count(index, new_version) / len(index)
 
 
-def select_backfill_ids(index: EmbeddingIndex, fraction: float, seed: int = 0, *,
+def select_backfill_ids(index, fraction: float, seed: int = 0, *,
                         new_version: Optional[str] = None) -> list[str]:
     """Deterministically picks not-yet-backfilled entries to re-embed next.
 
@@ -1093,10 +1257,11 @@ def select_backfill_ids(index: EmbeddingIndex, fraction: float, seed: int = 0, *
     None, those still at the version that built the index (`index.model_version`). Each id is ranked
     by blake2b(seed, id), independent of the index order, so successive calls with the same seed walk
     one fixed order over the gallery (backfilling 10% and then another 10% picks the same entries as
-    picking 20% at once), and the choice is reproducible across runs and machines.
+    picking 20% at once), and the choice is reproducible across runs and machines. The entries are
+    read with `iter_batches` (ids and versions only), so memory is O(picked ids) on either backend.
 
     Args:
-      index: the index.
+      index: the index (`EmbeddingIndex` or `MilvusIndex`).
       fraction: share of the WHOLE gallery to pick in this call, 0 <= fraction <= 1; the count is
         min(pending, round(fraction * len(index))). For a cumulative target t use
         `fraction = t - backfilled_fraction(index, new_version)`.
@@ -1112,18 +1277,18 @@ def select_backfill_ids(index: EmbeddingIndex, fraction: float, seed: int = 0, *
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be a number in [0, 1]; received {fraction!r}")
     _check_int("seed", seed, minimum=0)
-    pending = _pending_rows(index, new_version)
-    count = min(len(pending), int(round(fraction * len(index) + 1e-9)))
+    count = min(_pending_count(index, new_version), int(round(fraction * len(index) + 1e-9)))
     if count == 0:
         return []
-    ids = index._ids  # pylint: disable=protected-access
     prefix = f"{int(seed)}\x00".encode("utf-8")
-    keyed = sorted((hashlib.blake2b(prefix + ids[r].encode("utf-8"), digest_size=8).digest(), ids[r])
-                   for r in pending)
-    return [v for _, v in keyed[:count]]
+    keyed = (
+        (hashlib.blake2b(prefix + entry.encode("utf-8"), digest_size=8).digest(), entry)
+        for batch in index.iter_batches(vectors=False)
+        for entry, version in zip(batch.ids, batch.versions) if _is_pending(version, index, new_version))
+    return [v for _, v in heapq.nsmallest(count, keyed)]
 
 
-def backfill(index: EmbeddingIndex, ids: Sequence[str], new_embeddings: np.ndarray, new_version: str, *,
+def backfill(index, ids: Sequence[str], new_embeddings: np.ndarray, new_version: str, *,
              embedding_space: Optional[str] = None) -> int:
     """Replaces the embeddings of existing entries with re-embedded ones (an `upsert` of a chosen subset).
 
@@ -1131,7 +1296,7 @@ def backfill(index: EmbeddingIndex, ids: Sequence[str], new_embeddings: np.ndarr
     whatever `check_query_compatibility` says for the index (docs/design.md "The method" 7).
 
     Args:
-      index: updated in place (ScaNN upsert); save it to persist.
+      index: updated in place (ScaNN upsert, or a Milvus upsert); save it to persist (index.json).
       ids: M existing ids (e.g. from `select_backfill_ids`).
       new_embeddings: float [M, D].
       new_version: the version of the model that re-embedded them.
@@ -1144,7 +1309,7 @@ def backfill(index: EmbeddingIndex, ids: Sequence[str], new_embeddings: np.ndarr
       ValueError: an id not in the index (backfill never adds entries; use `upsert`), or any `upsert` error.
     """
     ids = _check_ids(ids)
-    unknown = [v for v in ids if v not in index._pos]  # pylint: disable=protected-access
+    unknown = index.missing_ids(ids)
     if unknown:
         raise ValueError(f"backfill id {unknown[0]!r} is not in the index ({len(unknown)} unknown ids); "
                          "use upsert to add entries")
@@ -1152,9 +1317,39 @@ def backfill(index: EmbeddingIndex, ids: Sequence[str], new_embeddings: np.ndarr
     return len(ids)
 
 
-def transform_gallery(index: EmbeddingIndex, transform_fn: Callable[[np.ndarray], np.ndarray], new_space: str,
+def transform_batch(transform_fn: Callable[[np.ndarray], np.ndarray], batch: np.ndarray) -> np.ndarray:
+    """transform_fn applied to one batch [B, D_old], checked ([B, D_new], finite, non-zero rows) and
+    L2-normalized: float32 [B, D_new]."""
+    out = np.asarray(transform_fn(batch))
+    if out.ndim != 2 or out.shape[0] != batch.shape[0]:
+        raise ValueError(f"transform_fn returned shape {out.shape} for input shape {batch.shape}; expected "
+                         f"[{batch.shape[0]}, D_new]")
+    return _unit_rows(out, "transformed embeddings")
+
+
+def transformed_provenance(provenance: Sequence[str], from_space: str, transformed_by: str) -> list[str]:
+    """The provenance of entries moved from `from_space` by the transformation `transformed_by`."""
+    step = f"from {from_space} by {transformed_by}"
+    return [f"transformed {step}" if p == EMBEDDED else f"{p}; then {step}" for p in provenance]
+
+
+def transformed_from_record(index, transformed_by: str) -> dict[str, Any]:
+    """The "transformed_from" metadata of an index made from `index` by `transformed_by`."""
+    return {"embedding_space": index.embedding_space, "model_id": index.model_id, "transformation": transformed_by,
+            "model_version": index.model_version, "dim": index.dim, "version_counts": index.version_counts()}
+
+
+def _check_transform_args(batch_size: Any, new_version: Any, transformed_by: Any) -> None:
+    _check_int("batch_size", batch_size, minimum=1)
+    if new_version is not None and (not isinstance(new_version, str) or not new_version):
+        raise ValueError(f"new_version must be None or a non-empty string; received {new_version!r}")
+    if not isinstance(transformed_by, str) or not transformed_by:
+        raise ValueError(f"transformed_by must be a non-empty string; received {transformed_by!r}")
+
+
+def transform_gallery(index, transform_fn: Callable[[np.ndarray], np.ndarray], new_space: str,
                       new_version: Optional[str] = None, *, transformed_by: str, model_id: Optional[str] = None,
-                      config: Optional[IndexConfig] = None, batch_size: int = 65_536) -> EmbeddingIndex:
+                      config: Any = None, batch_size: int = 65_536, index_dir: Optional[str] = None):
     """Forward-compatible upgrade: maps every stored vector through T12 into the new space (no images).
 
     Builds a NEW index (the input is untouched) with entries e'_i = normalize(T12(e_i)) (docs/design.md,
@@ -1163,8 +1358,11 @@ def transform_gallery(index: EmbeddingIndex, transform_fn: Callable[[np.ndarray]
     by <transformed_by>", appended to an earlier transformation's as "...; then from <space> by <id>"),
     so a later backfill with re-encoded images (provenance "embedded") can be told apart.
 
+    A Milvus index (`MilvusIndex.transform`) streams: the old collection is read in batches, moved and
+    written into a NEW collection, and only a complete collection is committed (`index_dir`).
+
     Args:
-      index: the old-space index.
+      index: the old-space index (`EmbeddingIndex` or `MilvusIndex`).
       transform_fn: numpy [B, D_old] -> numpy [B, D_new] (a fitted transformation's `old_to_new`, or a
         model's `transform_old_to_new` signature), called in batches of `batch_size`.
       new_space: the embedding space the transformation maps into.
@@ -1172,9 +1370,13 @@ def transform_gallery(index: EmbeddingIndex, transform_fn: Callable[[np.ndarray]
         sets every entry's version to it.
       transformed_by: id of the transformation (recorded in the provenance and the metadata).
       model_id: model id recorded in the metadata (the new space's model); defaults to `new_space`.
-      config: the new index's configuration; None -> `IndexConfig.for_size(N, D_new)` keeping the
-        old index's num_neighbors, threads and mutability.
+      config: the new index's configuration (an `IndexConfig`, or a `MilvusConfig` for Milvus); None ->
+        the size-based default for D_new keeping the old index's num_neighbors (ScaNN: also threads
+        and mutability; Milvus: the index type).
       batch_size: rows per transform call.
+      index_dir: Milvus only (required there): where the new index is served from (its collection is
+        filled as it is made; the directory may be the old index's own, to upgrade it in place). A
+        ScaNN index is returned unsaved, whatever `index_dir` says.
 
     Returns:
       The new index, with metadata "transformed_from" naming the old space, model, version counts and
@@ -1183,33 +1385,23 @@ def transform_gallery(index: EmbeddingIndex, transform_fn: Callable[[np.ndarray]
     Raises:
       ValueError: the transform returns the wrong number of rows, a non-2-D array, NaN/Inf or zero rows.
     """
-    _check_int("batch_size", batch_size, minimum=1)
-    if new_version is not None and (not isinstance(new_version, str) or not new_version):
-        raise ValueError(f"new_version must be None or a non-empty string; received {new_version!r}")
-    if not isinstance(transformed_by, str) or not transformed_by:
-        raise ValueError(f"transformed_by must be a non-empty string; received {transformed_by!r}")
-    old = index.embeddings
-    parts = []
-    for start in range(0, old.shape[0], batch_size):
-        batch = np.array(old[start:start + batch_size])
-        out = np.asarray(transform_fn(batch))
-        if out.ndim != 2 or out.shape[0] != batch.shape[0]:
-            raise ValueError(f"transform_fn returned shape {out.shape} for input shape {batch.shape}; expected "
-                             f"[{batch.shape[0]}, D_new]")
-        parts.append(_unit_rows(out, "transformed embeddings"))
-    new = np.concatenate(parts, axis=0)
+    _check_transform_args(batch_size, new_version, transformed_by)
+    if index.backend == MILVUS_BACKEND:
+        if index_dir is None:
+            raise ValueError("transforming a Milvus index needs index_dir (where the new collection's index goes)")
+        return index.transform(transform_fn, new_space, new_version, transformed_by=transformed_by,
+                               model_id=model_id, config=config, batch_size=batch_size, index_dir=index_dir)
+    new = np.concatenate([transform_batch(transform_fn, b.embeddings) for b in index.iter_batches(batch_size)],
+                         axis=0)
     if config is None:
         c = index.config
         config = IndexConfig.for_size(len(index), new.shape[1], num_neighbors=c.num_neighbors,
                                       num_threads=c.num_threads, training_threads=c.training_threads,
                                       mutable=c.mutable)
-    step = f"from {index.embedding_space} by {transformed_by}"
-    provenance = [f"transformed {step}" if p == EMBEDDED else f"{p}; then {step}" for p in index.provenance]
+    provenance = transformed_provenance(index.provenance, index.embedding_space, transformed_by)
     model_id = model_id or new_space
     new_index = EmbeddingIndex.build(index.ids, new, new_version or index.versions, embedding_space=new_space,
                                      model_id=model_id, model_version=new_version or model_id, config=config,
                                      provenance=provenance)
-    new_index._metadata["transformed_from"] = {  # pylint: disable=protected-access
-        "embedding_space": index.embedding_space, "model_id": index.model_id, "transformation": transformed_by,
-        "model_version": index.model_version, "dim": index.dim, "version_counts": index.version_counts()}
+    new_index._metadata["transformed_from"] = transformed_from_record(index, transformed_by)  # pylint: disable=protected-access
     return new_index

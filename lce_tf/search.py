@@ -2,7 +2,8 @@
 
 This is what `lce-tf index build|search|backfill` and `scripts/backfill_curve.py` run. It joins three
 parts of the library without re-implementing any of them: exported models (`lce_tf.serving`), image
-folders (`lce_tf.data`) and the versioned ScaNN index (`lce_tf.retrieval`).
+folders (`lce_tf.data`) and the versioned index (`lce_tf.retrieval`: ScaNN in the index directory, or a
+Milvus collection, `lce_tf.milvus_index`, chosen at build time and read back from the directory).
 
 Conventions:
 
@@ -130,9 +131,39 @@ def embed_paths(model, paths: Sequence[str], signature: str = "embed", batch_siz
     return np.concatenate(parts, axis=0).astype(np.float32, copy=False)
 
 
+SCANN_SEARCH_PARAMS = ("leaves_to_search", "reorder_num_neighbors")
+
+
+def config_for(backend: str, n: int, dim: int, overrides: Optional[Mapping[str, Any]] = None, like: Any = None):
+    """The size-based index configuration of a backend for n vectors of dimension dim, with overrides.
+
+    Args:
+      backend: "scann" (`retrieval.IndexConfig`) or "milvus" (`milvus_index.MilvusConfig`).
+      overrides: `--config` fields (ScaNN: IndexConfig fields; Milvus: index_type, num_neighbors,
+        insert_batch_size and the index type's build/search parameters).
+      like: an existing index's configuration whose num_neighbors (ScaNN: threads and mutability;
+        Milvus: index type) the new one keeps unless overridden.
+
+    Raises:
+      ValueError: an unknown backend, field or value.
+    """
+    overrides = dict(overrides or {})
+    if backend == retrieval.SCANN_BACKEND:
+        kept = {} if like is None else {"num_neighbors": like.num_neighbors, "num_threads": like.num_threads,
+                                        "training_threads": like.training_threads, "mutable": like.mutable}
+        return retrieval.IndexConfig.for_size(n, dim, **{**kept, **overrides})
+    if backend == retrieval.MILVUS_BACKEND:
+        from lce_tf.milvus_index import MilvusConfig  # pylint: disable=import-outside-toplevel
+
+        kept = {} if like is None else {"index_type": like.index_type, "num_neighbors": like.num_neighbors}
+        return MilvusConfig.for_size(n, dim, **{**kept, **overrides})
+    raise ValueError(f"index backend must be one of {', '.join(retrieval.BACKENDS)}; received {backend!r}")
+
+
 def build_index(model, gallery, *, overrides: Optional[Mapping[str, Any]] = None,
-                config: Optional["retrieval.IndexConfig"] = None, batch_size: int = 256,
-                progress: Progress = None) -> "retrieval.EmbeddingIndex":
+                config: Optional[Any] = None, batch_size: int = 256, progress: Progress = None,
+                backend: str = retrieval.SCANN_BACKEND, index_dir: Optional[str] = None,
+                milvus_uri: Optional[str] = None, milvus_alias: Optional[str] = None):
     """Embeds a gallery image folder with a model's `embed` signature and builds an index over it.
 
     The index lives in the model's own embedding space (`metadata["embedding_space"]`); every entry
@@ -145,28 +176,51 @@ def build_index(model, gallery, *, overrides: Optional[Mapping[str, Any]] = None
       config: a complete configuration instead (not together with `overrides`).
       batch_size: images per model call.
       progress: called with one line per stage (None = silent).
+      backend: "scann" (an in-memory index; save it) or "milvus" (written into a Milvus collection as
+        it is built, served from `index_dir`).
+      index_dir: Milvus only (required): the index directory.
+      milvus_uri: Milvus only: a server URI; None -> Milvus Lite in INDEX_DIR/milvus.db.
+      milvus_alias: Milvus server only: the collection alias (default "lce_<lineage>").
 
     Returns:
-      The built (unsaved) index of N entries, dimension D = model.embedding_dim.
+      The built index of N entries, dimension D = model.embedding_dim (ScaNN: not yet saved).
 
     Raises:
-      ValueError: missing or empty gallery folder, unreadable images, bad overrides.
+      ValueError: missing or empty gallery folder, unreadable images, bad overrides, a Milvus index
+        type that Milvus Lite does not accept.
     """
     if config is not None and overrides:
         raise ValueError("pass either config or overrides, not both")
+    milvus = backend == retrieval.MILVUS_BACKEND
+    if not milvus and (milvus_uri or milvus_alias):
+        raise ValueError("a Milvus URI or alias needs backend 'milvus'")
+    if milvus and index_dir is None:
+        raise ValueError("a Milvus index is written as it is built: pass index_dir")
     folder = gallery if hasattr(gallery, "paths") else read_image_folder(gallery)
     ids = gallery_ids(folder)
-    if config is None:  # checked before the (slow) embedding
-        config = retrieval.IndexConfig.for_size(len(ids), int(model.embedding_dim), **dict(overrides or {}))
-    config = config.resolved(len(ids))
+    dim = int(model.embedding_dim)
+    # checked before the (slow) embedding
+    config = (config or config_for(backend, len(ids), dim, overrides))
+    if milvus:
+        from lce_tf.milvus_index import MilvusIndex, check_server_uri  # pylint: disable=import-outside-toplevel
+
+        config = config.resolved(len(ids), dim).check_for(lite=milvus_uri is None)
+        if milvus_uri is not None:
+            check_server_uri(milvus_uri)
+    else:
+        config = config.resolved(len(ids))
     if progress:
         progress(f"embedding {len(ids)} gallery images of {folder.num_classes} classes with {model.model_id}")
     embeddings, _ = model.embed_folder(folder, signature="embed", batch_size=batch_size)
+    where = (f" in Milvus ({milvus_uri or 'Milvus Lite in the index directory'})" if milvus else "")
     if progress:
-        progress(f"building a {config.algorithm} index of {len(ids)} x {embeddings.shape[1]}")
-    return retrieval.EmbeddingIndex.build(ids, embeddings, model.model_id,
-                                          embedding_space=model.metadata["embedding_space"],
-                                          model_id=model.model_id, model_version=model.model_id, config=config)
+        progress(f"building a {config.algorithm} index of {len(ids)} x {embeddings.shape[1]}{where}")
+    common = dict(embedding_space=model.metadata["embedding_space"], model_id=model.model_id,
+                  model_version=model.model_id, config=config)
+    if milvus:
+        return MilvusIndex.build(ids, embeddings, model.model_id, index_dir=index_dir, uri=milvus_uri,
+                                 alias=milvus_alias, **common)
+    return retrieval.EmbeddingIndex.build(ids, embeddings, model.model_id, **common)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -294,9 +348,14 @@ class SearchResults:
 
 
 def index_info(index: "retrieval.EmbeddingIndex", index_dir: Optional[str] = None) -> dict[str, Any]:
-    """Summary of an index for reports: dir, embedding space, model id, count, dim, algorithm, versions."""
-    info = {"embedding_space": index.embedding_space, "model_id": index.model_id, "count": len(index),
-            "dim": index.dim, "algorithm": index.config.algorithm, "version_counts": index.version_counts()}
+    """Summary of an index for reports: dir, backend, embedding space, model id, count, dim, algorithm
+    (the Milvus index type for Milvus), versions; Milvus: the collection and the server URI
+    ("milvus-lite" for Milvus Lite)."""
+    info = {"backend": index.backend, "embedding_space": index.embedding_space, "model_id": index.model_id,
+            "count": len(index), "dim": index.dim, "algorithm": index.config.algorithm,
+            "version_counts": index.version_counts()}
+    if index.backend == retrieval.MILVUS_BACKEND:
+        info.update(collection=index.collection, milvus_uri=index.uri or "milvus-lite")
     if index_dir is not None:
         info = {"dir": os.path.abspath(index_dir), **info}
     return info
@@ -317,9 +376,27 @@ def check_k(k: Optional[int], index: "retrieval.EmbeddingIndex") -> int:
     return int(k)
 
 
+def check_search_params(index, params: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    """Search parameters of one search (`--param`) checked against the index's backend: ScaNN takes
+    leaves_to_search / reorder_num_neighbors, Milvus its index type's (nprobe, ef, ...).
+
+    Raises:
+      ValueError: a parameter the index does not take.
+    """
+    params = dict(params or {})
+    if index.backend == retrieval.MILVUS_BACKEND:
+        index.config.search_params_for(1, params)
+        return params
+    unknown = sorted(set(params) - set(SCANN_SEARCH_PARAMS))
+    if unknown:
+        raise ValueError(f"a ScaNN index takes the search parameters {', '.join(SCANN_SEARCH_PARAMS)}; received "
+                         f"{', '.join(unknown)}")
+    return params
+
+
 def search_images(index: "retrieval.EmbeddingIndex", model, sources: Sequence[str], *, k: Optional[int] = None,
                   force: bool = False, batch_size: int = 256, index_dir: Optional[str] = None,
-                  progress: Progress = None) -> SearchResults:
+                  progress: Progress = None, search_params: Optional[Mapping[str, Any]] = None) -> SearchResults:
     """Embeds query images with the signature that maps `model` into the index's space, then searches.
 
     Args:
@@ -331,6 +408,7 @@ def search_images(index: "retrieval.EmbeddingIndex", model, sources: Sequence[st
       batch_size: images per model call.
       index_dir: recorded in the results.
       progress: called with one line per stage.
+      search_params: search parameters of this search (`check_search_params`).
 
     Returns:
       SearchResults with ids/scores [Q, k].
@@ -340,13 +418,15 @@ def search_images(index: "retrieval.EmbeddingIndex", model, sources: Sequence[st
       ValueError: bad k, missing/unreadable query images.
     """
     k = check_k(k, index)
+    search_params = check_search_params(index, search_params)
     signature = signature_for_index(index, model, force=force)
     forced = model.signature_for_space(index.embedding_space) is None
     paths, classes = collect_queries(sources)
     if progress:
         progress(f"embedding {len(paths)} query images with {model.model_id} ({signature})")
     queries = embed_paths(model, paths, signature=signature, batch_size=batch_size)
-    ids, scores = index.search(queries, k, embedding_space=None if forced else index.embedding_space)
+    ids, scores = index.search(queries, k, embedding_space=None if forced else index.embedding_space,
+                               **search_params)
     return SearchResults(queries=paths, query_classes=classes, ids=ids, scores=scores, signature=signature,
                          forced=forced, query_model_id=model.model_id, index_info=index_info(index, index_dir))
 
@@ -413,7 +493,7 @@ def backfill_from_images(index: "retrieval.EmbeddingIndex", model, gallery_dir: 
 
 
 def upgrade_with_t12(index: "retrieval.EmbeddingIndex", model, *, new_version: Optional[str] = None,
-                     config: Optional["retrieval.IndexConfig"] = None) -> "retrieval.EmbeddingIndex":
+                     config: Optional[Any] = None, out_dir: Optional[str] = None) -> "retrieval.EmbeddingIndex":
     """Forward-compatible upgrade: maps every gallery vector through the new model's T12 (no images).
 
     Returns a NEW index in the new model's own space (`retrieval.transform_gallery`, docs/design.md "The
@@ -435,12 +515,13 @@ def upgrade_with_t12(index: "retrieval.EmbeddingIndex", model, *, new_version: O
             f"holds embedding space {index.embedding_space!r}")
     return retrieval.transform_gallery(index, model.transform_old_to_new, model.metadata["embedding_space"],
                                        new_version or f"{model.model_id}-t12", model_id=model.model_id, config=config,
-                                       transformed_by=f"{model.model_id} (transform_old_to_new)")
+                                       transformed_by=f"{model.model_id} (transform_old_to_new)", index_dir=out_dir)
 
 
 def upgrade_with_transformation(index: "retrieval.EmbeddingIndex", transformation, *,
                                 overrides: Optional[Mapping[str, Any]] = None,
-                                index_dir: Optional[str] = None) -> "retrieval.EmbeddingIndex":
+                                index_dir: Optional[str] = None, out_dir: Optional[str] = None
+                                ) -> "retrieval.EmbeddingIndex":
     """The forward route's index upgrade (`lce-tf index upgrade`): every stored vector through a fitted
     transformation's `old_to_new`, into a NEW index in its target space; no image is read.
 
@@ -453,9 +534,12 @@ def upgrade_with_transformation(index: "retrieval.EmbeddingIndex", transformatio
     Args:
       index: the index to upgrade (in the transformation's source space).
       transformation: an `lce_tf.transformation.Transformation`.
-      overrides: IndexConfig fields of the new index (default: by size, keeping num_neighbors,
-        threads and mutability).
+      overrides: configuration fields of the new index (`config_for`; default: by size, keeping
+        num_neighbors, and ScaNN's threads and mutability or Milvus' index type).
       index_dir: the index's directory, for messages.
+      out_dir: where a Milvus index's new collection is served from (required for Milvus: the
+        collection is filled as it is made and switched to only when complete; it may be `index_dir`
+        itself, an in-place upgrade). A ScaNN index is returned unsaved.
 
     Raises:
       lce_tf.transformation.TransformationError: the index is not in the source space (names both; a
@@ -470,14 +554,11 @@ def upgrade_with_transformation(index: "retrieval.EmbeddingIndex", transformatio
                                   f"maps from dimension {transformation.source['dim']}")
     config = None
     if overrides:
-        c = index.config
-        config = retrieval.IndexConfig.for_size(len(index), int(transformation.target["dim"]), **{
-            "num_neighbors": c.num_neighbors, "num_threads": c.num_threads, "training_threads": c.training_threads,
-            "mutable": c.mutable, **dict(overrides)})
+        config = config_for(index.backend, len(index), int(transformation.target["dim"]), overrides, like=index.config)
     target = transformation.target
     return retrieval.transform_gallery(index, transformation.old_to_new, target["embedding_space"],
                                        transformed_by=transformation.transform_id, model_id=target["model_id"],
-                                       config=config)
+                                       config=config, index_dir=out_dir)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -589,5 +670,21 @@ def compare_ann_to_exact(index: "retrieval.EmbeddingIndex", query_embeddings: np
 
 
 def load_index(index_dir: str) -> "retrieval.EmbeddingIndex":
-    """`retrieval.EmbeddingIndex.load` (kept here so callers of this module need one import)."""
-    return retrieval.EmbeddingIndex.load(index_dir)
+    """`retrieval.open_index`: the index of either backend (kept here so callers of this module need one import)."""
+    return retrieval.open_index(index_dir)
+
+
+def index_for_update(index_dir: str, out_dir: Optional[str] = None):
+    """The index that a backfill of `index_dir` writes into, to be saved at `out_dir` (None: in place).
+
+    ScaNN indexes are loaded into memory and saved wherever asked. A Milvus index is updated where its
+    collection lives: for another `out_dir` it is first copied into a new collection served from there
+    (`MilvusIndex.clone`), so the original keeps serving unchanged.
+    """
+    index = load_index(index_dir)
+    if index.backend != retrieval.MILVUS_BACKEND or out_dir is None or os.path.abspath(out_dir) == index.index_dir:
+        return index
+    try:
+        return index.clone(out_dir)
+    finally:
+        index.close()

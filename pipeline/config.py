@@ -34,6 +34,9 @@ DIRECT_MODES = ("lce", "bct", "l2")  # the new embedding is compared with the ol
 ARCHITECTURES = ("small_cnn", "cnn", "resnet", "mobilenet")
 LOSSES = ("normsoftmax", "cosface", "arcface", "triplet")
 INDEX_ALGORITHMS = ("", "brute_force", "ah", "tree_ah")
+INDEX_BACKENDS = ("scann", "milvus")
+MILVUS_INDEX_TYPES = ("", "FLAT", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "HNSW", "DISKANN", "SCANN", "AUTOINDEX")
+MILVUS_LITE_INDEX_TYPES = ("", "FLAT", "IVF_FLAT", "AUTOINDEX")
 COMPATIBILITY_ROUTES = ("backward", "forward", "either")  # components.compatibility_validator
 _FIT = TransformFitSettings()  # the library's fit defaults (lce_tf.transform_fit imports no TensorFlow)
 OLD_MODEL_LATEST = "latest"
@@ -90,7 +93,12 @@ class PipelineConfig:
       criterion), "forward" (M(new, T12(old))) or "either" (the default); margin_top1, margin_map (required
       lead of the route's M over M(old, old)); min_top1, min_map (floors of the candidate's own M(new, new)).
 
-    Index: index_algorithm ("" = by gallery size), index_num_neighbors.
+    Index: index_backend ("scann": a ScaNN index in the IndexBuilder's artifact; "milvus": a Milvus
+      collection), index_algorithm (ScaNN; "" = by gallery size), index_num_neighbors, index_milvus_uri
+      (a Milvus server, e.g. "http://milvus:19530", token from LCE_TF_MILVUS_TOKEN in the component's
+      environment; "" = Milvus Lite, whose database file lives in the artifact's index directory under
+      pipeline_root: local runs only), index_milvus_index_type ("" = IVF_FLAT; Milvus Lite takes FLAT,
+      IVF_FLAT, AUTOINDEX).
 
     Beam: beam_workers (DirectRunner multi-processing workers of the local runner);
       beam_pipeline_args (passed through to every Beam component, e.g. Dataflow/Flink/Spark flags).
@@ -147,6 +155,9 @@ class PipelineConfig:
 
     index_algorithm: str = ""
     index_num_neighbors: int = 10
+    index_backend: str = "scann"
+    index_milvus_uri: str = ""
+    index_milvus_index_type: str = ""
 
     beam_workers: int = 2
     beam_pipeline_args: list[str] = dataclasses.field(default_factory=list)
@@ -252,6 +263,22 @@ class PipelineConfig:
         _choice("index_algorithm", self.index_algorithm, INDEX_ALGORITHMS, "index algorithm")
         _choice("compatibility", self.compatibility, COMPATIBILITY_ROUTES, "upgrade route")
         _choice("transform_direction", self.transform_direction, TRANSFORM_DIRECTIONS, "transformation direction")
+        _choice("index_backend", self.index_backend, INDEX_BACKENDS, "index backend")
+        _choice("index_milvus_index_type", self.index_milvus_index_type, MILVUS_INDEX_TYPES, "Milvus index type")
+        if self.index_backend != "milvus" and (self.index_milvus_uri or self.index_milvus_index_type):
+            raise ValueError("index_milvus_uri / index_milvus_index_type: set index_backend to 'milvus' to use them")
+        if self.index_backend == "milvus" and self.index_algorithm:
+            raise ValueError(f"index_algorithm: {self.index_algorithm!r} is a ScaNN algorithm; with index_backend "
+                             f"'milvus' choose index_milvus_index_type")
+        if self.index_milvus_uri and not re.fullmatch(r"(https?|tcp|grpc)://[^@/\s]+(/[^@\s]*)?|unix:\S+",
+                                                        self.index_milvus_uri):
+            raise ValueError(f"index_milvus_uri: {self.index_milvus_uri!r} must be a Milvus server address "
+                             f"(http(s)://HOST:PORT, tcp://, grpc://, unix:PATH) without credentials (the token comes "
+                             f"from LCE_TF_MILVUS_TOKEN)")
+        if (self.index_backend == "milvus" and not self.index_milvus_uri
+                and self.index_milvus_index_type not in MILVUS_LITE_INDEX_TYPES):
+            raise ValueError(f"index_milvus_index_type: {self.index_milvus_index_type} needs a Milvus server "
+                             f"(index_milvus_uri); Milvus Lite takes FLAT, IVF_FLAT, AUTOINDEX")
         if not _NAME_RE.match(self.pipeline_name or ""):
             raise ValueError(f"pipeline_name: {self.pipeline_name!r} must be 1-63 letters, digits, '_', '.', '-'")
         if not self.version or any(c.isspace() or c == "/" for c in self.version):

@@ -14,7 +14,8 @@
           │                       │ blessing (blessed 1/0, blessed_route backward|forward, BLESSED/NOT_BLESSED,
           │                       │ metrics.json, report.html with both routes)
           ├──────────────> IndexBuilder (blessed models only: backward -> the gallery embedded by the model;
-          │                       │       forward -> the served index upgraded through T12, no image read)
+          │                       │       forward -> the served index upgraded through T12, no image read;
+          │                       │       ScaNN, or a Milvus collection: index_backend)
           │                       │
           └─ Pusher (stock, with components.atomic_pusher's executor: copies the model, and on a forward
              blessing its transformation, to SERVING_DIR/<unix time> all-or-nothing, only when blessed)
@@ -170,7 +171,8 @@ def create_components(config: PipelineConfig, *, old_model_strategy: str = "push
     index_builder = IndexBuilder(
         model=trainer.outputs["model"], examples=examples, blessing=validator.outputs["blessing"],
         transformation=transformation, base_index=served_index, algorithm=config.index_algorithm,
-        num_neighbors=config.index_num_neighbors).with_id(INDEX_BUILDER_ID)
+        num_neighbors=config.index_num_neighbors, backend=config.index_backend, milvus_uri=config.index_milvus_uri,
+        milvus_index_type=config.index_milvus_index_type).with_id(INDEX_BUILDER_ID)
     pusher = Pusher(
         model=trainer.outputs["model"], model_blessing=validator.outputs["blessing"],
         push_destination=pusher_pb2.PushDestination(

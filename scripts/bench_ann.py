@@ -17,6 +17,12 @@ Methods (every one searches the same queries with the same number of threads, `-
                 (= 32 bytes per 128-d vector, the size of ScaNN's AH codes), wrapped in
                 `IndexRefineFlat` (exact re-ranking of k_factor x k candidates, as ScaNN reorders),
                 swept over nprobe x k_factor.
+  milvus-lite   `lce_tf.milvus_index.MilvusIndex` exactly as `lce-tf index build --backend milvus` makes it
+                (Milvus Lite database in a temporary index directory; IVF_FLAT with nlist = 4 sqrt(n), IP on
+                unit vectors; ids are strings, as users get them), swept over nprobe. Milvus Lite serves
+                from its own process (started by the build): its CPU time is added to the child's for QPS
+                (CPU), and its memory to the child's (its peak RSS, VmHWM, and its RSS after the build). Its
+                search threads are Milvus' own (not pinned by --threads).
 
 Datasets: (a) synthetic: n unit vectors from `--clusters` Gaussian clusters on the sphere
 (center ~ N(0, I) normalized; point = normalize(center + sigma * N(0, I)), sigma = `--sigma`; queries
@@ -71,11 +77,11 @@ if REPO not in sys.path:
 K = 10
 TARGET_RECALL = 0.95
 TARGET_BRUTE_SPEEDUP = 20.0
-METHODS = ("brute", "exact-lib", "scann", "scann-immutable", "faiss-hnsw", "faiss-ivfpq")
+METHODS = ("brute", "exact-lib", "scann", "scann-immutable", "faiss-hnsw", "faiss-ivfpq", "milvus-lite")
 LABELS = {"brute": "exact brute force (NumPy)", "exact-lib": "exact_top_k (lce_tf exact_search)",
           "scann": "ScaNN tree-AH (lce_tf index)",
           "scann-immutable": "ScaNN tree-AH (immutable)", "faiss-hnsw": "FAISS HNSW32",
-          "faiss-ivfpq": "FAISS IVF-PQ + refine"}
+          "faiss-ivfpq": "FAISS IVF-PQ + refine", "milvus-lite": "Milvus Lite IVF_FLAT (lce_tf index)"}
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 100
 
@@ -103,6 +109,12 @@ def settings_for(method: str, n: int) -> list[dict]:
         return out
     if method == "faiss-hnsw":
         return [{"efSearch": ef} for ef in (10, 16, 24, 32, 48, 64, 96, 128, 192, 256)]
+    if method == "milvus-lite":
+        from lce_tf.milvus_index import MilvusConfig  # pylint: disable=import-outside-toplevel
+
+        config = MilvusConfig.for_size(n, 128)  # nlist and nprobe depend on n only
+        nlist, default = config.index_params["nlist"], config.search_params["nprobe"]
+        return [{"nprobe": v} for v in sorted({1, min(nlist, 16), default})]
     if method == "faiss-ivfpq":
         nlist = num_leaves_for(n)
         values = sorted({min(nlist, v) for v in (1, 2, 4, 8, 16, 32, 64, 128)})
@@ -268,6 +280,84 @@ class _FaissIvfPq:
         return self.index.search(queries, K, params=params)[1]
 
 
+class _ServerMonitor:
+    """Samples the Milvus Lite server processes (children of this process) every 0.2 s: CPU seconds and
+    peak RSS (VmHWM) per process. A Lite build runs two of them one after the other (the database is
+    filled in a staging directory, its server stopped, the directory renamed, a server started again)."""
+
+    def __init__(self):
+        import threading  # pylint: disable=import-outside-toplevel
+
+        self.cpu: dict[int, float] = {}
+        self.peak_mb: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def sample(self) -> None:
+        import psutil  # pylint: disable=import-outside-toplevel
+
+        for p in psutil.Process().children():
+            try:
+                if "milvus" not in p.name():
+                    continue
+                times = p.cpu_times()
+                self.cpu[p.pid] = times.user + times.system
+                with open(f"/proc/{p.pid}/status", encoding="ascii") as f:
+                    hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+                self.peak_mb[p.pid] = max(self.peak_mb.get(p.pid, 0.0), hwm)
+            except (psutil.Error, OSError, StopIteration):
+                continue
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self.sample()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+class _MilvusLite:
+    """`lce_tf.milvus_index.MilvusIndex` on Milvus Lite, as `lce-tf index build --backend milvus` builds it."""
+
+    def __init__(self, base, threads, workdir):
+        import psutil  # pylint: disable=import-outside-toplevel
+
+        from lce_tf.milvus_index import MilvusConfig, MilvusIndex  # pylint: disable=import-outside-toplevel
+
+        config = MilvusConfig.for_size(base.shape[0], base.shape[1], num_neighbors=K)
+        monitor = _ServerMonitor()
+        self.index = MilvusIndex.build([str(i) for i in range(base.shape[0])], base, "bench", embedding_space="bench",
+                                       index_dir=os.path.join(workdir, "milvus-index"), config=config)
+        monitor.stop()
+        self.build_server_cpu = sum(monitor.cpu.values())
+        self.build_server_peak_mb = max(monitor.peak_mb.values(), default=0.0)
+        self.config = config.to_dict()
+        self.server = [p for p in psutil.Process().children() if "milvus" in p.name()]
+
+    def search(self, queries, setting):
+        return self.index.search(queries, K, **setting)[0]
+
+    def rows(self, ids):
+        return np.vectorize(int, otypes=[np.int64])(ids)
+
+    def server_cpu(self) -> float:
+        """CPU seconds of the serving Milvus Lite process so far."""
+        return sum(p.cpu_times().user + p.cpu_times().system for p in self.server)
+
+    def close(self) -> None:
+        import shutil  # pylint: disable=import-outside-toplevel
+
+        self.index.close()
+        shutil.rmtree(self.index.index_dir, ignore_errors=True)
+
+    def server_memory(self) -> dict:
+        rss = sum(p.memory_info().rss for p in self.server) / 2**20
+        return {"server_rss_mb": rss, "server_peak_rss_mb": self.build_server_peak_mb}
+
+
 def run_child(workdir: str, method: str, threads: int, min_time: float) -> None:
     """Builds `method` on workdir/base.npy, sweeps its settings on workdir/queries.npy, writes results."""
     if method == "faiss-hnsw" or method == "faiss-ivfpq":
@@ -278,6 +368,11 @@ def run_child(workdir: str, method: str, threads: int, min_time: float) -> None:
         from lce_tf.retrieval import _scann_pybind  # pylint: disable=import-outside-toplevel
 
         _scann_pybind()  # import ScaNN (and TensorFlow) before the memory baseline
+    if method == "milvus-lite":
+        from lce_tf import milvus_index  # pylint: disable=import-outside-toplevel
+
+        milvus_index._pymilvus()  # pylint: disable=protected-access  (import pymilvus before the baseline)
+        import milvus_lite  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     import psutil  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
 
     base = np.load(os.path.join(workdir, "base.npy"))
@@ -295,35 +390,43 @@ def run_child(workdir: str, method: str, threads: int, min_time: float) -> None:
         engine = _Scann(base, threads, mutable=False)
     elif method == "faiss-hnsw":
         engine = _FaissHnsw(base, threads)
+    elif method == "milvus-lite":
+        engine = _MilvusLite(base, threads, workdir)
     else:
         engine = _FaissIvfPq(base, threads)
-    build_seconds, build_cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
+    server_cpu = getattr(engine, "server_cpu", lambda: 0.0)
+    build_seconds = time.perf_counter() - start
+    build_cpu_seconds = time.process_time() - start_cpu + getattr(engine, "build_server_cpu", 0.0)
     rss_after, maxrss_after = _rss(), _maxrss()
+    server = engine.server_memory() if hasattr(engine, "server_memory") else {}
     results, all_ids = [], []
     for setting in settings_for(method, base.shape[0]):
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0 = time.perf_counter(), time.process_time() + server_cpu()
         raw = engine.search(queries, setting)  # first pass: gives the scored ids; timed only for brute force
-        first, first_cpu = time.perf_counter() - t0, time.process_time() - c0
+        first, first_cpu = time.perf_counter() - t0, time.process_time() + server_cpu() - c0
         ids = engine.rows(raw) if hasattr(engine, "rows") else raw
         exact = method in ("brute", "exact-lib")  # long and steady: no warm-up pass
         times, cpu_times = ([first], [first_cpu]) if exact else ([], [])
         while len(times) < 5 and (not times or sum(times) < min_time):
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0, c0 = time.perf_counter(), time.process_time() + server_cpu()
             engine.search(queries, setting)
             times.append(time.perf_counter() - t0)
-            cpu_times.append(time.process_time() - c0)
+            cpu_times.append(time.process_time() + server_cpu() - c0)
         results.append({"setting": setting, "seconds": times, "cpu_seconds": cpu_times,
                         "qps": queries.shape[0] / min(times),
                         "qps_cpu": queries.shape[0] / max(min(cpu_times), 1e-9)})
         all_ids.append(np.asarray(ids, dtype=np.int64))
     np.save(os.path.join(workdir, f"ids-{method}.npy"), np.stack(all_ids))
+    if hasattr(engine, "close"):
+        engine.close()
     payload = {
         "method": method, "threads": threads, "build_seconds": build_seconds, "build_cpu_seconds": build_cpu_seconds,
         "config": getattr(engine, "config", {}),
         "memory": {"rss_before_build_mb": rss_before / 2**20, "rss_after_build_mb": rss_after / 2**20,
                    "peak_rss_mb": maxrss_after / 2**20, "peak_before_build_mb": maxrss_before / 2**20,
-                   "resident_delta_mb": (rss_after - rss_before) / 2**20,
-                   "peak_delta_mb": max(0, maxrss_after - rss_before) / 2**20,
+                   "resident_delta_mb": (rss_after - rss_before) / 2**20 + server.get("server_rss_mb", 0.0),
+                   "peak_delta_mb": max(0, maxrss_after - rss_before) / 2**20 + server.get("server_peak_rss_mb", 0.0),
+                   **server,
                    "peak_rss_after_search_mb": _maxrss() / 2**20,
                    "peak_source": "VmHWM reset before the build" if peak_reset else "VmHWM / ru_maxrss (not reset)"},
         "settings": results,
@@ -403,7 +506,7 @@ def machine_info() -> dict:
     except (ImportError, OSError):
         pass
     versions = {}
-    for package in ("numpy", "scann", "faiss-cpu", "tensorflow"):
+    for package in ("numpy", "scann", "faiss-cpu", "tensorflow", "pymilvus", "milvus-lite"):
         try:
             from importlib import metadata  # pylint: disable=import-outside-toplevel
 
@@ -566,11 +669,18 @@ def write_markdown(path: str, report: dict) -> None:
              "- memory: each method runs in a fresh process; peak delta = peak RSS during the build - RSS before "
              "the build, resident delta = RSS after the build - RSS before it (the input float32 array and "
              "imported libraries are already resident before the build); peak = VmHWM of /proc/self/status, reset "
-             "to the current RSS just before the build (clear_refs)", ""]
+             "to the current RSS just before the build (clear_refs); Milvus Lite: its server process's peak RSS "
+             "(VmHWM) and RSS after the build are added (the process starts with the build); its CPU time is "
+             "added to QPS (CPU) and build CPU s", ""]
     for name, dataset in report["datasets"].items():
         lines += [f"## {name}: {dataset['n']:,} x {dataset['dim']}, {dataset['queries']:,} queries", ""]
         if dataset.get("description"):
             lines += [dataset["description"], ""]
+        if dataset.get("carried_over"):
+            c = dataset["carried_over"]
+            lines += [f"**Not rerun here**: carried over unchanged from the run of {c['date']} (command `{c['command']}`, "
+                      f"machine {c['machine'].get('cpu')}, {c['machine'].get('logical_cpus')} logical CPUs); its "
+                      f"methods are those of that run.", ""]
         lines += ["| method | build s (CPU s) | peak delta MB | resident delta MB | load avg | setting | recall@10 "
                   "| QPS (wall) | QPS (CPU) |",
                   "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
@@ -610,7 +720,7 @@ def write_plot(path: str, report: dict) -> None:
     datasets = report["datasets"]
     figure, axes = plt.subplots(1, len(datasets), figsize=(6.4 * len(datasets), 4.6), squeeze=False)
     markers = {"brute": "*", "exact-lib": "P", "scann": "o", "scann-immutable": "s", "faiss-hnsw": "^",
-               "faiss-ivfpq": "v"}
+               "faiss-ivfpq": "v", "milvus-lite": "D"}
     for ax, (name, dataset) in zip(axes[0], datasets.items()):
         for method, result in dataset["methods"].items():
             pts = sorted((s["recall_at_10"], s["qps"]) for s in result["settings"])
@@ -626,8 +736,9 @@ def write_plot(path: str, report: dict) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("recall@10")
         ax.set_ylabel(f"queries per second ({report['threads']} thread{'s' if report['threads'] > 1 else ''})")
-        ax.set_title(f"{name}: {dataset['n']:,} x {dataset['dim']} (lines: best settings; faint: the others)",
-                     fontsize=10)
+        carried = dataset.get("carried_over")
+        ax.set_title(f"{name}: {dataset['n']:,} x {dataset['dim']} (lines: best settings; faint: the others)"
+                     + (f"\ncarried over from the run of {carried['date'][:10]}" if carried else ""), fontsize=10)
         ax.grid(True, alpha=0.3, which="both")
         ax.legend(fontsize=8)
     save_figure(figure, path)
@@ -654,6 +765,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", default=os.path.join(REPO, "benchmarks", "results"))
     parser.add_argument("--name", default="ann", help="output file stem (NAME.json, NAME.md, NAME.png)")
     parser.add_argument("--tmp-dir", help="where the children's vector files go (default: system temp)")
+    parser.add_argument("--carry-over", metavar="ANN_JSON",
+                        help="an earlier report whose datasets not run now are copied into this one, each marked "
+                        "with that run's date, command and machine (e.g. the real-embedding dataset when its models "
+                        "are not at hand)")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -705,6 +820,15 @@ def main(argv=None) -> int:
                              f"{info['query']} embedded by {info['query_model']} ({info['signature']}).")
         ds["source"] = info
         report["datasets"][args.real_name] = ds
+    if args.carry_over:
+        with open(args.carry_over, encoding="utf-8") as f:
+            earlier = json.load(f)
+        for name, dataset in earlier["datasets"].items():
+            if name not in report["datasets"]:
+                dataset.setdefault("carried_over", {"date": earlier["date"], "command": earlier["command"],
+                                                    "machine": earlier["machine"]})
+                report["datasets"][name] = dataset
+                log(f"{name}: carried over from the run of {dataset['carried_over']['date']}")
     report["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     for dataset in report["datasets"].values():
         dataset["targets"] = evaluate_targets(dataset, "qps")

@@ -126,7 +126,8 @@ def _oserror(code: int):
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    """Train/query/gallery folders (4 classes), an untrained exported 8-d model v1, its centers, an index."""
+    """Train/query/gallery folders (4 classes), an untrained exported 8-d model v1, its centers, a ScaNN index
+    and a Milvus Lite index of the gallery."""
     import tensorflow as tf
 
     from lce_tf.export import export_model
@@ -143,6 +144,8 @@ def ws(tmp_path_factory):
                      "--out", str(root / "v1_centers.npz")]) == 0
     assert cli.main(["index", "build", "--model", str(root / "v1"), "--data", str(root / "gallery"),
                      "--out", str(root / "index")]) == 0
+    assert cli.main(["index", "build", "--model", str(root / "v1"), "--data", str(root / "gallery"),
+                     "--out", str(root / "index-milvus"), "--backend", "milvus"]) == 0
     return root
 
 
@@ -581,14 +584,52 @@ def tampered_index_metadata(ws, tmp, mp):
     return _cli("index", "search", "--index", index, "--model", ws / "v1", "--data", ws / "query"), None
 
 
+def milvus_query_dim_differs(ws, tmp, mp):
+    from lce_tf.retrieval import open_index
+
+    index = open_index(str(ws / "index-milvus"))
+    return lambda: index.search(np.ones((2, 16), np.float32), 3), lambda _: index.close()
+
+
+def _copy_milvus_index(ws, tmp):
+    shutil.copytree(ws / "index-milvus", tmp / "index-milvus")  # closed: the CLI closes what it opens
+    return tmp / "index-milvus"
+
+
+def milvus_database_missing(ws, tmp, mp):
+    index = _copy_milvus_index(ws, tmp)
+    os.remove(index / "milvus.db")
+    return _cli("index", "search", "--index", index, "--model", ws / "v1", "--data", ws / "query"), \
+        lambda _: _assert_absent(index / "milvus.db")
+
+
+def milvus_metadata_tampered(ws, tmp, mp):
+    index = _copy_milvus_index(ws, tmp)
+    meta = json.loads((index / "index.json").read_text())
+    meta["milvus"]["collection"] = "lce_another_collection"
+    (index / "index.json").write_text(json.dumps(meta))
+    return _cli("index", "search", "--index", index, "--model", ws / "v1", "--data", ws / "query"), None
+
+
+def milvus_lite_index_type(ws, tmp, mp):
+    return _cli("index", "build", "--model", ws / "v1", "--data", ws / "gallery", "--out", tmp / "i", "--backend",
+                "milvus", "--config", "index_type=HNSW,M=16"), lambda _: _assert_absent(tmp / "i")
+
+
+def milvus_uri_with_credentials(ws, tmp, mp):
+    return _cli("index", "build", "--model", ws / "v1", "--data", ws / "gallery", "--out", tmp / "i", "--backend",
+                "milvus", "--milvus-uri", "http://root:Milvus@milvus.example:19530"), \
+        lambda _: _assert_absent(tmp / "i")
+
+
 def index_of_another_format_version(ws, tmp, mp):
     """index.json says format lce_tf.index/2, with its checksum recomputed: only the format check can refuse."""
-    from lce_tf import retrieval
+    from lce_tf import fileio, retrieval
 
     index = _copy_index(ws, tmp)
     meta = json.loads((index / "index.json").read_text())
     meta["format"] = "lce_tf.index/2"
-    meta["checksum"] = retrieval._metadata_checksum(meta)  # pylint: disable=protected-access
+    meta["checksum"] = fileio.json_checksum(meta)
     (index / "index.json").write_text(json.dumps(meta))
     return lambda: retrieval.EmbeddingIndex.load(str(index)), None
 
@@ -820,6 +861,18 @@ CASES = [
          tampered_index_embeddings, CliError(r"index \S+/index: file embeddings\.npy checksum mismatch")),
     Case("cli-index-tampered-metadata", "index.json of a saved index edited: count 12 -> 11",
          tampered_index_metadata, CliError(r"index \S+/index: file index\.json checksum mismatch")),
+    Case("milvus-query-dim", "16-d queries against the 8-d Milvus Lite index", milvus_query_dim_differs,
+         Raises(ValueError, r"^queries have dimension 16 but the index \(embedding space '\S+'\) has dimension 8$")),
+    Case("cli-milvus-database-missing", "a Milvus Lite index directory whose milvus.db was deleted",
+         milvus_database_missing, CliError(r"index \S+/index-milvus: Milvus Lite database file milvus\.db is missing$")),
+    Case("cli-milvus-metadata-tampered", "index.json of a Milvus index edited to name another collection",
+         milvus_metadata_tampered, CliError(r"index \S+/index-milvus: file index\.json checksum mismatch")),
+    Case("cli-milvus-lite-index-type", "lce-tf index build --backend milvus --config index_type=HNSW without a server",
+         milvus_lite_index_type, CliError(r"Milvus index type HNSW needs a Milvus server \(pass a server URI\); "
+                                          r"Milvus Lite accepts only FLAT, IVF_FLAT, AUTOINDEX$")),
+    Case("cli-milvus-uri-credentials", "lce-tf index build --milvus-uri http://root:Milvus@host:19530",
+         milvus_uri_with_credentials, CliError(r"holds credentials; pass the token in the environment variable "
+                                               r"LCE_TF_MILVUS_TOKEN instead")),
     Case("index-format-version", "index.json says format lce_tf.index/2 (checksum recomputed)",
          index_of_another_format_version,
          Raises(ValueError, r"^index \S+/index: file index\.json is not format 'lce_tf\.index/1'$")),

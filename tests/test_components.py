@@ -14,7 +14,7 @@ import pytest
 from components import util
 from components.compatibility_validator.executor import decide
 from components.image_example_gen.component import folder_fingerprint
-from components.index_builder.executor import entry_ids
+from components.index_builder.executor import build_index_dir, entry_ids, upgrade_served_index
 from lce_tf import centers as lce_centers
 
 MULTI_PROCESSING = ["--runner=FnApiRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=2"]
@@ -162,6 +162,77 @@ def test_forward_route_needs_a_fitted_transformation():
 def test_entry_ids_follow_the_search_convention():
     assert entry_ids(["a/x.png", "b/y.png"], ["a", "b"], np.array([0, 1]), "gallery") == ["a/x.png", "b/y.png"]
     assert entry_ids(None, ["a", "b"], np.array([1, 0]), "gallery") == ["b/gallery-0000000", "a/gallery-0000001"]
+
+
+@pytest.mark.parametrize("backend, algorithm", [("scann", "brute_force"), ("milvus", "IVF_FLAT")])
+def test_index_builder_writes_either_backend(tmp_path, backend, algorithm):
+    """The IndexBuilder's build step (what its executor runs after embedding the gallery split)."""
+    from lce_tf.retrieval import open_index
+
+    rng = np.random.default_rng(2)
+    embeddings = rng.normal(size=(30, 8)).astype(np.float32)
+    ids = [f"c{i % 3}/gallery-{i:07d}" for i in range(30)]
+    built = build_index_dir(str(tmp_path / "index"), ids, embeddings, "v1-abc", "space-v1", backend=backend,
+                            num_neighbors=50)
+    assert (built["backend"], built["count"], built["dim"], built["algorithm"]) == (backend, 30, 8, algorithm)
+    with open_index(built["index_dir"]) as index:
+        assert (index.backend, index.embedding_space, index.model_id, len(index)) == (backend, "space-v1", "v1-abc", 30)
+        assert index.config.num_neighbors == 30  # capped at the gallery size
+        assert list(index.search(embeddings[:2], 1)[0][:, 0]) == ids[:2]
+    if backend == "milvus":
+        assert built["milvus_uri"] == "milvus-lite" and built["collection"] == index.collection
+        assert os.path.isfile(tmp_path / "index" / "milvus.db")
+
+
+@pytest.fixture(scope="module")
+def fitted_t12(tmp_path_factory):
+    """A transformation 8-d space-v1 -> 12-d space-v2 fitted (1 epoch) on random pairs, exported."""
+    from lce_tf import transform_fit
+
+    root = tmp_path_factory.mktemp("t12")
+    rng = np.random.default_rng(4)
+    old = rng.normal(size=(512, 8)).astype(np.float32)
+    new = np.concatenate([old, old[:, :4]], axis=1) + 0.01 * rng.normal(size=(512, 12)).astype(np.float32)
+    os.makedirs(root / "pairs")
+    store = transform_fit.PairStore.from_arrays(str(root / "pairs"), old, new, np.zeros(512, np.int64))
+    fitted = transform_fit.fit_transformation(store, transform_fit.TransformFitSettings(epochs=1, width=8))
+    transform_fit.export_transformation(
+        fitted, str(root / "t12"), source={"embedding_space": "space-v1", "model_id": "v1-abc", "version": "v1",
+                                           "dim": 8},
+        target={"embedding_space": "space-v2", "model_id": "v2-def", "version": "v2", "dim": 12},
+        fitted_on={"data": "random pairs"})
+    from lce_tf.transformation import load_transformation
+
+    return load_transformation(str(root / "t12"))
+
+
+@pytest.mark.parametrize("backend", ["scann", "milvus"])
+def test_index_builder_forward_step_upgrades_the_served_index(tmp_path, fitted_t12, backend):
+    """On a forward blessing the served index (a RetrievalIndex artifact) is moved through T12 into the new
+    artifact, in the same backend; a served index of the other backend is not used (the executor then
+    embeds the gallery split and says why)."""
+    from lce_tf.retrieval import open_index
+
+    rng = np.random.default_rng(5)
+    embeddings = rng.normal(size=(40, 8)).astype(np.float32)
+    ids = [f"c{i % 4}/gallery-{i:07d}" for i in range(40)]
+    base = types.SimpleNamespace(uri=str(tmp_path / "base"), get_int_custom_property=lambda key: 1)
+    build_index_dir(str(tmp_path / "base" / "index"), ids, embeddings, "v1-abc", "space-v1", backend=backend)
+    built, built_from = upgrade_served_index(base, fitted_t12, str(tmp_path / "new" / "index"), backend=backend)
+    assert built_from == f"upgraded from {base.uri} by {fitted_t12.transform_id} (no image read)"
+    assert (built["backend"], built["embedding_space"], built["dim"], built["count"]) == (backend, "space-v2", 12, 40)
+    with open_index(str(tmp_path / "base" / "index")) as old, open_index(built["index_dir"]) as new:
+        assert new.backend == backend and sorted(new.ids) == sorted(old.ids)
+        moved = {i: e for b in new.iter_batches() for i, e in zip(b.ids, b.embeddings)}
+        before = {i: e for b in old.iter_batches() for i, e in zip(b.ids, b.embeddings)}
+        keys = sorted(before)
+        np.testing.assert_allclose(np.stack([moved[i] for i in keys]),
+                                   fitted_t12.old_to_new(np.stack([before[i] for i in keys])), atol=1e-5)
+        assert new.provenance_counts() == {f"transformed from space-v1 by {fitted_t12.transform_id}": 40}
+    other = "milvus" if backend == "scann" else "scann"
+    built, why_not = upgrade_served_index(base, fitted_t12, str(tmp_path / "other" / "index"), backend=other)
+    assert built is None and why_not.endswith(f"is a {backend} index and backend is {other!r}")
+    assert not (tmp_path / "other").exists()
 
 
 def test_folder_fingerprint_changes_with_the_content(tmp_path):

@@ -65,6 +65,14 @@ def _config(data, root, **overrides):
     ({"boundary": "percentile:120"}, "boundary", "percentile:120"),
     ({"min_top1": 1.5}, "min_top1", "must be in [0, 1]"),
     ({"beam_workers": 0}, "beam_workers", "positive integer"),
+    ({"index_backend": "faiss"}, "index_backend", "unknown index backend 'faiss'; expected one of scann, milvus"),
+    ({"index_milvus_uri": "http://m:19530"}, "index_milvus_uri / index_milvus_index_type",
+     "set index_backend to 'milvus'"),
+    ({"index_backend": "milvus", "index_milvus_index_type": "HNSW"}, "index_milvus_index_type",
+     "HNSW needs a Milvus server (index_milvus_uri); Milvus Lite takes FLAT, IVF_FLAT, AUTOINDEX"),
+    ({"index_backend": "milvus", "index_milvus_uri": "http://root:pw@m:19530"}, "index_milvus_uri",
+     "without credentials"),
+    ({"index_backend": "milvus", "index_algorithm": "tree_ah"}, "index_algorithm", "is a ScaNN algorithm"),
 ])
 def test_bad_config_fails_before_any_component_runs(tiny_data, tmp_path, overrides, field, fragment):
     from pipeline.local_runner import run_local
@@ -108,11 +116,15 @@ def test_config_file_overrides_and_unknown_fields(tmp_path):
 
 
 def test_config_choices_mirror_the_library():
-    from lce_tf import backbones, model, training
+    from lce_tf import backbones, milvus_index, model, retrieval, training
+    from components.index_builder import executor as index_executor
     from components.lce_trainer import executor
     from pipeline import config
 
     assert set(config.MODES) == set(model.MODES) - {"cross-model"} == set(executor.MODES)
+    assert set(config.INDEX_BACKENDS) == set(retrieval.BACKENDS) == set(index_executor.BACKENDS)
+    assert set(config.MILVUS_INDEX_TYPES) - {""} == set(milvus_index.SERVER_INDEX_TYPES)
+    assert set(config.MILVUS_LITE_INDEX_TYPES) - {""} == set(milvus_index.LITE_INDEX_TYPES)
     assert set(config.ARCHITECTURES) == set(backbones.ARCHITECTURES)
     assert set(config.LOSSES) == set(training.HEADS)
     from components.compatibility_validator import executor as validator

@@ -386,7 +386,7 @@ def test_bench_ann_quick_smoke(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench_ann.py"), "--quick", "--n", "2000",
                            "--queries", "40", "--dim", "16", "--min-time", "0", "--out-dir", str(tmp_path),
-                           "--methods", "brute,exact-lib,scann,faiss-hnsw,faiss-ivfpq"],
+                           "--methods", "brute,exact-lib,scann,faiss-hnsw,faiss-ivfpq,milvus-lite"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "ann.json").read_text())
@@ -394,14 +394,19 @@ def test_bench_ann_quick_smoke(tmp_path):
     ds = report["datasets"]["synthetic"]
     assert (ds["n"], ds["dim"], ds["queries"]) == (2000, 16, 40)
     methods = ds["methods"]
-    assert set(methods) == {"brute", "exact-lib", "scann", "faiss-hnsw", "faiss-ivfpq"}
+    assert set(methods) == {"brute", "exact-lib", "scann", "faiss-hnsw", "faiss-ivfpq", "milvus-lite"}
     assert methods["brute"]["settings"][0]["recall_at_10"] == 1.0
     assert methods["exact-lib"]["settings"][0]["recall_at_10"] == 1.0  # two exact searches agree
-    for name in ("scann", "faiss-hnsw", "faiss-ivfpq"):
+    for name in ("scann", "faiss-hnsw", "faiss-ivfpq", "milvus-lite"):
         recalls = [s["recall_at_10"] for s in methods[name]["settings"]]
         assert all(0.0 <= r <= 1.0 for r in recalls) and max(recalls) >= 0.9, (name, recalls)
         assert all(s["qps"] > 0 for s in methods[name]["settings"])
         assert methods[name]["build_seconds"] >= 0 and "peak_delta_mb" in methods[name]["memory"]
+    # Milvus Lite serves from its own process: its memory and CPU are counted
+    lite = methods["milvus-lite"]
+    assert lite["memory"]["server_peak_rss_mb"] > 10 and lite["build_cpu_seconds"] > 0
+    assert lite["config"]["index_type"] == "IVF_FLAT" and [s["setting"] for s in lite["settings"]] == [
+        {"nprobe": 1}, {"nprobe": 16}]  # nlist = round(4 * sqrt(2000)) = 179, default nprobe max(16, 9) = 16
     # the widest ScaNN search finds more than the narrowest
     scann = methods["scann"]["settings"]
     assert scann[-1]["recall_at_10"] >= scann[0]["recall_at_10"]

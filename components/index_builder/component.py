@@ -1,11 +1,13 @@
-"""IndexBuilder: the served gallery index of a blessed model (a relocatable ScaNN index), as a RetrievalIndex.
+"""IndexBuilder: the served gallery index of a blessed model (ScaNN or Milvus), as a RetrievalIndex.
 
     index = IndexBuilder(model=trainer.outputs["model"], examples=example_gen.outputs["examples"],
                          blessing=validator.outputs["blessing"]).outputs[INDEX_KEY]
 
 The gallery split is embedded with the model's `embed` signature and indexed with
 `lce_tf.retrieval.EmbeddingIndex` (ScaNN; brute force / AH / tree-AH chosen by size unless `algorithm`
-is given). Entry ids are the gallery images' paths relative to the gallery folder ("<class>/<file>"),
+is given), or, with backend "milvus", written into a Milvus collection (`lce_tf.milvus_index`) on
+`milvus_uri`, or in a Milvus Lite database inside the artifact's index directory when the URI is "".
+Entry ids are the gallery images' paths relative to the gallery folder ("<class>/<file>"),
 entry versions the model id, as `lce-tf index` writes them. The index directory is relocatable (ScaNN's
 absolute asset paths are rewritten), so copying the artifact keeps it loadable. With a blessing that is
 not blessed nothing is built.
@@ -27,8 +29,9 @@ from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionP
 from components import artifacts
 from components.index_builder import executor
 from components.index_builder.executor import (  # noqa: F401  (the keys)
-    ALGORITHM_KEY, BASE_INDEX_KEY, BATCH_SIZE_KEY, BLESSING_KEY, BUILT_FROM_PROPERTY, BUILT_PROPERTY, EXAMPLES_KEY,
-    INDEX_DIR_PROPERTY, INDEX_KEY, MODEL_ID_PROPERTY, MODEL_KEY, NUM_NEIGHBORS_KEY, SPLIT_KEY, TRANSFORMATION_KEY)
+    ALGORITHM_KEY, BACKEND_KEY, BASE_INDEX_KEY, BATCH_SIZE_KEY, BLESSING_KEY, BUILT_FROM_PROPERTY, BUILT_PROPERTY,
+    EXAMPLES_KEY, INDEX_DIR_PROPERTY, INDEX_KEY, MILVUS_INDEX_TYPE_KEY, MILVUS_URI_KEY, MODEL_ID_PROPERTY, MODEL_KEY,
+    NUM_NEIGHBORS_KEY, SPLIT_KEY, TRANSFORMATION_KEY)
 
 
 class IndexBuilderSpec(ComponentSpec):
@@ -40,6 +43,9 @@ class IndexBuilderSpec(ComponentSpec):
         ALGORITHM_KEY: ExecutionParameter(type=str),
         NUM_NEIGHBORS_KEY: ExecutionParameter(type=int),
         BATCH_SIZE_KEY: ExecutionParameter(type=int),
+        BACKEND_KEY: ExecutionParameter(type=str),
+        MILVUS_URI_KEY: ExecutionParameter(type=str),
+        MILVUS_INDEX_TYPE_KEY: ExecutionParameter(type=str),
     }
     INPUTS = {
         MODEL_KEY: ChannelParameter(type=standard_artifacts.Model),
@@ -52,11 +58,12 @@ class IndexBuilderSpec(ComponentSpec):
 
 
 class IndexBuilder(base_component.BaseComponent):
-    """Builds the ScaNN index of a gallery split with a model.
+    """Builds the index (ScaNN or Milvus) of a gallery split with a model.
 
     Outputs:
       index: RetrievalIndex holding index/ (custom properties built=1, built_from, index_dir, embedding_space,
-        model_id, count, dim, algorithm), or only NOT_BUILT (built=0) when the blessing says no.
+        model_id, count, dim, algorithm, backend; Milvus also collection, milvus_uri), or only NOT_BUILT
+        (built=0) when the blessing says no.
     """
 
     SPEC_CLASS = IndexBuilderSpec
@@ -65,7 +72,8 @@ class IndexBuilder(base_component.BaseComponent):
     def __init__(self, model: channel.BaseChannel, examples: channel.BaseChannel,
                  blessing: Optional[channel.BaseChannel] = None, transformation: Optional[channel.BaseChannel] = None,
                  base_index: Optional[channel.BaseChannel] = None, *, split: str = "gallery", algorithm: str = "",
-                 num_neighbors: int = 10, batch_size: int = 256):
+                 num_neighbors: int = 10, batch_size: int = 256, backend: str = "scann", milvus_uri: str = "",
+                 milvus_index_type: str = ""):
         """Args:
           model: the Model whose `embed` signature embeds the gallery.
           examples: Examples holding the gallery split.
@@ -74,13 +82,18 @@ class IndexBuilder(base_component.BaseComponent):
           transformation: the fitted old -> new GalleryTransformation (forward route).
           base_index: the currently served RetrievalIndex (forward route; may be empty).
           split: the gallery split.
-          algorithm: "brute_force", "ah", "tree_ah", or "" to choose by gallery size.
+          algorithm: ScaNN: "brute_force", "ah", "tree_ah", or "" to choose by gallery size.
           num_neighbors: the index's default k.
           batch_size: images per embedding batch.
+          backend: "scann" or "milvus".
+          milvus_uri: Milvus server URI (token from LCE_TF_MILVUS_TOKEN in the executor's environment);
+            "" = Milvus Lite in the artifact's index directory (local runs).
+          milvus_index_type: "" (IVF_FLAT) or a Milvus index type (Milvus Lite: FLAT, IVF_FLAT, AUTOINDEX).
         """
         spec = IndexBuilderSpec(**{
             MODEL_KEY: model, EXAMPLES_KEY: examples, BLESSING_KEY: blessing, TRANSFORMATION_KEY: transformation,
             BASE_INDEX_KEY: base_index, SPLIT_KEY: split,
             ALGORITHM_KEY: algorithm, NUM_NEIGHBORS_KEY: int(num_neighbors), BATCH_SIZE_KEY: int(batch_size),
+            BACKEND_KEY: backend, MILVUS_URI_KEY: milvus_uri, MILVUS_INDEX_TYPE_KEY: milvus_index_type,
             INDEX_KEY: channel.Channel(type=artifacts.RetrievalIndex)})
         super().__init__(spec=spec)

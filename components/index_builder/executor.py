@@ -1,10 +1,17 @@
-"""Executor of IndexBuilder: the served gallery index of a blessed model, as an `lce_tf.retrieval.EmbeddingIndex`.
+"""Executor of IndexBuilder: the served gallery index of a blessed model, ScaNN or Milvus.
 
 Backward blessing or first model: the gallery split is embedded with the model's `embed` signature.
 Forward blessing: the current served index (`base_index`) is upgraded through the fitted transformation
 T12 (`lce_tf.search.upgrade_with_transformation`): every stored vector moves into the new model's space,
-no image is read. When no usable base index was resolved (none yet, not built, or in another space than
-T12's source) it falls back to embedding the gallery split, and says why (`built_from`).
+no image is read. When no usable base index was resolved (none yet, not built, in another space than
+T12's source, or of another backend than `backend`) it falls back to embedding the gallery split, and
+says why (`built_from`).
+
+Backends (`backend`): "scann" saves an `lce_tf.retrieval.EmbeddingIndex` in the artifact's index
+directory; "milvus" writes an `lce_tf.milvus_index.MilvusIndex` whose collection lives on `milvus_uri`,
+or, when that is "", in a Milvus Lite database file inside the artifact's index directory (under the
+pipeline root in a local run). A forward upgrade of a Milvus index fills a new collection and serves it
+from the new artifact (on a server the alias moves to it); the base artifact keeps its own.
 """
 
 from __future__ import annotations
@@ -28,6 +35,10 @@ SPLIT_KEY = "split"
 ALGORITHM_KEY = "algorithm"
 NUM_NEIGHBORS_KEY = "num_neighbors"
 BATCH_SIZE_KEY = "batch_size"
+BACKEND_KEY = "backend"
+MILVUS_URI_KEY = "milvus_uri"
+MILVUS_INDEX_TYPE_KEY = "milvus_index_type"
+BACKENDS = ("scann", "milvus")
 
 # Custom properties of the output: 1 when the index was built; how ("gallery split" or "upgraded from ...").
 BUILT_PROPERTY = "built"
@@ -46,8 +57,50 @@ def entry_ids(paths: list[str] | None, class_names: list[str], labels, split: st
     return [f"{class_names[int(label)]}/{split}-{i:07d}" for i, label in enumerate(labels)]
 
 
-def _usable_base_index(base, transformation) -> tuple[Optional[Any], str]:
-    """(the loaded base index, "") when it can be upgraded through the transformation, else (None, why not)."""
+def _overrides(backend: str, num_neighbors: int, algorithm: str, milvus_index_type: str) -> dict[str, Any]:
+    """The index configuration overrides of the component's parameters for a backend."""
+    overrides: dict[str, Any] = {"num_neighbors": num_neighbors}
+    if backend == "milvus" and milvus_index_type:
+        overrides["index_type"] = milvus_index_type
+    if backend == "scann" and algorithm:
+        overrides["algorithm"] = algorithm
+    return overrides
+
+
+def index_properties(index, path: str) -> dict[str, Any]:
+    """The output's custom properties that describe a written index (`lce_tf.search.index_info`, either
+    backend, without the model id and the version counts, which the executor records itself)."""
+    from lce_tf import search
+
+    info = search.index_info(index)
+    return {INDEX_DIR_PROPERTY: path, **{k: v for k, v in info.items() if k not in ("model_id", "version_counts")}}
+
+
+def build_index_dir(index_dir: str, ids: list[str], embeddings, model_id: str, embedding_space: str, *,
+                    backend: str = "scann", algorithm: str = "", num_neighbors: int = 10, milvus_uri: str = "",
+                    milvus_index_type: str = "") -> dict[str, Any]:
+    """Builds the gallery index into `index_dir` with the chosen backend; returns the output's properties.
+
+    ScaNN: an `EmbeddingIndex` saved in the directory (algorithm by size unless given). Milvus: a
+    `MilvusIndex` whose collection is on `milvus_uri`, or, when it is "", in a Milvus Lite database file
+    inside `index_dir`.
+    """
+    from lce_tf import retrieval, search
+    from lce_tf.milvus_index import MilvusIndex
+
+    overrides = _overrides(backend, min(num_neighbors, len(ids)), algorithm, milvus_index_type)
+    config = search.config_for(backend, len(ids), embeddings.shape[1], overrides)
+    common = dict(embedding_space=embedding_space, model_id=model_id, model_version=model_id, config=config)
+    if backend == "milvus":
+        with MilvusIndex.build(ids, embeddings, model_id, index_dir=index_dir, uri=milvus_uri or None,
+                               **common) as index:
+            return index_properties(index, index.index_dir)
+    index = retrieval.EmbeddingIndex.build(ids, embeddings, model_id, **common)
+    return index_properties(index, index.save(index_dir))
+
+
+def _usable_base_index(base, transformation, backend: str) -> tuple[Optional[Any], str]:
+    """(the opened base index, "") when it can be upgraded through the transformation, else (None, why not)."""
     from lce_tf import retrieval
     from lce_tf.transformation import TransformationError
 
@@ -56,12 +109,38 @@ def _usable_base_index(base, transformation) -> tuple[Optional[Any], str]:
     if base.get_int_custom_property(BUILT_PROPERTY) != 1:
         return None, f"the resolved index {base.uri} was not built"
     index_dir = os.path.join(util.path(base), artifacts.INDEX_SUBDIR)
-    index = retrieval.EmbeddingIndex.load(index_dir)
+    index = retrieval.open_index(index_dir)
     try:
         transformation.check_source_space(index.embedding_space, f"served index {index_dir}")
     except TransformationError as e:
+        index.close()
         return None, str(e)
+    if index.backend != backend:
+        index.close()
+        return None, f"the served index {index_dir} is a {index.backend} index and {BACKEND_KEY} is {backend!r}"
     return index, ""
+
+
+def upgrade_served_index(base, transformation, index_dir: str, *, backend: str = "scann", algorithm: str = "",
+                         num_neighbors: int = 10, milvus_index_type: str = "") -> tuple[Optional[dict[str, Any]], str]:
+    """The forward route's step: the served index (`base`, a RetrievalIndex artifact) moved through T12
+    into `index_dir` (a Milvus index: a new collection, served from there).
+
+    Returns:
+      (the output's properties, built_from), or (None, why the base index cannot be used).
+    """
+    from lce_tf import search
+
+    base_index, why_not = _usable_base_index(base, transformation, backend)
+    if base_index is None:
+        return None, why_not
+    with base_index:
+        overrides = _overrides(backend, min(num_neighbors, len(base_index)), algorithm, milvus_index_type)
+        index = search.upgrade_with_transformation(base_index, transformation, overrides=overrides,
+                                                   index_dir=base.uri, out_dir=index_dir)
+        with index:
+            built = index_properties(index, index.save(index_dir))
+    return built, f"upgraded from {base.uri} by {transformation.transform_id} (no image read)"
 
 
 class Executor(base_executor.BaseExecutor):
@@ -71,7 +150,7 @@ class Executor(base_executor.BaseExecutor):
     """
 
     def Do(self, input_dict: dict[str, list], output_dict: dict[str, list], exec_properties: dict[str, Any]) -> None:
-        from lce_tf import retrieval, search
+        from lce_tf import milvus_index, retrieval
         from lce_tf.data import make_tfrecord_dataset
         from lce_tf.serving import load_embedding_model
         from lce_tf.transformation import load_transformation
@@ -89,6 +168,10 @@ class Executor(base_executor.BaseExecutor):
         algorithm = str(exec_properties.get(ALGORITHM_KEY) or "")
         if algorithm:
             util.check_choice(ALGORITHM_KEY, algorithm, retrieval.ALGORITHMS)
+        backend = str(exec_properties.get(BACKEND_KEY) or "scann")
+        util.check_choice(BACKEND_KEY, backend, BACKENDS)
+        milvus_uri = str(exec_properties.get(MILVUS_URI_KEY) or "")
+        milvus_index_type = str(exec_properties.get(MILVUS_INDEX_TYPE_KEY) or "")
         num_neighbors = int(exec_properties.get(NUM_NEIGHBORS_KEY) or 10)
         batch_size = int(exec_properties.get(BATCH_SIZE_KEY) or 256)
         if num_neighbors < 1 or batch_size < 1:
@@ -107,42 +190,38 @@ class Executor(base_executor.BaseExecutor):
             return
         route = blessing.get_string_custom_property(BLESSED_ROUTE_PROPERTY) if blessing is not None else ""
         model = load_embedding_model(util.model_dir(util.path(model_artifact), MODEL_KEY))
-        overrides = {"num_neighbors": num_neighbors}
-        if algorithm:
-            overrides["algorithm"] = algorithm
-        index, built_from = None, f"gallery split {split}"
-        if route == "forward":
-            if transform_dir is None:
-                raise ValueError(f"input {TRANSFORMATION_KEY!r}: the blessing names the forward route but no fitted "
-                                 "transformation is connected")
-            transformation = load_transformation(transform_dir)
-            base_index, why_not = _usable_base_index(base, transformation)
-            if base_index is not None:
-                overrides["num_neighbors"] = min(num_neighbors, len(base_index))
-                index = search.upgrade_with_transformation(base_index, transformation, overrides=overrides,
-                                                           index_dir=base.uri)
-                built_from = f"upgraded from {base.uri} by {transformation.transform_id} (no image read)"
-            else:
-                _LOG.warning("IndexBuilder: forward blessing, but %s: embedding the gallery split instead", why_not)
-                built_from = f"gallery split {split} ({why_not})"
-        if index is None:
-            util.check_split_records(examples_dir, split, entry)
-            dataset = make_tfrecord_dataset(util.split_pattern(examples_dir, split), model.input_shape, batch_size)
-            embeddings, labels = model.embed_dataset(dataset, signature="embed")
-            ids = entry_ids(util.read_split_paths(examples_dir, split), entry["class_names"], labels, split)
-            overrides["num_neighbors"] = min(num_neighbors, len(ids))
-            config = retrieval.IndexConfig.for_size(len(ids), embeddings.shape[1], **overrides)
-            index = retrieval.EmbeddingIndex.build(ids, embeddings, model.model_id,
-                                                   embedding_space=model.metadata["embedding_space"],
-                                                   model_id=model.model_id, model_version=model.model_id, config=config)
-        path = index.save(os.path.join(output_dir, artifacts.INDEX_SUBDIR))
+        index_dir = os.path.join(output_dir, artifacts.INDEX_SUBDIR)
+        built, built_from = None, f"gallery split {split}"
+        with milvus_index.closing_opened():  # the Milvus indexes opened here are closed when the step ends
+            if route == "forward":
+                if transform_dir is None:
+                    raise ValueError(f"input {TRANSFORMATION_KEY!r}: the blessing names the forward route but no "
+                                     "fitted transformation is connected")
+                built, reason = upgrade_served_index(base, load_transformation(transform_dir), index_dir,
+                                                     backend=backend, algorithm=algorithm, num_neighbors=num_neighbors,
+                                                     milvus_index_type=milvus_index_type)
+                if built is not None:
+                    built_from = reason
+                else:
+                    _LOG.warning("IndexBuilder: forward blessing, but %s: embedding the gallery split instead",
+                                 reason)
+                    built_from = f"gallery split {split} ({reason})"
+            if built is None:
+                util.check_split_records(examples_dir, split, entry)
+                dataset = make_tfrecord_dataset(util.split_pattern(examples_dir, split), model.input_shape,
+                                                batch_size)
+                embeddings, labels = model.embed_dataset(dataset, signature="embed")
+                ids = entry_ids(util.read_split_paths(examples_dir, split), entry["class_names"], labels, split)
+                built = build_index_dir(index_dir, ids, embeddings, model.model_id, model.metadata["embedding_space"],
+                                        backend=backend, algorithm=algorithm, num_neighbors=num_neighbors,
+                                        milvus_uri=milvus_uri, milvus_index_type=milvus_index_type)
         output.set_int_custom_property(BUILT_PROPERTY, 1)
         output.set_string_custom_property(BUILT_FROM_PROPERTY, built_from)
-        output.set_string_custom_property(INDEX_DIR_PROPERTY, path)
-        output.set_string_custom_property("embedding_space", index.embedding_space)
         output.set_string_custom_property(MODEL_ID_PROPERTY, model.model_id)
-        output.set_int_custom_property("count", len(index))
-        output.set_int_custom_property("dim", index.dim)
-        output.set_string_custom_property("algorithm", index.config.algorithm)
-        _LOG.info("IndexBuilder: %d gallery entries x %d (%s, space %s), %s -> %s", len(index), index.dim,
-                  index.config.algorithm, index.embedding_space, built_from, path)
+        for key, value in built.items():
+            if isinstance(value, int):
+                output.set_int_custom_property(key, value)
+            else:
+                output.set_string_custom_property(key, str(value))
+        _LOG.info("IndexBuilder: %d gallery entries x %d (%s %s, space %s), %s -> %s", built["count"], built["dim"],
+                  backend, built["algorithm"], built["embedding_space"], built_from, built[INDEX_DIR_PROPERTY])
