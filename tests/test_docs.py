@@ -14,7 +14,7 @@ spaces, e.g. inside a list item) has one of these languages; indented code block
               `make T` by `make -n T`; `lce-tf ...` by the real argparse parser (parse_args must accept
               it); `python scripts/X.py` / `python -m M` exist and know every --flag shown (their --help);
               `pip install -e '.[extra]'` names an extra of setup.py; `source .venv/bin/activate` matches
-              the Makefile's VENV; other command words must be in CONSOLE_ONLY below, with the reason.
+              the Makefile's VENV; `export NAME=...` names a variable lce_tf reads; other command words must be in CONSOLE_ONLY below, with the reason.
   ```text     shown, not run (formulas, layouts, diagrams). Every line that starts with `lce-tf` (plus its
               indented continuation lines) is a SYNOPSIS checked against `lce_tf.cli.build_parser()`: the
               subcommands and flags exist, a list of choices written a|b|c equals the parser's, required
@@ -431,6 +431,11 @@ def check_console_command(command: str, where: str) -> None:
         for extra in re.findall(r"\[([^\]]+)\]", spec):
             for name in extra.split(","):
                 assert f'"{name.strip()}":' in setup_text, f"{where}: setup.py has no extra {name!r}"
+    elif head == "export":  # an environment variable that lce_tf reads
+        name = words[1].split("=")[0]
+        sources = "".join(open(os.path.join(REPO, "lce_tf", f), encoding="utf-8").read()
+                          for f in os.listdir(os.path.join(REPO, "lce_tf")) if f.endswith(".py"))
+        assert f'"{name}"' in sources, f"{where}: lce_tf reads no environment variable {name}"
     elif head in CONSOLE_ONLY:
         for i, word in enumerate(words[:-1]):
             if word == "-f":
@@ -567,6 +572,36 @@ def test_pipeline_reference_lists_every_field_with_its_default():
         seen.add(field)
     missing = sorted(set(defaults) - seen)
     assert not missing, f"docs/pipeline.md: PipelineConfig fields not documented: {', '.join(missing)}"
+
+
+COMPONENT_CLASSES = {
+    "ImageFolderExampleGen": "components.image_example_gen.component",
+    "ClassCenterExtractor": "components.class_center_extractor.component",
+    "LceTrainer": "components.lce_trainer.component",
+    "GalleryTransformFitter": "components.gallery_transform_fitter.component",
+    "CompatibilityValidator": "components.compatibility_validator.component",
+    "IndexBuilder": "components.index_builder.component",
+}
+
+
+def test_components_reference_matches_the_specs():
+    """docs/components.md names every input, output and parameter of each component's spec (imports tfx)."""
+    import importlib
+
+    found = {}
+    for number, _, cells in _table_rows(os.path.join("docs", "components.md")):
+        m = re.match(r"^\[(\w+)\]", cells[0])
+        if not m or m.group(1) not in COMPONENT_CLASSES:
+            continue
+        name = m.group(1)
+        spec = getattr(importlib.import_module(COMPONENT_CLASSES[name]), name).SPEC_CLASS
+        for cell, what, expected in ((cells[1], "inputs", spec.INPUTS), (cells[2], "outputs", spec.OUTPUTS),
+                                     (cells[3], "parameters", spec.PARAMETERS)):
+            documented = set(re.findall(r"`([a-z0-9_]+)`", cell))
+            assert documented == set(expected), (f"docs/components.md:{number}: {name} {what}: documented "
+                                                 f"{sorted(documented)}, the spec has {sorted(expected)}")
+        found[name] = number
+    assert set(found) == set(COMPONENT_CLASSES), f"docs/components.md lacks {set(COMPONENT_CLASSES) - set(found)}"
 
 
 def test_one_embedding_size_default():
