@@ -330,9 +330,19 @@ def test_links_stay_inside_the_repository():
             for target in re.findall(r"\]\(([^)\s]+)\)", line):
                 if re.match(r"^[a-z]+://", target) or target.startswith("#"):
                     continue
-                path = os.path.normpath(os.path.join(REPO, os.path.dirname(doc), target.split("#")[0]))
+                file_part, _, anchor = target.partition("#")
+                path = os.path.normpath(os.path.join(REPO, os.path.dirname(doc), file_part))
                 assert path.startswith(REPO + os.sep), f"{doc}:{number}: link {target} leaves the repository"
                 assert os.path.exists(path), f"{doc}:{number}: link {target} does not exist"
+                if anchor and path.endswith(".md"):
+                    anchors = {_slug(line.lstrip("#")) for _, line in parse_markdown(os.path.relpath(path, REPO))[1]
+                               if line.startswith("#")}
+                    assert anchor in anchors, f"{doc}:{number}: link {target}: no heading #{anchor} there"
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
 def test_no_file_points_outside_the_repository():
