@@ -25,9 +25,10 @@ spaces, e.g. inside a list item) has one of these languages; indented code block
 Also checked: inline code spans `lce-tf ...` (subcommands, flags and choices exist) and `make T` (the
 target exists); the options tables of docs/cli.md (every flag of every command listed, each default
 equal to the parser's); the field table of docs/pipeline.md (every PipelineConfig field, each default
-equal); examples/*.yaml load and validate; relative links resolve to files inside the repository; no
-file of the repository points to ../shared; README's results table equals what
-`python scripts/bench_compat.py --readme-table` prints; one embedding-size default everywhere.
+equal); docs/components.md against the component specs; examples/*.yaml load and validate; relative
+links and their anchors resolve inside the repository; no file points to the shared folder outside
+it; README's results table equals what `python scripts/bench_compat.py --readme-table` prints; one
+embedding-size default everywhere.
 
 So a renamed or removed flag, subcommand or choice, a changed default, a new undocumented flag or
 field, or a command that no longer runs fails this module.
