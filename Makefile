@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 venv: $(STAMP)
 
 # The stamp depends on the lock and setup.py: editing either reinstalls. uv installs the fully
-# pinned lock in seconds; pip's resolver would backtrack for minutes (DESIGN.md, "Stack").
+# pinned lock in seconds; pip's resolver would backtrack for minutes (docs/design.md, "The pinned stack and why").
 $(STAMP): $(LOCK) setup.py
 	@set -e; py=$$(bash scripts/find_python310.sh); \
 	if [ ! -x $(PY) ]; then echo "== creating $(VENV) with $$py"; "$$py" -m venv $(VENV); fi; \

@@ -1,4 +1,4 @@
-"""TFX components of the lce-tf pipeline (DESIGN.md, "Architecture"), one folder each.
+"""TFX components of the lce-tf pipeline (docs/design.md, "Architecture"), one folder each.
 
     image_example_gen/        image folders -> TFRecord Examples (splits train / query / gallery)
     class_center_extractor/   Beam: old-model class centers and boundaries -> ClassCenters

@@ -28,7 +28,7 @@ TRANSFORMATION_SUBDIR = "transformation"
 
 
 class ClassCenters(artifact.Artifact):
-    """Old-model class centers and boundary cosines of the new training set's classes (DESIGN.md item 1)."""
+    """Old-model class centers and boundary cosines of the new training set's classes (docs/design.md item 1)."""
 
     TYPE_NAME = "lce_tf.ClassCenters"
 

@@ -2,11 +2,11 @@
 
 Every network ends in global average pooling, a bias-free Dense projection to the embedding size and
 a BatchNormalization without scale (the usual embedding head of face / re-id models). Embeddings are
-left unnormalized here; the classifier and the losses normalize them (DESIGN.md, the method, item 2).
+left unnormalized here; the classifier and the losses normalize them (docs/design.md, the method, item 2).
 
 BatchNormalization momentum defaults to 0.9, not Keras' 0.99: with a few hundred training steps the
 moving statistics of 0.99 never converge and every embedding collapses into one narrow cone at
-inference (DESIGN.md, "Known traps").
+inference (docs/design.md, "Known traps").
 
 The architectures differ clearly in capacity so that the "new architecture" upgrade scenario is real:
 

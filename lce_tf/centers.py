@@ -1,4 +1,4 @@
-"""Old-model class centers and boundaries (DESIGN.md, the method, item 1; "Artifacts and formats").
+"""Old-model class centers and boundaries (docs/design.md, the method, item 1; "Artifacts and formats").
 
 For every class j of the NEW training set, with f̂ = L2-normalize(φ1(x)) the old model's normalized
 embedding:
@@ -78,7 +78,7 @@ _LOG = logging.getLogger(__name__)
 FORMAT_VERSION = "lce_tf.class_centers/1"
 DEFAULT_BOUNDARY_RULE = defaults.BOUNDARY_RULE
 # Mean pairwise cosine of the centers above which the old model's embeddings have likely collapsed
-# into one cone (DESIGN.md trial: 0.98-0.99 when collapsed, 0.39 when healthy).
+# into one cone (an early trial: 0.98-0.99 when collapsed, 0.39 when healthy; docs/design.md, "Known traps").
 COLLAPSE_COSINE_WARNING = 0.9
 _UNIT_NORM_TOL = 1e-3
 _NPZ_KEYS = ("format", "centers", "boundary_cos", "counts", "class_names", "source_model_id",
@@ -384,7 +384,7 @@ class ClassCenters:
     # -- diagnostics ------------------------------------------------------------------------------
 
     def mean_pairwise_cosine(self) -> float:
-        """Mean of ⟨c_i, c_j⟩ over ordered pairs i != j: the collapse diagnostic (DESIGN.md trial).
+        """Mean of ⟨c_i, c_j⟩ over ordered pairs i != j: the collapse diagnostic (docs/design.md, "Known traps").
 
         Computed in O(C·D) as (‖Σ_j c_j‖² − Σ_j ‖c_j‖²) / (C(C−1)). Values near 1 mean the old model's
         embeddings collapsed into one cone (e.g. unconverged BatchNorm statistics).
@@ -942,7 +942,7 @@ def compute_class_centers_from_batches(batches_factory: BatchesFactory, class_na
 def compute_class_centers(embeddings: np.ndarray, labels: np.ndarray, class_names: Sequence[str], *,
                           boundary: str = DEFAULT_BOUNDARY_RULE, source_model_id: str = "",
                           chunk_size: int = 65536) -> ClassCenters:
-    """Exact class centers and boundaries of in-memory embeddings (DESIGN.md item 1), chunk by chunk.
+    """Exact class centers and boundaries of in-memory embeddings (docs/design.md item 1), chunk by chunk.
 
     f̂_i = normalize(embeddings_i); c_j = normalize(Σ_{y_i=j} f̂_i);
     b_j = min_{y_i=j} ⟨f̂_i, c_j⟩ ("min") or the P-th percentile of those cosines ("percentile:P").

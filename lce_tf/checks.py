@@ -1,7 +1,7 @@
 """The one check for non-finite input (NaN/Inf), shared by every entry point of lce_tf.
 
 NaN does not always propagate through a network: on CPUs with AVX-512, TensorFlow 2.15's max-pool
-turns a window holding NaN into a finite number (DESIGN.md, "Known traps"; `scripts/probe_nan_ops.py`
+turns a window holding NaN into a finite number (docs/design.md, "Known traps"; `scripts/probe_nan_ops.py`
 lists the ops that do), so a model fed NaN can train to finite losses and be exported. Non-finite
 values are therefore refused where they enter, with the project's one-line bad-input error:
 

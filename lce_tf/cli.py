@@ -64,7 +64,7 @@ def _read_folder(path: str, classes: Optional[str] = None):
 
 
 def _centers_for_folder(model, folder, boundary: str, batch_size: int = 256):
-    """Old-model class centers over an image folder (DESIGN.md item 1, exact two-pass)."""
+    """Old-model class centers over an image folder (docs/design.md item 1, exact two-pass)."""
     from lce_tf import centers as lce_centers
 
     embeddings, labels = model.embed_folder(folder, batch_size=batch_size)
@@ -586,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="training image folder DIR/<class>/<image>")
     p.add_argument("--out", required=True, help="model directory to create")
     p.add_argument("--arch", default="cnn", choices=_ARCHS)
-    p.add_argument("--dim", type=int, default=128, help="embedding size D")
+    p.add_argument("--dim", type=int, default=defaults.EMBEDDING_DIM, help="embedding size D")
     p.add_argument("--loss", default="arcface", choices=_HEADS)
     p.add_argument("--scale", type=float, default=16.0, help="margin-softmax scale s")
     p.add_argument("--margin", type=float, default=0.1, help="margin-softmax margin m")

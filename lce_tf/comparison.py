@@ -1,4 +1,4 @@
-"""Compares exported models on held-out query/gallery data (DESIGN.md, "How compatibility is measured").
+"""Compares exported models on held-out query/gallery data (docs/design.md, "How compatibility is measured").
 
 `compare_models` computes the compatibility matrix M(Q, G) of every (query model, gallery model) pair
 of a set of loaded model directories, then the BCT empirical criterion M(new, old) > M(old, old), the
@@ -87,7 +87,7 @@ def compare_models(models: Mapping[str, Any], query: EvalData, gallery: EvalData
     signature that maps into G's space, see the module docstring) against the gallery images embedded
     by G's `embed`. Labels are matched by class name across the query and gallery vocabularies.
 
-    Fitted transformations (`lce_tf.transformation.Transformation`, DESIGN.md "The forward path") add
+    Fitted transformations (`lce_tf.transformation.Transformation`, docs/design.md "The forward path") add
     pairs through them. For a transformation NAME, every gallery model G whose space is its source and
     every query model Q whose space is its target:
       forward   M(Q, NAME(G)): Q's queries against G's gallery vectors moved by `old_to_new`

@@ -1,4 +1,4 @@
-"""Image folders and TFRecords: the data formats of lce-tf (DESIGN.md, "Artifacts and formats").
+"""Image folders and TFRecords: the data formats of lce-tf (docs/design.md, "Artifacts and formats").
 
 Image folder
     ``root/<class_name>/<image>.png|jpg|jpeg|bmp|gif`` -- the convention of

@@ -3,11 +3,14 @@
 Chosen on a validation split of the TRAINING classes of the glyph benchmark, never on its test classes
 (`scripts/bench_compat.py --validate`; the table is benchmarks/results/validation.md). With the
 classifier rows initialised at the old centers (`CompatibilityConfig.init_from_old_centers`), the
-reference settings of the paper scored best: the minimum cosine as the boundary (DESIGN.md, the method,
+reference settings of the paper scored best: the minimum cosine as the boundary (docs/design.md, the method,
 item 1), λ_a = 100 (item 3) and λ_b = 1 (item 4). Tighter boundaries (20th, 50th, 80th percentile with
-λ_b = 10; the 20th was the DESIGN.md trial's choice without that initialisation) lost 2.7-4.5 points of
+λ_b = 10; the 20th was an early trial's choice without that initialisation) lost 2.7-4.5 points of
 new/old top-1 there, and λ_a = 3000 lost 3.
 """
+
+EMBEDDING_DIM = 128
+"""The embedding size D of a new model: `lce-tf train --dim`, TrainConfig, the pipeline's embedding_dim."""
 
 BOUNDARY_RULE = "min"
 LAMBDA_ALIGN = 100.0

@@ -1,4 +1,4 @@
-"""Compatibility evaluation (DESIGN.md, "How compatibility is measured").
+"""Compatibility evaluation (docs/design.md, "How compatibility is measured").
 
 M(Q, G) is the retrieval quality of queries embedded by model Q against a gallery embedded by model G.
 Embeddings are L2-normalized here; the similarity is the dot product. Metrics are exact:
@@ -221,7 +221,7 @@ def _rank_chunk(query_chunk: np.ndarray, gallery: np.ndarray, query_codes: np.nd
 def retrieval_metrics(query_emb: np.ndarray, query_labels: np.ndarray, gallery_emb: np.ndarray,
                       gallery_labels: np.ndarray, *, chunk_size: int = 1024,
                       ks: Sequence[int] = DEFAULT_KS) -> RetrievalResult:
-    """Exact top-k (CMC) and mAP of queries against a gallery: M(Q, G) of DESIGN.md.
+    """Exact top-k (CMC) and mAP of queries against a gallery: M(Q, G) of docs/design.md.
 
     Embeddings are L2-normalized (float64); similarity = dot product; the gallery is ranked by
     descending similarity, ties broken by gallery index (lower index first). top-k: a hit when any of

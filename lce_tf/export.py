@@ -1,4 +1,4 @@
-"""Exports a trained model as a model directory (DESIGN.md, "Artifacts and formats").
+"""Exports a trained model as a model directory (docs/design.md, "Artifacts and formats").
 
 A model directory is a SavedModel whose serving signatures take images float32 [N, H, W, C] in [0, 1]
 (input name `images`) and return L2-normalized embeddings (output name `embedding`):

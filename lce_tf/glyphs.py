@@ -1,4 +1,4 @@
-"""Deterministic demo / benchmark datasets written as image folders (DESIGN.md, "Demo and benchmark data").
+"""Deterministic demo / benchmark datasets written as image folders (docs/design.md, "Demo and benchmark data").
 
 Two generators, same output layout::
 
@@ -26,7 +26,7 @@ one generator per image derived from ``[seed, class, font/image, copy]``), and a
 written to ``OUT.tmp-<random>`` and renamed into place at the end, so a reader never sees half a
 dataset.
 
-Measured on Debian 12 with the packages of ``scripts/install_fonts.sh`` (see also DESIGN.md): many
+Measured on Debian 12 with the packages of ``scripts/install_fonts.sh`` (docs/design.md, "Demo and benchmark data"): many
 font files are not distinct designs. Mean absolute pixel difference of 64 characters at 32 px on the
 0-255 scale: ``.ttc`` regional / monospace variants and proportional "P" fonts 0-3.6; AR PL KaitiM
 Big5 / GB (bkai00mp, gkai00mp) and cwTeX Kai against AR PL UKai 2.2-9.9; Motoya L Maruberi against
@@ -329,7 +329,7 @@ def is_near_duplicate(
 
     Renders should be at :data:`REFERENCE_SIZE` (32 px, 4x supersampled), where the threshold was
     measured on the 0-255 scale: copies of one design 0-3.6, derived designs 7.9-11.0, distinct designs
-    14.1 and up (DESIGN.md, rendering without supersampling, measured 7 vs 22-41).
+    14.1 and up (measured when the font list was made: rendering without supersampling, 7 vs 22-41).
 
     Args:
         renders_a: uint8 [N, H, W].

@@ -1,9 +1,9 @@
 """Keras layers of LCE: L2 normalization, the cosine classifier and the compatibility transformation.
 
-- `L2Normalize`: unit-length rows; embeddings are compared by dot product (DESIGN.md, "How
+- `L2Normalize`: unit-length rows; embeddings are compared by dot product (docs/design.md, "How
   compatibility is measured").
 - `CosineClassifier`: a classifier whose L2-normalized weight rows are the new model's class centers
-  ŵ2_j (DESIGN.md, the method, items 2-3). It outputs cosine logits; the margin-softmax losses in
+  ŵ2_j (docs/design.md, the method, items 2-3). It outputs cosine logits; the margin-softmax losses in
   `lce_tf.losses` apply scale and margin.
 - `CompatibilityTransform`: the residual bottleneck block used for T12 (old -> new) and T21
   (new -> old) in transformation mode (item 6; the "RBT" block of the LCE reference code).
@@ -75,7 +75,7 @@ class L2Normalize(tf.keras.layers.Layer):
 class CosineClassifier(tf.keras.layers.Layer):
     """Normalized classifier: cosine logits between embeddings and class weight rows.
 
-    logits[b, j] = ⟨f_b / |f_b|, w_j / |w_j|⟩, the cos θ of the normalized-softmax family (DESIGN.md,
+    logits[b, j] = ⟨f_b / |f_b|, w_j / |w_j|⟩, the cos θ of the normalized-softmax family (docs/design.md,
     the method, item 2). The normalized weight rows ŵ_j are the model's class centers, which the
     alignment loss (item 3) pulls onto the old centers c_j.
 
@@ -146,7 +146,7 @@ class CosineClassifier(tf.keras.layers.Layer):
 
 @tf.keras.utils.register_keras_serializable(package=_PACKAGE)
 class CompatibilityTransform(tf.keras.layers.Layer):
-    """Residual bottleneck transformation between embedding spaces (T12 or T21; DESIGN.md item 6).
+    """Residual bottleneck transformation between embedding spaces (T12 or T21; docs/design.md item 6).
 
         out = skip(x) + Σ_{p=1..num_paths} path_p(x)
         path_p = Dense(bottleneck, no bias) → BN → PReLU → Dense(bottleneck, no bias) → BN → PReLU
@@ -165,7 +165,7 @@ class CompatibilityTransform(tf.keras.layers.Layer):
     applies T12 and T21 three times and Keras traces it.
 
     BatchNormalization momentum defaults to 0.9 (Keras convention: moving = 0.9·moving + 0.1·batch):
-    with Keras' 0.99 the moving statistics do not converge in a few hundred steps (DESIGN.md, Known
+    with Keras' 0.99 the moving statistics do not converge in a few hundred steps (docs/design.md, Known
     traps). BN epsilon defaults to the reference's 2e-5; PReLU slopes are per channel and start at 0.25
     like torch's `nn.PReLU`.
 

@@ -3,7 +3,7 @@
 Every loss is a plain function (the math, testable without a model) paired with a serializable
 `tf.keras.losses.Loss` class, as Keras pairs `cosine_similarity` / `CosineSimilarity`:
 
-  classification head (DESIGN.md, the method, item 2), on cosine logits [B, C]:
+  classification head (docs/design.md, the method, item 2), on cosine logits [B, C]:
     norm_softmax_loss / NormSoftmaxLoss     softmax CE of s·cos θ
     cosface_loss      / CosFaceLoss         target logit s·(cos θ − m)
     arcface_loss      / ArcFaceLoss         target logit s·cos(θ + m)
@@ -12,7 +12,7 @@ Every loss is a plain function (the math, testable without a model) paired with 
     boundary_loss     / BoundaryLoss        L_b, item 4
     transformed_alignment_loss              L_a through T12 / T21, item 6 (function only: its
                                             arguments include two layers, not y_true / y_pred)
-  fitted transformations (DESIGN.md, "The forward path"), on unit vectors:
+  fitted transformations (docs/design.md, "The forward path"), on unit vectors:
     cosine_distance_loss / CosineDistanceLoss   1 − cos(prediction, target)
   baselines (item 8):
     bct_influence_loss / BCTInfluenceLoss   new features classified by the frozen old classifier
@@ -108,7 +108,7 @@ def _array(value: Any, name: str, cls: str, rank: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Margin-softmax family (DESIGN.md, the method, item 2)
+# Margin-softmax family (docs/design.md, the method, item 2)
 # ----------------------------------------------------------------------------------------------------
 
 def _margin_softmax(labels, cosine_logits, fn: str, scale: float, target_fn=None) -> tf.Tensor:
@@ -125,7 +125,7 @@ def _margin_softmax(labels, cosine_logits, fn: str, scale: float, target_fn=None
 def norm_softmax_loss(labels: Any, cosine_logits: Any, scale: float = 16.0) -> tf.Tensor:
     """Normalized softmax (NormFace) loss: softmax cross-entropy of s·cos θ.
 
-    L_i = −log( exp(s·cos θ_{i,y_i}) / Σ_j exp(s·cos θ_{i,j}) )   (DESIGN.md item 2)
+    L_i = −log( exp(s·cos θ_{i,y_i}) / Σ_j exp(s·cos θ_{i,j}) )   (docs/design.md item 2)
 
     Args:
       labels: [batch] int class ids (or [batch, 1]).
@@ -146,7 +146,7 @@ def cosface_loss(labels: Any, cosine_logits: Any, scale: float = 16.0, margin: f
     """CosFace (large-margin cosine) loss: the target logit becomes s·(cos θ_y − m).
 
     L_i = −log( exp(s(cos θ_{i,y} − m)) / (exp(s(cos θ_{i,y} − m)) + Σ_{j≠y} exp(s·cos θ_{i,j})) )
-    (Wang et al. 2018; DESIGN.md item 2.)
+    (Wang et al. 2018; docs/design.md item 2.)
 
     Args:
       labels: [batch] int class ids (or [batch, 1]).
@@ -207,7 +207,7 @@ def arcface_loss(labels: Any, cosine_logits: Any, scale: float = 16.0, margin: f
 # ----------------------------------------------------------------------------------------------------
 
 def alignment_loss(new_weights: Any, old_centers: Any) -> tf.Tensor:
-    """LCE alignment loss L_a (DESIGN.md item 3): new class centers onto the old ones.
+    """LCE alignment loss L_a (docs/design.md item 3): new class centers onto the old ones.
 
         L_a = mean_{j, d} (ŵ2_{j,d} − c_{j,d})²,   ŵ2_j = w2_j / |w2_j|
 
@@ -249,7 +249,7 @@ def _boundary_hinge(embeddings, labels, old_centers, old_boundary_cos, normalize
 
 def boundary_loss(embeddings: Any, labels: Any, old_centers: Any, old_boundary_cos: Any, *,
                   normalize: bool = True) -> tf.Tensor:
-    """LCE boundary loss L_b (DESIGN.md item 4): new features must lie inside the old class's cone.
+    """LCE boundary loss L_b (docs/design.md item 4): new features must lie inside the old class's cone.
 
         L_b = mean_i max(0, b_{y_i} − ⟨f̂2_i, c_{y_i}⟩)
 
@@ -274,7 +274,7 @@ def boundary_loss(embeddings: Any, labels: Any, old_centers: Any, old_boundary_c
 def transformed_alignment_loss(new_weights: Any, old_centers: Any,
                                old_to_new: Callable[[tf.Tensor], tf.Tensor],
                                new_to_old: Callable[[tf.Tensor], tf.Tensor]) -> tf.Tensor:
-    """LCE alignment through the transformations (DESIGN.md item 6); D_new and D_old may differ.
+    """LCE alignment through the transformations (docs/design.md item 6); D_new and D_old may differ.
 
         L = ½ [ MSE(ŵ2, n(T12(c1))) + MSE(n(T21(ŵ2)), c1) ]
 
@@ -317,7 +317,7 @@ def bct_influence_loss(embeddings: Any, labels: Any, old_classifier: Any, scale:
 
         L_i = softmax-CE( s · n(f2_i) · n(W1)ᵀ , y_i )
 
-    When the old classifier is not available, the old class centers serve as W1 (DESIGN.md item 8).
+    When the old classifier is not available, the old class centers serve as W1 (docs/design.md item 8).
 
     Args:
       embeddings: [B, D] raw new embeddings.

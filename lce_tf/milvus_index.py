@@ -14,7 +14,7 @@ not have to fit one machine's memory (issue 14). `retrieval.open_index` opens ei
                    directory, so the directory stays relocatable
 
 Collection schema: id VARCHAR primary key, vector FLOAT_VECTOR(dim), version VARCHAR, provenance
-VARCHAR. Metric IP on L2-normalized vectors, i.e. cosine similarity (DESIGN.md "How compatibility is
+VARCHAR. Metric IP on L2-normalized vectors, i.e. cosine similarity (docs/design.md "How compatibility is
 measured"): vectors are normalized on the way in and NaN/Inf or zero rows are refused, as in ScaNN indexes.
 
 Where the collection lives:

@@ -2,7 +2,7 @@
 
 `CompatibleEmbeddingModel` wraps a backbone (images -> raw embedding), a `CosineClassifier` head and,
 in the transformation modes, the two `CompatibilityTransform` blocks T12 (old -> new) and T21
-(new -> old). Its `train_step` computes the total loss of DESIGN.md, the method, item 5:
+(new -> old). Its `train_step` computes the total loss of docs/design.md, the method, item 5:
 
     L = L_cls + λ_a·L_a + λ_b·L_b            (lce, lce-transform, cross-model)
     L = L_cls + λ_c·L_bct  or  L_cls + λ_c·L_l2   (the bct and l2 baselines)
@@ -57,7 +57,7 @@ class CompatibilityConfig:
     Attributes:
       mode: one of `MODES`.
       old_centers: [C, D_old] unit rows, row j = old center of the new training set's class j.
-      old_boundary_cos: [C] boundary cosines b_j of the old classes (DESIGN.md item 1).
+      old_boundary_cos: [C] boundary cosines b_j of the old classes (docs/design.md item 1).
       lambda_align: λ_a (default `lce_tf.defaults.LAMBDA_ALIGN`, the reference 100).
       lambda_boundary: λ_b (default `lce_tf.defaults.LAMBDA_BOUNDARY`, the reference 1).
       lambda_compat: weight of the BCT influence or L2 regression term.
@@ -199,7 +199,7 @@ class CompatibleEmbeddingModel(tf.keras.Model):
         return tf.math.l2_normalize(self.t12(unit, training=training), axis=-1)
 
     def compute_loss_terms(self, images, labels, training: bool) -> dict[str, tf.Tensor]:
-        """Every loss term of DESIGN.md item 5 for one batch, unweighted, as scalars."""
+        """Every loss term of docs/design.md item 5 for one batch, unweighted, as scalars."""
         c = self.compatibility
         images = tf.convert_to_tensor(images, tf.float32)
         labels = tf.convert_to_tensor(labels)
@@ -250,7 +250,7 @@ class CompatibleEmbeddingModel(tf.keras.Model):
         return value
 
     def total_loss(self, terms: dict[str, tf.Tensor]) -> tf.Tensor:
-        """L = L_cls + λ_a·L_a + λ_b·L_b + λ_c·(L_bct or L_l2) + regularization (DESIGN.md item 5)."""
+        """L = L_cls + λ_a·L_a + λ_b·L_b + λ_c·(L_bct or L_l2) + regularization (docs/design.md item 5)."""
         c = self.compatibility
         weights = {CLS_LOSS: 1.0, ALIGN_LOSS: c.lambda_align, BOUNDARY_LOSS: c.lambda_boundary,
                    BCT_LOSS: c.lambda_compat, L2_LOSS: c.lambda_compat}

@@ -3,14 +3,14 @@
 An `EmbeddingIndex` holds (id, embedding, model version) entries that live in ONE embedding space (the
 space of the model that produced them, or the old space that a compatible model's `embed` /
 `embed_compat` signature maps into). Similarity is the dot product of L2-normalized embeddings
-(DESIGN.md, "How compatibility is measured"): every vector is normalized on the way in, and NaN/Inf or
+(docs/design.md, "How compatibility is measured"): every vector is normalized on the way in, and NaN/Inf or
 zero vectors are refused.
 
 ScaNN (scann 1.3.0) is imported lazily, inside functions, through its numpy ("pybind") searcher, so
 `import lce_tf.retrieval` needs neither scann nor tensorflow (importing scann itself pulls in
 tensorflow, ~8 s).
 
-Index directory layout (DESIGN.md, "Artifacts and formats"):
+Index directory layout (docs/design.md, "Artifacts and formats"):
 
     INDEX_DIR/
       index.json        metadata (format lce_tf.index/1): embedding space, dim, model id/version, the
@@ -27,7 +27,7 @@ Index directory layout (DESIGN.md, "Artifacts and formats"):
       scann/            the serialized ScaNN searcher; scann_assets.pbtxt holds paths RELATIVE to
                         INDEX_DIR (ScaNN itself writes absolute ones)
 
-Relocation (DESIGN.md, "Known traps"): ScaNN's `serialize` writes absolute asset paths, so a copied or
+Relocation (docs/design.md, "Known traps"): ScaNN's `serialize` writes absolute asset paths, so a copied or
 moved index (the TFX Pusher copies) would not load with `scann_ops_pybind.load_searcher`. `save`
 rewrites the asset paths relative to INDEX_DIR and `load` re-points them at the directory it is loading
 from, in memory (the files on disk are never edited after the checksum is taken). Load indexes with
@@ -168,7 +168,7 @@ class IndexConfig:
         partition tree with `num_leaves` leaves, search `leaves_to_search` of them with AH, then
         reorder).
       num_neighbors: default k of `search`.
-      distance: only "dot_product" (embeddings are L2-normalized; DESIGN.md "How compatibility is
+      distance: only "dot_product" (embeddings are L2-normalized; docs/design.md "How compatibility is
         measured").
       num_leaves: tree_ah partitions; None -> round(sqrt(n)).
       leaves_to_search: tree_ah leaves searched per query; None -> max(ceil(num_leaves / 20),
@@ -372,7 +372,7 @@ def exact_top_k(queries: np.ndarray, gallery: np.ndarray, k: int, *, query_chunk
                 gallery_chunk: int = 32_768) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by dot product, in blocks so memory stays bounded (the reference for ANN search).
 
-    Scores s_qi = <q, g_i> (DESIGN.md: similarity of L2-normalized embeddings is the dot product; this
+    Scores s_qi = <q, g_i> (docs/design.md: similarity of L2-normalized embeddings is the dot product; this
     function does not normalize). Memory is O(query_chunk * gallery_chunk).
 
     Args:
@@ -736,7 +736,7 @@ class EmbeddingIndex(IndexCommon):
                ) -> tuple[np.ndarray, np.ndarray]:
         """Approximate top-k search with the ScaNN searcher.
 
-        Scores are dot products of the L2-normalized query and entry (DESIGN.md "How compatibility is
+        Scores are dot products of the L2-normalized query and entry (docs/design.md "How compatibility is
         measured"); with reordering (ah, tree_ah) and brute force they are exact float32 dot products
         of the returned entries. Queries for which ScaNN finds fewer than k candidates (too few leaves
         searched) are answered by exact search, with a warning.
@@ -1169,7 +1169,7 @@ def check_query_compatibility(index_metadata: Union[Mapping[str, Any], "Embeddin
 
     Rule: the model's own `embedding_space` equals the index's -> "embed"; else the model's
     `compatible_with.embedding_space` equals it -> `compatible_with.signature` ("embed" for the direct
-    modes lce/bct/l2, "embed_compat" = T21 for the transformation modes, DESIGN.md "The method" 6-7);
+    modes lce/bct/l2, "embed_compat" = T21 for the transformation modes, docs/design.md "The method" 6-7);
     else the search is refused unless `force` (then the signature whose dimension matches the index
     is returned, preferring "embed", with a warning).
 
@@ -1293,7 +1293,7 @@ def backfill(index, ids: Sequence[str], new_embeddings: np.ndarray, new_version:
     """Replaces the embeddings of existing entries with re-embedded ones (an `upsert` of a chosen subset).
 
     The new embeddings must live in the index's space: the new model's `embed` for direct modes, or
-    whatever `check_query_compatibility` says for the index (DESIGN.md "The method" 7).
+    whatever `check_query_compatibility` says for the index (docs/design.md "The method" 7).
 
     Args:
       index: updated in place (ScaNN upsert, or a Milvus upsert); save it to persist (index.json).
@@ -1352,7 +1352,7 @@ def transform_gallery(index, transform_fn: Callable[[np.ndarray], np.ndarray], n
                       config: Any = None, batch_size: int = 65_536, index_dir: Optional[str] = None):
     """Forward-compatible upgrade: maps every stored vector through T12 into the new space (no images).
 
-    Builds a NEW index (the input is untouched) with entries e'_i = normalize(T12(e_i)) (DESIGN.md,
+    Builds a NEW index (the input is untouched) with entries e'_i = normalize(T12(e_i)) (docs/design.md,
     "The forward path"; "The method" 7: forward compatible training), whose embedding_space is
     `new_space`. Ids are kept; every entry's provenance records the move ("transformed from <old space>
     by <transformed_by>", appended to an earlier transformation's as "...; then from <space> by <id>"),

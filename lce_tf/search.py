@@ -14,7 +14,7 @@ Conventions:
   "v1-8dcd1b53"); the index's `model_version` is the building model's id. `select_backfill_ids`
   therefore walks the entries that a given new model has not embedded yet.
 - Query models are mapped into the index's embedding space with `retrieval.check_query_compatibility`
-  (DESIGN.md "The method" 6-7): `embed` for the index's own model and direct-mode successors,
+  (docs/design.md "The method" 6-7): `embed` for the index's own model and direct-mode successors,
   `embed_compat` (T21) for transformation-mode successors; unrelated models are refused unless forced.
 
 Importing this module imports neither TensorFlow nor ScaNN: models and indexes are passed in (or
@@ -442,7 +442,7 @@ def backfill_from_images(index: "retrieval.EmbeddingIndex", model, gallery_dir: 
     The entries to re-embed are the next ones of `retrieval.select_backfill_ids` (a fixed seeded order,
     so successive calls extend one another); their images are GALLERY_DIR/<id>; they are embedded with
     the new model's signature for the index's space (`embed` in the direct modes, `embed_compat` = T21
-    in the transformation modes; DESIGN.md "The method" 6-7) and written with `retrieval.backfill`
+    in the transformation modes; docs/design.md "The method" 6-7) and written with `retrieval.backfill`
     (ScaNN upsert in place) at version `model.model_id`. Save the index to persist.
 
     Upserts keep the tree partitions and AH codebooks trained on the vectors the index was built from.
@@ -496,7 +496,7 @@ def upgrade_with_t12(index: "retrieval.EmbeddingIndex", model, *, new_version: O
                      config: Optional[Any] = None, out_dir: Optional[str] = None) -> "retrieval.EmbeddingIndex":
     """Forward-compatible upgrade: maps every gallery vector through the new model's T12 (no images).
 
-    Returns a NEW index in the new model's own space (`retrieval.transform_gallery`, DESIGN.md "The
+    Returns a NEW index in the new model's own space (`retrieval.transform_gallery`, docs/design.md "The
     method" 7: forward compatible training), whose entries have version `new_version` (default
     "<model_id>-t12"), so `backfill_from_images(new_index, model, ...)` can then replace them with the
     model's own `embed` vectors gradually. The input index is untouched.
@@ -570,7 +570,7 @@ def ranked_metrics(result_classes: np.ndarray, query_classes: Sequence[Any],
     """top-k (CMC) and mAP@K of ranked result lists [Q, K] (K = the number of results per query).
 
     AP@K = (1 / min(R, K)) * sum over relevant ranks r <= K of precision@r, R = gallery items of the
-    query's class (`class_counts`); equal to the full AP of DESIGN.md "How compatibility is measured"
+    query's class (`class_counts`); equal to the full AP of docs/design.md "How compatibility is measured"
     when all R relevant items are within the top K. Queries whose class has no gallery item are left
     out (as `evaluation.retrieval_metrics` does).
 

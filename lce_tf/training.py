@@ -30,7 +30,7 @@ class TrainingDivergedError(RuntimeError):
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Settings of one training run (defaults are the demo's; see DESIGN.md for the loss weights).
+    """Settings of one training run (defaults are the demo's; see docs/design.md for the loss weights).
 
     Attributes:
       architecture: backbone name (lce_tf.backbones.ARCHITECTURES).
@@ -60,7 +60,7 @@ class TrainConfig:
     """
 
     architecture: str = "cnn"
-    embedding_dim: int = 128
+    embedding_dim: int = defaults.EMBEDDING_DIM
     loss: str = "arcface"
     scale: float = 16.0
     margin: float = 0.1

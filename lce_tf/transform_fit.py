@@ -1,6 +1,6 @@
 """Fits a transformation between two models' embedding spaces from paired embeddings of the same images.
 
-The forward upgrade route (DESIGN.md, "The forward path"): after v2 is trained, embed the training
+The forward upgrade route (docs/design.md, "The forward path"): after v2 is trained, embed the training
 images with both models, x -> (φ1(x), φ2(x)), and fit T12 (old -> new) with the
 `lce_tf.layers.CompatibilityTransform` block and `model.fit`, minimising the cosine distance on unit
 vectors (`lce_tf.losses.cosine_distance_loss`):
@@ -231,7 +231,7 @@ def build_transform_model(old_dim: int, new_dim: int, settings: TransformFitSett
 
     Inputs {"old": [B, D_old], "new": [B, D_new]}; outputs {"old_to_new": unit T12(old) [B, D_new]} and,
     with direction "both", {"new_to_old": unit T21(new) [B, D_old]}. Each T is a
-    `CompatibilityTransform(width, num_paths)` followed by `L2Normalize` (DESIGN.md, item 6).
+    `CompatibilityTransform(width, num_paths)` followed by `L2Normalize` (docs/design.md, item 6).
     """
     import tensorflow as tf
 

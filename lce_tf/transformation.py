@@ -1,6 +1,6 @@
 """Fitted transformations between embedding spaces, as artifacts: write, verify, load, apply.
 
-A transformation directory (DESIGN.md, "The forward path") holds
+A transformation directory (docs/design.md, "The forward path") holds
 
     TRANSFORM_DIR/
       saved_model.pb, variables/, ...   a SavedModel with the signature `old_to_new` (input `embeddings`

@@ -52,7 +52,7 @@ def _is_uri(path: str) -> bool:
 
 @dataclasses.dataclass
 class PipelineConfig:
-    """Everything one pipeline run needs (DESIGN.md, "Architecture": pipeline/).
+    """Everything one pipeline run needs (docs/design.md, "Architecture": pipeline/).
 
     Data (image folders DIR/<class>/<image>; query and gallery hold held-out classes):
       train_dir, query_dir, gallery_dir: the training images and the eval split's queries and gallery.
@@ -85,7 +85,7 @@ class PipelineConfig:
 
     Class centers: boundary ("min" or "percentile:P"), flip_average.
 
-    Forward route (DESIGN.md, "The forward path"; with an old model the GalleryTransformFitter fits T12 old ->
+    Forward route (docs/design.md, "The forward path"; with an old model the GalleryTransformFitter fits T12 old ->
       new on the training split): transform_direction ("old-to-new" or "both"), transform_width,
       transform_epochs, transform_batch_size (lce_tf.transform_fit.TransformFitSettings).
 
@@ -125,7 +125,7 @@ class PipelineConfig:
     mode: str = "lce"
     version: str = "v1"
     architecture: str = "cnn"
-    embedding_dim: int = 64
+    embedding_dim: int = defaults.EMBEDDING_DIM
     loss: str = "arcface"
     scale: float = 16.0
     margin: float = 0.1

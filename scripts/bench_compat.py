@@ -7,7 +7,7 @@
 
 Every model is trained in this one process (TensorFlow imported once) with the lce_tf library: the
 same data, the same seed, the same optimiser settings for every method; only the compatibility term
-differs. Measures follow DESIGN.md, "How compatibility is measured": M(Q, G) = top-1 and mAP of
+differs. Measures follow docs/design.md, "How compatibility is measured": M(Q, G) = top-1 and mAP of
 queries embedded by Q against a gallery embedded by G on the held-out test classes (open set: no
 test class is ever trained on), each with a 95% bootstrap interval over the queries.
 
@@ -128,7 +128,7 @@ PROFILES = {
                    val_classes=400),
     # --quick: the same scenarios (22 models) at smoke-test size, within 5 minutes: ~60 steps per new model
     # and ~56 per old one, about the fewest that leave BatchNormalization's moving statistics converged
-    # (DESIGN.md, "Known traps"). Measured: 4/3 epochs at 20 px, batch 32 took 9.0 min; 3/3 at 16 px 6.6 min.
+    # (docs/design.md, "Known traps"). Measured: 4/3 epochs at 20 px, batch 32 took 9.0 min; 3/3 at 16 px 6.6 min.
     "quick": Profile("quick", train_classes=60, test_classes=30, size=16, epochs=2, old_epochs=4, batch_size=48,
                      val_classes=20, seeds=(0, 1)),
 }
@@ -489,7 +489,7 @@ class ModelZoo:
             cosine = centers.mean_pairwise_cosine()
             if cosine > 0.9:
                 _log(f"WARNING: centers of {self.names.get(spec)} have mean pairwise cosine {cosine:.2f}: the "
-                     "embeddings look collapsed (DESIGN.md, BatchNormalization trap)")
+                     "embeddings look collapsed (docs/design.md, Known traps)")
             self._centers[key] = centers
         return self._centers[key]
 
@@ -1307,7 +1307,7 @@ def _read_validation_choice(out_dir: str) -> Optional[str]:
                                     f"λ_b = {chosen['lambda_boundary']:g} (validation.md)")
 
 
-# (method, boundary rule, λ_a, λ_b): the reference defaults, then ever tighter boundaries (DESIGN.md's trial chose the
+# (method, boundary rule, λ_a, λ_b): the reference defaults, then ever tighter boundaries (an early trial chose the
 # 20th percentile with λ_b = 10). bct and l2 are not candidates (the benchmark runs them at weight 1).
 VALIDATION_CANDIDATES: tuple[tuple[str, str, float, float], ...] = (
     ("lce", "min", 100.0, 1.0), ("lce", "percentile:20", 100.0, 10.0), ("lce", "percentile:50", 100.0, 10.0),

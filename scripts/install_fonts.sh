@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the free CJK font Debian packages that `lce-tf data glyphs` renders its demo and
-# benchmark dataset from (DESIGN.md, "Demo and benchmark data"). Each package is a few MB.
+# benchmark dataset from (docs/design.md, "Demo and benchmark data"). Each package is a few MB.
 #
 #   bash scripts/install_fonts.sh           # install what is missing (needs root and apt-get)
 #   bash scripts/install_fonts.sh --check   # only report; exit 0 when all are installed, else 2
@@ -10,7 +10,7 @@
 # Without these fonts, pass your own image folders to lce-tf instead (root/<class>/<image>.png).
 set -u
 
-# The packages DESIGN.md measured (twenty regular faces sharing 2,064 characters of U+4E00-U+9FFF),
+# The packages docs/design.md measured (twenty regular faces sharing 2,064 characters of U+4E00-U+9FFF),
 # plus four cheap extra designs (2-12 MB each) that keep the set of characters common to all fonts
 # above 3,000 (checked on Debian 12 with lce_tf.glyphs): BIZ UD Mincho, cwTeX HeiBold, Motoya L
 # Cedar, Aoyagi Kouzan T. lce_tf.glyphs drops near-duplicate designs by rendering, so some of these

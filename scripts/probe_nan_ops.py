@@ -1,4 +1,4 @@
-"""Which TensorFlow ops turn NaN into a finite number on this CPU (DESIGN.md, "Known traps").
+"""Which TensorFlow ops turn NaN into a finite number on this CPU (docs/design.md, "Known traps").
 
 On CPUs with AVX-512, TF 2.15's max-pool returns -3.4e38 for an all-NaN window, so a network fed NaN
 images can train to finite losses. This probe feeds NaN (an all-NaN input, and one NaN among finite

@@ -118,7 +118,7 @@ def test_cosine_classifier_in_functional_model_serializes_without_custom_objects
 def _reference_paths(layer, x, training):
     """Σ_p path_p(x) + skip(x) with one Dense/BN/PReLU per path and stage, holding the layer's weights.
 
-    DESIGN.md item 6 written out path by path: the fused layer must compute exactly this.
+    docs/design.md item 6 written out path by path: the fused layer must compute exactly this.
     """
     out = x if layer.skip is None else layer.skip(x)
     for p in range(layer.num_paths):

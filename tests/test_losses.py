@@ -144,7 +144,7 @@ def test_margin_losses_in_model_fit(loss):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Alignment loss (DESIGN.md item 3)
+# Alignment loss (docs/design.md item 3)
 # ---------------------------------------------------------------------------------------------------
 
 def test_alignment_loss_hand_value_and_identity():
@@ -201,7 +201,7 @@ def test_alignment_loss_dimension_errors_name_both_dims():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Boundary loss (DESIGN.md item 4)
+# Boundary loss (docs/design.md item 4)
 # ---------------------------------------------------------------------------------------------------
 
 CENTERS = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
@@ -259,7 +259,7 @@ def test_boundary_loss_errors_name_both_dims():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Transformed alignment (DESIGN.md item 6)
+# Transformed alignment (docs/design.md item 6)
 # ---------------------------------------------------------------------------------------------------
 
 def test_transformed_alignment_hand_value():

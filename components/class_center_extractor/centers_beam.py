@@ -1,6 +1,6 @@
 """Beam transforms of the ClassCenterExtractor: old-model embeddings -> exact class centers and boundaries.
 
-DESIGN.md, the method, item 1, as a two-pass Beam computation over streamed data:
+docs/design.md, the method, item 1, as a two-pass Beam computation over streamed data:
 
     f̂_i = normalize(φ1(x_i))                           (EmbedExamples: a DoFn loading φ1 in setup())
     pass 1  c_j = normalize(Σ_{y_i=j} f̂_i)              ("SumPerClass": CombineGlobally(CenterSumsCombineFn))

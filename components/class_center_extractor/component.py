@@ -3,7 +3,7 @@
     centers = ClassCenterExtractor(examples=example_gen.outputs["examples"],
                                    old_model=resolver.outputs["model"]).outputs[CLASS_CENTERS_KEY]
 
-DESIGN.md, the method, item 1: for every class j of the NEW training split, c_j = normalize(Σ f̂_i) and
+docs/design.md, the method, item 1: for every class j of the NEW training split, c_j = normalize(Σ f̂_i) and
 b_j = min or P-th percentile of ⟨f̂_i, c_j⟩, f̂ = normalize(φ1(x)). Exact, in two Beam passes with
 combiners (centers_beam.py); the old model is loaded in the DoFn's setup() on every worker.
 """
@@ -58,7 +58,7 @@ class ClassCenterExtractor(base_beam_component.BaseBeamComponent):
           examples: Examples with the training split (lce_tf.data records).
           old_model: the old Model (resolved from the metadata store or imported); may be empty.
           split: the split to compute the centers over.
-          boundary: "min" (reference) or "percentile:P" (robust; default 20, DESIGN.md trial).
+          boundary: "min" (reference) or "percentile:P" (robust).
           flip_average: sum the embeddings of each image and its horizontal flip (off for glyph data).
           batch_size: images per embedding batch in the workers.
         """

@@ -9,7 +9,7 @@ On the held-out query and gallery splits it computes the compatibility matrix M(
 model) of the candidate, the old model and (when connected) the independently trained reference new*
 with `lce_tf.comparison.compare_models`: new/old, old/old, new/new (and new*/new*, update gain, new-model
 sacrifice), and, with a fitted transformation T12 (GalleryTransformFitter), the forward pair
-M(new, T12(old)). Two upgrade routes (DESIGN.md, "The forward path"):
+M(new, T12(old)). Two upgrade routes (docs/design.md, "The forward path"):
 
     backward  the candidate declares compatibility with the old space and
               M(new, old) > M(old, old) + margin on top-1 and on mAP      (the paper's criterion);

@@ -106,7 +106,7 @@ def decide(report: dict[str, Any], results: dict, *, new: str, old: Optional[str
 
     Checks:
       own accuracy     M(new, new).top1 >= min_top1 and M(new, new).mAP >= min_map;
-      with an old model, two routes (both are measured and reported; DESIGN.md "The forward path"):
+      with an old model, two routes (both are measured and reported; docs/design.md "The forward path"):
         backward       the candidate declares compatibility with the old model's space (else its queries
                        could not be served against the old index), and M(new, old) > M(old, old) + margin
                        on top-1 and on mAP (the BCT empirical criterion, the paper's);

@@ -3,7 +3,7 @@
     transformation = GalleryTransformFitter(model=trainer.outputs["model"], old_model=resolver.outputs["model"],
                                             examples=example_gen.outputs["examples"]).outputs[TRANSFORMATION_KEY]
 
-DESIGN.md, "The forward path": the training split is embedded with the old and the candidate model,
+docs/design.md, "The forward path": the training split is embedded with the old and the candidate model,
 and T12 (the `lce_tf.layers.CompatibilityTransform` block) is fitted on the pairs (φ1(x), φ2(x)) with a
 cosine loss (`lce_tf.transform_fit`). The CompatibilityValidator measures M(new, T12(old)) with it, the
 IndexBuilder upgrades the served index through it on a forward blessing, and the Pusher ships it with

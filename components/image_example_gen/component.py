@@ -4,7 +4,7 @@
                                      gallery_dir="data/gallery").outputs[EXAMPLES_KEY]
 
 The training folder becomes the `train` split; the held-out query and gallery folders (disjoint classes,
-DESIGN.md "Demo and benchmark data") become the `query` and `gallery` splits that the
+docs/design.md "Demo and benchmark data") become the `query` and `gallery` splits that the
 CompatibilityValidator and the IndexBuilder read. Records are tf.train.Example in the lce_tf.data format
 (image/encoded, image/class/label, image/class/text), written by `lce_tf.data.write_tfrecords`.
 

@@ -10,7 +10,7 @@ work is `lce_tf.training.train` + `lce_tf.export.export_model`; the Model artifa
 model directory in Format-Serving/, the layout the stock Pusher and Evaluator read.
 
 Modes: independent (new*), lce (direct, D_new = D_old), lce-transform (T12/T21, any dimensions), bct,
-l2 (DESIGN.md, the method, items 3-8). An empty old-model channel (first run) trains independently.
+l2 (docs/design.md, the method, items 3-8). An empty old-model channel (first run) trains independently.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class LceTrainer(base_component.BaseComponent):
 
     def __init__(self, examples: channel.BaseChannel, class_centers: Optional[channel.BaseChannel] = None,
                  old_model: Optional[channel.BaseChannel] = None, *, mode: str = "lce", architecture: str = "cnn",
-                 embedding_dim: int = 64, loss: str = "arcface", scale: float = 16.0, margin: float = 0.1,
+                 embedding_dim: int = defaults.EMBEDDING_DIM, loss: str = "arcface", scale: float = 16.0, margin: float = 0.1,
                  lambda_align: float = defaults.LAMBDA_ALIGN, lambda_boundary: float = defaults.LAMBDA_BOUNDARY, lambda_compat: float = 1.0,
                  epochs: int = 5, batch_size: int = 128, learning_rate: float = 1e-3, shift_pixels: int = 2,
                  seed: int = 0, version: str = "v1", split: str = "train"):
