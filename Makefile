@@ -8,7 +8,7 @@ STAMP    := $(VENV)/.installed-from-lock
 DEMO_DIR ?= build/demo
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo demo-cli bench bench-quick bench-ann bench-scale lock fonts clean
+.PHONY: venv test test-fast demo demo-cli bench bench-quick bench-ann bench-scale bench-train lock fonts clean
 
 venv: $(STAMP)
 
@@ -53,6 +53,10 @@ bench-quick: venv fonts
 
 bench-ann: venv
 	$(PY) scripts/bench_ann.py $(BENCH_ARGS)
+
+# Training images/s before/after the in-memory input path, per backbone and mode (train_speed.md).
+bench-train: venv fonts
+	$(PY) scripts/bench_train.py $(BENCH_ARGS)
 
 # Scale-out: Beam center extraction vs in-process, multi-worker training vs one worker (scale.md),
 # then the slow scale test.
