@@ -246,7 +246,8 @@ def train(config: TrainConfig, train_dataset, *, num_classes: int, input_shape: 
       TrainingDivergedError: a loss became NaN/Inf.
     """
     cardinality = getattr(train_dataset, "cardinality", None)
-    if config.steps_per_execution > 1 and steps_per_epoch is None and cardinality is not None and int(cardinality()) < 0:
+    unknown_size = cardinality is not None and int(cardinality()) < 0
+    if config.steps_per_execution > 1 and steps_per_epoch is None and unknown_size:
         logger.info("train: the dataset's size is unknown and no steps_per_epoch is given: one step per execution")
         config = dataclasses.replace(config, steps_per_execution=1)
     model = build_model(config, num_classes=num_classes, input_shape=input_shape, old_centers=old_centers,

@@ -500,8 +500,8 @@ def run(data_dir: Optional[str], out_dir: str, profile: Profile, *, work: str, c
     for key, label, reference in ablation:
         config, ref = configs[key], configs[reference]
         ablation_rows.append({"key": key, "change": label, "relative_to": reference, **summarize(config),
-                              "speedup": paired_ratio(config, ref) if not config.error else None,
-                              "cpu_speedup": paired_ratio(ref, config, "cpu_us_per_image") if not config.error else None})
+                              "speedup": None if config.error else paired_ratio(config, ref),
+                              "cpu_speedup": None if config.error else paired_ratio(ref, config, "cpu_us_per_image")})
     _log("inference")
     infer_images = data.load_images(folder.paths[:profile.inference_batch], shape)
     inference_models = {b: configs[f"{b}/independent/after"].model for b in profile.backbones
@@ -604,7 +604,8 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {row['backbone']} | {row['mode']} | " + " | ".join(cells) + " |")
     if report["ablation"]:
         lines += ["", "## One change at a time (cnn, independent unless named)", "",
-                  "| change | relative to | images/s | speed-up (wall) | speed-up (CPU) | note |", "|---|---|---|---|---|---|"]
+                  "| change | relative to | images/s | speed-up (wall) | speed-up (CPU) | note |",
+                  "|---|---|---|---|---|---|"]
         for row in report["ablation"]:
             lines.append(f"| {row['change']} | {row['relative_to']} | {_num(row['images_per_s'])} | "
                          f"{_num(row['speedup'], '{:.2f}x')} | {_num(row['cpu_speedup'], '{:.2f}x')} | "
