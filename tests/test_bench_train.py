@@ -50,7 +50,7 @@ def test_quick_report_structure(report):
             assert entry["path"] == path and entry["error"] is None
             assert _rate(entry["images_per_s"]) and _rate(entry["cpu_us_per_image"])
             assert len(entry["images_per_s_rounds"]) == loaded["profile"]["rounds"]
-            assert entry["first_call_seconds"] > 0
+            assert entry["setup_seconds"] > 0
         assert row["before"]["dataset"] == "stream" and row["after"]["dataset"] == "memory"
         assert row["after+bf16"]["settings"] == {"precision": "mixed_bfloat16"}
         assert _rate(row["speedup_after"]) and _rate(row["cpu_speedup_after+bf16"])
