@@ -13,7 +13,7 @@ move through a small network; no image is re-encoded.
 
 Memory stays bounded whatever the data size: the pairs are embedded batch by batch and appended to two
 float32 files on disk (`PairStore`), which `fit` reads back through a `tf.data` generator in shuffled
-blocks of at most `PairStore.BLOCK_ROWS` rows per epoch.
+blocks of at most `PairStore.BLOCK_ROWS` rows per epoch, batched in the graph.
 
 Defaults (`TransformFitSettings`: width 128, 30 epochs, Adam 1e-3, batch 256) were chosen on a
 validation split of the TRAINING classes of the full glyph set, never on its test classes
@@ -39,6 +39,10 @@ from lce_tf import transformation as tr
 Progress = Optional[Callable[[str], None]]
 
 DIRECTIONS = ("old-to-new", "both")
+
+# Train steps per call into the graph (Keras `steps_per_execution`): the block is small, so per-step
+# host overhead would dominate the fit; the steps and their order are the same for any value.
+STEPS_PER_EXECUTION = 32
 
 
 @dataclasses.dataclass
@@ -159,10 +163,17 @@ class PairStore:
             yield (np.asarray(self._arrays["old"][start:stop])[order],
                    np.asarray(self._arrays["new"][start:stop])[order])
 
+    def steps_per_epoch(self, batch_size: int) -> int:
+        """Batches in one epoch of `dataset` (each block ends in its own partial batch)."""
+        sizes = np.diff(np.append(np.arange(0, self.num_pairs, self.BLOCK_ROWS), self.num_pairs))
+        return int(sum(math.ceil(size / batch_size) for size in sizes))
+
     def dataset(self, batch_size: int, seed: int, signatures: tuple[str, ...]):
-        """A tf.data.Dataset of one shuffled epoch per iteration (a new order every epoch, seeded):
-        elements (inputs {"old", "new"}, targets {signature: target}) for the Keras model of
-        `build_transform_model` (old_to_new's target is the new embedding, new_to_old's the old one)."""
+        """A tf.data.Dataset of shuffled epochs, repeated: `steps_per_epoch` batches per epoch, a new
+        order every epoch (seeded). Elements (inputs {"old", "new"}, targets {signature: target}) for
+        the Keras model of `build_transform_model` (old_to_new's target is the new embedding,
+        new_to_old's the old one). Python hands over whole blocks and the batches are cut in the graph
+        (one Python call per block, not per batch)."""
         import tensorflow as tf
 
         epoch = [0]
@@ -170,17 +181,17 @@ class PairStore:
         def generate():
             rng = np.random.default_rng([seed, epoch[0]])
             epoch[0] += 1
-            for old, new in self.blocks(rng):
-                for i in range(0, len(old), batch_size):
-                    o, n = old[i:i + batch_size], new[i:i + batch_size]
-                    targets = {tr.OLD_TO_NEW: n, tr.NEW_TO_OLD: o}
-                    yield {"old": o, "new": n}, {s: targets[s] for s in signatures}
+            yield from self.blocks(rng)
 
-        specs = {"old": tf.TensorSpec([None, self.old_dim], tf.float32),
-                 "new": tf.TensorSpec([None, self.new_dim], tf.float32)}
-        target_specs = {tr.OLD_TO_NEW: specs["new"], tr.NEW_TO_OLD: specs["old"]}
-        return tf.data.Dataset.from_generator(
-            generate, output_signature=(specs, {s: target_specs[s] for s in signatures})).prefetch(2)
+        def to_batches(old, new):
+            targets = {tr.OLD_TO_NEW: new, tr.NEW_TO_OLD: old}
+            inputs = {"old": old, "new": new}
+            return tf.data.Dataset.from_tensor_slices((inputs, {s: targets[s] for s in signatures})).batch(batch_size)
+
+        blocks = tf.data.Dataset.from_generator(
+            generate, output_signature=(tf.TensorSpec([None, self.old_dim], tf.float32),
+                                        tf.TensorSpec([None, self.new_dim], tf.float32)))
+        return blocks.flat_map(to_batches).repeat().prefetch(tf.data.AUTOTUNE)
 
 
 def embed_pairs(old_model, new_model, data, store_dir: str, *, batch_size: int = 256,
@@ -289,7 +300,8 @@ def fit_transformation(pairs: PairStore, settings: TransformFitSettings, *, prog
     seed_everything(settings.seed)
     model = build_transform_model(pairs.old_dim, pairs.new_dim, settings)
     model.compile(optimizer=tf.keras.optimizers.Adam(settings.learning_rate),
-                  loss={s: CosineDistanceLoss() for s in settings.signatures})
+                  loss={s: CosineDistanceLoss() for s in settings.signatures},
+                  steps_per_execution=STEPS_PER_EXECUTION)
     model.optimizer.build(model.trainable_variables)  # one trace of the train step (lce_tf.training.train)
     callbacks = [tf.keras.callbacks.TerminateOnNaN()]
     if progress:
@@ -297,7 +309,8 @@ def fit_transformation(pairs: PairStore, settings: TransformFitSettings, *, prog
             f"transformation fit epoch {epoch + 1}/{settings.epochs}: "
             + ", ".join(f"{k} {v:.4f}" for k, v in sorted((logs or {}).items())))))
     history = model.fit(pairs.dataset(settings.batch_size, settings.seed, settings.signatures),
-                        epochs=settings.epochs, verbose=verbose, callbacks=callbacks).history
+                        epochs=settings.epochs, steps_per_epoch=pairs.steps_per_epoch(settings.batch_size),
+                        verbose=verbose, callbacks=callbacks).history
     check_history(history)
     return FittedTransformation(model, settings, {k: [float(v) for v in vs] for k, vs in history.items()},
                                 pairs.num_pairs, len(pairs.class_counts))

@@ -1063,7 +1063,8 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
              f"- machine: {m['hostname']}, {m['cpu']}, {m['cpus_available']} CPU cores available, "
              f"load average {m['load_average_start']} at start, {m.get('load_average_end')} at end; "
              f"Python {m['python']}, TensorFlow {m['tensorflow']}, lce_tf {report['lce_tf_version']}",
-             f"- seed: {report['seed']} (every model; TensorFlow op determinism on)",
+             f"- seed: {report['seed']} (every model; TensorFlow op determinism on, "
+             f"{m.get('tf_inter_op_threads') or 'default'} inter-op threads)",
              f"- command: `{report['command']}`"]
     d = report["dataset"]
     lines.append(f"- data: {d['kind']} ({d['path']}): {d['train_classes']} training classes / {d['train_images']} "
@@ -1171,7 +1172,20 @@ def machine_info() -> dict[str, Any]:
     return {"hostname": socket.gethostname(), "platform": platform.platform(), "cpu": cpu,
             "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "python": platform.python_version(), "tensorflow": tf.__version__,
+            "tf_inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
             "load_average_start": [round(v, 2) for v in os.getloadavg()]}
+
+
+def use_one_inter_op_thread() -> None:
+    """One TensorFlow inter-op thread (before TensorFlow starts; a no-op after). Measured on 2 cores with op
+    determinism on: transformation fits 1.7x faster (12.1 s -> 7.2 s for 5 epochs on 33,235 pairs) and cnn
+    training ~5% faster, with bit-identical losses; the networks here have no parallel branches to run."""
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # TensorFlow already running (e.g. called from the test suite): keep its setting
+        pass
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1662,6 +1676,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.val_classes:
         profile = dataclasses.replace(profile, val_classes=args.val_classes)
     command = "python scripts/bench_compat.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    use_one_inter_op_thread()
     try:
         if args.epoch_study:
             run_epoch_study(args.data, args.out, profile, max_epochs=args.epoch_study, seed=args.seed, work=args.work,
