@@ -12,20 +12,7 @@ import pytest
 from lce_tf import cli
 from lce_tf.centers import ClassCenters
 
-
-def run_cli(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_bad_input(capsys, *argv, match):
-    code, _, err = run_cli(capsys, *argv)
-    assert code == cli.EXIT_BAD_INPUT, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("lce-tf: error: "), err
-    assert match in lines[0], lines[0]
-    assert "Traceback" not in err
+from cli_helpers import assert_bad_input, run_cli
 
 
 # The walk-through's data: 8 training classes, 6 test classes (4 query + 16 gallery images each) of

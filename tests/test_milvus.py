@@ -20,6 +20,8 @@ import pytest
 from lce_tf import cli, fileio, milvus_index as M, retrieval as R, search
 from lce_tf.milvus_index import MilvusConfig, MilvusIndex
 
+from cli_helpers import assert_bad_input, run_cli
+
 DIM = 16
 SHAPE = (16, 16, 1)
 
@@ -478,19 +480,6 @@ def test_bad_input_lite_index_type_is_refused_before_anything_is_written(small):
 # ---------------------------------------------------------------------------------------------------
 # The command line on Milvus Lite: build, search, guard, move, backfill, upgrade
 # ---------------------------------------------------------------------------------------------------
-
-def run_cli(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_bad_input(capsys, *argv, match):
-    code, _, err = run_cli(capsys, *argv)
-    assert code == cli.EXIT_BAD_INPUT, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("lce-tf: error: ") and "Traceback" not in err, err
-    assert match in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -15,22 +15,10 @@ import pytest
 
 from lce_tf import cli, retrieval, search
 
+from cli_helpers import assert_bad_input, run_cli
+
 SHAPE = (16, 16, 1)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_cli(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_bad_input(capsys, *argv, match):
-    code, _, err = run_cli(capsys, *argv)
-    assert code == cli.EXIT_BAD_INPUT, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("lce-tf: error: "), err
-    assert match in lines[0], lines[0]
 
 
 def _unit(x):

@@ -16,6 +16,8 @@ from lce_tf import cli
 from lce_tf import transform_fit as TF
 from lce_tf import transformation as TR
 
+from cli_helpers import assert_bad_input, run_cli
+
 SHAPE = (16, 16, 1)
 
 
@@ -200,19 +202,6 @@ def test_space_checks_name_both_spaces_and_the_wrong_direction(exported):
 # The command line: fit, evaluate, index upgrade / search / backfill, bad input
 # ---------------------------------------------------------------------------------------------------
 
-def run_cli(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_bad_input(capsys, *argv, match):
-    code, _, err = run_cli(capsys, *argv)
-    assert code == cli.EXIT_BAD_INPUT, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("lce-tf: error: ") and "Traceback" not in err, err
-    assert match in lines[0] or __import__("re").search(match, lines[0]), lines[0]
-
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
@@ -355,7 +344,7 @@ def test_cli_transformation_bad_input(ws, capsys, tmp_path):
     shutil.rmtree(tmp_path / "idx-v2")
     assert_bad_input(capsys, "evaluate", "--query", ws / "data/query", "--gallery", ws / "data/gallery",
                      "--model", f"v2={ws / 'v2'}", "--transform", f"T={ws / 't12'}",
-                     match=r"maps embedding space \S+ -> \S+, but the models give no gallery in")
+                     pattern=r"maps embedding space \S+ -> \S+, but the models give no gallery in")
     # nothing was written half-way
     assert not any((tmp_path / name).exists() for name in ("x1", "x2", "x3"))
     assert not [e for e in os.listdir(tmp_path) if e.startswith(".")]
