@@ -143,9 +143,11 @@ def test_seed_summary_judges_on_the_mean_and_names_disagreeing_seeds():
 def test_chain_targets_forward_and_direct():
     chain = {"S5": {"average_compatibility": {"top1": 0.0, "mAP": 2 / 3},
                     "average_compatibility_forward": {"top1": 1.0, "mAP": 1.0},
-                    "forward_pairs": [{"new": "v2", "old": "v1", "via": "T12(v1)", "top1": True, "mAP": True}]}}
+                    "forward_pairs": [{"new": "v2", "old": "v1", "via": "T12(v1)", "top1": 0.91, "mAP": 0.62,
+                                       "pass": {"top1": True, "mAP": False}}]}}
     targets = bench.check_targets(chain)
     assert "forward" in targets[0]["target"] and targets[0]["met"]
+    assert "v2 vs T12(v1): top-1 pass, mAP FAIL" in targets[0]["detail"]  # the pass flags, not the values
     assert not targets[1]["met"]
 
 
