@@ -1178,9 +1178,11 @@ def machine_info() -> dict[str, Any]:
 
 
 def use_one_inter_op_thread() -> None:
-    """One TensorFlow inter-op thread (before TensorFlow starts; a no-op after). Measured on 2 cores with op
-    determinism on: transformation fits 1.7x faster (12.1 s -> 7.2 s for 5 epochs on 33,235 pairs) and cnn
-    training ~5% faster, with bit-identical losses; the networks here have no parallel branches to run."""
+    """One TensorFlow inter-op thread (before TensorFlow starts; a no-op after). Results are bit-identical
+    either way. On 2 cores it is about neutral: in two runs of the full profile on 2026-11-30 (S1 and S2 up
+    to BCT with the default, then with one thread) the T12 fits took 202 s instead of 220 s, the cnn models
+    the same time within 5%, and l2 (whose frozen old network can run beside the new one) 169 s instead
+    of 148 s. A micro-benchmark of one fit alone had shown 1.7x, which the full runs did not reproduce."""
     import tensorflow as tf
 
     try:
