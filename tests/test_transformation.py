@@ -315,7 +315,7 @@ def test_cli_transformation_bad_input(ws, capsys, tmp_path):
     v1 = json.loads((ws / "v1/lce_tf_model.json").read_text())["embedding_space"]
     v2 = json.loads((ws / "v2/lce_tf_model.json").read_text())["embedding_space"]
     assert_bad_input(capsys, "index", "upgrade", "--index", tmp_path / "idx-v2", "--transform", ws / "t12",
-                     "--out", tmp_path / "x1", match=f"lives in embedding space {v2}, the OUTPUT space of old_to_new "
+                     "--out", tmp_path / "x1", pattern=f"lives in embedding space {v2}, the OUTPUT space of old_to_new "
                      f"of transformation .* maps {v1} -> {v2}: wrong direction")
     # 2. dimensions that do not match: a transformation claiming v1's space but taking 4-d vectors
     import tensorflow as tf
