@@ -25,7 +25,7 @@ setup(
     ],
     extras_require={
         "retrieval": ["scann==1.3.0"],
-        # The Milvus backend of the index (lce_tf.milvus_index): the client and the embedded Milvus Lite,
+        # The Milvus backend of the index (lce_tf.index.milvus_index): the client and the embedded Milvus Lite,
         # which imports pkg_resources (removed in setuptools 81).
         "milvus": ["pymilvus==2.5.18", "milvus-lite==2.5.1", "setuptools<81"],
         "pipeline": ["tfx[kfp]==1.15.1", "kfp==1.8.22", "apache-beam[gcp]", "dill", "scann==1.3.0"],

@@ -4,7 +4,7 @@
   [C, D], boundary_cos [C], counts [C], class names, source model id, checksum). When the pipeline had
   no old model (its first run), the directory holds only `NO_OLD_MODEL` and the custom property
   `available` is 0.
-- `RetrievalIndex`: a directory holding `index/` (a relocatable lce_tf.retrieval.EmbeddingIndex). When
+- `RetrievalIndex`: a directory holding `index/` (a relocatable lce_tf.index.scann_index.EmbeddingIndex). When
   the model was not blessed the index is not built: the directory holds only `NOT_BUILT` and the
   custom property `built` is 0.
 - `GalleryTransformation`: a directory holding `transformation/` (an lce_tf transformation directory:
@@ -34,7 +34,7 @@ class ClassCenters(artifact.Artifact):
 
 
 class RetrievalIndex(artifact.Artifact):
-    """A versioned, relocatable ScaNN index of a gallery (lce_tf.retrieval)."""
+    """A versioned, relocatable ScaNN index of a gallery (lce_tf.index)."""
 
     TYPE_NAME = "lce_tf.RetrievalIndex"
 

@@ -336,7 +336,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-# index: versioned indexes, ScaNN or Milvus (lce_tf.search, lce_tf.retrieval, lce_tf.milvus_index)
+# index: versioned indexes of any registered backend, e.g. ScaNN or Milvus (lce_tf.index)
 
 
 def _check_index_out(out: str, overwrite: bool) -> None:
@@ -346,26 +346,22 @@ def _check_index_out(out: str, overwrite: bool) -> None:
 
 def _index_summary(index) -> str:
     versions = ", ".join(f"{v}: {n}" for v, n in index.version_counts().items())
-    where = ""
-    if index.backend == "milvus":
-        where = (f" in Milvus collection {index.collection} ("
-                 + ("Milvus Lite database in the index directory" if index.lite else
-                    f"server {index.uri}, alias {index.alias}") + ")")
     return (f"{len(index)} entries x {index.dim}, embedding space {index.embedding_space}, "
-            f"{index.config.algorithm}{where}; versions {versions}")
+            f"{index.config.algorithm}{index.where_text()}; versions {versions}")
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from lce_tf import search
+    from lce_tf.index import images
+    from lce_tf.index.registry import backend_class
     from lce_tf.serving import load_embedding_model
 
-    overrides = search.parse_config_overrides(args.config or [])
-    if args.backend != "milvus" and (args.milvus_uri or args.milvus_alias):
+    overrides = images.parse_config_overrides(args.config or [])
+    if not backend_class(args.backend).SERVER and (args.milvus_uri or args.milvus_alias):
         raise UsageError("--milvus-uri and --milvus-alias need --backend milvus.")
     _check_index_out(args.out, args.overwrite)
     folder = _read_folder(args.data)
     model = load_embedding_model(args.model)
-    index = search.build_index(model, folder, overrides=overrides, batch_size=args.batch_size, progress=stage,
+    index = images.build_index(model, folder, overrides=overrides, batch_size=args.batch_size, progress=stage,
                                backend=args.backend, index_dir=args.out, milvus_uri=args.milvus_uri,
                                milvus_alias=args.milvus_alias)
     path = index.save(args.out)
@@ -374,15 +370,15 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def cmd_index_search(args: argparse.Namespace) -> int:
-    from lce_tf import search
+    from lce_tf.index import images
     from lce_tf.serving import load_embedding_model
 
-    index = search.load_index(args.index)
-    k = search.check_k(args.k, index)
-    params = search.check_search_params(index, search.parse_config_overrides(args.param or []))
-    search.collect_queries(args.data)  # bad query paths fail before the model loads
+    index = images.load_index(args.index)
+    k = images.check_k(args.k, index)
+    params = images.check_search_params(index, images.parse_config_overrides(args.param or []))
+    images.collect_queries(args.data)  # bad query paths fail before the model loads
     model = load_embedding_model(args.model)
-    results = search.search_images(index, model, args.data, k=k, force=args.force, batch_size=args.batch_size,
+    results = images.search_images(index, model, args.data, k=k, force=args.force, batch_size=args.batch_size,
                                    index_dir=args.index, search_params=params)
     if results.forced:
         print(f"lce-tf: warning: forced search: query model {model.model_id} is not declared compatible with "
@@ -396,7 +392,7 @@ def cmd_index_search(args: argparse.Namespace) -> int:
 
 
 def cmd_index_backfill(args: argparse.Namespace) -> int:
-    from lce_tf import search
+    from lce_tf.index import images
     from lce_tf.serving import load_embedding_model
 
     out = args.out or args.index
@@ -409,12 +405,12 @@ def cmd_index_backfill(args: argparse.Namespace) -> int:
         raise UsageError("index backfill needs --fraction F and --data GALLERY_DIR (or --t12 --out DIR).")
     model = load_embedding_model(args.model)
     if args.t12:
-        index = search.load_index(args.index)
+        index = images.load_index(args.index)
         stage(f"mapping {len(index)} gallery vectors through the T12 of {model.model_id}")
-        index = search.upgrade_with_t12(index, model, out_dir=out)
+        index = images.upgrade_with_t12(index, model, out_dir=out)
     else:
-        index = search.index_for_update(args.index, out)  # Milvus: a copy when --out is another directory
-        step = search.backfill_from_images(index, model, args.data, args.fraction, seed=args.seed,
+        index = images.index_for_update(args.index, out)  # Milvus: a copy when --out is another directory
+        step = images.backfill_from_images(index, model, args.data, args.fraction, seed=args.seed,
                                            batch_size=args.batch_size, progress=stage)
         stage(f"re-embedded {step['backfilled']} entries with {step['version']} ({step['signature']}); "
               f"{step['fraction']:.1%} of the gallery is now at {step['version']}")
@@ -427,16 +423,16 @@ def cmd_index_backfill(args: argparse.Namespace) -> int:
 
 
 def cmd_index_upgrade(args: argparse.Namespace) -> int:
-    from lce_tf import search
+    from lce_tf.index import images
     from lce_tf.transformation import load_transformation
 
     if os.path.abspath(args.out) != os.path.abspath(args.index) or not args.overwrite:
         _check_index_out(args.out, args.overwrite)
-    overrides = search.parse_config_overrides(args.config or [])
+    overrides = images.parse_config_overrides(args.config or [])
     transformation = load_transformation(args.transform)
-    index = search.load_index(args.index)
+    index = images.load_index(args.index)
     stage(f"moving {len(index)} gallery vectors of {args.index} through {transformation.describe()}")
-    upgraded = search.upgrade_with_transformation(index, transformation, overrides=overrides,
+    upgraded = images.upgrade_with_transformation(index, transformation, overrides=overrides,
                                                   index_dir=args.index, out_dir=args.out)
     path = upgraded.save(args.out)
     stage(f"wrote index {path}: {_index_summary(upgraded)}; no image was read")
@@ -445,6 +441,8 @@ def cmd_index_upgrade(args: argparse.Namespace) -> int:
 
 def _add_index_commands(sub) -> None:
     """The `lce-tf index build|search|backfill|upgrade` subcommands."""
+    from lce_tf.index import registry  # light: the backend modules are imported only when a command needs one
+
     index = sub.add_parser("index", help="build, search, backfill and upgrade versioned indexes (ScaNN or Milvus)")
     commands = index.add_subparsers(dest="index_command", required=True, metavar="ACTION", parser_class=_Parser)
 
@@ -456,7 +454,7 @@ def _add_index_commands(sub) -> None:
                    help="overrides of the size-based defaults; ScaNN: e.g. algorithm=tree_ah,num_leaves=50 or "
                    "'{\"reorder_num_neighbors\": 200}'; Milvus: index_type=IVF_FLAT,nlist=1024,nprobe=32 (or "
                    "HNSW with M, efConstruction, ef on a server); repeatable")
-    p.add_argument("--backend", default="scann", choices=("scann", "milvus"),
+    p.add_argument("--backend", default=registry.DEFAULT_BACKEND, choices=registry.backend_names(),
                    help="scann: an in-memory ScaNN index in the directory (default); milvus: a Milvus collection "
                    "(Milvus Lite database in the directory, or a server with --milvus-uri)")
     p.add_argument("--milvus-uri", help="a running Milvus server, e.g. http://milvus.example:19530 (lce-tf never "
@@ -676,10 +674,10 @@ def _quiet_tensorflow() -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_tensorflow()
-    from lce_tf import milvus_index  # light: pymilvus itself is imported only by a command that needs it
+    from lce_tf.index import base  # light: no backend's client library is imported before a command needs it
 
-    milvus_index.QUIET_CLIENT_LOGS = True
-    with milvus_index.closing_opened():  # Milvus Lite: the command's database servers stop when it ends
+    base.QUIET_CLIENT_LOGS = True
+    with base.closing_opened():  # e.g. Milvus Lite: the command's database servers stop when it ends
         return _run(args)
 
 

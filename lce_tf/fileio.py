@@ -1,4 +1,4 @@
-"""Atomic directory writes shared by model export (`lce_tf.export`) and index saves (`lce_tf.retrieval`).
+"""Atomic directory writes shared by model export (`lce_tf.export`) and index saves (`lce_tf.index`).
 
 A directory is written completely under a hidden sibling `.NAME.lce-tmp-XXXX` (`make_temp_dir`), then
 committed with `commit_directory`: one rename when NAME does not exist; otherwise an atomic swap with

@@ -23,6 +23,7 @@ import typing
 from typing import Any, Mapping, Optional, Sequence
 
 from lce_tf import defaults
+from lce_tf.index import registry as index_registry
 from lce_tf.transform_fit import DIRECTIONS as TRANSFORM_DIRECTIONS, TransformFitSettings
 
 # Mirrors of the library's choices (checked against lce_tf in tests; kept here so that validating a
@@ -34,7 +35,7 @@ DIRECT_MODES = ("lce", "bct", "l2")  # the new embedding is compared with the ol
 ARCHITECTURES = ("small_cnn", "cnn", "resnet", "mobilenet")
 LOSSES = ("normsoftmax", "cosface", "arcface", "triplet")
 INDEX_ALGORITHMS = ("", "brute_force", "ah", "tree_ah")
-INDEX_BACKENDS = ("scann", "milvus")
+INDEX_BACKENDS = index_registry.backend_names()  # the backends lce_tf.index registers
 MILVUS_INDEX_TYPES = ("", "FLAT", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "HNSW", "DISKANN", "SCANN", "AUTOINDEX")
 MILVUS_LITE_INDEX_TYPES = ("", "FLAT", "IVF_FLAT", "AUTOINDEX")
 COMPATIBILITY_ROUTES = ("backward", "forward", "either")  # components.compatibility_validator

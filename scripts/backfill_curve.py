@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Gradual backfill curve and cross-version ANN check (issue 4) for an old and a new model.
 
-1. Build an index of the gallery with the OLD model (`lce_tf.search.build_index`; by default a ScaNN
+1. Build an index of the gallery with the OLD model (`lce_tf.index.images.build_index`; by default a ScaNN
    tree-AH index, `--config algorithm=tree_ah`, so search is approximate even for small galleries).
 2. Cross-version check on that pristine old-model index: new-model queries (mapped into the old space
    with `check_query_compatibility`: `embed` or `embed_compat` = T21) searched with ScaNN against exact
@@ -81,7 +81,7 @@ def _rebuilt_recall(index, queries, k: int) -> float:
     """recall@k of a copy of `index` whose searcher is retrained on its current vectors (index.rebuild):
     what a rebuild after the backfill step would give (upserts keep the partitions and AH codebooks
     trained on the vectors the index was built from)."""
-    from lce_tf import retrieval, search  # pylint: disable=import-outside-toplevel
+    from lce_tf.index import images as search, scann_index as retrieval  # pylint: disable=import-outside-toplevel
 
     copy = retrieval.EmbeddingIndex.build(index.ids, index.embeddings, index.versions,
                                           embedding_space=index.embedding_space, model_id=index.model_id,
@@ -98,7 +98,7 @@ def _passes(check: dict) -> bool:
 def _check(index, queries, query_classes, k: int, sweep: bool = False) -> dict:
     """`search.compare_ann_to_exact` with the index's own settings; with `sweep` (tree_ah only) also
     leaves_to_search doubled from the configured value up to num_leaves, to find where the targets hold."""
-    from lce_tf import search  # pylint: disable=import-outside-toplevel
+    from lce_tf.index import images as search  # pylint: disable=import-outside-toplevel
 
     check = search.compare_ann_to_exact(index, queries, query_classes, k=k)
     check["passes"] = _passes(check)
@@ -119,7 +119,7 @@ def _check(index, queries, query_classes, k: int, sweep: bool = False) -> dict:
 
 
 def run(args, log=print) -> dict:
-    from lce_tf import retrieval, search  # pylint: disable=import-outside-toplevel
+    from lce_tf.index import images as search, scann_index as retrieval  # pylint: disable=import-outside-toplevel
     from lce_tf.data import read_image_folder  # pylint: disable=import-outside-toplevel
     from lce_tf.serving import load_embedding_model  # pylint: disable=import-outside-toplevel
 

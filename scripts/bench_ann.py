@@ -5,9 +5,9 @@ Methods (every one searches the same queries with the same number of threads, `-
 
   brute force   blocked NumPy matrix product (OpenBLAS sgemm) + a two-stage exact top-k (maxima of
                 16-column groups, then the best groups' columns); its results are the ground truth.
-  exact-lib     `lce_tf.retrieval.exact_top_k` (what `EmbeddingIndex.exact_search` runs: sgemm +
+  exact-lib     `lce_tf.index.operations.exact_top_k` (what `EmbeddingIndex.exact_search` runs: sgemm +
                 argpartition over every column), for comparison. The targets use the faster of the two.
-  scann         `lce_tf.retrieval.EmbeddingIndex` exactly as `lce-tf index build` makes it for that size
+  scann         `lce_tf.index.scann_index.EmbeddingIndex` exactly as `lce-tf index build` makes it for that size
                 (tree-AH with round(sqrt(n)) leaves, anisotropic AH, exact reordering; mutable, i.e. with
                 docids so `upsert` works in place), swept over leaves_to_search x reorder_num_neighbors.
   scann-immutable  the same without docids (`IndexConfig(mutable=False)`; ScaNN may then use its
@@ -17,7 +17,7 @@ Methods (every one searches the same queries with the same number of threads, `-
                 (= 32 bytes per 128-d vector, the size of ScaNN's AH codes), wrapped in
                 `IndexRefineFlat` (exact re-ranking of k_factor x k candidates, as ScaNN reorders),
                 swept over nprobe x k_factor.
-  milvus-lite   `lce_tf.milvus_index.MilvusIndex` exactly as `lce-tf index build --backend milvus` makes it
+  milvus-lite   `lce_tf.index.milvus_index.MilvusIndex` exactly as `lce-tf index build --backend milvus` makes it
                 (Milvus Lite database in a temporary index directory; IVF_FLAT with nlist = 4 sqrt(n), IP on
                 unit vectors; ids are strings, as users get them), swept over nprobe. Milvus Lite serves
                 from its own process (started by the build): its CPU time is added to the child's for QPS
@@ -110,7 +110,7 @@ def settings_for(method: str, n: int) -> list[dict]:
     if method == "faiss-hnsw":
         return [{"efSearch": ef} for ef in (10, 16, 24, 32, 48, 64, 96, 128, 192, 256)]
     if method == "milvus-lite":
-        from lce_tf.milvus_index import MilvusConfig  # pylint: disable=import-outside-toplevel
+        from lce_tf.index.milvus_index import MilvusConfig  # pylint: disable=import-outside-toplevel
 
         config = MilvusConfig.for_size(n, 128)  # nlist and nprobe depend on n only
         nlist, default = config.index_params["nlist"], config.search_params["nprobe"]
@@ -212,20 +212,20 @@ class _Brute:
 
 
 class _LibraryExact:
-    """`lce_tf.retrieval.exact_top_k` (what `EmbeddingIndex.exact_search` runs), for comparison."""
+    """`lce_tf.index.operations.exact_top_k` (what `EmbeddingIndex.exact_search` runs), for comparison."""
 
     def __init__(self, base, threads):
         self.base = base
 
     def search(self, queries, setting):
-        from lce_tf.retrieval import exact_top_k  # pylint: disable=import-outside-toplevel
+        from lce_tf.index.operations import exact_top_k  # pylint: disable=import-outside-toplevel
 
         return exact_top_k(queries, self.base, K)[0]
 
 
 class _Scann:
     def __init__(self, base, threads, mutable=True):
-        from lce_tf.retrieval import EmbeddingIndex, IndexConfig  # pylint: disable=import-outside-toplevel
+        from lce_tf.index.scann_index import EmbeddingIndex, IndexConfig  # pylint: disable=import-outside-toplevel
 
         config = IndexConfig.for_size(base.shape[0], base.shape[1], algorithm="tree_ah", num_neighbors=K,
                                       training_threads=threads, num_threads=threads, mutable=mutable)
@@ -320,12 +320,12 @@ class _ServerMonitor:
 
 
 class _MilvusLite:
-    """`lce_tf.milvus_index.MilvusIndex` on Milvus Lite, as `lce-tf index build --backend milvus` builds it."""
+    """`lce_tf.index.milvus_index.MilvusIndex` on Milvus Lite, as `lce-tf index build --backend milvus` builds it."""
 
     def __init__(self, base, threads, workdir):
         import psutil  # pylint: disable=import-outside-toplevel
 
-        from lce_tf.milvus_index import MilvusConfig, MilvusIndex  # pylint: disable=import-outside-toplevel
+        from lce_tf.index.milvus_index import MilvusConfig, MilvusIndex  # pylint: disable=import-outside-toplevel
 
         config = MilvusConfig.for_size(base.shape[0], base.shape[1], num_neighbors=K)
         monitor = _ServerMonitor()
@@ -365,11 +365,11 @@ def run_child(workdir: str, method: str, threads: int, min_time: float) -> None:
 
         faiss.omp_set_num_threads(threads)
     if method.startswith("scann"):
-        from lce_tf.retrieval import _scann_pybind  # pylint: disable=import-outside-toplevel
+        from lce_tf.index.scann_index import _scann_pybind  # pylint: disable=import-outside-toplevel
 
         _scann_pybind()  # import ScaNN (and TensorFlow) before the memory baseline
     if method == "milvus-lite":
-        from lce_tf import milvus_index  # pylint: disable=import-outside-toplevel
+        from lce_tf.index import milvus_index  # pylint: disable=import-outside-toplevel
 
         milvus_index._pymilvus()  # pylint: disable=protected-access  (import pymilvus before the baseline)
         import milvus_lite  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
@@ -458,9 +458,9 @@ def synthetic_data(n: int, num_queries: int, dim: int, clusters: int, sigma: flo
 
 def real_data(model_dir: str, gallery_dir: str, query_dir: str, query_model_dir: str | None):
     """Gallery embeddings of `model_dir` and query embeddings mapped into its space."""
-    from lce_tf import search  # pylint: disable=import-outside-toplevel
+    from lce_tf.index import images as search  # pylint: disable=import-outside-toplevel
     from lce_tf.data import read_image_folder  # pylint: disable=import-outside-toplevel
-    from lce_tf.retrieval import check_query_compatibility  # pylint: disable=import-outside-toplevel
+    from lce_tf.index.operations import check_query_compatibility  # pylint: disable=import-outside-toplevel
     from lce_tf.serving import load_embedding_model  # pylint: disable=import-outside-toplevel
 
     model = load_embedding_model(model_dir)

@@ -106,9 +106,10 @@ def search_v2_against_index(index_dir: str, what: str, model_dir: str, query_dir
             f"{results['index']['version_counts']}, signature {results['signature']!r}): top-1 {top1:.3f}, top-{k} "
             f"{topk:.3f} over {len(queries)} queries")
         return
-    # The index command is not available (or refused): the same search with lce_tf.retrieval directly.
+    # The index command is not available (or refused): the same search with lce_tf.index directly.
     from lce_tf.data import load_images, read_image_folder
-    from lce_tf.retrieval import EmbeddingIndex, check_query_compatibility
+    from lce_tf.index.operations import check_query_compatibility
+    from lce_tf.index.scann_index import EmbeddingIndex
     from lce_tf.serving import load_embedding_model
 
     index = EmbeddingIndex.load(index_dir)
@@ -119,7 +120,7 @@ def search_v2_against_index(index_dir: str, what: str, model_dir: str, query_dir
     ids, _ = index.search(queries, k, embedding_space=index.embedding_space)
     truth = [folder.class_names[j] for j in folder.labels]
     top1 = sum(row[0].split("/")[0] == c for row, c in zip(ids, truth)) / len(truth)
-    say(f"v2 queries against {what} via lce_tf.retrieval (signature {signature!r}): top-1 {top1:.3f}")
+    say(f"v2 queries against {what} via lce_tf.index (signature {signature!r}): top-1 {top1:.3f}")
 
 
 def main() -> int:

@@ -521,7 +521,7 @@ def inf_embeddings_evaluation(ws, tmp, mp):
 
 
 def nan_embeddings_index_build(ws, tmp, mp):
-    from lce_tf.retrieval import EmbeddingIndex
+    from lce_tf.index.scann_index import EmbeddingIndex
 
     embeddings = np.eye(3, 8)
     embeddings[1:, 5] = np.nan
@@ -549,7 +549,7 @@ def nan_embedding_shard_component(ws, tmp, mp):
 
 
 def _index(ws):
-    from lce_tf.retrieval import EmbeddingIndex
+    from lce_tf.index.scann_index import EmbeddingIndex
 
     return EmbeddingIndex.load(str(ws / "index"))
 
@@ -585,7 +585,7 @@ def tampered_index_metadata(ws, tmp, mp):
 
 
 def milvus_query_dim_differs(ws, tmp, mp):
-    from lce_tf.retrieval import open_index
+    from lce_tf.index.registry import open_index
 
     index = open_index(str(ws / "index-milvus"))
     return lambda: index.search(np.ones((2, 16), np.float32), 3), lambda _: index.close()
@@ -624,7 +624,8 @@ def milvus_uri_with_credentials(ws, tmp, mp):
 
 def index_of_another_format_version(ws, tmp, mp):
     """index.json says format lce_tf.index/2, with its checksum recomputed: only the format check can refuse."""
-    from lce_tf import fileio, retrieval
+    from lce_tf import fileio
+    from lce_tf.index import scann_index as retrieval
 
     index = _copy_index(ws, tmp)
     meta = json.loads((index / "index.json").read_text())
@@ -651,7 +652,7 @@ def empty_gallery_folder(ws, tmp, mp):
 
 
 def empty_gallery_arrays(ws, tmp, mp):
-    from lce_tf.retrieval import EmbeddingIndex
+    from lce_tf.index.scann_index import EmbeddingIndex
 
     return lambda: EmbeddingIndex.build([], np.zeros((0, 8), np.float32), "v1", embedding_space="s"), None
 
@@ -699,7 +700,7 @@ def export_read_only(ws, tmp, mp):
 
 def index_save_disk_full(ws, tmp, mp):
     """`lce-tf index build --overwrite` when the disk fills while embeddings.npy is written."""
-    from lce_tf import retrieval
+    from lce_tf.index import scann_index as retrieval
 
     shutil.copytree(ws / "index", tmp / "indexes/gallery")
     before = _tree_digest(tmp / "indexes/gallery")

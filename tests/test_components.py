@@ -167,7 +167,7 @@ def test_entry_ids_follow_the_search_convention():
 @pytest.mark.parametrize("backend, algorithm", [("scann", "brute_force"), ("milvus", "IVF_FLAT")])
 def test_index_builder_writes_either_backend(tmp_path, backend, algorithm):
     """The IndexBuilder's build step (what its executor runs after embedding the gallery split)."""
-    from lce_tf.retrieval import open_index
+    from lce_tf.index.registry import open_index
 
     rng = np.random.default_rng(2)
     embeddings = rng.normal(size=(30, 8)).astype(np.float32)
@@ -211,7 +211,7 @@ def test_index_builder_forward_step_upgrades_the_served_index(tmp_path, fitted_t
     """On a forward blessing the served index (a RetrievalIndex artifact) is moved through T12 into the new
     artifact, in the same backend; a served index of the other backend is not used (the executor then
     embeds the gallery split and says why)."""
-    from lce_tf.retrieval import open_index
+    from lce_tf.index.registry import open_index
 
     rng = np.random.default_rng(5)
     embeddings = rng.normal(size=(40, 8)).astype(np.float32)

@@ -21,5 +21,5 @@ def test_lce_tf_modules_never_import_tfx_beam_scann_or_pymilvus():
     out = subprocess.run([sys.executable, "-c", SCRIPT], check=True, capture_output=True, text=True).stdout
     imported = out.split()
     for expected in ("lce_tf.cli", "lce_tf.model", "lce_tf.losses", "lce_tf.centers", "lce_tf.evaluation",
-                     "lce_tf.milvus_index"):
+                     "lce_tf.index.milvus_index", "lce_tf.index.scann_index", "lce_tf.index.registry"):
         assert expected in imported

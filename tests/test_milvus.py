@@ -1,4 +1,4 @@
-"""The Milvus backend (lce_tf.milvus_index) on Milvus Lite: the index API, relocation, the space guard,
+"""The Milvus backend (lce_tf.index.milvus_index) on Milvus Lite: the index API, relocation, the space guard,
 upserts with per-entry versions, fill-then-switch upgrades with injected faults, bad input, the CLI.
 
 Every index here is a Milvus Lite database inside a temporary index directory (start-up ~0.5 s per
@@ -17,8 +17,11 @@ import sys
 import numpy as np
 import pytest
 
-from lce_tf import cli, fileio, milvus_index as M, retrieval as R, search
-from lce_tf.milvus_index import MilvusConfig, MilvusIndex
+from lce_tf import cli, fileio
+from lce_tf.index import images as search, milvus_index as M, operations as ops, registry, store
+from lce_tf.index.scann_index import EmbeddingIndex
+from lce_tf.index.base import IncompatibleModelError
+from lce_tf.index.milvus_index import MilvusConfig, MilvusIndex
 
 from cli_helpers import assert_bad_input, run_cli
 
@@ -77,13 +80,13 @@ def built(small):
 # ---------------------------------------------------------------------------------------------------
 
 def test_import_and_help_need_no_pymilvus():
-    code = ("import sys, lce_tf, lce_tf.milvus_index, lce_tf.search, lce_tf.cli; "
+    code = ("import sys, lce_tf, lce_tf.index.milvus_index, lce_tf.index.images, lce_tf.index.registry, lce_tf.cli; "
             "heavy = [m for m in sys.modules if m.split('.')[0] in ('pymilvus', 'milvus_lite')]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
     code = ("import sys\nfrom lce_tf import cli\ntry:\n    cli.main(['index', 'build', '--help'])\n"
             "except SystemExit:\n    pass\nassert not [m for m in sys.modules if 'milvus' in m.split('.')[0] "
-            "and m != 'lce_tf.milvus_index'], sorted(sys.modules)")
+            "and m != 'lce_tf.index.milvus_index'], sorted(sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert "--backend {scann,milvus}" in out and "LCE_TF_MILVUS_TOKEN" in out
 
@@ -188,7 +191,7 @@ def test_moved_directory_answers_the_same(small, tmp_path):
     shutil.move(str(small["root"] / "to-move"), str(tmp_path / "elsewhere"))
     shutil.copytree(tmp_path / "elsewhere", tmp_path / "copy")
     for where in ("elsewhere", "copy"):
-        with R.open_index(str(tmp_path / where)) as moved:
+        with registry.open_index(str(tmp_path / where)) as moved:
             assert isinstance(moved, MilvusIndex) and moved.index_dir == str(tmp_path / where)
             after = moved.search(small["queries"], 10)
             np.testing.assert_array_equal(after[0], before[0])
@@ -197,15 +200,15 @@ def test_moved_directory_answers_the_same(small, tmp_path):
 
 
 def test_space_guard(built, small):
-    with pytest.raises(R.IncompatibleModelError, match="live in embedding space 'space-v2' but the index holds "
+    with pytest.raises(IncompatibleModelError, match="live in embedding space 'space-v2' but the index holds "
                                                        "embedding space 'space-v1'"):
         built.search(small["queries"], 5, embedding_space="space-v2")
-    with pytest.raises(R.IncompatibleModelError):
+    with pytest.raises(IncompatibleModelError):
         built.upsert(["x"], small["queries"][:1], "v2", embedding_space="space-v2")
     model = {"model_id": "v9", "embedding_space": "space-v9", "embedding_dim": DIM, "compatible_with": None}
-    with pytest.raises(R.IncompatibleModelError, match="is not compatible with index embedding space 'space-v1'"):
-        R.check_query_compatibility(built, model)
-    assert R.check_query_compatibility(built, {**model, "embedding_space": "space-v1"}) == "embed"
+    with pytest.raises(IncompatibleModelError, match="is not compatible with index embedding space 'space-v1'"):
+        ops.check_query_compatibility(built, model)
+    assert ops.check_query_compatibility(built, {**model, "embedding_space": "space-v1"}) == "embed"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -226,21 +229,21 @@ def test_upsert_replaces_adds_and_keeps_per_entry_versions(small):
         index.version_of(["nope"])
     assert index.missing_ids(["nope", small["ids"][5]]) == ["nope"]
     # the backfill selection walks the same seeded order as on a ScaNN index with the same entries
-    scann = R.EmbeddingIndex.build(index.ids, index.embeddings, index.versions, embedding_space="space-v1",
+    scann = EmbeddingIndex.build(index.ids, index.embeddings, index.versions, embedding_space="space-v1",
                                    model_version="v1")
     for kwargs in ({"new_version": "v2"}, {}):
-        assert R.select_backfill_ids(index, 0.2, seed=4, **kwargs) == R.select_backfill_ids(scann, 0.2, seed=4,
+        assert ops.select_backfill_ids(index, 0.2, seed=4, **kwargs) == ops.select_backfill_ids(scann, 0.2, seed=4,
                                                                                             **kwargs)
-    assert R.backfilled_fraction(index, "v2") == pytest.approx(4 / 301)
-    picked = R.select_backfill_ids(index, 0.1, seed=1, new_version="v2")
+    assert ops.backfilled_fraction(index, "v2") == pytest.approx(4 / 301)
+    picked = ops.select_backfill_ids(index, 0.1, seed=1, new_version="v2")
     assert len(picked) == 30  # round(0.1 * 301)
-    assert R.backfill(index, picked, rng.normal(size=(30, DIM)), "v2", embedding_space="space-v1") == 30
+    assert ops.backfill(index, picked, rng.normal(size=(30, DIM)), "v2", embedding_space="space-v1") == 30
     assert index.version_counts() == {"v1": 267, "v2": 34}
     with pytest.raises(ValueError, match=r"backfill id 'ghost' is not in the index \(1 unknown ids\)"):
-        R.backfill(index, ["ghost"], np.ones((1, DIM)), "v2")
+        ops.backfill(index, ["ghost"], np.ones((1, DIM)), "v2")
     index.save()
     index.close()
-    reopened = R.open_index(str(small["root"] / "upsert"))
+    reopened = registry.open_index(str(small["root"] / "upsert"))
     assert (len(reopened), reopened.version_counts()) == (301, {"v1": 267, "v2": 34})
     reopened.close()
 
@@ -262,8 +265,8 @@ def test_unsaved_upsert_is_recounted_on_load(small, caplog):
     index = _build(small, "unsaved")
     index.upsert(["extra/1.png", small["ids"][0]], np.ones((2, DIM), np.float32), "v3")
     index.close()  # no save: index.json still says 300 entries, all v1
-    caplog.set_level(logging.WARNING, logger="lce_tf.milvus_index")
-    with R.open_index(str(small["root"] / "unsaved")) as reopened:
+    caplog.set_level(logging.WARNING, logger="lce_tf.index.milvus_index")
+    with registry.open_index(str(small["root"] / "unsaved")) as reopened:
         assert len(reopened) == 301 and reopened.version_counts() == {"v1": 299, "v3": 2}
     assert any("holds 301 entries, index.json says 300" in r.getMessage() for r in caplog.records)
 
@@ -280,7 +283,7 @@ def _t12(x):
 def test_transform_into_a_new_directory(small):
     old = _build(small, "t-old")
     old.upsert(small["ids"][:5], small["gallery"][:5], "v1b")
-    new = R.transform_gallery(old, _t12, "space-v2", transformed_by="t12-abc", model_id="v2",
+    new = ops.transform_gallery(old, _t12, "space-v2", transformed_by="t12-abc", model_id="v2",
                               index_dir=str(small["root"] / "t-new"), batch_size=64)
     assert (new.embedding_space, new.dim, len(new), new.model_id) == ("space-v2", 12, 300, "v2")
     assert new.version_counts() == {"v1": 295, "v1b": 5}  # per-entry versions kept
@@ -308,7 +311,7 @@ class _Fault(Exception):
 
 
 def _served(small, name):
-    with R.open_index(str(small["root"] / name)) as index:
+    with registry.open_index(str(small["root"] / name)) as index:
         return index.collection, index.embedding_space, index.search(small["queries"], 5)
 
 
@@ -332,7 +335,7 @@ def test_fault_before_the_switch_leaves_the_old_collection_served(small, monkeyp
             if len(calls) == 2:
                 raise _Fault("injected while filling")
             return _t12(x)
-    with R.open_index(str(small["root"] / name)) as index:
+    with registry.open_index(str(small["root"] / name)) as index:
         with pytest.raises(_Fault):
             index.transform(transform, "space-v2", transformed_by="t12", index_dir=str(small["root"] / name),
                             batch_size=100)
@@ -359,7 +362,7 @@ def test_switch_happens_only_once_the_new_collection_is_complete(small, monkeypa
         return real_switch(root, metadata, staging)
 
     monkeypatch.setattr(M, "_switch", checked_switch)
-    with R.open_index(str(small["root"] / "complete")) as index:
+    with registry.open_index(str(small["root"] / "complete")) as index:
         new = index.transform(_t12, "space-v2", transformed_by="t12", index_dir=str(small["root"] / "complete"),
                               batch_size=70)
     assert seen == [(300, 300)]
@@ -382,7 +385,7 @@ def test_interrupted_write_leaves_an_orphan_that_the_next_write_drops(small, cap
     index = _build(small, "orphans", config=MilvusConfig(index_type="FLAT"))
     lineage = index.metadata["milvus"]["lineage"]
     M._create_collection(index._client, f"lce_{lineage}_deadbeef", DIM, MilvusConfig(index_type="FLAT").resolved(1, DIM))
-    caplog.set_level(logging.WARNING, logger="lce_tf.milvus_index")
+    caplog.set_level(logging.WARNING, logger="lce_tf.index.milvus_index")
     new = index.transform(_t12, "space-v2", transformed_by="t12", index_dir=str(small["root"] / "orphans"))
     assert new._client.list_collections() == [new.collection]
     assert any(f"dropping Milvus collection lce_{lineage}_deadbeef" in r.getMessage() for r in caplog.records)
@@ -424,7 +427,7 @@ def test_bad_input_dimension(built):
 def test_bad_input_missing_database_file(small, tmp_path):
     root = _copy_shared(small, tmp_path)
     os.remove(root / "milvus.db")
-    _one_line_value_error(lambda: R.open_index(str(root)), r"^index \S+/idx: Milvus Lite database file milvus\.db is "
+    _one_line_value_error(lambda: registry.open_index(str(root)), r"^index \S+/idx: Milvus Lite database file milvus\.db is "
                                                            r"missing$")
     assert not (root / "milvus.db").exists()  # not silently re-created empty
 
@@ -434,25 +437,25 @@ def test_bad_input_tampered_index_json(small, tmp_path):
     meta = json.loads((root / "index.json").read_text())
     meta["milvus"]["collection"] = "lce_someone_else"
     (root / "index.json").write_text(json.dumps(meta))
-    _one_line_value_error(lambda: R.open_index(str(root)),
+    _one_line_value_error(lambda: registry.open_index(str(root)),
                           r"^index \S+/idx: file index\.json checksum mismatch \(file is corrupted or was edited\)$")
     # a consistent but wrong record (re-checksummed): the collection is named in the error
-    R.write_metadata_file(str(root), meta)
-    _one_line_value_error(lambda: R.open_index(str(root)),
+    store.write_metadata_file(str(root), meta)
+    _one_line_value_error(lambda: registry.open_index(str(root)),
                           r"^index \S+/idx: collection lce_someone_else is not in the Milvus Lite database \S+milvus\.db$")
     meta["milvus"]["uri"] = "../elsewhere.db"
-    R.write_metadata_file(str(root), meta)
-    _one_line_value_error(lambda: R.open_index(str(root)), r"a Milvus Lite index keeps its database in milvus\.db")
+    store.write_metadata_file(str(root), meta)
+    _one_line_value_error(lambda: registry.open_index(str(root)), r"a Milvus Lite index keeps its database in milvus\.db")
 
 
 def test_bad_input_database_open_in_another_process(small, tmp_path):
     root = _copy_shared(small, tmp_path)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from lce_tf import retrieval; i = retrieval.open_index(sys.argv[1]); "
+        [sys.executable, "-c", "import sys, time; from lce_tf.index import registry; i = registry.open_index(sys.argv[1]); "
          "print('open', flush=True); time.sleep(60)", str(root)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "open"
-        _one_line_value_error(lambda: R.open_index(str(root)),
+        _one_line_value_error(lambda: registry.open_index(str(root)),
                               r"Milvus Lite could not open \S+milvus\.db: it is open in another process")
     finally:
         holder.kill()
@@ -576,7 +579,7 @@ def test_cli_backfill_upserts_with_per_entry_versions(ws, capsys, tmp_path):
     code, out, _ = run_cli(capsys, "index", "backfill", "--index", tmp_path / "idx", "--model", ws / "v1b",
                            "--data", ws / "data/gallery", "--fraction", 0.5, "--out", tmp_path / "half")
     assert code == 0 and "re-embedded 12 entries" in out
-    with R.open_index(str(tmp_path / "half")) as half, R.open_index(str(tmp_path / "idx")) as original:
+    with registry.open_index(str(tmp_path / "half")) as half, registry.open_index(str(tmp_path / "idx")) as original:
         assert half.collection != original.collection
         assert original.version_counts() == {v1.model_id: 24}
         assert half.version_counts() == {v1.model_id: 12, v1b.model_id: 12}
@@ -606,7 +609,7 @@ def test_cli_upgrade_writes_a_new_collection_and_the_guard_follows(ws, capsys, t
     code, out, _ = run_cli(capsys, "index", "upgrade", "--index", tmp_path / "idx", "--transform", ws / "t12",
                            "--out", tmp_path / "up")
     assert code == 0 and "in Milvus collection lce_" in out
-    with R.open_index(str(tmp_path / "idx")) as old, R.open_index(str(tmp_path / "up")) as new:
+    with registry.open_index(str(tmp_path / "idx")) as old, registry.open_index(str(tmp_path / "up")) as new:
         v2 = json.loads((ws / "v2/lce_tf_model.json").read_text())
         assert (new.backend, new.embedding_space, new.dim) == ("milvus", v2["embedding_space"], 12)
         assert new.version_counts() == old.version_counts()
@@ -629,5 +632,5 @@ def test_cli_upgrade_writes_a_new_collection_and_the_guard_follows(ws, capsys, t
     assert code == 0
     meta = json.loads((tmp_path / "idx/index.json").read_text())
     assert meta["milvus"]["collection"] != collection and meta["dim"] == 12
-    with R.open_index(str(tmp_path / "idx")) as upgraded:
+    with registry.open_index(str(tmp_path / "idx")) as upgraded:
         assert upgraded._client.list_collections() == [meta["milvus"]["collection"]]

@@ -116,13 +116,14 @@ def test_config_file_overrides_and_unknown_fields(tmp_path):
 
 
 def test_config_choices_mirror_the_library():
-    from lce_tf import backbones, milvus_index, model, retrieval, training
+    from lce_tf import backbones, model, training
+    from lce_tf.index import milvus_index, registry
     from components.index_builder import executor as index_executor
     from components.lce_trainer import executor
     from pipeline import config
 
     assert set(config.MODES) == set(model.MODES) - {"cross-model"} == set(executor.MODES)
-    assert set(config.INDEX_BACKENDS) == set(retrieval.BACKENDS) == set(index_executor.BACKENDS)
+    assert set(config.INDEX_BACKENDS) == set(registry.BACKENDS) == set(index_executor.BACKENDS)
     assert set(config.MILVUS_INDEX_TYPES) - {""} == set(milvus_index.SERVER_INDEX_TYPES)
     assert set(config.MILVUS_LITE_INDEX_TYPES) - {""} == set(milvus_index.LITE_INDEX_TYPES)
     assert set(config.ARCHITECTURES) == set(backbones.ARCHITECTURES)
@@ -287,7 +288,7 @@ def test_second_run_is_blessed_through_the_forward_route(runs):
 
 @pytest.mark.e2e
 def test_forward_blessing_upgrades_the_served_index_and_ships_the_transformation(runs):
-    from lce_tf.retrieval import EmbeddingIndex
+    from lce_tf.index.scann_index import EmbeddingIndex
     from lce_tf.transformation import load_transformation
 
     v1, v2 = runs["v1"], runs["v2"]
@@ -310,7 +311,8 @@ def test_forward_blessing_upgrades_the_served_index_and_ships_the_transformation
     before, after = runs["serving"][0], runs["serving"][1]
     assert len(after) == 2 and all(after[v] == state for v, state in before.items())
     # v2's queries are accepted by the upgraded index; v1's are refused.
-    from lce_tf.retrieval import IncompatibleModelError, check_query_compatibility
+    from lce_tf.index.base import IncompatibleModelError
+    from lce_tf.index.operations import check_query_compatibility
     from lce_tf.serving import read_model_metadata
 
     assert check_query_compatibility(new, pushed) == "embed"

@@ -1,4 +1,4 @@
-"""lce_tf.retrieval: ScaNN index vs exact search, relocation, atomic save, version safety, backfill."""
+"""lce_tf.index.scann_index (with lce_tf.index.operations): ScaNN index vs exact search, relocation, atomic save, version safety, backfill."""
 
 import json
 import os
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from lce_tf import fileio
-from lce_tf import retrieval as R
-from lce_tf.retrieval import EmbeddingIndex, IncompatibleModelError, IndexConfig
+from lce_tf.index import operations as ops, scann_index as R
+from lce_tf.index.base import IncompatibleModelError
+from lce_tf.index.scann_index import EmbeddingIndex, IndexConfig
 
 DIM = 16
 
@@ -55,7 +56,7 @@ def _score_recall(ann_scores, exact_scores):
 # ---------------------------------------------------------------------------------------------------
 
 def test_import_needs_neither_scann_nor_tensorflow():
-    code = ("import sys, lce_tf.retrieval; heavy = [m for m in sys.modules if m.split('.')[0] in "
+    code = ("import sys, lce_tf.index.scann_index; heavy = [m for m in sys.modules if m.split('.')[0] in "
             "('scann', 'tensorflow')]; assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -109,7 +110,7 @@ def test_exact_top_k_hand_worked():
     gallery = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]], np.float32)
     query = np.array([[0.8, 0.6]], np.float32)
     # <q, g> = 0.8 ; 0.48 + 0.48 = 0.96 ; 0.6  -> order 1, 0, 2
-    rows, scores = R.exact_top_k(query, gallery, 3)
+    rows, scores = ops.exact_top_k(query, gallery, 3)
     assert rows.tolist() == [[1, 0, 2]]
     np.testing.assert_allclose(scores, [[0.96, 0.8, 0.6]], atol=1e-6)
 
@@ -119,7 +120,7 @@ def test_exact_top_k_chunked_matches_full_sort():
     gallery, queries = rng.normal(size=(97, 5)).astype(np.float32), rng.normal(size=(13, 5)).astype(np.float32)
     full = queries @ gallery.T
     ref_rows = np.argsort(-full, axis=1, kind="stable")[:, :7]
-    rows, scores = R.exact_top_k(queries, gallery, 7, query_chunk=4, gallery_chunk=10)
+    rows, scores = ops.exact_top_k(queries, gallery, 7, query_chunk=4, gallery_chunk=10)
     np.testing.assert_array_equal(rows, ref_rows)
     np.testing.assert_allclose(scores, np.take_along_axis(full, ref_rows, axis=1), rtol=1e-6)
 
@@ -336,36 +337,36 @@ V3_UNRELATED = _model("glyphs-v3-9d9d", "glyphs-v3-9d9d", 64, {
 
 
 def test_query_signature_follows_the_compatibility_record():
-    assert R.check_query_compatibility(INDEX_V1, V1) == "embed"
-    assert R.check_query_compatibility(INDEX_V1, V2_DIRECT) == "embed"
-    assert R.check_query_compatibility(INDEX_V1, V2_TRANSFORM) == "embed_compat"
+    assert ops.check_query_compatibility(INDEX_V1, V1) == "embed"
+    assert ops.check_query_compatibility(INDEX_V1, V2_DIRECT) == "embed"
+    assert ops.check_query_compatibility(INDEX_V1, V2_TRANSFORM) == "embed_compat"
     # The index built by the transformed model in its own space: its own embed.
-    assert R.check_query_compatibility({"embedding_space": "glyphs-v2-77aa", "dim": 128}, V2_TRANSFORM) == "embed"
+    assert ops.check_query_compatibility({"embedding_space": "glyphs-v2-77aa", "dim": 128}, V2_TRANSFORM) == "embed"
 
 
 def test_unrelated_query_model_is_refused_unless_forced():
     with pytest.raises(IncompatibleModelError) as info:
-        R.check_query_compatibility(INDEX_V1, V3_UNRELATED)
+        ops.check_query_compatibility(INDEX_V1, V3_UNRELATED)
     message = str(info.value)
     assert "glyphs-v3-9d9d" in message and "glyphs-v1-a1b2" in message and "glyphs-v2-3f9c" in message
     assert "force" in message and "\n" not in message and isinstance(info.value, ValueError)
-    assert R.check_query_compatibility(INDEX_V1, V3_UNRELATED, force=True) == "embed"
+    assert ops.check_query_compatibility(INDEX_V1, V3_UNRELATED, force=True) == "embed"
     wide = _model("other-v9-0000", "other-v9-0000", 256)
     with pytest.raises(IncompatibleModelError, match="not declared compatible"):
-        R.check_query_compatibility(INDEX_V1, wide)
+        ops.check_query_compatibility(INDEX_V1, wide)
     with pytest.raises(IncompatibleModelError, match="cannot force .* dimension 64"):
-        R.check_query_compatibility(INDEX_V1, wide, force=True)
+        ops.check_query_compatibility(INDEX_V1, wide, force=True)
 
 
 def test_compatibility_record_must_be_consistent():
     lying = dict(V2_TRANSFORM, signatures=["embed"])
     with pytest.raises(ValueError, match="signature 'embed_compat' but lists only embed"):
-        R.check_query_compatibility(INDEX_V1, lying)
+        ops.check_query_compatibility(INDEX_V1, lying)
     wrong_dim = dict(V2_TRANSFORM, compatible_with=dict(V2_TRANSFORM["compatible_with"], dim=32))
     with pytest.raises(IncompatibleModelError, match="dimension 32 .* dimension 64"):
-        R.check_query_compatibility(INDEX_V1, wrong_dim)
+        ops.check_query_compatibility(INDEX_V1, wrong_dim)
     with pytest.raises(ValueError, match="lacks the field 'embedding_space'"):
-        R.check_query_compatibility(INDEX_V1, {"model_id": "x", "embedding_dim": 64})
+        ops.check_query_compatibility(INDEX_V1, {"model_id": "x", "embedding_dim": 64})
 
 
 def test_index_refuses_vectors_from_another_space(data):
@@ -420,15 +421,15 @@ def test_failed_scann_upsert_falls_back_to_a_rebuild(data, monkeypatch):
 
 def test_select_backfill_ids_is_deterministic_and_nested(data):
     index = _build(data)
-    first = R.select_backfill_ids(index, 0.1, seed=3)
-    assert len(first) == 200 and first == R.select_backfill_ids(index, 0.1, seed=3)
-    assert first != R.select_backfill_ids(index, 0.1, seed=4)
-    twenty = R.select_backfill_ids(index, 0.2, seed=3)
+    first = ops.select_backfill_ids(index, 0.1, seed=3)
+    assert len(first) == 200 and first == ops.select_backfill_ids(index, 0.1, seed=3)
+    assert first != ops.select_backfill_ids(index, 0.1, seed=4)
+    twenty = ops.select_backfill_ids(index, 0.2, seed=3)
     assert twenty[:200] == first
-    assert R.select_backfill_ids(index, 0.0) == [] and len(R.select_backfill_ids(index, 1.0)) == 2000
+    assert ops.select_backfill_ids(index, 0.0) == [] and len(ops.select_backfill_ids(index, 1.0)) == 2000
     for bad in (-0.1, 1.5, float("nan"), "half"):
         with pytest.raises(ValueError, match="fraction must be a number in \\[0, 1\\]"):
-            R.select_backfill_ids(index, bad)
+            ops.select_backfill_ids(index, bad)
 
 
 def test_gradual_backfill_updates_versions_and_search(data):
@@ -439,27 +440,27 @@ def test_gradual_backfill_updates_versions_and_search(data):
     row = {v: i for i, v in enumerate(ids)}
     done = []
     for step in range(4):
-        chosen = R.select_backfill_ids(index, 0.25, seed=0, new_version="v2")
+        chosen = ops.select_backfill_ids(index, 0.25, seed=0, new_version="v2")
         assert len(chosen) == 500 and not set(chosen) & set(done)
-        assert R.backfill(index, chosen, new_gallery[[row[c] for c in chosen]], "v2") == 500
+        assert ops.backfill(index, chosen, new_gallery[[row[c] for c in chosen]], "v2") == 500
         done += chosen
-        assert R.backfilled_fraction(index, "v2") == pytest.approx(0.25 * (step + 1))
+        assert ops.backfilled_fraction(index, "v2") == pytest.approx(0.25 * (step + 1))
         assert index.version_counts() == ({"v1": 2000 - len(done), "v2": len(done)} if len(done) < 2000
                                           else {"v2": 2000})
-    assert sorted(done) == ids and R.select_backfill_ids(index, 0.5, new_version="v2") == []
+    assert sorted(done) == ids and ops.select_backfill_ids(index, 0.5, new_version="v2") == []
     assert len(index) == 2000 and index.ids == ids  # backfill never adds or reorders entries
     np.testing.assert_allclose(index.embeddings, _unit(new_gallery), atol=1e-6)
     ann = index.search(queries, 10)[1]
     assert _score_recall(ann, index.exact_search(queries, 10)[1]) >= 0.95
     with pytest.raises(ValueError, match="backfill id 'nope' is not in the index"):
-        R.backfill(index, ["nope"], gallery[:1], "v3")
+        ops.backfill(index, ["nope"], gallery[:1], "v3")
 
 
 def test_select_defaults_to_entries_still_at_the_build_version(data):
     ids, gallery, _ = data
     index = _build(data, version="v1")
     index.upsert(ids[:10], gallery[:10] * 2, "v2")
-    pending = R.select_backfill_ids(index, 1.0)
+    pending = ops.select_backfill_ids(index, 1.0)
     assert len(pending) == 1990 and not set(pending) & set(ids[:10])
 
 
@@ -469,7 +470,7 @@ def test_transform_gallery_moves_every_entry_to_the_new_space(data):
     t12 = rng.normal(size=(DIM, 8)).astype(np.float32)  # a linear "T12" from 16-d old to 8-d new space
     old = _build(data, "ah")
     calls = []
-    new = R.transform_gallery(old, lambda e: calls.append(len(e)) or e @ t12, "space-v2", "v2-t12",
+    new = ops.transform_gallery(old, lambda e: calls.append(len(e)) or e @ t12, "space-v2", "v2-t12",
                               transformed_by="t12-test", batch_size=512)
     assert calls == [512, 512, 512, 464]
     assert (new.embedding_space, new.dim, new.model_version, new.ids) == ("space-v2", 8, "v2-t12", ids)
@@ -485,10 +486,10 @@ def test_transform_gallery_moves_every_entry_to_the_new_space(data):
     assert old.dim == DIM and old.embedding_space == "space-v1"  # the old index is untouched
     assert old.provenance_counts() == {R.EMBEDDED: 2000}
     with pytest.raises(ValueError, match="transform_fn returned shape \\(10, 8\\) for input shape \\(512, 16\\)"):
-        R.transform_gallery(old, lambda e: (e @ t12)[:10], "space-v2", "v2-t12", transformed_by="t", batch_size=512)
+        ops.transform_gallery(old, lambda e: (e @ t12)[:10], "space-v2", "v2-t12", transformed_by="t", batch_size=512)
     nan_match = r"^transformed embeddings contains 16000 non-finite values \(NaN/Inf\), first at row 0$"  # 2000 x 8
     with pytest.raises(ValueError, match=nan_match):
-        R.transform_gallery(old, lambda e: e @ t12 * np.nan, "space-v2", "v2-t12", transformed_by="t")
+        ops.transform_gallery(old, lambda e: e @ t12 * np.nan, "space-v2", "v2-t12", transformed_by="t")
 
 
 def test_transform_gallery_keeps_versions_and_records_provenance_through_save_backfill_and_a_chain(data, tmp_path):
@@ -496,7 +497,7 @@ def test_transform_gallery_keeps_versions_and_records_provenance_through_save_ba
     old = _build(data, version="v1")
     old.upsert(ids[:3], gallery[:3], "v1b")  # two versions in the old gallery
     t12 = np.eye(DIM, 8, dtype=np.float32)
-    new = R.transform_gallery(old, lambda e: e @ t12, "space-v2", transformed_by="T12", model_id="v2")
+    new = ops.transform_gallery(old, lambda e: e @ t12, "space-v2", transformed_by="T12", model_id="v2")
     # versions are kept per entry (the model that embedded the image); the provenance says how it moved
     assert new.versions == old.versions and new.version_counts() == {"v1": 1997, "v1b": 3}
     assert (new.model_id, new.model_version) == ("v2", "v2")
@@ -505,12 +506,12 @@ def test_transform_gallery_keeps_versions_and_records_provenance_through_save_ba
     loaded = EmbeddingIndex.load(str(tmp_path / "v2"))
     assert loaded.provenance == new.provenance and loaded.metadata["provenance_counts"] == new.provenance_counts()
     # a backfill with re-encoded images replaces transformed entries: provenance "embedded" again
-    R.backfill(loaded, ids[:5], (gallery[:5] @ t12) + 0.01, "v2")
+    ops.backfill(loaded, ids[:5], (gallery[:5] @ t12) + 0.01, "v2")
     assert loaded.provenance[:5] == [R.EMBEDDED] * 5 and loaded.version_of(ids[:5]) == ["v2"] * 5
     assert loaded.provenance_counts()["transformed from space-v1 by T12"] == 1995
     # a second move (v2 -> v3) extends the provenance of transformed entries only
     t23 = np.eye(8, 6, dtype=np.float32)
-    v3 = R.transform_gallery(loaded, lambda e: e @ t23, "space-v3", transformed_by="T23")
+    v3 = ops.transform_gallery(loaded, lambda e: e @ t23, "space-v3", transformed_by="T23")
     assert v3.provenance_counts() == {"transformed from space-v1 by T12; then from space-v2 by T23": 1995,
                                       "transformed from space-v2 by T23": 5}
 

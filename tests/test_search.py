@@ -1,4 +1,4 @@
-"""lce_tf.search and `lce-tf index build|search|backfill`: image folders -> index -> top-k; backfill; bad input.
+"""lce_tf.index.images and `lce-tf index build|search|backfill`: image folders -> index -> top-k; backfill; bad input.
 
 Models are tiny exported (untrained) CNNs: the search glue does not care how good they are, and each
 result is checked against a NumPy reference computed with the same loaded models.
@@ -13,7 +13,9 @@ import sys
 import numpy as np
 import pytest
 
-from lce_tf import cli, retrieval, search
+from lce_tf import cli
+from lce_tf.index import images as search, scann_index as retrieval
+from lce_tf.index.base import IncompatibleModelError
 
 from cli_helpers import assert_bad_input, run_cli
 
@@ -309,7 +311,7 @@ def test_backfill_cli_reembeds_then_t12_upgrade(ws, models, capsys, tmp_path):
     assert step == {"backfilled": 12, "fraction": 1.0, "signature": "embed_compat", "version": v2t.model_id}
     assert search.backfill_from_images(index, v2t, str(ws / "data/gallery"), 1.0)["backfilled"] == 0
     # a model unrelated to the index may not write into it
-    with pytest.raises(retrieval.IncompatibleModelError):
+    with pytest.raises(IncompatibleModelError):
         search.backfill_from_images(index, models["v3"], str(ws / "data/gallery"), 0.5)
     with pytest.raises(ValueError, match="target fraction must be a number in \\[0, 1\\]; received 1.5"):
         search.backfill_from_images(index, v2t, str(ws / "data/gallery"), 1.5)

@@ -273,7 +273,7 @@ def test_cli_evaluate_adds_the_pairs_through_the_transformation(ws, capsys):
 
 @pytest.mark.e2e
 def test_cli_index_upgrade_moves_vectors_keeps_versions_and_the_guard_follows(ws, capsys, tmp_path):
-    from lce_tf.retrieval import EmbeddingIndex
+    from lce_tf.index.scann_index import EmbeddingIndex
 
     out = tmp_path / "idx-v2"
     code, _, _ = run_cli(capsys, "index", "upgrade", "--index", ws / "idx-v1", "--transform", ws / "t12",
@@ -361,8 +361,8 @@ def test_cli_transformation_bad_input(ws, capsys, tmp_path):
 def test_cli_index_upgrade_is_atomic(ws, capsys, tmp_path, monkeypatch):
     import errno
 
-    from lce_tf import retrieval
-    from lce_tf.retrieval import EmbeddingIndex
+    from lce_tf.index import scann_index as retrieval
+    from lce_tf.index.scann_index import EmbeddingIndex
 
     # An existing upgraded index at --out is replaced only by a complete one.
     out = tmp_path / "idx-v2"

@@ -4,8 +4,9 @@
                          blessing=validator.outputs["blessing"]).outputs[INDEX_KEY]
 
 The gallery split is embedded with the model's `embed` signature and indexed with
-`lce_tf.retrieval.EmbeddingIndex` (ScaNN; brute force / AH / tree-AH chosen by size unless `algorithm`
-is given), or, with backend "milvus", written into a Milvus collection (`lce_tf.milvus_index`) on
+`lce_tf.index.scann_index.EmbeddingIndex` (ScaNN; brute force / AH / tree-AH chosen by size unless
+`algorithm` is given), or, with backend "milvus", written into a Milvus collection
+(`lce_tf.index.milvus_index`) on
 `milvus_uri`, or in a Milvus Lite database inside the artifact's index directory when the URI is "".
 Entry ids are the gallery images' paths relative to the gallery folder ("<class>/<file>"),
 entry versions the model id, as `lce-tf index` writes them. The index directory is relocatable (ScaNN's
@@ -85,7 +86,7 @@ class IndexBuilder(base_component.BaseComponent):
           algorithm: ScaNN: "brute_force", "ah", "tree_ah", or "" to choose by gallery size.
           num_neighbors: the index's default k.
           batch_size: images per embedding batch.
-          backend: "scann" or "milvus".
+          backend: a backend of `lce_tf.index.registry`: "scann" or "milvus".
           milvus_uri: Milvus server URI (token from LCE_TF_MILVUS_TOKEN in the executor's environment);
             "" = Milvus Lite in the artifact's index directory (local runs).
           milvus_index_type: "" (IVF_FLAT) or a Milvus index type (Milvus Lite: FLAT, IVF_FLAT, AUTOINDEX).

@@ -2,13 +2,14 @@
 
 Backward blessing or first model: the gallery split is embedded with the model's `embed` signature.
 Forward blessing: the current served index (`base_index`) is upgraded through the fitted transformation
-T12 (`lce_tf.search.upgrade_with_transformation`): every stored vector moves into the new model's space,
+T12 (`lce_tf.index.images.upgrade_with_transformation`): every stored vector moves into the new model's space,
 no image is read. When no usable base index was resolved (none yet, not built, in another space than
 T12's source, or of another backend than `backend`) it falls back to embedding the gallery split, and
 says why (`built_from`).
 
-Backends (`backend`): "scann" saves an `lce_tf.retrieval.EmbeddingIndex` in the artifact's index
-directory; "milvus" writes an `lce_tf.milvus_index.MilvusIndex` whose collection lives on `milvus_uri`,
+Backends (`backend`, a name of `lce_tf.index.registry`): "scann" saves an
+`lce_tf.index.scann_index.EmbeddingIndex` in the artifact's index directory; "milvus" writes an
+`lce_tf.index.milvus_index.MilvusIndex` whose collection lives on `milvus_uri`,
 or, when that is "", in a Milvus Lite database file inside the artifact's index directory (under the
 pipeline root in a local run). A forward upgrade of a Milvus index fills a new collection and serves it
 from the new artifact (on a server the alias moves to it); the base artifact keeps its own.
@@ -23,6 +24,7 @@ from typing import Any, Optional
 from tfx.dsl.components.base import base_executor
 
 from components import artifacts, util
+from lce_tf.index import registry
 
 # Keys of the inputs, the output and the parameters (component.py re-exports them).
 MODEL_KEY = "model"
@@ -38,7 +40,7 @@ BATCH_SIZE_KEY = "batch_size"
 BACKEND_KEY = "backend"
 MILVUS_URI_KEY = "milvus_uri"
 MILVUS_INDEX_TYPE_KEY = "milvus_index_type"
-BACKENDS = ("scann", "milvus")
+BACKENDS = registry.backend_names()
 
 # Custom properties of the output: 1 when the index was built; how ("gallery split" or "upgraded from ...").
 BUILT_PROPERTY = "built"
@@ -51,57 +53,48 @@ _LOG = logging.getLogger(__name__)
 
 def entry_ids(paths: list[str] | None, class_names: list[str], labels, split: str) -> list[str]:
     """Index entry ids: the image path relative to the split's folder ("<class>/<file>", the convention of
-    lce_tf.search), or "<class>/<split>-<record index>" when the paths are not recorded."""
+    lce_tf.index.images), or "<class>/<split>-<record index>" when the paths are not recorded."""
     if paths is not None and len(paths) == len(labels):
         return list(paths)
     return [f"{class_names[int(label)]}/{split}-{i:07d}" for i, label in enumerate(labels)]
 
 
 def _overrides(backend: str, num_neighbors: int, algorithm: str, milvus_index_type: str) -> dict[str, Any]:
-    """The index configuration overrides of the component's parameters for a backend."""
-    overrides: dict[str, Any] = {"num_neighbors": num_neighbors}
-    if backend == "milvus" and milvus_index_type:
-        overrides["index_type"] = milvus_index_type
-    if backend == "scann" and algorithm:
-        overrides["algorithm"] = algorithm
-    return overrides
+    """The index configuration overrides of the component's parameters for a backend: each parameter
+    that is set and names a field of the backend's configuration (ScaNN: algorithm; Milvus: index_type)."""
+    fields = registry.backend_class(backend).config_fields()
+    chosen = {"algorithm": algorithm, "index_type": milvus_index_type}
+    return {"num_neighbors": num_neighbors, **{k: v for k, v in chosen.items() if v and k in fields}}
 
 
 def index_properties(index, path: str) -> dict[str, Any]:
-    """The output's custom properties that describe a written index (`lce_tf.search.index_info`, either
+    """The output's custom properties that describe a written index (`lce_tf.index.images.index_info`, any
     backend, without the model id and the version counts, which the executor records itself)."""
-    from lce_tf import search
+    from lce_tf.index import images
 
-    info = search.index_info(index)
+    info = images.index_info(index)
     return {INDEX_DIR_PROPERTY: path, **{k: v for k, v in info.items() if k not in ("model_id", "version_counts")}}
 
 
 def build_index_dir(index_dir: str, ids: list[str], embeddings, model_id: str, embedding_space: str, *,
-                    backend: str = "scann", algorithm: str = "", num_neighbors: int = 10, milvus_uri: str = "",
-                    milvus_index_type: str = "") -> dict[str, Any]:
+                    backend: str = registry.DEFAULT_BACKEND, algorithm: str = "", num_neighbors: int = 10,
+                    milvus_uri: str = "", milvus_index_type: str = "") -> dict[str, Any]:
     """Builds the gallery index into `index_dir` with the chosen backend; returns the output's properties.
 
-    ScaNN: an `EmbeddingIndex` saved in the directory (algorithm by size unless given). Milvus: a
-    `MilvusIndex` whose collection is on `milvus_uri`, or, when it is "", in a Milvus Lite database file
-    inside `index_dir`.
+    The backend's class comes from the registry (`Index.build_in`). ScaNN: an `EmbeddingIndex` saved in
+    the directory (algorithm by size unless given). Milvus: a `MilvusIndex` whose collection is on
+    `milvus_uri`, or, when it is "", in a Milvus Lite database file inside `index_dir`.
     """
-    from lce_tf import retrieval, search
-    from lce_tf.milvus_index import MilvusIndex
-
+    cls = registry.backend_class(backend)
     overrides = _overrides(backend, min(num_neighbors, len(ids)), algorithm, milvus_index_type)
-    config = search.config_for(backend, len(ids), embeddings.shape[1], overrides)
-    common = dict(embedding_space=embedding_space, model_id=model_id, model_version=model_id, config=config)
-    if backend == "milvus":
-        with MilvusIndex.build(ids, embeddings, model_id, index_dir=index_dir, uri=milvus_uri or None,
-                               **common) as index:
-            return index_properties(index, index.index_dir)
-    index = retrieval.EmbeddingIndex.build(ids, embeddings, model_id, **common)
-    return index_properties(index, index.save(index_dir))
+    config = cls.config_for(len(ids), embeddings.shape[1], overrides)
+    with cls.build_in(index_dir, ids, embeddings, model_id, uri=milvus_uri or None, embedding_space=embedding_space,
+                      model_id=model_id, model_version=model_id, config=config) as index:
+        return index_properties(index, index.save(index_dir))
 
 
 def _usable_base_index(base, transformation, backend: str) -> tuple[Optional[Any], str]:
     """(the opened base index, "") when it can be upgraded through the transformation, else (None, why not)."""
-    from lce_tf import retrieval
     from lce_tf.transformation import TransformationError
 
     if base is None:
@@ -109,7 +102,7 @@ def _usable_base_index(base, transformation, backend: str) -> tuple[Optional[Any
     if base.get_int_custom_property(BUILT_PROPERTY) != 1:
         return None, f"the resolved index {base.uri} was not built"
     index_dir = os.path.join(util.path(base), artifacts.INDEX_SUBDIR)
-    index = retrieval.open_index(index_dir)
+    index = registry.open_index(index_dir)
     try:
         transformation.check_source_space(index.embedding_space, f"served index {index_dir}")
     except TransformationError as e:
@@ -121,22 +114,23 @@ def _usable_base_index(base, transformation, backend: str) -> tuple[Optional[Any
     return index, ""
 
 
-def upgrade_served_index(base, transformation, index_dir: str, *, backend: str = "scann", algorithm: str = "",
-                         num_neighbors: int = 10, milvus_index_type: str = "") -> tuple[Optional[dict[str, Any]], str]:
+def upgrade_served_index(base, transformation, index_dir: str, *, backend: str = registry.DEFAULT_BACKEND,
+                         algorithm: str = "", num_neighbors: int = 10,
+                         milvus_index_type: str = "") -> tuple[Optional[dict[str, Any]], str]:
     """The forward route's step: the served index (`base`, a RetrievalIndex artifact) moved through T12
     into `index_dir` (a Milvus index: a new collection, served from there).
 
     Returns:
       (the output's properties, built_from), or (None, why the base index cannot be used).
     """
-    from lce_tf import search
+    from lce_tf.index import images
 
     base_index, why_not = _usable_base_index(base, transformation, backend)
     if base_index is None:
         return None, why_not
     with base_index:
         overrides = _overrides(backend, min(num_neighbors, len(base_index)), algorithm, milvus_index_type)
-        index = search.upgrade_with_transformation(base_index, transformation, overrides=overrides,
+        index = images.upgrade_with_transformation(base_index, transformation, overrides=overrides,
                                                    index_dir=base.uri, out_dir=index_dir)
         with index:
             built = index_properties(index, index.save(index_dir))
@@ -150,7 +144,8 @@ class Executor(base_executor.BaseExecutor):
     """
 
     def Do(self, input_dict: dict[str, list], output_dict: dict[str, list], exec_properties: dict[str, Any]) -> None:
-        from lce_tf import milvus_index, retrieval
+        from lce_tf.index import base as index_base
+        from lce_tf.index.scann_index import ALGORITHMS
         from lce_tf.data import make_tfrecord_dataset
         from lce_tf.serving import load_embedding_model
         from lce_tf.transformation import load_transformation
@@ -167,8 +162,8 @@ class Executor(base_executor.BaseExecutor):
         split = str(exec_properties.get(SPLIT_KEY) or "gallery")
         algorithm = str(exec_properties.get(ALGORITHM_KEY) or "")
         if algorithm:
-            util.check_choice(ALGORITHM_KEY, algorithm, retrieval.ALGORITHMS)
-        backend = str(exec_properties.get(BACKEND_KEY) or "scann")
+            util.check_choice(ALGORITHM_KEY, algorithm, ALGORITHMS)
+        backend = str(exec_properties.get(BACKEND_KEY) or registry.DEFAULT_BACKEND)
         util.check_choice(BACKEND_KEY, backend, BACKENDS)
         milvus_uri = str(exec_properties.get(MILVUS_URI_KEY) or "")
         milvus_index_type = str(exec_properties.get(MILVUS_INDEX_TYPE_KEY) or "")
@@ -192,7 +187,7 @@ class Executor(base_executor.BaseExecutor):
         model = load_embedding_model(util.model_dir(util.path(model_artifact), MODEL_KEY))
         index_dir = os.path.join(output_dir, artifacts.INDEX_SUBDIR)
         built, built_from = None, f"gallery split {split}"
-        with milvus_index.closing_opened():  # the Milvus indexes opened here are closed when the step ends
+        with index_base.closing_opened():  # the indexes opened here (e.g. Milvus) are closed when the step ends
             if route == "forward":
                 if transform_dir is None:
                     raise ValueError(f"input {TRANSFORMATION_KEY!r}: the blessing names the forward route but no "

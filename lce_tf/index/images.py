@@ -2,8 +2,10 @@
 
 This is what `lce-tf index build|search|backfill` and `scripts/backfill_curve.py` run. It joins three
 parts of the library without re-implementing any of them: exported models (`lce_tf.serving`), image
-folders (`lce_tf.data`) and the versioned index (`lce_tf.retrieval`: ScaNN in the index directory, or a
-Milvus collection, `lce_tf.milvus_index`, chosen at build time and read back from the directory).
+folders (`lce_tf.data`) and the versioned index (`lce_tf.index`: any registered backend, e.g. ScaNN in the
+index directory or a Milvus collection, chosen at build time by name through `lce_tf.index.registry` and
+read back from the directory). Nothing here names a backend: what differs between backends is asked of
+the backend class (`lce_tf.index.base.Index`'s hooks).
 
 Conventions:
 
@@ -13,7 +15,7 @@ Conventions:
 - Entry version = the `model_id` of the model that embedded it (unique per trained model, e.g.
   "v1-8dcd1b53"); the index's `model_version` is the building model's id. `select_backfill_ids`
   therefore walks the entries that a given new model has not embedded yet.
-- Query models are mapped into the index's embedding space with `retrieval.check_query_compatibility`
+- Query models are mapped into the index's embedding space with `operations.check_query_compatibility`
   (docs/design.md "The method" 6-7): `embed` for the index's own model and direct-mode successors,
   `embed_compat` (T21) for transformation-mode successors; unrelated models are refused unless forced.
 
@@ -30,7 +32,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from lce_tf import retrieval
+from lce_tf.index import operations, registry
+from lce_tf.index.base import IncompatibleModelError, Index
 from lce_tf.data import IMAGE_EXTENSIONS, DataError, load_images, read_image_folder
 
 Progress = Optional[Callable[[str], None]]
@@ -93,14 +96,14 @@ def parse_config_overrides(specs: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
-def signature_for_index(index: "retrieval.EmbeddingIndex", model, force: bool = False) -> str:
+def signature_for_index(index: Index, model, force: bool = False) -> str:
     """The signature of `model` whose embeddings live in the index's space (`check_query_compatibility`).
 
     Raises:
-      retrieval.IncompatibleModelError: the model is unrelated to the index's space (and not `force`),
+      IncompatibleModelError: the model is unrelated to the index's space (and not `force`),
         or its compatible signature has another dimension.
     """
-    return retrieval.check_query_compatibility(index.metadata, model.metadata, force=force)
+    return operations.check_query_compatibility(index.metadata, model.metadata, force=force)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -131,14 +134,13 @@ def embed_paths(model, paths: Sequence[str], signature: str = "embed", batch_siz
     return np.concatenate(parts, axis=0).astype(np.float32, copy=False)
 
 
-SCANN_SEARCH_PARAMS = ("leaves_to_search", "reorder_num_neighbors")
-
-
 def config_for(backend: str, n: int, dim: int, overrides: Optional[Mapping[str, Any]] = None, like: Any = None):
-    """The size-based index configuration of a backend for n vectors of dimension dim, with overrides.
+    """The size-based index configuration of a backend for n vectors of dimension dim, with overrides
+    (`Index.config_for` of the backend's class).
 
     Args:
-      backend: "scann" (`retrieval.IndexConfig`) or "milvus" (`milvus_index.MilvusConfig`).
+      backend: a registered backend name ("scann": `scann_index.IndexConfig`; "milvus":
+        `milvus_index.MilvusConfig`).
       overrides: `--config` fields (ScaNN: IndexConfig fields; Milvus: index_type, num_neighbors,
         insert_batch_size and the index type's build/search parameters).
       like: an existing index's configuration whose num_neighbors (ScaNN: threads and mutability;
@@ -147,22 +149,12 @@ def config_for(backend: str, n: int, dim: int, overrides: Optional[Mapping[str, 
     Raises:
       ValueError: an unknown backend, field or value.
     """
-    overrides = dict(overrides or {})
-    if backend == retrieval.SCANN_BACKEND:
-        kept = {} if like is None else {"num_neighbors": like.num_neighbors, "num_threads": like.num_threads,
-                                        "training_threads": like.training_threads, "mutable": like.mutable}
-        return retrieval.IndexConfig.for_size(n, dim, **{**kept, **overrides})
-    if backend == retrieval.MILVUS_BACKEND:
-        from lce_tf.milvus_index import MilvusConfig  # pylint: disable=import-outside-toplevel
-
-        kept = {} if like is None else {"index_type": like.index_type, "num_neighbors": like.num_neighbors}
-        return MilvusConfig.for_size(n, dim, **{**kept, **overrides})
-    raise ValueError(f"index backend must be one of {', '.join(retrieval.BACKENDS)}; received {backend!r}")
+    return registry.backend_class(backend).config_for(n, dim, overrides, like=like)
 
 
 def build_index(model, gallery, *, overrides: Optional[Mapping[str, Any]] = None,
                 config: Optional[Any] = None, batch_size: int = 256, progress: Progress = None,
-                backend: str = retrieval.SCANN_BACKEND, index_dir: Optional[str] = None,
+                backend: str = registry.DEFAULT_BACKEND, index_dir: Optional[str] = None,
                 milvus_uri: Optional[str] = None, milvus_alias: Optional[str] = None):
     """Embeds a gallery image folder with a model's `embed` signature and builds an index over it.
 
@@ -191,36 +183,26 @@ def build_index(model, gallery, *, overrides: Optional[Mapping[str, Any]] = None
     """
     if config is not None and overrides:
         raise ValueError("pass either config or overrides, not both")
-    milvus = backend == retrieval.MILVUS_BACKEND
-    if not milvus and (milvus_uri or milvus_alias):
-        raise ValueError("a Milvus URI or alias needs backend 'milvus'")
-    if milvus and index_dir is None:
-        raise ValueError("a Milvus index is written as it is built: pass index_dir")
+    cls = registry.backend_class(backend)
+    if not cls.SERVER and (milvus_uri or milvus_alias):
+        servers = [name for name in registry.backend_names() if registry.backend_class(name).SERVER]
+        raise ValueError(f"a Milvus URI or alias needs backend {' or '.join(map(repr, servers))}")
+    if cls.WRITES_AS_BUILT and index_dir is None:
+        raise ValueError(f"a {cls.TITLE} index is written as it is built: pass index_dir")
     folder = gallery if hasattr(gallery, "paths") else read_image_folder(gallery)
     ids = gallery_ids(folder)
     dim = int(model.embedding_dim)
     # checked before the (slow) embedding
-    config = (config or config_for(backend, len(ids), dim, overrides))
-    if milvus:
-        from lce_tf.milvus_index import MilvusIndex, check_server_uri  # pylint: disable=import-outside-toplevel
-
-        config = config.resolved(len(ids), dim).check_for(lite=milvus_uri is None)
-        if milvus_uri is not None:
-            check_server_uri(milvus_uri)
-    else:
-        config = config.resolved(len(ids))
+    config = cls.prepare_config(config or cls.config_for(len(ids), dim, overrides), len(ids), dim, uri=milvus_uri)
     if progress:
         progress(f"embedding {len(ids)} gallery images of {folder.num_classes} classes with {model.model_id}")
     embeddings, _ = model.embed_folder(folder, signature="embed", batch_size=batch_size)
-    where = (f" in Milvus ({milvus_uri or 'Milvus Lite in the index directory'})" if milvus else "")
     if progress:
-        progress(f"building a {config.algorithm} index of {len(ids)} x {embeddings.shape[1]}{where}")
-    common = dict(embedding_space=model.metadata["embedding_space"], model_id=model.model_id,
-                  model_version=model.model_id, config=config)
-    if milvus:
-        return MilvusIndex.build(ids, embeddings, model.model_id, index_dir=index_dir, uri=milvus_uri,
-                                 alias=milvus_alias, **common)
-    return retrieval.EmbeddingIndex.build(ids, embeddings, model.model_id, **common)
+        progress(f"building a {config.algorithm} index of {len(ids)} x {embeddings.shape[1]}"
+                 f"{cls.location_text(milvus_uri)}")
+    return cls.build_in(index_dir, ids, embeddings, model.model_id, uri=milvus_uri, alias=milvus_alias,
+                        embedding_space=model.metadata["embedding_space"], model_id=model.model_id,
+                        model_version=model.model_id, config=config)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -347,21 +329,20 @@ class SearchResults:
         return "\n".join(lines)
 
 
-def index_info(index: "retrieval.EmbeddingIndex", index_dir: Optional[str] = None) -> dict[str, Any]:
+def index_info(index: Index, index_dir: Optional[str] = None) -> dict[str, Any]:
     """Summary of an index for reports: dir, backend, embedding space, model id, count, dim, algorithm
     (the Milvus index type for Milvus), versions; Milvus: the collection and the server URI
     ("milvus-lite" for Milvus Lite)."""
     info = {"backend": index.backend, "embedding_space": index.embedding_space, "model_id": index.model_id,
             "count": len(index), "dim": index.dim, "algorithm": index.config.algorithm,
             "version_counts": index.version_counts()}
-    if index.backend == retrieval.MILVUS_BACKEND:
-        info.update(collection=index.collection, milvus_uri=index.uri or "milvus-lite")
+    info.update(index.describe())
     if index_dir is not None:
         info = {"dir": os.path.abspath(index_dir), **info}
     return info
 
 
-def check_k(k: Optional[int], index: "retrieval.EmbeddingIndex") -> int:
+def check_k(k: Optional[int], index: Index) -> int:
     """k for a search of `index`: None -> the index's num_neighbors (capped at its size); else 1 <= k <= N.
 
     Raises:
@@ -383,18 +364,10 @@ def check_search_params(index, params: Optional[Mapping[str, Any]]) -> dict[str,
     Raises:
       ValueError: a parameter the index does not take.
     """
-    params = dict(params or {})
-    if index.backend == retrieval.MILVUS_BACKEND:
-        index.config.search_params_for(1, params)
-        return params
-    unknown = sorted(set(params) - set(SCANN_SEARCH_PARAMS))
-    if unknown:
-        raise ValueError(f"a ScaNN index takes the search parameters {', '.join(SCANN_SEARCH_PARAMS)}; received "
-                         f"{', '.join(unknown)}")
-    return params
+    return index.check_search_params(params)
 
 
-def search_images(index: "retrieval.EmbeddingIndex", model, sources: Sequence[str], *, k: Optional[int] = None,
+def search_images(index: Index, model, sources: Sequence[str], *, k: Optional[int] = None,
                   force: bool = False, batch_size: int = 256, index_dir: Optional[str] = None,
                   progress: Progress = None, search_params: Optional[Mapping[str, Any]] = None) -> SearchResults:
     """Embeds query images with the signature that maps `model` into the index's space, then searches.
@@ -414,7 +387,7 @@ def search_images(index: "retrieval.EmbeddingIndex", model, sources: Sequence[st
       SearchResults with ids/scores [Q, k].
 
     Raises:
-      retrieval.IncompatibleModelError: unrelated model without `force` (a ValueError).
+      IncompatibleModelError: unrelated model without `force` (a ValueError).
       ValueError: bad k, missing/unreadable query images.
     """
     k = check_k(k, index)
@@ -435,14 +408,14 @@ def search_images(index: "retrieval.EmbeddingIndex", model, sources: Sequence[st
 # Gradual backfill with models
 # ----------------------------------------------------------------------------------------------------
 
-def backfill_from_images(index: "retrieval.EmbeddingIndex", model, gallery_dir: str, target_fraction: float, *,
+def backfill_from_images(index: Index, model, gallery_dir: str, target_fraction: float, *,
                          seed: int = 0, batch_size: int = 256, progress: Progress = None) -> dict[str, Any]:
     """Re-embeds gallery images with a new model until `target_fraction` of the index is backfilled.
 
-    The entries to re-embed are the next ones of `retrieval.select_backfill_ids` (a fixed seeded order,
+    The entries to re-embed are the next ones of `operations.select_backfill_ids` (a fixed seeded order,
     so successive calls extend one another); their images are GALLERY_DIR/<id>; they are embedded with
     the new model's signature for the index's space (`embed` in the direct modes, `embed_compat` = T21
-    in the transformation modes; docs/design.md "The method" 6-7) and written with `retrieval.backfill`
+    in the transformation modes; docs/design.md "The method" 6-7) and written with `operations.backfill`
     (ScaNN upsert in place) at version `model.model_id`. Save the index to persist.
 
     Upserts keep the tree partitions and AH codebooks trained on the vectors the index was built from.
@@ -465,7 +438,7 @@ def backfill_from_images(index: "retrieval.EmbeddingIndex", model, gallery_dir: 
        "signature": the signature used, "version": model.model_id}.
 
     Raises:
-      retrieval.IncompatibleModelError: the model's embeddings do not live in the index's space.
+      IncompatibleModelError: the model's embeddings do not live in the index's space.
       ValueError: target_fraction outside [0, 1], an entry whose image is missing under gallery_dir.
     """
     if (isinstance(target_fraction, bool) or not isinstance(target_fraction, (int, float))
@@ -475,9 +448,9 @@ def backfill_from_images(index: "retrieval.EmbeddingIndex", model, gallery_dir: 
         raise ValueError(f"gallery folder {gallery_dir} does not exist")
     signature = signature_for_index(index, model)
     version = model.model_id
-    done = retrieval.backfilled_fraction(index, version)
+    done = operations.backfilled_fraction(index, version)
     step = max(0.0, float(target_fraction) - done)
-    ids = retrieval.select_backfill_ids(index, min(1.0, step), seed=seed, new_version=version) if step > 0 else []
+    ids = operations.select_backfill_ids(index, min(1.0, step), seed=seed, new_version=version) if step > 0 else []
     if ids:
         paths = [os.path.join(gallery_dir, *entry.split("/")) for entry in ids]
         missing = [p for p in paths if not os.path.isfile(p)]
@@ -487,16 +460,16 @@ def backfill_from_images(index: "retrieval.EmbeddingIndex", model, gallery_dir: 
         if progress:
             progress(f"re-embedding {len(ids)} gallery images with {version} ({signature})")
         embeddings = embed_paths(model, paths, signature=signature, batch_size=batch_size)
-        retrieval.backfill(index, ids, embeddings, version, embedding_space=index.embedding_space)
-    return {"backfilled": len(ids), "fraction": retrieval.backfilled_fraction(index, version),
+        operations.backfill(index, ids, embeddings, version, embedding_space=index.embedding_space)
+    return {"backfilled": len(ids), "fraction": operations.backfilled_fraction(index, version),
             "signature": signature, "version": version}
 
 
-def upgrade_with_t12(index: "retrieval.EmbeddingIndex", model, *, new_version: Optional[str] = None,
-                     config: Optional[Any] = None, out_dir: Optional[str] = None) -> "retrieval.EmbeddingIndex":
+def upgrade_with_t12(index: Index, model, *, new_version: Optional[str] = None,
+                     config: Optional[Any] = None, out_dir: Optional[str] = None) -> Index:
     """Forward-compatible upgrade: maps every gallery vector through the new model's T12 (no images).
 
-    Returns a NEW index in the new model's own space (`retrieval.transform_gallery`, docs/design.md "The
+    Returns a NEW index in the new model's own space (`operations.transform_gallery`, docs/design.md "The
     method" 7: forward compatible training), whose entries have version `new_version` (default
     "<model_id>-t12"), so `backfill_from_images(new_index, model, ...)` can then replace them with the
     model's own `embed` vectors gradually. The input index is untouched.
@@ -510,23 +483,23 @@ def upgrade_with_t12(index: "retrieval.EmbeddingIndex", model, *, new_version: O
                          "from images instead")
     compat = model.compatible_with or {}
     if compat.get("embedding_space") != index.embedding_space:
-        raise retrieval.IncompatibleModelError(
+        raise IncompatibleModelError(
             f"model {model.model_id}'s T12 maps from embedding space {compat.get('embedding_space')!r}, but the index "
             f"holds embedding space {index.embedding_space!r}")
-    return retrieval.transform_gallery(index, model.transform_old_to_new, model.metadata["embedding_space"],
+    return operations.transform_gallery(index, model.transform_old_to_new, model.metadata["embedding_space"],
                                        new_version or f"{model.model_id}-t12", model_id=model.model_id, config=config,
                                        transformed_by=f"{model.model_id} (transform_old_to_new)", index_dir=out_dir)
 
 
-def upgrade_with_transformation(index: "retrieval.EmbeddingIndex", transformation, *,
+def upgrade_with_transformation(index: Index, transformation, *,
                                 overrides: Optional[Mapping[str, Any]] = None,
                                 index_dir: Optional[str] = None, out_dir: Optional[str] = None
-                                ) -> "retrieval.EmbeddingIndex":
+                                ) -> Index:
     """The forward route's index upgrade (`lce-tf index upgrade`): every stored vector through a fitted
     transformation's `old_to_new`, into a NEW index in its target space; no image is read.
 
     Ids and per-entry model versions are kept; every entry's provenance becomes "transformed from <old
-    space> by <transformation id>" (`retrieval.transform_gallery`). The new index lives in the new
+    space> by <transformation id>" (`operations.transform_gallery`). The new index lives in the new
     model's space, so `check_query_compatibility` accepts that model's queries (signature `embed`) and
     refuses the old model's; `backfill_from_images(new_index, new_model, ...)` later replaces
     transformed entries with re-encoded ones. The input index is untouched.
@@ -556,7 +529,7 @@ def upgrade_with_transformation(index: "retrieval.EmbeddingIndex", transformatio
     if overrides:
         config = config_for(index.backend, len(index), int(transformation.target["dim"]), overrides, like=index.config)
     target = transformation.target
-    return retrieval.transform_gallery(index, transformation.old_to_new, target["embedding_space"],
+    return operations.transform_gallery(index, transformation.old_to_new, target["embedding_space"],
                                        transformed_by=transformation.transform_id, model_id=target["model_id"],
                                        config=config, index_dir=out_dir)
 
@@ -612,7 +585,7 @@ def tie_robust_recall(ann_scores: np.ndarray, exact_scores: np.ndarray, toleranc
     return float((np.asarray(ann_scores, dtype=np.float64) >= kth).mean())
 
 
-def compare_ann_to_exact(index: "retrieval.EmbeddingIndex", query_embeddings: np.ndarray,
+def compare_ann_to_exact(index: Index, query_embeddings: np.ndarray,
                          query_classes: Sequence[Any], *, k: int = 10, metric_k: int = 100,
                          class_of: Callable[[str], Any] = class_of_id, **search_kwargs: Any) -> dict[str, Any]:
     """The cross-version check of issue 4: ANN search against exact search over the same index.
@@ -669,22 +642,17 @@ def compare_ann_to_exact(index: "retrieval.EmbeddingIndex", query_embeddings: np
             "exact_full": exact_full, "max_abs_diff": float(diff)}
 
 
-def load_index(index_dir: str) -> "retrieval.EmbeddingIndex":
-    """`retrieval.open_index`: the index of either backend (kept here so callers of this module need one import)."""
-    return retrieval.open_index(index_dir)
+def load_index(index_dir: str) -> Index:
+    """`registry.open_index`: the index of any backend (kept here so callers of this module need one import)."""
+    return registry.open_index(index_dir)
 
 
-def index_for_update(index_dir: str, out_dir: Optional[str] = None):
-    """The index that a backfill of `index_dir` writes into, to be saved at `out_dir` (None: in place).
+def index_for_update(index_dir: str, out_dir: Optional[str] = None) -> Index:
+    """The index that a backfill of `index_dir` writes into, to be saved at `out_dir` (None: in place):
+    the backend's `Index.for_update`.
 
     ScaNN indexes are loaded into memory and saved wherever asked. A Milvus index is updated where its
     collection lives: for another `out_dir` it is first copied into a new collection served from there
     (`MilvusIndex.clone`), so the original keeps serving unchanged.
     """
-    index = load_index(index_dir)
-    if index.backend != retrieval.MILVUS_BACKEND or out_dir is None or os.path.abspath(out_dir) == index.index_dir:
-        return index
-    try:
-        return index.clone(out_dir)
-    finally:
-        index.close()
+    return load_index(index_dir).for_update(out_dir)

@@ -1,4 +1,4 @@
-"""Versioned, relocatable ScaNN indexes; exact reference search; cross-version safety; gradual backfill.
+"""The ScaNN backend ("scann", the default): versioned, relocatable ScaNN (or brute-force) indexes.
 
 An `EmbeddingIndex` holds (id, embedding, model version) entries that live in ONE embedding space (the
 space of the model that produced them, or the old space that a compatible model's `embed` /
@@ -7,7 +7,7 @@ space of the model that produced them, or the old space that a compatible model'
 zero vectors are refused.
 
 ScaNN (scann 1.3.0) is imported lazily, inside functions, through its numpy ("pybind") searcher, so
-`import lce_tf.retrieval` needs neither scann nor tensorflow (importing scann itself pulls in
+`import lce_tf.index.scann_index` needs neither scann nor tensorflow (importing scann itself pulls in
 tensorflow, ~8 s).
 
 Index directory layout (docs/design.md, "Artifacts and formats"):
@@ -21,7 +21,7 @@ Index directory layout (docs/design.md, "Artifacts and formats"):
       versions.json     the model version that produced each entry, same order
       provenance.json   how each entry's vector was made, same order: "embedded" (by its version's
                         model, from the image) or "transformed from <space> by <transformation id>"
-                        (moved from another space without re-encoding; `transform_gallery`); indexes
+                        (moved from another space without re-encoding; `operations.transform_gallery`); indexes
                         saved before this file existed load with every entry "embedded"
       embeddings.npy    float32 [N, D] unit vectors, same order (also ScaNN's reordering dataset)
       scann/            the serialized ScaNN searcher; scann_assets.pbtxt holds paths RELATIVE to
@@ -43,11 +43,10 @@ is two renames (old -> hidden backup `.NAME.lce-old-XXXX`, new -> INDEX_DIR); a 
 leaves no INDEX_DIR, and `load(INDEX_DIR)` then loads the backup (and logs a warning). One writer per
 index directory at a time.
 
-Backends: this module is the ScaNN backend and the index API. An index directory may instead hold a
-Milvus collection (`lce_tf.milvus_index.MilvusIndex`, index.json field "backend": "milvus"); `open_index`
-reads the backend from index.json and returns the matching class. Both classes answer the same calls
-(build, search, exact_search, upsert, version_counts, version_of, iter_batches, save, metadata), and
-the backfill, selection and transformation functions below work on either.
+Backends: `EmbeddingIndex` implements the backend contract `lce_tf.index.base.Index`; the registry
+(`lce_tf.index.registry`) maps the name "scann" to it, and `registry.open_index` reads the backend of a
+directory from its index.json. The backfill, selection and transformation functions of
+`lce_tf.index.operations` work on every backend.
 
 Updates: `upsert` uses ScaNN's own in-place `upsert` (the pybind searcher supports it when built with
 docids, which `IndexConfig.mutable=True`, the default, does; a replaced datapoint is re-hashed and
@@ -58,37 +57,32 @@ top-N scoring for tree-AH) `upsert` rebuilds the searcher instead.
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import hashlib
-import heapq
 import json
 import logging
 import math
 import os
-from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 import lce_tf
 from lce_tf import fileio
-from lce_tf.checks import check_finite
+from lce_tf.index import checks, operations, registry, store
+from lce_tf.index.base import EMBEDDED, METADATA_FILE, EntryBatch, Index
+from lce_tf.index.store import write_json as _write_json  # a module-level name, so tests can inject crashes
 
 logger = logging.getLogger(__name__)
 
-INDEX_FORMAT = "lce_tf.index/1"
-METADATA_FILE = "index.json"
 IDS_FILE = "ids.json"
 VERSIONS_FILE = "versions.json"
 PROVENANCE_FILE = "provenance.json"
-EMBEDDED = "embedded"  # provenance of an entry embedded from its image by its version's model
 EMBEDDINGS_FILE = "embeddings.npy"
 SCANN_BACKEND = "scann"
-MILVUS_BACKEND = "milvus"
-BACKENDS = (SCANN_BACKEND, MILVUS_BACKEND)
 SCANN_DIR = "scann"
 SCANN_ASSETS_FILE = "scann_assets.pbtxt"
 
 ALGORITHMS = ("brute_force", "ah", "tree_ah")
+SEARCH_PARAMS = ("leaves_to_search", "reorder_num_neighbors")  # what one search may set (`--param`)
 DISTANCES = ("dot_product",)
 # Size thresholds of ScaNN's own configuration guide: brute force below ~20k datapoints, asymmetric
 # hashing (AH) with reordering below ~100k, a partition tree with ~sqrt(n) leaves + AH above.
@@ -96,28 +90,9 @@ BRUTE_FORCE_BELOW = 20_000
 TREE_AH_FROM = 100_000
 
 
-_SCANN_INSTALL_HINT = ("ScaNN is required for lce_tf.retrieval indexes: install it with "
+_SCANN_INSTALL_HINT = ("ScaNN is required for lce_tf.index.scann_index indexes: install it with "
                        "`pip install scann==1.3.0` (Linux x86-64 wheels, built against tensorflow 2.15)")
 
-
-class IncompatibleModelError(ValueError):
-    """A query model's embeddings do not live in the index's embedding space (and force was not set)."""
-
-
-class EntryBatch(NamedTuple):
-    """A batch of stored entries, as `iter_batches` of either backend yields them.
-
-    Attributes:
-      ids: [B] entry ids.
-      versions: [B] model version of each entry.
-      provenance: [B] how each vector was made (`EMBEDDED` or "transformed from ...").
-      embeddings: float32 [B, D] unit vectors, or None when the batch was asked without vectors.
-    """
-
-    ids: list[str]
-    versions: list[str]
-    provenance: list[str]
-    embeddings: Optional[np.ndarray]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -207,12 +182,12 @@ class IndexConfig:
             raise ValueError(f"IndexConfig.distance must be 'dot_product' (embeddings are L2-normalized); "
                              f"received {self.distance!r}")
         for name in ("num_neighbors", "reorder_num_neighbors", "dimensions_per_block", "training_sample_size"):
-            _check_int(f"IndexConfig.{name}", getattr(self, name), minimum=1)
+            checks.check_int(f"IndexConfig.{name}", getattr(self, name), minimum=1)
         for name in ("num_leaves", "leaves_to_search", "min_partition_size"):
             if getattr(self, name) is not None:
-                _check_int(f"IndexConfig.{name}", getattr(self, name), minimum=1)
+                checks.check_int(f"IndexConfig.{name}", getattr(self, name), minimum=1)
         for name in ("training_threads", "num_threads"):
-            _check_int(f"IndexConfig.{name}", getattr(self, name), minimum=0)
+            checks.check_int(f"IndexConfig.{name}", getattr(self, name), minimum=0)
         if not isinstance(self.mutable, bool):
             raise ValueError(f"IndexConfig.mutable must be a bool; received {self.mutable!r}")
         if not isinstance(self.anisotropic_quantization_threshold, (int, float)):
@@ -234,8 +209,8 @@ class IndexConfig:
         Raises:
           ValueError: n or dim < 1, or an override names no IndexConfig field.
         """
-        _check_int("n", n, minimum=1)
-        _check_int("dim", dim, minimum=1)
+        checks.check_int("n", n, minimum=1)
+        checks.check_int("dim", dim, minimum=1)
         unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"IndexConfig has no field(s) {', '.join(unknown)}")
@@ -300,128 +275,11 @@ class IndexConfig:
         return cls(**d)
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; received {value!r}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Input checks and the exact reference search
-# ----------------------------------------------------------------------------------------------------
-
-def _unit_rows(x: Any, name: str, dim: Optional[int] = None, dim_owner: str = "the index") -> np.ndarray:
-    """Checks a float matrix [N, D] and returns it L2-normalized, float32, C-contiguous.
-
-    Raises:
-      ValueError: not 2-D, wrong dimension, NaN/Inf, or a zero row (cannot be normalized).
-    """
-    try:
-        a = np.asarray(x, dtype=np.float32)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{name} must be a float array [N, D]; {e}") from None
-    if a.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array [N, D]; received shape {a.shape}")
-    if dim is not None and a.shape[1] != dim:
-        raise ValueError(f"{name} have dimension {a.shape[1]} but {dim_owner} has dimension {dim}")
-    check_finite(a, name)
-    norms = np.linalg.norm(a.astype(np.float64), axis=1)
-    if a.shape[0] and (norms == 0).any():
-        row = int(np.argmax(norms == 0))
-        raise ValueError(f"{name} row {row} has zero norm and cannot be L2-normalized")
-    return np.ascontiguousarray(a / norms[:, None].astype(np.float32), dtype=np.float32)
-
-
-def _check_k(k: Any, n: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-        raise ValueError(f"k must be a positive integer; received {k!r}")
-    if k > n:
-        raise ValueError(f"k={k} exceeds the number of index entries ({n})")
-    return int(k)
-
-
-def _check_ids(ids: Any, name: str = "ids") -> list[str]:
-    if isinstance(ids, (str, bytes)):
-        raise ValueError(f"{name} must be a sequence of strings, not a single string; received {ids!r}")
-    ids = list(ids)
-    for i, v in enumerate(ids):
-        if not isinstance(v, str) or not v:
-            raise ValueError(f"{name}[{i}] must be a non-empty string; received {v!r}")
-    if len(set(ids)) != len(ids):
-        seen: set[str] = set()
-        dup = next(v for v in ids if v in seen or seen.add(v))
-        raise ValueError(f"{name} contain duplicates ({dup!r} appears {ids.count(dup)} times)")
-    return ids
-
-
-def _check_versions(versions: Union[str, Sequence[str]], n: int, name: str = "versions") -> list[str]:
-    """One non-empty string per entry: a single string is repeated n times (versions, provenance)."""
-    if isinstance(versions, str):
-        if not versions:
-            raise ValueError(f"{name.removesuffix('s')} must be a non-empty string; received ''")
-        return [versions] * n
-    versions = list(versions)
-    if len(versions) != n:
-        raise ValueError(f"{name} has {len(versions)} entries but there are {n} ids")
-    for i, v in enumerate(versions):
-        if not isinstance(v, str) or not v:
-            raise ValueError(f"{name}[{i}] must be a non-empty string; received {v!r}")
-    return versions
-
-
-def exact_top_k(queries: np.ndarray, gallery: np.ndarray, k: int, *, query_chunk: int = 256,
-                gallery_chunk: int = 32_768) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by dot product, in blocks so memory stays bounded (the reference for ANN search).
-
-    Scores s_qi = <q, g_i> (docs/design.md: similarity of L2-normalized embeddings is the dot product; this
-    function does not normalize). Memory is O(query_chunk * gallery_chunk).
-
-    Args:
-      queries: float32 [Q, D].
-      gallery: float32 [N, D].
-      k: neighbours per query, 1 <= k <= N.
-      query_chunk: queries per block.
-      gallery_chunk: gallery rows per block.
-
-    Returns:
-      (indices int64 [Q, k], scores float32 [Q, k]), best first; equal scores ordered by lower index
-      (except for exact ties cut at a block's k-th place).
-    """
-    queries = np.asarray(queries, dtype=np.float32)
-    gallery = np.asarray(gallery, dtype=np.float32)
-    k = _check_k(k, gallery.shape[0])
-    out_i = np.empty((queries.shape[0], k), dtype=np.int64)
-    out_s = np.empty((queries.shape[0], k), dtype=np.float32)
-    for qs in range(0, queries.shape[0], query_chunk):
-        qb = queries[qs:qs + query_chunk]
-        best_s = np.empty((qb.shape[0], 0), dtype=np.float32)
-        best_i = np.empty((qb.shape[0], 0), dtype=np.int64)
-        for gs in range(0, gallery.shape[0], gallery_chunk):
-            s = qb @ gallery[gs:gs + gallery_chunk].T  # [b, g]
-            kk = min(k, s.shape[1])
-            if kk < s.shape[1]:
-                part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
-            else:
-                part = np.broadcast_to(np.arange(s.shape[1]), s.shape)
-            all_s = np.concatenate([best_s, np.take_along_axis(s, part, axis=1)], axis=1)
-            all_i = np.concatenate([best_i, part.astype(np.int64) + gs], axis=1)
-            order = np.lexsort((all_i, -all_s), axis=-1)[:, :k]
-            best_s = np.take_along_axis(all_s, order, axis=1)
-            best_i = np.take_along_axis(all_i, order, axis=1)
-        out_s[qs:qs + qb.shape[0]] = best_s
-        out_i[qs:qs + qb.shape[0]] = best_i
-    return out_i, out_s
 
 
 # ----------------------------------------------------------------------------------------------------
 # File helpers (small module-level functions so tests can inject crashes between steps)
 # ----------------------------------------------------------------------------------------------------
-
-def _write_json(path: str, payload: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1 if isinstance(payload, dict) else None)
-        f.flush()
-        os.fsync(f.fileno())
-
 
 def _write_npy(path: str, array: np.ndarray) -> None:
     with open(path, "wb") as f:
@@ -461,137 +319,13 @@ def _rewrite_assets(assets_text: str, old_root: str, new_root: Optional[str], in
     return text_format.MessageToString(assets)
 
 
-def _counts(values: Sequence[str]) -> dict[str, int]:
-    """{value: occurrences}, sorted by value."""
-    counts: dict[str, int] = {}
-    for v in values:
-        counts[v] = counts.get(v, 0) + 1
-    return dict(sorted(counts.items()))
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def check_gallery(ids: Sequence[str], embeddings: np.ndarray, versions: Union[str, Sequence[str]],
-                  provenance: Union[str, Sequence[str]], embedding_space: str, model_version: Optional[str]
-                  ) -> tuple[list[str], np.ndarray, list[str], list[str], str]:
-    """The checks of a gallery that builds an index (either backend).
-
-    Returns:
-      (ids, unit float32 embeddings [N, D], versions [N], provenance [N], model_version), model_version
-      defaulting to the entries' version when they all share one.
-
-    Raises:
-      ValueError: empty gallery, duplicate ids, length mismatches, bad vectors, several versions
-        without model_version.
-    """
-    if not isinstance(embedding_space, str) or not embedding_space:
-        raise ValueError(f"embedding_space must be a non-empty string; received {embedding_space!r}")
-    ids = _check_ids(ids)
-    if not ids:
-        raise ValueError("cannot build an index from an empty gallery (0 ids)")
-    emb = _unit_rows(embeddings, "embeddings")
-    if emb.shape[0] != len(ids):
-        raise ValueError(f"embeddings has {emb.shape[0]} rows but there are {len(ids)} ids")
-    versions = _check_versions(versions, len(ids))
-    provenance = _check_versions(provenance, len(ids), "provenance")
-    if model_version is None:
-        distinct = sorted(set(versions))
-        if len(distinct) != 1:
-            raise ValueError(f"entries have several versions ({', '.join(distinct[:5])}); pass model_version")
-        model_version = distinct[0]
-    return ids, emb, versions, provenance, model_version
-
-
-def base_metadata(embedding_space: str, dim: int, model_id: str, model_version: str, config: Mapping[str, Any],
-                  count: int) -> dict[str, Any]:
-    """The index.json fields every backend writes (the backend adds its own)."""
-    created = _now()
-    return {"format": INDEX_FORMAT, "embedding_space": embedding_space, "dim": int(dim), "model_id": model_id,
-            "model_version": model_version, "config": dict(config), "count": int(count),
-            "lce_tf_version": lce_tf.__version__, "created": created, "updated": created}
-
-
-def check_replaceable(target: str) -> None:
-    """Refuses to write an index over a file or over a non-empty directory that is not an lce_tf index.
-
-    Raises:
-      ValueError: naming `target`.
-    """
-    if os.path.lexists(target):
-        if not os.path.isdir(target):
-            raise ValueError(f"index directory {target} exists and is not a directory")
-        if os.listdir(target) and not os.path.isfile(os.path.join(target, METADATA_FILE)):
-            raise ValueError(f"refusing to replace {target}: it is a non-empty directory without "
-                             f"{METADATA_FILE} (not an lce_tf index)")
-
-
-class IndexCommon:
-    """What both backends share: the metadata-backed properties, the space guard and the query checks.
-
-    Subclasses set `_metadata` (the index.json dict) and `_config` (with `num_neighbors`) and define
-    `__len__`.
-    """
-
-    _metadata: dict[str, Any]
-    _config: Any
-
-    @property
-    def embedding_space(self) -> str:
-        return self._metadata["embedding_space"]
-
-    @property
-    def dim(self) -> int:
-        return int(self._metadata["dim"])
-
-    @property
-    def model_id(self) -> str:
-        return self._metadata["model_id"]
-
-    @property
-    def model_version(self) -> str:
-        return self._metadata["model_version"]
-
-    @property
-    def config(self):
-        return self._config
-
-    def _check_space(self, embedding_space: Optional[str], what: str) -> None:
-        if embedding_space is not None and embedding_space != self.embedding_space:
-            raise IncompatibleModelError(f"{what} live in embedding space {embedding_space!r} but the index holds "
-                                         f"embedding space {self.embedding_space!r}")
-
-    def _queries(self, queries: np.ndarray, k: Optional[int]) -> tuple[np.ndarray, int]:
-        q = np.asarray(queries, dtype=np.float32) if not isinstance(queries, np.ndarray) else queries
-        if q.ndim == 1:
-            q = q[None, :]
-        q = _unit_rows(q, "queries", self.dim, f"the index (embedding space {self.embedding_space!r})")
-        k = _check_k(self._config.num_neighbors if k is None else k, len(self))
-        return q, k
-
-    def close(self) -> None:
-        """Releases what the index holds open (a Milvus connection; nothing for ScaNN)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def _vectors(self, embeddings: Any, n: int, what: str = "embeddings") -> np.ndarray:
-        """Upserted vectors: [n, D] in this index's dimension, unit-normalized."""
-        emb = _unit_rows(embeddings, what, self.dim, f"the index (embedding space {self.embedding_space!r})")
-        if emb.shape[0] != n:
-            raise ValueError(f"{what} has {emb.shape[0]} rows but there are {n} ids")
-        return emb
 
 
 # ----------------------------------------------------------------------------------------------------
 # The index
 # ----------------------------------------------------------------------------------------------------
 
-class EmbeddingIndex(IndexCommon):
+class EmbeddingIndex(Index):
     """A ScaNN nearest-neighbour index over (id, embedding, model version) entries in one embedding space.
 
     Build with `EmbeddingIndex.build(...)` or `EmbeddingIndex.load(dir)`; do not call the constructor.
@@ -602,6 +336,11 @@ class EmbeddingIndex(IndexCommon):
       >>> index = EmbeddingIndex.load("/srv/index-copy")
       >>> top_ids, scores = index.search(queries, k=10)    # [Q, 10] str, [Q, 10] float32
     """
+
+    TITLE = "ScaNN"
+    NAME = SCANN_BACKEND
+    CONFIG_CLASS = IndexConfig
+    KEPT_CONFIG_FIELDS = ("num_neighbors", "num_threads", "training_threads", "mutable")
 
     def __init__(self, *, ids: list[str], embeddings: np.ndarray, versions: list[str], provenance: list[str],
                  metadata: dict[str, Any], config: IndexConfig, searcher: Any):
@@ -644,11 +383,11 @@ class EmbeddingIndex(IndexCommon):
           ValueError: empty gallery, duplicate ids, length mismatches, bad vectors, bad config.
           ImportError: ScaNN is not installed (the message says what to install).
         """
-        ids, emb, versions, provenance, model_version = check_gallery(ids, embeddings, versions, provenance,
-                                                                      embedding_space, model_version)
+        ids, emb, versions, provenance, model_version = checks.check_gallery(ids, embeddings, versions, provenance,
+                                                                             embedding_space, model_version)
         config = (config or IndexConfig.for_size(len(ids), emb.shape[1])).resolved(len(ids))
-        metadata = base_metadata(embedding_space, emb.shape[1], model_id or embedding_space, model_version,
-                                 config.to_dict(), len(ids))
+        metadata = store.base_metadata(embedding_space, emb.shape[1], model_id or embedding_space, model_version,
+                                       config.to_dict(), len(ids))
         metadata["scann_version"] = _scann_version()
         searcher = _build_searcher(emb, ids, config)
         return cls(ids=ids, embeddings=emb, versions=versions, provenance=provenance, metadata=metadata,
@@ -693,11 +432,11 @@ class EmbeddingIndex(IndexCommon):
 
     def version_counts(self) -> dict[str, int]:
         """{model version: number of entries it produced}."""
-        return _counts(self._versions)
+        return checks.counts(self._versions)
 
     def provenance_counts(self) -> dict[str, int]:
         """{provenance: number of entries}, e.g. {"embedded": 120, "transformed from v1-... by t12-...": 3680}."""
-        return _counts(self._provenance)
+        return checks.counts(self._provenance)
 
     def version_of(self, ids: Sequence[str]) -> list[str]:
         """The model versions of the given ids. Raises ValueError naming an unknown id."""
@@ -708,17 +447,13 @@ class EmbeddingIndex(IndexCommon):
             out.append(self._versions[self._pos[v]])
         return out
 
-    @property
-    def backend(self) -> str:
-        return SCANN_BACKEND
-
     def missing_ids(self, ids: Sequence[str]) -> list[str]:
         """The given ids that are not in the index, in the order given."""
         return [v for v in ids if v not in self._pos]
 
     def iter_batches(self, batch_size: int = 65_536, *, vectors: bool = True) -> Iterator[EntryBatch]:
         """The stored entries in index order, `batch_size` at a time (embeddings are copies)."""
-        _check_int("batch_size", batch_size, minimum=1)
+        checks.check_int("batch_size", batch_size, minimum=1)
         for start in range(0, len(self._ids), batch_size):
             end = start + batch_size
             yield EntryBatch(self._ids[start:end], self._versions[start:end], self._provenance[start:end],
@@ -770,7 +505,7 @@ class EmbeddingIndex(IndexCommon):
             pre = max(k, reorder_num_neighbors if reorder_num_neighbors is not None else cfg.reorder_num_neighbors)
         if cfg.algorithm == "tree_ah":
             leaves = cfg.leaves_to_search if leaves_to_search is None else leaves_to_search
-            _check_int("leaves_to_search", leaves, minimum=1)
+            checks.check_int("leaves_to_search", leaves, minimum=1)
             if leaves > cfg.num_leaves:
                 raise ValueError(f"leaves_to_search ({leaves}) exceeds the index's num_leaves ({cfg.num_leaves})")
         parallel = cfg.num_threads != 1 and q.shape[0] > 1
@@ -781,7 +516,7 @@ class EmbeddingIndex(IndexCommon):
         if short.any():
             logger.warning("ScaNN returned fewer than k=%d candidates for %d of %d queries (raise leaves_to_search); "
                            "answered those exactly", k, int(short.sum()), q.shape[0])
-            ex_rows, ex_scores = exact_top_k(q[short], self._embeddings, k)
+            ex_rows, ex_scores = operations.exact_top_k(q[short], self._embeddings, k)
             rows[short], scores[short] = ex_rows, ex_scores
         return self._ids_of(rows), scores
 
@@ -794,7 +529,8 @@ class EmbeddingIndex(IndexCommon):
         """
         self._check_space(embedding_space, "queries")
         q, k = self._queries(queries, k)
-        rows, scores = exact_top_k(q, self._embeddings, k, query_chunk=query_chunk, gallery_chunk=gallery_chunk)
+        rows, scores = operations.exact_top_k(q, self._embeddings, k, query_chunk=query_chunk,
+                                              gallery_chunk=gallery_chunk)
         return self._ids_of(rows), scores
 
     # -- updates -------------------------------------------------------------------------------------
@@ -822,10 +558,10 @@ class EmbeddingIndex(IndexCommon):
           ValueError: duplicate ids, length mismatch, wrong dimension, NaN/Inf or zero rows.
         """
         self._check_space(embedding_space, "upserted embeddings")
-        ids = _check_ids(ids)
+        ids = checks.check_ids(ids)
         emb = self._vectors(embeddings, len(ids))
-        versions = _check_versions(version, len(ids))
-        provenance = _check_versions(provenance, len(ids), "provenance")
+        versions = checks.check_versions(version, len(ids))
+        provenance = checks.check_versions(provenance, len(ids), "provenance")
         if not ids:
             return {"replaced": 0, "added": 0}
         rows = [self._pos.get(v) for v in ids]
@@ -879,9 +615,49 @@ class EmbeddingIndex(IndexCommon):
     def _touch(self) -> None:
         """Marks the in-memory index as changed since it was last saved or loaded."""
         self._metadata["count"] = len(self._ids)
-        self._metadata["updated"] = _now()
+        self._metadata["updated"] = checks.now()
         self._metadata.pop("files", None)
         self._metadata.pop("checksum", None)
+
+    # -- the glue's hooks ----------------------------------------------------------------------------
+
+    @classmethod
+    def prepare_config(cls, config: IndexConfig, n: int, dim: int, *, uri: Optional[str] = None) -> IndexConfig:
+        """`config` resolved for n vectors (ScaNN is local: `uri` must be None)."""
+        if uri is not None:
+            raise ValueError(f"a ScaNN index lives in its directory, not on a server ({uri})")
+        return config.resolved(n)
+
+    def check_search_params(self, params: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+        """ScaNN takes `SEARCH_PARAMS` (leaves_to_search, reorder_num_neighbors) per search."""
+        params = dict(params or {})
+        unknown = sorted(set(params) - set(SEARCH_PARAMS))
+        if unknown:
+            raise ValueError(f"a ScaNN index takes the search parameters {', '.join(SEARCH_PARAMS)}; received "
+                             f"{', '.join(unknown)}")
+        return params
+
+    # -- transformation ------------------------------------------------------------------------------
+
+    def transform(self, transform_fn: Callable[[np.ndarray], np.ndarray], new_space: str,
+                  new_version: Optional[str] = None, *, transformed_by: str, model_id: Optional[str] = None,
+                  config: Optional[IndexConfig] = None, batch_size: int = 65_536,
+                  index_dir: Optional[str] = None) -> "EmbeddingIndex":
+        """`operations.transform_gallery` for ScaNN: a NEW in-memory index (unsaved, whatever `index_dir`
+        says) of every stored vector through `transform_fn`; `config` None -> by size for D_new,
+        keeping num_neighbors, threads and mutability."""
+        checks.check_transform_args(batch_size, new_version, transformed_by)
+        new = np.concatenate([operations.transform_batch(transform_fn, b.embeddings)
+                              for b in self.iter_batches(batch_size)], axis=0)
+        if config is None:
+            config = self.config_for(len(self), new.shape[1], like=self._config)
+        provenance = operations.transformed_provenance(self.provenance, self.embedding_space, transformed_by)
+        model_id = model_id or new_space
+        new_index = EmbeddingIndex.build(self.ids, new, new_version or self.versions, embedding_space=new_space,
+                                         model_id=model_id, model_version=new_version or model_id, config=config,
+                                         provenance=provenance)
+        new_index._metadata["transformed_from"] = operations.transformed_from_record(self, transformed_by)  # pylint: disable=protected-access
+        return new_index
 
     # -- persistence ---------------------------------------------------------------------------------
 
@@ -905,7 +681,7 @@ class EmbeddingIndex(IndexCommon):
             previous index there, if any, is unchanged and no temporary directory is left.
         """
         target = os.path.abspath(index_dir)
-        check_replaceable(target)
+        store.check_replaceable(target)
         with fileio.atomic_directory(target, "index directory") as tmp:
             metadata = self._write_files(tmp)
         self._metadata = metadata
@@ -966,7 +742,7 @@ class EmbeddingIndex(IndexCommon):
           ValueError: one line naming the directory and the missing, corrupted or edited file.
           ImportError: ScaNN is not installed.
         """
-        root = resolve_index_dir(index_dir)
+        root = registry.resolve_index_dir(index_dir)
         metadata = _read_metadata(root)
         for rel, digest in metadata["files"].items():
             path = os.path.join(root, *rel.split("/"))
@@ -977,14 +753,14 @@ class EmbeddingIndex(IndexCommon):
         config = IndexConfig.from_dict(metadata["config"])
         count, dim = int(metadata["count"]), int(metadata["dim"])
         with open(os.path.join(root, IDS_FILE), encoding="utf-8") as f:
-            ids = _check_ids(json.load(f), f"{IDS_FILE} entries")
+            ids = checks.check_ids(json.load(f), f"{IDS_FILE} entries")
         with open(os.path.join(root, VERSIONS_FILE), encoding="utf-8") as f:
-            versions = _check_versions(json.load(f), len(ids))
+            versions = checks.check_versions(json.load(f), len(ids))
         provenance: Union[str, list[str]] = EMBEDDED
         if PROVENANCE_FILE in metadata["files"]:
             with open(os.path.join(root, PROVENANCE_FILE), encoding="utf-8") as f:
                 provenance = json.load(f)
-        provenance = _check_versions(provenance, len(ids), f"{PROVENANCE_FILE} entries")
+        provenance = checks.check_versions(provenance, len(ids), f"{PROVENANCE_FILE} entries")
         emb = np.load(os.path.join(root, EMBEDDINGS_FILE), allow_pickle=False)
         if len(ids) != count or emb.shape != (count, dim) or emb.dtype != np.float32:
             raise ValueError(f"index {root}: {IDS_FILE} ({len(ids)} ids), {EMBEDDINGS_FILE} {emb.shape} {emb.dtype} "
@@ -1039,369 +815,14 @@ def _build_searcher(emb: np.ndarray, ids: list[str], config: IndexConfig):
     return searcher
 
 
-def resolve_index_dir(index_dir: str) -> str:
-    """The absolute index directory to read: `index_dir`, or, when it is missing because a save was
-    interrupted between its two renames, the verified backup kept beside it (with a warning).
-
-    Raises:
-      ValueError: `index_dir` is a file, or neither it nor a backup exists.
-    """
-    root = os.path.abspath(index_dir)
-    if os.path.lexists(root) and not os.path.isdir(root):
-        raise ValueError(f"index directory {root} is not a directory")
-    if not os.path.isdir(root):
-        backup = _find_backup(root)
-        if backup is None:
-            raise ValueError(f"index directory {root} does not exist")
-        logger.warning("index %s is missing (a save was interrupted); loading the previous index kept at %s",
-                       root, backup)
-        root = backup
-    return root
-
-
-def read_index_metadata(root: str) -> dict[str, Any]:
-    """index.json of an index directory of either backend, checked: valid JSON, the format, its own
-    checksum, the fields every backend writes, and a known "backend" (absent = "scann", the only
-    backend before issue 14).
-
-    Raises:
-      ValueError: one line naming the directory and what is wrong.
-    """
-    path = os.path.join(root, METADATA_FILE)
-    if not os.path.isfile(path):
-        raise ValueError(f"{root} is not an lce_tf index: file {METADATA_FILE} is missing")
-    try:
-        with open(path, encoding="utf-8") as f:
-            metadata = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"index {root}: file {METADATA_FILE} is not valid JSON ({e})") from None
-    if not isinstance(metadata, dict) or metadata.get("format") != INDEX_FORMAT:
-        raise ValueError(f"index {root}: file {METADATA_FILE} is not format {INDEX_FORMAT!r}")
-    if metadata.get("checksum") != fileio.json_checksum(metadata):
-        raise ValueError(f"index {root}: file {METADATA_FILE} checksum mismatch (file is corrupted or was edited)")
-    missing = [k for k in ("embedding_space", "dim", "model_id", "model_version", "config", "count", "files")
-               if k not in metadata]
-    if missing:
-        raise ValueError(f"index {root}: file {METADATA_FILE} lacks the field(s) {', '.join(missing)}")
-    if metadata.get("backend", SCANN_BACKEND) not in BACKENDS:
-        raise ValueError(f"index {root}: file {METADATA_FILE} names backend {metadata.get('backend')!r}; this lce_tf "
-                         f"reads {', '.join(BACKENDS)}")
-    return metadata
-
-
 def _read_metadata(root: str) -> dict[str, Any]:
     """index.json of a ScaNN index directory (`read_index_metadata` plus the files ScaNN needs)."""
-    metadata = read_index_metadata(root)
+    metadata = registry.read_index_metadata(root)
     if metadata.get("backend", SCANN_BACKEND) != SCANN_BACKEND:
-        raise ValueError(f"index {root} is a {metadata['backend']} index; open it with lce_tf.retrieval.open_index")
+        raise ValueError(f"index {root} is a {metadata['backend']} index; open it with lce_tf.index.registry.open_index")
     required = {IDS_FILE, VERSIONS_FILE, EMBEDDINGS_FILE, f"{SCANN_DIR}/{SCANN_ASSETS_FILE}"}
     absent = sorted(required - set(metadata["files"]))
     if absent:
         raise ValueError(f"index {root}: file {METADATA_FILE} does not list {', '.join(absent)}")
     return metadata
 
-
-def _find_backup(root: str) -> Optional[str]:
-    """The newest hidden `.NAME.lce-old-*` sibling of a missing index dir that verifies, or None."""
-    parent, name = os.path.dirname(root), os.path.basename(root)
-    try:
-        entries = os.listdir(parent)
-    except OSError:
-        return None
-    candidates = [os.path.join(parent, e) for e in entries if e.startswith(f".{name}{fileio.OLD_TAG}")]
-    for path in sorted(candidates, key=os.path.getmtime, reverse=True):
-        try:
-            metadata = read_index_metadata(path)
-            if all(fileio.sha256_file(os.path.join(path, *rel.split("/"))) == digest
-                   for rel, digest in metadata["files"].items()):
-                return path
-        except (ValueError, OSError):
-            continue
-    return None
-
-
-def write_metadata_file(root: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
-    """Replaces ROOT/index.json atomically (a temporary file in ROOT, fsynced, renamed over it) with
-    `metadata` plus its checksum; returns what was written. A reader sees the old or the new file,
-    never a mix: this rename is how a Milvus index switches the collection it serves."""
-    metadata = dict(metadata)
-    metadata.pop("checksum", None)
-    metadata["checksum"] = fileio.json_checksum(metadata)
-    tmp = os.path.join(root, f".{METADATA_FILE}{fileio.TMP_TAG}{os.getpid()}")
-    try:
-        _write_json(tmp, metadata)
-        fileio.rename(tmp, os.path.join(root, METADATA_FILE))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    fileio.fsync_path(root)
-    return metadata
-
-
-def open_index(index_dir: str):
-    """Opens an index directory of either backend: the backend is read from its index.json.
-
-    Returns:
-      `EmbeddingIndex` (ScaNN) or `lce_tf.milvus_index.MilvusIndex` (Milvus Lite or a Milvus server).
-
-    Raises:
-      ValueError: one line naming the directory and the missing, corrupted or edited file (or the
-        missing database / collection of a Milvus index).
-      ImportError: the backend's package is not installed (the message says what to install).
-    """
-    root = resolve_index_dir(index_dir)
-    backend = read_index_metadata(root).get("backend", SCANN_BACKEND)
-    if backend == MILVUS_BACKEND:
-        from lce_tf.milvus_index import MilvusIndex  # pylint: disable=import-outside-toplevel
-
-        return MilvusIndex.load(root)
-    return EmbeddingIndex.load(root)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Version safety
-# ----------------------------------------------------------------------------------------------------
-
-def check_query_compatibility(index_metadata: Union[Mapping[str, Any], "EmbeddingIndex", Any],
-                              query_model_metadata: Mapping[str, Any], force: bool = False) -> str:
-    """Which signature of the query model produces vectors in the index's embedding space.
-
-    Rule: the model's own `embedding_space` equals the index's -> "embed"; else the model's
-    `compatible_with.embedding_space` equals it -> `compatible_with.signature` ("embed" for the direct
-    modes lce/bct/l2, "embed_compat" = T21 for the transformation modes, docs/design.md "The method" 6-7);
-    else the search is refused unless `force` (then the signature whose dimension matches the index
-    is returned, preferring "embed", with a warning).
-
-    Args:
-      index_metadata: an index's `metadata` (or the index itself, of either backend).
-      query_model_metadata: the query model's `lce_tf_model.json` dict.
-      force: search anyway when the spaces are unrelated.
-
-    Returns:
-      "embed" or the compatibility signature (normally "embed_compat").
-
-    Raises:
-      IncompatibleModelError: unrelated spaces without force, a declared dimension that differs from
-        the index's, or (even with force) no signature of the model has the index's dimension.
-      ValueError: the model metadata lacks a required field or lists no such signature.
-    """
-    index_md = index_metadata if isinstance(index_metadata, Mapping) else index_metadata.metadata
-    for key in ("embedding_space", "dim"):
-        if key not in index_md:
-            raise ValueError(f"index metadata lacks the field {key!r}")
-    space, dim = index_md["embedding_space"], int(index_md["dim"])
-    model = query_model_metadata
-    for key in ("model_id", "embedding_space", "embedding_dim"):
-        if key not in model:
-            raise ValueError(f"query model metadata lacks the field {key!r}")
-    model_name = f"query model {model['model_id']!r} (embedding space {model['embedding_space']!r})"
-    compat = model.get("compatible_with") or None
-    if compat is not None and not isinstance(compat, Mapping):
-        raise ValueError(f"{model_name}: compatible_with must be an object or null; received {compat!r}")
-    signatures = model.get("signatures")
-
-    def checked(signature: str, sig_dim: Any) -> str:
-        if signatures is not None and signature not in signatures:
-            raise ValueError(f"{model_name} would need signature {signature!r} but lists only "
-                             f"{', '.join(signatures)}")
-        if sig_dim is not None and int(sig_dim) != dim:
-            raise IncompatibleModelError(f"{model_name}: signature {signature!r} gives dimension {int(sig_dim)} but "
-                                         f"index embedding space {space!r} has dimension {dim}")
-        return signature
-
-    if model["embedding_space"] == space:
-        return checked("embed", model["embedding_dim"])
-    if compat is not None and compat.get("embedding_space") == space:
-        return checked(compat.get("signature", "embed"), compat.get("dim"))
-    declared = (f"compatible with {compat.get('embedding_space')!r}" if compat
-                else "not declared compatible with any space")
-    if not force:
-        raise IncompatibleModelError(f"{model_name} is not compatible with index embedding space {space!r} (it is "
-                                     f"{declared}); pass force=True (--force) to search anyway")
-    for signature, sig_dim in (("embed", model["embedding_dim"]),
-                               ((compat or {}).get("signature", "embed_compat"), (compat or {}).get("dim"))):
-        if sig_dim is not None and int(sig_dim) == dim and (signatures is None or signature in signatures):
-            logger.warning("forced search: %s is not compatible with index embedding space %r; using signature %r",
-                           model_name, space, signature)
-            return signature
-    raise IncompatibleModelError(f"cannot force {model_name} onto index embedding space {space!r}: no signature "
-                                 f"produces its dimension {dim}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Gradual backfill
-# ----------------------------------------------------------------------------------------------------
-
-def _is_pending(version: str, index, new_version: Optional[str]) -> bool:
-    return version == index.model_version if new_version is None else version != new_version
-
-
-def _pending_count(index, new_version: Optional[str]) -> int:
-    counts = index.version_counts()
-    if new_version is None:
-        return counts.get(index.model_version, 0)
-    return len(index) - counts.get(new_version, 0)
-
-
-def backfilled_fraction(index, new_version: Optional[str] = None) -> float:
-    """Share of entries already backfilled (see `select_backfill_ids` for what "pending" means)."""
-    return 1.0 - _pending_count(index, new_version) / len(index)
-
-
-def select_backfill_ids(index, fraction: float, seed: int = 0, *,
-                        new_version: Optional[str] = None) -> list[str]:
-    """Deterministically picks not-yet-backfilled entries to re-embed next.
-
-    Pending entries are those whose version differs from `new_version`, or, when `new_version` is
-    None, those still at the version that built the index (`index.model_version`). Each id is ranked
-    by blake2b(seed, id), independent of the index order, so successive calls with the same seed walk
-    one fixed order over the gallery (backfilling 10% and then another 10% picks the same entries as
-    picking 20% at once), and the choice is reproducible across runs and machines. The entries are
-    read with `iter_batches` (ids and versions only), so memory is O(picked ids) on either backend.
-
-    Args:
-      index: the index (`EmbeddingIndex` or `MilvusIndex`).
-      fraction: share of the WHOLE gallery to pick in this call, 0 <= fraction <= 1; the count is
-        min(pending, round(fraction * len(index))). For a cumulative target t use
-        `fraction = t - backfilled_fraction(index, new_version)`.
-      seed: ordering seed.
-      new_version: see above.
-
-    Returns:
-      ids, in the seeded order.
-
-    Raises:
-      ValueError: fraction outside [0, 1].
-    """
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"fraction must be a number in [0, 1]; received {fraction!r}")
-    _check_int("seed", seed, minimum=0)
-    count = min(_pending_count(index, new_version), int(round(fraction * len(index) + 1e-9)))
-    if count == 0:
-        return []
-    prefix = f"{int(seed)}\x00".encode("utf-8")
-    keyed = (
-        (hashlib.blake2b(prefix + entry.encode("utf-8"), digest_size=8).digest(), entry)
-        for batch in index.iter_batches(vectors=False)
-        for entry, version in zip(batch.ids, batch.versions) if _is_pending(version, index, new_version))
-    return [v for _, v in heapq.nsmallest(count, keyed)]
-
-
-def backfill(index, ids: Sequence[str], new_embeddings: np.ndarray, new_version: str, *,
-             embedding_space: Optional[str] = None) -> int:
-    """Replaces the embeddings of existing entries with re-embedded ones (an `upsert` of a chosen subset).
-
-    The new embeddings must live in the index's space: the new model's `embed` for direct modes, or
-    whatever `check_query_compatibility` says for the index (docs/design.md "The method" 7).
-
-    Args:
-      index: updated in place (ScaNN upsert, or a Milvus upsert); save it to persist (index.json).
-      ids: M existing ids (e.g. from `select_backfill_ids`).
-      new_embeddings: float [M, D].
-      new_version: the version of the model that re-embedded them.
-      embedding_space: when given, must equal the index's space.
-
-    Returns:
-      M, the number of entries backfilled.
-
-    Raises:
-      ValueError: an id not in the index (backfill never adds entries; use `upsert`), or any `upsert` error.
-    """
-    ids = _check_ids(ids)
-    unknown = index.missing_ids(ids)
-    if unknown:
-        raise ValueError(f"backfill id {unknown[0]!r} is not in the index ({len(unknown)} unknown ids); "
-                         "use upsert to add entries")
-    index.upsert(ids, new_embeddings, new_version, embedding_space=embedding_space)
-    return len(ids)
-
-
-def transform_batch(transform_fn: Callable[[np.ndarray], np.ndarray], batch: np.ndarray) -> np.ndarray:
-    """transform_fn applied to one batch [B, D_old], checked ([B, D_new], finite, non-zero rows) and
-    L2-normalized: float32 [B, D_new]."""
-    out = np.asarray(transform_fn(batch))
-    if out.ndim != 2 or out.shape[0] != batch.shape[0]:
-        raise ValueError(f"transform_fn returned shape {out.shape} for input shape {batch.shape}; expected "
-                         f"[{batch.shape[0]}, D_new]")
-    return _unit_rows(out, "transformed embeddings")
-
-
-def transformed_provenance(provenance: Sequence[str], from_space: str, transformed_by: str) -> list[str]:
-    """The provenance of entries moved from `from_space` by the transformation `transformed_by`."""
-    step = f"from {from_space} by {transformed_by}"
-    return [f"transformed {step}" if p == EMBEDDED else f"{p}; then {step}" for p in provenance]
-
-
-def transformed_from_record(index, transformed_by: str) -> dict[str, Any]:
-    """The "transformed_from" metadata of an index made from `index` by `transformed_by`."""
-    return {"embedding_space": index.embedding_space, "model_id": index.model_id, "transformation": transformed_by,
-            "model_version": index.model_version, "dim": index.dim, "version_counts": index.version_counts()}
-
-
-def _check_transform_args(batch_size: Any, new_version: Any, transformed_by: Any) -> None:
-    _check_int("batch_size", batch_size, minimum=1)
-    if new_version is not None and (not isinstance(new_version, str) or not new_version):
-        raise ValueError(f"new_version must be None or a non-empty string; received {new_version!r}")
-    if not isinstance(transformed_by, str) or not transformed_by:
-        raise ValueError(f"transformed_by must be a non-empty string; received {transformed_by!r}")
-
-
-def transform_gallery(index, transform_fn: Callable[[np.ndarray], np.ndarray], new_space: str,
-                      new_version: Optional[str] = None, *, transformed_by: str, model_id: Optional[str] = None,
-                      config: Any = None, batch_size: int = 65_536, index_dir: Optional[str] = None):
-    """Forward-compatible upgrade: maps every stored vector through T12 into the new space (no images).
-
-    Builds a NEW index (the input is untouched) with entries e'_i = normalize(T12(e_i)) (docs/design.md,
-    "The forward path"; "The method" 7: forward compatible training), whose embedding_space is
-    `new_space`. Ids are kept; every entry's provenance records the move ("transformed from <old space>
-    by <transformed_by>", appended to an earlier transformation's as "...; then from <space> by <id>"),
-    so a later backfill with re-encoded images (provenance "embedded") can be told apart.
-
-    A Milvus index (`MilvusIndex.transform`) streams: the old collection is read in batches, moved and
-    written into a NEW collection, and only a complete collection is committed (`index_dir`).
-
-    Args:
-      index: the old-space index (`EmbeddingIndex` or `MilvusIndex`).
-      transform_fn: numpy [B, D_old] -> numpy [B, D_new] (a fitted transformation's `old_to_new`, or a
-        model's `transform_old_to_new` signature), called in batches of `batch_size`.
-      new_space: the embedding space the transformation maps into.
-      new_version: None keeps each entry's model version (the model that embedded its image); a string
-        sets every entry's version to it.
-      transformed_by: id of the transformation (recorded in the provenance and the metadata).
-      model_id: model id recorded in the metadata (the new space's model); defaults to `new_space`.
-      config: the new index's configuration (an `IndexConfig`, or a `MilvusConfig` for Milvus); None ->
-        the size-based default for D_new keeping the old index's num_neighbors (ScaNN: also threads
-        and mutability; Milvus: the index type).
-      batch_size: rows per transform call.
-      index_dir: Milvus only (required there): where the new index is served from (its collection is
-        filled as it is made; the directory may be the old index's own, to upgrade it in place). A
-        ScaNN index is returned unsaved, whatever `index_dir` says.
-
-    Returns:
-      The new index, with metadata "transformed_from" naming the old space, model, version counts and
-      the transformation.
-
-    Raises:
-      ValueError: the transform returns the wrong number of rows, a non-2-D array, NaN/Inf or zero rows.
-    """
-    _check_transform_args(batch_size, new_version, transformed_by)
-    if index.backend == MILVUS_BACKEND:
-        if index_dir is None:
-            raise ValueError("transforming a Milvus index needs index_dir (where the new collection's index goes)")
-        return index.transform(transform_fn, new_space, new_version, transformed_by=transformed_by,
-                               model_id=model_id, config=config, batch_size=batch_size, index_dir=index_dir)
-    new = np.concatenate([transform_batch(transform_fn, b.embeddings) for b in index.iter_batches(batch_size)],
-                         axis=0)
-    if config is None:
-        c = index.config
-        config = IndexConfig.for_size(len(index), new.shape[1], num_neighbors=c.num_neighbors,
-                                      num_threads=c.num_threads, training_threads=c.training_threads,
-                                      mutable=c.mutable)
-    provenance = transformed_provenance(index.provenance, index.embedding_space, transformed_by)
-    model_id = model_id or new_space
-    new_index = EmbeddingIndex.build(index.ids, new, new_version or index.versions, embedding_space=new_space,
-                                     model_id=model_id, model_version=new_version or model_id, config=config,
-                                     provenance=provenance)
-    new_index._metadata["transformed_from"] = transformed_from_record(index, transformed_by)  # pylint: disable=protected-access
-    return new_index

@@ -1,9 +1,9 @@
-"""The Milvus backend of the versioned index: the `retrieval.EmbeddingIndex` API on a Milvus collection.
+"""The Milvus backend ("milvus") of the versioned index: the backend contract on a Milvus collection.
 
 An index directory whose index.json says "backend": "milvus" gives the guarantees of a ScaNN index
 directory (one embedding space with the query-model guard, per-entry model versions and provenance,
 backfill by upsert, atomic upgrade), but its entries live in a Milvus collection, so the gallery does
-not have to fit one machine's memory (issue 14). `retrieval.open_index` opens either kind.
+not have to fit one machine's memory (issue 14). `lce_tf.index.registry.open_index` opens every kind.
 
     INDEX_DIR/
       index.json   format lce_tf.index/1 with "backend": "milvus": embedding space, dim, model id and
@@ -34,7 +34,7 @@ Where the collection lives:
 Writes that replace the served collection (a build over an existing Milvus index, a transformation
 into the same directory) fill a NEW collection completely (inserted, flushed, indexed, loaded), then
 switch: index.json, which names the served collection, is replaced by a rename
-(`retrieval.write_metadata_file`); on a server the alias is moved after that; the old collection is
+(`lce_tf.index.store.write_metadata_file`); on a server the alias is moved after that; the old collection is
 dropped last. Writes into another directory go through a hidden staging directory renamed into place
 (`fileio.commit_directory`), as ScaNN indexes are saved. Either way `_switch` is the single step that
 makes the new collection served, and a failure before it drops the new collection and leaves the old
@@ -45,7 +45,7 @@ Upserts (backfill) write into the served collection at once (Milvus upsert: dele
 index.json's summary (count, version and provenance counts) is rewritten by `save`. After a crash
 between the two, `load` finds the count changed and recounts by a scan (with a warning).
 
-pymilvus (and through it milvus-lite) is imported inside functions, so `import lce_tf.milvus_index`
+pymilvus (and through it milvus-lite) is imported inside functions, so `import lce_tf.index.milvus_index`
 stays light.
 """
 
@@ -65,8 +65,8 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from lce_tf import fileio
-from lce_tf import retrieval as R
-from lce_tf.retrieval import EMBEDDED, EntryBatch
+from lce_tf.index import base, checks, operations, registry, store
+from lce_tf.index.base import EMBEDDED, METADATA_FILE, EntryBatch, Index
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +95,7 @@ SERVER_INDEX_TYPES = tuple(INDEX_PARAMETERS)
 LITE_INDEX_TYPES = ("FLAT", "IVF_FLAT", "AUTOINDEX")  # what Milvus Lite 2.5.1 accepts (measured)
 _OWN_FIELDS = ("index_type", "num_neighbors", "insert_batch_size")
 
-# Set by the CLI: pymilvus logs every failed call on stderr itself, which would repeat (in several
-# lines) the one-line error the CLI prints.
-QUIET_CLIENT_LOGS = False
+MILVUS_BACKEND = "milvus"
 
 _QUERY_CHUNK = 1024          # queries per Milvus search call (Milvus caps nq at 16,384)
 _GET_CHUNK = 1000            # ids per get call
@@ -118,7 +116,7 @@ def _pymilvus():
         import pymilvus  # pylint: disable=import-outside-toplevel
     except ImportError as e:
         raise ImportError(f"{_INSTALL_HINT} (import failed: {e})") from e
-    if QUIET_CLIENT_LOGS:
+    if base.QUIET_CLIENT_LOGS:  # set by the CLI: pymilvus logs every failed call on stderr itself
         for name in ("pymilvus", "pymilvus.milvus_client", "pymilvus.bulk_writer"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     iterator_log = logging.getLogger("pymilvus.orm.iterator")
@@ -213,9 +211,9 @@ class MilvusConfig:
         if self.index_type not in INDEX_PARAMETERS:
             raise ValueError(f"MilvusConfig.index_type must be one of {', '.join(SERVER_INDEX_TYPES)}; received "
                              f"{self.index_type!r}")
-        R._check_int("MilvusConfig.num_neighbors", self.num_neighbors, minimum=1)  # pylint: disable=protected-access
+        checks.check_int("MilvusConfig.num_neighbors", self.num_neighbors, minimum=1)  # pylint: disable=protected-access
         if self.insert_batch_size is not None:
-            R._check_int("MilvusConfig.insert_batch_size", self.insert_batch_size, minimum=1)  # pylint: disable=protected-access
+            checks.check_int("MilvusConfig.insert_batch_size", self.insert_batch_size, minimum=1)  # pylint: disable=protected-access
         build, search = INDEX_PARAMETERS[self.index_type]
         for kind, given, allowed in (("build", self.index_params, build), ("search", self.search_params, search)):
             if not isinstance(given, Mapping):
@@ -245,8 +243,8 @@ class MilvusConfig:
         Raises:
           ValueError: an unknown key (the message lists the index type's parameters), a bad value.
         """
-        R._check_int("n", n, minimum=1)  # pylint: disable=protected-access
-        R._check_int("dim", dim, minimum=1)  # pylint: disable=protected-access
+        checks.check_int("n", n, minimum=1)  # pylint: disable=protected-access
+        checks.check_int("dim", dim, minimum=1)  # pylint: disable=protected-access
         fields: dict[str, Any] = {k: overrides.pop(k) for k in _OWN_FIELDS if k in overrides}
         index_type = fields.get("index_type", cls.index_type)
         if index_type not in INDEX_PARAMETERS:
@@ -336,7 +334,7 @@ def _check_param(name: str, value: Any) -> None:
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be true or false; received {value!r}")
         return
-    R._check_int(name, value, minimum=1)  # pylint: disable=protected-access
+    checks.check_int(name, value, minimum=1)  # pylint: disable=protected-access
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -563,22 +561,22 @@ def _switch(root: str, metadata: Mapping[str, Any], staging: Optional[str]) -> d
     staging directory holding the new index.json (and database) renamed to `root`. Module-level so
     tests can inject a fault here."""
     if staging is None:
-        return R.write_metadata_file(root, metadata)
-    written = R.write_metadata_file(staging, metadata)
+        return store.write_metadata_file(root, metadata)
+    written = store.write_metadata_file(staging, metadata)
     fileio.commit_directory(staging, root)
     return written
 
 
 def _existing_milvus_metadata(target: str) -> Optional[dict[str, Any]]:
     """index.json of a Milvus index at `target` (verified), or None when there is none (or another kind)."""
-    R.check_replaceable(target)
-    if not os.path.isfile(os.path.join(target, R.METADATA_FILE)):
+    store.check_replaceable(target)
+    if not os.path.isfile(os.path.join(target, METADATA_FILE)):
         return None
     try:
-        metadata = R.read_index_metadata(target)
+        metadata = registry.read_index_metadata(target)
     except ValueError:
         return None
-    return metadata if metadata.get("backend") == R.MILVUS_BACKEND and isinstance(metadata.get("milvus"), dict) \
+    return metadata if metadata.get("backend") == MILVUS_BACKEND and isinstance(metadata.get("milvus"), dict) \
         else None
 
 
@@ -593,12 +591,12 @@ def _batches_of(ids: list[str], emb: np.ndarray, versions: list[str], provenance
 # The index
 # ----------------------------------------------------------------------------------------------------
 
-class MilvusIndex(R.IndexCommon):
+class MilvusIndex(Index):
     """A Milvus collection of (id, embedding, model version, provenance) entries in one embedding space.
 
-    Same calls as `retrieval.EmbeddingIndex`; build with `MilvusIndex.build(..., index_dir=...)` (the
+    Same calls as `scann_index.EmbeddingIndex` (the `base.Index` contract); build with `MilvusIndex.build(..., index_dir=...)` (the
     collection is written as it is built, so the directory is given up front) or open with
-    `MilvusIndex.load(dir)` / `retrieval.open_index(dir)`. Close it (or use `with`) to release the
+    `MilvusIndex.load(dir)` / `registry.open_index(dir)`. Close it (or use `with`) to release the
     Milvus Lite server of its database.
 
     Example:
@@ -606,6 +604,13 @@ class MilvusIndex(R.IndexCommon):
       >>> top_ids, scores = index.search(queries, k=10, nprobe=32)
       >>> index.close()
     """
+
+    TITLE = "Milvus"
+    NAME = MILVUS_BACKEND
+    CONFIG_CLASS = MilvusConfig
+    KEPT_CONFIG_FIELDS = ("index_type", "num_neighbors")
+    SERVER = True
+    WRITES_AS_BUILT = True
 
     def __init__(self, *, root: str, metadata: dict[str, Any], config: MilvusConfig, client,
                  lite_path: Optional[str]):
@@ -615,7 +620,7 @@ class MilvusIndex(R.IndexCommon):
         self._client = client
         self._lite_path = lite_path
         self._count = int(metadata["count"])
-        _open_indexes.add(self)
+        self._opened()
         self._version_counts = dict(metadata.get("version_counts") or {})
         self._provenance_counts = dict(metadata.get("provenance_counts") or {})
 
@@ -648,10 +653,10 @@ class MilvusIndex(R.IndexCommon):
           ConnectionError: the server cannot be reached.
           ImportError: pymilvus / milvus-lite are not installed.
         """
-        ids, emb, versions, provenance, model_version = R.check_gallery(ids, embeddings, versions, provenance,
+        ids, emb, versions, provenance, model_version = checks.check_gallery(ids, embeddings, versions, provenance,
                                                                         embedding_space, model_version)
         config = (config or MilvusConfig.for_size(len(ids), emb.shape[1])).resolved(len(ids), emb.shape[1])
-        metadata = R.base_metadata(embedding_space, emb.shape[1], model_id or embedding_space, model_version,
+        metadata = store.base_metadata(embedding_space, emb.shape[1], model_id or embedding_space, model_version,
                                    config.to_dict(), len(ids))
         batches = _batches_of(ids, emb, versions, provenance, config.insert_batch_size)
         return cls._write(index_dir, batches, metadata, config, uri=uri, alias=alias, expected=len(ids))
@@ -685,7 +690,7 @@ class MilvusIndex(R.IndexCommon):
             created = True
             _create_collection(client, name, int(metadata["dim"]), config)
             summary = _fill(client, name, batches, lite, expected)
-            metadata = {**metadata, **summary, "backend": R.MILVUS_BACKEND, "files": {}, "updated": R._now(),  # pylint: disable=protected-access
+            metadata = {**metadata, **summary, "backend": MILVUS_BACKEND, "files": {}, "updated": checks.now(),  # pylint: disable=protected-access
                         "milvus": {"uri": LITE_DB_FILE if lite else uri, "lite": lite, "collection": name,
                                    "alias": alias, "lineage": lineage, "schema": _schema_record(int(metadata["dim"])),
                                    "pymilvus_version": _version("pymilvus"),
@@ -732,20 +737,20 @@ class MilvusIndex(R.IndexCommon):
           ValueError: one line naming the directory and what is missing or wrong.
           ConnectionError: the server cannot be reached.
         """
-        root = R.resolve_index_dir(index_dir)
-        metadata = R.read_index_metadata(root)
-        if metadata.get("backend") != R.MILVUS_BACKEND:
-            raise ValueError(f"index {root} is a {metadata.get('backend', R.SCANN_BACKEND)} index, not a Milvus index")
+        root = registry.resolve_index_dir(index_dir)
+        metadata = registry.read_index_metadata(root)
+        if metadata.get("backend") != MILVUS_BACKEND:
+            raise ValueError(f"index {root} is a {metadata.get('backend', registry.DEFAULT_BACKEND)} index, not a Milvus index")
         m = metadata.get("milvus")
         if not isinstance(m, dict) or not all(k in m for k in ("uri", "lite", "collection", "lineage")):
-            raise ValueError(f"index {root}: file {R.METADATA_FILE} lacks the Milvus location (milvus.uri, lite, "
+            raise ValueError(f"index {root}: file {METADATA_FILE} lacks the Milvus location (milvus.uri, lite, "
                              f"collection, lineage)")
         config = MilvusConfig.from_dict(metadata["config"])
         lite_path = None
         if m["lite"]:
             if m["uri"] != LITE_DB_FILE:
                 raise ValueError(f"index {root}: a Milvus Lite index keeps its database in {LITE_DB_FILE}; "
-                                 f"{R.METADATA_FILE} names {m['uri']!r}")
+                                 f"{METADATA_FILE} names {m['uri']!r}")
             lite_path = os.path.realpath(os.path.join(root, LITE_DB_FILE))
             if not os.path.isfile(lite_path):
                 raise ValueError(f"index {root}: Milvus Lite database file {LITE_DB_FILE} is missing")
@@ -766,7 +771,7 @@ class MilvusIndex(R.IndexCommon):
             dim = int(((fields.get(VECTOR_FIELD) or {}).get("params") or {}).get("dim", -1))
             if set(fields) != {ID_FIELD, VECTOR_FIELD, VERSION_FIELD, PROVENANCE_FIELD} or dim != int(metadata["dim"]):
                 raise ValueError(f"index {root}: collection {name} has fields {', '.join(sorted(fields))} and dimension "
-                                 f"{dim}; {R.METADATA_FILE} says {metadata['dim']} (fields id, vector, version, "
+                                 f"{dim}; {METADATA_FILE} says {metadata['dim']} (fields id, vector, version, "
                                  f"provenance)")
             index = cls(root=root, metadata=metadata, config=config, client=client, lite_path=lite_path)
             stored = _count(client, name)
@@ -775,7 +780,7 @@ class MilvusIndex(R.IndexCommon):
             raise
         if stored != index._count:
             logger.warning("index %s: collection %s holds %d entries, %s says %d (an update was not saved); "
-                           "recounting versions and provenance by a scan", root, name, stored, R.METADATA_FILE,
+                           "recounting versions and provenance by a scan", root, name, stored, METADATA_FILE,
                            index._count)
             index._recount()
         return index
@@ -784,10 +789,6 @@ class MilvusIndex(R.IndexCommon):
 
     def __len__(self) -> int:
         return self._count
-
-    @property
-    def backend(self) -> str:
-        return R.MILVUS_BACKEND
 
     @property
     def index_dir(self) -> str:
@@ -855,7 +856,7 @@ class MilvusIndex(R.IndexCommon):
         Yields:
           EntryBatch (ids, versions, provenance, float32 embeddings [B, D] or None), in primary-key order.
         """
-        R._check_int("batch_size", batch_size, minimum=1)  # pylint: disable=protected-access
+        checks.check_int("batch_size", batch_size, minimum=1)  # pylint: disable=protected-access
         fields = [ID_FIELD, VERSION_FIELD, PROVENANCE_FIELD] + ([VECTOR_FIELD] if vectors else [])
         what = f"reading Milvus collection {self.collection}"
         with _milvus_call(what):
@@ -968,7 +969,7 @@ class MilvusIndex(R.IndexCommon):
         best_ids = np.empty((q.shape[0], 0), dtype=object)
         best_scores = np.empty((q.shape[0], 0), dtype=np.float32)
         for batch in self.iter_batches(batch_size):
-            rows, scores = R.exact_top_k(q, batch.embeddings, min(k, len(batch.ids)))
+            rows, scores = operations.exact_top_k(q, batch.embeddings, min(k, len(batch.ids)))
             all_ids = np.concatenate([best_ids, np.array(batch.ids, dtype=object)[rows]], axis=1)
             all_scores = np.concatenate([best_scores, scores], axis=1)
             order = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
@@ -988,10 +989,10 @@ class MilvusIndex(R.IndexCommon):
         Args and Returns: as `EmbeddingIndex.upsert`.
         """
         self._check_space(embedding_space, "upserted embeddings")
-        ids = R._check_ids(ids)  # pylint: disable=protected-access
+        ids = checks.check_ids(ids)  # pylint: disable=protected-access
         emb = self._vectors(embeddings, len(ids))
-        versions = R._check_versions(version, len(ids))  # pylint: disable=protected-access
-        provenance = R._check_versions(provenance, len(ids), "provenance")  # pylint: disable=protected-access
+        versions = checks.check_versions(version, len(ids))  # pylint: disable=protected-access
+        provenance = checks.check_versions(provenance, len(ids), "provenance")  # pylint: disable=protected-access
         batches = list(_batches_of(ids, emb, versions, provenance, self._config.insert_batch_size))
         for batch in batches:
             _check_lengths(batch)
@@ -1039,13 +1040,62 @@ class MilvusIndex(R.IndexCommon):
         self._touch()
 
     def _touch(self) -> None:
-        self._metadata["updated"] = R._now()  # pylint: disable=protected-access
+        self._metadata["updated"] = checks.now()
+
+    # -- the glue's hooks ----------------------------------------------------------------------------
+
+    @classmethod
+    def prepare_config(cls, config: MilvusConfig, n: int, dim: int, *, uri: Optional[str] = None) -> MilvusConfig:
+        """`config` resolved for n x dim and checked for the location: Milvus Lite (`uri` None) accepts
+        fewer index types; a server `uri` must be one (`check_server_uri`)."""
+        config = config.resolved(n, dim).check_for(lite=uri is None)
+        if uri is not None:
+            check_server_uri(uri)
+        return config
+
+    @classmethod
+    def build_in(cls, index_dir: Optional[str], ids: Sequence[str], embeddings: np.ndarray,
+                 versions: Union[str, Sequence[str]], *, uri: Optional[str] = None, alias: Optional[str] = None,
+                 **kwargs: Any) -> "MilvusIndex":
+        """`build` into `index_dir` (required: the collection is written as it is built)."""
+        if index_dir is None:
+            raise ValueError(f"a {cls.TITLE} index is written as it is built: pass index_dir")
+        return cls.build(ids, embeddings, versions, index_dir=index_dir, uri=uri, alias=alias, **kwargs)
+
+    @classmethod
+    def location_text(cls, uri: Optional[str] = None) -> str:
+        return f" in Milvus ({uri or 'Milvus Lite in the index directory'})"
+
+    def check_search_params(self, params: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+        """Milvus takes its index type's search parameters (nprobe, ef, ...; `MilvusConfig.search_params_for`)."""
+        params = dict(params or {})
+        self._config.search_params_for(1, params)
+        return params
+
+    def describe(self) -> dict[str, Any]:
+        """The collection and the server URI ("milvus-lite" for Milvus Lite)."""
+        return {"collection": self.collection, "milvus_uri": self.uri or "milvus-lite"}
+
+    def where_text(self) -> str:
+        return (f" in Milvus collection {self.collection} ("
+                + ("Milvus Lite database in the index directory" if self.lite else
+                   f"server {self.uri}, alias {self.alias}") + ")")
+
+    def for_update(self, out_dir: Optional[str] = None) -> "MilvusIndex":
+        """This index when the update is in place; for another `out_dir`, a copy in a new collection
+        served from there (`clone`; this index is closed), so the original keeps serving unchanged."""
+        if out_dir is None or os.path.abspath(out_dir) == self._root:
+            return self
+        try:
+            return self.clone(out_dir)
+        finally:
+            self.close()
 
     # -- copies and transformations ------------------------------------------------------------------
 
     def _copy_metadata(self, **changes: Any) -> dict[str, Any]:
         keep = {k: v for k, v in self._metadata.items() if k not in ("milvus", "checksum")}
-        return {**keep, **R.base_metadata(changes.pop("embedding_space", self.embedding_space),
+        return {**keep, **store.base_metadata(changes.pop("embedding_space", self.embedding_space),
                                           changes.pop("dim", self.dim), changes.pop("model_id", self.model_id),
                                           changes.pop("model_version", self.model_version),
                                           changes.pop("config"), self._count), **changes}
@@ -1071,9 +1121,10 @@ class MilvusIndex(R.IndexCommon):
                                   alias=alias, expected=self._count)
 
     def transform(self, transform_fn, new_space: str, new_version: Optional[str] = None, *, transformed_by: str,
-                  index_dir: str, model_id: Optional[str] = None, config: Optional[MilvusConfig] = None,
-                  batch_size: int = 10_000, uri: Optional[str] = None) -> "MilvusIndex":
-        """`retrieval.transform_gallery` for Milvus: streams every stored vector through `transform_fn`
+                  index_dir: Optional[str] = None, model_id: Optional[str] = None,
+                  config: Optional[MilvusConfig] = None, batch_size: int = 10_000,
+                  uri: Optional[str] = None) -> "MilvusIndex":
+        """`operations.transform_gallery` for Milvus: streams every stored vector through `transform_fn`
         into a NEW collection, and switches to it only once it is complete.
 
         With `index_dir` equal to this index's directory the upgrade is in place: the new collection
@@ -1082,15 +1133,17 @@ class MilvusIndex(R.IndexCommon):
         collection: use the returned index. Any other `index_dir` gets a new index directory (this one
         stays as it is; on a server the alias moves to the new collection).
 
-        Args: as `retrieval.transform_gallery`; `uri` sends the new collection to another server.
+        Args: as `operations.transform_gallery` (`index_dir` is required); `uri` sends the new collection to another server.
 
         Returns:
           The new index (open).
         """
-        R._check_transform_args(batch_size, new_version, transformed_by)  # pylint: disable=protected-access
+        checks.check_transform_args(batch_size, new_version, transformed_by)
+        if index_dir is None:
+            raise ValueError("transforming a Milvus index needs index_dir (where the new collection's index goes)")
         moved = (EntryBatch(b.ids, [new_version] * len(b.ids) if new_version else b.versions,
-                            R.transformed_provenance(b.provenance, self.embedding_space, transformed_by),
-                            R.transform_batch(transform_fn, b.embeddings))
+                            operations.transformed_provenance(b.provenance, self.embedding_space, transformed_by),
+                            operations.transform_batch(transform_fn, b.embeddings))
                  for b in self.iter_batches(batch_size))
         first = next(moved, None)
         if first is None:
@@ -1101,7 +1154,7 @@ class MilvusIndex(R.IndexCommon):
         model_id = model_id or new_space
         metadata = self._copy_metadata(embedding_space=new_space, dim=dim, model_id=model_id,
                                        model_version=new_version or model_id, config=config.to_dict(),
-                                       transformed_from=R.transformed_from_record(self, transformed_by))
+                                       transformed_from=operations.transformed_from_record(self, transformed_by))
         if os.path.abspath(index_dir) == self._root:  # in place: the alias stays with the directory
             uri, alias = (uri if uri is not None else self.uri), None
         else:
@@ -1132,7 +1185,7 @@ class MilvusIndex(R.IndexCommon):
         if index_dir is not None and os.path.abspath(index_dir) != self._root:
             raise ValueError(f"a Milvus index is saved in its own directory {self._root}, not {os.path.abspath(index_dir)}"
                              f"; write a copy elsewhere with clone()")
-        self._metadata = R.write_metadata_file(self._root, self.metadata)
+        self._metadata = store.write_metadata_file(self._root, self.metadata)
         return self._root
 
     def close(self) -> None:
@@ -1141,33 +1194,13 @@ class MilvusIndex(R.IndexCommon):
         if self._client is not None:
             _disconnect(self._client, self._lite_path)
             self._client = None
-        _open_indexes.discard(self)
+        super().close()
 
     def __repr__(self) -> str:
         where = f"Milvus Lite {self._root}/{LITE_DB_FILE}" if self.lite else f"Milvus {self.uri}"
         return (f"MilvusIndex({self._count} entries, dim={self.dim}, space={self.embedding_space!r}, "
                 f"{self._config.index_type} on {where}, collection={self.collection!r}, "
                 f"versions={self.version_counts()})")
-
-
-_open_indexes: set = set()  # open MilvusIndex objects (strong references: an index stays open until closed)
-
-
-@contextlib.contextmanager
-def closing_opened() -> Iterator[None]:
-    """Closes, when the block ends, every MilvusIndex opened inside it and still open (each `lce-tf`
-    command runs in one: its Milvus Lite servers stop when it ends, also after an error).
-
-    Milvus Lite locks its database with a POSIX lock, which a process loses as soon as it closes ANY
-    descriptor of the lock file (copying the index directory does): close indexes before copying them.
-    """
-    before = set(_open_indexes)
-    try:
-        yield
-    finally:
-        for index in list(_open_indexes):
-            if index not in before:
-                index.close()
 
 
 def _shift(counts: dict[str, int], key: str, delta: int) -> None:

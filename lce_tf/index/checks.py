@@ -1,0 +1,134 @@
+"""Checks shared by every index backend: ids, versions, unit vectors, k, integers, galleries.
+
+Each raises ValueError naming the argument and the value received (docs/design.md, "Architecture":
+errors that name the argument and the value). They need numpy only.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from lce_tf.checks import check_finite
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+    """An integer (not a bool) >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; received {value!r}")
+
+
+def unit_rows(x: Any, name: str, dim: Optional[int] = None, dim_owner: str = "the index") -> np.ndarray:
+    """Checks a float matrix [N, D] and returns it L2-normalized, float32, C-contiguous.
+
+    Raises:
+      ValueError: not 2-D, wrong dimension, NaN/Inf, or a zero row (cannot be normalized).
+    """
+    try:
+        a = np.asarray(x, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be a float array [N, D]; {e}") from None
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array [N, D]; received shape {a.shape}")
+    if dim is not None and a.shape[1] != dim:
+        raise ValueError(f"{name} have dimension {a.shape[1]} but {dim_owner} has dimension {dim}")
+    check_finite(a, name)
+    norms = np.linalg.norm(a.astype(np.float64), axis=1)
+    if a.shape[0] and (norms == 0).any():
+        row = int(np.argmax(norms == 0))
+        raise ValueError(f"{name} row {row} has zero norm and cannot be L2-normalized")
+    return np.ascontiguousarray(a / norms[:, None].astype(np.float32), dtype=np.float32)
+
+
+def check_k(k: Any, n: int) -> int:
+    """k for a search of n entries: a positive integer <= n."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+        raise ValueError(f"k must be a positive integer; received {k!r}")
+    if k > n:
+        raise ValueError(f"k={k} exceeds the number of index entries ({n})")
+    return int(k)
+
+
+def check_ids(ids: Any, name: str = "ids") -> list[str]:
+    """Entry ids: a sequence (not one string) of distinct non-empty strings."""
+    if isinstance(ids, (str, bytes)):
+        raise ValueError(f"{name} must be a sequence of strings, not a single string; received {ids!r}")
+    ids = list(ids)
+    for i, v in enumerate(ids):
+        if not isinstance(v, str) or not v:
+            raise ValueError(f"{name}[{i}] must be a non-empty string; received {v!r}")
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        dup = next(v for v in ids if v in seen or seen.add(v))
+        raise ValueError(f"{name} contain duplicates ({dup!r} appears {ids.count(dup)} times)")
+    return ids
+
+
+def check_versions(versions: Union[str, Sequence[str]], n: int, name: str = "versions") -> list[str]:
+    """One non-empty string per entry: a single string is repeated n times (versions, provenance)."""
+    if isinstance(versions, str):
+        if not versions:
+            raise ValueError(f"{name.removesuffix('s')} must be a non-empty string; received ''")
+        return [versions] * n
+    versions = list(versions)
+    if len(versions) != n:
+        raise ValueError(f"{name} has {len(versions)} entries but there are {n} ids")
+    for i, v in enumerate(versions):
+        if not isinstance(v, str) or not v:
+            raise ValueError(f"{name}[{i}] must be a non-empty string; received {v!r}")
+    return versions
+
+
+def counts(values: Sequence[str]) -> dict[str, int]:
+    """{value: occurrences}, sorted by value."""
+    counts: dict[str, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def now() -> str:
+    """The current UTC time, ISO 8601 to the second (the created/updated fields of index.json)."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def check_gallery(ids: Sequence[str], embeddings: np.ndarray, versions: Union[str, Sequence[str]],
+                  provenance: Union[str, Sequence[str]], embedding_space: str, model_version: Optional[str]
+                  ) -> tuple[list[str], np.ndarray, list[str], list[str], str]:
+    """The checks of a gallery that builds an index (either backend).
+
+    Returns:
+      (ids, unit float32 embeddings [N, D], versions [N], provenance [N], model_version), model_version
+      defaulting to the entries' version when they all share one.
+
+    Raises:
+      ValueError: empty gallery, duplicate ids, length mismatches, bad vectors, several versions
+        without model_version.
+    """
+    if not isinstance(embedding_space, str) or not embedding_space:
+        raise ValueError(f"embedding_space must be a non-empty string; received {embedding_space!r}")
+    ids = check_ids(ids)
+    if not ids:
+        raise ValueError("cannot build an index from an empty gallery (0 ids)")
+    emb = unit_rows(embeddings, "embeddings")
+    if emb.shape[0] != len(ids):
+        raise ValueError(f"embeddings has {emb.shape[0]} rows but there are {len(ids)} ids")
+    versions = check_versions(versions, len(ids))
+    provenance = check_versions(provenance, len(ids), "provenance")
+    if model_version is None:
+        distinct = sorted(set(versions))
+        if len(distinct) != 1:
+            raise ValueError(f"entries have several versions ({', '.join(distinct[:5])}); pass model_version")
+        model_version = distinct[0]
+    return ids, emb, versions, provenance, model_version
+
+
+def check_transform_args(batch_size: Any, new_version: Any, transformed_by: Any) -> None:
+    """The arguments of a gallery transformation (`operations.transform_gallery`) other than the function."""
+    check_int("batch_size", batch_size, minimum=1)
+    if new_version is not None and (not isinstance(new_version, str) or not new_version):
+        raise ValueError(f"new_version must be None or a non-empty string; received {new_version!r}")
+    if not isinstance(transformed_by, str) or not transformed_by:
+        raise ValueError(f"transformed_by must be a non-empty string; received {transformed_by!r}")
