@@ -444,8 +444,9 @@ def check_console_command(command: str, where: str) -> None:
                 assert f'"{name.strip()}":' in setup_text, f"{where}: setup.py has no extra {name!r}"
     elif head == "export":  # an environment variable that lce_tf reads
         name = words[1].split("=")[0]
-        sources = "".join(open(os.path.join(REPO, "lce_tf", f), encoding="utf-8").read()
-                          for f in os.listdir(os.path.join(REPO, "lce_tf")) if f.endswith(".py"))
+        sources = "".join(open(os.path.join(folder, f), encoding="utf-8").read()
+                          for folder, _, files in os.walk(os.path.join(REPO, "lce_tf")) for f in files
+                          if f.endswith(".py"))
         assert f'"{name}"' in sources, f"{where}: lce_tf reads no environment variable {name}"
     elif head in CONSOLE_ONLY:
         for i, word in enumerate(words[:-1]):
