@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import importlib
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
@@ -31,6 +32,15 @@ EMBEDDED = "embedded"  # provenance of an entry embedded from its image by its v
 # Set by the CLI: client libraries that log every failed call themselves (pymilvus) are kept quiet, so
 # the one-line error the CLI prints is not repeated in several lines.
 QUIET_CLIENT_LOGS = False
+
+
+def import_backend_library(module: str, install_hint: str):
+    """Imports a backend's client library (`module`) when an index needs it, or raises ImportError
+    whose message starts with `install_hint` (what to install; TFRS' guarded `_HAVE_SCANN` style)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{install_hint} (import failed: {e})") from e
 
 
 class IncompatibleModelError(ValueError):

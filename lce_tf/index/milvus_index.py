@@ -112,10 +112,7 @@ _INSTALL_HINT = ("the Milvus backend needs pymilvus and milvus-lite: pip install
 
 def _pymilvus():
     """Imports pymilvus, or raises ImportError saying what to install."""
-    try:
-        import pymilvus  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-        raise ImportError(f"{_INSTALL_HINT} (import failed: {e})") from e
+    pymilvus = base.import_backend_library("pymilvus", _INSTALL_HINT)
     if base.QUIET_CLIENT_LOGS:  # set by the CLI: pymilvus logs every failed call on stderr itself
         for name in ("pymilvus", "pymilvus.milvus_client", "pymilvus.bulk_writer"):
             logging.getLogger(name).setLevel(logging.CRITICAL)

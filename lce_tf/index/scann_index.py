@@ -68,7 +68,7 @@ import numpy as np
 import lce_tf
 from lce_tf import fileio
 from lce_tf.index import checks, operations, registry, store
-from lce_tf.index.base import EMBEDDED, METADATA_FILE, EntryBatch, Index
+from lce_tf.index.base import EMBEDDED, METADATA_FILE, EntryBatch, Index, import_backend_library
 from lce_tf.index.store import write_json as _write_json  # a module-level name, so tests can inject crashes
 
 logger = logging.getLogger(__name__)
@@ -94,18 +94,13 @@ _SCANN_INSTALL_HINT = ("ScaNN is required for lce_tf.index.scann_index indexes: 
                        "`pip install scann==1.3.0` (Linux x86-64 wheels, built against tensorflow 2.15)")
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # ScaNN import (lazy, guarded)
 # ----------------------------------------------------------------------------------------------------
 
 def _scann_pybind():
     """Imports and returns `scann.scann_ops.py.scann_ops_pybind`, or raises ImportError saying what to install."""
-    try:
-        from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-        raise ImportError(f"{_SCANN_INSTALL_HINT} (import failed: {e})") from e
-    return scann_ops_pybind
+    return import_backend_library("scann.scann_ops.py.scann_ops_pybind", _SCANN_INSTALL_HINT)
 
 
 def have_scann() -> bool:
