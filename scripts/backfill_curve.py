@@ -7,17 +7,17 @@
    with `check_query_compatibility`: `embed` or `embed_compat` = T21) searched with ScaNN against exact
    search over the same vectors, for every algorithm of `--check-algorithms`: recall@10 (tie-robust,
    by scores) and retrieval metrics through the index (top-1, top-5, mAP@100 from the ANN ranking)
-   against exact search (`search.compare_ann_to_exact`). Targets: recall@10 >= 0.95
+   against exact search (`images.compare_ann_to_exact`). Targets: recall@10 >= 0.95
    and |ANN - exact| <= 0.01 (1 point) on top-1, top-5 and mAP@100 (ANN ranking against the exact one).
    For tree-AH, leaves_to_search is also doubled from its default up to all leaves, to show from which
    setting the targets hold.
-3. Backfill curve: re-embed the gallery with the NEW model in seeded steps (`search.backfill_from_images`,
+3. Backfill curve: re-embed the gallery with the NEW model in seeded steps (`images.backfill_from_images`,
    ScaNN upsert in place) from 0 to 100%; at every step the retrieval quality (top-1, mAP;
    `evaluation.retrieval_metrics` on the index's current vectors) of new-model queries (and, for
    reference, old-model queries), the ANN check of step 2 on the mixed (upserted) index, and the ANN
    recall a rebuilt searcher (`EmbeddingIndex.rebuild`) would give at that step.
 4. When the new model has a T12 (`transform_old_to_new`) from the old space: the forward-compatible
-   curve -- every gallery vector mapped through T12 into the new space (`search.upgrade_with_t12`),
+   curve -- every gallery vector mapped through T12 into the new space (`images.upgrade_with_t12`),
    then re-embedded with the new model's own `embed` step by step; queries use `embed`.
 5. Area under each curve (trapezoid over the backfilled fraction in [0, 1], i.e. the mean quality
    during the backfill), reference points M(old, old) and M(new, new) (new model in its own space,
@@ -81,14 +81,14 @@ def _rebuilt_recall(index, queries, k: int) -> float:
     """recall@k of a copy of `index` whose searcher is retrained on its current vectors (index.rebuild):
     what a rebuild after the backfill step would give (upserts keep the partitions and AH codebooks
     trained on the vectors the index was built from)."""
-    from lce_tf.index import images as search, scann_index as retrieval  # pylint: disable=import-outside-toplevel
+    from lce_tf.index import images, scann_index  # pylint: disable=import-outside-toplevel
 
-    copy = retrieval.EmbeddingIndex.build(index.ids, index.embeddings, index.versions,
-                                          embedding_space=index.embedding_space, model_id=index.model_id,
-                                          model_version=index.model_version, config=index.config)
+    copy = scann_index.EmbeddingIndex.build(index.ids, index.embeddings, index.versions,
+                                            embedding_space=index.embedding_space, model_id=index.model_id,
+                                            model_version=index.model_version, config=index.config)
     ann = copy.search(queries, k)[1]
     exact = copy.exact_search(queries, k)[1]
-    return search.tie_robust_recall(ann, exact)
+    return images.tie_robust_recall(ann, exact)
 
 
 def _passes(check: dict) -> bool:
@@ -96,18 +96,18 @@ def _passes(check: dict) -> bool:
 
 
 def _check(index, queries, query_classes, k: int, sweep: bool = False) -> dict:
-    """`search.compare_ann_to_exact` with the index's own settings; with `sweep` (tree_ah only) also
+    """`images.compare_ann_to_exact` with the index's own settings; with `sweep` (tree_ah only) also
     leaves_to_search doubled from the configured value up to num_leaves, to find where the targets hold."""
-    from lce_tf.index import images as search  # pylint: disable=import-outside-toplevel
+    from lce_tf.index import images  # pylint: disable=import-outside-toplevel
 
-    check = search.compare_ann_to_exact(index, queries, query_classes, k=k)
+    check = images.compare_ann_to_exact(index, queries, query_classes, k=k)
     check["passes"] = _passes(check)
     check["algorithm"] = index.config.algorithm
     check["config"] = index.config.to_dict()
     if sweep and index.config.algorithm == "tree_ah":
         leaves, total, rows = index.config.leaves_to_search, index.config.num_leaves, []
         while True:
-            c = search.compare_ann_to_exact(index, queries, query_classes, k=k, leaves_to_search=leaves)
+            c = images.compare_ann_to_exact(index, queries, query_classes, k=k, leaves_to_search=leaves)
             rows.append({"leaves_to_search": leaves, "recall_at_k": c["recall_at_k"],
                          "max_abs_diff": c["max_abs_diff"], "passes": _passes(c)})
             if leaves >= total:
@@ -119,30 +119,30 @@ def _check(index, queries, query_classes, k: int, sweep: bool = False) -> dict:
 
 
 def run(args, log=print) -> dict:
-    from lce_tf.index import images as search, scann_index as retrieval  # pylint: disable=import-outside-toplevel
+    from lce_tf.index import images, scann_index  # pylint: disable=import-outside-toplevel
     from lce_tf.data import read_image_folder  # pylint: disable=import-outside-toplevel
     from lce_tf.serving import load_embedding_model  # pylint: disable=import-outside-toplevel
 
     started = time.time()
     if args.steps < 0:
         raise ValueError(f"--steps must be >= 0 (0: only the cross-version check); received {args.steps}")
-    overrides = search.parse_config_overrides(args.config)
+    overrides = images.parse_config_overrides(args.config)
     old = load_embedding_model(args.old_model)
     new = load_embedding_model(args.new_model)
     gallery = read_image_folder(args.gallery)
-    query_paths, query_classes = search.collect_queries([args.query])
+    query_paths, query_classes = images.collect_queries([args.query])
     if any(c is None for c in query_classes):
         raise ValueError(f"query folder {args.query} must hold class sub-folders (QUERY/<class>/<image>)")
     query_labels = np.array(query_classes)
 
     log(f"building the old-model index of {len(gallery.paths)} gallery images ({old.model_id})")
-    index = search.build_index(old, gallery, overrides=overrides, batch_size=args.batch_size)
+    index = images.build_index(old, gallery, overrides=overrides, batch_size=args.batch_size)
     old_vectors = index.embeddings.copy()
-    gallery_labels = np.array([search.class_of_id(v) for v in index.ids])
-    signature = search.signature_for_index(index, new)
+    gallery_labels = np.array([images.class_of_id(v) for v in index.ids])
+    signature = images.signature_for_index(index, new)
     log(f"embedding {len(query_paths)} queries with {new.model_id} ({signature}) and {old.model_id} (embed)")
-    q_new = search.embed_paths(new, query_paths, signature=signature, batch_size=args.batch_size)
-    q_old = search.embed_paths(old, query_paths, signature="embed", batch_size=args.batch_size)
+    q_new = images.embed_paths(new, query_paths, signature=signature, batch_size=args.batch_size)
+    q_old = images.embed_paths(old, query_paths, signature="embed", batch_size=args.batch_size)
 
     report = {
         "benchmark": "backfill_curve",
@@ -166,7 +166,7 @@ def run(args, log=print) -> dict:
     if new.embedding_dim and new.has_signature("embed"):
         log("reference: new model in its own space, full gallery")
         g_own = new.embed_folder(gallery, signature="embed", batch_size=args.batch_size)[0]
-        q_own = search.embed_paths(new, query_paths, signature="embed", batch_size=args.batch_size)
+        q_own = images.embed_paths(new, query_paths, signature="embed", batch_size=args.batch_size)
         references["new/new (own space, full re-index)"] = _metrics(q_own, query_labels, g_own, gallery_labels)
     report["references"] = references
 
@@ -174,10 +174,10 @@ def run(args, log=print) -> dict:
     checks = {}
     for algorithm in args.check_algorithms.split(","):
         algorithm = algorithm.strip()
-        cfg = retrieval.IndexConfig.for_size(len(index), index.dim, **{**overrides, "algorithm": algorithm})
-        probe = retrieval.EmbeddingIndex.build(index.ids, old_vectors, old.model_id,
-                                               embedding_space=index.embedding_space, model_id=old.model_id,
-                                               config=cfg)
+        cfg = scann_index.IndexConfig.for_size(len(index), index.dim, **{**overrides, "algorithm": algorithm})
+        probe = scann_index.EmbeddingIndex.build(index.ids, old_vectors, old.model_id,
+                                                 embedding_space=index.embedding_space, model_id=old.model_id,
+                                                 config=cfg)
         checks[algorithm] = _check(probe, q_new, query_classes, args.k, sweep=True)
         c = checks[algorithm]
         extra = ""
@@ -195,15 +195,15 @@ def run(args, log=print) -> dict:
     if fractions and new.has_signature("transform_old_to_new") and (
             (new.compatible_with or {}).get("embedding_space") == index.embedding_space):
         # the same (overridden) configuration as the old-space index, for the new dimension
-        t12_config = retrieval.IndexConfig.for_size(len(index), new.embedding_dim, **overrides)
-        t12_index = search.upgrade_with_t12(index, new, config=t12_config)
+        t12_config = scann_index.IndexConfig.for_size(len(index), new.embedding_dim, **overrides)
+        t12_index = images.upgrade_with_t12(index, new, config=t12_config)
 
     curves = {}
     rows = []
     if fractions:
         log(f"backfill (re-embed with {new.model_id} via {signature}, old space) in {args.steps} steps")
     for f in fractions:
-        step = search.backfill_from_images(index, new, args.gallery, f, seed=args.seed, batch_size=args.batch_size)
+        step = images.backfill_from_images(index, new, args.gallery, f, seed=args.seed, batch_size=args.batch_size)
         row = {"fraction": step["fraction"], "target": f, "backfilled_now": step["backfilled"],
                "new_queries": _metrics(q_new, query_labels, index.embeddings, gallery_labels),
                "old_queries": _metrics(q_old, query_labels, index.embeddings, gallery_labels),
@@ -220,10 +220,10 @@ def run(args, log=print) -> dict:
                                        "steps": rows}
     if t12_index is not None:
         rows = []
-        q_t12 = search.embed_paths(new, query_paths, signature="embed", batch_size=args.batch_size)
+        q_t12 = images.embed_paths(new, query_paths, signature="embed", batch_size=args.batch_size)
         log(f"forward-compatible backfill: T12-mapped gallery, then re-embed with {new.model_id} (embed)")
         for f in fractions:
-            step = search.backfill_from_images(t12_index, new, args.gallery, f, seed=args.seed,
+            step = images.backfill_from_images(t12_index, new, args.gallery, f, seed=args.seed,
                                                batch_size=args.batch_size)
             row = {"fraction": step["fraction"], "target": f, "backfilled_now": step["backfilled"],
                    "new_queries": _metrics(q_t12, query_labels, t12_index.embeddings, gallery_labels),

@@ -458,7 +458,7 @@ def synthetic_data(n: int, num_queries: int, dim: int, clusters: int, sigma: flo
 
 def real_data(model_dir: str, gallery_dir: str, query_dir: str, query_model_dir: str | None):
     """Gallery embeddings of `model_dir` and query embeddings mapped into its space."""
-    from lce_tf.index import images as search  # pylint: disable=import-outside-toplevel
+    from lce_tf.index import images  # pylint: disable=import-outside-toplevel
     from lce_tf.data import read_image_folder  # pylint: disable=import-outside-toplevel
     from lce_tf.index.operations import check_query_compatibility  # pylint: disable=import-outside-toplevel
     from lce_tf.serving import load_embedding_model  # pylint: disable=import-outside-toplevel
@@ -468,8 +468,8 @@ def real_data(model_dir: str, gallery_dir: str, query_dir: str, query_model_dir:
     gallery, _ = model.embed_folder(read_image_folder(gallery_dir))
     signature = check_query_compatibility({"embedding_space": model.metadata["embedding_space"],
                                            "dim": model.embedding_dim}, query_model.metadata)
-    paths, _ = search.collect_queries([query_dir])
-    queries = search.embed_paths(query_model, paths, signature=signature)
+    paths, _ = images.collect_queries([query_dir])
+    queries = images.embed_paths(query_model, paths, signature=signature)
     info = {"model": model.model_id, "query_model": query_model.model_id, "signature": signature,
             "gallery": os.path.abspath(gallery_dir), "query": os.path.abspath(query_dir)}
     return gallery.astype(np.float32), queries.astype(np.float32), info
