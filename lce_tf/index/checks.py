@@ -97,7 +97,7 @@ def now() -> str:
 def check_gallery(ids: Sequence[str], embeddings: np.ndarray, versions: Union[str, Sequence[str]],
                   provenance: Union[str, Sequence[str]], embedding_space: str, model_version: Optional[str]
                   ) -> tuple[list[str], np.ndarray, list[str], list[str], str]:
-    """The checks of a gallery that builds an index (either backend).
+    """The checks of a gallery that builds an index (any backend).
 
     Returns:
       (ids, unit float32 embeddings [N, D], versions [N], provenance [N], model_version), model_version

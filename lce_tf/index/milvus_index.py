@@ -208,9 +208,9 @@ class MilvusConfig:
         if self.index_type not in INDEX_PARAMETERS:
             raise ValueError(f"MilvusConfig.index_type must be one of {', '.join(SERVER_INDEX_TYPES)}; received "
                              f"{self.index_type!r}")
-        checks.check_int("MilvusConfig.num_neighbors", self.num_neighbors, minimum=1)  # pylint: disable=protected-access
+        checks.check_int("MilvusConfig.num_neighbors", self.num_neighbors, minimum=1)
         if self.insert_batch_size is not None:
-            checks.check_int("MilvusConfig.insert_batch_size", self.insert_batch_size, minimum=1)  # pylint: disable=protected-access
+            checks.check_int("MilvusConfig.insert_batch_size", self.insert_batch_size, minimum=1)
         build, search = INDEX_PARAMETERS[self.index_type]
         for kind, given, allowed in (("build", self.index_params, build), ("search", self.search_params, search)):
             if not isinstance(given, Mapping):
@@ -240,8 +240,8 @@ class MilvusConfig:
         Raises:
           ValueError: an unknown key (the message lists the index type's parameters), a bad value.
         """
-        checks.check_int("n", n, minimum=1)  # pylint: disable=protected-access
-        checks.check_int("dim", dim, minimum=1)  # pylint: disable=protected-access
+        checks.check_int("n", n, minimum=1)
+        checks.check_int("dim", dim, minimum=1)
         fields: dict[str, Any] = {k: overrides.pop(k) for k in _OWN_FIELDS if k in overrides}
         index_type = fields.get("index_type", cls.index_type)
         if index_type not in INDEX_PARAMETERS:
@@ -331,7 +331,7 @@ def _check_param(name: str, value: Any) -> None:
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be true or false; received {value!r}")
         return
-    checks.check_int(name, value, minimum=1)  # pylint: disable=protected-access
+    checks.check_int(name, value, minimum=1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -687,7 +687,7 @@ class MilvusIndex(Index):
             created = True
             _create_collection(client, name, int(metadata["dim"]), config)
             summary = _fill(client, name, batches, lite, expected)
-            metadata = {**metadata, **summary, "backend": MILVUS_BACKEND, "files": {}, "updated": checks.now(),  # pylint: disable=protected-access
+            metadata = {**metadata, **summary, "backend": MILVUS_BACKEND, "files": {}, "updated": checks.now(),
                         "milvus": {"uri": LITE_DB_FILE if lite else uri, "lite": lite, "collection": name,
                                    "alias": alias, "lineage": lineage, "schema": _schema_record(int(metadata["dim"])),
                                    "pymilvus_version": _version("pymilvus"),
@@ -853,7 +853,7 @@ class MilvusIndex(Index):
         Yields:
           EntryBatch (ids, versions, provenance, float32 embeddings [B, D] or None), in primary-key order.
         """
-        checks.check_int("batch_size", batch_size, minimum=1)  # pylint: disable=protected-access
+        checks.check_int("batch_size", batch_size, minimum=1)
         fields = [ID_FIELD, VERSION_FIELD, PROVENANCE_FIELD] + ([VECTOR_FIELD] if vectors else [])
         what = f"reading Milvus collection {self.collection}"
         with _milvus_call(what):
@@ -986,10 +986,10 @@ class MilvusIndex(Index):
         Args and Returns: as `EmbeddingIndex.upsert`.
         """
         self._check_space(embedding_space, "upserted embeddings")
-        ids = checks.check_ids(ids)  # pylint: disable=protected-access
+        ids = checks.check_ids(ids)
         emb = self._vectors(embeddings, len(ids))
-        versions = checks.check_versions(version, len(ids))  # pylint: disable=protected-access
-        provenance = checks.check_versions(provenance, len(ids), "provenance")  # pylint: disable=protected-access
+        versions = checks.check_versions(version, len(ids))
+        provenance = checks.check_versions(provenance, len(ids), "provenance")
         batches = list(_batches_of(ids, emb, versions, provenance, self._config.insert_batch_size))
         for batch in batches:
             _check_lengths(batch)

@@ -651,7 +651,7 @@ class EmbeddingIndex(Index):
         new_index = EmbeddingIndex.build(self.ids, new, new_version or self.versions, embedding_space=new_space,
                                          model_id=model_id, model_version=new_version or model_id, config=config,
                                          provenance=provenance)
-        new_index._metadata["transformed_from"] = operations.transformed_from_record(self, transformed_by)  # pylint: disable=protected-access
+        new_index._metadata["transformed_from"] = operations.transformed_from_record(self, transformed_by)
         return new_index
 
     # -- persistence ---------------------------------------------------------------------------------
