@@ -164,12 +164,13 @@ def build_index(model, gallery, *, overrides: Optional[Mapping[str, Any]] = None
     Args:
       model: an `lce_tf.serving.EmbeddingModel`.
       gallery: image folder GALLERY_DIR/<class>/<image> (a path, or an `lce_tf.data.ImageFolder`).
-      overrides: IndexConfig fields that replace the size-based defaults of `IndexConfig.for_size`.
+      overrides: configuration fields of the backend that replace its size-based defaults
+        (`Index.config_for`; ScaNN: `IndexConfig` fields).
       config: a complete configuration instead (not together with `overrides`).
       batch_size: images per model call.
       progress: called with one line per stage (None = silent).
-      backend: "scann" (an in-memory index; save it) or "milvus" (written into a Milvus collection as
-        it is built, served from `index_dir`).
+      backend: a name of `registry.BACKENDS`: "scann" (an in-memory index; save it) or "milvus"
+        (written into a Milvus collection as it is built, served from `index_dir`).
       index_dir: Milvus only (required): the index directory.
       milvus_uri: Milvus only: a server URI; None -> Milvus Lite in INDEX_DIR/milvus.db.
       milvus_alias: Milvus server only: the collection alias (default "lce_<lineage>").
