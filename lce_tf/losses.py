@@ -794,8 +794,32 @@ class BoundaryLoss(tf.keras.losses.Loss):
         return config
 
 
+class _FrozenRowsSoftmaxLoss(tf.keras.losses.Loss):
+    """Shared body of the losses whose frozen rows [C, D] and scale are fixed at construction.
+
+    y_true = labels [B], y_pred = embeddings [B, D]; subclasses name the rows' argument (`ROWS`, also
+    the config key) and the plain function (`LOSS_FN(embeddings, labels, rows, scale)`).
+    """
+
+    ROWS = ""
+    LOSS_FN: Callable[..., tf.Tensor]
+
+    def __init__(self, rows: Any, scale: float, reduction: str, name: str):
+        super().__init__(reduction=reduction, name=name)
+        setattr(self, self.ROWS, _array(rows, self.ROWS, type(self).__name__, rank=2))
+        self.scale = _check_scale(scale, type(self).__name__)
+
+    def call(self, y_true, y_pred):
+        return type(self).LOSS_FN(y_pred, y_true, tf.constant(getattr(self, self.ROWS)), self.scale)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({self.ROWS: getattr(self, self.ROWS).tolist(), "scale": self.scale})
+        return config
+
+
 @tf.keras.utils.register_keras_serializable(package=_PACKAGE)
-class BCTInfluenceLoss(tf.keras.losses.Loss):
+class BCTInfluenceLoss(_FrozenRowsSoftmaxLoss):
     """Loss class of `bct_influence_loss`: y_true = labels [B], y_pred = new embeddings [B, D].
 
     Args:
@@ -806,19 +830,12 @@ class BCTInfluenceLoss(tf.keras.losses.Loss):
       name: loss name.
     """
 
+    ROWS = "old_classifier"
+    LOSS_FN = staticmethod(bct_influence_loss)
+
     def __init__(self, old_classifier: Any, scale: float = 16.0,
                  reduction: str = _Reduction.SUM_OVER_BATCH_SIZE, name: str = "bct_influence_loss"):
-        super().__init__(reduction=reduction, name=name)
-        self.old_classifier = _array(old_classifier, "old_classifier", type(self).__name__, rank=2)
-        self.scale = _check_scale(scale, type(self).__name__)
-
-    def call(self, y_true, y_pred):
-        return bct_influence_loss(y_pred, y_true, tf.constant(self.old_classifier), self.scale)
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update({"old_classifier": self.old_classifier.tolist(), "scale": self.scale})
-        return config
+        super().__init__(old_classifier, scale, reduction, name)
 
 
 @tf.keras.utils.register_keras_serializable(package=_PACKAGE)
@@ -911,7 +928,7 @@ class InstanceContrastiveLoss(tf.keras.losses.Loss):
 
 
 @tf.keras.utils.register_keras_serializable(package=_PACKAGE)
-class TransformClassificationLoss(tf.keras.losses.Loss):
+class TransformClassificationLoss(_FrozenRowsSoftmaxLoss):
     """Loss class of `transform_classification_loss` (item 10) with the new centers fixed at construction.
 
     Call with y_true = labels [B] and y_pred = T12 outputs [B, D_new].
@@ -924,19 +941,12 @@ class TransformClassificationLoss(tf.keras.losses.Loss):
       name: loss name.
     """
 
+    ROWS = "new_centers"
+    LOSS_FN = staticmethod(transform_classification_loss)
+
     def __init__(self, new_centers: Any, scale: float = 16.0,
                  reduction: str = _Reduction.SUM_OVER_BATCH_SIZE, name: str = "transform_classification_loss"):
-        super().__init__(reduction=reduction, name=name)
-        self.new_centers = _array(new_centers, "new_centers", type(self).__name__, rank=2)
-        self.scale = _check_scale(scale, type(self).__name__)
-
-    def call(self, y_true, y_pred):
-        return transform_classification_loss(y_pred, y_true, tf.constant(self.new_centers), self.scale)
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update({"new_centers": self.new_centers.tolist(), "scale": self.scale})
-        return config
+        super().__init__(new_centers, scale, reduction, name)
 
 
 @tf.keras.utils.register_keras_serializable(package=_PACKAGE)

@@ -276,7 +276,7 @@ def test_transform_objectives_combine_with_cosine_distance():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Packing, argument errors, config round trips
+# Packing and argument errors (config round trips: tests/test_losses.py, test_loss_config_round_trip)
 # ---------------------------------------------------------------------------------------------------
 
 def test_pack_unpack_round_trip():
@@ -317,26 +317,3 @@ def test_pack_unpack_round_trip():
 def test_argument_errors(call, needle):
     with pytest.raises(ValueError, match=needle):
         call()
-
-
-def _losses_with_inputs():
-    return [
-        (L.InstanceContrastiveLoss(0.3, True, reduction=SUM, name="ic"), L.pack_embeddings_and_labels(OLD, LABELS),
-         NEW),
-        (L.InstanceContrastiveLoss(), L.pack_embeddings_and_labels(OLD, LABELS), NEW),
-        (L.TransformClassificationLoss([[2.0, 0.0], [0.0, 5.0]], scale=4.0, reduction=NONE), np.array([0, 1]), PRED),
-        (L.TransformSupConLoss(0.7), L.pack_embeddings_and_labels(SC_TARGETS, [0, 0, 1]), SC_PRED),
-    ]
-
-
-@pytest.mark.parametrize("index", range(4))
-def test_loss_config_round_trip(index):
-    loss, y_true, y_pred = _losses_with_inputs()[index]
-    config = loss.get_config()
-    clone = type(loss).from_config(config)
-    assert clone.get_config() == config
-    np.testing.assert_allclose(clone(y_true, y_pred).numpy(), loss(y_true, y_pred).numpy(), atol=1e-6)
-    by_name = tf.keras.losses.deserialize(tf.keras.losses.serialize(loss))
-    assert type(by_name) is type(loss) and by_name.get_config() == config
-    for value in config.values():
-        assert not isinstance(value, np.ndarray)
