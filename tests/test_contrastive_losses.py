@@ -164,18 +164,19 @@ def test_instance_contrastive_is_stable_at_small_temperature_and_in_graph_mode()
 # Centers: new [[3, 4], [4, 3], [0, −2]], labels [0, 0, 1]: unit [0.6, 0.8] + [0.8, 0.6] = [1.4, 1.4]
 #   -> [0.707107, 0.707107]; class 1: [0, −1].
 # Supervised contrastive (item 11), τ = 1: predictions (anchors) [[1, 0], [0, 1], [1, 0]],
-#   targets [[1, 0], [1, 0], [0, 1]], labels [0, 0, 1];  logits a·zᵀ = [[1, 1, 0], [0, 0, 1], [1, 1, 0]].
-#   L0: log(e + e + 1) − mean(1, 1) = log 6.436564 − 1 = 0.861995
-#   L1: log(1 + 1 + e) − mean(0, 0) = log 4.718282     = 1.551445
-#   L2: log(e + e + 1) − 0          = log 6.436564     = 1.861995
+#   targets [[1, 0], [0, 1], [0, 1]], labels [0, 0, 1];  logits a·zᵀ = [[1, 0, 0], [0, 1, 1], [1, 0, 0]].
+#   L0: log(e + 1 + 1) − mean(1, 0) = log 4.718282 − 0.5 = 1.051445   (positives j = 0, 1; negative j = 2)
+#   L1: log(1 + e + e) − mean(0, 1) = log 6.436564 − 0.5 = 1.361995
+#   L2: log(e + 1 + 1) − 0          = log 4.718282       = 1.551445   (positive j = 2 only)
+#   τ = 0.5 doubles the logits: L0 = log(e² + 2) − 1 = log 9.389056 − 1 = 1.239545
 # ---------------------------------------------------------------------------------------------------
 
 CENTERS = np.eye(2, dtype=np.float32)
 PRED = np.array([[3.0, 4.0], [0.0, 2.0]], np.float32)
 CLS_HAND = [math.log(1 + math.exp(0.4)), math.log(1 + math.exp(-2.0))]
 SC_PRED = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], np.float32)
-SC_TARGETS = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], np.float32)
-SC_HAND = [math.log(1 + 2 * E) - 1, math.log(2 + E), math.log(1 + 2 * E)]
+SC_TARGETS = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], np.float32)
+SC_HAND = [math.log(2 + E) - 0.5, math.log(1 + 2 * E) - 0.5, math.log(2 + E)]
 
 
 def test_transform_classification_hand_values_and_reductions():
@@ -237,9 +238,12 @@ def test_transform_objectives_match_numpy_reference(batch, dim, classes):
 
 
 def test_transform_supcon_hand_values_and_class():
-    np.testing.assert_allclose(SC_HAND, [0.861995, 1.551445, 1.861995], atol=1e-6)
+    np.testing.assert_allclose(SC_HAND, [1.051445, 1.361995, 1.551445], atol=1e-6)
     np.testing.assert_allclose(L.transform_supcon_loss(SC_TARGETS, SC_PRED, [0, 0, 1], 1.0).numpy(), SC_HAND,
                                atol=1e-5)
+    assert math.log(E ** 2 + 2) - 1 == pytest.approx(1.239545, abs=1e-6)
+    got = L.transform_supcon_loss(SC_TARGETS, 2 * SC_PRED, [[0], [0], [1]], 0.5).numpy()  # scaled anchors
+    assert got[0] == pytest.approx(math.log(E ** 2 + 2) - 1, abs=1e-5)
     y_true = L.pack_embeddings_and_labels(SC_TARGETS, [0, 0, 1])
     assert float(L.TransformSupConLoss(1.0)(y_true, SC_PRED)) == pytest.approx(np.mean(SC_HAND), abs=1e-5)
 
