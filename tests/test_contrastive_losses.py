@@ -279,6 +279,24 @@ def test_transform_objectives_combine_with_cosine_distance():
     assert float(tf.reduce_mean(total)) == pytest.approx(float(expected), abs=1e-5)
 
 
+def test_packed_losses_in_model_fit():
+    # model.fit takes the packed y_true (graph mode, unknown batch): a linear T12 from a rotated copy of
+    # the new space learns to map into it; the supervised-contrastive loss falls.
+    tf.keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(13)
+    labels = np.repeat(np.arange(4), 8).astype(np.int32)
+    new = (np.eye(4)[labels] + 0.1 * rng.normal(size=(32, 4))).astype(np.float32)
+    old = new @ np.linalg.qr(rng.normal(size=(4, 4)))[0].astype(np.float32)
+    t12 = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(4, use_bias=False)])
+    t12.compile(tf.keras.optimizers.Adam(0.05), loss=L.TransformSupConLoss(0.2))
+    history = t12.fit(old, L.pack_embeddings_and_labels(new, labels), batch_size=8, epochs=15, shuffle=False,
+                      verbose=0).history["loss"]
+    # 8 positives per anchor among 32: the loss cannot fall below log 8 (all positives alike, the
+    # negatives infinitely far), so the excess over log 8 is what must fall.
+    floor = math.log(8)
+    assert all(h >= floor - 1e-4 for h in history) and history[-1] - floor < 0.3 * (history[0] - floor), history
+
+
 # ---------------------------------------------------------------------------------------------------
 # Packing and argument errors (config round trips: tests/test_losses.py, test_loss_config_round_trip)
 # ---------------------------------------------------------------------------------------------------
