@@ -18,6 +18,12 @@ Every loss is a plain function (the math, testable without a model) paired with 
     bct_influence_loss / BCTInfluenceLoss   new features classified by the frozen old classifier
     l2_regression_loss / L2RegressionLoss   regress φ2(x) onto φ1(x)
     triplet_loss       / TripletLoss        tensorflow_addons semi-hard triplet loss
+  contrastive terms (items 9 to 11); their classes take y_true = pack_embeddings_and_labels(...):
+    instance_contrastive_loss / InstanceContrastiveLoss   InfoNCE from φ_new(x) to φ_old(x), item 9
+    transform_classification_loss / TransformClassificationLoss   T12 outputs classified by the new
+                                            model's class centers (transform_class_centers), item 10
+    transform_supcon_loss / TransformSupConLoss   supervised contrastive from T12 outputs to the new
+                                            embeddings, item 11
 
 Per-example functions return [B] like Keras loss functions; their classes honour the Keras
 `reduction` argument. Scalar functions (alignment, transformed alignment, boundary, triplet) return
@@ -48,10 +54,20 @@ ACOS_EPS = 1e-7
 # Argument checks and small helpers
 # ----------------------------------------------------------------------------------------------------
 
+def _check_positive(value: Any, fn: str, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{fn}: expected {name} > 0; received {value!r}.")
+    return float(value)
+
+
 def _check_scale(scale: Any, fn: str) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"{fn}: expected scale > 0; received {scale!r}.")
-    return float(scale)
+    return _check_positive(scale, fn, "scale")
+
+
+def _check_flag(value: Any, fn: str, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{fn}: expected {name} to be True or False; received {value!r}.")
+    return bool(value)
 
 
 def _check_margin(margin: Any, fn: str, upper: Optional[float] = None) -> float:
@@ -331,11 +347,16 @@ def bct_influence_loss(embeddings: Any, labels: Any, old_classifier: Any, scale:
     Raises:
       ValueError: scale <= 0, wrong ranks, or D that differs (the message names both values).
     """
-    fn = "bct_influence_loss"
+    return _frozen_rows_softmax(embeddings, labels, old_classifier, scale, "bct_influence_loss",
+                                ("embeddings", "old_classifier"))
+
+
+def _frozen_rows_softmax(embeddings, labels, rows, scale, fn: str, names: tuple[str, str]) -> tf.Tensor:
+    """Softmax CE of s·⟨n(embeddings_i), n(rows_j)⟩, rows frozen (BCT influence, item 8; item 10)."""
     scale = _check_scale(scale, fn)
-    f = _float_tensor(embeddings, "embeddings", fn, rank=2)
-    w = tf.stop_gradient(_float_tensor(old_classifier, "old_classifier", fn, rank=2))
-    _check_same(fn, "dimension D =", "embeddings", _dim(f, 1), "old_classifier", _dim(w, 1))
+    f = _float_tensor(embeddings, names[0], fn, rank=2)
+    w = tf.stop_gradient(_float_tensor(rows, names[1], fn, rank=2))
+    _check_same(fn, "dimension D =", names[0], _dim(f, 1), names[1], _dim(w, 1))
     cos = tf.linalg.matmul(_l2n(f), _l2n(w), transpose_b=True)
     return _margin_softmax(labels, cos, fn, scale)
 
@@ -422,6 +443,209 @@ def triplet_loss(labels: Any, embeddings: Any, margin: float = 1.0, *, normalize
     except ImportError as err:  # pragma: no cover - tfa is pinned in the lock
         raise ImportError("triplet_loss needs tensorflow-addons (pip install tensorflow-addons==0.23.0).") from err
     return tfa.losses.triplet_semihard_loss(labels, _l2n(f) if normalize else f, margin=margin)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Contrastive compatibility term and transformation objectives (items 9 to 11)
+# ----------------------------------------------------------------------------------------------------
+
+DEFAULT_TEMPERATURE = 0.1
+"""τ of the contrastive terms when the caller gives none (not tuned on this project's data)."""
+
+
+def pack_embeddings_and_labels(embeddings: Any, labels: Any) -> tf.Tensor:
+    """The y_true of the contrastive Loss classes: [B, D + 1], the labels (as floats) in the last column.
+
+    Keras passes one y_true tensor to a loss; the contrastive terms need a frozen model's embeddings
+    and the labels, so both travel together. Class ids below 2^24 are exact in float32.
+
+    Args:
+      embeddings: [B, D] the frozen side's embeddings (the old model's for item 9, the new model's
+        for item 11).
+      labels: [B] int class ids (or [B, 1]).
+
+    Returns:
+      float32 [B, D + 1].
+
+    Raises:
+      ValueError: wrong ranks, or batch sizes that differ (the message names both values).
+    """
+    fn = "pack_embeddings_and_labels"
+    e = _float_tensor(embeddings, "embeddings", fn, rank=2)
+    labels = _labels(labels, fn)
+    _check_same(fn, "batch size", "embeddings", _dim(e, 0), "labels", _dim(labels, 0))
+    return tf.concat([e, tf.cast(labels, tf.float32)[:, None]], axis=-1)
+
+
+def unpack_embeddings_and_labels(packed: Any) -> tuple[tf.Tensor, tf.Tensor]:
+    """Inverse of `pack_embeddings_and_labels`: ([B, D] float32 embeddings, [B] int32 labels)."""
+    p = _float_tensor(packed, "packed embeddings and labels", "unpack_embeddings_and_labels", rank=2)
+    return p[:, :-1], tf.cast(tf.round(p[:, -1]), tf.int32)
+
+
+def _paired_batch(fn: str, names: tuple[str, str], a: Any, b: Any, labels: Any):
+    """Two [B, D] embedding tensors of the same images and their [B] labels, shapes checked."""
+    a = _float_tensor(a, names[0], fn, rank=2)
+    b = _float_tensor(b, names[1], fn, rank=2)
+    labels = _labels(labels, fn)
+    _check_same(fn, "dimension D =", names[0], _dim(a, 1), names[1], _dim(b, 1))
+    _check_same(fn, "batch size", names[0], _dim(a, 0), names[1], _dim(b, 0))
+    _check_same(fn, "batch size", names[0], _dim(a, 0), "labels", _dim(labels, 0))
+    return a, b, labels
+
+
+def _masked_logsumexp(logits: tf.Tensor, keep: tf.Tensor) -> tf.Tensor:
+    """log Σ_j exp(logits_ij) over the kept entries of each row (every row must keep one)."""
+    return tf.reduce_logsumexp(tf.where(keep, logits, tf.fill(tf.shape(logits), -math.inf)), axis=-1)
+
+
+def instance_contrastive_loss(new_embeddings: Any, old_embeddings: Any, labels: Any,
+                              temperature: float = DEFAULT_TEMPERATURE, *,
+                              new_negatives: bool = False) -> tf.Tensor:
+    """Instance-level compatibility term (docs/design.md item 9): InfoNCE from φ_new(x) to φ_old(x).
+
+    Hot-refresh's RACT (Zhang et al., ICLR 2022) and Biondi et al. (CoReS / CL2R): the new embedding
+    of image i must be closer to the OLD embedding of the same image than to the old embeddings of
+    the batch's images of other classes. With f̂ the L2-normalized embeddings and y the labels,
+
+        s_ij = ⟨f̂new_i, f̂old_j⟩ / τ          t_ik = ⟨f̂new_i, f̂new_k⟩ / τ
+        N_i  = {j : y_j ≠ y_i}               (other images of the same class are masked out)
+        L_i  = −log( exp(s_ii) / (exp(s_ii) + Σ_{j∈N_i} exp(s_ij) [+ Σ_{k∈N_i} exp(t_ik)]) )
+
+    the bracketed term only with `new_negatives=True` (RACT's new-to-new negatives, k ≠ i since
+    y_k ≠ y_i). Computed as logsumexp over the kept logits minus s_ii, so large 1/τ does not overflow.
+    An anchor with no other-class image in the batch gets L_i = 0. The old embeddings are constants:
+    no gradient flows into them. The weight λ of the term lives in the caller (like λ_a and λ_b):
+    L = L_cls + ... + λ·mean_i L_i.
+
+    Example (hand-worked, τ = 1): new = [[1, 0], [0, 1]], old = [[1, 0], [1, 0]], labels [0, 1]:
+    L_0 = log(e^1 + e^1) − 1 = log 2;  L_1 = log(e^0 + e^0) − 0 = log 2.
+
+    Args:
+      new_embeddings: [B, D] raw embeddings of the new model (normalized inside; trained).
+      old_embeddings: [B, D] raw embeddings of the frozen old model for the same images (normalized
+        inside; gradients stopped).
+      labels: [B] int class ids (or [B, 1]).
+      temperature: τ > 0.
+      new_negatives: also use the new embeddings of other-class images as negatives (RACT).
+
+    Returns:
+      [B] per-example loss.
+
+    Raises:
+      ValueError: temperature not finite and > 0, new_negatives not a bool, wrong ranks, or D or
+        batch sizes that differ (the message names both values).
+    """
+    fn = "instance_contrastive_loss"
+    inv_tau = 1.0 / _check_positive(temperature, fn, "temperature")
+    new_negatives = _check_flag(new_negatives, fn, "new_negatives")
+    f2, f1, labels = _paired_batch(fn, ("new_embeddings", "old_embeddings"), new_embeddings, old_embeddings,
+                                   labels)
+    f2, f1 = _l2n(f2), tf.stop_gradient(_l2n(f1))
+    other_class = tf.not_equal(labels[:, None], labels[None, :])
+    to_old = tf.linalg.matmul(f2, f1, transpose_b=True) * inv_tau
+    logits, keep = to_old, tf.logical_or(other_class, tf.eye(tf.shape(labels)[0], dtype=tf.bool))
+    if new_negatives:
+        logits = tf.concat([logits, tf.linalg.matmul(f2, f2, transpose_b=True) * inv_tau], axis=1)
+        keep = tf.concat([keep, other_class], axis=1)
+    return _masked_logsumexp(logits, keep) - tf.linalg.diag_part(to_old)
+
+
+def transform_class_centers(new_embeddings: Any, labels: Any, num_classes: int) -> np.ndarray:
+    """The new model's class centers ĉ_j = normalize(Σ_{y_i=j} f̂new_i) for `transform_classification_loss`.
+
+    The same exact computation as the old centers of item 1 (`lce_tf.centers.compute_class_centers`),
+    applied to the new model's embeddings of the training pairs.
+
+    Args:
+      new_embeddings: [N, D_new] raw new-model embeddings of the training images.
+      labels: [N] int class ids in [0, num_classes).
+      num_classes: C.
+
+    Returns:
+      float32 [C, D_new], unit rows.
+
+    Raises:
+      ValueError: NaN/Inf embeddings, labels out of range, or a class with no sample (named).
+    """
+    from lce_tf.centers import compute_class_centers
+
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+        raise ValueError(f"transform_class_centers: expected num_classes >= 1; received {num_classes!r}.")
+    names = [str(j) for j in range(int(num_classes))]
+    return compute_class_centers(np.asarray(new_embeddings), np.asarray(labels), names, boundary="min",
+                                 source_model_id="transform_class_centers").centers.astype(np.float32)
+
+
+def transform_classification_loss(predictions: Any, labels: Any, new_centers: Any,
+                                  scale: float = 16.0) -> tf.Tensor:
+    """FastFill-style objective of a transformation T12 (docs/design.md item 10).
+
+    FastFill (Jaber et al., ICLR 2023) trains the old-to-new transformation with a discriminative
+    term besides the regression: T12(φ_old(x)) must be classified correctly by the NEW model. Here the
+    new model's classifier is its class centers on the training classes (`transform_class_centers`),
+    with a normalized-softmax head:
+
+        L_i = −log( exp(s·⟨n(T12(f_old,i)), ĉ_{y_i}⟩) / Σ_j exp(s·⟨n(T12(f_old,i)), ĉ_j⟩) )
+
+    The centers are constants (no gradient). Same computation as BCT's influence loss (item 8) with
+    the new centers in place of the old classifier.
+
+    Args:
+      predictions: [B, D_new] T12 outputs for the old embeddings of the batch (normalized inside).
+      labels: [B] int class ids (or [B, 1]), rows of `new_centers`.
+      new_centers: [C, D_new] the new model's class centers (normalized inside).
+      scale: s > 0.
+
+    Returns:
+      [B] per-example loss.
+
+    Raises:
+      ValueError: scale not finite and > 0, wrong ranks, or D or batch sizes that differ.
+    """
+    return _frozen_rows_softmax(predictions, labels, new_centers, scale, "transform_classification_loss",
+                                ("predictions", "new_centers"))
+
+
+def transform_supcon_loss(targets: Any, predictions: Any, labels: Any,
+                          temperature: float = DEFAULT_TEMPERATURE) -> tf.Tensor:
+    """Supervised-contrastive objective of a transformation T12 (docs/design.md item 11).
+
+    Khosla et al. (NeurIPS 2020), L^sup_out, across the two spaces: the anchors are the transformed
+    old embeddings a_i = n(T12(φ_old(x_i))), the candidates the new embeddings z_j = n(φ_new(x_j)) of
+    the whole batch (j = i included: it is another space, not the anchor itself); the positives
+    P(i) = {j : y_j = y_i} (i's own new embedding among them), the other classes are the negatives:
+
+        L_i = −(1 / |P(i)|) Σ_{p∈P(i)} log( exp(⟨a_i, z_p⟩/τ) / Σ_j exp(⟨a_i, z_j⟩/τ) )
+            = logsumexp_j(⟨a_i, z_j⟩/τ) − mean_{p∈P(i)} ⟨a_i, z_p⟩/τ
+
+    The new embeddings are the targets: no gradient flows into them. The argument order is
+    `cosine_distance_loss`'s, so the caller combines them per example:
+    `cosine_distance_loss(t, p) + λ·transform_supcon_loss(t, p, labels)`.
+
+    Example (hand-worked, τ = 1): targets [[1, 0], [0, 1]], predictions [[1, 0], [1, 0]], labels
+    [0, 1]: L_0 = log(e^1 + e^0) − 1 = log(1 + e^−1);  L_1 = log(e^1 + e^0) − 0 = log(1 + e).
+
+    Args:
+      targets: [B, D_new] the new model's embeddings of the batch (normalized inside; gradients stopped).
+      predictions: [B, D_new] T12 outputs for the old embeddings of the same images.
+      labels: [B] int class ids (or [B, 1]).
+      temperature: τ > 0.
+
+    Returns:
+      [B] per-example loss.
+
+    Raises:
+      ValueError: temperature not finite and > 0, wrong ranks, or D or batch sizes that differ.
+    """
+    fn = "transform_supcon_loss"
+    inv_tau = 1.0 / _check_positive(temperature, fn, "temperature")
+    z, a, labels = _paired_batch(fn, ("targets", "predictions"), targets, predictions, labels)
+    z, a = tf.stop_gradient(_l2n(z)), _l2n(a)
+    logits = tf.linalg.matmul(a, z, transpose_b=True) * inv_tau
+    positive = tf.cast(tf.equal(labels[:, None], labels[None, :]), tf.float32)
+    mean_positive = tf.reduce_sum(positive * logits, axis=1) / tf.reduce_sum(positive, axis=1)
+    return tf.reduce_logsumexp(logits, axis=1) - mean_positive
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -570,8 +794,32 @@ class BoundaryLoss(tf.keras.losses.Loss):
         return config
 
 
+class _FrozenRowsSoftmaxLoss(tf.keras.losses.Loss):
+    """Shared body of the losses whose frozen rows [C, D] and scale are fixed at construction.
+
+    y_true = labels [B], y_pred = embeddings [B, D]; subclasses name the rows' argument (`ROWS`, also
+    the config key) and the plain function (`LOSS_FN(embeddings, labels, rows, scale)`).
+    """
+
+    ROWS = ""
+    LOSS_FN: Callable[..., tf.Tensor]
+
+    def __init__(self, rows: Any, scale: float, reduction: str, name: str):
+        super().__init__(reduction=reduction, name=name)
+        setattr(self, self.ROWS, _array(rows, self.ROWS, type(self).__name__, rank=2))
+        self.scale = _check_scale(scale, type(self).__name__)
+
+    def call(self, y_true, y_pred):
+        return type(self).LOSS_FN(y_pred, y_true, tf.constant(getattr(self, self.ROWS)), self.scale)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({self.ROWS: getattr(self, self.ROWS).tolist(), "scale": self.scale})
+        return config
+
+
 @tf.keras.utils.register_keras_serializable(package=_PACKAGE)
-class BCTInfluenceLoss(tf.keras.losses.Loss):
+class BCTInfluenceLoss(_FrozenRowsSoftmaxLoss):
     """Loss class of `bct_influence_loss`: y_true = labels [B], y_pred = new embeddings [B, D].
 
     Args:
@@ -582,19 +830,12 @@ class BCTInfluenceLoss(tf.keras.losses.Loss):
       name: loss name.
     """
 
+    ROWS = "old_classifier"
+    LOSS_FN = staticmethod(bct_influence_loss)
+
     def __init__(self, old_classifier: Any, scale: float = 16.0,
                  reduction: str = _Reduction.SUM_OVER_BATCH_SIZE, name: str = "bct_influence_loss"):
-        super().__init__(reduction=reduction, name=name)
-        self.old_classifier = _array(old_classifier, "old_classifier", type(self).__name__, rank=2)
-        self.scale = _check_scale(scale, type(self).__name__)
-
-    def call(self, y_true, y_pred):
-        return bct_influence_loss(y_pred, y_true, tf.constant(self.old_classifier), self.scale)
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update({"old_classifier": self.old_classifier.tolist(), "scale": self.scale})
-        return config
+        super().__init__(old_classifier, scale, reduction, name)
 
 
 @tf.keras.utils.register_keras_serializable(package=_PACKAGE)
@@ -652,6 +893,87 @@ class TripletLoss(tf.keras.losses.Loss):
     def get_config(self) -> dict:
         config = super().get_config()
         config.update({"margin": self.margin, "normalize": self.normalize})
+        return config
+
+
+@tf.keras.utils.register_keras_serializable(package=_PACKAGE)
+class InstanceContrastiveLoss(tf.keras.losses.Loss):
+    """Loss class of `instance_contrastive_loss` (item 9).
+
+    Call with y_true = `pack_embeddings_and_labels(old_embeddings, labels)` [B, D + 1] and y_pred =
+    new embeddings [B, D]; `call` returns the per-example loss [B], so the reduction applies.
+
+    Args:
+      temperature: τ > 0.
+      new_negatives: also use the new embeddings of other-class images as negatives (RACT).
+      reduction: a `tf.keras.losses.Reduction`.
+      name: loss name.
+    """
+
+    def __init__(self, temperature: float = DEFAULT_TEMPERATURE, new_negatives: bool = False,
+                 reduction: str = _Reduction.SUM_OVER_BATCH_SIZE, name: str = "instance_contrastive_loss"):
+        super().__init__(reduction=reduction, name=name)
+        self.temperature = _check_positive(temperature, type(self).__name__, "temperature")
+        self.new_negatives = _check_flag(new_negatives, type(self).__name__, "new_negatives")
+
+    def call(self, y_true, y_pred):
+        old_embeddings, labels = unpack_embeddings_and_labels(y_true)
+        return instance_contrastive_loss(y_pred, old_embeddings, labels, self.temperature,
+                                         new_negatives=self.new_negatives)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({"temperature": self.temperature, "new_negatives": self.new_negatives})
+        return config
+
+
+@tf.keras.utils.register_keras_serializable(package=_PACKAGE)
+class TransformClassificationLoss(_FrozenRowsSoftmaxLoss):
+    """Loss class of `transform_classification_loss` (item 10) with the new centers fixed at construction.
+
+    Call with y_true = labels [B] and y_pred = T12 outputs [B, D_new].
+
+    Args:
+      new_centers: [C, D_new] the new model's class centers (array-like; stored as a nested list in
+        the config), e.g. from `transform_class_centers`.
+      scale: s > 0.
+      reduction: a `tf.keras.losses.Reduction`.
+      name: loss name.
+    """
+
+    ROWS = "new_centers"
+    LOSS_FN = staticmethod(transform_classification_loss)
+
+    def __init__(self, new_centers: Any, scale: float = 16.0,
+                 reduction: str = _Reduction.SUM_OVER_BATCH_SIZE, name: str = "transform_classification_loss"):
+        super().__init__(new_centers, scale, reduction, name)
+
+
+@tf.keras.utils.register_keras_serializable(package=_PACKAGE)
+class TransformSupConLoss(tf.keras.losses.Loss):
+    """Loss class of `transform_supcon_loss` (item 11).
+
+    Call with y_true = `pack_embeddings_and_labels(new_embeddings, labels)` [B, D_new + 1] and y_pred
+    = T12 outputs [B, D_new]; `call` returns the per-example loss [B].
+
+    Args:
+      temperature: τ > 0.
+      reduction: a `tf.keras.losses.Reduction`.
+      name: loss name.
+    """
+
+    def __init__(self, temperature: float = DEFAULT_TEMPERATURE,
+                 reduction: str = _Reduction.SUM_OVER_BATCH_SIZE, name: str = "transform_supcon_loss"):
+        super().__init__(reduction=reduction, name=name)
+        self.temperature = _check_positive(temperature, type(self).__name__, "temperature")
+
+    def call(self, y_true, y_pred):
+        targets, labels = unpack_embeddings_and_labels(y_true)
+        return transform_supcon_loss(targets, y_pred, labels, self.temperature)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({"temperature": self.temperature})
         return config
 
 

@@ -431,10 +431,16 @@ def _all_losses_with_inputs():
         (L.L2RegressionLoss(reduction=NONE), emb[::-1].copy(), emb),
         (L.TripletLoss(0.5, normalize=False), labels, emb),
         (L.CosineDistanceLoss(reduction=NONE), emb[::-1].copy(), emb),
+        # The contrastive terms (items 9 to 11; tests/test_contrastive_losses.py).
+        (L.InstanceContrastiveLoss(0.3, True, reduction=SUM, name="ic"), L.pack_embeddings_and_labels(emb, labels),
+         emb[::-1].copy()),
+        (L.InstanceContrastiveLoss(), L.pack_embeddings_and_labels(emb, labels), emb[::-1].copy()),
+        (L.TransformClassificationLoss(np.array([[2.0, 0.0], [0.0, 5.0]]), scale=4.0, reduction=NONE), labels, emb),
+        (L.TransformSupConLoss(0.7), L.pack_embeddings_and_labels(emb[::-1].copy(), labels), emb),
     ]
 
 
-@pytest.mark.parametrize("index", range(9))
+@pytest.mark.parametrize("index", range(13))
 def test_loss_config_round_trip(index):
     loss, y_true, y_pred = _all_losses_with_inputs()[index]
     config = loss.get_config()
