@@ -158,6 +158,22 @@ VALIDATION_SETTINGS = {
 }
 
 
+def _validation_benchmark(data_dir: Optional[str], work: str, out_dir: str, profile: Profile, seed: int,
+                          verbose: int, label: str) -> Benchmark:
+    """The scenarios' Benchmark on a validation split of the training classes (--validate, --validate-transform)."""
+    os.makedirs(out_dir, exist_ok=True)
+    data_dir, summary = ensure_dataset(data_dir, work, profile, seed)
+    split = validation_split(load_split(data_dir, summary), profile.val_classes, seed)
+    _log(f"{label} data (training classes only): {split.description}")
+    return Benchmark(split, profile, seed, out_dir, verbose)
+
+
+def _held_out(split: Split) -> str:
+    d = split.description
+    return (f"{d['test_classes']} of the training classes held out (query/gallery split by {d['split_by']}); the "
+            f"models train on the other {d['train_classes']}.")
+
+
 def run_validation(data_dir: Optional[str], out_dir: str, profile: Profile, *, seed: int = 0,
                    work: str = "build/bench",
                    candidates: Sequence[tuple[str, str, float, float]] = VALIDATION_CANDIDATES,
@@ -169,11 +185,8 @@ def run_validation(data_dir: Optional[str], out_dir: str, profile: Profile, *, s
     if setting not in VALIDATION_SETTINGS:
         raise ValueError(f"validation setting {setting!r}: expected one of {', '.join(VALIDATION_SETTINGS)}")
     start = time.perf_counter()
-    os.makedirs(out_dir, exist_ok=True)
-    data_dir, summary = ensure_dataset(data_dir, work, profile, seed)
-    split = validation_split(load_split(data_dir, summary), profile.val_classes, seed)
-    _log(f"validation data (training classes only): {split.description}")
-    bench = Benchmark(split, profile, seed, out_dir, verbose)
+    bench = _validation_benchmark(data_dir, work, out_dir, profile, seed, verbose, "validation")
+    split = bench.zoo.split
     arch = {"old": profile.small_arch, "new": profile.large_arch} if setting == "S2" else {}
     old = bench.old("old (50% classes)", arch=arch.get("old"))
     ind = bench.spec(INDEPENDENT, old, arch=arch.get("new"))
@@ -210,9 +223,7 @@ def run_validation(data_dir: Optional[str], out_dir: str, profile: Profile, *, s
               "models": list(bench.zoo.records.values())}
     _write_text(os.path.join(out_dir, f"{name}.json"), json.dumps(report, indent=1) + "\n")
     lines = ["# LCE settings chosen on a validation split of the training classes", "",
-             f"{split.description['test_classes']} of the training classes held out (query/gallery split by "
-             f"{split.description['split_by']}); the models train on the other {split.description['train_classes']}. "
-             f"The benchmark's test classes are not used. Setting: {setting} ({VALIDATION_SETTINGS[setting]}); "
+             f"{_held_out(split)} The benchmark's test classes are not used. Setting: {setting} ({VALIDATION_SETTINGS[setting]}); "
              f"epochs: old {profile.old_epochs}, new {profile.epochs}; {profile.size} px.", "",
              f"old/old top-1 {report['old_old']['top1']:.4f}, mAP {report['old_old']['mAP']:.4f}; new*/new* top-1 "
              f"{report['independent_new_new']['top1']:.4f}, mAP {report['independent_new_new']['mAP']:.4f}", "",
@@ -252,11 +263,8 @@ def run_transform_validation(data_dir: Optional[str], out_dir: str, profile: Pro
     from lce_tf.transform_fit import TransformFitSettings
 
     start = time.perf_counter()
-    os.makedirs(out_dir, exist_ok=True)
-    data_dir, summary = ensure_dataset(data_dir, work, profile, seed)
-    split = validation_split(load_split(data_dir, summary), profile.val_classes, seed)
-    _log(f"transform validation data (training classes only): {split.description}")
-    bench = Benchmark(split, profile, seed, out_dir, verbose)
+    bench = _validation_benchmark(data_dir, work, out_dir, profile, seed, verbose, "transform validation")
+    split = bench.zoo.split
     settings_rows: dict[str, dict[str, Any]] = {}
     rows = []
     for setting in VALIDATION_SETTINGS:
@@ -294,9 +302,7 @@ def run_transform_validation(data_dir: Optional[str], out_dir: str, profile: Pro
               "models": list(bench.zoo.records.values())}
     _write_text(os.path.join(out_dir, f"{name}.json"), json.dumps(report, indent=1) + "\n")
     lines = ["# Forward route: fit settings of T12 chosen on a validation split of the training classes", "",
-             f"{split.description['test_classes']} of the training classes held out (query/gallery split by "
-             f"{split.description['split_by']}); the models train on the other {split.description['train_classes']}. "
-             f"The test classes are not used. Epochs: old {profile.old_epochs}, new {profile.epochs}; {profile.size} px; "
+             f"{_held_out(split)} The test classes are not used. Epochs: old {profile.old_epochs}, new {profile.epochs}; {profile.size} px; "
              f"T12 = CompatibilityTransform (4 paths of the given width), Adam 1e-3, batch 256, cosine loss, fitted on "
              "the new model's training pairs.", ""]
     for setting, info in settings_rows.items():
