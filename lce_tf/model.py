@@ -12,7 +12,7 @@ history next to the total `loss`. The classification loss is the one given to `c
 margin-softmax loss on the cosine logits (`lce_tf.losses.ArcFaceLoss`, ...) or, for a model built
 without a classifier, `lce_tf.losses.TripletLoss` on the embeddings.
 
-Modes (`MODES`):
+Modes (declared in `lce_tf.modes`; `MODES` are their names):
   independent    L_cls only (the "new*" reference model).
   lce            direct LCE: alignment of the normalized classifier rows to the old centers (item 3)
                  and the boundary loss on the new embeddings (item 4). Needs D_new == D_old.

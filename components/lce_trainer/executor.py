@@ -33,10 +33,9 @@ SEED_KEY = "seed"
 VERSION_KEY = "version"
 SPLIT_KEY = "split"
 
-# The modes this component trains (lce_tf.modes.PIPELINE_MODES: not cross-model, which trains no backbone).
+# The modes this component trains (lce_tf.modes.PIPELINE_MODES: not cross-model, which trains no backbone);
+# what each needs is read from its lce_tf.modes.Mode.
 MODES = modes.PIPELINE_MODE_NAMES
-MODES_NEEDING_CENTERS = modes.names([m for m in modes.PIPELINE_MODES if m.needs_old_centers])
-MODES_NEEDING_OLD_MODEL = modes.names([m for m in modes.PIPELINE_MODES if m.needs_old_embedder])
 
 # Custom properties of the output Model.
 MODEL_ID_PROPERTY = "lce_model_id"
