@@ -429,7 +429,8 @@ def _train_child(args) -> None:
     # Every worker reads the same global batches; the strategy gives replica r the r-th slice of each.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     dataset = dataset.with_options(options)
-    config = TrainConfig(architecture="small_cnn", embedding_dim=p["embedding_dim"], loss="arcface", compat=modes.LCE.name,
+    config = TrainConfig(architecture="small_cnn", embedding_dim=p["embedding_dim"], loss="arcface",
+                         compat=modes.LCE.name,
                          epochs=p["epochs"], batch_size=p["global_batch"], learning_rate=1e-3, seed=0,
                          sync_batch_norm=args.sync_batch_norm)
     start = time.perf_counter()

@@ -828,7 +828,7 @@ CASES = [
     Case("cli-centers-dim-vs-new-dim", "lce-tf train --compat lce --dim 16 with 8-d old centers",
          centers_dim_differs_from_new_model,
          CliError(r"Old centers \S+/v1_centers\.npz has dimension 8 but the new embedding has dimension 16 \(--dim\)")),
-    Case("cli-centers-of-another-model", "lce-tf train --compat lce --old-model v1 with centers computed by another model",
+    Case("cli-centers-of-another-model", "lce-tf train --compat lce --old-model v1 with centers of another model",
          centers_of_another_model_than_old_model,
          CliError(r"the old class centers were computed with model other-model but the old model is v1")),
     Case("cli-l2-old-model-input-shape", "lce-tf train --compat l2 on 16 x 16 images with a 12 x 12 old model",

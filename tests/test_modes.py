@@ -8,7 +8,8 @@ from lce_tf import modes
 
 def test_every_mode_is_declared_once_with_a_constant():
     assert modes.MODE_NAMES == ("independent", "lce", "lce-transform", "bct", "l2", "cross-model")
-    assert [modes.INDEPENDENT, modes.LCE, modes.LCE_TRANSFORM, modes.BCT, modes.L2, modes.CROSS_MODEL] == list(modes.ALL)
+    assert list(modes.ALL) == [modes.INDEPENDENT, modes.LCE, modes.LCE_TRANSFORM, modes.BCT, modes.L2,
+                               modes.CROSS_MODEL]
     assert all(modes.get(name).name == name for name in modes.MODE_NAMES)
     assert modes.get(modes.LCE) is modes.LCE
 

@@ -72,7 +72,8 @@ class LceTrainer(base_component.BaseComponent):
     EXECUTOR_SPEC = executor_spec.ExecutorClassSpec(executor.Executor)
 
     def __init__(self, examples: channel.BaseChannel, class_centers: Optional[channel.BaseChannel] = None,
-                 old_model: Optional[channel.BaseChannel] = None, *, mode: str = modes.LCE.name, architecture: str = "cnn",
+                 old_model: Optional[channel.BaseChannel] = None, *, mode: str = modes.LCE.name,
+                 architecture: str = "cnn",
                  embedding_dim: int = defaults.EMBEDDING_DIM, loss: str = "arcface", scale: float = 16.0, margin: float = 0.1,
                  lambda_align: float = defaults.LAMBDA_ALIGN, lambda_boundary: float = defaults.LAMBDA_BOUNDARY, lambda_compat: float = 1.0,
                  epochs: int = 5, batch_size: int = 128, learning_rate: float = 1e-3, shift_pixels: int = 2,
