@@ -32,11 +32,10 @@ import time
 from typing import Any, Optional, Sequence
 
 import lce_tf
-from lce_tf import defaults
+from lce_tf import defaults, modes
 
 EXIT_BAD_INPUT = 2
 _HEADS = ("normsoftmax", "cosface", "arcface", "triplet")
-_MODES = ("independent", "lce", "lce-transform", "bct", "l2", "cross-model")
 _ARCHS = ("small_cnn", "cnn", "resnet", "mobilenet")
 _PRECISIONS = ("float32", "mixed_bfloat16")
 
@@ -72,18 +71,12 @@ def _centers_for_folder(model, folder, boundary: str, batch_size: int = 256):
                                              source_model_id=model.model_id)
 
 
-def _check_direct_dims(mode: str, centers_dim: int, new_dim: int, what: str) -> None:
-    if mode in ("lce", "bct", "l2") and centers_dim != new_dim:
-        raise UsageError(f"{what} has dimension {centers_dim} but the new embedding has dimension {new_dim} "
-                         f"(--dim); mode {mode!r} needs equal dimensions, use --compat lce-transform.")
-
-
 # ---------------------------------------------------------------------------------------------------
 # train
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lce_tf import data, training
+    from lce_tf import data, modes, training
 
     config = training.TrainConfig(
         architecture=args.arch, embedding_dim=args.dim, loss=args.loss, scale=args.scale, margin=args.margin,
@@ -93,15 +86,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         precision=args.precision, version=args.version or os.path.basename(os.path.normpath(args.out)),
         **({} if args.steps_per_execution is None else {"steps_per_execution": args.steps_per_execution}))
     config.validate()
+    mode = modes.get(config.compat)
     if os.path.exists(args.out) and not args.overwrite:
         raise UsageError(f"Output {args.out} already exists; choose a new --out or pass --overwrite.")
-    needs_centers = args.compat in ("lce", "lce-transform", "bct", "cross-model")
-    if needs_centers and not (args.old_centers or args.old_model):
-        raise UsageError(f"--compat {args.compat} needs --old-centers FILE or --old-model DIR.")
-    if args.compat == "l2" and not args.old_model:
-        raise UsageError("--compat l2 needs --old-model DIR.")
-    if args.compat == "cross-model" and not args.new_model:
-        raise UsageError("--compat cross-model needs --new-model DIR (the frozen new model).")
+    if mode.needs_old_centers and not (args.old_centers or args.old_model):
+        raise UsageError(f"--compat {mode} needs --old-centers FILE or --old-model DIR.")
+    if mode.needs_old_embedder and not args.old_model:
+        raise UsageError(f"--compat {mode} needs --old-model DIR.")
+    if mode.needs_new_model and not args.new_model:
+        raise UsageError(f"--compat {mode} needs --new-model DIR (the frozen new model).")
 
     stage(f"reading training images from {args.data}")
     folder = _read_folder(args.data, args.classes)
@@ -112,25 +105,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lce_tf.serving import load_embedding_model
 
     old_model = load_embedding_model(args.old_model) if args.old_model else None
-    old_centers = None
-    if needs_centers:
-        if args.old_centers:
-            old_centers = ClassCenters.load(args.old_centers)
+    old_centers = ClassCenters.load(args.old_centers) if mode.needs_old_centers and args.old_centers else None
+    new_model = load_embedding_model(args.new_model) if mode.needs_new_model else None
+
+    def compute_centers(model):
+        if model is old_model:
+            stage(f"computing old class centers with {model.model_id} ({args.boundary})")
         else:
-            stage(f"computing old class centers with {old_model.model_id} ({args.boundary})")
-            old_centers = _centers_for_folder(old_model, folder, args.boundary)
-        old_centers = old_centers.subset(folder.class_names)  # row j = training class j
-        _check_direct_dims(args.compat, old_centers.dim, args.dim, f"Old centers {args.old_centers or ''}".strip())
-    old_embedder = None
-    if args.compat == "l2":
-        _check_direct_dims("l2", old_model.embedding_dim, args.dim, f"Old model {args.old_model}")
-        old_embedder = old_model.keras_embedder()
-    new_backbone = new_centers = None
-    if args.compat == "cross-model":
-        new_model = load_embedding_model(args.new_model)
-        stage(f"computing the frozen new model's class centers ({new_model.model_id})")
-        new_centers = _centers_for_folder(new_model, folder, args.boundary)
-        new_backbone = new_model.keras_embedder()
+            stage(f"computing the frozen new model's class centers ({model.model_id})")
+        return _centers_for_folder(model, folder, args.boundary)
+
+    inputs = training.prepare_training(config, class_names=folder.class_names, input_shape=input_shape,
+                                       old_model=old_model, old_centers=old_centers, new_model=new_model,
+                                       compute_centers=compute_centers, dim_name="--dim",
+                                       centers_name=f"Old centers {args.old_centers or ''}".strip())
+    if new_model is not None:
         config.architecture = new_model.metadata.get("architecture", config.architecture)
 
     dataset = data.make_image_dataset(folder, input_shape, config.batch_size, shuffle=True, seed=config.seed,
@@ -138,15 +127,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     stage(f"training {config.architecture} D={config.embedding_dim} loss={config.loss} compat={config.compat} "
           f"for {config.epochs} epochs")
     model, history = training.train(config, dataset, num_classes=len(folder.class_names), input_shape=input_shape,
-                                    old_centers=old_centers, old_embedder=old_embedder,
-                                    new_backbone=new_backbone, new_centers=new_centers, verbose=args.verbose)
-    old_id = old_centers.source_model_id if old_centers is not None else (old_model.model_id if old_model else None)
-    old_dim = old_centers.dim if old_centers is not None else (old_model.embedding_dim if old_model else None)
+                                    verbose=args.verbose, **inputs.model_inputs())
     from lce_tf.export import export_model
 
     metadata = export_model(
         model, args.out, architecture=config.architecture, input_shape=input_shape, version=config.version,
-        class_names=folder.class_names, compatible_with=training.compatibility_record(config, old_id, old_dim),
+        class_names=folder.class_names, compatible_with=inputs.compatible_with(config),
         training={**vars(config), "history": {k: [float(x) for x in v] for k, v in history.items()}},
         overwrite=args.overwrite)
     final = ", ".join(f"{k}={v[-1]:.4f}" for k, v in history.items())
@@ -580,39 +566,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lce-tf {lce_tf.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
+    from lce_tf.training import TrainConfig
+
+    train_defaults = TrainConfig()  # the one copy of the training defaults
     p = sub.add_parser("train", help="train a (compatible) embedding model and export a model directory")
     p.add_argument("--data", required=True, help="training image folder DIR/<class>/<image>")
     p.add_argument("--out", required=True, help="model directory to create")
-    p.add_argument("--arch", default="cnn", choices=_ARCHS)
-    p.add_argument("--dim", type=int, default=defaults.EMBEDDING_DIM, help="embedding size D")
-    p.add_argument("--loss", default="arcface", choices=_HEADS)
-    p.add_argument("--scale", type=float, default=16.0, help="margin-softmax scale s")
-    p.add_argument("--margin", type=float, default=0.1, help="margin-softmax margin m")
+    p.add_argument("--arch", default=train_defaults.architecture, choices=_ARCHS)
+    p.add_argument("--dim", type=int, default=train_defaults.embedding_dim, help="embedding size D")
+    p.add_argument("--loss", default=train_defaults.loss, choices=_HEADS)
+    p.add_argument("--scale", type=float, default=train_defaults.scale, help="margin-softmax scale s")
+    p.add_argument("--margin", type=float, default=train_defaults.margin, help="margin-softmax margin m")
     p.add_argument("--classes", help="class subset: 'A:B' indices or percentages of the sorted names "
                    "(e.g. 0:50%%), or a file of names")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--shift", type=int, default=2, help="random-shift augmentation in pixels")
+    p.add_argument("--epochs", type=int, default=train_defaults.epochs)
+    p.add_argument("--batch-size", type=int, default=train_defaults.batch_size)
+    p.add_argument("--learning-rate", type=float, default=train_defaults.learning_rate)
+    p.add_argument("--shift", type=int, default=train_defaults.shift_pixels, help="random-shift augmentation in pixels")
     p.add_argument("--stream", action="store_true", help="read and decode the image files every epoch instead "
                    "of decoding them once into memory (the default when they fit in lce_tf.data.IN_MEMORY_MAX_BYTES, "
                    "1 GiB decoded; larger folders stream anyway)")
-    p.add_argument("--precision", default="float32", choices=_PRECISIONS,
+    p.add_argument("--precision", default=train_defaults.precision, choices=_PRECISIONS,
                    help="mixed_bfloat16: convolutions in bfloat16, faster on CPUs with AVX512_BF16/AMX (not "
                    "bit-identical to float32; the exported model computes in float32)")
     p.add_argument("--steps-per-execution", type=int, help="train steps per call into the TensorFlow graph "
                    "(default: lce_tf.training.TrainConfig's; the progress and the NaN check see every N-th step)")
-    p.add_argument("--compat", default="independent", choices=_MODES)
+    p.add_argument("--compat", default=train_defaults.compat, choices=modes.MODE_NAMES)
     p.add_argument("--old-model", help="old model directory (centers are computed from it when "
                    "--old-centers is not given; required by l2)")
     p.add_argument("--old-centers", help="old class centers .npz (lce-tf centers)")
     p.add_argument("--new-model", help="frozen new model directory (cross-model mode)")
     p.add_argument("--boundary", default=defaults.BOUNDARY_RULE, help="boundary rule when centers are computed "
                    "here: 'min' (reference) or 'percentile:P'")
-    p.add_argument("--lambda-align", type=float, default=defaults.LAMBDA_ALIGN)
-    p.add_argument("--lambda-boundary", type=float, default=defaults.LAMBDA_BOUNDARY)
-    p.add_argument("--lambda-compat", type=float, default=1.0, help="weight of the bct / l2 term")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lambda-align", type=float, default=train_defaults.lambda_align)
+    p.add_argument("--lambda-boundary", type=float, default=train_defaults.lambda_boundary)
+    p.add_argument("--lambda-compat", type=float, default=train_defaults.lambda_compat,
+                   help="weight of the bct / l2 term")
+    p.add_argument("--seed", type=int, default=train_defaults.seed)
     p.add_argument("--version", dest="version", help="version label (default: the --out folder name)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out atomically")
     p.add_argument("--verbose", type=int, default=2, choices=(0, 1, 2), help="Keras fit verbosity")

@@ -22,6 +22,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from lce_tf import modes
+
 Pair = tuple[str, str]
 DatasetFactory = Callable[[tuple[int, int, int], int], Any]
 """(input_shape (H, W, C), batch_size) -> tf.data.Dataset of (images [B, H, W, C] float32 in [0, 1],
@@ -206,7 +208,7 @@ def compare_models(models: Mapping[str, Any], query: EvalData, gallery: EvalData
                        f"metric)")
     if (old, old) not in results:
         raise ValueError(f"M({old}, {old}) could not be evaluated: {'; '.join(skipped) or 'no result'}")
-    report: dict[str, Any] = {"old": old, "independent": independent, "pairs": pairs, "skipped": skipped,
+    report: dict[str, Any] = {"old": old, modes.INDEPENDENT.name: independent, "pairs": pairs, "skipped": skipped,
                               "criterion": {}, "update_gain": {}, "new_model_sacrifice": {}}
     old_old = results[(old, old)]
     new_star = results.get((independent, independent)) if independent else None

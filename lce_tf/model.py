@@ -12,7 +12,7 @@ history next to the total `loss`. The classification loss is the one given to `c
 margin-softmax loss on the cosine logits (`lce_tf.losses.ArcFaceLoss`, ...) or, for a model built
 without a classifier, `lce_tf.losses.TripletLoss` on the embeddings.
 
-Modes (`MODES`):
+Modes (declared in `lce_tf.modes`; `MODES` are their names):
   independent    L_cls only (the "new*" reference model).
   lce            direct LCE: alignment of the normalized classifier rows to the old centers (item 3)
                  and the boundary loss on the new embeddings (item 4). Needs D_new == D_old.
@@ -35,19 +35,16 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow as tf
 
-from lce_tf import defaults
+from lce_tf import defaults, modes
 from lce_tf import layers as lce_layers
 from lce_tf import losses as lce_losses
 from lce_tf.checks import check_finite
 
-MODES: tuple[str, ...] = ("independent", "lce", "lce-transform", "bct", "l2", "cross-model")
-TRANSFORM_MODES = ("lce-transform", "cross-model")
-MODES_NEEDING_CENTERS = ("lce", "lce-transform", "bct", "cross-model")
-MODES_NEEDING_OLD_MODEL = ("l2",)
+MODES: tuple[str, ...] = modes.MODE_NAMES  # the modes are declared in lce_tf.modes
 
 # Loss-term names as they appear in the fit history.
 CLS_LOSS, ALIGN_LOSS, BOUNDARY_LOSS, BCT_LOSS, L2_LOSS = (
-    "cls_loss", "align_loss", "boundary_loss", "bct_loss", "l2_loss")
+    modes.CLS_LOSS, modes.ALIGN_LOSS, modes.BOUNDARY_LOSS, modes.BCT_LOSS, modes.L2_LOSS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +64,7 @@ class CompatibilityConfig:
         step instead of after the classifier has drifted (measured: benchmarks/results/validation.md).
     """
 
-    mode: str = "independent"
+    mode: str = modes.INDEPENDENT.name
     old_centers: Optional[np.ndarray] = None
     old_boundary_cos: Optional[np.ndarray] = None
     lambda_align: float = defaults.LAMBDA_ALIGN
@@ -77,18 +74,22 @@ class CompatibilityConfig:
     init_from_old_centers: bool = True
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"Unknown compatibility mode {self.mode!r}; expected one of {', '.join(MODES)}.")
-        if self.mode in MODES_NEEDING_CENTERS and self.old_centers is None:
+        spec = modes.get(self.mode)
+        if spec.needs_old_centers and self.old_centers is None:
             raise ValueError(f"Mode {self.mode!r} needs the old class centers (--old-centers or --old-model).")
-        if self.mode == "cross-model" and self.new_centers is None:
-            raise ValueError("Mode 'cross-model' needs the new model's class centers.")
+        if spec.needs_new_model and self.new_centers is None:
+            raise ValueError(f"Mode {self.mode!r} needs the new model's class centers.")
         for name in ("lambda_align", "lambda_boundary", "lambda_compat"):
             if not np.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"Expected a finite, non-negative {name}; received {getattr(self, name)}.")
         for name in ("old_centers", "old_boundary_cos", "new_centers"):
             if getattr(self, name) is not None:
                 check_finite(getattr(self, name), name)
+
+    @property
+    def spec(self) -> modes.Mode:
+        """The declared `lce_tf.modes.Mode` of `mode`."""
+        return modes.get(self.mode)
 
     @property
     def old_dim(self) -> Optional[int]:
@@ -117,24 +118,25 @@ class CompatibleEmbeddingModel(tf.keras.Model):
         super().__init__(name=name, **kwargs)
         self.compatibility = compatibility
         mode = compatibility.mode
+        spec = compatibility.spec
         self.backbone = backbone
         self.embedding_dim = int(embedding_dim or backbone.output_shape[-1])
         self.classifier = (lce_layers.CosineClassifier(num_classes, name="classifier")
-                           if num_classes and mode != "cross-model" else None)
+                           if num_classes and spec.trains_backbone else None)
         self.old_embedder = old_embedder
-        if mode in ("lce", "bct") and compatibility.old_dim != self.embedding_dim:
+        if spec.direct and spec.needs_old_centers and compatibility.old_dim != self.embedding_dim:
             raise ValueError(
                 f"Mode {mode!r} compares embeddings directly, but the old centers have dimension "
                 f"{compatibility.old_dim} and the new embedding {self.embedding_dim}; "
-                "use --compat lce-transform for different dimensions.")
-        if mode == "lce" and self.classifier is None and compatibility.lambda_align > 0:
+                f"use --compat {modes.LCE_TRANSFORM} for different dimensions.")
+        if mode == modes.LCE.name and self.classifier is None and compatibility.lambda_align > 0:
             tf.get_logger().warning("No classifier (triplet loss): lce mode applies the boundary loss only.")
-        if mode in MODES_NEEDING_OLD_MODEL and old_embedder is None:
+        if spec.needs_old_embedder and old_embedder is None:
             raise ValueError(f"Mode {mode!r} needs the old model (--old-model).")
-        if mode == "cross-model":
+        if not spec.trains_backbone:
             self.backbone.trainable = False
         self.t12 = self.t21 = None
-        if mode in TRANSFORM_MODES:
+        if spec.uses_transforms:
             self.t12 = lce_layers.CompatibilityTransform(self.embedding_dim, name="t12_old_to_new")
             self.t21 = lce_layers.CompatibilityTransform(compatibility.old_dim, name="t21_new_to_old")
         c = compatibility
@@ -150,7 +152,7 @@ class CompatibleEmbeddingModel(tf.keras.Model):
         # Creates the head variables now, outside the first traced train step.
         if self.classifier is not None:
             self.classifier(tf.zeros((1, self.embedding_dim)))
-            if self.compatibility.mode == "lce" and self.compatibility.init_from_old_centers:
+            if self.compatibility.mode == modes.LCE.name and self.compatibility.init_from_old_centers:
                 self.classifier.raw_weights.assign(self._old_centers)
         if self.t12 is not None:
             self.t12(tf.zeros((2, self.compatibility.old_dim)))
@@ -164,19 +166,14 @@ class CompatibleEmbeddingModel(tf.keras.Model):
     @property
     def loss_term_names(self) -> tuple[str, ...]:
         """The loss terms this mode computes, in the order they are logged."""
-        mode = self.compatibility.mode
-        terms = () if mode == "cross-model" else (CLS_LOSS,)
-        if mode in ("lce", "lce-transform", "cross-model"):
-            terms += (ALIGN_LOSS, BOUNDARY_LOSS)
-        terms += {"bct": (BCT_LOSS,), "l2": (L2_LOSS,)}.get(mode, ())
-        return terms
+        return self.compatibility.spec.loss_terms
 
     @property
     def metrics(self):
         return list(self._trackers.values()) + ([self._accuracy] if self._accuracy is not None else [])
 
     def _raw_embeddings(self, images, training):
-        if self.compatibility.mode == "cross-model":
+        if not self.compatibility.spec.trains_backbone:
             return self.backbone(images)
         return self.backbone(images, training=training)
 
@@ -201,32 +198,33 @@ class CompatibleEmbeddingModel(tf.keras.Model):
     def compute_loss_terms(self, images, labels, training: bool) -> dict[str, tf.Tensor]:
         """Every loss term of docs/design.md item 5 for one batch, unweighted, as scalars."""
         c = self.compatibility
+        spec = c.spec
         images = tf.convert_to_tensor(images, tf.float32)
         labels = tf.convert_to_tensor(labels)
         raw = self._raw_embeddings(images, training)
         terms: dict[str, tf.Tensor] = {}
         logits = None
-        if c.mode != "cross-model":
+        if spec.trains_backbone:
             if self.classifier is not None:
                 logits = self.classifier(raw)
                 terms[CLS_LOSS] = self._replica_mean_loss(labels, logits)
             else:
                 terms[CLS_LOSS] = self._replica_mean_loss(labels, raw)
         unit = tf.math.l2_normalize(raw, axis=-1)
-        if c.mode == "lce":
+        if spec is modes.LCE:
             terms[ALIGN_LOSS] = (lce_losses.alignment_loss(self.classifier.raw_weights, self._old_centers)
                                  if self.classifier is not None else tf.constant(0.0))
             terms[BOUNDARY_LOSS] = lce_losses.boundary_loss(raw, labels, self._old_centers, self._old_boundary)
-        elif c.mode in TRANSFORM_MODES:
-            new_rows = self._new_centers if c.mode == "cross-model" else self.classifier.raw_weights
+        elif spec.uses_transforms:
+            new_rows = self.classifier.raw_weights if spec.trains_backbone else self._new_centers
             terms[ALIGN_LOSS] = lce_losses.transformed_alignment_loss(
                 new_rows, self._old_centers,
                 lambda v: self.t12(v, training=training), lambda v: self.t21(v, training=training))
             terms[BOUNDARY_LOSS] = lce_losses.boundary_loss(
                 self.t21(unit, training=training), labels, self._old_centers, self._old_boundary)
-        elif c.mode == "bct":
+        elif spec is modes.BCT:
             terms[BCT_LOSS] = tf.reduce_mean(lce_losses.bct_influence_loss(raw, labels, self._old_centers))
-        elif c.mode == "l2":
+        elif spec is modes.L2:
             old = tf.stop_gradient(self.old_embedder(images))
             terms[L2_LOSS] = tf.reduce_mean(lce_losses.l2_regression_loss(raw, old))
         if logits is not None:
@@ -316,7 +314,7 @@ def build_compatible_model(architecture: str, input_shape, embedding_dim: int, n
 
     Example:
       model = build_compatible_model("resnet", (32, 32, 1), 128, num_classes=500,
-                                     compatibility=CompatibilityConfig("lce", centers, boundary))
+                                     compatibility=CompatibilityConfig(modes.LCE.name, centers, boundary))
       model.compile(tf.keras.optimizers.Adam(1e-3), loss=lce_tf.losses.ArcFaceLoss(16.0, 0.1))
       model.fit(train_ds, epochs=5)   # history: loss, cls_loss, align_loss, boundary_loss, accuracy
     """

@@ -10,11 +10,11 @@ import dataclasses
 import logging
 import math
 import os
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import numpy as np
 
-from lce_tf import checks, defaults
+from lce_tf import checks, defaults, modes
 from lce_tf.centers import ClassCenters
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class TrainConfig:
       embedding_dim: D of the new model.
       loss: classification head, one of HEADS.
       scale, margin: s and m of the margin-softmax head (reference re-id config: ArcFace s=16, m=0.1).
-      compat: compatibility mode (lce_tf.model.MODES).
+      compat: compatibility mode (a name of lce_tf.modes.MODE_NAMES).
       lambda_align, lambda_boundary, lambda_compat: loss weights (λ_a, λ_b, and the BCT/L2 weight).
       init_from_old_centers: lce mode: the classifier rows start at the old centers.
       epochs, batch_size, learning_rate: optimisation.
@@ -64,7 +64,7 @@ class TrainConfig:
     loss: str = "arcface"
     scale: float = 16.0
     margin: float = 0.1
-    compat: str = "independent"
+    compat: str = modes.INDEPENDENT.name
     lambda_align: float = defaults.LAMBDA_ALIGN
     lambda_boundary: float = defaults.LAMBDA_BOUNDARY
     lambda_compat: float = 1.0
@@ -82,17 +82,15 @@ class TrainConfig:
 
     def validate(self) -> None:
         from lce_tf.backbones import ARCHITECTURES, MAX_POOLING_ARCHITECTURES, PRECISIONS
-        from lce_tf.model import MODES
 
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"Unknown architecture {self.architecture!r}; expected one of {', '.join(ARCHITECTURES)}.")
         if self.loss not in HEADS:
             raise ValueError(f"Unknown loss {self.loss!r}; expected one of {', '.join(HEADS)}.")
-        if self.compat not in MODES:
-            raise ValueError(f"Unknown compatibility mode {self.compat!r}; expected one of {', '.join(MODES)}.")
+        mode = modes.get(self.compat)
         if self.precision not in PRECISIONS:
             raise ValueError(f"Unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}.")
-        if self.jit_compile and self.architecture in MAX_POOLING_ARCHITECTURES and self.compat != "cross-model":
+        if self.jit_compile and self.architecture in MAX_POOLING_ARCHITECTURES and mode.trains_backbone:
             raise ValueError(f"jit_compile=True cannot train {self.architecture}: XLA has no deterministic max-pool "
                              "gradient and training runs with op determinism on; use jit_compile=False (on CPU it "
                              "is also the faster choice) or a backbone without max-pooling (resnet, mobilenet).")
@@ -136,6 +134,118 @@ def bfloat16_is_fast() -> Optional[bool]:
     return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
+class EmbeddingModelLike(Protocol):
+    """What training reads of an old (or frozen new) model: a loaded `lce_tf.serving.EmbeddingModel`, or the
+    benchmark's in-process stand-in."""
+
+    model_id: str
+    embedding_dim: int
+    input_shape: tuple
+
+    def keras_embedder(self) -> Callable: ...
+
+
+@dataclasses.dataclass
+class TrainingInputs:
+    """What a run trains against, checked and aligned to the training classes (made by `prepare_training`).
+
+    Attributes:
+      old_centers: [C, D_old] old class centers, row j = training class j (modes that need them).
+      old_embedder: the frozen old model, images -> embeddings (l2).
+      new_backbone, new_centers: the frozen new model and its class centers (cross-model).
+      old_model_id, old_dim: the old model's id and dimension, for the `compatible_with` metadata.
+    """
+
+    old_centers: Optional[ClassCenters] = None
+    old_embedder: Optional[Callable] = None
+    new_backbone: Optional[Callable] = None
+    new_centers: Optional[ClassCenters] = None
+    old_model_id: Optional[str] = None
+    old_dim: Optional[int] = None
+
+    def model_inputs(self) -> dict[str, Any]:
+        """The keyword arguments of `build_model` / `train` that carry the old and new models."""
+        return {"old_centers": self.old_centers, "old_embedder": self.old_embedder,
+                "new_backbone": self.new_backbone, "new_centers": self.new_centers}
+
+    def compatible_with(self, config: TrainConfig) -> Optional[dict[str, Any]]:
+        """The `compatible_with` entry of the exported metadata (`compatibility_record`)."""
+        return compatibility_record(config, self.old_model_id, self.old_dim)
+
+
+def prepare_training(config: TrainConfig, *, class_names: Sequence[str], input_shape: Sequence[int],
+                     old_model: Optional[EmbeddingModelLike] = None, old_centers: Optional[ClassCenters] = None,
+                     new_model: Optional[EmbeddingModelLike] = None,
+                     compute_centers: Optional[Callable[[EmbeddingModelLike], ClassCenters]] = None,
+                     dim_name: str = "embedding_dim", centers_name: str = "Old centers") -> TrainingInputs:
+    """Decides and checks what the configured mode needs: the one set-up of every training run.
+
+    The CLI (`lce-tf train`), the LceTrainer executor and the compatibility benchmark all call it, then
+    build their input pipeline, then `train(config, dataset, ..., **inputs.model_inputs())` builds the
+    `CompatibleEmbeddingModel` (seeded there, after the input pipeline, whose shuffle seeds combine with
+    TensorFlow's global seed). What a mode needs is read from its `lce_tf.modes.Mode` declaration.
+
+    Args:
+      config: the run's settings (validated here).
+      class_names: the training classes, in label order (the centers are reordered to them).
+      input_shape: (H, W, C) of the training images.
+      old_model: the old model (model_id, embedding_dim, input_shape, keras_embedder()).
+      old_centers: the old model's class centers over (a superset of) the training classes; None to
+        compute them with `compute_centers(old_model)`.
+      new_model: the frozen new model (cross-model).
+      compute_centers: model -> its class centers over the training data (needed when centers are not
+        given).
+      dim_name, centers_name: how the caller names the new embedding's dimension and the old centers in
+        errors (e.g. "--dim", "Old centers v1_centers.npz").
+
+    Returns:
+      The `TrainingInputs`.
+
+    Raises:
+      ValueError: a missing input, centers computed with another model than the old model, a dimension
+        that a direct mode cannot compare, an old model (l2) that takes other images; one line each.
+    """
+    config.validate()
+    mode = modes.get(config.compat)
+    can_compute = compute_centers is not None
+    if mode.needs_old_centers and old_centers is None and (old_model is None or not can_compute):
+        raise ValueError(f"mode {mode.name!r} needs the old model's class centers (or the old model to compute them)")
+    if mode.needs_old_embedder and old_model is None:
+        raise ValueError(f"mode {mode.name!r} needs the old model")
+    if mode.needs_new_model and (new_model is None or not can_compute):
+        raise ValueError(f"mode {mode.name!r} needs the frozen new model")
+    inputs = TrainingInputs()
+    if mode.needs_old_centers:
+        if old_centers is None:
+            old_centers = compute_centers(old_model)
+        if old_model is not None and old_centers.source_model_id != old_model.model_id:
+            raise ValueError(f"the old class centers were computed with model {old_centers.source_model_id} but the "
+                             f"old model is {old_model.model_id}")
+        old_centers = old_centers.subset(list(class_names))  # row j = training class j
+        if mode.direct and old_centers.dim != config.embedding_dim:
+            raise ValueError(f"{centers_name} has dimension {old_centers.dim} but the new embedding has dimension "
+                             f"{config.embedding_dim} ({dim_name}); mode {mode.name!r} needs equal dimensions, use "
+                             f"mode {modes.LCE_TRANSFORM.name!r}")
+        inputs.old_centers = old_centers
+    if mode.needs_old_embedder:
+        if mode.direct and old_model.embedding_dim != config.embedding_dim:
+            raise ValueError(f"the old model {old_model.model_id} has dimension {old_model.embedding_dim} but the new "
+                             f"embedding has dimension {config.embedding_dim} ({dim_name}); mode {mode.name!r} "
+                             "needs equal dimensions")
+        if tuple(old_model.input_shape) != tuple(input_shape):
+            raise ValueError(f"mode {mode.name!r}: the old model {old_model.model_id} takes images "
+                             f"{tuple(old_model.input_shape)} but the training images are {tuple(input_shape)}")
+        inputs.old_embedder = old_model.keras_embedder()
+    if mode.needs_new_model:
+        inputs.new_centers = compute_centers(new_model)
+        inputs.new_backbone = new_model.keras_embedder()
+    if mode.compatible_with_old:
+        inputs.old_model_id = (old_centers.source_model_id if inputs.old_centers is not None
+                               else old_model.model_id)
+        inputs.old_dim = inputs.old_centers.dim if inputs.old_centers is not None else old_model.embedding_dim
+    return inputs
+
+
 def build_model(config: TrainConfig, *, num_classes: int, input_shape: Sequence[int],
                 old_centers: Optional[ClassCenters] = None, old_embedder: Optional[Callable] = None,
                 new_backbone: Optional[Callable] = None, new_centers: Optional[ClassCenters] = None,
@@ -169,17 +279,18 @@ def build_model(config: TrainConfig, *, num_classes: int, input_shape: Sequence[
         lambda_compat=config.lambda_compat, init_from_old_centers=config.init_from_old_centers,
         new_centers=None if new_centers is None else new_centers.centers)
     head_classes = None if config.loss == "triplet" else num_classes
-    if config.compat == "cross-model" and new_backbone is None:
-        raise ValueError("Mode 'cross-model' needs the frozen new model (--new-model).")
+    mode = modes.get(config.compat)
+    if mode.needs_new_model and new_backbone is None:
+        raise ValueError(f"Mode {mode.name!r} needs the frozen new model (--new-model).")
     with (strategy or tf.distribute.get_strategy()).scope():
-        if config.compat == "cross-model":
+        if not mode.trains_backbone:
             model = CompatibleEmbeddingModel(new_backbone, None, compat, embedding_dim=new_centers.dim)
         else:
             model = build_compatible_model(config.architecture, input_shape, config.embedding_dim, head_classes,
                                            compat, old_embedder=old_embedder,
                                            sync_batch_norm=config.sync_batch_norm, precision=config.precision)
         model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate),
-                      loss=None if config.compat == "cross-model" else classification_loss(config),
+                      loss=classification_loss(config) if mode.trains_backbone else None,
                       steps_per_execution=config.steps_per_execution, jit_compile=config.jit_compile)
         # The optimizer's slots exist before the first step, so Keras traces the train step once (a
         # first call that creates variables is traced twice).
@@ -277,12 +388,13 @@ def compatibility_record(config: TrainConfig, old_model_id: Optional[str], old_d
     The old model's space is named by its model id: centers and embeddings of a model's own `embed`
     signature live in that space.
     """
-    if config.compat == "independent" or not old_model_id:
+    mode = modes.get(config.compat)
+    if not mode.compatible_with_old or not old_model_id:
         return None
     return {
         "model_id": old_model_id,
         "embedding_space": old_model_id,
-        "mode": config.compat,
-        "signature": "embed_compat" if config.compat in ("lce-transform", "cross-model") else "embed",
+        "mode": mode.name,
+        "signature": mode.export_signature,
         "dim": int(old_dim),
     }

@@ -22,16 +22,14 @@ import re
 import typing
 from typing import Any, Mapping, Optional, Sequence
 
-from lce_tf import defaults
+from lce_tf import defaults, modes
 from lce_tf.index import registry as index_registry
 from lce_tf.transform_fit import DIRECTIONS as TRANSFORM_DIRECTIONS, TransformFitSettings
 
+# The modes the LceTrainer trains, from lce_tf.modes (pure Python, like this module).
+MODES = modes.PIPELINE_MODE_NAMES
 # Mirrors of the library's choices (checked against lce_tf in tests; kept here so that validating a
 # configuration does not import TensorFlow).
-MODES = ("independent", "lce", "lce-transform", "bct", "l2")
-MODES_NEEDING_CENTERS = ("lce", "lce-transform", "bct")
-MODES_NEEDING_OLD_MODEL = ("lce", "lce-transform", "bct", "l2")
-DIRECT_MODES = ("lce", "bct", "l2")  # the new embedding is compared with the old one directly: equal dims
 ARCHITECTURES = ("small_cnn", "cnn", "resnet", "mobilenet")
 LOSSES = ("normsoftmax", "cosface", "arcface", "triplet")
 INDEX_ALGORITHMS = ("", "brute_force", "ah", "tree_ah")
@@ -123,7 +121,7 @@ class PipelineConfig:
 
     old_model: str = OLD_MODEL_LATEST
 
-    mode: str = "lce"
+    mode: str = modes.LCE.name
     version: str = "v1"
     architecture: str = "cnn"
     embedding_dim: int = defaults.EMBEDDING_DIM
@@ -240,7 +238,7 @@ class PipelineConfig:
 
     @property
     def needs_centers(self) -> bool:
-        return self.mode in MODES_NEEDING_CENTERS
+        return modes.get(self.mode).needs_old_centers
 
     @property
     def uses_old_model(self) -> bool:
@@ -333,7 +331,7 @@ class PipelineConfig:
                 _check_folder(name, getattr(self, name))
 
         # Old model.
-        if self.old_model == OLD_MODEL_NONE and self.mode in MODES_NEEDING_OLD_MODEL:
+        if self.old_model == OLD_MODEL_NONE and modes.get(self.mode).compatible_with_old:
             raise ValueError(f"old_model: mode {self.mode!r} needs an old model but old_model is 'none'; set "
                              f"old_model to 'latest' (resolved from the metadata store) or a model directory, "
                              f"or use mode 'independent'")
@@ -342,7 +340,7 @@ class PipelineConfig:
         if self.old_model not in (OLD_MODEL_LATEST, OLD_MODEL_NONE) and check_paths and not _is_uri(self.old_model):
             metadata = _read_model_metadata("old_model", self.old_model)
             old_dim = int(metadata["embedding_dim"])
-            if self.mode in DIRECT_MODES and old_dim != self.embedding_dim:
+            if modes.get(self.mode).direct and old_dim != self.embedding_dim:
                 raise ValueError(f"embedding_dim: mode {self.mode!r} needs the old model's dimension {old_dim} "
                                  f"({self.old_model}); received {self.embedding_dim} (use mode 'lce-transform')")
         return self

@@ -36,7 +36,8 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from pipeline.config import MODES_NEEDING_OLD_MODEL, OLD_MODEL_LATEST, OLD_MODEL_NONE, PipelineConfig
+from lce_tf import modes
+from pipeline.config import OLD_MODEL_LATEST, OLD_MODEL_NONE, PipelineConfig
 
 # Node ids (stable: they name the nodes in the metadata store and the Kubeflow spec).
 EXAMPLE_GEN_ID = "ImageFolderExampleGen"
@@ -145,7 +146,7 @@ def create_components(config: PipelineConfig, *, old_model_strategy: str = "push
                                          flip_average=config.flip_average).with_id(CENTERS_ID)
         nodes.append(extractor)
         centers = extractor.outputs["class_centers"]
-    trainer_old_model = old_model if config.mode in MODES_NEEDING_OLD_MODEL else None
+    trainer_old_model = old_model if modes.get(config.mode).compatible_with_old else None
     trainer = _trainer(config, examples, centers, trainer_old_model, mode=config.mode,
                        version=config.version).with_id(TRAINER_ID)
     nodes.append(trainer)
@@ -159,7 +160,7 @@ def create_components(config: PipelineConfig, *, old_model_strategy: str = "push
         transformation = fitter.outputs["transformation"]
     independent_model = None
     if config.train_independent_reference:
-        reference = _trainer(config, examples, None, None, mode="independent",
+        reference = _trainer(config, examples, None, None, mode=modes.INDEPENDENT.name,
                              version=f"{config.version}-independent").with_id(INDEPENDENT_TRAINER_ID)
         nodes.append(reference)
         independent_model = reference.outputs["model"]

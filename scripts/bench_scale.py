@@ -68,6 +68,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from lce_tf import modes  # noqa: E402  (after the path set-up)
+
 CENTER_MODES = ("inprocess", "beam-two-reads", "beam-spill", "beam-one-read")
 DEFAULT_CENTER_MODES = CENTER_MODES[:3]
 LOSS_KEYS = ("loss", "cls_loss", "align_loss", "boundary_loss")
@@ -427,7 +429,8 @@ def _train_child(args) -> None:
     # Every worker reads the same global batches; the strategy gives replica r the r-th slice of each.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     dataset = dataset.with_options(options)
-    config = TrainConfig(architecture="small_cnn", embedding_dim=p["embedding_dim"], loss="arcface", compat="lce",
+    config = TrainConfig(architecture="small_cnn", embedding_dim=p["embedding_dim"], loss="arcface",
+                         compat=modes.LCE.name,
                          epochs=p["epochs"], batch_size=p["global_batch"], learning_rate=1e-3, seed=0,
                          sync_batch_norm=args.sync_batch_norm)
     start = time.perf_counter()
@@ -503,7 +506,7 @@ def run_training(num_workers: int = 2, rtol: float = 1e-3, *, sync_batch_norm: b
     workers_agree = all(o["history"] == multi["history"] for o in outputs[:num_workers])
     max_rel = max(c["max_rel_diff"] for c in comparison.values())
     return {"num_workers": num_workers, "replicas": multi["replicas"], "cluster": cluster, "settings": TRAIN_DEFAULTS,
-            "architecture": "small_cnn", "mode": "lce", "loss": "arcface", "sync_batch_norm": sync_batch_norm,
+            "architecture": "small_cnn", "mode": modes.LCE.name, "loss": "arcface", "sync_batch_norm": sync_batch_norm,
             "rtol": rtol,
             "per_epoch": comparison, "max_rel_diff": max_rel, "within_tolerance": bool(max_rel <= rtol),
             "workers_report_the_same_history": workers_agree,

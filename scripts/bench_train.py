@@ -58,9 +58,12 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from lce_tf import modes
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's INFO lines (tf.data rewrites) drown the log
-MODES = ("independent", "lce", "lce-transform")
+MODES = modes.names((modes.INDEPENDENT, modes.LCE, modes.LCE_TRANSFORM))
+INDEPENDENT = modes.INDEPENDENT.name
 PATHS = ("before", "after", "after+bf16")
 
 
@@ -105,7 +108,7 @@ def _profiles() -> dict[str, Profile]:
         "default": Profile("default", "glyphs", train_classes=1445, test_classes=619, size=20, batch_size=128,
                            backbones=ARCHITECTURES),
         "quick": Profile("quick", "synthetic", train_classes=6, test_classes=3, size=20, batch_size=8,
-                         backbones=("small_cnn",), modes=("independent", "lce"), rounds=2, window_seconds=0.05,
+                         backbones=("small_cnn",), modes=(INDEPENDENT, modes.LCE.name), rounds=2, window_seconds=0.05,
                          ablation=False, accuracy_epochs=0, inference_batch=16,
                          inference_calls=2),
     }
@@ -274,7 +277,7 @@ class TrainingBench:
         from lce_tf import training
 
         settings = self.train_config(config)
-        centers = self.centers if config.mode != "independent" else None
+        centers = self.centers if modes.get(config.mode).needs_old_centers else None
         ds = self.dataset(config.dataset, settings.batch_size)
         start = time.perf_counter()
         try:
@@ -432,13 +435,13 @@ def _ablation_configs(bench: TrainingBench) -> list[tuple[str, str, str]]:
     """(key, label, key of the configuration it changes) of the one-change-at-a-time table; it reuses the
     main table's cnn/independent and resnet/independent configurations."""
     b = bench.profile.batch_size
-    bench.add("ablation/memory", "cnn", "independent", "ablation", "memory", steps_per_execution=1)
-    bench.add("ablation/unchecked", "cnn", "independent", "ablation", "memory", checked=False)
-    bench.add("ablation/batch2x", "cnn", "independent", "ablation", "memory", batch_size=2 * b)
-    bench.add("ablation/bf16+batch2x", "cnn", "independent", "ablation", "memory", precision="mixed_bfloat16",
+    bench.add("ablation/memory", "cnn", INDEPENDENT, "ablation", "memory", steps_per_execution=1)
+    bench.add("ablation/unchecked", "cnn", INDEPENDENT, "ablation", "memory", checked=False)
+    bench.add("ablation/batch2x", "cnn", INDEPENDENT, "ablation", "memory", batch_size=2 * b)
+    bench.add("ablation/bf16+batch2x", "cnn", INDEPENDENT, "ablation", "memory", precision="mixed_bfloat16",
               batch_size=2 * b)
-    bench.add("ablation/xla-cnn", "cnn", "independent", "ablation", "memory", jit_compile=True)
-    bench.add("ablation/xla-resnet", "resnet", "independent", "ablation", "memory", jit_compile=True)
+    bench.add("ablation/xla-cnn", "cnn", INDEPENDENT, "ablation", "memory", jit_compile=True)
+    bench.add("ablation/xla-resnet", "resnet", INDEPENDENT, "ablation", "memory", jit_compile=True)
     spe = bench.defaults.steps_per_execution
     return [
         ("ablation/memory", "images decoded once into memory (1 step per execution)", "cnn/independent/before"),
@@ -475,7 +478,7 @@ def run(data_dir: Optional[str], out_dir: str, profile: Profile, *, work: str, c
                 bench.add(f"{backbone}/{mode}/{path}", backbone, mode, path,
                           "stream" if path == "before" else "memory", **overrides)
     ablation = (_ablation_configs(bench) if profile.ablation and {"cnn", "resnet"} <= set(profile.backbones)
-                and "independent" in profile.modes else [])
+                and INDEPENDENT in profile.modes else [])
     bench.run()
     configs = bench.by_key()
 
@@ -490,9 +493,9 @@ def run(data_dir: Optional[str], out_dir: str, profile: Profile, *, work: str, c
                 row[f"speedup_{path}"] = paired_ratio(configs[f"{backbone}/{mode}/{path}"], base)
                 row[f"cpu_speedup_{path}"] = paired_ratio(base, configs[f"{backbone}/{mode}/{path}"],
                                                           "cpu_us_per_image")
-            if mode != "independent" and "independent" in profile.modes:
+            if mode != INDEPENDENT and INDEPENDENT in profile.modes:
                 for path in PATHS:
-                    ind, this = configs[f"{backbone}/independent/{path}"], configs[f"{backbone}/{mode}/{path}"]
+                    ind, this = configs[f"{backbone}/{INDEPENDENT}/{path}"], configs[f"{backbone}/{mode}/{path}"]
                     wall = paired_ratio(ind, this)
                     cpu = paired_ratio(this, ind, "cpu_us_per_image")
                     row[f"overhead_vs_independent_{path}"] = None if wall is None else wall - 1.0
@@ -594,7 +597,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_num(a['cpu_us_per_image'])} / {_num(f['cpu_us_per_image'])} | "
             f"{_num(b['setup_seconds'], '{:.1f}')} / {_num(a['setup_seconds'], '{:.1f}')} / "
             f"{_num(f['setup_seconds'], '{:.1f}')} |")
-    overhead_rows = [row for row in report["table"] if row["mode"] != "independent"
+    overhead_rows = [row for row in report["table"] if row["mode"] != INDEPENDENT
                      and f"overhead_vs_independent_{PATHS[0]}" in row]
     if overhead_rows:
         lines += ["", "## Cost of a compatible step: images/s of independent / of the mode, minus 1", "",

@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+from lce_tf import modes
+
 
 def run(argv: list[str]) -> None:
     print("\n$ " + " ".join(shlex.quote(a) for a in argv), flush=True)
@@ -64,7 +66,7 @@ def main() -> int:
     run(lce + ["centers", "--model", f"{models}/v1", "--data", os.path.join(data, "train"),
                "--out", f"{work}/v1_centers.npz"])
     common += ["--epochs", str(args.epochs)]
-    run(lce + ["train", *common, "--arch", "cnn", "--compat", "lce", "--old-centers", f"{work}/v1_centers.npz",
+    run(lce + ["train", *common, "--arch", "cnn", "--compat", modes.LCE.name, "--old-centers", f"{work}/v1_centers.npz",
                "--out", f"{models}/v2-lce"])
     run(lce + ["train", *common, "--arch", "cnn", "--out", f"{models}/v2-independent"])
     report_path = os.path.join(work, "compatibility.json")

@@ -37,6 +37,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # the components/ and pipeline/ packages of this checkout
     sys.path.insert(0, ROOT)
 
+from lce_tf import modes  # noqa: E402  (after the path set-up)
+
 
 def say(message: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
@@ -176,7 +178,7 @@ def main() -> int:
                   margin_top1=args.margin_top1, margin_map=args.margin_map, compatibility=args.compatibility)
     v1 = PipelineConfig(**common, version="v1", architecture="small_cnn", train_classes="0:50%",
                         epochs=args.old_epochs)
-    v2 = PipelineConfig(**common, version="v2", architecture="cnn", mode="lce", epochs=args.epochs,
+    v2 = PipelineConfig(**common, version="v2", architecture="cnn", mode=modes.LCE.name, epochs=args.epochs,
                         train_independent_reference=args.independent)
     summaries = {}
     for config in (v1, v2):

@@ -388,6 +388,26 @@ def centers_dim_differs_from_new_model(ws, tmp, mp):
     return act, lambda _: _assert_absent(tmp / "m")
 
 
+def centers_of_another_model_than_old_model(ws, tmp, mp):
+    from lce_tf.centers import ClassCenters
+
+    c = ClassCenters.load(os.fspath(ws / "v1_centers.npz"))
+    ClassCenters(c.centers, c.boundary_cos, c.counts, c.class_names, "other-model", c.boundary_rule).save(
+        os.fspath(tmp / "other.npz"))
+    act = _cli("train", "--data", ws / "train", "--out", tmp / "m", "--arch", "small_cnn", "--dim", "8",
+               "--compat", "lce", "--old-model", ws / "v1", "--old-centers", tmp / "other.npz")
+    return act, lambda _: _assert_absent(tmp / "m")
+
+
+def l2_old_model_takes_other_images(ws, tmp, mp):
+    for j, name in enumerate(CLASSES):
+        for i in range(2):
+            _image(tmp / "train16" / name / f"{i}.png", size=(16, 16), seed=100 * j + i)
+    act = _cli("train", "--data", tmp / "train16", "--out", tmp / "m", "--arch", "small_cnn", "--dim", "8",
+               "--compat", "l2", "--old-model", ws / "v1")
+    return act, lambda _: _assert_absent(tmp / "m")
+
+
 # -- models -----------------------------------------------------------------------------------------
 
 
@@ -809,6 +829,13 @@ CASES = [
     Case("cli-centers-dim-vs-new-dim", "lce-tf train --compat lce --dim 16 with 8-d old centers",
          centers_dim_differs_from_new_model,
          CliError(r"Old centers \S+/v1_centers\.npz has dimension 8 but the new embedding has dimension 16 \(--dim\)")),
+    Case("cli-centers-of-another-model", "lce-tf train --compat lce --old-model v1 with centers of another model",
+         centers_of_another_model_than_old_model,
+         CliError(r"the old class centers were computed with model other-model but the old model is v1")),
+    Case("cli-l2-old-model-input-shape", "lce-tf train --compat l2 on 16 x 16 images with a 12 x 12 old model",
+         l2_old_model_takes_other_images,
+         CliError(r"mode 'l2': the old model v1\S* takes images \(12, 12, 1\) but the training images are "
+                  r"\(16, 16, 1\)")),
     # models
     Case("cli-savedmodel-without-signature", "a SavedModel with only serving_default, metadata promising `embed`",
          savedmodel_without_signature, CliError(r"SavedModel in \S+/m lacks the signature\(s\) embed")),

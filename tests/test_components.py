@@ -396,3 +396,46 @@ def test_index_builder_executor_refuses_non_finite_records(examples_and_model, t
         index_builder.Executor().Do({index_builder.MODEL_KEY: [model], index_builder.EXAMPLES_KEY: [examples]},
                                     {index_builder.INDEX_KEY: [index]}, {index_builder.SPLIT_KEY: "gallery"})
     assert os.listdir(index.uri) == []
+
+
+def _trainer_properties(trainer, mode: str, dim: int) -> dict:
+    return {trainer.MODE_KEY: mode, trainer.ARCHITECTURE_KEY: "small_cnn", trainer.LOSS_KEY: "arcface",
+            trainer.EMBEDDING_DIM_KEY: dim, trainer.SCALE_KEY: 16.0, trainer.MARGIN_KEY: 0.1,
+            trainer.LAMBDA_ALIGN_KEY: 100.0, trainer.LAMBDA_BOUNDARY_KEY: 1.0, trainer.LAMBDA_COMPAT_KEY: 1.0,
+            trainer.EPOCHS_KEY: 1, trainer.BATCH_SIZE_KEY: 8, trainer.LEARNING_RATE_KEY: 1e-3,
+            trainer.SHIFT_PIXELS_KEY: 0, trainer.SEED_KEY: 0, trainer.VERSION_KEY: "v2", trainer.SPLIT_KEY: "train"}
+
+
+@pytest.mark.parametrize("mode, dim, pattern", [
+    ("lce", 8, r"^the old class centers were computed with model other-model but the old model is \S+$"),
+    ("l2", 16, r"^the old model \S+ has dimension 8 but the new embedding has dimension 16 \(parameter "
+               r"embedding_dim\); mode 'l2' needs equal dimensions$"),
+])
+def test_trainer_executor_checks_the_set_up(examples_and_model, tmp_path, mode, dim, pattern):
+    """The LceTrainer's set-up is lce_tf.training.prepare_training's: it fails before training."""
+    from tfx.types import standard_artifacts
+
+    from components import artifacts
+    from components.lce_trainer import executor as trainer
+    from lce_tf.centers import ClassCenters
+    from lce_tf.serving import load_embedding_model
+
+    root, examples = examples_and_model
+    old = standard_artifacts.Model()
+    old.uri = str(root / "model")
+    centers = artifacts.ClassCenters()
+    centers.uri = str(tmp_path / "centers")
+    os.makedirs(centers.uri)
+    old_model = load_embedding_model(old.uri)
+    embeddings = old_model.embed(np.eye(6, 16 * 16).reshape(6, 16, 16, 1).astype(np.float32))
+    ClassCenters(embeddings, np.zeros(6, np.float32), np.ones(6, np.int64),
+                 list(util.split_info(util.read_examples_info(examples.uri), "train", examples.uri, "split")
+                      ["class_names"]), "other-model").save(os.path.join(centers.uri, artifacts.CENTERS_FILE))
+    centers.set_int_custom_property("available", 1)
+    model = standard_artifacts.Model()
+    model.uri = str(tmp_path / "model")
+    with pytest.raises(ValueError, match=pattern):
+        trainer.Executor().Do({trainer.EXAMPLES_KEY: [examples], trainer.CLASS_CENTERS_KEY: [centers],
+                               trainer.OLD_MODEL_KEY: [old]}, {trainer.MODEL_KEY: [model]},
+                              _trainer_properties(trainer, mode, dim))
+    assert not os.path.exists(model.uri)

@@ -11,6 +11,7 @@ from typing import Any, Optional
 from tfx.dsl.components.base import base_executor
 
 from components import util
+from lce_tf import modes
 
 # Keys of the inputs, the output and the parameters (component.py re-exports them).
 MODEL_KEY = "model"
@@ -248,11 +249,11 @@ class Executor(base_executor.BaseExecutor):
         payload = {
             "verdict": verdict, "blessed": decision.blessed, "route": decision.route,
             "passed_routes": list(decision.passed_routes), "compatibility": compatibility, "reasons": reasons,
-            "candidate": new_name, "old": old_name, "independent": ind_name, "model_ids": ids,
+            "candidate": new_name, "old": old_name, modes.INDEPENDENT.name: ind_name, "model_ids": ids,
             "transformation": ({"name": TRANSFORM_NAME, "transform_id": transformation.transform_id,
                                 "dir": transform_dir} if transformation else None),
             "thresholds": params, "splits": {k: splits[k].name for k in splits},
-            **{k: v for k, v in report.items() if k not in ("old", "independent")},
+            **{k: v for k, v in report.items() if k not in ("old", modes.INDEPENDENT.name)},
         }
         util.write_json(os.path.join(blessing_dir, METRICS_FILE), payload)
         rows = [{"query": p["query"], "gallery": p["gallery"], "via": p["via"] or "", "signature": p["signature"],
@@ -290,7 +291,7 @@ class Executor(base_executor.BaseExecutor):
         if old_artifact is not None:
             blessing.set_string_custom_property(BASELINE_MODEL_PROPERTY, old_artifact.uri)
             blessing.set_int_custom_property(BASELINE_MODEL_ID_PROPERTY, old_artifact.id)
-        role = {new_name: "new", old_name: "old", ind_name: "independent"}
+        role = {new_name: "new", old_name: "old", ind_name: modes.INDEPENDENT.name}
         if forward_gallery:
             role[forward_gallery] = "T12old"
             role[transformed_label(TRANSFORM_NAME, new_name, "new_to_old")] = "T21new"

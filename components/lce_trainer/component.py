@@ -22,12 +22,12 @@ from tfx.types import channel, standard_artifacts
 from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionParameter
 
 from components import artifacts
-from lce_tf import defaults
+from lce_tf import defaults, modes
 from components.lce_trainer import executor
 from components.lce_trainer.executor import (  # noqa: F401  (the keys and modes)
     ARCHITECTURE_KEY, BATCH_SIZE_KEY, CLASS_CENTERS_KEY, EFFECTIVE_MODE_PROPERTY, EMBEDDING_DIM_KEY, EPOCHS_KEY,
     EXAMPLES_KEY, LAMBDA_ALIGN_KEY, LAMBDA_BOUNDARY_KEY, LAMBDA_COMPAT_KEY, LEARNING_RATE_KEY, LOSS_KEY, MARGIN_KEY,
-    MODE_KEY, MODEL_ID_PROPERTY, MODEL_KEY, MODES, MODES_NEEDING_CENTERS, MODES_NEEDING_OLD_MODEL, OLD_MODEL_KEY,
+    MODE_KEY, MODEL_ID_PROPERTY, MODEL_KEY, MODES, OLD_MODEL_KEY,
     SCALE_KEY, SEED_KEY, SHIFT_PIXELS_KEY, SPLIT_KEY, VERSION_KEY)
 
 
@@ -72,7 +72,8 @@ class LceTrainer(base_component.BaseComponent):
     EXECUTOR_SPEC = executor_spec.ExecutorClassSpec(executor.Executor)
 
     def __init__(self, examples: channel.BaseChannel, class_centers: Optional[channel.BaseChannel] = None,
-                 old_model: Optional[channel.BaseChannel] = None, *, mode: str = "lce", architecture: str = "cnn",
+                 old_model: Optional[channel.BaseChannel] = None, *, mode: str = modes.LCE.name,
+                 architecture: str = "cnn",
                  embedding_dim: int = defaults.EMBEDDING_DIM, loss: str = "arcface", scale: float = 16.0, margin: float = 0.1,
                  lambda_align: float = defaults.LAMBDA_ALIGN, lambda_boundary: float = defaults.LAMBDA_BOUNDARY, lambda_compat: float = 1.0,
                  epochs: int = 5, batch_size: int = 128, learning_rate: float = 1e-3, shift_pixels: int = 2,

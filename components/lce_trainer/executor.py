@@ -9,6 +9,7 @@ from typing import Any
 from tfx.dsl.components.base import base_executor
 
 from components import artifacts, util
+from lce_tf import modes
 
 # Keys of the inputs, the output and the parameters (component.py re-exports them).
 EXAMPLES_KEY = "examples"
@@ -32,10 +33,9 @@ SEED_KEY = "seed"
 VERSION_KEY = "version"
 SPLIT_KEY = "split"
 
-# The modes this component trains (lce_tf.model.MODES without cross-model, which trains no backbone).
-MODES = ("independent", "lce", "lce-transform", "bct", "l2")
-MODES_NEEDING_CENTERS = ("lce", "lce-transform", "bct")
-MODES_NEEDING_OLD_MODEL = ("l2",)
+# The modes this component trains (lce_tf.modes.PIPELINE_MODES: not cross-model, which trains no backbone);
+# what each needs is read from its lce_tf.modes.Mode.
+MODES = modes.PIPELINE_MODE_NAMES
 
 # Custom properties of the output Model.
 MODEL_ID_PROPERTY = "lce_model_id"
@@ -93,39 +93,24 @@ class Executor(base_executor.BaseExecutor):
         input_shape = tuple(int(v) for v in info["image_shape"])
 
         effective = mode
-        if mode != "independent" and old_artifact is None:
+        if modes.get(mode).compatible_with_old and old_artifact is None:
             _LOG.warning("LceTrainer: no old model (first run of the pipeline): training %s independently "
                          "instead of with mode %r", exec_properties.get(VERSION_KEY), mode)
-            effective = "independent"
+            effective = modes.INDEPENDENT.name
         config = train_config(exec_properties, effective)
 
-        old_model = None
-        if effective != "independent":
+        old_model = old_centers = None
+        if modes.get(effective).compatible_with_old:
             old_model = load_embedding_model(util.model_dir(util.path(old_artifact), OLD_MODEL_KEY))
-        old_centers = None
-        if effective in MODES_NEEDING_CENTERS:
+        if modes.get(effective).needs_old_centers:
             if centers_artifact is None or centers_artifact.get_int_custom_property("available") != 1:
                 raise ValueError(f"input {CLASS_CENTERS_KEY!r} holds no centers but mode {mode!r} needs the old "
                                  f"model's class centers (connect a ClassCenterExtractor fed with the same old model)")
             old_centers = ClassCenters.load(os.path.join(util.path(centers_artifact), artifacts.CENTERS_FILE))
-            if old_centers.source_model_id != old_model.model_id:
-                raise ValueError(f"input {CLASS_CENTERS_KEY!r} was computed with model {old_centers.source_model_id} "
-                                 f"but input {OLD_MODEL_KEY!r} is model {old_model.model_id}")
-            old_centers = old_centers.subset(class_names)  # row j = training class j
-            if effective in ("lce", "bct") and old_centers.dim != config.embedding_dim:
-                raise ValueError(f"parameter {EMBEDDING_DIM_KEY} is {config.embedding_dim} but the old model "
-                                 f"{old_model.model_id} has dimension {old_centers.dim}: mode {effective!r} needs "
-                                 f"equal dimensions (use mode 'lce-transform')")
-        old_embedder = None
-        if effective in MODES_NEEDING_OLD_MODEL:
-            if old_model.embedding_dim != config.embedding_dim:
-                raise ValueError(f"parameter {EMBEDDING_DIM_KEY} is {config.embedding_dim} but the old model "
-                                 f"{old_model.model_id} has dimension {old_model.embedding_dim}: mode 'l2' needs "
-                                 f"equal dimensions")
-            if tuple(old_model.input_shape) != input_shape:
-                raise ValueError(f"mode 'l2': the old model {old_model.model_id} takes images {old_model.input_shape} "
-                                 f"but the training split has {input_shape}")
-            old_embedder = old_model.keras_embedder()
+        inputs = training.prepare_training(config, class_names=class_names, input_shape=input_shape,
+                                           old_model=old_model, old_centers=old_centers,
+                                           dim_name=f"parameter {EMBEDDING_DIM_KEY}",
+                                           centers_name=f"input {CLASS_CENTERS_KEY!r}")
 
         dataset = data.make_tfrecord_dataset(util.split_pattern(examples_dir, split), input_shape,
                                              config.batch_size, shuffle=True, seed=config.seed,
@@ -134,9 +119,8 @@ class Executor(base_executor.BaseExecutor):
                   config.architecture, config.embedding_dim, effective, entry["num_examples"], len(class_names),
                   config.epochs)
         model, history = training.train(config, dataset, num_classes=len(class_names), input_shape=input_shape,
-                                        old_centers=old_centers, old_embedder=old_embedder, verbose=2)
+                                        verbose=2, **inputs.model_inputs())
         old_id = old_model.model_id if old_model is not None else None
-        old_dim = old_centers.dim if old_centers is not None else (old_model.embedding_dim if old_model else None)
         from lce_tf.export import export_model
 
         serving_dir = os.path.join(util.path(model_artifact), util.SERVING_MODEL_DIR)
@@ -145,7 +129,7 @@ class Executor(base_executor.BaseExecutor):
         settings["history"] = {k: [float(x) for x in v] for k, v in history.items()}
         metadata = export_model(model, serving_dir, architecture=config.architecture, input_shape=input_shape,
                                 version=config.version, class_names=class_names,
-                                compatible_with=training.compatibility_record(config, old_id, old_dim),
+                                compatible_with=inputs.compatible_with(config),
                                 training=settings)
         model_artifact.set_string_custom_property(MODEL_ID_PROPERTY, metadata["model_id"])
         model_artifact.set_string_custom_property("version", config.version)

@@ -1,0 +1,121 @@
+"""Metrics of the benchmark: M(Q, G) per model pair (`Evaluator`), the routes' criterion and update gain, one
+table row per method.
+
+Part of scripts/bench_compat.py (`make bench`); see its docstring for the scenarios and outputs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+from lce_tf import modes
+
+from bench.settings import METRICS, Spec
+from bench.zoo import ModelZoo
+
+if TYPE_CHECKING:  # scenarios imports this module
+    from bench.scenarios import Benchmark
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _metric_entry(result) -> dict[str, Any]:
+    entry: dict[str, Any] = {}
+    for metric in METRICS:
+        entry[metric] = round(float(result.metric(metric)), 4)
+        entry[f"{metric}_ci95"] = [round(v, 4) for v in result.bootstrap_interval(metric, seed=0)]
+    entry["top5"] = round(float(result.top5), 4)
+    entry["queries"] = int(result.num_queries)
+    return entry
+
+
+class Evaluator:
+    """M(Q, G) on the split's query/gallery images, cached per (query model, gallery model)."""
+
+    def __init__(self, zoo: ModelZoo):
+        self.zoo = zoo
+        self._cache: dict[tuple, Any] = {}
+
+    def m(self, query: Spec, gallery: Spec, old: Optional[Spec] = None, *, gallery_through_t12: Optional[Spec] = None):
+        """RetrievalResult of queries by `query` against the gallery of `gallery` (None if dims differ).
+
+        gallery_through_t12: a transformation model whose T12 maps the (old) gallery into its space
+        (forward compatibility); the queries are then that model's own embeddings.
+        """
+        from lce_tf import evaluation
+
+        key = (query, gallery, old, gallery_through_t12)
+        if key in self._cache:
+            return self._cache[key]
+        g = self.zoo.embed(gallery, "gallery")
+        if gallery_through_t12 is not None:  # forward: queries in their own space, gallery through T12
+            q = self.zoo.embed(query, "query")
+            g = self.zoo.model(gallery_through_t12).transform_old_to_new(g, training=False).numpy()
+        else:
+            q = self.zoo.query_in(query, gallery, old)
+        result = None
+        if q.shape[1] == g.shape[1]:
+            result = evaluation.retrieval_metrics(q, self.zoo.split.query_labels, g, self.zoo.split.gallery_labels)
+        self._cache[key] = result
+        return result
+
+
+def _route(result, old_old, independent_new) -> dict[str, Any]:
+    """One route's entry: M(new, old route), the criterion against M(old, old), whether the verdict is clear of
+    the bootstrap noise, and the update gain against M(new*, new*). `result` None: the route is not defined."""
+    from lce_tf import evaluation
+
+    if result is None:
+        return {"new_old": None, "criterion": {"top1": False, "mAP": False, "pass": False}, "update_gain": None}
+    verdict = evaluation.empirical_criterion(result, old_old)
+    return {
+        "new_old": _metric_entry(result),
+        "criterion": {**{m: bool(verdict[m]) for m in METRICS}, "pass": all(verdict.values())},
+        # The decision is only clear of noise when the intervals do not overlap.
+        "criterion_clear_of_noise": {
+            m: bool(result.bootstrap_interval(m, seed=0)[0] > old_old.bootstrap_interval(m, seed=1)[1]) for m in METRICS},
+        "update_gain": {m: round(float(v), 4)
+                        for m, v in evaluation.update_gain(result, old_old, independent_new).items()}}
+
+
+def _row(bench: "Benchmark", method: str, new: Spec, old: Spec, independent: Spec, note: str = "") -> dict[str, Any]:
+    """One table row: M(new, new), both upgrade routes (each with its criterion and update gain), sacrifice.
+
+    backward: M(new, old), new queries against the untouched old gallery (through T21 for the transformation
+    modes); forward: M(new, T12(old)), new queries against the old gallery moved by a T12 fitted on the
+    training pairs (`fit_forward`). lce-transform also gets `forward_own`: through its own jointly trained T12.
+    """
+    from lce_tf import evaluation
+
+    ev, zoo = bench.ev, bench.zoo
+    old_old, ind = ev.m(old, old), ev.m(independent, independent)
+    new_new = ev.m(new, new)
+    row: dict[str, Any] = {"method": method, "model": zoo.names.get(new), "new_new": _metric_entry(new_new),
+                           "backward": _route(ev.m(new, old, old), old_old, ind),
+                           "forward": _route(bench.forward(new, old), old_old, ind)}
+    if modes.get(new.compat).uses_transforms:  # lce-transform, cross-model: their own, jointly trained T12
+        row["forward_own"] = _route(ev.m(new, old, old, gallery_through_t12=new), old_old, ind)
+    notes = [note] if note else []
+    if row["backward"]["new_old"] is None:
+        notes.append(f"backward not defined: the {zoo.embed(new, 'query').shape[1]}-d embeddings cannot be compared "
+                     f"with the {zoo.embed(old, 'gallery').shape[1]}-d old gallery (no T21)")
+    if notes:
+        row["note"] = "; ".join(notes)
+    row["new_model_sacrifice"] = {m: round(float(v), 4)
+                                  for m, v in evaluation.new_model_sacrifice(new_new, ind).items()}
+    return row
+
+
+def _matrix_entries(ev: Evaluator, models: dict[str, Spec], old: Spec) -> tuple[dict, list]:
+    """Every (query, gallery) pair of `models` whose spaces agree (query through T21 into old)."""
+    matrix, pairs = {}, []
+    for qn, qs in models.items():
+        for gn, gs in models.items():
+            result = ev.m(qs, gs, old)
+            if result is None:
+                continue
+            matrix[(qn, gn)] = result
+            pairs.append({"query": qn, "gallery": gn, **_metric_entry(result)})
+    return matrix, pairs

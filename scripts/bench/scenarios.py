@@ -1,0 +1,237 @@
+"""The scenarios S1-S5 and cross-model on one Split (`Benchmark`).
+
+Part of scripts/bench_compat.py (`make bench`); see its docstring for the scenarios and outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from bench.settings import CROSS_MODEL, DIRECT_MODES, INDEPENDENT, LCE, METHODS, METRICS, Profile, Spec, _log
+from bench.data import Split
+from bench.zoo import ModelZoo, fit_forward, forward_result
+from bench.evaluation import Evaluator, _matrix_entries, _metric_entry, _row
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scenarios
+
+
+class Benchmark:
+    """The scenarios on one Split."""
+
+    def __init__(self, split: Split, profile: Profile, seed: int, out_dir: str, verbose: int = 0):
+        self.profile, self.seed, self.out_dir = profile, seed, out_dir
+        self.zoo = ModelZoo(split, profile, seed, verbose)
+        self.ev = Evaluator(self.zoo)
+        self.used_in: dict[Spec, list[str]] = {}
+        p = profile
+        self.new_star = Spec(p.new_arch, p.dim, "arcface", "all", p.epochs, learning_rate=p.learning_rate)
+        self.zoo.name(self.new_star, "new* (independent)")
+        self.transforms: dict[tuple[Spec, Spec], Any] = {}  # (old, new) -> fitted T12
+        self.transform_records: list[dict[str, Any]] = []
+        self._forward: dict[tuple[Spec, Spec], Any] = {}
+
+    def transform(self, old: Spec, new: Spec):
+        """T12 old -> new fitted on the new model's training pairs with the library's defaults (cached)."""
+        from lce_tf.transform_fit import TransformFitSettings
+
+        if (old, new) not in self.transforms:
+            fitted, seconds = fit_forward(self.zoo, old, new, TransformFitSettings(seed=self.seed))
+            self.transforms[(old, new)] = fitted
+            self.transform_records.append({"old": self.zoo.names.get(old), "new": self.zoo.names.get(new),
+                                           "pairs": fitted.num_pairs, "fit_loss": round(fitted.fit_loss["old_to_new"], 4),
+                                           "seconds": round(seconds, 1)})
+            _log(f"fitted T12 {self.zoo.names.get(old)} -> {self.zoo.names.get(new)} on {fitted.num_pairs} pairs in "
+                 f"{seconds:.0f} s (loss {fitted.fit_loss['old_to_new']:.4f})")
+        return self.transforms[(old, new)]
+
+    def forward(self, new: Spec, old: Spec, through: Sequence[Spec] = ()):
+        """M(new, T(old)): the old gallery moved by fitted T12s along old -> *through -> new (composed)."""
+        chain = (old, *through, new)
+        if chain not in self._forward:
+            self._forward[chain] = forward_result(self.zoo, new, old,
+                                                  *(self.transform(a, b) for a, b in zip(chain, chain[1:])))
+        return self._forward[chain]
+
+    def spec(self, method: str, old: Spec, *, arch: Optional[str] = None, dim: Optional[int] = None,
+             loss: str = "arcface", classes: str = "all", **overrides) -> Spec:
+        """The new model of `method` against `old` (independent ignores `old`)."""
+        p = self.profile
+        base = Spec(arch or p.new_arch, dim or p.dim, loss, classes, p.epochs, learning_rate=p.learning_rate)
+        if method == INDEPENDENT:
+            return base
+        return dataclasses.replace(base, compat=method, parent=old, boundary=p.boundary, lambda_align=p.lambda_align,
+                                   lambda_boundary=p.lambda_boundary, lambda_compat=p.lambda_compat, **overrides)
+
+    def old(self, label: str, *, arch: Optional[str] = None, dim: Optional[int] = None, loss: str = "arcface",
+            classes: str = "0:50%") -> Spec:
+        p = self.profile
+        spec = Spec(arch or p.new_arch, dim or p.dim, loss, classes, p.old_epochs, learning_rate=p.old_learning_rate)
+        self.zoo.name(spec, label)
+        return spec
+
+    def _uses(self, key: str, specs) -> None:
+        for spec in specs:
+            if key not in self.used_in.setdefault(spec, []):
+                self.used_in[spec].append(key)
+
+    def _heatmap(self, key: str, matrix: dict, models: Sequence[str], title: str,
+                 galleries: Optional[Sequence[str]] = None) -> str:
+        from lce_tf.report import plot_compatibility_heatmap
+
+        name = f"{key}_heatmap.png"
+        plot_compatibility_heatmap(matrix, list(models), metric="top1", title=title,
+                                   path=os.path.join(self.out_dir, name), galleries=galleries)
+        return name
+
+    def upgrade_scenario(self, key: str, title: str, description: str, old: Spec, new_kwargs: dict,
+                         extra_rows: Sequence[tuple[str, Spec, str]] = ()) -> dict[str, Any]:
+        """S1-S4: old model, the five methods (where applicable) and extra rows."""
+        zoo = self.zoo
+        old_dim = old.dim
+        rows_specs: dict[str, Spec] = {}
+        not_applicable = {}
+        for method in METHODS:
+            spec = self.spec(method, old, **new_kwargs)
+            if method in DIRECT_MODES and spec.dim != old_dim:
+                not_applicable[method] = (f"{method} compares new and old embeddings directly; the new model is "
+                                          f"{spec.dim}-d and the old one {old_dim}-d")
+                continue
+            zoo.name(spec, f"{key} {method}" if method != INDEPENDENT else zoo.names.get(spec, f"{key} new*"))
+            rows_specs[method] = spec
+        for label, spec, _ in extra_rows:
+            zoo.name(spec, f"{key} {label}")
+            rows_specs[label] = spec
+        independent = rows_specs[INDEPENDENT]
+        for spec in rows_specs.values():
+            zoo.model(spec)
+        rows = [{"method": "old", "model": zoo.names[old], "new_new": _metric_entry(self.ev.m(old, old))}]
+        notes = {label: note for label, _, note in extra_rows}
+        for method, spec in rows_specs.items():
+            note = notes.get(method, "")
+            if method == INDEPENDENT and zoo.names[spec] != f"{key} independent":
+                note = f"new* = the model '{zoo.names[spec]}' (identical settings and seed; trained once)"
+            rows.append(_row(self, method, spec, old, independent, note))
+        models = {"old": old, **rows_specs}
+        self._uses(key, models.values())
+        matrix, pairs = _matrix_entries(self.ev, models, old)
+        heatmap = self._heatmap(key, matrix, list(models), f"{key}: {title} (top-1; rows: query model)")
+        return {"title": title, "description": description, "old": {"model": zoo.names[old], **old.describe()},
+                "new": {k: v for k, v in independent.describe().items() if k != "compat"},
+                "rows": rows, "not_applicable": not_applicable, "matrix": pairs, "heatmap": heatmap}
+
+    def s1(self):
+        p = self.profile
+        old = self.old("S1 old (50% classes)")
+        return self.upgrade_scenario(
+            "S1", "more classes", f"old: {p.new_arch} {p.dim}-d ArcFace on 50% of the training classes; new: the same "
+            "network on 100%", old, {})
+
+    def s2(self):
+        p = self.profile
+        old = self.old(f"S2 old ({p.small_arch})", arch=p.small_arch)
+        return self.upgrade_scenario(
+            "S2", "new architecture", f"old: {p.small_arch} (small) {p.dim}-d ArcFace on 50% of the classes; new: "
+            f"{p.large_arch} (larger) on 100%", old, {"arch": p.large_arch})
+
+    def s3(self):
+        p = self.profile
+        old = self.old("S3 old (NormSoftmax)", loss="normsoftmax")
+        triplet = self.spec(LCE, old, loss="triplet")
+        note = ("new model with the semi-hard triplet loss (P x K batches) instead of ArcFace; LCE has no "
+                "classifier rows to align here, so only the boundary loss applies; sacrifice is against new* (ArcFace)")
+        return self.upgrade_scenario(
+            "S3", "new loss", f"old: {p.new_arch} {p.dim}-d NormSoftmax on 50% of the classes; new: {p.new_arch} "
+            f"{p.dim}-d ArcFace on 100% (plus one LCE row with a triplet-loss new model)", old, {},
+            extra_rows=[("lce (triplet)", triplet, note)])
+
+    def s4(self):
+        p = self.profile
+        old = self.old(f"S4 old ({p.small_dim}-d)", dim=p.small_dim)
+        return self.upgrade_scenario(
+            "S4", "new dimension", f"old: {p.new_arch} {p.small_dim}-d ArcFace on 50% of the classes; new: "
+            f"{p.new_arch} {p.dim}-d on 100%; only the transformation method can map between the dimensions", old, {})
+
+    def s5(self):
+        """Chain v1 -> v2 -> v3, each LCE against its predecessor: the direct (backward) matrix and AC, and the
+        forward route with fitted transformations, composed for v1 (v1 gallery -> T12 -> T23 against v3)."""
+        from lce_tf import evaluation
+
+        v1 = self.old("S1 old (50% classes)")
+        v2 = self.spec(LCE, v1, classes="0:75%")
+        v3 = self.spec(LCE, v2)
+        for spec, label in ((v2, "S5 v2 (lce vs v1, 75%)"), (v3, "S5 v3 (lce vs v2, 100%)")):
+            self.zoo.name(spec, label)
+        versions = {"v1": v1, "v2": v2, "v3": v3}
+        self._uses("S5", versions.values())
+        matrix, pairs = {}, []
+        for qn, qs in versions.items():
+            for gn, gs in versions.items():
+                result = self.ev.m(qs, gs)
+                matrix[(qn, gn)] = result
+                pairs.append({"query": qn, "gallery": gn, **_metric_entry(result)})
+        names = list(versions)
+        # (new, old): (the versions the old gallery passes through, how the heatmap labels the moved gallery)
+        routes = {("v2", "v1"): ((), "T12(v1)"), ("v3", "v2"): ((), "T23(v2)"), ("v3", "v1"): ((v2,), "T23.T12(v1)")}
+        forward_pairs, forward = [], {}
+        for (t, k), (through, label) in routes.items():
+            result = self.forward(versions[t], versions[k], through)
+            forward[(t, label)] = result
+            forward_pairs.append({"new": t, "old": k, "via": label, **_metric_entry(result),
+                                  "pass": {m: bool(result.metric(m) > matrix[(k, k)].metric(m)) for m in METRICS}})
+        ac = {m: round(evaluation.average_compatibility(matrix, names, metric=m), 4) for m in METRICS}
+        # Average compatibility (design.md): the share of (new, old) pairs that meet the criterion.
+        ac_forward = {m: round(float(np.mean([p["pass"][m] for p in forward_pairs])), 4) for m in METRICS}
+        compatible_pairs = [{"new": t, "old": k, **{m: bool(matrix[(t, k)].metric(m) > matrix[(k, k)].metric(m))
+                                                    for m in METRICS}}
+                            for i, t in enumerate(names) for k in names[:i]]
+        heat = {**matrix, **forward}
+        galleries = names + [label for _, label in forward]
+        heatmap = self._heatmap("S5", heat, names, "S5: chain v1 -> v2 -> v3 (top-1; rows: query model)",
+                                galleries=galleries)
+        return {"title": "chain v1 -> v2 -> v3",
+                "description": f"v1 = S1's old model ({self.profile.new_arch}, 50% of the classes); v2: LCE against v1 "
+                               "on 75%; v3: LCE against v2 (not v1) on 100%. Forward: T12 (v1 -> v2) and T23 (v2 -> v3) "
+                               "fitted on the training pairs; v1's gallery reaches v3's space through T12 then T23 "
+                               "(composed, labelled T123)",
+                "versions": {k: {"model": self.zoo.names[s], **s.describe()} for k, s in versions.items()},
+                "matrix": pairs, "pairs": compatible_pairs, "average_compatibility": ac,
+                "forward_pairs": forward_pairs, "average_compatibility_forward": ac_forward, "heatmap": heatmap}
+
+    def cross(self):
+        """Cross-model: S1's old model and new*, both independent, bridged by T12/T21 only."""
+        p = self.profile
+        old = self.old("S1 old (50% classes)")
+        new = self.new_star
+        bridge = Spec(p.new_arch, p.dim, "arcface", "all", p.epochs, compat=CROSS_MODEL, parent=old, partner=new,
+                      boundary=p.boundary, lambda_align=p.lambda_align, lambda_boundary=p.lambda_boundary,
+                      learning_rate=p.learning_rate)
+        self.zoo.name(bridge, "cross T12/T21 (new* frozen)")
+        self._uses("cross", (old, new, bridge))
+        ev = self.ev
+        rows = [{"method": "old", "model": self.zoo.names[old], "new_new": _metric_entry(ev.m(old, old))},
+                _row(self, "independent new*", new, old, new,
+                     "backward: new* queries against the old gallery as they are; forward: through a T12 fitted on "
+                     "the training pairs"),
+                _row(self, "cross-model T12/T21", bridge, old, new,
+                     "backward: new* queries mapped by the jointly trained T21; forward: a T12 fitted on the training "
+                     "pairs; forward_own: the jointly trained T12 (from both models' class centers)")]
+        matrix = {("old", "old"): ev.m(old, old), ("new*", "new*"): ev.m(new, new), ("new* via T21", "old"): ev.m(bridge, old, old),
+                  ("new*", "old"): ev.m(new, old, old), ("new*", "joint T12(old)"): ev.m(bridge, old, old, gallery_through_t12=bridge),
+                  ("new*", "fitted T12(old)"): self.forward(new, old)}
+        heat = {(q, g): r for (q, g), r in matrix.items() if r is not None}
+        heatmap = self._heatmap("cross", heat, ["old", "new*", "new* via T21"],
+                                "cross-model: T12/T21 between two frozen models (top-1)",
+                                galleries=["old", "new*", "joint T12(old)", "fitted T12(old)"])
+        return {"title": "cross-model compatibility",
+                "description": "old = S1's old model, new = new*; both trained independently and frozen; only "
+                               "T12/T21 are trained (jointly from both models' class centers and the boundary loss on "
+                               "T21(new features)), or T12 fitted on the training pairs (the forward route)",
+                "old": {"model": self.zoo.names[old], **old.describe()}, "rows": rows,
+                "matrix": [{"query": q, "gallery": g, **_metric_entry(r)} for (q, g), r in heat.items()],
+                "heatmap": heatmap}
