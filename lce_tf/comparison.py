@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:  # for the type hints only
+    from lce_tf.data import ImageFolder
+    from lce_tf.transform_fit import TransformFitSettings
 
 Pair = tuple[str, str]
 DatasetFactory = Callable[[tuple[int, int, int], int], Any]
@@ -306,8 +310,9 @@ def evaluate_folders(query_dir: str, gallery_dir: str, model_dirs: Mapping[str, 
     return report
 
 
-def fit_transformation_on_folder(old_model_dir: str, new_model_dir: str, folder, out_dir: str, settings, *,
-                                 classes: Optional[str] = None, overwrite: bool = False,
+def fit_transformation_on_folder(old_model_dir: str, new_model_dir: str, folder: ImageFolder, out_dir: str,
+                                 settings: TransformFitSettings, *, classes: Optional[str] = None,
+                                 overwrite: bool = False,
                                  progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
     """`lce_tf.transform_fit.fit_between_models` on an image folder (`lce-tf transform fit`).
 

@@ -240,7 +240,8 @@ def write_json(path: str, payload: Any, *, indent: Optional[int] = 2, sort_keys:
     Returns:
       `path`.
     """
-    return write_text(path, json.dumps(payload, indent=indent, sort_keys=sort_keys, ensure_ascii=ensure_ascii) + "\n")
+    text = json.dumps(payload, indent=indent, sort_keys=sort_keys, ensure_ascii=ensure_ascii)
+    return write_text(path, text + "\n")
 
 
 # The messages of `read_json_metadata`; a caller may replace any of them. Placeholders: {name}, {error} (the
@@ -256,7 +257,8 @@ METADATA_MESSAGES = {
 
 
 def read_json_metadata(path: str, name: str, *, format: Optional[str] = None, required: Sequence[str] = (),
-                       error: type = ValueError, messages: Optional[Mapping[str, str]] = None) -> dict[str, Any]:
+                       error: type[ValueError] = ValueError,
+                       messages: Optional[Mapping[str, str]] = None) -> dict[str, Any]:
     """Reads a JSON metadata file and checks its format and required fields.
 
     Args:

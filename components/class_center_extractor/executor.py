@@ -56,7 +56,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         output_dir = util.path(output)
         os.makedirs(output_dir, exist_ok=True)
         if old_model is None:
-            util.write_no_old_model(output, output_dir, "ClassCenterExtractor", "the new model is trained independently")
+            util.write_no_old_model(output, output_dir, "ClassCenterExtractor",
+                                    "the new model is trained independently")
             return
         util.check_split_records(examples_dir, split, entry)
         model_dir = util.model_dir(util.path(old_model), OLD_MODEL_KEY)
