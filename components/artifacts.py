@@ -12,19 +12,54 @@
   the fitted old -> new map of the forward upgrade route. Without an old model (first run) it holds
   only `NO_OLD_MODEL` and the custom property `available` is 0.
 
+This module owns the layout of every artifact that more than one component reads or writes (the file
+and folder names, the custom properties another component checks, `transformation_dir`), so that no
+component imports another one: the writer and its readers both import these names from here.
+
 Type names follow the KFP v2 schema-title rule `<namespace>.<Title>` so the pipeline compiles for
 Kubeflow.
 """
 
 from __future__ import annotations
 
+import os
+from typing import Optional
+
 from tfx.types import artifact
 
+from components import util
+
+# ClassCenters and GalleryTransformation.
 CENTERS_FILE = "class_centers.npz"
 NO_OLD_MODEL_FILE = "NO_OLD_MODEL"
+AVAILABLE_PROPERTY = "available"  # int: 1 when the artifact holds its content, 0 on the first run
+TRANSFORMATION_SUBDIR = "transformation"
+TRANSFORM_ID_PROPERTY = "transform_id"
+TRANSFORMATION_DIR_PROPERTY = "transformation_dir"
+# RetrievalIndex.
 INDEX_SUBDIR = "index"
 NOT_BUILT_FILE = "NOT_BUILT"
-TRANSFORMATION_SUBDIR = "transformation"
+BUILT_PROPERTY = "built"  # int: 1 when the index was built
+# ModelBlessing (written by the CompatibilityValidator; read by the IndexBuilder and the Pusher).
+BLESSED_PROPERTY = "blessed"  # int 1/0: what the stock Pusher reads
+BLESSED_ROUTE_PROPERTY = "blessed_route"  # "backward", "forward", "first-model", or "" when refused
+# The blessing also records TRANSFORMATION_DIR_PROPERTY and TRANSFORM_ID_PROPERTY of the forward route.
+
+
+def transformation_dir(transformation: Optional[artifact.Artifact]) -> Optional[str]:
+    """The transformation directory inside a GalleryTransformation artifact, or None when it has none
+    (first run: `available` = 0, or an empty channel).
+
+    Raises:
+      ValueError: naming the artifact when `available` is 1 but the directory is missing.
+    """
+    if transformation is None or transformation.get_int_custom_property(AVAILABLE_PROPERTY) != 1:
+        return None
+    path = os.path.join(util.path(transformation), TRANSFORMATION_SUBDIR)
+    if not os.path.isdir(path):
+        raise ValueError(f"transformation {transformation.uri}: {TRANSFORMATION_SUBDIR}/ is missing although "
+                         f"{AVAILABLE_PROPERTY} = 1")
+    return path
 
 
 class ClassCenters(artifact.Artifact):

@@ -10,19 +10,25 @@ Split-* folder, so TFX readers that glob a split never see it):
                             ("<class>/<file>"), one per line, in record order
 
 This module imports neither tfx nor TensorFlow (`check_split_records` imports TensorFlow when called).
+Files are written with `lce_tf.fileio`'s atomic writers (`write_text`, `write_json`).
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import re
 from typing import Any, Optional, Sequence
+
+from lce_tf import fileio
+from lce_tf.fileio import write_json, write_text  # noqa: F401  (the executors' atomic writers)
 
 EXAMPLES_FORMAT = "lce_tf.examples/1"
 EXAMPLES_INFO_FILE = "lce_tf_examples.json"
 SERVING_MODEL_DIR = "Format-Serving"  # tfx.utils.path_constants.SERVING_MODEL_DIR (what the Pusher pushes)
 MODEL_METADATA_FILE = "lce_tf_model.json"  # lce_tf.serving.METADATA_FILE
+
+_LOG = logging.getLogger(__name__)
 
 
 def local_path(uri: str) -> str:
@@ -73,18 +79,13 @@ def read_examples_info(examples_uri: str) -> dict[str, Any]:
     Raises:
       ValueError: one line naming the Examples artifact when the file is missing or malformed.
     """
-    path = os.path.join(examples_uri, EXAMPLES_INFO_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            info = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"examples {examples_uri}: {EXAMPLES_INFO_FILE} is missing (write the Examples with "
-                         f"the lce-tf ImageFolderExampleGen)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"examples {examples_uri}: {EXAMPLES_INFO_FILE} is not valid JSON ({e})") from None
-    if not isinstance(info, dict) or info.get("format") != EXAMPLES_FORMAT or "splits" not in info:
-        raise ValueError(f"examples {examples_uri}: {EXAMPLES_INFO_FILE} is not in format {EXAMPLES_FORMAT!r}")
-    return info
+    not_examples = "{name} is not in format " + repr(EXAMPLES_FORMAT)
+    return fileio.read_json_metadata(
+        os.path.join(examples_uri, EXAMPLES_INFO_FILE), f"examples {examples_uri}: {EXAMPLES_INFO_FILE}",
+        format=EXAMPLES_FORMAT, required=("splits",),
+        messages={"missing": f"examples {examples_uri}: {EXAMPLES_INFO_FILE} is missing (write the Examples with "
+                             "the lce-tf ImageFolderExampleGen)",
+                  "format": not_examples, "fields": not_examples})
 
 
 def split_info(info: dict[str, Any], split: str, examples_uri: str, parameter: str = "split") -> dict[str, Any]:
@@ -174,22 +175,24 @@ def as_bool(value: Any, name: str) -> bool:
     raise ValueError(f"parameter {name} must be a boolean; received {value!r}")
 
 
-def write_text(path: str, text: str) -> str:
-    """Writes a small text file atomically (temporary name, then rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+def write_no_old_model(output, output_dir: str, component: str, consequence: str) -> None:
+    """The first run of the pipeline (the old-model input is empty) for a component whose output needs
+    the old model (ClassCenters, GalleryTransformation): logs it, writes only the NO_OLD_MODEL marker
+    into `output_dir` and sets the output's custom property `available` to 0 (components/artifacts.py).
 
+    Args:
+      output: the output artifact.
+      output_dir: its local directory (created).
+      component: the component's name, for the log.
+      consequence: what follows for the pipeline, for the marker ("the new model is trained independently").
+    """
+    from components import artifacts  # here: artifacts imports tfx, which this module does not
 
-def write_json(path: str, payload: Any) -> str:
-    """Writes JSON atomically (NaN allowed, as Python's json writes it)."""
-    return write_text(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    _LOG.warning("%s: no old model (first run of the pipeline): %s", component, consequence)
+    os.makedirs(output_dir, exist_ok=True)
+    write_text(os.path.join(output_dir, artifacts.NO_OLD_MODEL_FILE),
+               f"No old model was resolved (first run): {consequence}.\n")
+    output.set_int_custom_property(artifacts.AVAILABLE_PROPERTY, 0)
 
 
 def check_choice(name: str, value: str, choices: Sequence[str]) -> str:

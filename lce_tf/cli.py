@@ -32,7 +32,7 @@ import time
 from typing import Any, Optional, Sequence
 
 import lce_tf
-from lce_tf import defaults, modes
+from lce_tf import defaults, fileio, modes
 
 EXIT_BAD_INPUT = 2
 _HEADS = ("normsoftmax", "cosface", "arcface", "triplet")
@@ -176,31 +176,9 @@ def _parse_named(flag: str, what: str, specs: Sequence[str]) -> dict[str, str]:
     return named
 
 
-def evaluate_models(query_dir: str, gallery_dir: str, model_dirs: dict[str, str], *, old: str,
-                    independent: Optional[str] = None, transform_dirs: Optional[dict[str, str]] = None,
-                    batch_size: int = 256) -> dict[str, Any]:
-    """Compatibility matrix of every (query model, gallery model) pair plus criterion and update gain.
-
-    The image-folder front end of `lce_tf.comparison.compare_models` (which the TFX
-    CompatibilityValidator also calls on TFRecord splits); see there for the signature rules, the pairs
-    through fitted transformations (`transform_dirs`, {name: directory}) and the report's keys.
-    """
-    from lce_tf.comparison import EvalData, compare_models
-    from lce_tf.serving import load_embedding_model
-    from lce_tf.transformation import load_transformation
-
-    transforms = {name: load_transformation(path) for name, path in (transform_dirs or {}).items()}
-    query, gallery = _read_folder(query_dir), _read_folder(gallery_dir)
-    models = {name: load_embedding_model(path) for name, path in model_dirs.items()}
-    report, _ = compare_models(models, EvalData.from_folder(query), EvalData.from_folder(gallery), old=old,
-                               independent=independent, transforms=transforms, batch_size=batch_size,
-                               progress=stage)
-    return report
-
-
 def format_criterion(report: dict[str, Any]) -> str:
     """One line per criterion entry: which pair, which route, top-1 / mAP verdicts, update gain."""
-    from lce_tf.comparison import transformed_label
+    from lce_tf.comparison import criterion_pair_label
 
     lines = []
     old = report["old"]
@@ -208,9 +186,7 @@ def format_criterion(report: dict[str, Any]) -> str:
         status = "PASS" if verdict["pass"] else "FAIL"
         ug = report["update_gain"].get(key)
         ug_text = f"; update gain top-1 {ug['top1']:.2f}, mAP {ug['mAP']:.2f}" if ug else ""
-        name, via = verdict.get("query", key), verdict.get("via")
-        pair = (f"M({name}, {old})" if via is None else f"M({name}, {transformed_label(via, old)})"
-                if verdict["direction"] == "old_to_new" else f"M({transformed_label(via, name, 'new_to_old')}, {old})")
+        pair = criterion_pair_label(key, verdict, old)
         lines.append(f"criterion ({verdict.get('route', 'backward')}) {pair} > M({old}, {old}) on top-1 "
                      f"{'yes' if verdict['top1'] else 'no'}, mAP {'yes' if verdict['mAP'] else 'no'}: "
                      f"{status}{ug_text}")
@@ -218,31 +194,24 @@ def format_criterion(report: dict[str, Any]) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from lce_tf.comparison import evaluate_folders
+
     model_dirs = _parse_named("--model", "MODEL_DIR", args.model)
     transform_dirs = _parse_named("--transform", "TRANSFORM_DIR", args.transform or [])
     old = args.old or next(iter(model_dirs))
     for flag, name in (("--old", old), ("--independent", args.independent)):
         if name is not None and name not in model_dirs:
             raise UsageError(f"{flag} {name!r} is not one of the --model names ({', '.join(model_dirs)}).")
-    report = evaluate_models(args.query, args.gallery, model_dirs, old=old, independent=args.independent,
-                             transform_dirs=transform_dirs, batch_size=args.batch_size)
+    report = evaluate_folders(args.query, args.gallery, model_dirs, old=old, independent=args.independent,
+                              transform_dirs=transform_dirs, batch_size=args.batch_size, progress=stage)
     print(report["table"])
     print(format_criterion(report))
     for note in report["skipped"]:
         print(f"skipped {note}")
     if args.json:
-        _write_json_atomically(args.json, {k: v for k, v in report.items() if k != "table"})
+        fileio.write_json(args.json, {k: v for k, v in report.items() if k != "table"})
         stage(f"wrote {args.json}")
     return 0
-
-
-def _write_json_atomically(path: str, payload: Any) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -250,21 +219,17 @@ def _write_json_atomically(path: str, payload: Any) -> None:
 
 
 def cmd_transform_fit(args: argparse.Namespace) -> int:
-    from lce_tf.comparison import EvalData
-    from lce_tf.serving import load_embedding_model
-    from lce_tf.transform_fit import TransformFitSettings, fit_between_models
+    from lce_tf.comparison import fit_transformation_on_folder
+    from lce_tf.transform_fit import TransformFitSettings
 
     settings = TransformFitSettings(direction=args.direction, width=args.width, epochs=args.epochs,
                                     batch_size=args.batch_size, learning_rate=args.learning_rate,
                                     seed=args.seed).validate()
     if os.path.exists(args.out) and not args.overwrite:
         raise UsageError(f"Output {args.out} already exists; choose a new --out or pass --overwrite.")
-    folder = _read_folder(args.data, args.classes)
-    old_model, new_model = load_embedding_model(args.old_model), load_embedding_model(args.new_model)
-    metadata = fit_between_models(old_model, new_model, EvalData.from_folder(folder), args.out, settings,
-                                  data_label=os.path.abspath(args.data) + (f" (classes {args.classes})"
-                                                                           if args.classes else ""),
-                                  overwrite=args.overwrite, progress=stage)
+    metadata = fit_transformation_on_folder(args.old_model, args.new_model, _read_folder(args.data, args.classes),
+                                            args.out, settings, classes=args.classes, overwrite=args.overwrite,
+                                            progress=stage)
     losses = ", ".join(f"{k} {v:.4f}" for k, v in metadata["fit_loss"].items())
     stage(f"wrote transformation {metadata['transform_id']} to {args.out}: {metadata['source']['embedding_space']} "
           f"({metadata['source']['dim']}-d) -> {metadata['target']['embedding_space']} ({metadata['target']['dim']}-d); "
@@ -370,7 +335,7 @@ def cmd_index_search(args: argparse.Namespace) -> int:
         print(f"lce-tf: warning: forced search: query model {model.model_id} is not declared compatible with "
               f"index embedding space {index.embedding_space}; scores are not meaningful", file=sys.stderr)
     if args.json:
-        _write_json_atomically(args.json, results.to_dict())
+        fileio.write_json(args.json, results.to_dict())
         stage(f"wrote top-{results.k} results of {len(results.queries)} queries to {args.json}")
     else:
         print(results.format_table())

@@ -5,6 +5,8 @@ of a set of loaded model directories, then the BCT empirical criterion M(new, ol
 update gain and the new-model sacrifice against a named old model (and an optional independently
 trained new* model). `lce-tf evaluate` (image folders) and the TFX CompatibilityValidator (TFRecord
 splits) both call it, so there is one implementation of how model directories are compared.
+`evaluate_folders` is its image-folder front end (what `lce-tf evaluate` runs), `fit_transformation_on_folder`
+the same for `lce-tf transform fit`, and `criterion_pair_label` names a criterion entry's pair.
 
 A query model is applied through the signature that maps into the gallery model's space when its
 metadata declares compatibility with that space (`embed_compat` for the transformation modes, `embed`
@@ -18,11 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from lce_tf import modes
+
+if TYPE_CHECKING:  # for the type hints only
+    from lce_tf.data import ImageFolder
+    from lce_tf.transform_fit import TransformFitSettings
 
 Pair = tuple[str, str]
 DatasetFactory = Callable[[tuple[int, int, int], int], Any]
@@ -253,3 +259,82 @@ def _transform_routes(models: Mapping[str, Any], transforms: Mapping[str, Any]) 
                 if t.has("new_to_old"):
                     routes.append((t_name, "new_to_old", q_name, g_name))
     return routes
+
+
+def criterion_pair_label(key: str, verdict: Mapping[str, Any], old: str) -> str:
+    """The pair a criterion entry of `compare_models`' report compares with M(old, old): "M(v2, v1)" (the
+    direct pair), "M(v2, T12(v1))" (forward, through old_to_new) or "M(T12^-1(v2), v1)" (new_to_old).
+
+    Args:
+      key: the entry's key in report["criterion"] (the query model's name for the direct pair).
+      verdict: the entry ({"query", "via", "direction", ...}).
+      old: the old model's name (report["old"]).
+    """
+    name, via = verdict.get("query", key), verdict.get("via")
+    if via is None:
+        return f"M({name}, {old})"
+    if verdict["direction"] == "old_to_new":
+        return f"M({name}, {transformed_label(via, old)})"
+    return f"M({transformed_label(via, name, 'new_to_old')}, {old})"
+
+
+def evaluate_folders(query_dir: str, gallery_dir: str, model_dirs: Mapping[str, str], *, old: str,
+                     independent: Optional[str] = None, transform_dirs: Optional[Mapping[str, str]] = None,
+                     batch_size: int = 256, progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+    """`compare_models` on image folders, from model and transformation directories (`lce-tf evaluate`).
+
+    Args:
+      query_dir: the query image folder DIR/<class>/<image>.
+      gallery_dir: the gallery image folder.
+      model_dirs: {name: model directory}, in the order the matrix lists them.
+      old: the name of the old model (a key of `model_dirs`).
+      independent: the name of the independently trained new model new*, or None.
+      transform_dirs: {name: transformation directory}: pairs through fitted transformations.
+      batch_size: images per embedding batch.
+      progress: called with one line per stage (None = silent).
+
+    Returns:
+      The report of `compare_models` (JSON-serializable; "table" holds the fixed-width matrix).
+
+    Raises:
+      ValueError: an unreadable folder, model or transformation directory, or what `compare_models` raises.
+    """
+    from lce_tf.data import read_image_folder
+    from lce_tf.serving import load_embedding_model
+    from lce_tf.transformation import load_transformation
+
+    transforms = {name: load_transformation(path) for name, path in (transform_dirs or {}).items()}
+    query, gallery = read_image_folder(query_dir), read_image_folder(gallery_dir)
+    models = {name: load_embedding_model(path) for name, path in model_dirs.items()}
+    report, _ = compare_models(models, EvalData.from_folder(query), EvalData.from_folder(gallery), old=old,
+                               independent=independent, transforms=transforms, batch_size=batch_size,
+                               progress=progress)
+    return report
+
+
+def fit_transformation_on_folder(old_model_dir: str, new_model_dir: str, folder: ImageFolder, out_dir: str,
+                                 settings: TransformFitSettings, *, classes: Optional[str] = None,
+                                 overwrite: bool = False,
+                                 progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+    """`lce_tf.transform_fit.fit_between_models` on an image folder (`lce-tf transform fit`).
+
+    Args:
+      old_model_dir: the old model directory (the gallery's space).
+      new_model_dir: the new model directory (the queries' space).
+      folder: the training images, an `lce_tf.data.ImageFolder` (already restricted to `classes`).
+      out_dir: the transformation directory to write.
+      settings: an `lce_tf.transform_fit.TransformFitSettings` (validated).
+      classes: the class subset the folder was restricted to, for the metadata's data label.
+      overwrite: replace an existing `out_dir` atomically.
+      progress: called with one line per stage (None = silent).
+
+    Returns:
+      The transformation's metadata (lce_tf_transform.json).
+    """
+    from lce_tf.serving import load_embedding_model
+    from lce_tf.transform_fit import fit_between_models
+
+    old_model, new_model = load_embedding_model(old_model_dir), load_embedding_model(new_model_dir)
+    data_label = os.path.abspath(folder.root) + (f" (classes {classes})" if classes else "")
+    return fit_between_models(old_model, new_model, EvalData.from_folder(folder), out_dir, settings,
+                              data_label=data_label, overwrite=overwrite, progress=progress)

@@ -16,7 +16,6 @@ model), so a reader never sees half a model.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import uuid
 from typing import Any, Optional, Sequence
@@ -115,8 +114,5 @@ def export_model(model, out_dir: str, *, architecture: str, input_shape: Sequenc
     with fileio.atomic_directory(out_dir, "model directory") as tmp_dir:
         module = _ServingModule(model, input_shape)
         tf.saved_model.save(module, tmp_dir, signatures=_signatures(module))
-        with open(os.path.join(tmp_dir, METADATA_FILE), "w", encoding="utf-8") as f:
-            json.dump(metadata, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
+        fileio.write_json(os.path.join(tmp_dir, METADATA_FILE), metadata)
     return metadata

@@ -1,4 +1,10 @@
-"""Atomic directory writes shared by model export (`lce_tf.export`) and index saves (`lce_tf.index`).
+"""Atomic writes and metadata reads shared by every lce_tf writer and reader.
+
+`write_text` / `write_json` write one file under a hidden temporary name in the same folder, fsync it
+and rename it into place. `read_json_metadata` reads the JSON metadata file of a model, transformation,
+index or Examples directory and checks its format and required fields, with one-line errors.
+
+Atomic directory writes are shared by model export (`lce_tf.export`) and index saves (`lce_tf.index`).
 
 A directory is written completely under a hidden sibling `.NAME.lce-tmp-XXXX` (`make_temp_dir`), then
 committed with `commit_directory`: one rename when NAME does not exist; otherwise an atomic swap with
@@ -17,10 +23,11 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import uuid
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 TMP_TAG = ".lce-tmp-"
 OLD_TAG = ".lce-old-"
@@ -194,3 +201,107 @@ def copy_directory(src: str, dst: str, what: str = "directory", extra: Optional[
                 for name in filenames:
                     shutil.copy2(os.path.join(dirpath, name), os.path.join(out, name))
                     fsync_path(os.path.join(out, name))
+
+
+def write_text(path: str, text: str) -> str:
+    """Writes a text file (UTF-8) atomically: a hidden temporary sibling `.NAME.lce-tmp-XXXX`, fsynced, then
+    renamed onto `path` (creating its folder). A reader sees the previous file or the new one, never
+    half of one; on failure the temporary file is removed and `path` is unchanged.
+
+    Returns:
+      `path`.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}{TMP_TAG}{uuid.uuid4().hex[:12]}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    fsync_path(directory)
+    return path
+
+
+def write_json(path: str, payload: Any, *, indent: Optional[int] = 2, sort_keys: bool = False,
+               ensure_ascii: bool = True) -> str:
+    """Writes `payload` as JSON atomically (`write_text`), with a final newline.
+
+    Args:
+      path: the file to create or replace.
+      payload: anything `json.dumps` takes (NaN is written as Python's json writes it).
+      indent, sort_keys, ensure_ascii: as in `json.dumps` (indent None: one line).
+
+    Returns:
+      `path`.
+    """
+    text = json.dumps(payload, indent=indent, sort_keys=sort_keys, ensure_ascii=ensure_ascii)
+    return write_text(path, text + "\n")
+
+
+# The messages of `read_json_metadata`; a caller may replace any of them. Placeholders: {name}, {error} (the
+# JSON error), {format} (the expected format, quoted as repr does), {fields} (comma-separated). They are
+# replaced in one pass (not str.format), so a message may hold a path with braces.
+METADATA_MESSAGES = {
+    "missing": "{name} is missing",
+    "invalid": "{name} is not valid JSON ({error})",
+    "object": "{name} is not a JSON object",
+    "format": "{name} is not format {format}",
+    "fields": "{name} lacks the field(s) {fields}",
+}
+
+
+def read_json_metadata(path: str, name: str, *, format: Optional[str] = None, required: Sequence[str] = (),
+                       error: type[ValueError] = ValueError,
+                       messages: Optional[Mapping[str, str]] = None) -> dict[str, Any]:
+    """Reads a JSON metadata file and checks its format and required fields.
+
+    Args:
+      path: the JSON file (e.g. MODEL_DIR/lce_tf_model.json).
+      name: how messages name it, e.g. "transformation /t: lce_tf_transform.json".
+      format: the value its "format" field must hold; None: not checked.
+      required: fields it must have; "a.b" is field b of the object a (checked when a is an object).
+      error: the exception class raised (ValueError or a subclass).
+      messages: replacements of METADATA_MESSAGES entries ("missing", "invalid", "object", "format",
+        "fields"), e.g. a "missing" message that names the directory instead of the file.
+
+    Returns:
+      The JSON object.
+
+    Raises:
+      `error`: one line: the file is missing, not valid JSON (or not UTF-8), not an object, not of
+        `format`, or lacks required fields.
+    """
+    texts = {**METADATA_MESSAGES, **(messages or {})}
+
+    def fail(kind: str, **values: Any):
+        values = {"name": name, "format": repr(format), **values}
+        return error(re.sub(r"\{(name|format|error|fields)\}", lambda m: str(values.get(m.group(1), m.group(0))),
+                            texts[kind]))
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            metadata = json.load(f)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise fail("missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise fail("invalid", error=e) from None
+    if format is not None and (not isinstance(metadata, dict) or metadata.get("format") != format):
+        raise fail("format")
+    if not isinstance(metadata, dict):
+        raise fail("fields", fields=", ".join(required)) if required else fail("object")
+    missing = []
+    for field in required:
+        parent, _, child = field.rpartition(".")
+        if not parent:
+            missing += [field] if field not in metadata else []
+        elif isinstance(metadata.get(parent), dict) and child not in metadata[parent]:
+            missing.append(field)
+    if missing:
+        raise fail("fields", fields=", ".join(missing))
+    return metadata

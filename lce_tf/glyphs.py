@@ -39,7 +39,6 @@ keeps 23 designs sharing 3,046 characters, of which ~84% render properly in all 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import secrets
@@ -53,6 +52,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 import lce_tf
+from lce_tf import fileio
 
 DEFAULT_FONT_DIRS: Tuple[str, ...] = ("/usr/share/fonts",)
 CJK_FIRST, CJK_LAST = 0x4E00, 0x9FFF  # CJK Unified Ideographs block
@@ -404,9 +404,7 @@ def _save_png(array: np.ndarray, path: Path) -> None:
 
 
 def _write_summary(tmp: Path, summary: Dict[str, object]) -> None:
-    with open(tmp / "dataset.json", "w", encoding="ascii") as f:
-        json.dump(summary, f, indent=2, sort_keys=True)
-        f.write("\n")
+    fileio.write_json(str(tmp / "dataset.json"), summary, sort_keys=True)
 
 
 def _check_int(name: str, value: int, minimum: int) -> None:

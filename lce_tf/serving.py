@@ -5,12 +5,12 @@ Only TensorFlow's SavedModel loader is used: an exported model needs none of lce
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Iterable, Optional
 
 import numpy as np
 
+from lce_tf import fileio
 from lce_tf.checks import check_finite
 
 METADATA_FILE = "lce_tf_model.json"
@@ -28,19 +28,11 @@ def read_model_metadata(model_dir: str) -> dict[str, Any]:
     if not os.path.isdir(model_dir):
         raise ValueError(f"Model directory {model_dir} does not exist.")
     path = os.path.join(model_dir, METADATA_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            metadata = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"{model_dir} is not an lce_tf model directory: {METADATA_FILE} is missing.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"Model metadata {path} is not valid JSON: {e}.") from None
-    if not isinstance(metadata, dict) or metadata.get("format") != MODEL_FORMAT:
-        raise ValueError(f"Model metadata {path}: expected format {MODEL_FORMAT!r}.")
-    missing = [k for k in _REQUIRED_KEYS if k not in metadata]
-    if missing:
-        raise ValueError(f"Model metadata {path} lacks the field(s) {', '.join(missing)}.")
-    return metadata
+    return fileio.read_json_metadata(
+        path, f"Model metadata {path}", format=MODEL_FORMAT, required=_REQUIRED_KEYS,
+        messages={"missing": f"{model_dir} is not an lce_tf model directory: {METADATA_FILE} is missing.",
+                  "invalid": "{name} is not valid JSON: {error}.", "format": "{name}: expected format {format}.",
+                  "fields": "{name} lacks the field(s) {fields}."})
 
 
 class EmbeddingModel:

@@ -23,7 +23,6 @@ loaded or applied (importing it is cheap).
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import uuid
 from typing import Any, Mapping, Optional
@@ -109,10 +108,7 @@ def write_transformation_dir(out_dir: str, module, signatures: Mapping[str, Any]
         tf.saved_model.save(module, tmp, signatures={"serving_default": signatures[OLD_TO_NEW], **signatures})
         metadata["files"] = _file_checksums(tmp)
         metadata["checksum"] = fileio.json_checksum(metadata)
-        with open(os.path.join(tmp, METADATA_FILE), "w", encoding="utf-8") as f:
-            json.dump(metadata, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
+        fileio.write_json(os.path.join(tmp, METADATA_FILE), metadata)
     return metadata
 
 
@@ -136,21 +132,11 @@ def read_transformation_metadata(transform_dir: str) -> dict[str, Any]:
     root = os.path.abspath(transform_dir)
     if not os.path.isdir(root):
         raise TransformationError(f"transformation directory {root} does not exist")
-    path = os.path.join(root, METADATA_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            metadata = json.load(f)
-    except FileNotFoundError:
-        raise TransformationError(f"{root} is not an lce_tf transformation directory: {METADATA_FILE} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TransformationError(f"transformation {root}: {METADATA_FILE} is not valid JSON ({e})") from None
-    if not isinstance(metadata, dict) or metadata.get("format") != TRANSFORM_FORMAT:
-        raise TransformationError(f"transformation {root}: {METADATA_FILE} is not format {TRANSFORM_FORMAT!r}")
-    missing = [k for k in _REQUIRED_KEYS if k not in metadata]
-    missing += [f"{side}.{k}" for side in ("source", "target") for k in _SPACE_KEYS
-                if isinstance(metadata.get(side), dict) and k not in metadata[side]]
-    if missing:
-        raise TransformationError(f"transformation {root}: {METADATA_FILE} lacks the field(s) {', '.join(missing)}")
+    metadata = fileio.read_json_metadata(
+        os.path.join(root, METADATA_FILE), f"transformation {root}: {METADATA_FILE}", format=TRANSFORM_FORMAT,
+        required=_REQUIRED_KEYS + tuple(f"{side}.{k}" for side in ("source", "target") for k in _SPACE_KEYS),
+        error=TransformationError,
+        messages={"missing": f"{root} is not an lce_tf transformation directory: {METADATA_FILE} is missing"})
     if metadata["checksum"] != fileio.json_checksum(metadata):
         raise TransformationError(f"transformation {root}: {METADATA_FILE} checksum mismatch (file is corrupted or "
                                   "was edited)")

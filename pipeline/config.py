@@ -22,7 +22,7 @@ import re
 import typing
 from typing import Any, Mapping, Optional, Sequence
 
-from lce_tf import defaults, modes
+from lce_tf import defaults, fileio, modes
 from lce_tf.index import registry as index_registry
 from lce_tf.transform_fit import DIRECTIONS as TRANSFORM_DIRECTIONS, TransformFitSettings
 
@@ -378,19 +378,14 @@ def _check_folder(field: str, path: str) -> None:
 
 
 def _read_model_metadata(field: str, path: str) -> dict[str, Any]:
+    """The old model's lce_tf_model.json (only embedding_dim is needed here), or ValueError naming `field`."""
     metadata_file = os.path.join(path, "lce_tf_model.json")
     if not os.path.isdir(path):
         raise ValueError(f"{field}: model directory {path} does not exist")
-    try:
-        with open(metadata_file, encoding="utf-8") as f:
-            metadata = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"{field}: {path} is not an lce_tf model directory (lce_tf_model.json is missing)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{field}: {metadata_file} is not valid JSON ({e})") from None
-    if not isinstance(metadata, dict) or "embedding_dim" not in metadata:
-        raise ValueError(f"{field}: {metadata_file} lacks embedding_dim (not an lce_tf model)")
-    return metadata
+    return fileio.read_json_metadata(
+        metadata_file, f"{field}: {metadata_file}", required=("embedding_dim",),
+        messages={"missing": f"{field}: {path} is not an lce_tf model directory (lce_tf_model.json is missing)",
+                  "fields": "{name} lacks embedding_dim (not an lce_tf model)"})
 
 
 def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:

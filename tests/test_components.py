@@ -439,3 +439,22 @@ def test_trainer_executor_checks_the_set_up(examples_and_model, tmp_path, mode, 
                                trainer.OLD_MODEL_KEY: [old]}, {trainer.MODEL_KEY: [model]},
                               _trainer_properties(trainer, mode, dim))
     assert not os.path.exists(model.uri)
+
+
+def test_first_run_marker_and_transformation_dir_of_a_shared_artifact(tmp_path):
+    from components import artifacts
+
+    transformation = artifacts.GalleryTransformation()
+    transformation.uri = str(tmp_path / "t")
+    util.write_no_old_model(transformation, transformation.uri, "GalleryTransformFitter",
+                            "there is no gallery to transform")
+    assert os.listdir(transformation.uri) == [artifacts.NO_OLD_MODEL_FILE]
+    assert (tmp_path / "t" / artifacts.NO_OLD_MODEL_FILE).read_text() == \
+        "No old model was resolved (first run): there is no gallery to transform.\n"
+    assert transformation.get_int_custom_property(artifacts.AVAILABLE_PROPERTY) == 0
+    assert artifacts.transformation_dir(transformation) is None and artifacts.transformation_dir(None) is None
+    transformation.set_int_custom_property(artifacts.AVAILABLE_PROPERTY, 1)
+    with pytest.raises(ValueError, match=r"^transformation \S+/t: transformation/ is missing although available = 1$"):
+        artifacts.transformation_dir(transformation)
+    os.mkdir(tmp_path / "t" / artifacts.TRANSFORMATION_SUBDIR)
+    assert artifacts.transformation_dir(transformation) == str(tmp_path / "t" / artifacts.TRANSFORMATION_SUBDIR)

@@ -21,7 +21,6 @@ PushedModel gets the custom property `gallery_transform` (its path). Use it with
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -32,7 +31,8 @@ from tfx.proto import pusher_pb2
 from tfx.types import artifact_utils, standard_component_specs
 from tfx.utils import io_utils, proto_utils
 
-from components import util
+from components import artifacts, util
+from lce_tf import fileio
 
 _LOG = logging.getLogger(__name__)
 
@@ -48,9 +48,9 @@ def shipped_transformation(input_dict: dict[str, list]) -> Optional[str]:
       ValueError: a forward blessing whose transformation directory is missing.
     """
     blessings = input_dict.get(standard_component_specs.MODEL_BLESSING_KEY) or []
-    if not blessings or blessings[0].get_string_custom_property("blessed_route") != "forward":
+    if not blessings or blessings[0].get_string_custom_property(artifacts.BLESSED_ROUTE_PROPERTY) != "forward":
         return None
-    path = util.local_path(blessings[0].get_string_custom_property("transformation_dir"))
+    path = util.local_path(blessings[0].get_string_custom_property(artifacts.TRANSFORMATION_DIR_PROPERTY))
     if not path or not os.path.isdir(path):
         raise ValueError(f"model_blessing {blessings[0].uri}: the forward route was blessed but its transformation "
                          f"directory {path!r} does not exist")
@@ -65,10 +65,10 @@ def latest_version_of(base_directory: str, model_dir: str) -> Optional[str]:
     Only the latest version counts, so pushing an older model again (a rollback) still makes a new version.
     """
     def model_id(directory: str) -> Optional[str]:
+        path = os.path.join(directory, util.MODEL_METADATA_FILE)
         try:
-            with open(os.path.join(directory, util.MODEL_METADATA_FILE), encoding="utf-8") as f:
-                return json.load(f).get("model_id")
-        except (OSError, ValueError, AttributeError):
+            return fileio.read_json_metadata(path, path, required=("model_id",))["model_id"]
+        except (OSError, ValueError):
             return None
 
     versions = [v for v in os.listdir(base_directory) if v.isdigit()] if os.path.isdir(base_directory) else []
@@ -83,8 +83,6 @@ class Executor(tfx_pusher.Executor):
     """The stock Pusher executor; the filesystem push goes through `lce_tf.fileio.copy_directory`."""
 
     def Do(self, input_dict: dict[str, list], output_dict: dict[str, list], exec_properties: dict[str, Any]) -> None:
-        from lce_tf import fileio
-
         destination = pusher_pb2.PushDestination()
         proto_utils.json_to_proto(exec_properties[standard_component_specs.PUSH_DESTINATION_KEY], destination)
         if destination.WhichOneof("destination") != "filesystem":

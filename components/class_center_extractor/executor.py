@@ -9,6 +9,7 @@ from typing import Any
 from tfx.dsl.components.base import base_beam_executor
 
 from components import artifacts, util
+from components.artifacts import AVAILABLE_PROPERTY
 
 # Keys of the inputs, the output and the parameters (component.py re-exports them).
 EXAMPLES_KEY = "examples"
@@ -21,9 +22,6 @@ BATCH_SIZE_KEY = "batch_size"
 
 # Where pass 2's input is spilled during the run (inside the output artifact; deleted after it).
 SPILL_DIR = ".spill"
-
-# Custom properties of the output.
-AVAILABLE_PROPERTY = "available"
 
 _LOG = logging.getLogger(__name__)
 
@@ -58,10 +56,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         output_dir = util.path(output)
         os.makedirs(output_dir, exist_ok=True)
         if old_model is None:
-            _LOG.warning("ClassCenterExtractor: no old model (first run of the pipeline): no centers to compute")
-            util.write_text(os.path.join(output_dir, artifacts.NO_OLD_MODEL_FILE),
-                            "No old model was resolved (first run): the new model is trained independently.\n")
-            output.set_int_custom_property(AVAILABLE_PROPERTY, 0)
+            util.write_no_old_model(output, output_dir, "ClassCenterExtractor",
+                                    "the new model is trained independently")
             return
         util.check_split_records(examples_dir, split, entry)
         model_dir = util.model_dir(util.path(old_model), OLD_MODEL_KEY)

@@ -10,7 +10,9 @@ from typing import Any, Optional
 
 from tfx.dsl.components.base import base_executor
 
-from components import util
+from components import artifacts, util
+from components.artifacts import (BLESSED_PROPERTY, BLESSED_ROUTE_PROPERTY, TRANSFORM_ID_PROPERTY,
+                                  TRANSFORMATION_DIR_PROPERTY)
 from lce_tf import modes
 
 # Keys of the inputs, the output and the parameters (component.py re-exports them).
@@ -41,18 +43,14 @@ METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
 
 # Custom properties of the ModelBlessing (the names the stock Evaluator uses; `blessed` gates the Pusher and
-# `current_model_id` is what LatestBlessedModelStrategy matches Models with).
-BLESSED_PROPERTY = "blessed"
+# `current_model_id` is what LatestBlessedModelStrategy matches Models with). The ones other components read
+# (`blessed`, `blessed_route`, `transformation_dir`, `transform_id`) are in components/artifacts.py.
 CURRENT_MODEL_PROPERTY = "current_model"
 CURRENT_MODEL_ID_PROPERTY = "current_model_id"
 BASELINE_MODEL_PROPERTY = "baseline_model"
 BASELINE_MODEL_ID_PROPERTY = "baseline_model_id"
-# The route that blessed ("backward", "forward", "first-model"; "" when refused), the routes whose checks
-# pass, and the transformation the forward route needs (read by the IndexBuilder and the Pusher).
-BLESSED_ROUTE_PROPERTY = "blessed_route"
+# The routes whose checks pass (the route that blessed is artifacts.BLESSED_ROUTE_PROPERTY).
 PASSED_ROUTES_PROPERTY = "passed_routes"
-TRANSFORMATION_DIR_PROPERTY = "transformation_dir"
-TRANSFORM_ID_PROPERTY = "transform_id"
 
 _LOG = logging.getLogger(__name__)
 
@@ -183,13 +181,11 @@ class Executor(base_executor.BaseExecutor):
         from lce_tf.serving import load_embedding_model
         from lce_tf.transformation import load_transformation
 
-        from components.gallery_transform_fitter.executor import transformation_dir
-
         candidate_artifact = util.single(input_dict, MODEL_KEY)
         examples = util.single(input_dict, EXAMPLES_KEY)
         old_artifact = util.single(input_dict, OLD_MODEL_KEY, optional=True)
         independent_artifact = util.single(input_dict, INDEPENDENT_MODEL_KEY, optional=True)
-        transform_dir = transformation_dir(util.single(input_dict, TRANSFORMATION_KEY, optional=True))
+        transform_dir = artifacts.transformation_dir(util.single(input_dict, TRANSFORMATION_KEY, optional=True))
         blessing = util.single(output_dict, BLESSING_KEY)
         params = {key: float(exec_properties.get(key) or 0.0)
                   for key in (MARGIN_TOP1_KEY, MARGIN_MAP_KEY, MIN_TOP1_KEY, MIN_MAP_KEY)}

@@ -17,6 +17,7 @@ from typing import Any
 from tfx.dsl.components.base import base_executor
 
 from components import artifacts, util
+from components.artifacts import AVAILABLE_PROPERTY, TRANSFORM_ID_PROPERTY, TRANSFORMATION_DIR_PROPERTY
 
 # Keys of the inputs, the output and the parameters (component.py re-exports them).
 MODEL_KEY = "model"
@@ -30,11 +31,6 @@ EPOCHS_KEY = "epochs"
 BATCH_SIZE_KEY = "batch_size"
 LEARNING_RATE_KEY = "learning_rate"
 SEED_KEY = "seed"
-
-# Custom properties of the output.
-AVAILABLE_PROPERTY = "available"
-TRANSFORM_ID_PROPERTY = "transform_id"
-TRANSFORMATION_DIR_PROPERTY = "transformation_dir"
 
 _LOG = logging.getLogger(__name__)
 
@@ -82,10 +78,7 @@ class Executor(base_executor.BaseExecutor):
         output_dir = util.path(output)
         os.makedirs(output_dir, exist_ok=True)
         if old_artifact is None:
-            _LOG.info("GalleryTransformFitter: no old model (first run of the pipeline): nothing to fit")
-            util.write_text(os.path.join(output_dir, artifacts.NO_OLD_MODEL_FILE),
-                            "No old model was resolved (first run): there is no gallery to transform.\n")
-            output.set_int_custom_property(AVAILABLE_PROPERTY, 0)
+            util.write_no_old_model(output, output_dir, "GalleryTransformFitter", "there is no gallery to transform")
             return
         util.check_split_records(examples_dir, split, entry)
         old = load_embedding_model(util.model_dir(util.path(old_artifact), OLD_MODEL_KEY))
@@ -107,14 +100,3 @@ class Executor(base_executor.BaseExecutor):
                   metadata["transform_id"], old.model_id, new.model_id, metadata["fitted_on"]["num_pairs"],
                   metadata["fit_loss"], transform_dir)
 
-
-def transformation_dir(artifact) -> str | None:
-    """The transformation directory inside a GalleryTransformation artifact, or None when it has none
-    (first run: `available` = 0, or an empty channel)."""
-    if artifact is None or artifact.get_int_custom_property(AVAILABLE_PROPERTY) != 1:
-        return None
-    path = os.path.join(util.path(artifact), artifacts.TRANSFORMATION_SUBDIR)
-    if not os.path.isdir(path):
-        raise ValueError(f"transformation {artifact.uri}: {artifacts.TRANSFORMATION_SUBDIR}/ is missing although "
-                         f"{AVAILABLE_PROPERTY} = 1")
-    return path

@@ -24,6 +24,7 @@ from typing import Any, Optional
 from tfx.dsl.components.base import base_executor
 
 from components import artifacts, util
+from components.artifacts import BLESSED_PROPERTY, BLESSED_ROUTE_PROPERTY, BUILT_PROPERTY
 from lce_tf.index import registry
 
 # Keys of the inputs, the output and the parameters (component.py re-exports them).
@@ -42,8 +43,8 @@ MILVUS_URI_KEY = "milvus_uri"
 MILVUS_INDEX_TYPE_KEY = "milvus_index_type"
 BACKENDS = registry.backend_names()
 
-# Custom properties of the output: 1 when the index was built; how ("gallery split" or "upgraded from ...").
-BUILT_PROPERTY = "built"
+# Custom properties of the output besides artifacts.BUILT_PROPERTY: how it was built ("gallery split" or
+# "upgraded from ..."), the model and the index directory.
 BUILT_FROM_PROPERTY = "built_from"
 MODEL_ID_PROPERTY = "model_id"
 INDEX_DIR_PROPERTY = "index_dir"
@@ -150,13 +151,10 @@ class Executor(base_executor.BaseExecutor):
         from lce_tf.serving import load_embedding_model
         from lce_tf.transformation import load_transformation
 
-        from components.compatibility_validator.executor import BLESSED_ROUTE_PROPERTY
-        from components.gallery_transform_fitter.executor import transformation_dir
-
         model_artifact = util.single(input_dict, MODEL_KEY)
         examples = util.single(input_dict, EXAMPLES_KEY)
         blessing = util.single(input_dict, BLESSING_KEY, optional=True)
-        transform_dir = transformation_dir(util.single(input_dict, TRANSFORMATION_KEY, optional=True))
+        transform_dir = artifacts.transformation_dir(util.single(input_dict, TRANSFORMATION_KEY, optional=True))
         base = util.single(input_dict, BASE_INDEX_KEY, optional=True)
         output = util.single(output_dict, INDEX_KEY)
         split = str(exec_properties.get(SPLIT_KEY) or "gallery")
@@ -177,7 +175,7 @@ class Executor(base_executor.BaseExecutor):
         entry = util.split_info(info, split, examples_dir, SPLIT_KEY)
         output_dir = util.path(output)
         os.makedirs(output_dir, exist_ok=True)
-        if blessing is not None and blessing.get_int_custom_property("blessed") != 1:
+        if blessing is not None and blessing.get_int_custom_property(BLESSED_PROPERTY) != 1:
             _LOG.info("IndexBuilder: the model was not blessed: no index built")
             util.write_text(os.path.join(output_dir, artifacts.NOT_BUILT_FILE),
                             f"The model {model_artifact.uri} was not blessed ({blessing.uri}): no index built.\n")
