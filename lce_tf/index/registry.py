@@ -10,7 +10,6 @@ add an index backend").
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 from typing import Any, Optional
@@ -85,16 +84,9 @@ def read_index_metadata(root: str) -> dict[str, Any]:
     Raises:
       ValueError: one line naming the directory and what is wrong.
     """
-    path = os.path.join(root, METADATA_FILE)
-    if not os.path.isfile(path):
-        raise ValueError(f"{root} is not an lce_tf index: file {METADATA_FILE} is missing")
-    try:
-        with open(path, encoding="utf-8") as f:
-            metadata = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"index {root}: file {METADATA_FILE} is not valid JSON ({e})") from None
-    if not isinstance(metadata, dict) or metadata.get("format") != INDEX_FORMAT:
-        raise ValueError(f"index {root}: file {METADATA_FILE} is not format {INDEX_FORMAT!r}")
+    metadata = fileio.read_json_metadata(
+        os.path.join(root, METADATA_FILE), f"index {root}: file {METADATA_FILE}", format=INDEX_FORMAT,
+        messages={"missing": f"{root} is not an lce_tf index: file {METADATA_FILE} is missing"})
     if metadata.get("checksum") != fileio.json_checksum(metadata):
         raise ValueError(f"index {root}: file {METADATA_FILE} checksum mismatch (file is corrupted or was edited)")
     missing = [k for k in ("embedding_space", "dim", "model_id", "model_version", "config", "count", "files")

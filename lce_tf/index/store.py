@@ -6,7 +6,6 @@ formats"), so a reader sees the old file or the new one.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Mapping
 
@@ -17,11 +16,9 @@ from lce_tf.index.base import INDEX_FORMAT, METADATA_FILE
 
 
 def write_json(path: str, payload: Any) -> None:
-    """Writes `payload` as JSON to `path` and fsyncs it (dicts indented one space, lists on one line)."""
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1 if isinstance(payload, dict) else None)
-        f.flush()
-        os.fsync(f.fileno())
+    """Writes `payload` as JSON to `path` with `fileio.write_json` (atomic, fsynced): dicts indented one
+    space, lists on one line, as every index file has been written."""
+    fileio.write_json(path, payload, indent=1 if isinstance(payload, dict) else None)
 
 
 def base_metadata(embedding_space: str, dim: int, model_id: str, model_version: str, config: Mapping[str, Any],
