@@ -28,10 +28,12 @@ from tfx import types
 from tfx.dsl.components.common import resolver
 from tfx.types import standard_artifacts
 
+from components import artifacts
+
 MODEL_KEY = "model"
 PUSHED_MODEL_KEY = "pushed_model"
 INDEX_KEY = "index"
-BUILT_PROPERTY = "built"  # components.index_builder: 1 when the index was built
+BUILT_PROPERTY = artifacts.BUILT_PROPERTY  # components.index_builder: 1 when the index was built
 INDEX_BUILDER_MODEL_INPUT = "model"  # the IndexBuilder's input key of the model it indexes
 PUSHED_PROPERTY = "pushed"  # set to 1 by the Pusher when it pushed (tfx.components.pusher.executor)
 PUSHER_MODEL_INPUT = "model"  # the Pusher's input key of the model it pushes

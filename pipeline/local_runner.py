@@ -263,6 +263,7 @@ def run_summary(config: PipelineConfig, run_id: Optional[str] = None) -> dict:
         items = nodes.get(node_id, {}).get("outputs", {}).get(key) or []
         return items[0] if items else None
 
+    from components import artifacts as layout  # pylint: disable=import-outside-toplevel
     from pipeline import pipeline as ids  # pylint: disable=import-outside-toplevel
 
     summary: dict = {"run_id": run_id, "nodes": nodes, "verdict": None, "route": None, "blessing_dir": None,
@@ -272,8 +273,8 @@ def run_summary(config: PipelineConfig, run_id: Optional[str] = None) -> dict:
     blessing = first_output(ids.VALIDATOR_ID, "blessing")
     if blessing:
         summary["blessing_dir"] = blessing["uri"]
-        summary["verdict"] = "BLESSED" if blessing["properties"].get("blessed") == 1 else "NOT_BLESSED"
-        summary["route"] = blessing["properties"].get("blessed_route")
+        summary["verdict"] = "BLESSED" if blessing["properties"].get(layout.BLESSED_PROPERTY) == 1 else "NOT_BLESSED"
+        summary["route"] = blessing["properties"].get(layout.BLESSED_ROUTE_PROPERTY)
         summary["report"] = os.path.join(blessing["uri"], "report.html")
         summary["metrics"] = os.path.join(blessing["uri"], "metrics.json")
     model = first_output(ids.TRAINER_ID, "model")
@@ -287,9 +288,9 @@ def run_summary(config: PipelineConfig, run_id: Optional[str] = None) -> dict:
         summary["gallery_transform"] = pushed["properties"].get("gallery_transform")
     transformation = first_output(ids.TRANSFORM_FITTER_ID, "transformation")
     if transformation:
-        summary["transformation_dir"] = transformation["properties"].get("transformation_dir")
+        summary["transformation_dir"] = transformation["properties"].get(layout.TRANSFORMATION_DIR_PROPERTY)
     index = first_output(ids.INDEX_BUILDER_ID, "index")
-    if index and index["properties"].get("built") == 1:
+    if index and index["properties"].get(layout.BUILT_PROPERTY) == 1:
         summary["index_dir"] = index["properties"].get("index_dir")
         summary["index_built_from"] = index["properties"].get("built_from")
     return summary

@@ -103,7 +103,7 @@ class Executor(base_executor.BaseExecutor):
         if modes.get(effective).compatible_with_old:
             old_model = load_embedding_model(util.model_dir(util.path(old_artifact), OLD_MODEL_KEY))
         if modes.get(effective).needs_old_centers:
-            if centers_artifact is None or centers_artifact.get_int_custom_property("available") != 1:
+            if centers_artifact is None or centers_artifact.get_int_custom_property(artifacts.AVAILABLE_PROPERTY) != 1:
                 raise ValueError(f"input {CLASS_CENTERS_KEY!r} holds no centers but mode {mode!r} needs the old "
                                  f"model's class centers (connect a ClassCenterExtractor fed with the same old model)")
             old_centers = ClassCenters.load(os.path.join(util.path(centers_artifact), artifacts.CENTERS_FILE))
