@@ -83,6 +83,17 @@ def test_direct_chain_applies_t13_to_the_originals_and_differs_from_the_composed
         np.testing.assert_array_equal(np.stack(batch.originals), g1)
 
 
+def test_direct_chain_of_one_dimension_moves_the_originals_not_the_stored_vectors(spaces):
+    """s1, s2 and s3 all 4-d, T12 a rank-3 projection (lossy): only the values tell the routes apart."""
+    ids, g1, _ = spaces
+    a12 = np.diag([1.0, 1.0, 1.0, 0.0]).astype(np.float32)
+    v1 = EmbeddingIndex.build(ids, g1, "v1", embedding_space="s1")
+    v2 = ops.transform_gallery(v1, lambda x: x @ a12, "s2", transformed_by="T12")
+    v3 = ops.transform_gallery(v2, None, "s3", transforms={"s1": _t(A13, "T13")})
+    np.testing.assert_allclose(v3.embeddings, _unit(g1 @ A13), atol=1e-6)
+    assert np.abs(v3.embeddings - _unit(_unit(g1 @ a12) @ A13)).max() > 0.1
+
+
 def test_mixed_index_moves_each_entry_from_its_source_space_and_backfill_drops_originals(spaces, tmp_path):
     ids, g1, g2 = spaces
     v2 = _v2_index(spaces)
