@@ -297,3 +297,25 @@ def test_milvus_keeps_originals_and_upgrades_a_mixed_index_directly(spaces, tmp_
         copy = v3.clone(str(tmp_path / "m3-copy"))  # a copy keeps the originals too
     with copy:
         assert {i: v[1] for i, v in _milvus_vectors(copy).items()} == {i: v[1] for i, v in moved.items()}
+
+
+def test_milvus_collection_without_origin_fields_loads_as_native_and_upgrades(spaces, tmp_path, monkeypatch):
+    """A collection made before the source and original fields existed (four fields in index.json's schema)."""
+    ids, g1, g2 = spaces
+    real_rows, real_record = M._rows, M._schema_record
+    monkeypatch.setattr(M, "_ORIGIN_FIELDS", ())
+    monkeypatch.setattr(M, "_rows", lambda batch, originals=True: real_rows(batch, False))
+    monkeypatch.setattr(M, "_schema_record", lambda dim: {k: v for k, v in real_record(dim).items()
+                                                          if k not in (M.SOURCE_FIELD, M.ORIGINAL_FIELD)})
+    MilvusIndex.build(ids, g1, "v1", embedding_space="s1", index_dir=str(tmp_path / "old")).close()
+    monkeypatch.undo()
+    with registry.open_index(str(tmp_path / "old")) as old:
+        assert M.SOURCE_FIELD not in old.metadata["milvus"]["schema"]
+        ops.backfill(old, ids[:2], g1[:2], "v1b")  # an upsert into the four fields
+        assert [count for count, _ in ops.source_counts(old).values()] == [N] and None in ops.source_counts(old)
+        new = ops.transform_gallery(old, lambda x: x @ A12, "s2", transformed_by="T12", index_dir=str(tmp_path / "new"))
+    with new:
+        moved = _milvus_vectors(new)
+        np.testing.assert_allclose(np.stack([moved[i][0] for i in ids]), _unit(g1 @ A12), atol=1e-5)
+        assert {moved[i][1] for i in ids} == {"s1"}
+        np.testing.assert_allclose(np.stack([moved[i][2] for i in ids]), g1, atol=1e-7)

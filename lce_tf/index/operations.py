@@ -292,15 +292,18 @@ class UpgradeRoute:
         for i, source in enumerate(sources):
             direct = source is not None and not self.compose
             groups.setdefault(source if direct else self.index_space, []).append(i)
-        moved: Optional[np.ndarray] = None
+        moved = np.empty((n, 0), np.float32)
         provenance = list(batch.provenance)
         for space, rows in groups.items():
             step = self.transforms[space]
             direct = space != self.index_space
             inputs = np.stack([originals[i] for i in rows]) if direct else batch.embeddings[rows]
             out = transform_batch(step.fn, inputs)
-            if moved is None:
-                moved = np.empty((n, out.shape[1]), np.float32)
+            if not moved.shape[1]:
+                moved, first = np.empty((n, out.shape[1]), np.float32), step.transform_id
+            elif moved.shape[1] != out.shape[1]:
+                raise ValueError(f"transformations {first} and {step.transform_id} map into {self.new_space!r} "
+                                 f"with different dimensions ({moved.shape[1]} and {out.shape[1]})")
             moved[rows] = out
             before = [EMBEDDED if direct else batch.provenance[i] for i in rows]
             for i, p in zip(rows, transformed_provenance(before, space, step.transform_id)):
@@ -308,8 +311,7 @@ class UpgradeRoute:
         kept_sources = [s if s is not None else self.index_space for s in sources]
         kept = [o if s is not None else batch.embeddings[i] for i, (s, o) in enumerate(zip(sources, originals))]
         versions = [self.new_version] * n if self.new_version else list(batch.versions)
-        return EntryBatch(list(batch.ids), versions, provenance,
-                          moved if moved is not None else np.zeros((0, 0), np.float32), kept_sources, kept)
+        return EntryBatch(list(batch.ids), versions, provenance, moved, kept_sources, kept)
 
     def record(self, index: Index) -> dict[str, Any]:
         """The "transformed_from" metadata of the new index."""

@@ -637,6 +637,7 @@ class EmbeddingIndex(Index):
         self._metadata["updated"] = checks.now()
         self._metadata.pop("files", None)
         self._metadata.pop("checksum", None)
+        self._metadata.pop("originals", None)  # recounted by `save`
 
     # -- the glue's hooks ----------------------------------------------------------------------------
 
