@@ -535,9 +535,9 @@ def upgrade_with_transformation(index: Index, transformation, *,
     target = given[0].target
     for t in given:
         if t.target["embedding_space"] != target["embedding_space"]:
-            raise TransformationError(f"transformations {given[0].transform_id} and {t.transform_id} map into different "
-                                      f"spaces ({target['embedding_space']} and {t.target['embedding_space']}); an "
-                                      "upgrade moves every entry into one")
+            raise TransformationError(f"transformations {given[0].transform_id} and {t.transform_id} map into "
+                                      f"different spaces ({target['embedding_space']} and "
+                                      f"{t.target['embedding_space']}); an upgrade moves every entry into one")
     if index.embedding_space == target["embedding_space"]:
         given[0].check_source_space(index.embedding_space, where)  # "wrong direction", naming both spaces
     transforms: dict[str, operations.SourceTransform] = {}

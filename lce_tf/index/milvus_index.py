@@ -14,13 +14,16 @@ not have to fit one machine's memory (issue 14). `lce_tf.index.registry.open_ind
                    directory, so the directory stays relocatable
 
 Collection schema: id VARCHAR primary key, vector FLOAT_VECTOR(dim), version VARCHAR, provenance
-VARCHAR, source VARCHAR and original VARCHAR: each entry's kept ORIGINAL vector (the one it had before an
-upgrade moved it, float32 little-endian bytes in base64, as exact as a file) and the space it lives in,
-both "" for a native entry (docs/design.md, "Artifacts and formats"). They are fields of the entry's
-own row, so an upgrade writes them with the vectors and a backfill's upsert (which replaces the row)
-drops them. Collections made before these fields existed (index.json's schema record lists four
-fields) load and read as all native. Metric IP on L2-normalized vectors, i.e. cosine similarity (docs/design.md "How compatibility is
-measured"): vectors are normalized on the way in and NaN/Inf or zero rows are refused, as in ScaNN indexes.
+VARCHAR, source VARCHAR and original VARCHAR. Metric IP on L2-normalized vectors, i.e. cosine
+similarity (docs/design.md "How compatibility is measured"): vectors are normalized on the way in and
+NaN/Inf or zero rows are refused, as in ScaNN indexes.
+
+`original` is the entry's kept ORIGINAL vector (the one it had before an upgrade moved it: float32
+little-endian bytes in base64, exact, of any source space's dimension) and `source` the space it lives
+in, both "" for a native entry (docs/design.md, "The forward path": chains; "Artifacts and formats").
+They are fields of the entry's own row, so an upgrade writes them with the vectors and a backfill's
+upsert, which replaces the row, drops them. Collections made before these fields existed (index.json's
+schema record lists four fields) load and read as all native.
 
 Where the collection lives:
 
@@ -456,8 +459,8 @@ def _schema_record(dim: int) -> dict[str, str]:
     return {ID_FIELD: f"VARCHAR({MAX_BYTES[ID_FIELD]}) primary key", VECTOR_FIELD: f"FLOAT_VECTOR({dim})",
             VERSION_FIELD: f"VARCHAR({MAX_BYTES[VERSION_FIELD]})",
             PROVENANCE_FIELD: f"VARCHAR({MAX_BYTES[PROVENANCE_FIELD]})",
-            SOURCE_FIELD: f"VARCHAR({MAX_BYTES[SOURCE_FIELD]})", ORIGINAL_FIELD: f"VARCHAR({MAX_BYTES[ORIGINAL_FIELD]})",
-            "metric": METRIC}
+            SOURCE_FIELD: f"VARCHAR({MAX_BYTES[SOURCE_FIELD]})",
+            ORIGINAL_FIELD: f"VARCHAR({MAX_BYTES[ORIGINAL_FIELD]})", "metric": METRIC}
 
 
 def _create_collection(client, name: str, dim: int, config: MilvusConfig) -> None:
