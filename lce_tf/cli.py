@@ -13,7 +13,8 @@
                             [--param K=V]
                      backfill --index INDEX_DIR --model NEW_MODEL_DIR (--data GALLERY_DIR --fraction F
                               | --t12 --out DIR)
-                     upgrade --index INDEX_DIR --transform TRANSFORM_DIR --out NEW_INDEX_DIR
+                     upgrade --index INDEX_DIR --transform TRANSFORM_DIR [--transform ...] --out NEW_INDEX_DIR
+                             [--compose]
     lce-tf pipeline  run [--config FILE] [--set KEY=VALUE ...]     (the TFX pipeline, LocalDagRunner)
                      compile [--config FILE] [--set KEY=VALUE ...] --out DIR   (Kubeflow v2 JSON + v1 YAML)
 
@@ -380,11 +381,13 @@ def cmd_index_upgrade(args: argparse.Namespace) -> int:
     if os.path.abspath(args.out) != os.path.abspath(args.index) or not args.overwrite:
         _check_index_out(args.out, args.overwrite)
     overrides = images.parse_config_overrides(args.config or [])
-    transformation = load_transformation(args.transform)
+    transformations = [load_transformation(path) for path in args.transform]
     index = images.load_index(args.index)
-    stage(f"moving {len(index)} gallery vectors of {args.index} through {transformation.describe()}")
-    upgraded = images.upgrade_with_transformation(index, transformation, overrides=overrides,
-                                                  index_dir=args.index, out_dir=args.out)
+    route = "composed: every stored vector" if args.compose else "each entry from its original vector"
+    stage(f"moving {len(index)} gallery vectors of {args.index} ({route}) through "
+          + "; ".join(t.describe() for t in transformations))
+    upgraded = images.upgrade_with_transformation(index, transformations, overrides=overrides,
+                                                  index_dir=args.index, out_dir=args.out, compose=args.compose)
     path = upgraded.save(args.out)
     stage(f"wrote index {path}: {_index_summary(upgraded)}; no image was read")
     return 0
@@ -450,8 +453,15 @@ def _add_index_commands(sub) -> None:
 
     p = commands.add_parser("upgrade", help="move every stored vector into a new model's space through a fitted "
                             "transformation (no image is read) and write a new index")
-    p.add_argument("--index", required=True, help="the index in the transformation's source (old) space")
-    p.add_argument("--transform", required=True, help="transformation directory (lce-tf transform fit)")
+    p.add_argument("--index", required=True, help="the index to upgrade (in a transformation's source space, or "
+                   "upgraded earlier from one)")
+    p.add_argument("--transform", required=True, action="append", metavar="TRANSFORM_DIR",
+                   help="transformation directory (lce-tf transform fit); repeat it with one transformation per "
+                   "source space among the entries (the index's own space, and the original space of entries an "
+                   "earlier upgrade transformed), all into the same new space")
+    p.add_argument("--compose", action="store_true", help="move every stored vector through the one transformation "
+                   "from the index's space, also for entries an earlier upgrade transformed (errors compound along "
+                   "the chain); default: transformed entries move from their kept original vectors")
     p.add_argument("--out", required=True, help="the new index directory (in the target space)")
     p.add_argument("--config", action="append", metavar="JSON|KEY=VALUE",
                    help="IndexConfig overrides of the new index (default: by size, as index build)")

@@ -26,3 +26,24 @@ def assert_bad_input(capsys, *argv, match: Optional[str] = None, pattern: Option
         assert match in lines[0], lines[0]
     if pattern is not None:
         assert re.search(pattern, lines[0]), lines[0]
+
+
+def write_linear_transformation(path, matrix, source: str, target: str, transform_id: str,
+                                source_dim: Optional[int] = None) -> None:
+    """A transformation directory whose old_to_new is normalize(x @ matrix), from space `source` (of
+    dimension `source_dim`, default the matrix's rows) into `target`: an exactly known T for the CLI."""
+    import numpy as np
+    import tensorflow as tf
+
+    from lce_tf import transformation as TR
+
+    matrix = np.asarray(matrix, np.float32)
+    module = tf.Module()
+    module.w = tf.Variable(matrix)
+    fn = tf.function(lambda embeddings: {"embedding": tf.math.l2_normalize(embeddings @ module.w, axis=-1)},
+                     input_signature=[tf.TensorSpec([None, matrix.shape[0]], tf.float32, name="embeddings")])
+    TR.write_transformation_dir(str(path), module, {"old_to_new": fn},
+                                source={"embedding_space": source, "model_id": source,
+                                        "dim": source_dim or matrix.shape[0]},
+                                target={"embedding_space": target, "model_id": target, "dim": matrix.shape[1]},
+                                transform_id=transform_id, fitted_on={}, settings={}, fit_loss={"old_to_new": 0.0})

@@ -296,10 +296,10 @@ def test_transform_into_a_new_directory(small):
         old.metadata["milvus"]["lineage"]
     assert (old.embedding_space, len(old)) == ("space-v1", 300)  # the old index still serves
     assert old.search(small["queries"], 3)[0].shape == (20, 3)
-    # a second transformation, in place: provenance is chained, the old collection goes
+    # a second transformation, in place and composed: provenance is chained, the old collection goes
     old_collection = new.collection
     again = new.transform(lambda x: np.asarray(x)[:, ::-1], "space-v3", transformed_by="t23",
-                          index_dir=str(small["root"] / "t-new"))
+                          index_dir=str(small["root"] / "t-new"), compose=True)
     assert again.provenance_counts() == {"transformed from space-v1 by t12-abc; then from space-v2 by t23": 300}
     assert again._client.list_collections() == [again.collection] and again.collection != old_collection
     for index in (old, new, again):

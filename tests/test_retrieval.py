@@ -509,11 +509,14 @@ def test_transform_gallery_keeps_versions_and_records_provenance_through_save_ba
     ops.backfill(loaded, ids[:5], (gallery[:5] @ t12) + 0.01, "v2")
     assert loaded.provenance[:5] == [R.EMBEDDED] * 5 and loaded.version_of(ids[:5]) == ["v2"] * 5
     assert loaded.provenance_counts()["transformed from space-v1 by T12"] == 1995
-    # a second move (v2 -> v3) extends the provenance of transformed entries only
+    # a second move (v2 -> v3) composed through T23 extends the provenance of transformed entries only
     t23 = np.eye(8, 6, dtype=np.float32)
-    v3 = ops.transform_gallery(loaded, lambda e: e @ t23, "space-v3", transformed_by="T23")
+    v3 = ops.transform_gallery(loaded, lambda e: e @ t23, "space-v3", transformed_by="T23", compose=True)
     assert v3.provenance_counts() == {"transformed from space-v1 by T12; then from space-v2 by T23": 1995,
                                       "transformed from space-v2 by T23": 5}
+    # without compose the 1995 entries need a transformation from their original space (tests/test_chain.py)
+    with pytest.raises(ValueError, match="no transformation from space 'space-v1' to 'space-v3': 1995 entries"):
+        ops.transform_gallery(loaded, lambda e: e @ t23, "space-v3", transformed_by="T23")
 
 
 def test_index_saved_without_provenance_loads_as_embedded(data, tmp_path):

@@ -16,7 +16,7 @@ from lce_tf import cli
 from lce_tf import transform_fit as TF
 from lce_tf import transformation as TR
 
-from cli_helpers import assert_bad_input, run_cli
+from cli_helpers import assert_bad_input, run_cli, write_linear_transformation
 
 SHAPE = (16, 16, 1)
 
@@ -318,16 +318,7 @@ def test_cli_transformation_bad_input(ws, capsys, tmp_path):
                      "--out", tmp_path / "x1", pattern=f"lives in embedding space {v2}, the OUTPUT space of old_to_new "
                      f"of transformation .* maps {v1} -> {v2}: wrong direction")
     # 2. dimensions that do not match: a transformation claiming v1's space but taking 4-d vectors
-    import tensorflow as tf
-
-    module = tf.Module()
-    module.w = tf.Variable(tf.ones([4, 12]))
-    fn = tf.function(lambda embeddings: {"embedding": tf.math.l2_normalize(embeddings @ module.w, axis=-1)},
-                     input_signature=[tf.TensorSpec([None, 4], tf.float32, name="embeddings")])
-    TR.write_transformation_dir(str(tmp_path / "t4"), module, {"old_to_new": fn},
-                                source={"embedding_space": v1, "model_id": v1, "dim": 4},
-                                target={"embedding_space": v2, "model_id": v2, "dim": 12}, transform_id="t4",
-                                fitted_on={}, settings={}, fit_loss={"old_to_new": 0.0})
+    write_linear_transformation(tmp_path / "t4", np.ones([4, 12]), v1, v2, "t4")
     assert_bad_input(capsys, "index", "upgrade", "--index", ws / "idx-v1", "--transform", tmp_path / "t4",
                      "--out", tmp_path / "x2", match="has dimension 8 but transformation t4 maps from dimension 4")
     # 3. a tampered transformation directory (checksum)

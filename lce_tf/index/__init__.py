@@ -8,7 +8,9 @@
     registry.py     backend name -> class ("scann", "milvus"), imported lazily; `read_index_metadata`,
                     `open_index`
     operations.py   on any backend: exact top-k, the query model's signature for an index (version
-                    safety), backfill selection and backfill, `transform_gallery` (the forward upgrade)
+                    safety), backfill selection and backfill, `transform_gallery` (the forward upgrade:
+                    `UpgradeRoute` moves each entry from its kept original, one transformation per
+                    source space, or composed on request)
     scann_index.py  the ScaNN / brute-force backend (`EmbeddingIndex`, `IndexConfig`)
     milvus_index.py the Milvus backend (`MilvusIndex`, `MilvusConfig`), Milvus Lite or a server
     images.py       image folders -> embeddings -> an index; query images -> top-k; backfill and upgrade

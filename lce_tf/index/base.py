@@ -55,12 +55,19 @@ class EntryBatch(NamedTuple):
       versions: [B] model version of each entry.
       provenance: [B] how each vector was made (`EMBEDDED` or "transformed from ...").
       embeddings: float32 [B, D] unit vectors, or None when the batch was asked without vectors.
+      sources: [B] the embedding space of each entry's kept ORIGINAL vector (the space it was first
+        embedded in, before an upgrade moved it), None for a native entry (embedded in the index's own
+        space, or from an index written before originals were kept); None for the whole batch: all native.
+      originals: [B] each entry's original vector (float32 [D_source]) or None (native); None for the
+        whole batch when it was asked without originals (docs/design.md, "The forward path": chains).
     """
 
     ids: list[str]
     versions: list[str]
     provenance: list[str]
     embeddings: Optional[np.ndarray]
+    sources: Optional[list[Optional[str]]] = None
+    originals: Optional[list[Optional[np.ndarray]]] = None
 
 
 class Index(abc.ABC):
@@ -223,8 +230,10 @@ class Index(abc.ABC):
         """Those of `ids` that are not in the index."""
 
     @abc.abstractmethod
-    def iter_batches(self, batch_size: int = 65_536, *, vectors: bool = True) -> Iterator[EntryBatch]:
-        """Every entry once, in batches of at most `batch_size` (without vectors when `vectors` is False)."""
+    def iter_batches(self, batch_size: int = 65_536, *, vectors: bool = True,
+                     originals: bool = False) -> Iterator[EntryBatch]:
+        """Every entry once, in batches of at most `batch_size` (without vectors when `vectors` is False),
+        with each entry's source space, and its original vector when `originals` is True."""
 
     # -- search --------------------------------------------------------------------------------------
 
@@ -259,10 +268,16 @@ class Index(abc.ABC):
         """Retrains the search structure on the current vectors (with `config`, or the current one)."""
 
     @abc.abstractmethod
-    def transform(self, transform_fn: Callable[[np.ndarray], np.ndarray], new_space: str,
-                  new_version: Optional[str] = None, *, transformed_by: str, model_id: Optional[str] = None,
-                  config: Any = None, batch_size: int = 65_536, index_dir: Optional[str] = None) -> "Index":
-        """A NEW index of every stored vector through `transform_fn` (`operations.transform_gallery`)."""
+    def transform(self, transform_fn: Optional[Callable[[np.ndarray], np.ndarray]], new_space: str,
+                  new_version: Optional[str] = None, *, transformed_by: Optional[str] = None,
+                  model_id: Optional[str] = None, config: Any = None, batch_size: int = 65_536,
+                  index_dir: Optional[str] = None, transforms: Optional[Mapping[str, Any]] = None,
+                  compose: bool = False) -> "Index":
+        """A NEW index of every entry moved into `new_space` (`operations.transform_gallery`): native
+        entries through `transform_fn` (from the index's space), transformed entries from their kept
+        original through `transforms[their source space]`, or, with `compose`, every stored vector
+        through `transform_fn`. Backends stream `operations.upgrade_route(...).move` over
+        `iter_batches(originals=True)` and build the new index from the moved batches."""
 
     @abc.abstractmethod
     def save(self, index_dir: str) -> str:

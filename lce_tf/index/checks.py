@@ -132,3 +132,49 @@ def check_transform_args(batch_size: Any, new_version: Any, transformed_by: Any)
         raise ValueError(f"new_version must be None or a non-empty string; received {new_version!r}")
     if not isinstance(transformed_by, str) or not transformed_by:
         raise ValueError(f"transformed_by must be a non-empty string; received {transformed_by!r}")
+
+
+def pack_originals(sources: Optional[Sequence[Optional[str]]], originals: Optional[Sequence[Any]], n: int
+                   ) -> tuple[list[Optional[str]], list[int], dict[str, np.ndarray]]:
+    """The kept original vectors of n entries, packed one array per source space (docs/design.md, "The
+    forward path": chains).
+
+    Args:
+      sources: [n] the source space of each entry's original, None for a native entry (or None: all native).
+      originals: [n] the original vectors (float [D_source]), None exactly where `sources` is None.
+      n: the number of entries.
+
+    Returns:
+      (sources [n], row of each entry in its space's array (-1: native), {space: float32 [n_space, D_space]}).
+
+    Raises:
+      ValueError: lengths that differ from n, a source without an original (or the reverse), an empty
+        space name, originals of one space with different dimensions, NaN/Inf.
+    """
+    if sources is None and originals is None:
+        return [None] * n, [-1] * n, {}
+    sources, originals = list(sources or []), list(originals or [])
+    if len(sources) != n or len(originals) != n:
+        raise ValueError(f"sources ({len(sources)}) and originals ({len(originals)}) must have one entry per id ({n})")
+    rows: list[int] = []
+    by_space: dict[str, list[np.ndarray]] = {}
+    for i, (source, original) in enumerate(zip(sources, originals)):
+        if (source is None) != (original is None):
+            raise ValueError(f"sources[{i}] and originals[{i}] must both be set or both be None; received "
+                             f"{source!r} and {'None' if original is None else 'a vector'}")
+        if source is None:
+            rows.append(-1)
+            continue
+        if not isinstance(source, str) or not source:
+            raise ValueError(f"sources[{i}] must be a non-empty string or None; received {source!r}")
+        vector = np.asarray(original, dtype=np.float32)
+        kept = by_space.setdefault(source, [])
+        if vector.ndim != 1 or (kept and kept[0].shape != vector.shape):
+            raise ValueError(f"originals[{i}] has shape {vector.shape}; the originals of space {source!r} are "
+                             f"vectors of one dimension" + (f" ({kept[0].shape[0]})" if kept else ""))
+        rows.append(len(kept))
+        kept.append(vector)
+    arrays = {space: np.stack(vectors) for space, vectors in by_space.items()}
+    for space, array in arrays.items():
+        check_finite(array, f"originals of space {space!r}")
+    return sources, rows, arrays

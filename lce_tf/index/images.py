@@ -494,45 +494,67 @@ def upgrade_with_t12(index: Index, model, *, new_version: Optional[str] = None,
 
 def upgrade_with_transformation(index: Index, transformation, *,
                                 overrides: Optional[Mapping[str, Any]] = None,
-                                index_dir: Optional[str] = None, out_dir: Optional[str] = None
-                                ) -> Index:
-    """The forward route's index upgrade (`lce-tf index upgrade`): every stored vector through a fitted
-    transformation's `old_to_new`, into a NEW index in its target space; no image is read.
+                                index_dir: Optional[str] = None, out_dir: Optional[str] = None,
+                                compose: bool = False) -> Index:
+    """The forward route's index upgrade (`lce-tf index upgrade`): every entry moved through fitted
+    transformations' `old_to_new` into a NEW index in their (common) target space; no image is read.
 
-    Ids and per-entry model versions are kept; every entry's provenance becomes "transformed from <old
-    space> by <transformation id>" (`operations.transform_gallery`). The new index lives in the new
-    model's space, so `check_query_compatibility` accepts that model's queries (signature `embed`) and
-    refuses the old model's; `backfill_from_images(new_index, new_model, ...)` later replaces
-    transformed entries with re-encoded ones. The input index is untouched.
+    Native entries move through the transformation from the index's space; entries an earlier upgrade
+    transformed move their kept ORIGINAL vectors through the transformation from their source space
+    (docs/design.md, "The forward path": chains), unless `compose` (then every stored vector goes through
+    the transformation from the index's space). Ids and per-entry model versions are kept; each entry's
+    provenance becomes "transformed from <original space> by <transformation id>"
+    (`operations.transform_gallery`). The new index lives in the new model's space, so
+    `check_query_compatibility` accepts that model's queries (signature `embed`) and refuses the old
+    model's; `backfill_from_images(new_index, new_model, ...)` later replaces transformed entries with
+    re-encoded ones. The input index is untouched.
 
     Args:
-      index: the index to upgrade (in the transformation's source space).
-      transformation: an `lce_tf.transformation.Transformation`.
+      index: the index to upgrade.
+      transformation: an `lce_tf.transformation.Transformation`, or several with one target space and
+        distinct source spaces (one per source space present among the entries).
       overrides: configuration fields of the new index (`config_for`; default: by size, keeping
         num_neighbors, and ScaNN's threads and mutability or Milvus' index type).
       index_dir: the index's directory, for messages.
       out_dir: where a Milvus index's new collection is served from (required for Milvus: the
         collection is filled as it is made and switched to only when complete; it may be `index_dir`
         itself, an in-place upgrade). A ScaNN index is returned unsaved.
+      compose: the composed route (see above).
 
     Raises:
-      lce_tf.transformation.TransformationError: the index is not in the source space (names both; a
-        "wrong direction" when it is already in the target space) or its dimension differs.
+      lce_tf.transformation.TransformationError: the index is already in the target space ("wrong
+        direction", both spaces named), the transformation from the index's space takes another
+        dimension, transformations with different targets or two from one source space.
+      ValueError: a source space present among the entries without a transformation (one line naming
+        both spaces; nothing is written).
     """
-    where = f"index {index_dir or ''}".rstrip()
-    transformation.check_source_space(index.embedding_space, where)
-    if index.dim != int(transformation.source["dim"]):
-        from lce_tf.transformation import TransformationError
+    from lce_tf.transformation import TransformationError
 
-        raise TransformationError(f"{where} has dimension {index.dim} but transformation {transformation.transform_id} "
-                                  f"maps from dimension {transformation.source['dim']}")
+    where = f"index {index_dir or ''}".rstrip()
+    given = list(transformation) if isinstance(transformation, (list, tuple)) else [transformation]
+    target = given[0].target
+    for t in given:
+        if t.target["embedding_space"] != target["embedding_space"]:
+            raise TransformationError(f"transformations {given[0].transform_id} and {t.transform_id} map into "
+                                      f"different spaces ({target['embedding_space']} and "
+                                      f"{t.target['embedding_space']}); an upgrade moves every entry into one")
+    if index.embedding_space == target["embedding_space"]:
+        given[0].check_source_space(index.embedding_space, where)  # "wrong direction", naming both spaces
+    transforms: dict[str, operations.SourceTransform] = {}
+    for t in given:
+        source = t.source["embedding_space"]
+        if source in transforms:
+            raise TransformationError(f"two transformations from space {source}: {transforms[source].transform_id} "
+                                      f"and {t.transform_id}; pass one per source space")
+        if source == index.embedding_space and index.dim != int(t.source["dim"]):
+            raise TransformationError(f"{where} has dimension {index.dim} but transformation {t.transform_id} "
+                                      f"maps from dimension {t.source['dim']}")
+        transforms[source] = operations.SourceTransform(t.old_to_new, t.transform_id)
     config = None
     if overrides:
-        config = config_for(index.backend, len(index), int(transformation.target["dim"]), overrides, like=index.config)
-    target = transformation.target
-    return operations.transform_gallery(index, transformation.old_to_new, target["embedding_space"],
-                                       transformed_by=transformation.transform_id, model_id=target["model_id"],
-                                       config=config, index_dir=out_dir)
+        config = config_for(index.backend, len(index), int(target["dim"]), overrides, like=index.config)
+    return operations.transform_gallery(index, None, target["embedding_space"], model_id=target["model_id"],
+                                        config=config, index_dir=out_dir, transforms=transforms, compose=compose)
 
 
 # ----------------------------------------------------------------------------------------------------

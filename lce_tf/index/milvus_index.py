@@ -14,8 +14,16 @@ not have to fit one machine's memory (issue 14). `lce_tf.index.registry.open_ind
                    directory, so the directory stays relocatable
 
 Collection schema: id VARCHAR primary key, vector FLOAT_VECTOR(dim), version VARCHAR, provenance
-VARCHAR. Metric IP on L2-normalized vectors, i.e. cosine similarity (docs/design.md "How compatibility is
-measured"): vectors are normalized on the way in and NaN/Inf or zero rows are refused, as in ScaNN indexes.
+VARCHAR, source VARCHAR and original VARCHAR. Metric IP on L2-normalized vectors, i.e. cosine
+similarity (docs/design.md "How compatibility is measured"): vectors are normalized on the way in and
+NaN/Inf or zero rows are refused, as in ScaNN indexes.
+
+`original` is the entry's kept ORIGINAL vector (the one it had before an upgrade moved it: float32
+little-endian bytes in base64, exact, of any source space's dimension) and `source` the space it lives
+in, both "" for a native entry (docs/design.md, "The forward path": chains; "Artifacts and formats").
+They are fields of the entry's own row, so an upgrade writes them with the vectors and a backfill's
+upsert, which replaces the row, drops them. Collections made before these fields existed (index.json's
+schema record lists four fields) load and read as all native.
 
 Where the collection lives:
 
@@ -51,6 +59,7 @@ stays light.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import fcntl
@@ -76,7 +85,12 @@ ID_FIELD = "id"
 VECTOR_FIELD = "vector"
 VERSION_FIELD = "version"
 PROVENANCE_FIELD = "provenance"
-MAX_BYTES = {ID_FIELD: 4096, VERSION_FIELD: 512, PROVENANCE_FIELD: 8192}  # VARCHAR max_length of the schema
+SOURCE_FIELD = "source"
+ORIGINAL_FIELD = "original"
+MAX_BYTES = {ID_FIELD: 4096, VERSION_FIELD: 512, PROVENANCE_FIELD: 8192,  # VARCHAR max_length of the schema
+             SOURCE_FIELD: 512, ORIGINAL_FIELD: 65_535}
+_BASE_FIELDS = (ID_FIELD, VECTOR_FIELD, VERSION_FIELD, PROVENANCE_FIELD)
+_ORIGIN_FIELDS = (SOURCE_FIELD, ORIGINAL_FIELD)
 METRIC = "IP"
 SERVER_SCHEMES = ("http", "https", "tcp", "grpc", "unix")
 
@@ -444,7 +458,9 @@ def _new_collection_name(lineage: str) -> str:
 def _schema_record(dim: int) -> dict[str, str]:
     return {ID_FIELD: f"VARCHAR({MAX_BYTES[ID_FIELD]}) primary key", VECTOR_FIELD: f"FLOAT_VECTOR({dim})",
             VERSION_FIELD: f"VARCHAR({MAX_BYTES[VERSION_FIELD]})",
-            PROVENANCE_FIELD: f"VARCHAR({MAX_BYTES[PROVENANCE_FIELD]})", "metric": METRIC}
+            PROVENANCE_FIELD: f"VARCHAR({MAX_BYTES[PROVENANCE_FIELD]})",
+            SOURCE_FIELD: f"VARCHAR({MAX_BYTES[SOURCE_FIELD]})",
+            ORIGINAL_FIELD: f"VARCHAR({MAX_BYTES[ORIGINAL_FIELD]})", "metric": METRIC}
 
 
 def _create_collection(client, name: str, dim: int, config: MilvusConfig) -> None:
@@ -455,6 +471,8 @@ def _create_collection(client, name: str, dim: int, config: MilvusConfig) -> Non
     schema.add_field(VECTOR_FIELD, pm.DataType.FLOAT_VECTOR, dim=int(dim))
     schema.add_field(VERSION_FIELD, pm.DataType.VARCHAR, max_length=MAX_BYTES[VERSION_FIELD])
     schema.add_field(PROVENANCE_FIELD, pm.DataType.VARCHAR, max_length=MAX_BYTES[PROVENANCE_FIELD])
+    for field in _ORIGIN_FIELDS:
+        schema.add_field(field, pm.DataType.VARCHAR, max_length=MAX_BYTES[field])
     params = client.prepare_index_params()
     params.add_index(field_name=VECTOR_FIELD, index_name=VECTOR_FIELD, index_type=config.index_type,
                      metric_type=METRIC, params=dict(config.index_params))
@@ -464,16 +482,35 @@ def _create_collection(client, name: str, dim: int, config: MilvusConfig) -> Non
 
 def _check_lengths(batch: EntryBatch) -> None:
     for field, values in ((ID_FIELD, batch.ids), (VERSION_FIELD, batch.versions),
-                          (PROVENANCE_FIELD, batch.provenance)):
+                          (PROVENANCE_FIELD, batch.provenance), (SOURCE_FIELD, batch.sources or [])):
         for v in values:
-            if len(v.encode("utf-8")) > MAX_BYTES[field]:
+            if v is not None and len(v.encode("utf-8")) > MAX_BYTES[field]:
                 raise ValueError(f"{field} {v[:60]!r}... is {len(v.encode('utf-8'))} bytes; the Milvus schema allows "
                                  f"{MAX_BYTES[field]}")
+    for v in batch.originals or []:
+        if v is not None and 4 * math.ceil(4 * v.size / 3) > MAX_BYTES[ORIGINAL_FIELD]:
+            raise ValueError(f"an original vector of dimension {v.size} does not fit the Milvus schema's "
+                             f"{ORIGINAL_FIELD} field ({MAX_BYTES[ORIGINAL_FIELD]} bytes of base64)")
 
 
-def _rows(batch: EntryBatch) -> list[dict[str, Any]]:
-    return [{ID_FIELD: i, VECTOR_FIELD: v, VERSION_FIELD: ver, PROVENANCE_FIELD: p}
+def _encode_original(vector: Optional[np.ndarray]) -> str:
+    """An original vector as the `original` field stores it: float32 little-endian bytes in base64 ("" = none)."""
+    return "" if vector is None else base64.b64encode(np.asarray(vector, "<f4").tobytes()).decode("ascii")
+
+
+def _decode_original(text: str) -> Optional[np.ndarray]:
+    return np.frombuffer(base64.b64decode(text), "<f4").astype(np.float32) if text else None
+
+
+def _rows(batch: EntryBatch, originals: bool = True) -> list[dict[str, Any]]:
+    """Milvus rows of a batch; `originals`: with the source and original fields (a native entry's are "")."""
+    rows = [{ID_FIELD: i, VECTOR_FIELD: v, VERSION_FIELD: ver, PROVENANCE_FIELD: p}
             for i, v, ver, p in zip(batch.ids, batch.embeddings.tolist(), batch.versions, batch.provenance)]
+    if originals:
+        for row, source, original in zip(rows, batch.sources or [None] * len(rows),
+                                         batch.originals or [None] * len(rows)):
+            row[SOURCE_FIELD], row[ORIGINAL_FIELD] = source or "", _encode_original(original)
+    return rows
 
 
 def _count(client, name: str) -> int:
@@ -564,6 +601,12 @@ def _switch(root: str, metadata: Mapping[str, Any], staging: Optional[str]) -> d
     return written
 
 
+def _keeps_originals(metadata: Mapping[str, Any]) -> bool:
+    """True when the index's collection has the source and original fields (its index.json schema
+    record lists them; collections made before they existed do not)."""
+    return SOURCE_FIELD in ((metadata.get("milvus") or {}).get("schema") or {})
+
+
 def _existing_milvus_metadata(target: str) -> Optional[dict[str, Any]]:
     """index.json of a Milvus index at `target` (verified), or None when there is none (or another kind)."""
     store.check_replaceable(target)
@@ -578,10 +621,12 @@ def _existing_milvus_metadata(target: str) -> Optional[dict[str, Any]]:
 
 
 def _batches_of(ids: list[str], emb: np.ndarray, versions: list[str], provenance: list[str],
-                size: int) -> Iterator[EntryBatch]:
+                size: int, sources: Optional[list] = None, originals: Optional[list] = None) -> Iterator[EntryBatch]:
     for start in range(0, len(ids), size):
         end = start + size
-        yield EntryBatch(ids[start:end], versions[start:end], provenance[start:end], emb[start:end])
+        yield EntryBatch(ids[start:end], versions[start:end], provenance[start:end], emb[start:end],
+                         None if sources is None else sources[start:end],
+                         None if originals is None else originals[start:end])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -766,10 +811,11 @@ class MilvusIndex(Index):
                 fields = {f["name"]: f for f in client.describe_collection(name)["fields"]}
                 client.load_collection(name)
             dim = int(((fields.get(VECTOR_FIELD) or {}).get("params") or {}).get("dim", -1))
-            if set(fields) != {ID_FIELD, VECTOR_FIELD, VERSION_FIELD, PROVENANCE_FIELD} or dim != int(metadata["dim"]):
+            expected = set(_BASE_FIELDS) | (set(_ORIGIN_FIELDS) if _keeps_originals(metadata) else set())
+            if set(fields) != expected or dim != int(metadata["dim"]):
                 raise ValueError(f"index {root}: collection {name} has fields {', '.join(sorted(fields))} and dimension "
-                                 f"{dim}; {METADATA_FILE} says {metadata['dim']} (fields id, vector, version, "
-                                 f"provenance)")
+                                 f"{dim}; {METADATA_FILE} says {metadata['dim']} (fields "
+                                 f"{', '.join(sorted(expected))})")
             index = cls(root=root, metadata=metadata, config=config, client=client, lite_path=lite_path)
             stored = _count(client, name)
         except BaseException:
@@ -847,14 +893,18 @@ class MilvusIndex(Index):
         stored = self._stored(list(ids), [])
         return [v for v in ids if v not in stored]
 
-    def iter_batches(self, batch_size: int = 10_000, *, vectors: bool = True) -> Iterator[EntryBatch]:
+    def iter_batches(self, batch_size: int = 10_000, *, vectors: bool = True,
+                     originals: bool = False) -> Iterator[EntryBatch]:
         """The stored entries, `batch_size` at a time (a Milvus query iterator: memory O(batch_size)).
 
         Yields:
-          EntryBatch (ids, versions, provenance, float32 embeddings [B, D] or None), in primary-key order.
+          EntryBatch (ids, versions, provenance, float32 embeddings [B, D] or None, sources, originals
+          when asked), in primary-key order.
         """
         checks.check_int("batch_size", batch_size, minimum=1)
-        fields = [ID_FIELD, VERSION_FIELD, PROVENANCE_FIELD] + ([VECTOR_FIELD] if vectors else [])
+        kept = _keeps_originals(self._metadata)
+        fields = [ID_FIELD, VERSION_FIELD, PROVENANCE_FIELD] + ([VECTOR_FIELD] if vectors else []) + (
+            [SOURCE_FIELD] if kept else []) + ([ORIGINAL_FIELD] if kept and originals else [])
         what = f"reading Milvus collection {self.collection}"
         with _milvus_call(what):
             iterator = self._client.query_iterator(self.collection, batch_size=min(batch_size, _ITERATOR_MAX_BATCH),
@@ -868,7 +918,10 @@ class MilvusIndex(Index):
                 emb = (np.asarray([r[VECTOR_FIELD] for r in rows], dtype=np.float32).reshape(len(rows), self.dim)
                        if vectors else None)
                 yield EntryBatch([r[ID_FIELD] for r in rows], [r[VERSION_FIELD] for r in rows],
-                                 [r[PROVENANCE_FIELD] for r in rows], emb)
+                                 [r[PROVENANCE_FIELD] for r in rows], emb,
+                                 [r[SOURCE_FIELD] or None for r in rows] if kept else None,
+                                 ([_decode_original(r[ORIGINAL_FIELD]) for r in rows] if kept else [None] * len(rows))
+                                 if originals else None)
         finally:
             iterator.close()
 
@@ -997,7 +1050,7 @@ class MilvusIndex(Index):
         for batch in batches:
             before = self._stored(batch.ids, [VERSION_FIELD, PROVENANCE_FIELD])
             with _milvus_call(f"upserting {len(batch.ids)} entries into Milvus collection {self.collection}"):
-                self._client.upsert(self.collection, _rows(batch))
+                self._client.upsert(self.collection, _rows(batch, _keeps_originals(self._metadata)))
             for entry, new_version, new_provenance in zip(batch.ids, batch.versions, batch.provenance):
                 if entry in before:
                     replaced += 1
@@ -1113,16 +1166,18 @@ class MilvusIndex(Index):
         if os.path.abspath(index_dir) == self._root:
             raise ValueError(f"clone needs another directory than the index's own ({self._root})")
         uri, alias = self._target_location(index_dir, uri)
-        return MilvusIndex._write(index_dir, self.iter_batches(self._config.insert_batch_size),
+        return MilvusIndex._write(index_dir, self.iter_batches(self._config.insert_batch_size, originals=True),
                                   self._copy_metadata(config=self._config.to_dict()), self._config, uri=uri,
                                   alias=alias, expected=self._count)
 
-    def transform(self, transform_fn, new_space: str, new_version: Optional[str] = None, *, transformed_by: str,
-                  index_dir: Optional[str] = None, model_id: Optional[str] = None,
-                  config: Optional[MilvusConfig] = None, batch_size: int = 10_000,
-                  uri: Optional[str] = None) -> "MilvusIndex":
-        """`operations.transform_gallery` for Milvus: streams every stored vector through `transform_fn`
-        into a NEW collection, and switches to it only once it is complete.
+    def transform(self, transform_fn, new_space: str, new_version: Optional[str] = None, *,
+                  transformed_by: Optional[str] = None, index_dir: Optional[str] = None,
+                  model_id: Optional[str] = None, config: Optional[MilvusConfig] = None, batch_size: int = 10_000,
+                  uri: Optional[str] = None, transforms: Optional[Mapping[str, Any]] = None,
+                  compose: bool = False) -> "MilvusIndex":
+        """`operations.transform_gallery` for Milvus: streams every entry, moved by
+        `operations.UpgradeRoute` (originals kept), into a NEW collection, and switches to it only once
+        it is complete.
 
         With `index_dir` equal to this index's directory the upgrade is in place: the new collection
         goes into the same database / server, index.json is replaced by a rename to name it (and the
@@ -1135,13 +1190,11 @@ class MilvusIndex(Index):
         Returns:
           The new index (open).
         """
-        checks.check_transform_args(batch_size, new_version, transformed_by)
         if index_dir is None:
             raise ValueError("transforming a Milvus index needs index_dir (where the new collection's index goes)")
-        moved = (EntryBatch(b.ids, [new_version] * len(b.ids) if new_version else b.versions,
-                            operations.transformed_provenance(b.provenance, self.embedding_space, transformed_by),
-                            operations.transform_batch(transform_fn, b.embeddings))
-                 for b in self.iter_batches(batch_size))
+        route = operations.upgrade_route(self, transform_fn, new_space, new_version, transformed_by=transformed_by,
+                                         transforms=transforms, compose=compose, batch_size=batch_size)
+        moved = (route.move(b) for b in self.iter_batches(batch_size, originals=True))
         first = next(moved, None)
         if first is None:
             raise ValueError(f"index {self._root} is empty: nothing to transform")
@@ -1151,7 +1204,7 @@ class MilvusIndex(Index):
         model_id = model_id or new_space
         metadata = self._copy_metadata(embedding_space=new_space, dim=dim, model_id=model_id,
                                        model_version=new_version or model_id, config=config.to_dict(),
-                                       transformed_from=operations.transformed_from_record(self, transformed_by))
+                                       transformed_from=route.record(self))
         if os.path.abspath(index_dir) == self._root:  # in place: the alias stays with the directory
             uri, alias = (uri if uri is not None else self.uri), None
         else:
@@ -1161,7 +1214,7 @@ class MilvusIndex(Index):
             yield first
             for batch in moved:
                 for part in _batches_of(batch.ids, batch.embeddings, batch.versions, batch.provenance,
-                                        config.insert_batch_size):
+                                        config.insert_batch_size, batch.sources, batch.originals):
                     yield part
 
         return MilvusIndex._write(index_dir, batches(), metadata, config, uri=uri, alias=alias, expected=self._count)

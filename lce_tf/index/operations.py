@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import heapq
 import logging
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
 from lce_tf.index import checks
-from lce_tf.index.base import EMBEDDED, IncompatibleModelError, Index
+from lce_tf.index.base import EMBEDDED, EntryBatch, IncompatibleModelError, Index
 
 logger = logging.getLogger(__name__)
 
@@ -238,51 +238,207 @@ def transformed_provenance(provenance: Sequence[str], from_space: str, transform
     return [f"transformed {step}" if p == EMBEDDED else f"{p}; then {step}" for p in provenance]
 
 
-def transformed_from_record(index, transformed_by: str) -> dict[str, Any]:
-    """The "transformed_from" metadata of an index made from `index` by `transformed_by`."""
-    return {"embedding_space": index.embedding_space, "model_id": index.model_id, "transformation": transformed_by,
-            "model_version": index.model_version, "dim": index.dim, "version_counts": index.version_counts()}
+class SourceTransform(NamedTuple):
+    """A transformation from one embedding space (the key it is filed under) into the upgrade's new space.
+
+    Attributes:
+      fn: numpy [B, D_source] -> numpy [B, D_new] (a fitted transformation's `old_to_new`).
+      transform_id: its id, recorded in the provenance and the metadata.
+    """
+
+    fn: Callable[[np.ndarray], np.ndarray]
+    transform_id: str
 
 
+def source_counts(index: Index) -> dict[Optional[str], tuple[int, str]]:
+    """{source space (None: native entries): (entries, the first entry's id)} of an index, by one scan
+    without vectors (`iter_batches`), so an upgrade can refuse before it writes anything."""
+    found: dict[Optional[str], tuple[int, str]] = {}
+    for batch in index.iter_batches(vectors=False):
+        for entry, source in zip(batch.ids, batch.sources or [None] * len(batch.ids)):
+            count, first = found.get(source, (0, entry))
+            found[source] = (count + 1, first)
+    return found
 
-def transform_gallery(index: Index, transform_fn: Callable[[np.ndarray], np.ndarray], new_space: str,
-                      new_version: Optional[str] = None, *, transformed_by: str, model_id: Optional[str] = None,
-                      config: Any = None, batch_size: int = 65_536, index_dir: Optional[str] = None) -> Index:
-    """Forward-compatible upgrade: maps every stored vector through T12 into the new space (no images).
 
-    Builds a NEW index (the input is untouched) with entries e'_i = normalize(T12(e_i)) (docs/design.md,
-    "The forward path"; "The method" 7: forward compatible training), whose embedding_space is
-    `new_space`. Ids are kept; every entry's provenance records the move ("transformed from <old space>
-    by <transformed_by>", appended to an earlier transformation's as "...; then from <space> by <id>"),
-    so a later backfill with re-encoded images (provenance "embedded") can be told apart.
+class UpgradeRoute:
+    """How each entry of an index moves into a new space (docs/design.md, "The forward path": chains).
 
-    The work is the backend's `Index.transform`. A Milvus index (`MilvusIndex.transform`) streams: the old collection is read in batches, moved and
-    written into a NEW collection, and only a complete collection is committed (`index_dir`).
+    Direct (the default): a native entry (embedded in the index's own space, or from an index written
+    before originals were kept) moves its stored vector through the transformation from the index's
+    space; a transformed entry moves its kept ORIGINAL vector through the transformation from its
+    source space, so errors do not compound along a chain v1 -> v2 -> v3. Composed (`compose`): every
+    stored vector goes through the transformation from the index's space (T23 . T12 for entries that came
+    from v1). Either way the new index keeps each entry's original and source space: a native entry's
+    original is its stored vector, in the index's space; a transformed entry keeps the one it had.
+
+    Build it with `upgrade_route`, which checks that every source space present has a transformation.
+    """
+
+    def __init__(self, index_space: str, new_space: str, transforms: Mapping[str, SourceTransform], compose: bool,
+                 new_version: Optional[str]):
+        self.index_space, self.new_space = index_space, new_space
+        self.transforms, self.compose, self.new_version = dict(transforms), bool(compose), new_version
+
+    def move(self, batch: EntryBatch) -> EntryBatch:
+        """One batch read with `iter_batches(originals=True)` moved into the new space: ids kept, versions
+        kept (or `new_version`), provenance "transformed from <space> by <id>" (the entry's ORIGINAL
+        space on the direct route; appended "...; then from <space> by <id>" when composed or when a
+        native entry was already transformed without a kept original), sources and originals kept."""
+        n = len(batch.ids)
+        sources = batch.sources or [None] * n
+        originals = batch.originals or [None] * n
+        groups: dict[str, list[int]] = {}
+        for i, source in enumerate(sources):
+            direct = source is not None and not self.compose
+            groups.setdefault(source if direct else self.index_space, []).append(i)
+        moved = np.empty((n, 0), np.float32)
+        provenance = list(batch.provenance)
+        for space, rows in groups.items():
+            step = self.transforms[space]
+            direct = space != self.index_space
+            inputs = np.stack([originals[i] for i in rows]) if direct else batch.embeddings[rows]
+            out = transform_batch(step.fn, inputs)
+            if not moved.shape[1]:
+                moved, first = np.empty((n, out.shape[1]), np.float32), step.transform_id
+            elif moved.shape[1] != out.shape[1]:
+                raise ValueError(f"transformations {first} and {step.transform_id} map into {self.new_space!r} "
+                                 f"with different dimensions ({moved.shape[1]} and {out.shape[1]})")
+            moved[rows] = out
+            before = [EMBEDDED if direct else batch.provenance[i] for i in rows]
+            for i, p in zip(rows, transformed_provenance(before, space, step.transform_id)):
+                provenance[i] = p
+        kept_sources = [s if s is not None else self.index_space for s in sources]
+        kept = [o if s is not None else batch.embeddings[i] for i, (s, o) in enumerate(zip(sources, originals))]
+        versions = [self.new_version] * n if self.new_version else list(batch.versions)
+        return EntryBatch(list(batch.ids), versions, provenance, moved, kept_sources, kept)
+
+    def record(self, index: Index) -> dict[str, Any]:
+        """The "transformed_from" metadata of the new index."""
+        own = self.transforms.get(self.index_space)
+        return {"embedding_space": index.embedding_space, "model_id": index.model_id,
+                "transformation": own.transform_id if own else ", ".join(t.transform_id for t in
+                                                                       self.transforms.values()),
+                "transformations": {space: t.transform_id for space, t in sorted(self.transforms.items())},
+                "route": "composed" if self.compose else "direct",
+                "model_version": index.model_version, "dim": index.dim, "version_counts": index.version_counts()}
+
+
+def upgrade_route(index: Index, transform_fn: Optional[Callable[[np.ndarray], np.ndarray]], new_space: str,
+                  new_version: Optional[str] = None, *, transformed_by: Optional[str] = None,
+                  transforms: Optional[Mapping[str, SourceTransform]] = None, compose: bool = False,
+                  batch_size: int = 65_536) -> UpgradeRoute:
+    """The checked route of an upgrade of `index` into `new_space` (see `UpgradeRoute`).
+
+    `transform_fn` / `transformed_by` are the transformation from the index's own space (None when only
+    `transforms` are given); `transforms` maps further source spaces to theirs.
+
+    Raises:
+      ValueError: bad arguments, two transformations from the index's space, or (one line naming both
+        spaces) a source space present among the entries with no transformation from it (with `compose`:
+        no transformation from the index's space). Raised before anything is written.
+    """
+    checks.check_int("batch_size", batch_size, minimum=1)
+    if new_version is not None and (not isinstance(new_version, str) or not new_version):
+        raise ValueError(f"new_version must be None or a non-empty string; received {new_version!r}")
+    steps = {}
+    for space, step in dict(transforms or {}).items():
+        if not isinstance(step, SourceTransform) or not callable(step.fn):
+            raise ValueError(f"transforms[{space!r}] must be a SourceTransform(fn, transform_id); received {step!r}")
+        checks.check_transform_args(batch_size, new_version, step.transform_id)
+        steps[space] = step
+    if transform_fn is not None:
+        checks.check_transform_args(batch_size, new_version, transformed_by)
+        if index.embedding_space in steps:
+            raise ValueError(f"two transformations from the index's space {index.embedding_space!r}: transform_fn "
+                             f"and transforms[{index.embedding_space!r}]")
+        steps[index.embedding_space] = SourceTransform(transform_fn, transformed_by)
+    if not steps:
+        raise ValueError("an upgrade needs a transformation (transform_fn or transforms)")
+    found = source_counts(index)
+    if compose:
+        if index.embedding_space not in steps:
+            raise ValueError(f"no transformation from space {index.embedding_space!r} to {new_space!r}: the composed "
+                             f"route moves every stored vector of the index (space {index.embedding_space!r}) "
+                             f"through one; pass a transformation from {index.embedding_space!r}")
+        if len(steps) > 1:
+            raise ValueError(f"the composed route moves every stored vector through the transformation from the "
+                             f"index's space {index.embedding_space!r} only; received transformations from "
+                             f"{', '.join(repr(x) for x in sorted(steps))}")
+        needed = {index.embedding_space}
+    else:
+        needed = {index.embedding_space if s is None else s for s in found}
+    for source in sorted(found, key=lambda s: (s is not None, s or "")):
+        space = index.embedding_space if source is None or compose else source
+        if space in steps:
+            continue
+        count, first = found[source]
+        if source is None:
+            what = f"live natively in the index's space {space!r}"
+        else:
+            what = f"were transformed from {space!r}"
+        raise ValueError(f"no transformation from space {space!r} to {new_space!r}: {count} entries (first "
+                         f"{first!r}) {what}; pass --transform with a transformation from {space!r}"
+                         + ("" if source is None else f" (or --compose to move their stored {index.embedding_space!r} "
+                                                      "vectors instead)"))
+    unused = sorted(set(steps) - needed)
+    if unused:
+        logger.warning("no entry of the index comes from space(s) %s: their transformation is not used",
+                       ", ".join(unused))
+    return UpgradeRoute(index.embedding_space, new_space, steps, compose, new_version)
+
+
+def transform_gallery(index: Index, transform_fn: Optional[Callable[[np.ndarray], np.ndarray]], new_space: str,
+                      new_version: Optional[str] = None, *, transformed_by: Optional[str] = None,
+                      model_id: Optional[str] = None, config: Any = None, batch_size: int = 65_536,
+                      index_dir: Optional[str] = None, transforms: Optional[Mapping[str, SourceTransform]] = None,
+                      compose: bool = False) -> Index:
+    """Forward-compatible upgrade: moves every entry into the new space through fitted transformations
+    (no images).
+
+    Builds a NEW index (the input is untouched) whose embedding_space is `new_space` (docs/design.md,
+    "The forward path"; "The method" 7: forward compatible training). A native entry becomes
+    normalize(T(e_i)) with T = `transform_fn`, the transformation from the index's space; an entry that
+    an earlier upgrade transformed becomes normalize(T_s(o_i)) with o_i its kept ORIGINAL vector and T_s
+    = `transforms[s]` for its source space s (a chain v1 -> v2 -> v3 then applies T13 to v1's vectors,
+    not T23 . T12; `compose=True` asks for the latter: every stored vector through `transform_fn`). Ids
+    are kept; each entry's provenance records the move ("transformed from <original space> by <id>"; a
+    composed move, or a native entry already transformed before originals were kept, appends "...; then
+    from <space> by <id>"), so a later backfill with re-encoded images (provenance "embedded") can be told
+    apart. The new index keeps every entry's original vector and source space (`UpgradeRoute`).
+
+    The work is the backend's `Index.transform`. A Milvus index (`MilvusIndex.transform`) streams: the old
+    collection is read in batches, moved and written into a NEW collection, and only a complete
+    collection is committed (`index_dir`).
 
     Args:
       index: the old-space index (`EmbeddingIndex` or `MilvusIndex`).
       transform_fn: numpy [B, D_old] -> numpy [B, D_new] (a fitted transformation's `old_to_new`, or a
-        model's `transform_old_to_new` signature), called in batches of `batch_size`.
-      new_space: the embedding space the transformation maps into.
+        model's `transform_old_to_new` signature), called in batches of at most `batch_size`; None when
+        no entry is native (then `transforms` cover every source space).
+      new_space: the embedding space the transformations map into.
       new_version: None keeps each entry's model version (the model that embedded its image); a string
         sets every entry's version to it.
-      transformed_by: id of the transformation (recorded in the provenance and the metadata).
+      transformed_by: id of `transform_fn` (recorded in the provenance and the metadata).
       model_id: model id recorded in the metadata (the new space's model); defaults to `new_space`.
       config: the new index's configuration (an `IndexConfig`, or a `MilvusConfig` for Milvus); None ->
         the size-based default for D_new keeping the old index's num_neighbors (ScaNN: also threads
         and mutability; Milvus: the index type).
-      batch_size: rows per transform call.
+      batch_size: rows per read and transform call.
       index_dir: Milvus only (required there): where the new index is served from (its collection is
         filled as it is made; the directory may be the old index's own, to upgrade it in place). A
         ScaNN index is returned unsaved, whatever `index_dir` says.
+      transforms: {source space: SourceTransform} for the entries transformed from earlier spaces.
+      compose: move the stored vectors of transformed entries through `transform_fn` too.
 
     Returns:
-      The new index, with metadata "transformed_from" naming the old space, model, version counts and
-      the transformation.
+      The new index, with metadata "transformed_from" naming the old space, model, version counts, the
+      transformations and the route ("direct" or "composed").
 
     Raises:
-      ValueError: the transform returns the wrong number of rows, a non-2-D array, NaN/Inf or zero rows.
+      ValueError: a source space without a transformation (`upgrade_route`: one line, nothing written);
+        the transform returns the wrong number of rows, a non-2-D array, NaN/Inf or zero rows.
     """
-    checks.check_transform_args(batch_size, new_version, transformed_by)
     return index.transform(transform_fn, new_space, new_version, transformed_by=transformed_by, model_id=model_id,
-                           config=config, batch_size=batch_size, index_dir=index_dir)
+                           config=config, batch_size=batch_size, index_dir=index_dir, transforms=transforms,
+                           compose=compose)

@@ -24,6 +24,13 @@ Index directory layout (docs/design.md, "Artifacts and formats"):
                         (moved from another space without re-encoding; `operations.transform_gallery`); indexes
                         saved before this file existed load with every entry "embedded"
       embeddings.npy    float32 [N, D] unit vectors, same order (also ScaNN's reordering dataset)
+      sources.json      the embedding space of each entry's kept ORIGINAL vector (the space it was
+                        embedded in before an upgrade moved it), null for a native entry, same order;
+                        written by upgraded indexes (`operations.UpgradeRoute`); an index without it
+                        reads as all native (original = stored vector, source = the index's space)
+      originals/K.npy   float32 [N_s, D_s]: the originals of the entries whose source is space s, in
+                        index order; index.json's "originals" maps each space to its file, count and
+                        dimension (docs/design.md, "Artifacts and formats")
       scann/            the serialized ScaNN searcher; scann_assets.pbtxt holds paths RELATIVE to
                         INDEX_DIR (ScaNN itself writes absolute ones)
 
@@ -77,6 +84,8 @@ IDS_FILE = "ids.json"
 VERSIONS_FILE = "versions.json"
 PROVENANCE_FILE = "provenance.json"
 EMBEDDINGS_FILE = "embeddings.npy"
+SOURCES_FILE = "sources.json"
+ORIGINALS_DIR = "originals"
 SCANN_BACKEND = "scann"
 SCANN_DIR = "scann"
 SCANN_ASSETS_FILE = "scann_assets.pbtxt"
@@ -338,7 +347,8 @@ class EmbeddingIndex(Index):
     KEPT_CONFIG_FIELDS = ("num_neighbors", "num_threads", "training_threads", "mutable")
 
     def __init__(self, *, ids: list[str], embeddings: np.ndarray, versions: list[str], provenance: list[str],
-                 metadata: dict[str, Any], config: IndexConfig, searcher: Any):
+                 metadata: dict[str, Any], config: IndexConfig, searcher: Any,
+                 originals: Optional[tuple[list[Optional[str]], list[int], dict[str, np.ndarray]]] = None):
         self._ids = ids
         self._pos = {v: i for i, v in enumerate(ids)}
         self._embeddings = embeddings
@@ -348,13 +358,17 @@ class EmbeddingIndex(Index):
         self._config = config
         self._searcher = searcher
         self._ids_array: Optional[np.ndarray] = None
+        # kept originals (`checks.pack_originals`): source space per entry (None: native), the entry's row in
+        # its space's array, {space: [n_s, D_s]}; rows of entries made native again stay until `save` compacts
+        self._sources, self._origin_rows, self._originals = originals or ([None] * len(ids), [-1] * len(ids), {})
 
     # -- construction --------------------------------------------------------------------------------
 
     @classmethod
     def build(cls, ids: Sequence[str], embeddings: np.ndarray, versions: Union[str, Sequence[str]], *,
               embedding_space: str, model_id: Optional[str] = None, model_version: Optional[str] = None,
-              config: Optional[IndexConfig] = None, provenance: Union[str, Sequence[str]] = EMBEDDED
+              config: Optional[IndexConfig] = None, provenance: Union[str, Sequence[str]] = EMBEDDED,
+              sources: Optional[Sequence[Optional[str]]] = None, originals: Optional[Sequence[Any]] = None
               ) -> "EmbeddingIndex":
         """Builds an index (trains and fills the ScaNN searcher) from gallery embeddings.
 
@@ -370,6 +384,8 @@ class EmbeddingIndex(Index):
             left None are resolved for N.
           provenance: how each entry's vector was made ([N] strings, or one for all): `EMBEDDED` or
             "transformed from <space> by <transformation id>" (see the module docstring).
+          sources, originals: [N] each entry's kept original vector and its space, None for native
+            entries (`checks.pack_originals`; an upgrade passes them, see `operations.UpgradeRoute`).
 
         Returns:
           The built index (not yet saved).
@@ -384,9 +400,10 @@ class EmbeddingIndex(Index):
         metadata = store.base_metadata(embedding_space, emb.shape[1], model_id or embedding_space, model_version,
                                        config.to_dict(), len(ids))
         metadata["scann_version"] = _scann_version()
+        kept = checks.pack_originals(sources, originals, len(ids))
         searcher = _build_searcher(emb, ids, config)
         return cls(ids=ids, embeddings=emb, versions=versions, provenance=provenance, metadata=metadata,
-                   config=config, searcher=searcher)
+                   config=config, searcher=searcher, originals=kept)
 
     # -- properties ----------------------------------------------------------------------------------
 
@@ -446,13 +463,17 @@ class EmbeddingIndex(Index):
         """The given ids that are not in the index, in the order given."""
         return [v for v in ids if v not in self._pos]
 
-    def iter_batches(self, batch_size: int = 65_536, *, vectors: bool = True) -> Iterator[EntryBatch]:
-        """The stored entries in index order, `batch_size` at a time (embeddings are copies)."""
+    def iter_batches(self, batch_size: int = 65_536, *, vectors: bool = True,
+                     originals: bool = False) -> Iterator[EntryBatch]:
+        """The stored entries in index order, `batch_size` at a time (embeddings and originals are copies)."""
         checks.check_int("batch_size", batch_size, minimum=1)
         for start in range(0, len(self._ids), batch_size):
             end = start + batch_size
+            sources = self._sources[start:end]
+            kept = ([None if s is None else np.array(self._originals[s][r])
+                     for s, r in zip(sources, self._origin_rows[start:end])] if originals else None)
             yield EntryBatch(self._ids[start:end], self._versions[start:end], self._provenance[start:end],
-                             np.array(self._embeddings[start:end]) if vectors else None)
+                             np.array(self._embeddings[start:end]) if vectors else None, sources, kept)
 
     # -- search --------------------------------------------------------------------------------------
 
@@ -577,6 +598,7 @@ class EmbeddingIndex(Index):
             for r, j in replace:
                 self._versions[r] = versions[j]
                 self._provenance[r] = provenance[j]
+                self._sources[r], self._origin_rows[r] = None, -1  # re-encoded: native, its original dropped
         if add:
             self._embeddings = np.concatenate([self._embeddings, emb[add]], axis=0)
             for j in add:
@@ -584,6 +606,8 @@ class EmbeddingIndex(Index):
                 self._ids.append(ids[j])
                 self._versions.append(versions[j])
                 self._provenance.append(provenance[j])
+                self._sources.append(None)
+                self._origin_rows.append(-1)
         if in_place and (self._searcher.size() != len(self._ids) or self._searcher.docids != self._ids):
             logger.warning("ScaNN docids out of step after upsert; rebuilding the searcher")
             in_place = False
@@ -613,6 +637,7 @@ class EmbeddingIndex(Index):
         self._metadata["updated"] = checks.now()
         self._metadata.pop("files", None)
         self._metadata.pop("checksum", None)
+        self._metadata.pop("originals", None)  # recounted by `save`
 
     # -- the glue's hooks ----------------------------------------------------------------------------
 
@@ -634,24 +659,28 @@ class EmbeddingIndex(Index):
 
     # -- transformation ------------------------------------------------------------------------------
 
-    def transform(self, transform_fn: Callable[[np.ndarray], np.ndarray], new_space: str,
-                  new_version: Optional[str] = None, *, transformed_by: str, model_id: Optional[str] = None,
-                  config: Optional[IndexConfig] = None, batch_size: int = 65_536,
-                  index_dir: Optional[str] = None) -> "EmbeddingIndex":
+    def transform(self, transform_fn: Optional[Callable[[np.ndarray], np.ndarray]], new_space: str,
+                  new_version: Optional[str] = None, *, transformed_by: Optional[str] = None,
+                  model_id: Optional[str] = None, config: Optional[IndexConfig] = None, batch_size: int = 65_536,
+                  index_dir: Optional[str] = None, transforms: Optional[Mapping[str, Any]] = None,
+                  compose: bool = False) -> "EmbeddingIndex":
         """`operations.transform_gallery` for ScaNN: a NEW in-memory index (unsaved, whatever `index_dir`
-        says) of every stored vector through `transform_fn`; `config` None -> by size for D_new,
-        keeping num_neighbors, threads and mutability."""
-        checks.check_transform_args(batch_size, new_version, transformed_by)
-        new = np.concatenate([operations.transform_batch(transform_fn, b.embeddings)
-                              for b in self.iter_batches(batch_size)], axis=0)
+        says) of every entry moved by `operations.UpgradeRoute`, keeping originals; `config` None -> by
+        size for D_new, keeping num_neighbors, threads and mutability."""
+        route = operations.upgrade_route(self, transform_fn, new_space, new_version, transformed_by=transformed_by,
+                                         transforms=transforms, compose=compose, batch_size=batch_size)
+        moved = [route.move(b) for b in self.iter_batches(batch_size, originals=True)]
+        new = np.concatenate([b.embeddings for b in moved], axis=0)
         if config is None:
             config = self.config_for(len(self), new.shape[1], like=self._config)
-        provenance = operations.transformed_provenance(self.provenance, self.embedding_space, transformed_by)
         model_id = model_id or new_space
-        new_index = EmbeddingIndex.build(self.ids, new, new_version or self.versions, embedding_space=new_space,
-                                         model_id=model_id, model_version=new_version or model_id, config=config,
-                                         provenance=provenance)
-        new_index._metadata["transformed_from"] = operations.transformed_from_record(self, transformed_by)
+        new_index = EmbeddingIndex.build(self.ids, new, [v for b in moved for v in b.versions],
+                                         embedding_space=new_space, model_id=model_id,
+                                         model_version=new_version or model_id, config=config,
+                                         provenance=[p for b in moved for p in b.provenance],
+                                         sources=[x for b in moved for x in b.sources],
+                                         originals=[x for b in moved for x in b.originals])
+        new_index._metadata["transformed_from"] = route.record(self)
         return new_index
 
     # -- persistence ---------------------------------------------------------------------------------
@@ -688,6 +717,7 @@ class EmbeddingIndex(Index):
         _write_json(os.path.join(root, IDS_FILE), self._ids)
         _write_json(os.path.join(root, VERSIONS_FILE), self._versions)
         _write_json(os.path.join(root, PROVENANCE_FILE), self._provenance)
+        kept = self._write_originals(root)
         scann_dir = os.path.join(root, SCANN_DIR)
         os.makedirs(scann_dir)
         self._searcher.searcher.serialize(scann_dir)  # the raw searcher: no pickled docids file
@@ -718,11 +748,31 @@ class EmbeddingIndex(Index):
         metadata.update(count=len(self._ids), version_counts=self.version_counts(),
                         provenance_counts=self.provenance_counts(), config=self._config.to_dict(),
                         lce_tf_version=lce_tf.__version__, files=dict(sorted(files.items())))
+        metadata.pop("originals", None)
+        if kept:
+            metadata["originals"] = kept
         metadata["checksum"] = fileio.json_checksum(metadata)
         _write_json(os.path.join(root, METADATA_FILE), metadata)
         fileio.fsync_path(scann_dir)
         fileio.fsync_path(root)
         return metadata
+
+    def _write_originals(self, root: str) -> dict[str, Any]:
+        """Writes sources.json and originals/K.npy (compacted: only the rows of entries still transformed)
+        when any entry keeps an original; returns index.json's "originals" record ({} when none does)."""
+        spaces = sorted({s for s in self._sources if s is not None})
+        if not spaces:
+            return {}
+        _write_json(os.path.join(root, SOURCES_FILE), self._sources)
+        os.makedirs(os.path.join(root, ORIGINALS_DIR))
+        record = {}
+        for k, space in enumerate(spaces):
+            rows = [r for s, r in zip(self._sources, self._origin_rows) if s == space]
+            rel = f"{ORIGINALS_DIR}/{k}.npy"
+            _write_npy(os.path.join(root, ORIGINALS_DIR, f"{k}.npy"), self._originals[space][rows])
+            record[space] = {"file": rel, "count": len(rows), "dim": int(self._originals[space].shape[1])}
+        fileio.fsync_path(os.path.join(root, ORIGINALS_DIR))
+        return record
 
     @classmethod
     def load(cls, index_dir: str) -> "EmbeddingIndex":
@@ -760,6 +810,7 @@ class EmbeddingIndex(Index):
         if len(ids) != count or emb.shape != (count, dim) or emb.dtype != np.float32:
             raise ValueError(f"index {root}: {IDS_FILE} ({len(ids)} ids), {EMBEDDINGS_FILE} {emb.shape} {emb.dtype} "
                              f"and {METADATA_FILE} (count {count}, dim {dim}) disagree")
+        originals = _read_originals(root, metadata, len(ids))
         sp = _scann_pybind()
         scann_dir = os.path.join(root, SCANN_DIR)
         with open(os.path.join(scann_dir, SCANN_ASSETS_FILE), encoding="utf-8") as f:
@@ -776,7 +827,7 @@ class EmbeddingIndex(Index):
         if config.num_threads:
             searcher.set_num_threads(config.num_threads)
         return cls(ids=ids, embeddings=np.ascontiguousarray(emb), versions=versions, provenance=provenance,
-                   metadata=metadata, config=config, searcher=searcher)
+                   metadata=metadata, config=config, searcher=searcher, originals=originals)
 
     def __repr__(self) -> str:
         return (f"EmbeddingIndex({len(self)} entries, dim={self.dim}, space={self.embedding_space!r}, "
@@ -821,3 +872,38 @@ def _read_metadata(root: str) -> dict[str, Any]:
         raise ValueError(f"index {root}: file {METADATA_FILE} does not list {', '.join(absent)}")
     return metadata
 
+
+
+def _read_originals(root: str, metadata: Mapping[str, Any], n: int
+                    ) -> tuple[list[Optional[str]], list[int], dict[str, np.ndarray]]:
+    """The kept originals of a loaded index (files already checksummed); all native when the index has
+    no sources.json (written before originals were kept, or never upgraded).
+
+    Raises:
+      ValueError: one line naming the directory, when sources.json, index.json's "originals" and the
+        arrays disagree.
+    """
+    if SOURCES_FILE not in metadata["files"]:
+        return [None] * n, [-1] * n, {}
+    with open(os.path.join(root, SOURCES_FILE), encoding="utf-8") as f:
+        sources = json.load(f)
+    record = metadata.get("originals") or {}
+    if not isinstance(sources, list) or len(sources) != n or set(record) != {s for s in sources if s is not None}:
+        raise ValueError(f"index {root}: {SOURCES_FILE} and the \"originals\" of {METADATA_FILE} disagree "
+                         f"(expected {n} entries naming the spaces {', '.join(sorted(record)) or 'none'})")
+    arrays: dict[str, np.ndarray] = {}
+    for space, entry in record.items():
+        array = np.load(os.path.join(root, *str(entry["file"]).split("/")), allow_pickle=False)
+        if array.dtype != np.float32 or array.shape != (sources.count(space), int(entry["dim"])):
+            raise ValueError(f"index {root}: {entry['file']} holds {array.shape} {array.dtype}; {SOURCES_FILE} "
+                             f"names space {space!r} {sources.count(space)} times (dimension {entry['dim']})")
+        arrays[space] = array
+    seen: dict[str, int] = {}
+    rows = []
+    for s in sources:
+        if s is None:
+            rows.append(-1)
+        else:
+            rows.append(seen.get(s, 0))
+            seen[s] = rows[-1] + 1
+    return sources, rows, arrays
