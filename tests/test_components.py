@@ -235,6 +235,35 @@ def test_index_builder_forward_step_upgrades_the_served_index(tmp_path, fitted_t
     assert not (tmp_path / "other").exists()
 
 
+def test_index_builder_forward_step_composes_on_an_already_upgraded_index(tmp_path, fitted_t12):
+    """A third generation: the served index holds entries transformed from space-v1; the pipeline fitted
+    only T23 (from the previous model), so the IndexBuilder moves their stored space-v2 vectors through it
+    (the composed route) instead of refusing for want of a T from space-v1."""
+    from cli_helpers import write_linear_transformation
+    from lce_tf.index.registry import open_index
+    from lce_tf.transformation import load_transformation
+
+    rng = np.random.default_rng(6)
+    ids = [f"c{i % 4}/gallery-{i:07d}" for i in range(30)]
+    build_index_dir(str(tmp_path / "v1" / "index"), ids, rng.normal(size=(30, 8)).astype(np.float32), "v1-abc",
+                    "space-v1", backend="scann")
+    v1 = types.SimpleNamespace(uri=str(tmp_path / "v1"), get_int_custom_property=lambda key: 1)
+    built, _ = upgrade_served_index(v1, fitted_t12, str(tmp_path / "v2" / "index"), backend="scann")
+    matrix = rng.normal(size=(12, 12))
+    write_linear_transformation(tmp_path / "t23", matrix, "space-v2", "space-v3", "t23")
+    t23 = load_transformation(str(tmp_path / "t23"))
+    v2 = types.SimpleNamespace(uri=str(tmp_path / "v2"), get_int_custom_property=lambda key: 1)
+    built, built_from = upgrade_served_index(v2, t23, str(tmp_path / "v3" / "index"), backend="scann")
+    assert built_from.startswith(f"upgraded from {v2.uri} by t23")
+    with open_index(str(tmp_path / "v2" / "index")) as stored, open_index(built["index_dir"]) as new:
+        before = {i: e for b in stored.iter_batches() for i, e in zip(b.ids, b.embeddings)}
+        moved = {i: e for b in new.iter_batches() for i, e in zip(b.ids, b.embeddings)}
+        expected = np.stack([before[i] for i in ids]) @ matrix
+        expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+        np.testing.assert_allclose(np.stack([moved[i] for i in ids]), expected, atol=1e-5)
+        assert new.embedding_space == "space-v3"
+
+
 def test_folder_fingerprint_changes_with_the_content(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "1.png").write_bytes(b"x")

@@ -131,8 +131,11 @@ def upgrade_served_index(base, transformation, index_dir: str, *, backend: str =
         return None, why_not
     with base_index:
         overrides = _overrides(backend, min(num_neighbors, len(base_index)), algorithm, milvus_index_type)
+        # compose: the pipeline fits one T from the previous model, so entries that an earlier run
+        # transformed go through it from their stored vectors (a T from their original space is not fitted
+        # here; `lce-tf index upgrade` with it moves them from their originals).
         index = images.upgrade_with_transformation(base_index, transformation, overrides=overrides,
-                                                   index_dir=base.uri, out_dir=index_dir)
+                                                   index_dir=base.uri, out_dir=index_dir, compose=True)
         with index:
             built = index_properties(index, index.save(index_dir))
     return built, f"upgraded from {base.uri} by {transformation.transform_id} (no image read)"

@@ -475,6 +475,10 @@ def upgrade_with_t12(index: Index, model, *, new_version: Optional[str] = None,
     "<model_id>-t12"), so `backfill_from_images(new_index, model, ...)` can then replace them with the
     model's own `embed` vectors gradually. The input index is untouched.
 
+    A model's own T12 starts from one space, the index's, so entries an earlier upgrade transformed go
+    through it from their stored vectors (the composed route; `upgrade_with_transformation` moves them
+    from their originals when given a transformation from their source space).
+
     Raises:
       ValueError: the model has no `transform_old_to_new` signature, or its T12 starts from another space
         than the index's.
@@ -489,7 +493,8 @@ def upgrade_with_t12(index: Index, model, *, new_version: Optional[str] = None,
             f"holds embedding space {index.embedding_space!r}")
     return operations.transform_gallery(index, model.transform_old_to_new, model.metadata["embedding_space"],
                                        new_version or f"{model.model_id}-t12", model_id=model.model_id, config=config,
-                                       transformed_by=f"{model.model_id} (transform_old_to_new)", index_dir=out_dir)
+                                       transformed_by=f"{model.model_id} (transform_old_to_new)", index_dir=out_dir,
+                                       compose=True)
 
 
 def upgrade_with_transformation(index: Index, transformation, *,
