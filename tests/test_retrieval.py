@@ -62,7 +62,10 @@ def test_import_needs_neither_scann_nor_tensorflow():
 
 
 def test_missing_scann_gets_an_install_hint(monkeypatch):
+    # Both the package and the module: an earlier test may have imported the module, which
+    # importlib.import_module then returns from sys.modules without looking at its parents.
     monkeypatch.setitem(sys.modules, "scann.scann_ops.py", None)
+    monkeypatch.setitem(sys.modules, "scann.scann_ops.py.scann_ops_pybind", None)
     with pytest.raises(ImportError, match="pip install scann==1.3.0"):
         R._scann_pybind()
     assert not R.have_scann()
