@@ -13,9 +13,9 @@ from typing import Any, Optional
 from lce_tf import defaults, modes
 
 # The methods are compatibility modes (lce_tf.modes); their names key the rows of the results.
-INDEPENDENT, LCE, LCE_TRANSFORM, BCT, L2, CROSS_MODEL = (
-    modes.INDEPENDENT.name, modes.LCE.name, modes.LCE_TRANSFORM.name, modes.BCT.name, modes.L2.name,
-    modes.CROSS_MODEL.name)
+INDEPENDENT, LCE, LCE_INSTANCE, LCE_TRANSFORM, BCT, L2, CROSS_MODEL = (
+    modes.INDEPENDENT.name, modes.LCE.name, modes.LCE_INSTANCE.name, modes.LCE_TRANSFORM.name, modes.BCT.name,
+    modes.L2.name, modes.CROSS_MODEL.name)
 METHODS = (INDEPENDENT, L2, BCT, LCE, LCE_TRANSFORM)
 SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "cross")
 METRICS = ("top1", "mAP")
@@ -105,6 +105,7 @@ class Spec:
       parent: the old model (modes that need one).
       partner: the frozen new model (cross-model mode).
       boundary, lambda_align, lambda_boundary, lambda_compat: compatibility settings.
+      lambda_instance, instance_temperature: lce-instance's InfoNCE term (docs/design.md item 9).
       learning_rate: Adam learning rate.
     """
 
@@ -120,6 +121,8 @@ class Spec:
     lambda_align: float = defaults.LAMBDA_ALIGN
     lambda_boundary: float = defaults.LAMBDA_BOUNDARY
     lambda_compat: float = 1.0
+    lambda_instance: float = defaults.LAMBDA_INSTANCE
+    instance_temperature: float = defaults.INSTANCE_TEMPERATURE
     learning_rate: float = 1e-3
 
     def describe(self) -> dict[str, Any]:
@@ -128,6 +131,8 @@ class Spec:
         terms = modes.get(self.compat).loss_terms
         if modes.ALIGN_LOSS in terms:  # lce, lce-transform, cross-model
             out.update(boundary=self.boundary, lambda_align=self.lambda_align, lambda_boundary=self.lambda_boundary)
+        if modes.INSTANCE_LOSS in terms:
+            out.update(lambda_instance=self.lambda_instance, instance_temperature=self.instance_temperature)
         if modes.BCT_LOSS in terms or modes.L2_LOSS in terms:
             out["lambda_compat"] = self.lambda_compat
         return out

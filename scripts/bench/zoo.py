@@ -119,7 +119,8 @@ class ModelZoo:
         config = training.TrainConfig(
             architecture=spec.arch, embedding_dim=spec.dim, loss=spec.loss, compat=spec.compat,
             lambda_align=spec.lambda_align, lambda_boundary=spec.lambda_boundary,
-            lambda_compat=spec.lambda_compat, epochs=spec.epochs, batch_size=self.profile.batch_size,
+            lambda_compat=spec.lambda_compat, lambda_instance=spec.lambda_instance,
+            instance_temperature=spec.instance_temperature, epochs=spec.epochs, batch_size=self.profile.batch_size,
             learning_rate=spec.learning_rate,
             seed=self.seed, version=label)
         inputs = training.prepare_training(
