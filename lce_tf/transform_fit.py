@@ -2,18 +2,31 @@
 
 The forward upgrade route (docs/design.md, "The forward path"): after v2 is trained, embed the training
 images with both models, x -> (φ1(x), φ2(x)), and fit T12 (old -> new) with the
-`lce_tf.layers.CompatibilityTransform` block and `model.fit`, minimising the cosine distance on unit
-vectors (`lce_tf.losses.cosine_distance_loss`):
+`lce_tf.layers.CompatibilityTransform` block and `model.fit`. The objective (`TransformFitSettings.
+objective`, one of OBJECTIVES) is the cosine distance on unit vectors by default
+(`lce_tf.losses.cosine_distance_loss`):
 
     L(T12) = mean_i [1 − cos(T12(φ1(x_i)), φ2(x_i))],        (and, with direction "both",
     L(T21) = mean_i [1 − cos(T21(φ2(x_i)), φ1(x_i))]          fitted in the same `fit`)
 
+The other objectives also use the labels y_i of the pairs (T21 stays on the cosine distance), with
+p_i = normalize(T12(φ1(x_i))) and t_i = normalize(φ2(x_i)):
+
+    classify:  mean_i CE(s·⟨p_i, ĉ_j⟩ over j, y_i)    ĉ_j = the new model's class centers of the pairs
+               (FastFill; docs/design.md item 10; nothing but T12 is exported)
+    supcon:    mean_i [logsumexp_j ⟨p_i, t_j⟩/τ − mean_{j: y_j = y_i} ⟨p_i, t_j⟩/τ]   over the batch (item 11)
+    cosine+classify = cosine + classify_weight·classify;  cosine+supcon = cosine + supcon_weight·supcon
+
+(`lce_tf.losses.transform_objective_loss`). Objective "cosine" is the fit of lce-tf before the
+objectives existed, bit for bit.
+
 New queries are then searched against normalize(T12(old gallery vector)): the gallery's stored vectors
 move through a small network; no image is re-encoded.
 
-Memory stays bounded whatever the data size: the pairs are embedded batch by batch and appended to two
-float32 files on disk (`PairStore`), which `fit` reads back through a `tf.data` generator in shuffled
-blocks of at most `PairStore.BLOCK_ROWS` rows per epoch, batched in the graph.
+Memory stays bounded whatever the data size: the pairs are embedded batch by batch and appended to
+float32 files (and an int64 file of labels) on disk (`PairStore`), which `fit` reads back through a
+`tf.data` generator in shuffled blocks of at most `PairStore.BLOCK_ROWS` rows per epoch, batched in the
+graph; the class centers of "classify" are accumulated block by block.
 
 Defaults (`TransformFitSettings`: width 128, 30 epochs, Adam 1e-3, batch 256) were chosen on a
 validation split of the TRAINING classes of the full glyph set, never on its test classes
@@ -21,6 +34,13 @@ validation split of the TRAINING classes of the full glyph set, never on its tes
 benchmarks/results/transform_validation.md): every candidate (widths 16, 64, 128; 10 and 30 epochs)
 met the criterion in both upgrades tried, and width 128 / 30 epochs scored highest, 0.2-0.7 points above
 width 64 / 30 epochs (inside the bootstrap intervals) at about 1.5x its fit time.
+The objective was then chosen the same way at width 128 / 30 epochs (same validation split, both
+upgrades S1 and S2, rule: the mean of top-1 and mAP of M(new, T12(old)) over both; 2026-12-04):
+cosine+classify with classify_weight 0.1 scored highest, 0.6846 against 0.6805 for cosine alone
+(S1 0.936 / 0.720 against 0.938 / 0.713; S2 0.681 / 0.402 against 0.676 / 0.396), a gain of 0.4 points
+inside the bootstrap intervals: mAP rose in both upgrades, S1's top-1 fell 0.2 points. Weight 1,
+classify alone and cosine+supcon (0.1: 0.6796; 1: 0.6683) scored lower; classify alone failed the
+criterion in S1. `dataclasses.replace(settings, objective="cosine")` gives the cosine-only fit.
 """
 
 from __future__ import annotations
@@ -81,8 +101,8 @@ class TransformFitSettings:
     batch_size: int = 256
     learning_rate: float = 1e-3
     seed: int = 0
-    objective: str = "cosine"
-    classify_weight: float = 1.0
+    objective: str = "cosine+classify"
+    classify_weight: float = 0.1
     supcon_weight: float = 1.0
     scale: float = 16.0
     temperature: float = 0.1

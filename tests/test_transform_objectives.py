@@ -236,8 +236,8 @@ def test_metadata_records_the_objective_and_old_files_still_load(tmp_path):
                                         fitted_on={"data": "pairs"})
     settings = json.loads((tmp_path / "t" / TR.METADATA_FILE).read_text())["settings"]
     assert settings == metadata["settings"]
-    assert (settings["objective"], settings["supcon_weight"], settings["classify_weight"]) == ("cosine+supcon",
-                                                                                                0.25, 1.0)
+    assert (settings["objective"], settings["supcon_weight"], settings["classify_weight"]) == (
+        "cosine+supcon", 0.25, TF.TransformFitSettings().classify_weight)
     assert metadata["fit_loss"][TR.OLD_TO_NEW] == fitted.history["cosine_distance"][-1]
     # a file written before the objectives existed (no objective in its settings) still loads and applies
     path = tmp_path / "t" / TR.METADATA_FILE
