@@ -54,7 +54,7 @@ for _path in (REPO, SCRIPTS):  # run from a checkout without `pip install -e .`;
 
 # The benchmark lives in the package scripts/bench (one job per module); these names are re-exported so that
 # `import bench_compat` (tests, docs) keeps working.
-from bench.settings import DIRECT_MODES, LCE_INSTANCE, METHODS, METRICS, PROFILES, SCENARIOS, Profile, Spec  # noqa: E402,F401
+from bench.settings import DIRECT_MODES, LCE, LCE_INSTANCE, METHODS, METRICS, PROFILES, SCENARIOS, Profile, Spec  # noqa: E402,F401
 from bench.data import Split, _font_of, ensure_dataset, load_split, validation_split  # noqa: E402,F401
 from bench.zoo import ModelZoo, fit_forward, forward_result  # noqa: E402,F401
 from bench.evaluation import Evaluator  # noqa: E402,F401
@@ -65,6 +65,20 @@ from bench.report import (ROUTES, SEED_METHODS, SEED_SCENARIOS, check_targets, m
 from bench.runs import (INSTANCE_CANDIDATES, TRANSFORM_CANDIDATES, VALIDATION_CANDIDATES,  # noqa: E402,F401
                         VALIDATION_SETTINGS, annotate, run_benchmark, run_epoch_study, run_seeds,
                         run_transform_validation, run_validation, use_one_inter_op_thread)
+
+
+def _instance_candidates(text: Optional[str]):
+    """INSTANCE_CANDIDATES, or lce plus the lce-instance (λ_i, τ) pairs of "L:T,L:T"."""
+    if not text:
+        return INSTANCE_CANDIDATES
+    pairs = []
+    for item in text.split(","):
+        try:
+            lam, tau = (float(v) for v in item.split(":"))
+        except ValueError:
+            raise ValueError(f"--instance-candidates: expected LAMBDA:TAU pairs; received {item!r}") from None
+        pairs.append((LCE_INSTANCE, {"lambda_instance": lam, "instance_temperature": tau}))
+    return ((LCE, {}), *pairs)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -87,6 +101,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--validate-instance", action="store_true",
                         help="choose lce-instance's InfoNCE weight and temperature on held-out TRAINING classes "
                         "instead (writes NAME.json/md, default instance_validation)")
+    parser.add_argument("--instance-candidates", metavar="LAMBDA:TAU,...",
+                        help="--validate-instance: the (λ_i, τ) candidates instead of INSTANCE_CANDIDATES (lce is "
+                        "always the first row)")
     parser.add_argument("--validate-transform", action="store_true",
                         help="choose the forward route's T12 fit objective on held-out TRAINING classes instead")
     parser.add_argument("--setting", default="S1", choices=sorted(VALIDATION_SETTINGS),
@@ -131,7 +148,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.validate_instance:
             run_validation(args.data, args.out, profile, seed=args.seed, work=args.work, setting=args.setting,
                            name=args.name or "instance_validation", verbose=args.verbose, command=command.strip(),
-                           candidates=INSTANCE_CANDIDATES, choose=LCE_INSTANCE)
+                           candidates=_instance_candidates(args.instance_candidates), choose=LCE_INSTANCE)
         else:
             seeds = ([int(v) for v in args.seeds.split(",") if v.strip()] if args.seeds is not None
                      else list(profile.seeds))

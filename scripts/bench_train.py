@@ -674,10 +674,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--backbones", help="comma-separated subset of the profile's backbones")
     parser.add_argument("--modes", help="comma-separated subset of " + ",".join(MODES))
     parser.add_argument("--name", default="train_speed", help="results file name (NAME.json, NAME.md)")
+    parser.add_argument("--no-accuracy", action="store_true", help="skip the accuracy check (speed only)")
     args = parser.parse_args(argv)
     profile = _profiles()["quick" if args.quick else "default"]
     if args.rounds:
         profile = dataclasses.replace(profile, rounds=args.rounds)
+    if args.no_accuracy:
+        profile = dataclasses.replace(profile, accuracy_epochs=0)
     for field, value, known in (("backbones", args.backbones, profile.backbones), ("modes", args.modes, MODES)):
         if value:
             chosen = tuple(v.strip() for v in value.split(",") if v.strip())
