@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from lce_tf import modes
 
 from bench.settings import METRICS, Spec
-from bench.zoo import ModelZoo
+from bench.zoo import COSINE, ModelZoo
 
 if TYPE_CHECKING:  # scenarios imports this module
     from bench.scenarios import Benchmark
@@ -80,12 +80,18 @@ def _route(result, old_old, independent_new) -> dict[str, Any]:
                         for m, v in evaluation.update_gain(result, old_old, independent_new).items()}}
 
 
-def _row(bench: "Benchmark", method: str, new: Spec, old: Spec, independent: Spec, note: str = "") -> dict[str, Any]:
+NOT_FITTED = "not measured: a row that decides no target gets no fitted T12 (saves a fit of ~40 s)"
+
+
+def _row(bench: "Benchmark", method: str, new: Spec, old: Spec, independent: Spec, note: str = "", *,
+         forward: bool = True, cosine: bool = False) -> dict[str, Any]:
     """One table row: M(new, new), both upgrade routes (each with its criterion and update gain), sacrifice.
 
     backward: M(new, old), new queries against the untouched old gallery (through T21 for the transformation
     modes); forward: M(new, T12(old)), new queries against the old gallery moved by a T12 fitted on the
-    training pairs (`fit_forward`). lce-transform also gets `forward_own`: through its own jointly trained T12.
+    training pairs with the library's default objective (`fit_forward`; not measured when `forward` is False).
+    `cosine`: also `forward_cosine`, through a T12 fitted with the cosine-only objective, when the library's
+    default objective is another one. lce-transform also gets `forward_own`: through its own jointly trained T12.
     """
     from lce_tf import evaluation
 
@@ -93,8 +99,15 @@ def _row(bench: "Benchmark", method: str, new: Spec, old: Spec, independent: Spe
     old_old, ind = ev.m(old, old), ev.m(independent, independent)
     new_new = ev.m(new, new)
     row: dict[str, Any] = {"method": method, "model": zoo.names.get(new), "new_new": _metric_entry(new_new),
-                           "backward": _route(ev.m(new, old, old), old_old, ind),
-                           "forward": _route(bench.forward(new, old), old_old, ind)}
+                           "backward": _route(ev.m(new, old, old), old_old, ind)}
+    if forward:
+        row["forward"] = _route(bench.forward(new, old), old_old, ind)
+        row["forward"]["objective"] = bench.objective
+        if cosine and bench.objective != COSINE:
+            row["forward_cosine"] = {**_route(bench.forward(new, old, objective=COSINE), old_old, ind),
+                                     "objective": COSINE}
+    else:
+        row["forward"] = {**_route(None, old_old, ind), "not_measured": NOT_FITTED}
     if modes.get(new.compat).uses_transforms:  # lce-transform, cross-model: their own, jointly trained T12
         row["forward_own"] = _route(ev.m(new, old, old, gallery_through_t12=new), old_old, ind)
     notes = [note] if note else []

@@ -13,13 +13,19 @@ from typing import Any, Optional
 from lce_tf import defaults, modes
 
 # The methods are compatibility modes (lce_tf.modes); their names key the rows of the results.
-INDEPENDENT, LCE, LCE_TRANSFORM, BCT, L2, CROSS_MODEL = (
-    modes.INDEPENDENT.name, modes.LCE.name, modes.LCE_TRANSFORM.name, modes.BCT.name, modes.L2.name,
-    modes.CROSS_MODEL.name)
-METHODS = (INDEPENDENT, L2, BCT, LCE, LCE_TRANSFORM)
+INDEPENDENT, LCE, LCE_INSTANCE, LCE_TRANSFORM, BCT, L2, CROSS_MODEL = (
+    modes.INDEPENDENT.name, modes.LCE.name, modes.LCE_INSTANCE.name, modes.LCE_TRANSFORM.name, modes.BCT.name,
+    modes.L2.name, modes.CROSS_MODEL.name)
+METHODS = (INDEPENDENT, L2, BCT, LCE, LCE_INSTANCE, LCE_TRANSFORM)
 SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "cross")
 METRICS = ("top1", "mAP")
 DIRECT_MODES = tuple(m for m in METHODS if modes.get(m).direct)  # compare new and old embeddings directly
+# The rows that decide the targets (S1 and S2, every seed, both routes), beside the old model.
+TARGET_METHODS = (INDEPENDENT, LCE, LCE_INSTANCE)
+# The rows of S1-S4 whose forward route is measured through a T12 fitted on the training pairs (one fit of ~40 s
+# each on the full profile): the target rows and BCT, the strongest baseline. l2 and the triplet row decide nothing
+# and are compared on the backward route; lce-transform has its own, jointly trained T12 (forward_own).
+FORWARD_METHODS = (INDEPENDENT, BCT, LCE, LCE_INSTANCE)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -42,10 +48,13 @@ class Profile:
       dim, small_dim: embedding sizes (S4's old model uses small_dim).
       boundary, lambda_align, lambda_boundary, lambda_compat: LCE / baseline settings (chosen with
         --validate on training classes; see benchmarks/results/validation.md).
+      lambda_instance, instance_temperature: lce-instance's InfoNCE weight λ_i and temperature τ
+        (lce_tf.defaults).
       val_classes: training classes held out by --validate.
       triplet_k: images per class in a triplet batch (P x K sampling).
       learning_rate, old_learning_rate: Adam learning rates of the new and the old models.
-      seeds: the seeds of the rows that decide the targets (S1/S2 old, independent, LCE, both routes).
+      seeds: the seeds of the rows that decide the targets (S1/S2 old, independent, lce, lce-instance, both
+        routes).
     """
 
     name: str
@@ -64,6 +73,8 @@ class Profile:
     lambda_align: float = defaults.LAMBDA_ALIGN
     lambda_boundary: float = defaults.LAMBDA_BOUNDARY
     lambda_compat: float = 1.0
+    lambda_instance: float = defaults.LAMBDA_INSTANCE
+    instance_temperature: float = defaults.INSTANCE_TEMPERATURE
     val_classes: int = 100
     triplet_k: int = 4
     learning_rate: float = 1e-3
@@ -104,7 +115,8 @@ class Spec:
       compat: compatibility mode (lce_tf.model.MODES).
       parent: the old model (modes that need one).
       partner: the frozen new model (cross-model mode).
-      boundary, lambda_align, lambda_boundary, lambda_compat: compatibility settings.
+      boundary, lambda_align, lambda_boundary, lambda_compat, lambda_instance, instance_temperature:
+        compatibility settings.
       learning_rate: Adam learning rate.
     """
 
@@ -120,16 +132,20 @@ class Spec:
     lambda_align: float = defaults.LAMBDA_ALIGN
     lambda_boundary: float = defaults.LAMBDA_BOUNDARY
     lambda_compat: float = 1.0
+    lambda_instance: float = defaults.LAMBDA_INSTANCE
+    instance_temperature: float = defaults.INSTANCE_TEMPERATURE
     learning_rate: float = 1e-3
 
     def describe(self) -> dict[str, Any]:
         out = {"arch": self.arch, "dim": self.dim, "loss": self.loss, "classes": self.classes,
                "epochs": self.epochs, "compat": self.compat, "learning_rate": self.learning_rate}
         terms = modes.get(self.compat).loss_terms
-        if modes.ALIGN_LOSS in terms:  # lce, lce-transform, cross-model
+        if modes.ALIGN_LOSS in terms:  # lce, lce-instance, lce-transform, cross-model
             out.update(boundary=self.boundary, lambda_align=self.lambda_align, lambda_boundary=self.lambda_boundary)
         if modes.BCT_LOSS in terms or modes.L2_LOSS in terms:
             out["lambda_compat"] = self.lambda_compat
+        if modes.INSTANCE_LOSS in terms:  # lce-instance
+            out.update(lambda_instance=self.lambda_instance, instance_temperature=self.instance_temperature)
         return out
 
 

@@ -50,6 +50,7 @@ class ModelZoo:
         self._embed_fns: dict[tuple, Any] = {}  # (spec, space) -> traced embedding function
         self._centers: dict[tuple, Any] = {}
         self.callbacks: list[Any] = []  # extra Keras callbacks of every fit (the epoch study's probe)
+        self.part = ""  # the part of the run (scenario) being run: each model's record names where it was trained
 
     # -- names ----------------------------------------------------------------------------------
     def name(self, spec: Spec, label: str) -> str:
@@ -119,7 +120,8 @@ class ModelZoo:
         config = training.TrainConfig(
             architecture=spec.arch, embedding_dim=spec.dim, loss=spec.loss, compat=spec.compat,
             lambda_align=spec.lambda_align, lambda_boundary=spec.lambda_boundary,
-            lambda_compat=spec.lambda_compat, epochs=spec.epochs, batch_size=self.profile.batch_size,
+            lambda_compat=spec.lambda_compat, lambda_instance=spec.lambda_instance,
+            instance_temperature=spec.instance_temperature, epochs=spec.epochs, batch_size=self.profile.batch_size,
             learning_rate=spec.learning_rate,
             seed=self.seed, version=label)
         inputs = training.prepare_training(
@@ -143,7 +145,7 @@ class ModelZoo:
                               "parent": self.names.get(spec.parent) if spec.parent else None,
                               "partner": self.names.get(spec.partner) if spec.partner else None,
                               "train_classes": folder.num_classes, "train_images": len(folder),
-                              "seconds": round(seconds, 1), "final_epoch": final,
+                              "seconds": round(seconds, 1), "trained_in": self.part, "final_epoch": final,
                               "history": {k: [round(float(x), 4) for x in v] for k, v in history.items()}}
         if inputs.old_centers is not None:
             self.records[spec]["old_centers_mean_pairwise_cosine"] = round(
@@ -208,6 +210,31 @@ class ModelZoo:
                 modes.get(query_spec.compat).uses_transforms:
             return self.embed(query_spec, "query", "old")
         return self.embed(query_spec, "query")
+
+
+COSINE = "cosine"  # the cosine-only fit objective of lce_tf.transform_fit (its only one before `objective` existed)
+
+
+def fit_settings(seed: int, objective: Optional[str] = None):
+    """The library's T12 fit settings (lce_tf.transform_fit.TransformFitSettings defaults) with `seed`, and with
+    `objective` when given (e.g. "cosine" for the cosine-only fit beside a default that is another objective).
+
+    Raises:
+      ValueError: `objective` is not "cosine" and the installed lce_tf has no fit objectives.
+    """
+    from lce_tf.transform_fit import TransformFitSettings
+
+    settings = TransformFitSettings(seed=seed)
+    if objective is None or objective == fit_objective(settings):
+        return settings
+    if not hasattr(settings, "objective"):
+        raise ValueError(f"T12 fit objective {objective!r}: this lce_tf fits the cosine objective only")
+    return dataclasses.replace(settings, objective=objective)
+
+
+def fit_objective(settings) -> str:
+    """The objective of T12 fit settings ("cosine" for an lce_tf without the `objective` field)."""
+    return getattr(settings, "objective", COSINE)
 
 
 def fit_forward(zoo: ModelZoo, old: Spec, new: Spec, settings) -> tuple[Any, float]:
