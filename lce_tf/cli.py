@@ -82,7 +82,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = training.TrainConfig(
         architecture=args.arch, embedding_dim=args.dim, loss=args.loss, scale=args.scale, margin=args.margin,
         compat=args.compat, lambda_align=args.lambda_align, lambda_boundary=args.lambda_boundary,
-        lambda_compat=args.lambda_compat, epochs=args.epochs, batch_size=args.batch_size,
+        lambda_compat=args.lambda_compat, lambda_instance=args.lambda_instance,
+        instance_temperature=args.instance_temperature, epochs=args.epochs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, shift_pixels=args.shift, seed=args.seed,
         precision=args.precision, version=args.version or os.path.basename(os.path.normpath(args.out)),
         **({} if args.steps_per_execution is None else {"steps_per_execution": args.steps_per_execution}))
@@ -568,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: lce_tf.training.TrainConfig's; the progress and the NaN check see every N-th step)")
     p.add_argument("--compat", default=train_defaults.compat, choices=modes.MODE_NAMES)
     p.add_argument("--old-model", help="old model directory (centers are computed from it when "
-                   "--old-centers is not given; required by l2)")
+                   "--old-centers is not given; required by l2 and lce-instance)")
     p.add_argument("--old-centers", help="old class centers .npz (lce-tf centers)")
     p.add_argument("--new-model", help="frozen new model directory (cross-model mode)")
     p.add_argument("--boundary", default=defaults.BOUNDARY_RULE, help="boundary rule when centers are computed "
@@ -577,6 +578,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda-boundary", type=float, default=train_defaults.lambda_boundary)
     p.add_argument("--lambda-compat", type=float, default=train_defaults.lambda_compat,
                    help="weight of the bct / l2 term")
+    p.add_argument("--lambda-instance", type=float, default=train_defaults.lambda_instance,
+                   help="lce-instance: weight of the per-image InfoNCE term (docs/design.md item 9)")
+    p.add_argument("--instance-temperature", type=float, default=train_defaults.instance_temperature,
+                   help="lce-instance: temperature of the InfoNCE term")
     p.add_argument("--seed", type=int, default=train_defaults.seed)
     p.add_argument("--version", dest="version", help="version label (default: the --out folder name)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out atomically")

@@ -15,3 +15,9 @@ EMBEDDING_DIM = 128
 BOUNDARY_RULE = "min"
 LAMBDA_ALIGN = 100.0
 LAMBDA_BOUNDARY = 1.0
+
+LAMBDA_INSTANCE = 1.0
+INSTANCE_TEMPERATURE = 0.05
+"""lce-instance's per-image InfoNCE term (docs/design.md item 9): its weight λ_i and temperature τ.
+Chosen on held-out TRAINING classes (`scripts/bench_compat.py --validate-instance`,
+benchmarks/results/instance_validation.md)."""

@@ -5,9 +5,10 @@ in the transformation modes, the two `CompatibilityTransform` blocks T12 (old ->
 (new -> old). Its `train_step` computes the total loss of docs/design.md, the method, item 5:
 
     L = L_cls + λ_a·L_a + λ_b·L_b            (lce, lce-transform, cross-model)
+    L = L_cls + λ_a·L_a + λ_b·L_b + λ_i·L_inst  (lce-instance, item 9)
     L = L_cls + λ_c·L_bct  or  L_cls + λ_c·L_l2   (the bct and l2 baselines)
 
-and logs every term (`cls_loss`, `align_loss`, `boundary_loss`, `bct_loss`, `l2_loss`) in the fit
+and logs every term (`cls_loss`, `align_loss`, `boundary_loss`, `instance_loss`, `bct_loss`, `l2_loss`) in the fit
 history next to the total `loss`. The classification loss is the one given to `compile(loss=...)`: a
 margin-softmax loss on the cosine logits (`lce_tf.losses.ArcFaceLoss`, ...) or, for a model built
 without a classifier, `lce_tf.losses.TripletLoss` on the embeddings.
@@ -22,6 +23,9 @@ Modes (declared in `lce_tf.modes`; `MODES` are their names):
   l2             L2 regression of the new embedding onto the frozen old model's (item 8).
   cross-model    both backbones frozen (item 7): only T12/T21 are trained, from the new model's
                  class centers and the old centers.
+  lce-instance   direct LCE plus the per-image InfoNCE term of item 9: each new embedding is pulled to
+                 the frozen old model's embedding of the same image, against the old embeddings of the
+                 batch's other classes. Needs D_new == D_old and the old model.
 
 T21 and T12 always take unit vectors (normalized new embeddings, old centers, old gallery vectors), in
 training and in the exported signatures alike.
@@ -43,8 +47,8 @@ from lce_tf.checks import check_finite
 MODES: tuple[str, ...] = modes.MODE_NAMES  # the modes are declared in lce_tf.modes
 
 # Loss-term names as they appear in the fit history.
-CLS_LOSS, ALIGN_LOSS, BOUNDARY_LOSS, BCT_LOSS, L2_LOSS = (
-    modes.CLS_LOSS, modes.ALIGN_LOSS, modes.BOUNDARY_LOSS, modes.BCT_LOSS, modes.L2_LOSS)
+CLS_LOSS, ALIGN_LOSS, BOUNDARY_LOSS, BCT_LOSS, L2_LOSS, INSTANCE_LOSS = (
+    modes.CLS_LOSS, modes.ALIGN_LOSS, modes.BOUNDARY_LOSS, modes.BCT_LOSS, modes.L2_LOSS, modes.INSTANCE_LOSS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +62,11 @@ class CompatibilityConfig:
       lambda_align: λ_a (default `lce_tf.defaults.LAMBDA_ALIGN`, the reference 100).
       lambda_boundary: λ_b (default `lce_tf.defaults.LAMBDA_BOUNDARY`, the reference 1).
       lambda_compat: weight of the BCT influence or L2 regression term.
+      lambda_instance: λ_i, weight of lce-instance's InfoNCE term (docs/design.md item 9; default
+        `lce_tf.defaults.LAMBDA_INSTANCE`).
+      instance_temperature: its temperature τ (default `lce_tf.defaults.INSTANCE_TEMPERATURE`).
       new_centers: [C, D_new] unit rows of the frozen new model (cross-model mode only).
-      init_from_old_centers: in lce mode, start the classifier rows at the old centers c_j, so that
+      init_from_old_centers: in the direct LCE modes (lce, lce-instance), start the classifier rows at the old centers c_j, so that
         L_a (item 3) is 0 at step 0 and the new features are pulled into the old cones from the first
         step instead of after the classifier has drifted (measured: benchmarks/results/validation.md).
     """
@@ -70,6 +77,8 @@ class CompatibilityConfig:
     lambda_align: float = defaults.LAMBDA_ALIGN
     lambda_boundary: float = defaults.LAMBDA_BOUNDARY
     lambda_compat: float = 1.0
+    lambda_instance: float = defaults.LAMBDA_INSTANCE
+    instance_temperature: float = defaults.INSTANCE_TEMPERATURE
     new_centers: Optional[np.ndarray] = None
     init_from_old_centers: bool = True
 
@@ -79,9 +88,11 @@ class CompatibilityConfig:
             raise ValueError(f"Mode {self.mode!r} needs the old class centers (--old-centers or --old-model).")
         if spec.needs_new_model and self.new_centers is None:
             raise ValueError(f"Mode {self.mode!r} needs the new model's class centers.")
-        for name in ("lambda_align", "lambda_boundary", "lambda_compat"):
+        for name in ("lambda_align", "lambda_boundary", "lambda_compat", "lambda_instance"):
             if not np.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"Expected a finite, non-negative {name}; received {getattr(self, name)}.")
+        if not (np.isfinite(self.instance_temperature) and self.instance_temperature > 0):
+            raise ValueError(f"Expected a finite, positive instance_temperature; received {self.instance_temperature}.")
         for name in ("old_centers", "old_boundary_cos", "new_centers"):
             if getattr(self, name) is not None:
                 check_finite(getattr(self, name), name)
@@ -108,7 +119,7 @@ class CompatibleEmbeddingModel(tf.keras.Model):
       num_classes: C, size of the cosine classifier; None for an embedding-only model (triplet loss,
         or cross-model mode).
       compatibility: the `CompatibilityConfig`.
-      old_embedder: the frozen old model, images -> old embeddings (l2 mode).
+      old_embedder: the frozen old model, images -> old embeddings (l2 and lce-instance modes).
     """
 
     def __init__(self, backbone: Callable, num_classes: Optional[int],
@@ -129,8 +140,8 @@ class CompatibleEmbeddingModel(tf.keras.Model):
                 f"Mode {mode!r} compares embeddings directly, but the old centers have dimension "
                 f"{compatibility.old_dim} and the new embedding {self.embedding_dim}; "
                 f"use --compat {modes.LCE_TRANSFORM} for different dimensions.")
-        if mode == modes.LCE.name and self.classifier is None and compatibility.lambda_align > 0:
-            tf.get_logger().warning("No classifier (triplet loss): lce mode applies the boundary loss only.")
+        if spec.direct_lce and self.classifier is None and compatibility.lambda_align > 0:
+            tf.get_logger().warning(f"No classifier (triplet loss): {mode} mode applies no alignment loss.")
         if spec.needs_old_embedder and old_embedder is None:
             raise ValueError(f"Mode {mode!r} needs the old model (--old-model).")
         if not spec.trains_backbone:
@@ -152,7 +163,7 @@ class CompatibleEmbeddingModel(tf.keras.Model):
         # Creates the head variables now, outside the first traced train step.
         if self.classifier is not None:
             self.classifier(tf.zeros((1, self.embedding_dim)))
-            if self.compatibility.mode == modes.LCE.name and self.compatibility.init_from_old_centers:
+            if self.compatibility.spec.direct_lce and self.compatibility.init_from_old_centers:
                 self.classifier.raw_weights.assign(self._old_centers)
         if self.t12 is not None:
             self.t12(tf.zeros((2, self.compatibility.old_dim)))
@@ -211,7 +222,7 @@ class CompatibleEmbeddingModel(tf.keras.Model):
             else:
                 terms[CLS_LOSS] = self._replica_mean_loss(labels, raw)
         unit = tf.math.l2_normalize(raw, axis=-1)
-        if spec is modes.LCE:
+        if spec.direct_lce:
             terms[ALIGN_LOSS] = (lce_losses.alignment_loss(self.classifier.raw_weights, self._old_centers)
                                  if self.classifier is not None else tf.constant(0.0))
             terms[BOUNDARY_LOSS] = lce_losses.boundary_loss(raw, labels, self._old_centers, self._old_boundary)
@@ -227,6 +238,10 @@ class CompatibleEmbeddingModel(tf.keras.Model):
         elif spec is modes.L2:
             old = tf.stop_gradient(self.old_embedder(images))
             terms[L2_LOSS] = tf.reduce_mean(lce_losses.l2_regression_loss(raw, old))
+        if INSTANCE_LOSS in spec.loss_terms:
+            old = tf.stop_gradient(self.old_embedder(images))
+            terms[INSTANCE_LOSS] = tf.reduce_mean(lce_losses.instance_contrastive_loss(
+                raw, old, labels, c.instance_temperature))
         if logits is not None:
             self._accuracy.update_state(labels, logits)
         return terms
@@ -248,10 +263,11 @@ class CompatibleEmbeddingModel(tf.keras.Model):
         return value
 
     def total_loss(self, terms: dict[str, tf.Tensor]) -> tf.Tensor:
-        """L = L_cls + λ_a·L_a + λ_b·L_b + λ_c·(L_bct or L_l2) + regularization (docs/design.md item 5)."""
+        """L = L_cls + λ_a·L_a + λ_b·L_b + λ_i·L_inst + λ_c·(L_bct or L_l2) + regularization (docs/design.md
+        items 5 and 9)."""
         c = self.compatibility
         weights = {CLS_LOSS: 1.0, ALIGN_LOSS: c.lambda_align, BOUNDARY_LOSS: c.lambda_boundary,
-                   BCT_LOSS: c.lambda_compat, L2_LOSS: c.lambda_compat}
+                   INSTANCE_LOSS: c.lambda_instance, BCT_LOSS: c.lambda_compat, L2_LOSS: c.lambda_compat}
         total = tf.add_n([weights[name] * value for name, value in terms.items()])
         if self.losses:
             total += tf.add_n(self.losses)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import dataclasses
 
 # Loss-term names as they appear in the fit history (docs/design.md item 5).
-CLS_LOSS, ALIGN_LOSS, BOUNDARY_LOSS, BCT_LOSS, L2_LOSS = (
-    "cls_loss", "align_loss", "boundary_loss", "bct_loss", "l2_loss")
+CLS_LOSS, ALIGN_LOSS, BOUNDARY_LOSS, BCT_LOSS, L2_LOSS, INSTANCE_LOSS = (
+    "cls_loss", "align_loss", "boundary_loss", "bct_loss", "l2_loss", "instance_loss")
 
 EMBED_SIGNATURE = "embed"
 EMBED_COMPAT_SIGNATURE = "embed_compat"
@@ -35,7 +35,8 @@ class Mode:
       name: the name on the command line (`--compat`), in configs and in the model metadata.
       summary: one line for help texts and docs.
       needs_old_centers: trains against the old model's class centers c_j and boundaries b_j.
-      needs_old_embedder: runs the frozen old model on every training batch (l2's regression target).
+      needs_old_embedder: runs the frozen old model on every training batch (l2's regression target,
+        lce-instance's per-image positives).
       needs_new_model: trains no backbone: the new model is an already trained, frozen model (cross-model).
       uses_transforms: learns T12 (old -> new) and T21 (new -> old); the new model answers old-space
         queries through T21 (signature `embed_compat`).
@@ -62,6 +63,13 @@ class Mode:
         return self.needs_old_centers or self.needs_old_embedder
 
     @property
+    def direct_lce(self) -> bool:
+        """Direct LCE terms (docs/design.md items 3-4): classifier rows aligned to the old centers, which
+        also start there (`CompatibilityConfig.init_from_old_centers`), and the boundary loss on the raw
+        new embeddings (lce, lce-instance)."""
+        return self.direct and ALIGN_LOSS in self.loss_terms
+
+    @property
     def trains_backbone(self) -> bool:
         return not self.needs_new_model
 
@@ -79,6 +87,10 @@ LCE = Mode("lce", "direct LCE: classifier rows aligned to the old centers, bound
            needs_old_centers=True, direct=True, loss_terms=(CLS_LOSS, ALIGN_LOSS, BOUNDARY_LOSS))
 LCE_TRANSFORM = Mode("lce-transform", "LCE through learned T12/T21 (any dimensions)", needs_old_centers=True,
                      uses_transforms=True, loss_terms=(CLS_LOSS, ALIGN_LOSS, BOUNDARY_LOSS))
+LCE_INSTANCE = Mode("lce-instance", "direct LCE plus a per-image InfoNCE term pulling each new embedding to the "
+                    "frozen old model's embedding of the same image (equal dimensions)",
+                    needs_old_centers=True, needs_old_embedder=True, direct=True,
+                    loss_terms=(CLS_LOSS, ALIGN_LOSS, BOUNDARY_LOSS, INSTANCE_LOSS))
 BCT = Mode("bct", "BCT influence loss: new features classified by the old centers (equal dimensions)",
            needs_old_centers=True, direct=True, loss_terms=(CLS_LOSS, BCT_LOSS))
 L2 = Mode("l2", "L2 regression onto the frozen old model's embedding (equal dimensions)", needs_old_embedder=True,
@@ -87,7 +99,7 @@ CROSS_MODEL = Mode("cross-model", "both backbones frozen: only T12/T21 trained b
                    needs_old_centers=True, needs_new_model=True, uses_transforms=True,
                    loss_terms=(ALIGN_LOSS, BOUNDARY_LOSS), in_pipeline=False)
 
-ALL: tuple[Mode, ...] = (INDEPENDENT, LCE, LCE_TRANSFORM, BCT, L2, CROSS_MODEL)
+ALL: tuple[Mode, ...] = (INDEPENDENT, LCE, LCE_INSTANCE, LCE_TRANSFORM, BCT, L2, CROSS_MODEL)
 MODE_NAMES: tuple[str, ...] = tuple(m.name for m in ALL)
 PIPELINE_MODES: tuple[Mode, ...] = tuple(m for m in ALL if m.in_pipeline)
 PIPELINE_MODE_NAMES: tuple[str, ...] = tuple(m.name for m in PIPELINE_MODES)

@@ -39,6 +39,8 @@ class TrainConfig:
       scale, margin: s and m of the margin-softmax head (reference re-id config: ArcFace s=16, m=0.1).
       compat: compatibility mode (a name of lce_tf.modes.MODE_NAMES).
       lambda_align, lambda_boundary, lambda_compat: loss weights (λ_a, λ_b, and the BCT/L2 weight).
+      lambda_instance, instance_temperature: lce-instance's InfoNCE term, weight λ_i and temperature τ
+        (docs/design.md item 9; defaults chosen on held-out training classes, `lce_tf.defaults`).
       init_from_old_centers: lce mode: the classifier rows start at the old centers.
       epochs, batch_size, learning_rate: optimisation.
       shift_pixels: random-translation augmentation in pixels.
@@ -68,6 +70,8 @@ class TrainConfig:
     lambda_align: float = defaults.LAMBDA_ALIGN
     lambda_boundary: float = defaults.LAMBDA_BOUNDARY
     lambda_compat: float = 1.0
+    lambda_instance: float = defaults.LAMBDA_INSTANCE
+    instance_temperature: float = defaults.INSTANCE_TEMPERATURE
     init_from_old_centers: bool = True
     epochs: int = 5
     batch_size: int = 128
@@ -99,6 +103,11 @@ class TrainConfig:
                 raise ValueError(f"Expected a positive {name}; received {getattr(self, name)}.")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ValueError(f"Expected a positive learning_rate; received {self.learning_rate}.")
+        if not (self.instance_temperature > 0 and math.isfinite(self.instance_temperature)):
+            raise ValueError(f"Expected a positive instance_temperature; received {self.instance_temperature}.")
+        for name in ("lambda_align", "lambda_boundary", "lambda_compat", "lambda_instance"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"Expected a finite, non-negative {name}; received {getattr(self, name)}.")
 
 
 def classification_loss(config: TrainConfig):
@@ -151,7 +160,7 @@ class TrainingInputs:
 
     Attributes:
       old_centers: [C, D_old] old class centers, row j = training class j (modes that need them).
-      old_embedder: the frozen old model, images -> embeddings (l2).
+      old_embedder: the frozen old model, images -> embeddings (l2, lce-instance).
       new_backbone, new_centers: the frozen new model and its class centers (cross-model).
       old_model_id, old_dim: the old model's id and dimension, for the `compatible_with` metadata.
     """
@@ -203,7 +212,7 @@ def prepare_training(config: TrainConfig, *, class_names: Sequence[str], input_s
 
     Raises:
       ValueError: a missing input, centers computed with another model than the old model, a dimension
-        that a direct mode cannot compare, an old model (l2) that takes other images; one line each.
+        that a direct mode cannot compare, an old model (l2, lce-instance) that takes other images; one line each.
     """
     config.validate()
     mode = modes.get(config.compat)
@@ -214,6 +223,14 @@ def prepare_training(config: TrainConfig, *, class_names: Sequence[str], input_s
         raise ValueError(f"mode {mode.name!r} needs the old model")
     if mode.needs_new_model and (new_model is None or not can_compute):
         raise ValueError(f"mode {mode.name!r} needs the frozen new model")
+    if mode.needs_old_embedder:  # checked before any centers are computed with the old model
+        if mode.direct and old_model.embedding_dim != config.embedding_dim:
+            raise ValueError(f"the old model {old_model.model_id} has dimension {old_model.embedding_dim} but the new "
+                             f"embedding has dimension {config.embedding_dim} ({dim_name}); mode {mode.name!r} "
+                             "needs equal dimensions")
+        if tuple(old_model.input_shape) != tuple(input_shape):
+            raise ValueError(f"mode {mode.name!r}: the old model {old_model.model_id} takes images "
+                             f"{tuple(old_model.input_shape)} but the training images are {tuple(input_shape)}")
     inputs = TrainingInputs()
     if mode.needs_old_centers:
         if old_centers is None:
@@ -228,13 +245,6 @@ def prepare_training(config: TrainConfig, *, class_names: Sequence[str], input_s
                              f"mode {modes.LCE_TRANSFORM.name!r}")
         inputs.old_centers = old_centers
     if mode.needs_old_embedder:
-        if mode.direct and old_model.embedding_dim != config.embedding_dim:
-            raise ValueError(f"the old model {old_model.model_id} has dimension {old_model.embedding_dim} but the new "
-                             f"embedding has dimension {config.embedding_dim} ({dim_name}); mode {mode.name!r} "
-                             "needs equal dimensions")
-        if tuple(old_model.input_shape) != tuple(input_shape):
-            raise ValueError(f"mode {mode.name!r}: the old model {old_model.model_id} takes images "
-                             f"{tuple(old_model.input_shape)} but the training images are {tuple(input_shape)}")
         inputs.old_embedder = old_model.keras_embedder()
     if mode.needs_new_model:
         inputs.new_centers = compute_centers(new_model)
@@ -276,7 +286,8 @@ def build_model(config: TrainConfig, *, num_classes: int, input_shape: Sequence[
         old_centers=None if old_centers is None else old_centers.centers,
         old_boundary_cos=None if old_centers is None else old_centers.boundary_cos,
         lambda_align=config.lambda_align, lambda_boundary=config.lambda_boundary,
-        lambda_compat=config.lambda_compat, init_from_old_centers=config.init_from_old_centers,
+        lambda_compat=config.lambda_compat, lambda_instance=config.lambda_instance,
+        instance_temperature=config.instance_temperature, init_from_old_centers=config.init_from_old_centers,
         new_centers=None if new_centers is None else new_centers.centers)
     head_classes = None if config.loss == "triplet" else num_classes
     mode = modes.get(config.compat)
@@ -338,7 +349,7 @@ def train(config: TrainConfig, train_dataset, *, num_classes: int, input_shape: 
       num_classes: C, the number of training classes.
       input_shape: (H, W, C).
       old_centers: old class centers aligned to the training labels (modes that need them).
-      old_embedder: the frozen old model, images -> embeddings (l2 mode).
+      old_embedder: the frozen old model, images -> embeddings (l2 and lce-instance modes).
       new_backbone: the frozen new model's embed function (cross-model mode).
       new_centers: the frozen new model's class centers aligned to the labels (cross-model mode).
       steps_per_epoch, verbose, callbacks: passed to `model.fit`.

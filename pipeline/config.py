@@ -76,9 +76,9 @@ class PipelineConfig:
         model directory to import.
 
     Training (lce_tf.training.TrainConfig):
-      mode: independent, lce, lce-transform, bct or l2.
+      mode: one of lce_tf.modes.PIPELINE_MODE_NAMES (independent, lce, lce-instance, lce-transform, bct, l2).
       version, architecture, embedding_dim, loss, scale, margin, lambda_align, lambda_boundary,
-      lambda_compat, epochs, batch_size, learning_rate, shift_pixels, seed.
+      lambda_compat, lambda_instance, instance_temperature, epochs, batch_size, learning_rate, shift_pixels, seed.
       train_independent_reference: also train the independent new* model (same settings, mode
         independent) so the validator reports update gain and new-model sacrifice.
 
@@ -131,6 +131,8 @@ class PipelineConfig:
     lambda_align: float = defaults.LAMBDA_ALIGN
     lambda_boundary: float = defaults.LAMBDA_BOUNDARY
     lambda_compat: float = 1.0
+    lambda_instance: float = defaults.LAMBDA_INSTANCE
+    instance_temperature: float = defaults.INSTANCE_TEMPERATURE
     epochs: int = 5
     batch_size: int = 128
     learning_rate: float = 1e-3
@@ -294,15 +296,15 @@ class PipelineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name}: must be a non-negative integer; received {value!r}")
-        for name in ("scale", "margin", "lambda_align", "lambda_boundary", "lambda_compat", "learning_rate",
-                     "margin_top1", "margin_map", "min_top1", "min_map"):
+        for name in ("scale", "margin", "lambda_align", "lambda_boundary", "lambda_compat", "lambda_instance",
+                     "instance_temperature", "learning_rate", "margin_top1", "margin_map", "min_top1", "min_map"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name}: must be a finite number; received {value!r}")
-        for name in ("scale", "learning_rate"):
+        for name in ("scale", "learning_rate", "instance_temperature"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0; received {getattr(self, name)!r}")
-        for name in ("margin", "lambda_align", "lambda_boundary", "lambda_compat"):
+        for name in ("margin", "lambda_align", "lambda_boundary", "lambda_compat", "lambda_instance"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0; received {getattr(self, name)!r}")
         for name in ("min_top1", "min_map"):

@@ -2,7 +2,7 @@
 
     ImageFolderExampleGen ──> (StatisticsGen ──> SchemaGen)                        [config.statistics]
           │ examples (train / query / gallery)
-          ├──────────────> ClassCenterExtractor (Beam) <── old model ─┐           [modes lce, lce-transform, bct]
+          ├──────────────> ClassCenterExtractor (Beam) <── old model ─┐           [lce, lce-instance, lce-transform, bct]
           │                       │ class_centers                     │
           ├──────────────> LceTrainer (mode) <────────────────────────┤ old model: latest pushed Model
           │                       │ model                             │ (Resolver, LatestPushedModelStrategy)
@@ -107,7 +107,8 @@ def _trainer(config: PipelineConfig, examples, centers, old_model, *, mode: str,
         examples=examples, class_centers=centers, old_model=old_model, mode=mode, architecture=config.architecture,
         embedding_dim=config.embedding_dim, loss=config.loss, scale=config.scale, margin=config.margin,
         lambda_align=config.lambda_align, lambda_boundary=config.lambda_boundary,
-        lambda_compat=config.lambda_compat, epochs=config.epochs, batch_size=config.batch_size,
+        lambda_compat=config.lambda_compat, lambda_instance=config.lambda_instance,
+        instance_temperature=config.instance_temperature, epochs=config.epochs, batch_size=config.batch_size,
         learning_rate=config.learning_rate, shift_pixels=config.shift_pixels, seed=config.seed, version=version)
 
 

@@ -408,6 +408,21 @@ def l2_old_model_takes_other_images(ws, tmp, mp):
     return act, lambda _: _assert_absent(tmp / "m")
 
 
+def lce_instance_old_model_takes_other_images(ws, tmp, mp):
+    for j, name in enumerate(CLASSES):
+        for i in range(2):
+            _image(tmp / "train16" / name / f"{i}.png", size=(16, 16), seed=100 * j + i)
+    act = _cli("train", "--data", tmp / "train16", "--out", tmp / "m", "--arch", "small_cnn", "--dim", "8",
+               "--compat", "lce-instance", "--old-model", ws / "v1")
+    return act, lambda _: _assert_absent(tmp / "m")
+
+
+def lce_instance_without_old_model(ws, tmp, mp):
+    act = _cli("train", "--data", ws / "train", "--out", tmp / "m", "--arch", "small_cnn", "--dim", "8",
+               "--compat", "lce-instance", "--old-centers", ws / "v1_centers.npz")
+    return act, lambda _: _assert_absent(tmp / "m")
+
+
 # -- models -----------------------------------------------------------------------------------------
 
 
@@ -836,6 +851,13 @@ CASES = [
          l2_old_model_takes_other_images,
          CliError(r"mode 'l2': the old model v1\S* takes images \(12, 12, 1\) but the training images are "
                   r"\(16, 16, 1\)")),
+    Case("cli-lce-instance-old-model-input-shape",
+         "lce-tf train --compat lce-instance on 16 x 16 images with a 12 x 12 old model",
+         lce_instance_old_model_takes_other_images,
+         CliError(r"mode 'lce-instance': the old model v1\S* takes images \(12, 12, 1\) but the training images "
+                  r"are \(16, 16, 1\)")),
+    Case("cli-lce-instance-without-old-model", "lce-tf train --compat lce-instance with --old-centers only",
+         lce_instance_without_old_model, CliError(r"--compat lce-instance needs --old-model DIR")),
     # models
     Case("cli-savedmodel-without-signature", "a SavedModel with only serving_default, metadata promising `embed`",
          savedmodel_without_signature, CliError(r"SavedModel in \S+/m lacks the signature\(s\) embed")),

@@ -124,6 +124,32 @@ def test_l2_mode_regresses_onto_the_frozen_old_model(toy, old_model_dir):
     np.testing.assert_allclose(old.embed(images[:4]), load_embedding_model(old_model_dir).embed(images[:4]), atol=1e-6)
 
 
+def test_lce_instance_adds_the_instance_term_to_lce(toy, old_model_dir, old_centers):
+    from lce_tf import losses as lce_losses
+
+    images, labels = toy
+    old = load_embedding_model(old_model_dir)
+    common = dict(architecture="small_cnn", embedding_dim=old.embedding_dim, epochs=3, batch_size=8,
+                  learning_rate=1e-2)
+    config = training.TrainConfig(compat="lce-instance", lambda_instance=20.0, instance_temperature=0.1, **common)
+    model, history = training.train(config, _dataset(images, labels), num_classes=NUM_CLASSES, input_shape=SHAPE,
+                                    old_centers=old_centers, old_embedder=old.keras_embedder(), verbose=0)
+    assert {"cls_loss", "align_loss", "boundary_loss", "instance_loss", "loss", "accuracy"} == set(history)
+    assert history["instance_loss"][-1] < history["instance_loss"][0]
+    # The term is item 9's loss on the raw new embeddings against the frozen old model's, weighted by λ_i.
+    batch, batch_labels = images[::4], labels[::4]  # every class twice
+    terms = model.compute_loss_terms(batch, batch_labels, training=False)
+    expected = lce_losses.instance_contrastive_loss(model.backbone(batch, training=False), old.embed(batch),
+                                                    batch_labels, 0.1)
+    assert np.mean(expected) > 0.01
+    np.testing.assert_allclose(terms["instance_loss"], np.mean(expected), rtol=1e-5)
+    weighted = (terms["cls_loss"] + 100.0 * terms["align_loss"] + 1.0 * terms["boundary_loss"]
+                + 20.0 * terms["instance_loss"])
+    np.testing.assert_allclose(model.total_loss(terms), weighted, rtol=1e-6)
+    # The old model stays frozen.
+    np.testing.assert_allclose(old.embed(images[:4]), load_embedding_model(old_model_dir).embed(images[:4]), atol=1e-6)
+
+
 def test_lce_alignment_pulls_classifier_rows_onto_old_centers(toy, old_centers):
     images, labels = toy
     cosines = {}

@@ -7,9 +7,9 @@ from lce_tf import modes
 
 
 def test_every_mode_is_declared_once_with_a_constant():
-    assert modes.MODE_NAMES == ("independent", "lce", "lce-transform", "bct", "l2", "cross-model")
-    assert list(modes.ALL) == [modes.INDEPENDENT, modes.LCE, modes.LCE_TRANSFORM, modes.BCT, modes.L2,
-                               modes.CROSS_MODEL]
+    assert modes.MODE_NAMES == ("independent", "lce", "lce-instance", "lce-transform", "bct", "l2", "cross-model")
+    assert list(modes.ALL) == [modes.INDEPENDENT, modes.LCE, modes.LCE_INSTANCE, modes.LCE_TRANSFORM, modes.BCT,
+                               modes.L2, modes.CROSS_MODEL]
     assert all(modes.get(name).name == name for name in modes.MODE_NAMES)
     assert modes.get(modes.LCE) is modes.LCE
 
@@ -17,25 +17,26 @@ def test_every_mode_is_declared_once_with_a_constant():
 @pytest.mark.parametrize("name", ["LCE", "lce_transform", "", None])
 def test_unknown_name_names_the_known_modes(name):
     with pytest.raises(ValueError, match=r"^Unknown compatibility mode .*; expected one of independent, lce, "
-                                         r"lce-transform, bct, l2, cross-model\.$"):
+                                         r"lce-instance, lce-transform, bct, l2, cross-model\.$"):
         modes.get(name)
 
 
 def test_what_each_mode_needs():
     needs = {m.name: (m.needs_old_centers, m.needs_old_embedder, m.needs_new_model) for m in modes.ALL}
     assert needs == {"independent": (False, False, False), "lce": (True, False, False),
-                     "lce-transform": (True, False, False), "bct": (True, False, False),
+                     "lce-instance": (True, True, False), "lce-transform": (True, False, False), "bct": (True, False, False),
                      "l2": (False, True, False), "cross-model": (True, False, True)}
     # Every mode but independent trains against an old model (the pipeline needs one; the metadata names it).
     assert [m.name for m in modes.ALL if not m.compatible_with_old] == ["independent"]
-    assert [m.name for m in modes.ALL if m.direct] == ["lce", "bct", "l2"]
+    assert [m.name for m in modes.ALL if m.direct] == ["lce", "lce-instance", "bct", "l2"]
+    assert [m.name for m in modes.ALL if m.direct_lce] == ["lce", "lce-instance"]
     assert [m.name for m in modes.ALL if m.uses_transforms] == ["lce-transform", "cross-model"]
-    assert [m.export_signature for m in modes.ALL] == ["embed", "embed", "embed_compat", "embed", "embed",
+    assert [m.export_signature for m in modes.ALL] == ["embed", "embed", "embed", "embed_compat", "embed", "embed",
                                                        "embed_compat"]
 
 
 def test_pipeline_modes_are_those_that_train_a_backbone():
-    assert modes.PIPELINE_MODE_NAMES == ("independent", "lce", "lce-transform", "bct", "l2")
+    assert modes.PIPELINE_MODE_NAMES == ("independent", "lce", "lce-instance", "lce-transform", "bct", "l2")
     assert all(m.trains_backbone == m.in_pipeline for m in modes.ALL)
 
 

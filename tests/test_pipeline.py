@@ -141,7 +141,7 @@ def test_cli_pipeline_bad_config_is_one_line(capsys):
     err = capsys.readouterr().err
     assert code == cli.EXIT_BAD_INPUT
     assert err.strip() == ("lce-tf: error: mode: unknown compatibility mode 'bogus'; expected one of "
-                           "independent, lce, lce-transform, bct, l2")
+                           "independent, lce, lce-instance, lce-transform, bct, l2")
 
 
 # --------------------------------------------------------------------------------------------------

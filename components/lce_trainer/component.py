@@ -9,7 +9,8 @@ JSON-encoded custom_config), and the old model and centers are ordinary (optiona
 work is `lce_tf.training.train` + `lce_tf.export.export_model`; the Model artifact holds the exported
 model directory in Format-Serving/, the layout the stock Pusher and Evaluator read.
 
-Modes: independent (new*), lce (direct, D_new = D_old), lce-transform (T12/T21, any dimensions), bct,
+Modes: independent (new*), lce (direct, D_new = D_old), lce-instance (lce + a per-image InfoNCE term),
+lce-transform (T12/T21, any dimensions), bct,
 l2 (docs/design.md, the method, items 3-8). An empty old-model channel (first run) trains independently.
 """
 
@@ -26,8 +27,8 @@ from lce_tf import defaults, modes
 from components.lce_trainer import executor
 from components.lce_trainer.executor import (  # noqa: F401  (the keys and modes)
     ARCHITECTURE_KEY, BATCH_SIZE_KEY, CLASS_CENTERS_KEY, EFFECTIVE_MODE_PROPERTY, EMBEDDING_DIM_KEY, EPOCHS_KEY,
-    EXAMPLES_KEY, LAMBDA_ALIGN_KEY, LAMBDA_BOUNDARY_KEY, LAMBDA_COMPAT_KEY, LEARNING_RATE_KEY, LOSS_KEY, MARGIN_KEY,
-    MODE_KEY, MODEL_ID_PROPERTY, MODEL_KEY, MODES, OLD_MODEL_KEY,
+    EXAMPLES_KEY, INSTANCE_TEMPERATURE_KEY, LAMBDA_ALIGN_KEY, LAMBDA_BOUNDARY_KEY, LAMBDA_COMPAT_KEY,
+    LAMBDA_INSTANCE_KEY, LEARNING_RATE_KEY, LOSS_KEY, MARGIN_KEY, MODE_KEY, MODEL_ID_PROPERTY, MODEL_KEY, MODES, OLD_MODEL_KEY,
     SCALE_KEY, SEED_KEY, SHIFT_PIXELS_KEY, SPLIT_KEY, VERSION_KEY)
 
 
@@ -44,6 +45,8 @@ class LceTrainerSpec(ComponentSpec):
         LAMBDA_ALIGN_KEY: ExecutionParameter(type=float),
         LAMBDA_BOUNDARY_KEY: ExecutionParameter(type=float),
         LAMBDA_COMPAT_KEY: ExecutionParameter(type=float),
+        LAMBDA_INSTANCE_KEY: ExecutionParameter(type=float, optional=True),
+        INSTANCE_TEMPERATURE_KEY: ExecutionParameter(type=float, optional=True),
         EPOCHS_KEY: ExecutionParameter(type=int),
         BATCH_SIZE_KEY: ExecutionParameter(type=int),
         LEARNING_RATE_KEY: ExecutionParameter(type=float),
@@ -76,15 +79,17 @@ class LceTrainer(base_component.BaseComponent):
                  architecture: str = "cnn",
                  embedding_dim: int = defaults.EMBEDDING_DIM, loss: str = "arcface", scale: float = 16.0, margin: float = 0.1,
                  lambda_align: float = defaults.LAMBDA_ALIGN, lambda_boundary: float = defaults.LAMBDA_BOUNDARY, lambda_compat: float = 1.0,
+                 lambda_instance: float = defaults.LAMBDA_INSTANCE,
+                 instance_temperature: float = defaults.INSTANCE_TEMPERATURE,
                  epochs: int = 5, batch_size: int = 128, learning_rate: float = 1e-3, shift_pixels: int = 2,
                  seed: int = 0, version: str = "v1", split: str = "train"):
         """Args:
           examples: Examples with the training split.
-          class_centers: the old model's ClassCenters (lce, lce-transform, bct).
-          old_model: the old Model (all modes but independent; l2 embeds with it).
+          class_centers: the old model's ClassCenters (lce, lce-instance, lce-transform, bct).
+          old_model: the old Model (all modes but independent; l2 and lce-instance embed with it).
           mode: one of MODES.
           architecture, embedding_dim, loss, scale, margin, lambda_align, lambda_boundary, lambda_compat,
-            epochs, batch_size, learning_rate, shift_pixels, seed, version: lce_tf.training.TrainConfig.
+            lambda_instance, instance_temperature, epochs, batch_size, learning_rate, shift_pixels, seed, version: lce_tf.training.TrainConfig.
           split: the training split.
         """
         if mode not in MODES:
@@ -94,6 +99,7 @@ class LceTrainer(base_component.BaseComponent):
             ARCHITECTURE_KEY: architecture, EMBEDDING_DIM_KEY: int(embedding_dim), LOSS_KEY: loss,
             SCALE_KEY: float(scale), MARGIN_KEY: float(margin), LAMBDA_ALIGN_KEY: float(lambda_align),
             LAMBDA_BOUNDARY_KEY: float(lambda_boundary), LAMBDA_COMPAT_KEY: float(lambda_compat),
+            LAMBDA_INSTANCE_KEY: float(lambda_instance), INSTANCE_TEMPERATURE_KEY: float(instance_temperature),
             EPOCHS_KEY: int(epochs), BATCH_SIZE_KEY: int(batch_size), LEARNING_RATE_KEY: float(learning_rate),
             SHIFT_PIXELS_KEY: int(shift_pixels), SEED_KEY: int(seed), VERSION_KEY: version, SPLIT_KEY: split,
             MODEL_KEY: channel.Channel(type=standard_artifacts.Model)})

@@ -25,6 +25,8 @@ MARGIN_KEY = "margin"
 LAMBDA_ALIGN_KEY = "lambda_align"
 LAMBDA_BOUNDARY_KEY = "lambda_boundary"
 LAMBDA_COMPAT_KEY = "lambda_compat"
+LAMBDA_INSTANCE_KEY = "lambda_instance"
+INSTANCE_TEMPERATURE_KEY = "instance_temperature"
 EPOCHS_KEY = "epochs"
 BATCH_SIZE_KEY = "batch_size"
 LEARNING_RATE_KEY = "learning_rate"
@@ -44,6 +46,8 @@ EFFECTIVE_MODE_PROPERTY = "compat_mode"
 _LOG = logging.getLogger(__name__)
 
 _FLOAT_PARAMS = (SCALE_KEY, MARGIN_KEY, LAMBDA_ALIGN_KEY, LAMBDA_BOUNDARY_KEY, LAMBDA_COMPAT_KEY, LEARNING_RATE_KEY)
+# Added with lce-instance: a pipeline compiled before then has no value and gets TrainConfig's default.
+_OPTIONAL_FLOAT_PARAMS = (LAMBDA_INSTANCE_KEY, INSTANCE_TEMPERATURE_KEY)
 _INT_PARAMS = (EMBEDDING_DIM_KEY, EPOCHS_KEY, BATCH_SIZE_KEY, SHIFT_PIXELS_KEY, SEED_KEY)
 
 
@@ -56,6 +60,9 @@ def train_config(exec_properties: dict[str, Any], mode: str):
                               "loss": str(exec_properties[LOSS_KEY])}
     for key in _FLOAT_PARAMS:
         values[key] = float(exec_properties[key])
+    for key in _OPTIONAL_FLOAT_PARAMS:
+        if exec_properties.get(key) is not None:
+            values[key] = float(exec_properties[key])
     for key in _INT_PARAMS:
         values[key] = int(exec_properties[key])
     config = TrainConfig(**values)
