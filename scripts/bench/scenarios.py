@@ -70,6 +70,10 @@ class Benchmark:
                 self.transform(a, b, objective) for a, b in zip(chain, chain[1:])))
         return self._forward[key]
 
+    def forward_measured(self, new: Spec, old: Spec) -> bool:
+        """Whether M(new, T12(old)) was measured (default objective)."""
+        return ((self.space_of(old), self.space_of(new)), self.objective) in self._forward
+
     def spec(self, method: str, old: Spec, *, arch: Optional[str] = None, dim: Optional[int] = None,
              loss: str = "arcface", classes: str = "all", **overrides) -> Spec:
         """The new model of `method` against `old` (independent ignores `old`)."""
@@ -139,8 +143,9 @@ class Benchmark:
                              cosine=cosine and method in TARGET_METHODS))
         models = {"old": old, **rows_specs}
         self._uses(key, models.values())
-        matrix, pairs = _matrix_entries(self.ev, models, old)
-        heatmap = self._heatmap(key, matrix, list(models), f"{key}: {title} (top-1; rows: query model)")
+        matrix, pairs = _matrix_entries(self, models, old)
+        heatmap = self._heatmap(key, matrix, list(models), f"{key}: {title} (top-1; rows: query model)",
+                                galleries=["old", "T12(old)", "own"])
         return {"title": title, "description": description, "old": {"model": zoo.names[old], **old.describe()},
                 "new": {k: v for k, v in independent.describe().items() if k != "compat"},
                 "rows": rows, "not_applicable": not_applicable, "matrix": pairs, "heatmap": heatmap,

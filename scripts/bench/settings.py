@@ -96,7 +96,7 @@ PROFILES = {
     # --validate-transform and --epoch-study ran with (transform_validation.md, epochs.md).
     "all": Profile("all", train_classes=1445, test_classes=619, size=20, epochs=3, old_epochs=2, batch_size=128,
                    val_classes=400),
-    # --quick: the same scenarios (22 models) at smoke-test size, within 5 minutes: ~60 steps per new model
+    # --quick: the same scenarios (25 models, 7 more per extra seed) at smoke-test size: ~60 steps per new model
     # and ~56 per old one, about the fewest that leave BatchNormalization's moving statistics converged
     # (docs/design.md, "Known traps"). Measured: 4/3 epochs at 20 px, batch 32 took 9.0 min; 3/3 at 16 px 6.6 min.
     "quick": Profile("quick", train_classes=60, test_classes=30, size=16, epochs=2, old_epochs=4, batch_size=48,

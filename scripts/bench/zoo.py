@@ -200,16 +200,21 @@ class ModelZoo:
             self._centers[key] = centers
         return self._centers[key]
 
-    def query_in(self, query_spec: Spec, gallery_spec: Spec, old_spec: Optional[Spec]) -> np.ndarray:
-        """Query embeddings of `query_spec` in the space of the gallery model.
+    @staticmethod
+    def query_space(query_spec: Spec, gallery_spec: Spec, old_spec: Optional[Spec]) -> str:
+        """"old" when the queries of `query_spec` answer through T21 for this gallery, else "own".
 
         A model with T21 whose old model is the gallery model answers through T21 (embed_compat);
         every other pair compares the models' own embeddings.
         """
         if query_spec != gallery_spec and gallery_spec == (query_spec.parent or old_spec) and \
                 modes.get(query_spec.compat).uses_transforms:
-            return self.embed(query_spec, "query", "old")
-        return self.embed(query_spec, "query")
+            return "old"
+        return "own"
+
+    def query_in(self, query_spec: Spec, gallery_spec: Spec, old_spec: Optional[Spec]) -> np.ndarray:
+        """Query embeddings of `query_spec` in the space of the gallery model (`query_space`)."""
+        return self.embed(query_spec, "query", self.query_space(query_spec, gallery_spec, old_spec))
 
 
 COSINE = "cosine"  # the cosine-only fit objective of lce_tf.transform_fit (its only one before `objective` existed)
