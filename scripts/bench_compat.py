@@ -65,7 +65,7 @@ for _path in (REPO, SCRIPTS):  # run from a checkout without `pip install -e .`;
 from bench.settings import (DIRECT_MODES, FORWARD_METHODS, METHODS, METRICS, PROFILES, SCENARIOS,  # noqa: E402,F401
                             TARGET_METHODS, Profile, Spec)
 from bench.data import Split, _font_of, ensure_dataset, load_split, validation_split  # noqa: E402,F401
-from bench.zoo import ModelZoo, fit_forward, forward_result  # noqa: E402,F401
+from bench.zoo import ModelZoo, fit_forward, fit_objective, fit_settings, forward_result  # noqa: E402,F401
 from bench.evaluation import Evaluator  # noqa: E402,F401
 from bench.scenarios import Benchmark  # noqa: E402,F401
 from bench.report import (ROUTES, SEED_METHODS, SEED_SCENARIOS, check_targets, cost_parts,  # noqa: E402,F401

@@ -105,6 +105,9 @@ def test_ci_run_criterion_separates_lce_from_independent(ci_run):
     old_old = rows["old"]["new_new"]
     for row in list(rows.values())[1:]:   # the verdict is exactly M(new, route) > M(old, old), per metric
         for route in ("backward", "forward"):
+            if row[route].get("not_measured"):  # l2, lce-transform: no fitted T12
+                assert row[route]["new_old"] is None and not row[route]["criterion"]["pass"]
+                continue
             for metric in ("top1", "mAP"):
                 assert row[route]["criterion"][metric] == (row[route]["new_old"][metric] > old_old[metric])
             assert row[route]["criterion"]["pass"] == (row[route]["criterion"]["top1"] and row[route]["criterion"]["mAP"])
@@ -217,6 +220,19 @@ def test_spec_describes_the_instance_term_only_for_lce_instance():
     assert instance.describe()["lambda_instance"] == 0.5 and instance.describe()["instance_temperature"] == 0.1
     assert "lambda_align" in instance.describe()
     assert "lambda_instance" not in dataclasses.replace(base, compat="lce").describe()
+
+
+def test_fit_settings_give_the_cosine_row_with_any_default_objective():
+    from lce_tf.transform_fit import TransformFitSettings
+
+    default = bench.fit_settings(3)
+    assert default == TransformFitSettings(seed=3)          # the library's defaults, the bench's seed
+    assert bench.fit_objective(default) == getattr(TransformFitSettings(), "objective", "cosine")
+    cosine = bench.fit_settings(3, "cosine")
+    assert bench.fit_objective(cosine) == "cosine" and cosine.seed == 3 and cosine.epochs == default.epochs
+    if not hasattr(default, "objective"):                   # an lce_tf without fit objectives: cosine only
+        with pytest.raises(ValueError, match="cosine objective only"):
+            bench.fit_settings(3, "other")
 
 
 def test_validation_split_uses_only_training_classes(tmp_path):
