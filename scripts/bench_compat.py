@@ -4,6 +4,7 @@
     python scripts/bench_compat.py [--quick] [--data DIR] [--out benchmarks/results] [--seed N]
                                    [--scenarios S1,S2,S3,S4,S5,cross] [--work build/bench]
     python scripts/bench_compat.py --validate [--quick] [--data DIR] [--out DIR]
+    python scripts/bench_compat.py --validate-instance [--setting S2] [--data DIR] [--out DIR]
 
 Every model is trained in this one process (TensorFlow imported once) with the lce_tf library: the
 same data, the same seed, the same optimiser settings for every method; only the compatibility term
@@ -62,8 +63,8 @@ for _path in (REPO, SCRIPTS):  # run from a checkout without `pip install -e .`;
 
 # The benchmark lives in the package scripts/bench (one job per module); these names are re-exported so that
 # `import bench_compat` (tests, docs) keeps working.
-from bench.settings import (DIRECT_MODES, FORWARD_METHODS, METHODS, METRICS, PROFILES, SCENARIOS,  # noqa: E402,F401
-                            TARGET_METHODS, Profile, Spec)
+from bench.settings import (DIRECT_MODES, FORWARD_METHODS, LCE_INSTANCE, METHODS, METRICS, PROFILES,  # noqa: E402,F401
+                            SCENARIOS, TARGET_METHODS, Profile, Spec)
 from bench.data import Split, _font_of, ensure_dataset, load_split, validation_split  # noqa: E402,F401
 from bench.zoo import ModelZoo, fit_forward, fit_objective, fit_settings, forward_result  # noqa: E402,F401
 from bench.evaluation import Evaluator  # noqa: E402,F401
@@ -71,9 +72,9 @@ from bench.scenarios import Benchmark  # noqa: E402,F401
 from bench.report import (ROUTES, SEED_METHODS, SEED_SCENARIOS, check_targets, cost_parts,  # noqa: E402,F401
                           cost_table, machine_info, plot_training_curves, results_table, scenario_table, seed_summary,
                           seeds_table, write_markdown)
-from bench.runs import (TRANSFORM_CANDIDATES, VALIDATION_CANDIDATES, VALIDATION_SETTINGS, annotate,  # noqa: E402,F401
-                        run_benchmark, run_epoch_study, run_seeds, run_transform_validation, run_validation,
-                        use_one_inter_op_thread)
+from bench.runs import (INSTANCE_CANDIDATES, TRANSFORM_CANDIDATES, VALIDATION_CANDIDATES,  # noqa: E402,F401
+                        VALIDATION_SETTINGS, annotate, run_benchmark, run_epoch_study, run_seeds,
+                        run_transform_validation, run_validation, use_one_inter_op_thread)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -93,11 +94,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--epochs", type=int, help="override the profile's epochs (new and old models)")
     parser.add_argument("--validate", action="store_true",
                         help="choose the LCE boundary rule and weights on held-out TRAINING classes instead")
+    parser.add_argument("--validate-instance", action="store_true",
+                        help="choose lce-instance's InfoNCE weight and temperature on held-out TRAINING classes "
+                        "instead (writes NAME.json/md, default instance_validation)")
     parser.add_argument("--validate-transform", action="store_true",
                         help="choose the forward route's T12 fit settings on held-out TRAINING classes instead")
     parser.add_argument("--setting", default="S1", choices=sorted(VALIDATION_SETTINGS),
                         help="--validate: the upgrade to validate (S2 = the pipeline demo's small -> larger network)")
-    parser.add_argument("--name", default="validation", help="--validate: results file name (NAME.json, NAME.md)")
+    parser.add_argument("--name", help="--validate, --validate-instance: results file name (NAME.json, NAME.md; "
+                        "default validation, instance_validation)")
     parser.add_argument("--val-classes", type=int, help="--validate: training classes held out (default: profile)")
     parser.add_argument("--old-epochs", type=int, help="override the profile's epochs of the old models")
     parser.add_argument("--epoch-study", type=int, metavar="MAX_EPOCHS",
@@ -132,7 +137,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      verbose=args.verbose, command=command.strip())
         elif args.validate:
             run_validation(args.data, args.out, profile, seed=args.seed, work=args.work, setting=args.setting,
-                           name=args.name, verbose=args.verbose)
+                           name=args.name or "validation", verbose=args.verbose, command=command.strip())
+        elif args.validate_instance:
+            run_validation(args.data, args.out, profile, seed=args.seed, work=args.work, setting=args.setting,
+                           name=args.name or "instance_validation", verbose=args.verbose, command=command.strip(),
+                           candidates=INSTANCE_CANDIDATES, choose=LCE_INSTANCE)
         else:
             seeds = ([int(v) for v in args.seeds.split(",") if v.strip()] if args.seeds is not None
                      else list(profile.seeds))

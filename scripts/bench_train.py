@@ -2,7 +2,7 @@
 """Training speed on the machine at hand: images/s before and after the fast input path (issue 13, point 1).
 
 For every backbone (`lce_tf.backbones.ARCHITECTURES`) at the profile's image size and every mode
-(independent, lce, lce-transform), the same `lce_tf.training.build_model` + `fit_model` path that
+(independent, lce, lce-instance, lce-transform), the same `lce_tf.training.build_model` + `fit_model` path that
 `lce_tf.training.train` (the CLI, the TFX LceTrainer, the compatibility benchmark) runs, in three
 configurations:
 
@@ -21,7 +21,9 @@ between the first and the last end-of-execution callback of the window / the wal
 (so iterator start-up and the first batch are excluded). The process CPU time over the same steps is
 reported too (µs per image, all threads): other jobs on a shared machine change wall times a lot and
 CPU time little. Speed-ups and the LCE overhead are medians over rounds of per-round ratios, which
-pair configurations measured seconds apart.
+pair configurations measured seconds apart. lce-instance runs a frozen old model on every batch (an
+untrained `small_cnn`, the demo's old network: speed does not depend on its weights); its cost is
+also given over lce.
 
 The ablation (cnn, independent) adds one change at a time: in-memory data, steps_per_execution,
 bfloat16, a larger batch (a user-visible trade-off: not a default), the per-batch NaN/Inf check off
@@ -62,8 +64,9 @@ from lce_tf import modes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's INFO lines (tf.data rewrites) drown the log
-MODES = modes.names((modes.INDEPENDENT, modes.LCE, modes.LCE_TRANSFORM))
-INDEPENDENT = modes.INDEPENDENT.name
+MODES = modes.names((modes.INDEPENDENT, modes.LCE, modes.LCE_INSTANCE, modes.LCE_TRANSFORM))
+INDEPENDENT, LCE, LCE_INSTANCE = modes.INDEPENDENT.name, modes.LCE.name, modes.LCE_INSTANCE.name
+OLD_ARCHITECTURE = "small_cnn"  # lce-instance's frozen old model: the demo's and S2's old network
 PATHS = ("before", "after", "after+bf16")
 
 
@@ -108,7 +111,7 @@ def _profiles() -> dict[str, Profile]:
         "default": Profile("default", "glyphs", train_classes=1445, test_classes=619, size=20, batch_size=128,
                            backbones=ARCHITECTURES),
         "quick": Profile("quick", "synthetic", train_classes=6, test_classes=3, size=20, batch_size=8,
-                         backbones=("small_cnn",), modes=(INDEPENDENT, modes.LCE.name), rounds=2, window_seconds=0.05,
+                         backbones=("small_cnn",), modes=(INDEPENDENT, LCE, LCE_INSTANCE), rounds=2, window_seconds=0.05,
                          ablation=False, accuracy_epochs=0, inference_batch=16,
                          inference_calls=2),
     }
@@ -240,6 +243,7 @@ class TrainingBench:
 
         self.folder, self.shape, self.profile, self.seed = folder, shape, profile, seed
         self.centers = synthetic_centers(folder.num_classes, 128, seed)
+        self._old_embedder = None
         self.datasets: dict[tuple[str, int], Any] = {}
         self.decode_seconds: dict[int, float] = {}
         self.defaults = training.TrainConfig()
@@ -260,6 +264,15 @@ class TrainingBench:
                 self.decode_seconds[batch_size] = time.perf_counter() - start
         return self.datasets[key]
 
+    def old_embedder(self):
+        """The frozen old model of lce-instance: an untrained 128-d `OLD_ARCHITECTURE`, float32."""
+        if self._old_embedder is None:
+            from lce_tf.backbones import build_backbone
+
+            self._old_embedder = build_backbone(OLD_ARCHITECTURE, self.shape, 128)
+            self._old_embedder.trainable = False
+        return self._old_embedder
+
     def add(self, key: str, backbone: str, mode: str, path: str, dataset: str, checked: bool = True,
             **overrides) -> Config:
         config = Config(key, backbone, mode, path, dataset, overrides, checked)
@@ -277,12 +290,15 @@ class TrainingBench:
         from lce_tf import training
 
         settings = self.train_config(config)
-        centers = self.centers if modes.get(config.mode).needs_old_centers else None
+        mode = modes.get(config.mode)
+        centers = self.centers if mode.needs_old_centers else None
+        old_embedder = self.old_embedder() if mode.needs_old_embedder else None
         ds = self.dataset(config.dataset, settings.batch_size)
         start = time.perf_counter()
         try:
             config.model = training.build_model(settings, num_classes=self.folder.num_classes,
-                                                input_shape=self.shape, old_centers=centers)
+                                                input_shape=self.shape, old_centers=centers,
+                                                old_embedder=old_embedder)
             spe = settings.steps_per_execution
             warm = _fit(config, ds, spe * (self.profile.min_executions + 1), settings.batch_size)
             # Building, compiling and tracing: the time to the end of the first execution minus its steps
@@ -456,7 +472,8 @@ def _ablation_configs(bench: TrainingBench) -> list[tuple[str, str, str]]:
     ]
 
 
-def run(data_dir: Optional[str], out_dir: str, profile: Profile, *, work: str, command: str) -> dict[str, Any]:
+def run(data_dir: Optional[str], out_dir: str, profile: Profile, *, work: str, command: str,
+        name: str = "train_speed") -> dict[str, Any]:
     from tensorflow.python.framework import config as tf_config  # pylint: disable=no-name-in-module
 
     from lce_tf import data, training
@@ -500,6 +517,12 @@ def run(data_dir: Optional[str], out_dir: str, profile: Profile, *, work: str, c
                     cpu = paired_ratio(this, ind, "cpu_us_per_image")
                     row[f"overhead_vs_independent_{path}"] = None if wall is None else wall - 1.0
                     row[f"cpu_overhead_vs_independent_{path}"] = None if cpu is None else cpu - 1.0
+            if mode == LCE_INSTANCE and LCE in profile.modes:
+                for path in PATHS:
+                    base, this = configs[f"{backbone}/{LCE}/{path}"], configs[f"{backbone}/{mode}/{path}"]
+                    wall, cpu = paired_ratio(base, this), paired_ratio(this, base, "cpu_us_per_image")
+                    row[f"overhead_vs_lce_{path}"] = None if wall is None else wall - 1.0
+                    row[f"cpu_overhead_vs_lce_{path}"] = None if cpu is None else cpu - 1.0
             table.append(row)
     ablation_rows = []
     for key, label, reference in ablation:
@@ -509,8 +532,8 @@ def run(data_dir: Optional[str], out_dir: str, profile: Profile, *, work: str, c
                               "cpu_speedup": None if config.error else paired_ratio(ref, config, "cpu_us_per_image")})
     _log("inference")
     infer_images = data.load_images(folder.paths[:profile.inference_batch], shape)
-    inference_models = {b: configs[f"{b}/independent/after"].model for b in profile.backbones
-                        if configs[f"{b}/independent/after"].model is not None}
+    inference_models = {b: configs[f"{b}/{INDEPENDENT}/after"].model for b in profile.backbones
+                        if f"{b}/{INDEPENDENT}/after" in configs and configs[f"{b}/{INDEPENDENT}/after"].model is not None}
     inference = measure_inference(inference_models, infer_images, profile)
     accuracy = accuracy_check(data_dir, folder, shape, profile) if profile.accuracy_epochs else []
 
@@ -535,9 +558,9 @@ def run(data_dir: Optional[str], out_dir: str, profile: Profile, *, work: str, c
         "accuracy": accuracy,
     }
     os.makedirs(out_dir, exist_ok=True)
-    _write(os.path.join(out_dir, "train_speed.json"), json.dumps(report, indent=2) + "\n")
-    _write(os.path.join(out_dir, "train_speed.md"), markdown(report))
-    _log(f"wrote {out_dir}/train_speed.json and .md in {report['wall_seconds']:.0f} s")
+    _write(os.path.join(out_dir, f"{name}.json"), json.dumps(report, indent=2) + "\n")
+    _write(os.path.join(out_dir, f"{name}.md"), markdown(report))
+    _log(f"wrote {out_dir}/{name}.json and .md in {report['wall_seconds']:.0f} s")
     return report
 
 
@@ -608,6 +631,15 @@ def markdown(report: dict[str, Any]) -> str:
             cells = [f"{_pct(row[f'overhead_vs_independent_{p}'])} / {_pct(row[f'cpu_overhead_vs_independent_{p}'])}"
                      for p in PATHS]
             lines.append(f"| {row['backbone']} | {row['mode']} | " + " | ".join(cells) + " |")
+    instance_rows = [row for row in report["table"] if f"overhead_vs_lce_{PATHS[0]}" in row]
+    if instance_rows:
+        lines += ["", "## Cost of lce-instance's step over lce's: images/s of lce / of lce-instance, minus 1", "",
+                  f"The per-image InfoNCE term runs the frozen old model ({OLD_ARCHITECTURE}) forward on every "
+                  "batch; wall (median of per-round ratios) and CPU (µs per image).", "",
+                  "| backbone | before wall / CPU | after wall / CPU | after+bf16 wall / CPU |", "|---|---|---|---|"]
+        for row in instance_rows:
+            cells = [f"{_pct(row[f'overhead_vs_lce_{p}'])} / {_pct(row[f'cpu_overhead_vs_lce_{p}'])}" for p in PATHS]
+            lines.append(f"| {row['backbone']} | " + " | ".join(cells) + " |")
     if report["ablation"]:
         lines += ["", "## One change at a time (cnn, independent unless named)", "",
                   "| change | relative to | images/s | speed-up (wall) | speed-up (CPU) | note |",
@@ -639,13 +671,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--work", default=os.path.join(REPO, "build", "bench_train"),
                         help="where the generated dataset is kept")
     parser.add_argument("--rounds", type=int, help="measurement rounds (default: the profile's)")
+    parser.add_argument("--backbones", help="comma-separated subset of the profile's backbones")
+    parser.add_argument("--modes", help="comma-separated subset of " + ",".join(MODES))
+    parser.add_argument("--name", default="train_speed", help="results file name (NAME.json, NAME.md)")
     args = parser.parse_args(argv)
     profile = _profiles()["quick" if args.quick else "default"]
     if args.rounds:
         profile = dataclasses.replace(profile, rounds=args.rounds)
+    for field, value, known in (("backbones", args.backbones, profile.backbones), ("modes", args.modes, MODES)):
+        if value:
+            chosen = tuple(v.strip() for v in value.split(",") if v.strip())
+            unknown = [v for v in chosen if v not in known]
+            if unknown:
+                parser.error(f"--{field}: unknown {', '.join(unknown)}; expected some of {', '.join(known)}")
+            profile = dataclasses.replace(profile, **{field: chosen})
     command = " ".join(shlex.quote(a) for a in ["python", "scripts/bench_train.py", *(argv if argv is not None
                                                                                      else sys.argv[1:])])
-    run(args.data, args.out_dir, profile, work=args.work, command=command)
+    run(args.data, args.out_dir, profile, work=args.work, command=command, name=args.name)
     return 0
 
 

@@ -6,9 +6,9 @@
    20 px, 1,445 training classes and 619 held-out query/gallery classes;
 2. run the pipeline for v1 (small CNN, half of the training classes). The metadata store is empty, so
    v1 is trained independently, blessed on its own accuracy, pushed, and its gallery is indexed;
-3. run the pipeline for v2 (larger CNN, all training classes, mode lce): v1 is resolved from the
-   metadata store as the old model, its class centers are computed with Beam, v2 is trained with LCE
-   (with --independent also the reference v2* trained without compatibility terms), T12 (v1 -> v2) is
+3. run the pipeline for v2 (larger CNN, all training classes, mode lce-instance: LCE plus the per-image
+   InfoNCE term; `--mode lce` runs the paper's method): v1 is resolved from the metadata store as the
+   old model, its class centers are computed with Beam, v2 is trained against them and v1 (with --independent also the reference v2* trained without compatibility terms), T12 (v1 -> v2) is
    fitted on the training pairs, and v2 is validated on both upgrade routes (backward: v2 queries
    against the untouched v1 gallery; forward: against the v1 gallery moved by T12) and pushed only if
    a route blesses it (`compatibility`, default either). On a forward blessing the served v1 index is
@@ -144,6 +144,8 @@ def main() -> int:
     parser.add_argument("--margin-map", type=float, default=0.0, help="validator margin on mAP (0 = strict)")
     parser.add_argument("--compatibility", choices=("backward", "forward", "either"), default="either",
                         help="the upgrade route that may bless v2")
+    parser.add_argument("--mode", choices=modes.PIPELINE_MODE_NAMES, default=modes.LCE_INSTANCE.name,
+                        help="v2's compatibility mode (lce = the paper's method)")
     parser.add_argument("--beam-workers", type=int, default=2)
     parser.add_argument("--keep-pipeline", action="store_true",
                         help="keep WORKDIR/pipeline from an earlier demo (by default it is deleted first, so v1 is "
@@ -178,7 +180,7 @@ def main() -> int:
                   margin_top1=args.margin_top1, margin_map=args.margin_map, compatibility=args.compatibility)
     v1 = PipelineConfig(**common, version="v1", architecture="small_cnn", train_classes="0:50%",
                         epochs=args.old_epochs)
-    v2 = PipelineConfig(**common, version="v2", architecture="cnn", mode=modes.LCE.name, epochs=args.epochs,
+    v2 = PipelineConfig(**common, version="v2", architecture="cnn", mode=args.mode, epochs=args.epochs,
                         train_independent_reference=args.independent)
     summaries = {}
     for config in (v1, v2):

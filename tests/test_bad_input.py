@@ -399,22 +399,16 @@ def centers_of_another_model_than_old_model(ws, tmp, mp):
     return act, lambda _: _assert_absent(tmp / "m")
 
 
-def l2_old_model_takes_other_images(ws, tmp, mp):
-    for j, name in enumerate(CLASSES):
-        for i in range(2):
-            _image(tmp / "train16" / name / f"{i}.png", size=(16, 16), seed=100 * j + i)
-    act = _cli("train", "--data", tmp / "train16", "--out", tmp / "m", "--arch", "small_cnn", "--dim", "8",
-               "--compat", "l2", "--old-model", ws / "v1")
-    return act, lambda _: _assert_absent(tmp / "m")
-
-
-def lce_instance_old_model_takes_other_images(ws, tmp, mp):
-    for j, name in enumerate(CLASSES):
-        for i in range(2):
-            _image(tmp / "train16" / name / f"{i}.png", size=(16, 16), seed=100 * j + i)
-    act = _cli("train", "--data", tmp / "train16", "--out", tmp / "m", "--arch", "small_cnn", "--dim", "8",
-               "--compat", "lce-instance", "--old-model", ws / "v1")
-    return act, lambda _: _assert_absent(tmp / "m")
+def _old_model_takes_other_images(mode):
+    """`lce-tf train --compat MODE` on 16 x 16 images with the 12 x 12 old model v1."""
+    def case(ws, tmp, mp):
+        for j, name in enumerate(CLASSES):
+            for i in range(2):
+                _image(tmp / "train16" / name / f"{i}.png", size=(16, 16), seed=100 * j + i)
+        act = _cli("train", "--data", tmp / "train16", "--out", tmp / "m", "--arch", "small_cnn", "--dim", "8",
+                   "--compat", mode, "--old-model", ws / "v1")
+        return act, lambda _: _assert_absent(tmp / "m")
+    return case
 
 
 def lce_instance_without_old_model(ws, tmp, mp):
@@ -848,12 +842,12 @@ CASES = [
          centers_of_another_model_than_old_model,
          CliError(r"the old class centers were computed with model other-model but the old model is v1")),
     Case("cli-l2-old-model-input-shape", "lce-tf train --compat l2 on 16 x 16 images with a 12 x 12 old model",
-         l2_old_model_takes_other_images,
+         _old_model_takes_other_images("l2"),
          CliError(r"mode 'l2': the old model v1\S* takes images \(12, 12, 1\) but the training images are "
                   r"\(16, 16, 1\)")),
     Case("cli-lce-instance-old-model-input-shape",
          "lce-tf train --compat lce-instance on 16 x 16 images with a 12 x 12 old model",
-         lce_instance_old_model_takes_other_images,
+         _old_model_takes_other_images("lce-instance"),
          CliError(r"mode 'lce-instance': the old model v1\S* takes images \(12, 12, 1\) but the training images "
                   r"are \(16, 16, 1\)")),
     Case("cli-lce-instance-without-old-model", "lce-tf train --compat lce-instance with --old-centers only",

@@ -43,7 +43,8 @@ def test_quick_report_structure(report):
     assert {"cpu", "cpus_available", "tensorflow", "python"} <= set(loaded["machine"])
     assert len(loaded["load_average_start"]) == 3
     assert loaded["op_determinism"] is True
-    assert [(r["backbone"], r["mode"]) for r in loaded["table"]] == [("small_cnn", "independent"), ("small_cnn", "lce")]
+    assert [(r["backbone"], r["mode"]) for r in loaded["table"]] == [("small_cnn", "independent"), ("small_cnn", "lce"),
+                                                                     ("small_cnn", "lce-instance")]
     for row in loaded["table"]:
         for path in bench.PATHS:
             entry = row[path]
@@ -57,6 +58,9 @@ def test_quick_report_structure(report):
     lce = loaded["table"][1]
     assert all(isinstance(lce[f"{kind}overhead_vs_independent_{p}"], float) for p in bench.PATHS
                for kind in ("", "cpu_"))
+    instance = loaded["table"][2]
+    assert all(isinstance(instance[f"{kind}overhead_vs_lce_{p}"], float) for p in bench.PATHS for kind in ("", "cpu_"))
+    assert "## Cost of lce-instance's step over lce's" in md
     assert _rate(loaded["inference"]["small_cnn"]["images_per_s"])
     assert loaded["ablation"] == [] and loaded["accuracy"] == []
     assert md.startswith("# Training speed") and "| small_cnn | lce |" in md

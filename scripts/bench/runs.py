@@ -15,7 +15,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from bench.settings import BCT, INDEPENDENT, LCE, LCE_TRANSFORM, METRICS, TARGET_METHODS, Profile, SCENARIOS, _log
+from bench.settings import (BCT, INDEPENDENT, LCE, LCE_INSTANCE, LCE_TRANSFORM, METRICS, TARGET_METHODS, Profile,
+                            SCENARIOS, _log)
 from bench.data import Split, ensure_dataset, load_split, validation_split
 from bench.zoo import fit_forward, forward_result
 from bench.evaluation import _metric_entry, _row
@@ -152,12 +153,26 @@ def run_benchmark(data_dir: Optional[str], out_dir: str, profile: Profile, *, se
     return report
 
 
-# (method, boundary rule, λ_a, λ_b): the reference defaults, then ever tighter boundaries (an early trial chose the
-# 20th percentile with λ_b = 10). bct and l2 are not candidates (the benchmark runs them at weight 1).
-VALIDATION_CANDIDATES: tuple[tuple[str, str, float, float], ...] = (
-    (LCE, "min", 100.0, 1.0), (LCE, "percentile:20", 100.0, 10.0), (LCE, "percentile:50", 100.0, 10.0),
-    (LCE, "percentile:80", 100.0, 10.0))
+# (method, settings): the reference defaults, then ever tighter boundaries (an early trial chose the 20th
+# percentile with λ_b = 10). bct and l2 are not candidates (the benchmark runs them at weight 1).
+VALIDATION_CANDIDATES: tuple[tuple[str, dict[str, Any]], ...] = (
+    (LCE, {"boundary": "min", "lambda_align": 100.0, "lambda_boundary": 1.0}),
+    (LCE, {"boundary": "percentile:20", "lambda_align": 100.0, "lambda_boundary": 10.0}),
+    (LCE, {"boundary": "percentile:50", "lambda_align": 100.0, "lambda_boundary": 10.0}),
+    (LCE, {"boundary": "percentile:80", "lambda_align": 100.0, "lambda_boundary": 10.0}))
 
+# lce-instance's InfoNCE weight λ_i and temperature τ (--validate-instance), beside the paper's lce: the probes of
+# issue 20 (weight 1 and 5, τ 0.05) and RACT's lower temperature.
+INSTANCE_CANDIDATES: tuple[tuple[str, dict[str, Any]], ...] = (
+    (LCE, {}),
+    (LCE_INSTANCE, {"lambda_instance": 1.0, "instance_temperature": 0.05}),
+    (LCE_INSTANCE, {"lambda_instance": 1.0, "instance_temperature": 0.1}),
+    (LCE_INSTANCE, {"lambda_instance": 3.0, "instance_temperature": 0.05}),
+    (LCE_INSTANCE, {"lambda_instance": 1.0, "instance_temperature": 0.02}),
+    (LCE_INSTANCE, {"lambda_instance": 0.3, "instance_temperature": 0.05}))
+
+_SETTING_SYMBOLS = {"boundary": "boundary ", "lambda_align": "λa=", "lambda_boundary": "λb=",
+                    "lambda_instance": "λi=", "instance_temperature": "τ="}
 
 VALIDATION_SETTINGS = {
     "S1": "old on 50% of the classes, new: the same network on 100%",
@@ -181,13 +196,21 @@ def _held_out(split: Split) -> str:
             f"models train on the other {d['train_classes']}.")
 
 
+def _settings_label(settings: dict[str, Any]) -> str:
+    return " ".join(f"{_SETTING_SYMBOLS.get(k, k + '=')}{v:g}" if isinstance(v, float) else
+                    f"{_SETTING_SYMBOLS.get(k, k + '=')}{v}" for k, v in settings.items()) or "defaults"
+
+
 def run_validation(data_dir: Optional[str], out_dir: str, profile: Profile, *, seed: int = 0,
                    work: str = "build/bench",
-                   candidates: Sequence[tuple[str, str, float, float]] = VALIDATION_CANDIDATES,
-                   setting: str = "S1", name: str = "validation", verbose: int = 0) -> dict[str, Any]:
-    """Chooses the LCE boundary rule and weights on a validation split of the training classes.
+                   candidates: Sequence[tuple[str, dict[str, Any]]] = VALIDATION_CANDIDATES, choose: str = LCE,
+                   setting: str = "S1", name: str = "validation", verbose: int = 0,
+                   command: str = "") -> dict[str, Any]:
+    """Chooses a method's settings on a validation split of the training classes.
 
-    `setting` is the upgrade ("S1" or "S2", VALIDATION_SETTINGS); results go to OUT_DIR/NAME.{json,md}.
+    Each candidate is (method, Spec fields); the best candidate of method `choose` is chosen (--validate: LCE's
+    boundary rule and weights; --validate-instance: lce-instance's λ_i and τ). `setting` is the upgrade ("S1" or
+    "S2", VALIDATION_SETTINGS); results go to OUT_DIR/NAME.{json,md}.
     """
     if setting not in VALIDATION_SETTINGS:
         raise ValueError(f"validation setting {setting!r}: expected one of {', '.join(VALIDATION_SETTINGS)}")
@@ -200,51 +223,53 @@ def run_validation(data_dir: Optional[str], out_dir: str, profile: Profile, *, s
     bench.zoo.name(ind, "new* (independent)")
     ev = bench.ev
     rows = []
-    for method, boundary, la, lb in candidates:
-        spec = bench.spec(method, old, arch=arch.get("new"))
-        if method in (LCE, LCE_TRANSFORM):
-            spec = dataclasses.replace(spec, boundary=boundary, lambda_align=la, lambda_boundary=lb)
-            label = f"{method} {boundary} λa={la:g} λb={lb:g}"
-        else:
-            boundary, la, lb = "", float("nan"), float("nan")
-            label = method
+    for method, settings in candidates:
+        spec = dataclasses.replace(bench.spec(method, old, arch=arch.get("new")), **settings)
+        label = f"{method} {_settings_label(settings)}"
         bench.zoo.name(spec, label)
         row = _row(bench, method, spec, old, ind)
-        rows.append({"boundary": boundary, "lambda_align": la, "lambda_boundary": lb, **row})
-        back = row["backward"]
+        rows.append({"settings": dict(settings), **row})
+        back, fwd = row["backward"], row["forward"]
         _log(f"validation {label}: new/old top-1 {back['new_old']['top1']:.4f} mAP {back['new_old']['mAP']:.4f} "
-             f"(old/old {ev.m(old, old).top1:.4f} / {ev.m(old, old).mAP:.4f}), new/new {row['new_new']['top1']:.4f} "
+             f"(old/old {ev.m(old, old).top1:.4f} / {ev.m(old, old).mAP:.4f}), forward {fwd['new_old']['top1']:.4f} / "
+             f"{fwd['new_old']['mAP']:.4f}, new/new {row['new_new']['top1']:.4f} "
              f"(new* {ev.m(ind, ind).top1:.4f} / {ev.m(ind, ind).mAP:.4f})")
 
     def score(row):  # backward criterion first, then update gain + sacrifice, averaged over top-1 and mAP
         back = row["backward"]
         return (back["criterion"]["pass"], np.mean([back["update_gain"][m] + row["new_model_sacrifice"][m] for m in METRICS]))
 
-    best = max((r for r in rows if r["method"] == LCE), key=score)
-    chosen = {"boundary": best["boundary"], "lambda_align": best["lambda_align"], "lambda_boundary": best["lambda_boundary"]}
+    best = max((r for r in rows if r["method"] == choose), key=score)
+    chosen = {"method": choose, **best["settings"]}
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "seed": seed,
+              "command": command, "machine": machine_info(),
               "setting": setting, "profile": dataclasses.asdict(profile), "dataset": split.description,
-              "rule": "criterion on top-1 and mAP first, then the mean over top-1/mAP of update gain + sacrifice",
+              "rule": "the backward criterion on top-1 and mAP first, then the mean over top-1/mAP of update gain + "
+                      "sacrifice",
               "old_old": _metric_entry(ev.m(old, old)), "independent_new_new": _metric_entry(ev.m(ind, ind)),
               "candidates": rows, "chosen": chosen, "wall_time_seconds": round(time.perf_counter() - start, 1),
               "models": list(bench.zoo.records.values())}
     _write_text(os.path.join(out_dir, f"{name}.json"), json.dumps(report, indent=1) + "\n")
-    lines = ["# LCE settings chosen on a validation split of the training classes", "",
-             f"{_held_out(split)} The benchmark's test classes are not used. Setting: {setting} ({VALIDATION_SETTINGS[setting]}); "
-             f"epochs: old {profile.old_epochs}, new {profile.epochs}; {profile.size} px.", "",
+    lines = [f"# {choose} settings chosen on a validation split of the training classes", "",
+             f"- date: {report['date']}; command: `{command}`" if command else f"- date: {report['date']}",
+             f"- {_held_out(split)} The benchmark's test classes are not used.",
+             f"- setting: {setting} ({VALIDATION_SETTINGS[setting]}); epochs: old {profile.old_epochs}, new "
+             f"{profile.epochs}; {profile.size} px; seed {seed}.", "",
              f"old/old top-1 {report['old_old']['top1']:.4f}, mAP {report['old_old']['mAP']:.4f}; new*/new* top-1 "
              f"{report['independent_new_new']['top1']:.4f}, mAP {report['independent_new_new']['mAP']:.4f}", "",
-             "| method | boundary | λ_a | λ_b | new/old top-1 | mAP | new/new top-1 | mAP | criterion | UG top-1 / mAP |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | settings | backward new/old top-1 | mAP | criterion | UG top-1 / mAP | forward top-1 | mAP | "
+             "new/new top-1 | mAP | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    seconds = {r["name"]: r["seconds"] for r in report["models"]}
     for r in rows:
-        back = r["backward"]
-        lines.append(f"| {r['method']} | {r['boundary']} | {r['lambda_align']:g} | {r['lambda_boundary']:g} | "
-                     f"{_fmt(back['new_old'], 'top1')} | "
-                     f"{_fmt(back['new_old'], 'mAP')} | {r['new_new']['top1']:.4f} | {r['new_new']['mAP']:.4f} | "
-                     f"{_yn(back['criterion']['pass'])} | {back['update_gain']['top1']:.2f} / "
-                     f"{back['update_gain']['mAP']:.2f} |")
-    lines += ["", f"Rule: {report['rule']}. Chosen: boundary {chosen['boundary']}, λ_a = {chosen['lambda_align']:g}, "
-              f"λ_b = {chosen['lambda_boundary']:g}. Wall time {report['wall_time_seconds'] / 60:.1f} min."]
+        back, fwd = r["backward"], r["forward"]
+        lines.append(f"| {r['method']} | {_settings_label(r['settings'])} | {_fmt(back['new_old'], 'top1')} | "
+                     f"{_fmt(back['new_old'], 'mAP')} | {_yn(back['criterion']['pass'])} | "
+                     f"{back['update_gain']['top1']:.2f} / {back['update_gain']['mAP']:.2f} | "
+                     f"{_fmt(fwd['new_old'], 'top1')} | {_fmt(fwd['new_old'], 'mAP')} | "
+                     f"{r['new_new']['top1']:.4f} | {r['new_new']['mAP']:.4f} | {seconds.get(r['model'], '')} |")
+    lines += ["", f"Rule: {report['rule']}. Chosen: {choose} {_settings_label(best['settings'])}. Wall time "
+              f"{report['wall_time_seconds'] / 60:.1f} min (training seconds per model in the last column)."]
     _write_text(os.path.join(out_dir, f"{name}.md"), "\n".join(lines) + "\n")
     return report
 

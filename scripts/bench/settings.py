@@ -115,8 +115,8 @@ class Spec:
       compat: compatibility mode (lce_tf.model.MODES).
       parent: the old model (modes that need one).
       partner: the frozen new model (cross-model mode).
-      boundary, lambda_align, lambda_boundary, lambda_compat, lambda_instance, instance_temperature:
-        compatibility settings.
+      boundary, lambda_align, lambda_boundary, lambda_compat: compatibility settings.
+      lambda_instance, instance_temperature: lce-instance's InfoNCE term (docs/design.md item 9).
       learning_rate: Adam learning rate.
     """
 
@@ -142,10 +142,10 @@ class Spec:
         terms = modes.get(self.compat).loss_terms
         if modes.ALIGN_LOSS in terms:  # lce, lce-instance, lce-transform, cross-model
             out.update(boundary=self.boundary, lambda_align=self.lambda_align, lambda_boundary=self.lambda_boundary)
+        if modes.INSTANCE_LOSS in terms:
+            out.update(lambda_instance=self.lambda_instance, instance_temperature=self.instance_temperature)
         if modes.BCT_LOSS in terms or modes.L2_LOSS in terms:
             out["lambda_compat"] = self.lambda_compat
-        if modes.INSTANCE_LOSS in terms:  # lce-instance
-            out.update(lambda_instance=self.lambda_instance, instance_temperature=self.instance_temperature)
         return out
 
 
