@@ -12,14 +12,15 @@ differs. Measures follow docs/design.md, "How compatibility is measured": M(Q, G
 queries embedded by Q against a gallery embedded by G on the held-out test classes (open set: no
 test class is ever trained on), each with a 95% bootstrap interval over the queries.
 
-Scenarios (methods: independent, l2, bct, lce, lce-transform):
+Scenarios (methods: independent, l2, bct, lce, lce-instance, lce-transform):
   S1    more classes: old on the first 50% of the training classes, new on 100%;
   S2    new architecture: old `small_cnn`, new `cnn`;
   S3    new loss: old NormSoftmax, new ArcFace, plus one triplet-loss row (LCE with a triplet head);
-  S4    new dimension: old 64-d, new 128-d: only the transformation method applies (l2, bct and
-        direct lce compare embeddings directly and need equal dimensions);
+  S4    new dimension: old 64-d, new 128-d: only the transformation method applies (l2, bct, direct
+        lce and lce-instance compare embeddings directly and need equal dimensions);
   S5    a chain v1 -> v2 -> v3, each trained with LCE against its predecessor (50%, 75%, 100% of the
-        classes): full compatibility matrix and average compatibility;
+        classes): full compatibility matrix and average compatibility, backward and through fitted
+        transformations (composed T23·T12 and direct T13 for v1's gallery);
   cross two independently trained models (S1's old and new*) made compatible by training only
         T12/T21 (mode cross-model); backward (T21 queries) and forward (T12 gallery) retrieval.
 
@@ -30,8 +31,16 @@ The new models of S1-S4 share one setting (cnn, 128-d, ArcFace s=16 m=0.1, all c
 independent new model new* is trained once and serves every scenario (the results say so); with the
 same seed and op determinism a retrained copy would be identical.
 
-Outputs (in --out): compat.json (everything, machine, date, seed, wall time), compat.md (one table
-per scenario) and one heatmap PNG per scenario (top-1 compatibility matrix). `--validate` instead
+Routes: backward M(new, old); forward M(new, T12(old)) through a T12 fitted on the training pairs
+with the library's defaults (lce_tf.transform_fit), measured for the rows of bench.settings.FORWARD_METHODS
+(S3: lce and lce-instance; S4: independent, lce-transform also through its own T12); the target rows of
+S1/S2 also through a cosine-only T12 when the default fit objective is another one (seed 0).
+The rows that decide the targets (S1/S2: old, independent, lce, lce-instance) run with every seed of
+--seeds (3 on the full profile); the targets are judged on the mean (bench.report.check_targets).
+
+Outputs (in --out): compat.json (everything, machine, date, seed, wall time, the cost of each part),
+compat.md (one table per scenario, a cost table) and one heatmap PNG per scenario (top-1
+compatibility matrix). `--validate` instead
 chooses the LCE boundary rule and weights on a validation split of the TRAINING classes (held-out
 training classes split into query/gallery by font; the test classes are never looked at) and writes
 validation.json / validation.md.
@@ -54,14 +63,15 @@ for _path in (REPO, SCRIPTS):  # run from a checkout without `pip install -e .`;
 
 # The benchmark lives in the package scripts/bench (one job per module); these names are re-exported so that
 # `import bench_compat` (tests, docs) keeps working.
-from bench.settings import DIRECT_MODES, LCE, LCE_INSTANCE, METHODS, METRICS, PROFILES, SCENARIOS, Profile, Spec  # noqa: E402,F401
+from bench.settings import (DIRECT_MODES, FORWARD_METHODS, LCE, LCE_INSTANCE, METHODS, METRICS,  # noqa: E402,F401
+                            PROFILES, SCENARIOS, TARGET_METHODS, Profile, Spec)
 from bench.data import Split, _font_of, ensure_dataset, load_split, validation_split  # noqa: E402,F401
-from bench.zoo import ModelZoo, fit_forward, forward_result  # noqa: E402,F401
+from bench.zoo import ModelZoo, fit_forward, fit_objective, fit_settings, forward_result  # noqa: E402,F401
 from bench.evaluation import Evaluator  # noqa: E402,F401
 from bench.scenarios import Benchmark  # noqa: E402,F401
-from bench.report import (ROUTES, SEED_METHODS, SEED_SCENARIOS, check_targets, machine_info,  # noqa: E402,F401
-                          plot_training_curves, results_table, scenario_table, seed_summary, seeds_table,
-                          write_markdown)
+from bench.report import (ROUTES, SEED_METHODS, SEED_SCENARIOS, check_targets, cost_parts,  # noqa: E402,F401
+                          cost_table, machine_info, plot_training_curves, results_table, scenario_table, seed_summary,
+                          seeds_table, write_markdown)
 from bench.runs import (INSTANCE_CANDIDATES, TRANSFORM_CANDIDATES, VALIDATION_CANDIDATES,  # noqa: E402,F401
                         VALIDATION_SETTINGS, annotate, run_benchmark, run_epoch_study, run_seeds,
                         run_transform_validation, run_validation, use_one_inter_op_thread)
@@ -93,7 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--work", default="build/bench", help="where generated data is kept")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", help="comma-separated seeds of the rows that decide the targets (S1/S2 old, "
-                        "independent, LCE; default: the profile's)")
+                        "independent, lce, lce-instance; default: the profile's)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of " + ",".join(SCENARIOS))
     parser.add_argument("--epochs", type=int, help="override the profile's epochs (new and old models)")
     parser.add_argument("--validate", action="store_true",

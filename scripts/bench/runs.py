@@ -15,13 +15,14 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from bench.settings import BCT, INDEPENDENT, LCE, LCE_INSTANCE, LCE_TRANSFORM, METRICS, Profile, SCENARIOS, _log
+from bench.settings import (BCT, INDEPENDENT, LCE, LCE_INSTANCE, LCE_TRANSFORM, METRICS, TARGET_METHODS, Profile,
+                            SCENARIOS, _log)
 from bench.data import Split, ensure_dataset, load_split, validation_split
 from bench.zoo import fit_forward, forward_result
 from bench.evaluation import _metric_entry, _row
 from bench.scenarios import Benchmark
-from bench.report import (SEED_SCENARIOS, _fmt, _read_validation_choice, _write_text, _yn, check_targets, machine_info,
-                          plot_training_curves, seed_summary, write_markdown)
+from bench.report import (SEED_SCENARIOS, _fmt, _read_validation_choice, _write_text, _yn, check_targets, cost_parts,
+                          machine_info, plot_training_curves, seed_summary, write_markdown)
 
 
 def use_one_inter_op_thread() -> None:
@@ -44,28 +45,33 @@ def use_one_inter_op_thread() -> None:
 
 def run_seeds(split: Split, profile: Profile, seeds: Sequence[int], out_dir: str, main: Optional["Benchmark"] = None,
               verbose: int = 0) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
-    """The rows that decide the targets (old, independent, LCE of S1 and S2, both routes) for every seed.
+    """The rows that decide the targets (old, independent, lce, lce-instance of S1 and S2, both routes) for every
+    seed.
 
-    Seed `main.seed` reuses the main run's models; every other seed trains its own (same data and settings).
+    Seed `main.seed` reuses the main run's models and fitted T12s; every other seed trains its own (same data and
+    settings).
 
     Returns:
-      (summaries {scenario: seed_summary}, per-seed rows {scenario: {seed: {"old", "independent", "lce"}}},
+      (summaries {scenario: seed_summary}, per-seed rows {scenario: {seed: {"old", <TARGET_METHODS>}}},
        model records, transformation records) of the extra seeds.
     """
     rows: dict[str, dict[int, dict[str, Any]]] = {key: {} for key in SEED_SCENARIOS}
     records, transforms = [], []
     for seed in seeds:
         bench = main if main is not None and seed == main.seed else Benchmark(split, profile, seed, out_dir, verbose)
+        if bench is not main:
+            bench.zoo.part = f"seed {seed}"
         for key in SEED_SCENARIOS:
             arch = {"old": profile.small_arch, "new": profile.large_arch} if key == "S2" else {}
             old = bench.old(f"{key} old ({arch['old']})" if arch else "S1 old (50% classes)", arch=arch.get("old"))
             independent = bench.spec(INDEPENDENT, old, arch=arch.get("new"))
-            lce = bench.spec(LCE, old, arch=arch.get("new"))
-            bench.zoo.name(lce, f"{key} lce")
-            _log(f"seed {seed}, {key}: old, independent and LCE, both routes")
-            rows[key][seed] = {"old": _metric_entry(bench.ev.m(old, old)),
-                               INDEPENDENT: _row(bench, INDEPENDENT, independent, old, independent),
-                               LCE: _row(bench, LCE, lce, old, independent)}
+            _log(f"seed {seed}, {key}: old, {', '.join(TARGET_METHODS)}, both routes")
+            rows[key][seed] = {"old": _metric_entry(bench.ev.m(old, old))}
+            for method in TARGET_METHODS:
+                spec = bench.spec(method, old, arch=arch.get("new"))
+                if method != INDEPENDENT:
+                    bench.zoo.name(spec, f"{key} {method}")
+                rows[key][seed][method] = _row(bench, method, spec, old, independent)
         if bench is not main:
             records += list(bench.zoo.records.values())
             transforms += [{**t, "seed": seed} for t in bench.transform_records]
@@ -86,8 +92,8 @@ def run_benchmark(data_dir: Optional[str], out_dir: str, profile: Profile, *, se
       work: where generated data is cached.
       verbose: Keras fit verbosity.
       command: the command line recorded in the results.
-      seeds: the seeds of the rows that decide the targets (S1 and S2: old, independent, LCE, both routes);
-        `seed` among them reuses the scenarios' models. Empty: judged on `seed` alone.
+      seeds: the seeds of the rows that decide the targets (S1 and S2: old, independent, lce, lce-instance, both
+        routes); `seed` among them reuses the scenarios' models and fits. Empty: judged on `seed` alone.
 
     Returns:
       The report dict written to compat.json.
@@ -111,6 +117,7 @@ def run_benchmark(data_dir: Optional[str], out_dir: str, profile: Profile, *, se
     for key in scenarios:
         t = time.perf_counter()
         _log(f"== scenario {key}")
+        bench.zoo.part = key
         results[key] = getattr(bench, key.lower())()
         scenario_seconds[key] = round(time.perf_counter() - t, 1)
     seed_summaries, seed_rows, seed_records, seed_transforms = {}, {}, [], []
@@ -136,6 +143,7 @@ def run_benchmark(data_dir: Optional[str], out_dir: str, profile: Profile, *, se
         "scenario_seconds": scenario_seconds, "scenarios": results, "seeds": seed_summaries,
         "seed_rows": {k: {str(s): v for s, v in rows.items()} for k, rows in seed_rows.items()},
         "targets": check_targets(results, seed_summaries or None), "models": models,
+        "cost": cost_parts(models, bench.transform_records + seed_transforms, scenario_seconds, wall),
         "transforms": bench.transform_records + seed_transforms, "curves": curves,
         "validation": _read_validation_choice(out_dir),
     }

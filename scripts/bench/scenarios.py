@@ -11,9 +11,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from bench.settings import CROSS_MODEL, DIRECT_MODES, INDEPENDENT, LCE, METHODS, METRICS, Profile, Spec, _log
+from bench.settings import (CROSS_MODEL, DIRECT_MODES, FORWARD_METHODS, INDEPENDENT, LCE, LCE_INSTANCE, METHODS,
+                            METRICS, TARGET_METHODS, Profile, Spec, _log)
 from bench.data import Split
-from bench.zoo import ModelZoo, fit_forward, forward_result
+from bench.zoo import ModelZoo, fit_forward, fit_objective, fit_settings, forward_result
 from bench.evaluation import Evaluator, _matrix_entries, _metric_entry, _row
 
 
@@ -32,31 +33,46 @@ class Benchmark:
         p = profile
         self.new_star = Spec(p.new_arch, p.dim, "arcface", "all", p.epochs, learning_rate=p.learning_rate)
         self.zoo.name(self.new_star, "new* (independent)")
-        self.transforms: dict[tuple[Spec, Spec], Any] = {}  # (old, new) -> fitted T12
+        self.transforms: dict[tuple[Spec, Spec, str], Any] = {}  # (old, new, objective) -> fitted T12
         self.transform_records: list[dict[str, Any]] = []
-        self._forward: dict[tuple[Spec, Spec], Any] = {}
+        self._forward: dict[tuple, Any] = {}
+        self.objective = fit_objective(fit_settings(seed))  # the library's default T12 fit objective
 
-    def transform(self, old: Spec, new: Spec):
-        """T12 old -> new fitted on the new model's training pairs with the library's defaults (cached)."""
-        from lce_tf.transform_fit import TransformFitSettings
-
-        if (old, new) not in self.transforms:
-            fitted, seconds = fit_forward(self.zoo, old, new, TransformFitSettings(seed=self.seed))
-            self.transforms[(old, new)] = fitted
+    def transform(self, old: Spec, new: Spec, objective: Optional[str] = None):
+        """T12 old -> new fitted on the new model's training pairs with the library's defaults, or with the fit
+        objective `objective` (cached per pair of embedding spaces and objective)."""
+        old, new = self.space_of(old), self.space_of(new)
+        settings = fit_settings(self.seed, objective)
+        key = (old, new, fit_objective(settings))
+        if key not in self.transforms:
+            fitted, seconds = fit_forward(self.zoo, old, new, settings)
+            self.transforms[key] = fitted
             self.transform_records.append({"old": self.zoo.names.get(old), "new": self.zoo.names.get(new),
+                                           "objective": fit_objective(settings), "part": self.zoo.part,
                                            "pairs": fitted.num_pairs, "fit_loss": round(fitted.fit_loss["old_to_new"], 4),
                                            "seconds": round(seconds, 1)})
-            _log(f"fitted T12 {self.zoo.names.get(old)} -> {self.zoo.names.get(new)} on {fitted.num_pairs} pairs in "
-                 f"{seconds:.0f} s (loss {fitted.fit_loss['old_to_new']:.4f})")
-        return self.transforms[(old, new)]
+            _log(f"fitted T12 {self.zoo.names.get(old)} -> {self.zoo.names.get(new)} ({fit_objective(settings)}) on "
+                 f"{fitted.num_pairs} pairs in {seconds:.0f} s (loss {fitted.fit_loss['old_to_new']:.4f})")
+        return self.transforms[key]
 
-    def forward(self, new: Spec, old: Spec, through: Sequence[Spec] = ()):
+    @staticmethod
+    def space_of(spec: Spec) -> Spec:
+        """The model whose embeddings `spec` produces in its own space: a cross-model bridge embeds with its frozen
+        new model (its partner), so the T12 fitted for the partner is reused instead of fitted again."""
+        return spec.partner if spec.compat == CROSS_MODEL and spec.partner is not None else spec
+
+    def forward(self, new: Spec, old: Spec, through: Sequence[Spec] = (), objective: Optional[str] = None):
         """M(new, T(old)): the old gallery moved by fitted T12s along old -> *through -> new (composed)."""
-        chain = (old, *through, new)
-        if chain not in self._forward:
-            self._forward[chain] = forward_result(self.zoo, new, old,
-                                                  *(self.transform(a, b) for a, b in zip(chain, chain[1:])))
-        return self._forward[chain]
+        chain = tuple(self.space_of(s) for s in (old, *through, new))
+        key = (chain, fit_objective(fit_settings(self.seed, objective)))
+        if key not in self._forward:
+            self._forward[key] = forward_result(self.zoo, chain[-1], chain[0], *(
+                self.transform(a, b, objective) for a, b in zip(chain, chain[1:])))
+        return self._forward[key]
+
+    def forward_measured(self, new: Spec, old: Spec) -> bool:
+        """Whether M(new, T12(old)) was measured (default objective)."""
+        return ((self.space_of(old), self.space_of(new)), self.objective) in self._forward
 
     def spec(self, method: str, old: Spec, *, arch: Optional[str] = None, dim: Optional[int] = None,
              loss: str = "arcface", classes: str = "all", **overrides) -> Spec:
@@ -66,7 +82,9 @@ class Benchmark:
         if method == INDEPENDENT:
             return base
         return dataclasses.replace(base, compat=method, parent=old, boundary=p.boundary, lambda_align=p.lambda_align,
-                                   lambda_boundary=p.lambda_boundary, lambda_compat=p.lambda_compat, **overrides)
+                                   lambda_boundary=p.lambda_boundary, lambda_compat=p.lambda_compat,
+                                   lambda_instance=p.lambda_instance, instance_temperature=p.instance_temperature,
+                                   **overrides)
 
     def old(self, label: str, *, arch: Optional[str] = None, dim: Optional[int] = None, loss: str = "arcface",
             classes: str = "0:50%") -> Spec:
@@ -90,8 +108,13 @@ class Benchmark:
         return name
 
     def upgrade_scenario(self, key: str, title: str, description: str, old: Spec, new_kwargs: dict,
-                         extra_rows: Sequence[tuple[str, Spec, str]] = ()) -> dict[str, Any]:
-        """S1-S4: old model, the five methods (where applicable) and extra rows."""
+                         extra_rows: Sequence[tuple[str, Spec, str]] = (),
+                         forward_methods: Sequence[str] = FORWARD_METHODS, cosine: bool = False) -> dict[str, Any]:
+        """S1-S4: old model, the six methods (where applicable) and extra rows.
+
+        forward_methods: the rows whose forward route goes through a fitted T12 (the others: not measured).
+        cosine: the target rows (TARGET_METHODS) also get the forward route through a cosine-only T12.
+        """
         zoo = self.zoo
         old_dim = old.dim
         rows_specs: dict[str, Spec] = {}
@@ -116,28 +139,31 @@ class Benchmark:
             note = notes.get(method, "")
             if method == INDEPENDENT and zoo.names[spec] != f"{key} independent":
                 note = f"new* = the model '{zoo.names[spec]}' (identical settings and seed; trained once)"
-            rows.append(_row(self, method, spec, old, independent, note))
+            rows.append(_row(self, method, spec, old, independent, note, forward=method in forward_methods,
+                             cosine=cosine and method in TARGET_METHODS))
         models = {"old": old, **rows_specs}
         self._uses(key, models.values())
-        matrix, pairs = _matrix_entries(self.ev, models, old)
-        heatmap = self._heatmap(key, matrix, list(models), f"{key}: {title} (top-1; rows: query model)")
+        matrix, pairs = _matrix_entries(self, models, old)
+        heatmap = self._heatmap(key, matrix, list(models), f"{key}: {title} (top-1; rows: query model)",
+                                galleries=["old", "T12(old)", "own"])
         return {"title": title, "description": description, "old": {"model": zoo.names[old], **old.describe()},
                 "new": {k: v for k, v in independent.describe().items() if k != "compat"},
-                "rows": rows, "not_applicable": not_applicable, "matrix": pairs, "heatmap": heatmap}
+                "rows": rows, "not_applicable": not_applicable, "matrix": pairs, "heatmap": heatmap,
+                "forward_methods": [m for m in rows_specs if m in forward_methods], "objective": self.objective}
 
     def s1(self):
         p = self.profile
         old = self.old("S1 old (50% classes)")
         return self.upgrade_scenario(
             "S1", "more classes", f"old: {p.new_arch} {p.dim}-d ArcFace on 50% of the training classes; new: the same "
-            "network on 100%", old, {})
+            "network on 100%", old, {}, cosine=True)
 
     def s2(self):
         p = self.profile
         old = self.old(f"S2 old ({p.small_arch})", arch=p.small_arch)
         return self.upgrade_scenario(
             "S2", "new architecture", f"old: {p.small_arch} (small) {p.dim}-d ArcFace on 50% of the classes; new: "
-            f"{p.large_arch} (larger) on 100%", old, {"arch": p.large_arch})
+            f"{p.large_arch} (larger) on 100%", old, {"arch": p.large_arch}, cosine=True)
 
     def s3(self):
         p = self.profile
@@ -148,18 +174,21 @@ class Benchmark:
         return self.upgrade_scenario(
             "S3", "new loss", f"old: {p.new_arch} {p.dim}-d NormSoftmax on 50% of the classes; new: {p.new_arch} "
             f"{p.dim}-d ArcFace on 100% (plus one LCE row with a triplet-loss new model)", old, {},
-            extra_rows=[("lce (triplet)", triplet, note)])
+            extra_rows=[("lce (triplet)", triplet, note)], forward_methods=(LCE, LCE_INSTANCE))
 
     def s4(self):
         p = self.profile
         old = self.old(f"S4 old ({p.small_dim}-d)", dim=p.small_dim)
         return self.upgrade_scenario(
             "S4", "new dimension", f"old: {p.new_arch} {p.small_dim}-d ArcFace on 50% of the classes; new: "
-            f"{p.new_arch} {p.dim}-d on 100%; only the transformation method can map between the dimensions", old, {})
+            f"{p.new_arch} {p.dim}-d on 100%; only the transformation method can map between the dimensions (lce-instance "
+            "is direct, like lce: not applicable)", old, {}, forward_methods=(INDEPENDENT,))
 
     def s5(self):
-        """Chain v1 -> v2 -> v3, each LCE against its predecessor: the direct (backward) matrix and AC, and the
-        forward route with fitted transformations, composed for v1 (v1 gallery -> T12 -> T23 against v3)."""
+        """Chain v1 -> v2 -> v3, each LCE against its predecessor: the backward matrix and AC (no transformation), and
+        the forward route through fitted transformations: T12 (v1 -> v2) and T23 (v2 -> v3), and for v1's gallery
+        either composed (T23·T12) or direct (T13, fitted on the pairs (φ_v1(x), φ_v3(x)) and applied to v1's own
+        vectors: a single-step upgrade)."""
         from lce_tf import evaluation
 
         v1 = self.old("S1 old (50% classes)")
@@ -176,32 +205,40 @@ class Benchmark:
                 matrix[(qn, gn)] = result
                 pairs.append({"query": qn, "gallery": gn, **_metric_entry(result)})
         names = list(versions)
-        # (new, old): (the versions the old gallery passes through, how the heatmap labels the moved gallery)
-        routes = {("v2", "v1"): ((), "T12(v1)"), ("v3", "v2"): ((), "T23(v2)"), ("v3", "v1"): ((v2,), "T23.T12(v1)")}
+        # label: (new, old, the versions the old gallery passes through, "composed" / "direct" / both)
+        routes = {"T12(v1)": ("v2", "v1", (), ("composed", "direct")),
+                  "T23(v2)": ("v3", "v2", (), ("composed", "direct")),
+                  "T23.T12(v1)": ("v3", "v1", (v2,), ("composed",)),
+                  "T13(v1)": ("v3", "v1", (), ("direct",))}
         forward_pairs, forward = [], {}
-        for (t, k), (through, label) in routes.items():
+        for label, (t, k, through, chains) in routes.items():
             result = self.forward(versions[t], versions[k], through)
             forward[(t, label)] = result
-            forward_pairs.append({"new": t, "old": k, "via": label, **_metric_entry(result),
+            forward_pairs.append({"new": t, "old": k, "via": label, "chains": list(chains), **_metric_entry(result),
                                   "pass": {m: bool(result.metric(m) > matrix[(k, k)].metric(m)) for m in METRICS}})
         ac = {m: round(evaluation.average_compatibility(matrix, names, metric=m), 4) for m in METRICS}
-        # Average compatibility (design.md): the share of (new, old) pairs that meet the criterion.
-        ac_forward = {m: round(float(np.mean([p["pass"][m] for p in forward_pairs])), 4) for m in METRICS}
+
+        def chain_ac(chain):  # average compatibility (design.md): the share of (new, old) pairs meeting the criterion
+            return {m: round(float(np.mean([p["pass"][m] for p in forward_pairs if chain in p["chains"]])), 4)
+                    for m in METRICS}
+
         compatible_pairs = [{"new": t, "old": k, **{m: bool(matrix[(t, k)].metric(m) > matrix[(k, k)].metric(m))
                                                     for m in METRICS}}
                             for i, t in enumerate(names) for k in names[:i]]
         heat = {**matrix, **forward}
-        galleries = names + [label for _, label in forward]
+        galleries = names + list(routes)
         heatmap = self._heatmap("S5", heat, names, "S5: chain v1 -> v2 -> v3 (top-1; rows: query model)",
                                 galleries=galleries)
         return {"title": "chain v1 -> v2 -> v3",
                 "description": f"v1 = S1's old model ({self.profile.new_arch}, 50% of the classes); v2: LCE against v1 "
                                "on 75%; v3: LCE against v2 (not v1) on 100%. Forward: T12 (v1 -> v2) and T23 (v2 -> v3) "
-                               "fitted on the training pairs; v1's gallery reaches v3's space through T12 then T23 "
-                               "(composed, labelled T123)",
+                               "fitted on the training pairs; v1's gallery reaches v3's space either composed, through "
+                               "T12 then T23 (T23.T12), or directly, through T13 fitted on the pairs (φ_v1(x), φ_v3(x)) "
+                               "of v3's training images and applied to v1's own vectors",
                 "versions": {k: {"model": self.zoo.names[s], **s.describe()} for k, s in versions.items()},
                 "matrix": pairs, "pairs": compatible_pairs, "average_compatibility": ac,
-                "forward_pairs": forward_pairs, "average_compatibility_forward": ac_forward, "heatmap": heatmap}
+                "forward_pairs": forward_pairs, "average_compatibility_forward": chain_ac("composed"),
+                "average_compatibility_direct": chain_ac("direct"), "heatmap": heatmap}
 
     def cross(self):
         """Cross-model: S1's old model and new*, both independent, bridged by T12/T21 only."""

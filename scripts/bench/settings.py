@@ -16,10 +16,16 @@ from lce_tf import defaults, modes
 INDEPENDENT, LCE, LCE_INSTANCE, LCE_TRANSFORM, BCT, L2, CROSS_MODEL = (
     modes.INDEPENDENT.name, modes.LCE.name, modes.LCE_INSTANCE.name, modes.LCE_TRANSFORM.name, modes.BCT.name,
     modes.L2.name, modes.CROSS_MODEL.name)
-METHODS = (INDEPENDENT, L2, BCT, LCE, LCE_TRANSFORM)
+METHODS = (INDEPENDENT, L2, BCT, LCE, LCE_INSTANCE, LCE_TRANSFORM)
 SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "cross")
 METRICS = ("top1", "mAP")
 DIRECT_MODES = tuple(m for m in METHODS if modes.get(m).direct)  # compare new and old embeddings directly
+# The rows that decide the targets (S1 and S2, every seed, both routes), beside the old model.
+TARGET_METHODS = (INDEPENDENT, LCE, LCE_INSTANCE)
+# The rows of S1-S4 whose forward route is measured through a T12 fitted on the training pairs (one fit of ~40 s
+# each on the full profile): the target rows and BCT, the strongest baseline. l2 and the triplet row decide nothing
+# and are compared on the backward route; lce-transform has its own, jointly trained T12 (forward_own).
+FORWARD_METHODS = (INDEPENDENT, BCT, LCE, LCE_INSTANCE)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -42,10 +48,13 @@ class Profile:
       dim, small_dim: embedding sizes (S4's old model uses small_dim).
       boundary, lambda_align, lambda_boundary, lambda_compat: LCE / baseline settings (chosen with
         --validate on training classes; see benchmarks/results/validation.md).
+      lambda_instance, instance_temperature: lce-instance's InfoNCE weight λ_i and temperature τ
+        (lce_tf.defaults).
       val_classes: training classes held out by --validate.
       triplet_k: images per class in a triplet batch (P x K sampling).
       learning_rate, old_learning_rate: Adam learning rates of the new and the old models.
-      seeds: the seeds of the rows that decide the targets (S1/S2 old, independent, LCE, both routes).
+      seeds: the seeds of the rows that decide the targets (S1/S2 old, independent, lce, lce-instance, both
+        routes).
     """
 
     name: str
@@ -64,6 +73,8 @@ class Profile:
     lambda_align: float = defaults.LAMBDA_ALIGN
     lambda_boundary: float = defaults.LAMBDA_BOUNDARY
     lambda_compat: float = 1.0
+    lambda_instance: float = defaults.LAMBDA_INSTANCE
+    instance_temperature: float = defaults.INSTANCE_TEMPERATURE
     val_classes: int = 100
     triplet_k: int = 4
     learning_rate: float = 1e-3
@@ -85,7 +96,7 @@ PROFILES = {
     # --validate-transform and --epoch-study ran with (transform_validation.md, epochs.md).
     "all": Profile("all", train_classes=1445, test_classes=619, size=20, epochs=3, old_epochs=2, batch_size=128,
                    val_classes=400),
-    # --quick: the same scenarios (22 models) at smoke-test size, within 5 minutes: ~60 steps per new model
+    # --quick: the same scenarios (25 models, 7 more per extra seed) at smoke-test size: ~60 steps per new model
     # and ~56 per old one, about the fewest that leave BatchNormalization's moving statistics converged
     # (docs/design.md, "Known traps"). Measured: 4/3 epochs at 20 px, batch 32 took 9.0 min; 3/3 at 16 px 6.6 min.
     "quick": Profile("quick", train_classes=60, test_classes=30, size=16, epochs=2, old_epochs=4, batch_size=48,
@@ -129,7 +140,7 @@ class Spec:
         out = {"arch": self.arch, "dim": self.dim, "loss": self.loss, "classes": self.classes,
                "epochs": self.epochs, "compat": self.compat, "learning_rate": self.learning_rate}
         terms = modes.get(self.compat).loss_terms
-        if modes.ALIGN_LOSS in terms:  # lce, lce-transform, cross-model
+        if modes.ALIGN_LOSS in terms:  # lce, lce-instance, lce-transform, cross-model
             out.update(boundary=self.boundary, lambda_align=self.lambda_align, lambda_boundary=self.lambda_boundary)
         if modes.INSTANCE_LOSS in terms:
             out.update(lambda_instance=self.lambda_instance, instance_temperature=self.instance_temperature)

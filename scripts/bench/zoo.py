@@ -50,6 +50,7 @@ class ModelZoo:
         self._embed_fns: dict[tuple, Any] = {}  # (spec, space) -> traced embedding function
         self._centers: dict[tuple, Any] = {}
         self.callbacks: list[Any] = []  # extra Keras callbacks of every fit (the epoch study's probe)
+        self.part = ""  # the part of the run (scenario) being run: each model's record names where it was trained
 
     # -- names ----------------------------------------------------------------------------------
     def name(self, spec: Spec, label: str) -> str:
@@ -144,7 +145,7 @@ class ModelZoo:
                               "parent": self.names.get(spec.parent) if spec.parent else None,
                               "partner": self.names.get(spec.partner) if spec.partner else None,
                               "train_classes": folder.num_classes, "train_images": len(folder),
-                              "seconds": round(seconds, 1), "final_epoch": final,
+                              "seconds": round(seconds, 1), "trained_in": self.part, "final_epoch": final,
                               "history": {k: [round(float(x), 4) for x in v] for k, v in history.items()}}
         if inputs.old_centers is not None:
             self.records[spec]["old_centers_mean_pairwise_cosine"] = round(
@@ -199,16 +200,46 @@ class ModelZoo:
             self._centers[key] = centers
         return self._centers[key]
 
-    def query_in(self, query_spec: Spec, gallery_spec: Spec, old_spec: Optional[Spec]) -> np.ndarray:
-        """Query embeddings of `query_spec` in the space of the gallery model.
+    @staticmethod
+    def query_space(query_spec: Spec, gallery_spec: Spec, old_spec: Optional[Spec]) -> str:
+        """"old" when the queries of `query_spec` answer through T21 for this gallery, else "own".
 
         A model with T21 whose old model is the gallery model answers through T21 (embed_compat);
         every other pair compares the models' own embeddings.
         """
         if query_spec != gallery_spec and gallery_spec == (query_spec.parent or old_spec) and \
                 modes.get(query_spec.compat).uses_transforms:
-            return self.embed(query_spec, "query", "old")
-        return self.embed(query_spec, "query")
+            return "old"
+        return "own"
+
+    def query_in(self, query_spec: Spec, gallery_spec: Spec, old_spec: Optional[Spec]) -> np.ndarray:
+        """Query embeddings of `query_spec` in the space of the gallery model (`query_space`)."""
+        return self.embed(query_spec, "query", self.query_space(query_spec, gallery_spec, old_spec))
+
+
+COSINE = "cosine"  # the cosine-only fit objective of lce_tf.transform_fit (its only one before `objective` existed)
+
+
+def fit_settings(seed: int, objective: Optional[str] = None):
+    """The library's T12 fit settings (lce_tf.transform_fit.TransformFitSettings defaults) with `seed`, and with
+    `objective` when given (e.g. "cosine" for the cosine-only fit beside a default that is another objective).
+
+    Raises:
+      ValueError: `objective` is not "cosine" and the installed lce_tf has no fit objectives.
+    """
+    from lce_tf.transform_fit import TransformFitSettings
+
+    settings = TransformFitSettings(seed=seed)
+    if objective is None or objective == fit_objective(settings):
+        return settings
+    if not hasattr(settings, "objective"):
+        raise ValueError(f"T12 fit objective {objective!r}: this lce_tf fits the cosine objective only")
+    return dataclasses.replace(settings, objective=objective)
+
+
+def fit_objective(settings) -> str:
+    """The objective of T12 fit settings ("cosine" for an lce_tf without the `objective` field)."""
+    return getattr(settings, "objective", COSINE)
 
 
 def fit_forward(zoo: ModelZoo, old: Spec, new: Spec, settings) -> tuple[Any, float]:
