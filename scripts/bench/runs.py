@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from bench.settings import (BCT, INDEPENDENT, LCE, LCE_INSTANCE, LCE_TRANSFORM, METRICS, TARGET_METHODS, Profile,
+from bench.settings import (BCT, INDEPENDENT, LCE, LCE_INSTANCE, LCE_TRANSFORM, METRICS, EXTRA_SEED_METHODS, TARGET_METHODS, Profile,
                             SCENARIOS, _log)
 from bench.data import Split, ensure_dataset, load_split, validation_split
 from bench.zoo import fit_forward, forward_result
@@ -65,9 +65,10 @@ def run_seeds(split: Split, profile: Profile, seeds: Sequence[int], out_dir: str
             arch = {"old": profile.small_arch, "new": profile.large_arch} if key == "S2" else {}
             old = bench.old(f"{key} old ({arch['old']})" if arch else "S1 old (50% classes)", arch=arch.get("old"))
             independent = bench.spec(INDEPENDENT, old, arch=arch.get("new"))
-            _log(f"seed {seed}, {key}: old, {', '.join(TARGET_METHODS)}, both routes")
+            methods = TARGET_METHODS if bench is main else EXTRA_SEED_METHODS
+            _log(f"seed {seed}, {key}: old, {', '.join(methods)}, both routes")
             rows[key][seed] = {"old": _metric_entry(bench.ev.m(old, old))}
-            for method in TARGET_METHODS:
+            for method in methods:
                 spec = bench.spec(method, old, arch=arch.get("new"))
                 if method != INDEPENDENT:
                     bench.zoo.name(spec, f"{key} {method}")

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from bench.settings import (CROSS_MODEL, DIRECT_MODES, FORWARD_METHODS, INDEPENDENT, LCE, LCE_INSTANCE, METHODS,
-                            METRICS, TARGET_METHODS, Profile, Spec, _log)
+                            METRICS, NEW_LOSS_METHODS, UPGRADE_METHODS, Profile, Spec, _log)
 from bench.data import Split
 from bench.zoo import ModelZoo, fit_forward, fit_objective, fit_settings, forward_result
 from bench.evaluation import Evaluator, _matrix_entries, _metric_entry, _row
@@ -109,17 +109,18 @@ class Benchmark:
 
     def upgrade_scenario(self, key: str, title: str, description: str, old: Spec, new_kwargs: dict,
                          extra_rows: Sequence[tuple[str, Spec, str]] = (),
-                         forward_methods: Sequence[str] = FORWARD_METHODS, cosine: bool = False) -> dict[str, Any]:
-        """S1-S4: old model, the six methods (where applicable) and extra rows.
+                         forward_methods: Sequence[str] = FORWARD_METHODS, cosine: bool = False,
+                         methods: Sequence[str] = METHODS) -> dict[str, Any]:
+        """S1-S4: old model, `methods` (where applicable) and extra rows.
 
         forward_methods: the rows whose forward route goes through a fitted T12 (the others: not measured).
-        cosine: the target rows (TARGET_METHODS) also get the forward route through a cosine-only T12.
+        cosine: the lce-instance row also gets the forward route through a cosine-only T12.
         """
         zoo = self.zoo
         old_dim = old.dim
         rows_specs: dict[str, Spec] = {}
         not_applicable = {}
-        for method in METHODS:
+        for method in methods:
             spec = self.spec(method, old, **new_kwargs)
             if method in DIRECT_MODES and spec.dim != old_dim:
                 not_applicable[method] = (f"{method} compares new and old embeddings directly; the new model is "
@@ -140,7 +141,7 @@ class Benchmark:
             if method == INDEPENDENT and zoo.names[spec] != f"{key} independent":
                 note = f"new* = the model '{zoo.names[spec]}' (identical settings and seed; trained once)"
             rows.append(_row(self, method, spec, old, independent, note, forward=method in forward_methods,
-                             cosine=cosine and method in TARGET_METHODS))
+                             cosine=cosine and method == LCE_INSTANCE))
         models = {"old": old, **rows_specs}
         self._uses(key, models.values())
         matrix, pairs = _matrix_entries(self, models, old)
@@ -156,14 +157,14 @@ class Benchmark:
         old = self.old("S1 old (50% classes)")
         return self.upgrade_scenario(
             "S1", "more classes", f"old: {p.new_arch} {p.dim}-d ArcFace on 50% of the training classes; new: the same "
-            "network on 100%", old, {}, cosine=True)
+            "network on 100%", old, {}, cosine=True, methods=UPGRADE_METHODS)
 
     def s2(self):
         p = self.profile
         old = self.old(f"S2 old ({p.small_arch})", arch=p.small_arch)
         return self.upgrade_scenario(
             "S2", "new architecture", f"old: {p.small_arch} (small) {p.dim}-d ArcFace on 50% of the classes; new: "
-            f"{p.large_arch} (larger) on 100%", old, {"arch": p.large_arch}, cosine=True)
+            f"{p.large_arch} (larger) on 100%", old, {"arch": p.large_arch}, cosine=True, methods=UPGRADE_METHODS)
 
     def s3(self):
         p = self.profile
@@ -174,7 +175,7 @@ class Benchmark:
         return self.upgrade_scenario(
             "S3", "new loss", f"old: {p.new_arch} {p.dim}-d NormSoftmax on 50% of the classes; new: {p.new_arch} "
             f"{p.dim}-d ArcFace on 100% (plus one LCE row with a triplet-loss new model)", old, {},
-            extra_rows=[("lce (triplet)", triplet, note)], forward_methods=(LCE, LCE_INSTANCE))
+            extra_rows=[("lce (triplet)", triplet, note)], forward_methods=(LCE, LCE_INSTANCE), methods=NEW_LOSS_METHODS)
 
     def s4(self):
         p = self.profile
