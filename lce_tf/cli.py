@@ -153,10 +153,12 @@ def _check_beam_flags(args: argparse.Namespace) -> None:
         raise UsageError("--beam-runner dask needs --dask-address tcp://HOST:PORT (the dask scheduler).")
     if args.beam_workers < 1:
         raise UsageError(f"--beam-workers must be >= 1; received {args.beam_workers}.")
-    if args.beam_runner == "dask":
+    if args.beam_runner == "dask":  # before any work: a wrong or unreachable scheduler fails at once
         from pipeline.config import check_dask_address
+        from pipeline.dask_runner import check_scheduler
 
         check_dask_address(args.dask_address, "--dask-address")
+        args.dask_workers = check_scheduler(args.dask_address)
 
 
 def _centers_with_beam(args: argparse.Namespace, folder, model):
@@ -178,9 +180,7 @@ def _centers_with_beam(args: argparse.Namespace, folder, model):
     from pipeline import config as pipeline_config
 
     if args.beam_runner == "dask":
-        from pipeline.dask_runner import check_scheduler
-
-        workers = check_scheduler(args.dask_address)
+        workers = args.dask_workers  # counted by _check_beam_flags
         beam_args = pipeline_config.dask_beam_args(args.dask_address)
         stage(f"Beam on the dask scheduler {args.dask_address} ({workers} workers)")
     else:

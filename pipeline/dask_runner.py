@@ -20,11 +20,12 @@ it fails or loses data (found on a LocalCluster of 2 worker processes, tests/tes
    whose output is None.
 5. Only the bag of the last transform visited is computed; a branch that does not lead to it never runs.
 
-This runner keeps the stock translation of Create, GroupByKey and Flatten and replaces the rest:
+This runner keeps the stock translation of GroupByKey and Flatten and replaces the rest:
 ParDo runs a fresh copy of the DoFn per partition (unpickled from the bytes Beam's pickler made of it),
 with its own receivers, and returns the outputs of `process` AND `finish_bundle`; every side input is
 one node of the dask graph (the concatenated partitions of its bag, computed once by the cluster and
-passed to the tasks that read it); Read splits a bounded source into bundles in the driver (file
+passed to the tasks that read it); Create makes one partition per item, up to 2 per worker (the stock
+runner puts up to 128 items in one partition, so a few file names would be read by one worker); Read splits a bounded source into bundles in the driver (file
 names and offsets only) and reads each bundle in a task; every leaf of the pipeline is computed. The
 dask client is closed when the run finishes.
 
@@ -35,15 +36,17 @@ must run with lce-tf installed (`pip install lce-tf[pipeline,dask]`, or this che
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import apache_beam as beam
+import dask.bag as db
 from apache_beam import pvalue
 from apache_beam.internal import pickler
 from apache_beam.pipeline import AppliedPTransform, PipelineVisitor
 from apache_beam.runners.common import DoFnContext, DoFnInvoker, DoFnSignature, _OutputHandler
 from apache_beam.runners.dask import dask_runner as stock
 from apache_beam.runners.dask import transform_evaluator as stock_ops
-from apache_beam.runners.dask.overrides import _Read
+from apache_beam.runners.dask.overrides import _Create, _Read
 from apache_beam.runners.runner import PipelineState
 from apache_beam.transforms.sideinputs import SideInputMap
 
@@ -51,6 +54,8 @@ from apache_beam.transforms.sideinputs import SideInputMap
 RUNNER = f"{__name__}.DaskRunner"
 # Bytes of a bundle when a bounded source is split (Read); a TFRecord file is never split.
 DESIRED_BUNDLE_BYTES = 64 << 20
+# Seconds to wait for the scheduler (the pre-flight check and the runner's client).
+CONNECT_TIMEOUT = 10.0
 
 
 def _windowed(values, window_fn=None):
@@ -111,8 +116,9 @@ class _Translation:
 
 
 class _Visitor(PipelineVisitor):
-    def __init__(self, bag_kwargs: dict):
+    def __init__(self, bag_kwargs: dict, num_workers: int):
         self.bag_kwargs = bag_kwargs
+        self.num_workers = max(1, num_workers)
         self.t = _Translation()
         self._side_values: dict = {}   # producer -> Delayed list of the side input's elements
 
@@ -137,6 +143,11 @@ class _Visitor(PipelineVisitor):
             self.t.bags[node] = self._par_do(node, inputs[0])
         elif isinstance(transform, _Read):
             self.t.bags[node] = self._read(transform)
+        elif isinstance(transform, _Create) and not self.bag_kwargs:
+            # The stock default puts up to 128 items in one partition, so a Create of a few file names
+            # (ReadEmbeddingShards) would run on one worker: here one partition per item, up to 2 per worker.
+            items = list(transform.values)
+            self.t.bags[node] = db.from_sequence(items, npartitions=max(1, min(len(items), 2 * self.num_workers)))
         else:
             op = stock_ops.TRANSLATIONS.get(transform.__class__, stock_ops.NoOp)(node, bag_kwargs=self.bag_kwargs)
             if not node.inputs or all(isinstance(v, pvalue.PBegin) for v in node.inputs):
@@ -161,8 +172,6 @@ class _Visitor(PipelineVisitor):
         return input_bag.map_partitions(_run_dofn_on_partition, *side_values, spec=spec)
 
     def _read(self, transform: _Read):
-        import dask.bag as db  # pylint: disable=import-outside-toplevel
-
         bundles = list(transform.source.split(desired_bundle_size=DESIRED_BUNDLE_BYTES))
         if not bundles:
             return db.from_sequence([], npartitions=1)
@@ -195,10 +204,11 @@ class DaskRunner(stock.DaskRunner):
 
         dask_options = options.view_as(stock.DaskOptions).get_all_options(drop_default=True, current_only=True)
         bag_kwargs = stock.DaskOptions._extract_bag_kwargs(dask_options)  # pylint: disable=protected-access
+        dask_options.setdefault("timeout", CONNECT_TIMEOUT)
         client = ddist.Client(**dask_options)
         try:
             pipeline.replace_all(dask_overrides())
-            visitor = _Visitor(bag_kwargs)
+            visitor = _Visitor(bag_kwargs, len(client.scheduler_info().get("workers", {})))
             pipeline.visit(visitor)
             leaves = [bag.map_partitions(_drain) for bag in visitor.leaves()]
             futures = client.compute(list(dask.optimize(*leaves)))
@@ -212,7 +222,7 @@ class DaskRunner(stock.DaskRunner):
 # The scheduler
 # ----------------------------------------------------------------------------------------------
 
-def check_scheduler(address: str, timeout: float = 10.0) -> int:
+def check_scheduler(address: str, timeout: Optional[float] = None) -> int:
     """Connects to a dask scheduler and returns its number of workers (a pre-flight check of a run).
 
     Raises:
@@ -221,6 +231,7 @@ def check_scheduler(address: str, timeout: float = 10.0) -> int:
     """
     import dask.distributed as ddist  # pylint: disable=import-outside-toplevel
 
+    timeout = CONNECT_TIMEOUT if timeout is None else timeout
     try:
         with ddist.Client(address, timeout=timeout, set_as_default=False) as client:
             workers = len(client.scheduler_info().get("workers", {}))
