@@ -9,8 +9,8 @@ dashboard) is started once for the module and closed after it. Against it:
 - the runner's fixes of Beam 2.74's DaskRunner (pipeline/dask_runner.py's docstring): outputs of
   finish_bundle kept, a singleton side input read by many partitions, ReadFromTFRecord, work spread
   over both workers;
-- `lce-tf centers --beam-runner dask` (TFRecords, the old model loaded in the Dask workers) equals the
-  in-process `lce-tf centers` bit for bit;
+- `lce-tf centers --beam-runner dask` (TFRecords, the old model loaded in the Dask workers) and the
+  ClassCenterExtractor's executor with the Dask flags equal the in-process `lce-tf centers` bit for bit;
 - PipelineConfig's beam_runner / beam_dask_address validation and the ClassCenterExtractor's flags;
   bad scheduler addresses: one line, exit 2, nothing written.
 """
@@ -207,24 +207,59 @@ def model_and_data(tmp_path_factory):
                             num_query_per_class=2, size=16, seed=0, progress=lambda *_: None)
     export_model(build_compatible_model("small_cnn", (16, 16, 1), 8, 6), str(root / "v1"), architecture="small_cnn",
                  input_shape=(16, 16, 1), version="v1")
-    return root
+    assert cli.main(["centers", "--model", str(root / "v1"), "--data", str(root / "data" / "train"),
+                     "--boundary", "percentile:20", "--out", str(root / "in_process.npz")]) == 0
+    return root, ClassCenters.load(str(root / "in_process.npz"))
+
+
+def assert_bit_identical(got: ClassCenters, reference: ClassCenters) -> None:
+    assert np.array_equal(got.centers, reference.centers)
+    assert np.array_equal(got.boundary_cos, reference.boundary_cos)
+    assert np.array_equal(got.counts, reference.counts)
+    assert got == reference  # and names, rule, source model
 
 
 @pytest.mark.e2e
 def test_cli_centers_on_dask_equal_in_process(cluster, model_and_data, tmp_path, capsys):
-    root = model_and_data
-    common = ["centers", "--model", str(root / "v1"), "--data", str(root / "data" / "train"),
-              "--boundary", "percentile:20"]
-    assert cli.main(common + ["--out", str(tmp_path / "in_process.npz")]) == 0
-    assert cli.main(common + ["--out", str(tmp_path / "dask.npz"), "--beam-runner", "dask", "--dask-address",
-                              cluster.scheduler_address]) == 0
+    root, in_process = model_and_data
+    assert cli.main(["centers", "--model", str(root / "v1"), "--data", str(root / "data" / "train"),
+                     "--boundary", "percentile:20", "--out", str(tmp_path / "dask.npz"), "--beam-runner", "dask",
+                     "--dask-address", cluster.scheduler_address]) == 0
     assert "(2 workers)" in capsys.readouterr().out
-    in_process, on_dask = ClassCenters.load(str(tmp_path / "in_process.npz")), ClassCenters.load(str(tmp_path / "dask.npz"))
-    assert np.array_equal(on_dask.centers, in_process.centers)
-    assert np.array_equal(on_dask.boundary_cos, in_process.boundary_cos)
-    assert np.array_equal(on_dask.counts, in_process.counts)
-    assert on_dask == in_process
-    assert sorted(os.listdir(tmp_path)) == ["dask.npz", "in_process.npz"]  # the work directory is gone
+    assert_bit_identical(ClassCenters.load(str(tmp_path / "dask.npz")), in_process)
+    assert os.listdir(tmp_path) == ["dask.npz"]  # the work directory (records, spill) is gone
+
+
+@pytest.mark.e2e
+def test_class_center_extractor_executor_on_dask(cluster, model_and_data, tmp_path):
+    """The component's executor with the local runner's flags followed by the Dask ones (as create_pipeline
+    orders them for beam_runner: dask) over Examples written by the ingest executor."""
+    from tfx.dsl.components.base.base_beam_executor import BaseBeamExecutor
+    from tfx.types import standard_artifacts
+
+    from components import artifacts
+    from components.class_center_extractor import executor as extractor
+    from components.image_example_gen.executor import Executor as IngestExecutor
+
+    root, in_process = model_and_data
+    examples = standard_artifacts.Examples()
+    examples.uri = str(tmp_path / "examples")
+    IngestExecutor().Do({}, {"examples": [examples]}, {
+        "train_dir": str(root / "data/train"), "query_dir": str(root / "data/query"),
+        "gallery_dir": str(root / "data/gallery"), "train_classes": "", "examples_per_shard": 12,
+        "input_fingerprint": "x"})
+    model = standard_artifacts.Model()
+    model.uri = str(root / "v1")
+    output = artifacts.ClassCenters()
+    output.uri = str(tmp_path / "centers")
+    context = BaseBeamExecutor.Context(beam_pipeline_args=pipeline_config.direct_beam_args(2) + dask_args(cluster))
+    extractor.Executor(context).Do(
+        {extractor.EXAMPLES_KEY: [examples], extractor.OLD_MODEL_KEY: [model]},
+        {extractor.CLASS_CENTERS_KEY: [output]},
+        {extractor.SPLIT_KEY: "train", extractor.BOUNDARY_KEY: "percentile:20", extractor.FLIP_AVERAGE_KEY: False,
+         extractor.BATCH_SIZE_KEY: 256})
+    assert_bit_identical(ClassCenters.load(os.path.join(output.uri, artifacts.CENTERS_FILE)), in_process)
+    assert not os.path.exists(os.path.join(output.uri, extractor.SPILL_DIR))
 
 
 # --------------------------------------------------------------------------------------------------
