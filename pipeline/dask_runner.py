@@ -241,3 +241,19 @@ def check_scheduler(address: str, timeout: Optional[float] = None) -> int:
     if workers == 0:
         raise ValueError(f"dask scheduler {address}: has no worker (start some with `dask worker {address}`)")
     return workers
+
+
+def close_cluster(cluster, timeout: float = 60.0) -> None:
+    """Closes a LocalCluster; a worker process slow to exit (a busy machine) does not fail the caller.
+
+    The nanny has already sent SIGKILL when its wait for the process times out (asyncio.TimeoutError,
+    not the builtin TimeoutError on Python 3.10), so the processes go away either way.
+    """
+    import asyncio  # pylint: disable=import-outside-toplevel
+    import logging  # pylint: disable=import-outside-toplevel
+
+    try:
+        cluster.close(timeout=timeout)
+    except (asyncio.TimeoutError, TimeoutError) as e:
+        logging.getLogger(__name__).warning("dask cluster close: a worker was slow to exit (%s); it was killed",
+                                            type(e).__name__)

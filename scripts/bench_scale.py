@@ -320,11 +320,13 @@ def _centers_child(args) -> None:
         beam_class_centers(prefixes, args.classes, args.result, boundary=args.boundary, workers=args.workers,
                            mode=args.mode, chunk_rows=args.chunk, spill_rows=args.spill_rows)
     seconds = time.perf_counter() - start
-    driver_peak_mb = (_status_kb("self", "VmHWM") or 0) / 1024
-    if cluster is not None:
-        cluster.close()
     print(json.dumps({"seconds": seconds, "driver_rss_before_mb": rss_before / 1024,
-                      "driver_peak_mb": driver_peak_mb, "peak_reset": reset, **extra}))
+                      "driver_peak_mb": (_status_kb("self", "VmHWM") or 0) / 1024, "peak_reset": reset, **extra}),
+          flush=True)
+    if cluster is not None:
+        from pipeline.dask_runner import close_cluster
+
+        close_cluster(cluster)
 
 
 def measure_centers(mode: str, prefixes: Sequence[str], num_classes: int, workdir: str, *, boundary: str,

@@ -50,10 +50,13 @@ def cluster():
 
     # The workers are started with this interpreter's sys.path (multiprocessing spawn), so they import
     # the checkout's lce_tf, components and pipeline like this process.
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", scheduler_port=0,
-                      dashboard_address=None, worker_dashboard_address=None,
-                      scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}) as local:  # its HTTP server, not on 8787
+    local = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", scheduler_port=0,
+                         dashboard_address=None, worker_dashboard_address=None,
+                         scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})  # its HTTP server, not on 8787
+    try:
         yield local
+    finally:
+        dask_runner.close_cluster(local)
 
 
 def dask_args(cluster) -> list[str]:
