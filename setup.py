@@ -29,6 +29,9 @@ setup(
         # which imports pkg_resources (removed in setuptools 81).
         "milvus": ["pymilvus==2.5.18", "milvus-lite==2.5.1", "setuptools<81"],
         "pipeline": ["tfx[kfp]==1.15.1", "kfp==1.8.22", "apache-beam[gcp]", "dill", "scann==1.3.0"],
+        # Beam on a dask.distributed cluster (pipeline/dask_runner.py): the ClassCenterExtractor and `lce-tf centers
+        # --beam-runner dask`; dask 2024.8 is the last to accept kfp 1.8's cloudpickle < 3. Never imported by lce_tf.
+        "dask": ["apache-beam[gcp]", "dask[distributed]==2024.8.0"],
         "bench": ["faiss-cpu", "psutil"],
         "test": ["pytest", "pytest-timeout"],
     },

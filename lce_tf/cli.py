@@ -1,7 +1,7 @@
 """The `lce-tf` command.
 
     lce-tf train     --data DIR --out MODEL_DIR [--compat lce --old-model DIR | --old-centers FILE] ...
-    lce-tf centers   --model MODEL_DIR --data DIR --out FILE.npz
+    lce-tf centers   --model MODEL_DIR --data DIR --out FILE.npz [--beam-runner direct|dask [--dask-address A]]
     lce-tf evaluate  --query DIR --gallery DIR --model NAME=MODEL_DIR [--model ...] [--transform NAME=DIR ...]
                      [--json OUT.json]
     lce-tf transform fit --old-model OLD_DIR --new-model NEW_DIR --data TRAIN_DIR --out TRANSFORM_DIR
@@ -146,15 +146,77 @@ def cmd_train(args: argparse.Namespace) -> int:
 # centers
 
 
+def _check_beam_flags(args: argparse.Namespace) -> None:
+    if args.beam_runner != "dask" and args.dask_address:
+        raise UsageError("--dask-address needs --beam-runner dask.")
+    if args.beam_runner == "dask" and not args.dask_address:
+        raise UsageError("--beam-runner dask needs --dask-address tcp://HOST:PORT (the dask scheduler).")
+    if args.beam_workers < 1:
+        raise UsageError(f"--beam-workers must be >= 1; received {args.beam_workers}.")
+    if args.beam_runner == "dask":  # before any work: a wrong or unreachable scheduler fails at once
+        from pipeline.config import check_dask_address
+        from pipeline.dask_runner import check_scheduler
+
+        check_dask_address(args.dask_address, "--dask-address")
+        args.dask_workers = check_scheduler(args.dask_address)
+
+
+def _centers_with_beam(args: argparse.Namespace, folder, model):
+    """The ClassCenterExtractor's Beam job (centers_beam.extract_class_centers) over the folder's images.
+
+    The folder is written as TFRecords into a work directory (`--beam-temp`, by default beside --out),
+    where the workers also spill pass 2's input and write the result; the directory is removed at the end.
+    """
+    import shutil
+    import uuid
+
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from components.class_center_extractor import centers_beam
+    from lce_tf import data
+    from lce_tf.centers import ClassCenters
+    from lce_tf.serving import read_model_metadata
+    from pipeline import config as pipeline_config
+
+    if args.beam_runner == "dask":
+        workers = args.dask_workers  # counted by _check_beam_flags
+        beam_args = pipeline_config.dask_beam_args(args.dask_address)
+        stage(f"Beam on the dask scheduler {args.dask_address} ({workers} workers)")
+    else:
+        workers = args.beam_workers
+        beam_args = pipeline_config.direct_beam_args(workers)
+        stage(f"Beam on the DirectRunner ({workers} worker processes)")
+    model_dir = os.path.abspath(args.model)
+    shape = tuple(int(v) for v in read_model_metadata(model_dir)["input_shape"])
+    parent = os.path.abspath(args.beam_temp or os.path.dirname(os.path.abspath(args.out)))
+    work = os.path.join(parent, f".lce-tf-centers-{uuid.uuid4().hex[:12]}")
+    try:
+        data.write_tfrecords(folder, os.path.join(work, "records", "data"),
+                             num_shards=min(len(folder.paths), 2 * workers))
+        result = os.path.join(work, "class_centers.npz")
+        with beam.Pipeline(options=PipelineOptions(beam_args)) as pipeline:
+            centers_beam.extract_class_centers(
+                pipeline, os.path.join(work, "records", "*.tfrecord"), model_dir, shape, folder.class_names, result,
+                boundary=args.boundary, source_model_id=model.model_id, spill_dir=os.path.join(work, "spill"))
+        return ClassCenters.load(result)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def cmd_centers(args: argparse.Namespace) -> int:
     from lce_tf.centers import parse_boundary_rule
     from lce_tf.serving import load_embedding_model
 
     parse_boundary_rule(args.boundary)
+    _check_beam_flags(args)
     folder = _read_folder(args.data, args.classes)
     model = load_embedding_model(args.model)
     stage(f"embedding {len(folder.paths)} images of {len(folder.class_names)} classes with {model.model_id}")
-    centers = _centers_for_folder(model, folder, args.boundary)
+    if args.beam_runner:
+        centers = _centers_with_beam(args, folder, model)
+    else:
+        centers = _centers_for_folder(model, folder, args.boundary)
     centers.save(args.out)
     stage(f"wrote {centers.num_classes} centers of dimension {centers.dim} to {args.out} "
           f"(boundary {args.boundary}; mean pairwise cosine {centers.mean_pairwise_cosine():.3f})")
@@ -602,6 +664,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--classes")
     p.add_argument("--boundary", default=defaults.BOUNDARY_RULE)
+    p.add_argument("--beam-runner", choices=("direct", "dask"),
+                   help="compute with the ClassCenterExtractor's Beam job instead of in this process: on the "
+                   "DirectRunner or on a dask.distributed scheduler (--dask-address)")
+    p.add_argument("--dask-address", help="the dask scheduler, tcp://HOST:PORT (with --beam-runner dask)")
+    p.add_argument("--beam-workers", type=int, default=2, help="DirectRunner worker processes (--beam-runner direct)")
+    p.add_argument("--beam-temp", help="work directory the Beam workers share with this process (records, "
+                   "spilled shards, the result; removed afterwards); default: beside --out")
     p.set_defaults(func=cmd_centers)
 
     p = sub.add_parser("evaluate", help="compatibility matrix, criterion and update gain of models")

@@ -15,6 +15,12 @@ from lce_tf.checks import check_finite
 
 METADATA_FILE = "lce_tf_model.json"
 MODEL_FORMAT = "lce_tf.model/1"
+# Every batch is padded with zero images to a multiple of this many rows before the signature runs. On
+# TensorFlow 2.15's CPU kernels an image's embedding depends on the size of the batch it is in (the
+# remainder rows of a vectorized block take another code path; 1 ulp apart here, for batches that are not
+# multiples of 8), so without it the Beam center extraction, whose bundles batch the images differently
+# on every runner and every run, could not equal `lce-tf centers` bit for bit (tests/test_beam_dask.py).
+BATCH_ROW_MULTIPLE = 16
 _REQUIRED_KEYS = ("format", "model_id", "version", "input_shape", "embedding_dim", "embedding_space",
                   "signatures")
 
@@ -162,7 +168,12 @@ class EmbeddingModel:
         fn = self._saved.signatures[signature]
         expected = self.signature_dim(signature)
         for batch in batches:
-            out = fn(images=np.asarray(batch, np.float32))["embedding"].numpy()
+            batch = np.asarray(batch, np.float32)
+            rows = batch.shape[0]
+            pad = -rows % BATCH_ROW_MULTIPLE
+            if pad:  # zero images below the real ones; inference rows do not interact (BatchNorm is frozen)
+                batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], np.float32)])
+            out = fn(images=batch)["embedding"].numpy()[:rows]
             if out.ndim != 2 or (expected is not None and out.shape[1] != expected):
                 raise ValueError(f"Model {self.model_id} ({self.model_dir}): signature {signature!r} returned "
                                  f"dimension {out.shape[-1]} but {METADATA_FILE} says {expected}.")

@@ -37,6 +37,11 @@ INDEX_BACKENDS = index_registry.backend_names()  # the backends lce_tf.index reg
 MILVUS_INDEX_TYPES = ("", "FLAT", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "HNSW", "DISKANN", "SCANN", "AUTOINDEX")
 MILVUS_LITE_INDEX_TYPES = ("", "FLAT", "IVF_FLAT", "AUTOINDEX")
 COMPATIBILITY_ROUTES = ("backward", "forward", "either")  # components.compatibility_validator
+# Where the ClassCenterExtractor's Beam job runs: "direct" (the runner's own flags, locally the DirectRunner)
+# or "dask" (a dask.distributed scheduler, through pipeline/dask_runner.py; docs/scale-out.md).
+BEAM_RUNNERS = ("direct", "dask")
+DASK_RUNNER = "pipeline.dask_runner.DaskRunner"  # = pipeline.dask_runner.RUNNER (checked in tests)
+_DASK_ADDRESS_RE = re.compile(r"(?:tcp|tls)://(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
 _FIT = TransformFitSettings()  # the library's fit defaults (lce_tf.transform_fit imports no TensorFlow)
 OLD_MODEL_LATEST = "latest"
 OLD_MODEL_NONE = "none"
@@ -100,7 +105,9 @@ class PipelineConfig:
       IVF_FLAT, AUTOINDEX).
 
     Beam: beam_workers (DirectRunner multi-processing workers of the local runner);
-      beam_pipeline_args (passed through to every Beam component, e.g. Dataflow/Flink/Spark flags).
+      beam_pipeline_args (passed through to every Beam component, e.g. Dataflow/Flink/Spark flags);
+      beam_runner ("direct": the ClassCenterExtractor runs with those flags; "dask": on the dask.distributed
+      scheduler at beam_dask_address, e.g. "tcp://dask-scheduler:8786", through pipeline/dask_runner.py).
 
     Kubeflow: kubeflow_image (the component image built from pipeline/Dockerfile), kubeflow_setup_file
       (the project's setup.py inside that image, given to Beam so remote workers get lce_tf).
@@ -162,6 +169,8 @@ class PipelineConfig:
 
     beam_workers: int = 2
     beam_pipeline_args: list[str] = dataclasses.field(default_factory=list)
+    beam_runner: str = "direct"
+    beam_dask_address: str = ""
 
     kubeflow_image: str = "lce-tf-pipeline:latest"
     kubeflow_setup_file: str = "/lce-tf/setup.py"
@@ -311,6 +320,14 @@ class PipelineConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}: must be in [0, 1]; received {getattr(self, name)!r}")
         _check_boundary(self.boundary)
+        _choice("beam_runner", self.beam_runner, BEAM_RUNNERS, "Beam runner")
+        if self.beam_runner == "dask":
+            if not self.beam_dask_address:
+                raise ValueError("beam_dask_address: required with beam_runner 'dask' (the dask scheduler, e.g. "
+                                 "tcp://dask-scheduler:8786)")
+            check_dask_address(self.beam_dask_address, "beam_dask_address")
+        elif self.beam_dask_address:
+            raise ValueError("beam_dask_address: set beam_runner to 'dask' to use it")
         if not isinstance(self.beam_pipeline_args, list) or not all(
                 isinstance(a, str) and a.startswith("--") for a in self.beam_pipeline_args):
             raise ValueError(f"beam_pipeline_args: must be a list of '--flag=value' strings; received "
@@ -346,6 +363,24 @@ class PipelineConfig:
                 raise ValueError(f"embedding_dim: mode {self.mode!r} needs the old model's dimension {old_dim} "
                                  f"({self.old_model}); received {self.embedding_dim} (use mode 'lce-transform')")
         return self
+
+
+def check_dask_address(address: Any, field: str = "beam_dask_address") -> str:
+    """A dask scheduler address tcp://HOST:PORT or tls://HOST:PORT (1 <= PORT <= 65535); else one-line ValueError."""
+    match = _DASK_ADDRESS_RE.fullmatch(address) if isinstance(address, str) else None
+    if not match or not 1 <= int(match.group(1)) <= 65535:
+        raise ValueError(f"{field}: {address!r} must be a dask scheduler address tcp://HOST:PORT (or tls://HOST:PORT)")
+    return address
+
+
+def direct_beam_args(workers: int) -> list[str]:
+    """Beam flags of the local DirectRunner's engine (the FnApiRunner) with `workers` worker processes."""
+    return ["--runner=FnApiRunner", "--direct_running_mode=multi_processing", f"--direct_num_workers={int(workers)}"]
+
+
+def dask_beam_args(address: str) -> list[str]:
+    """Beam flags that run a pipeline on the dask scheduler at `address` (pipeline/dask_runner.py)."""
+    return [f"--runner={DASK_RUNNER}", f"--dask_client_address={check_dask_address(address)}"]
 
 
 def _choice(field: str, value: Any, choices: Sequence[str], what: str) -> None:

@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Iterator, Optional, Sequence
 
-from pipeline.config import PipelineConfig, _is_uri, load_config
+from pipeline.config import PipelineConfig, _is_uri, direct_beam_args, load_config
 
 _LOG = logging.getLogger(__name__)
 
@@ -45,8 +45,7 @@ def local_beam_args(config: PipelineConfig) -> list[str]:
     every Beam component (tfx.utils.dependency_utils does that when no such flag is given); the
     FnApiRunner stages nothing.
     """
-    args = ["--runner=FnApiRunner", "--direct_running_mode=multi_processing",
-            f"--direct_num_workers={int(config.beam_workers)}"]
+    args = direct_beam_args(config.beam_workers)
     setup_file = os.path.join(_project_root(), "setup.py")
     dependency_flags = ("--setup_file", "--extra_package", "--requirements_file", "--sdk_container_image",
                         "--worker_harness_container_image")

@@ -37,7 +37,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from lce_tf import modes
-from pipeline.config import OLD_MODEL_LATEST, OLD_MODEL_NONE, PipelineConfig
+from pipeline.config import OLD_MODEL_LATEST, OLD_MODEL_NONE, PipelineConfig, dask_beam_args
 
 # Node ids (stable: they name the nodes in the metadata store and the Kubeflow spec).
 EXAMPLE_GEN_ID = "ImageFolderExampleGen"
@@ -145,6 +145,8 @@ def create_components(config: PipelineConfig, *, old_model_strategy: str = "push
     if config.needs_centers and old_model is not None:
         extractor = ClassCenterExtractor(examples=examples, old_model=old_model, boundary=config.boundary,
                                          flip_average=config.flip_average).with_id(CENTERS_ID)
+        if config.beam_runner == "dask":  # component-level flags come after the pipeline's: they win
+            extractor = extractor.with_beam_pipeline_args(dask_beam_args(config.beam_dask_address))
         nodes.append(extractor)
         centers = extractor.outputs["class_centers"]
     trainer_old_model = old_model if modes.get(config.mode).compatible_with_old else None

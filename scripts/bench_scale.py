@@ -14,6 +14,13 @@
                   shards of `--spill-rows` rows, pass 2 reads those back.
   beam-one-read   (not run by default) ONE read and no spill directory: the runner keeps the batches
                   between pass 1 and pass 2 (the DirectRunner in the driver's memory).
+  beam-dask       the beam-two-reads pipeline on Dask (issue 21): pipeline/dask_runner.py's DaskRunner
+                  against a dask.distributed LocalCluster of `--workers` worker processes (one thread each,
+                  127.0.0.1) that the measuring process starts before its timer, so its time is the
+                  pipeline's on a running, warm cluster; reported beside it: the cluster's start, a first
+                  two-element pipeline (the workers import Beam and lce_tf) and a second one (the per-run
+                  fixed cost, used for the steady state).
+  beam-dask-spill (not run by default) beam-spill on the same cluster.
 
   The fixed cost of the DirectRunner (start two SDK worker processes, run a pipeline) is measured on
   its own, with a pipeline of two elements and the same options, before and after the sizes; the
@@ -43,6 +50,7 @@
 
 Usage:
   python scripts/bench_scale.py                       # both parts, sizes 100k, 1M, 5M
+  python scripts/bench_scale.py --quick               # centers at 20,000 only, under build/ (proves it runs)
   python scripts/bench_scale.py --part centers --sizes 20000
   python scripts/bench_scale.py --part training
 """
@@ -70,8 +78,9 @@ if ROOT not in sys.path:
 
 from lce_tf import modes  # noqa: E402  (after the path set-up)
 
-CENTER_MODES = ("inprocess", "beam-two-reads", "beam-spill", "beam-one-read")
-DEFAULT_CENTER_MODES = CENTER_MODES[:3]
+CENTER_MODES = ("inprocess", "beam-two-reads", "beam-spill", "beam-one-read", "beam-dask", "beam-dask-spill")
+DEFAULT_CENTER_MODES = ("inprocess", "beam-two-reads", "beam-spill", "beam-dask")
+DASK_MODES = ("beam-dask", "beam-dask-spill")
 LOSS_KEYS = ("loss", "cls_loss", "align_loss", "boundary_loss")
 
 
@@ -124,14 +133,31 @@ def beam_options(workers: int) -> list[str]:
     return ["--runner=DirectRunner", "--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
 
 
+def dask_options(address: str) -> list[str]:
+    from pipeline.config import dask_beam_args
+
+    return dask_beam_args(address)
+
+
+def start_dask_cluster(workers: int):
+    """A LocalCluster of `workers` worker processes (one thread each) on 127.0.0.1, free ports, no dashboard."""
+    from distributed import LocalCluster
+
+    return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", scheduler_port=0,
+                        dashboard_address=None, worker_dashboard_address=None,
+                        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
+
+
 def beam_class_centers(prefixes: Sequence[str], num_classes: int, out_path: str, *, boundary: str = "min",
                        workers: int = 2, mode: str = "beam-two-reads", chunk_rows: int = 16384,
-                       spill_rows: int = 65536):
+                       spill_rows: int = 65536, options: Optional[Sequence[str]] = None):
     """Runs the component's Beam transform over the shards and returns the ClassCenters it wrote.
 
-    mode: "beam-two-reads", "beam-spill" or "beam-one-read" (see the module docstring). The spill
-    directory (beside out_path) is deleted afterwards, as the component does.
+    mode: "beam-two-reads", "beam-spill" or "beam-one-read" (see the module docstring); "beam-dask" and
+    "beam-dask-spill" feed it as the first two. options: the Beam flags (default: the DirectRunner's with
+    `workers` processes). The spill directory (beside out_path) is deleted afterwards, as the component does.
     """
+    mode = {"beam-dask": "beam-two-reads", "beam-dask-spill": "beam-spill"}.get(mode, mode)
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -140,7 +166,7 @@ def beam_class_centers(prefixes: Sequence[str], num_classes: int, out_path: str,
 
     spill_dir = os.path.join(os.path.dirname(os.path.abspath(out_path)), ".spill") if mode == "beam-spill" else None
     try:
-        with beam.Pipeline(options=PipelineOptions(beam_options(workers))) as pipeline:
+        with beam.Pipeline(options=PipelineOptions(list(options or beam_options(workers)))) as pipeline:
             first = pipeline | "Read1" >> centers_beam.ReadEmbeddingShards(prefixes, chunk_rows)
             source = ((first, pipeline | "Read2" >> centers_beam.ReadEmbeddingShards(prefixes, chunk_rows))
                       if mode == "beam-two-reads" else first)
@@ -154,13 +180,13 @@ def beam_class_centers(prefixes: Sequence[str], num_classes: int, out_path: str,
     return ClassCenters.load(out_path)
 
 
-def beam_startup_seconds(workers: int = 2) -> float:
+def beam_startup_seconds(workers: int = 2, options: Optional[Sequence[str]] = None) -> float:
     """Wall time of a two-element pipeline with the benchmark's options: the DirectRunner's fixed cost."""
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
     start = time.perf_counter()
-    with beam.Pipeline(options=PipelineOptions(beam_options(workers))) as pipeline:
+    with beam.Pipeline(options=PipelineOptions(list(options or beam_options(workers)))) as pipeline:
         _ = pipeline | beam.Create([1, 2]) | beam.Map(lambda v: v + 1)
     return time.perf_counter() - start
 
@@ -185,6 +211,9 @@ def compare_centers(got, reference) -> dict:
         "max_abs_diff_boundaries": float(np.max(np.abs(got.boundary_cos.astype(np.float64)
                                                        - reference.boundary_cos))),
         "counts_equal": bool(np.array_equal(got.counts, reference.counts)),
+        "bit_identical": bool(np.array_equal(got.centers, reference.centers)
+                              and np.array_equal(got.boundary_cos, reference.boundary_cos)
+                              and np.array_equal(got.counts, reference.counts)),
         "names_equal": got.class_names == reference.class_names,
     }
 
@@ -266,10 +295,23 @@ def _centers_child(args) -> None:
 
     with open(args.shards_json) as f:
         prefixes = json.load(f)
+    extra, cluster = {}, None
+    if args.mode in DASK_MODES:  # a running cluster first (its workers are this process's children)
+        t0 = time.perf_counter()
+        cluster = start_dask_cluster(args.workers)
+        extra["dask_cluster_start_seconds"] = time.perf_counter() - t0
+        options = dask_options(cluster.scheduler_address)
+        # The first pipeline also imports Beam and lce_tf in the workers (once per cluster): reported apart.
+        extra["dask_warmup_seconds"] = beam_startup_seconds(options=options)
+        extra["dask_startup_seconds"] = beam_startup_seconds(options=options)
+        extra["beam_options"] = options
     rss_before = _status_kb("self", "VmRSS")
     reset = _reset_peak_rss()
     start = time.perf_counter()
-    if args.mode == "beam-startup":
+    if cluster is not None:
+        beam_class_centers(prefixes, args.classes, args.result, boundary=args.boundary, mode=args.mode,
+                           chunk_rows=args.chunk, spill_rows=args.spill_rows, options=options)
+    elif args.mode == "beam-startup":
         beam_startup_seconds(args.workers)
     elif args.mode == "inprocess":
         result = inprocess_class_centers(prefixes, args.classes, boundary=args.boundary, chunk_rows=args.chunk)
@@ -279,7 +321,12 @@ def _centers_child(args) -> None:
                            mode=args.mode, chunk_rows=args.chunk, spill_rows=args.spill_rows)
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "driver_rss_before_mb": rss_before / 1024,
-                      "driver_peak_mb": (_status_kb("self", "VmHWM") or 0) / 1024, "peak_reset": reset}))
+                      "driver_peak_mb": (_status_kb("self", "VmHWM") or 0) / 1024, "peak_reset": reset, **extra}),
+          flush=True)
+    if cluster is not None:
+        from pipeline.dask_runner import close_cluster
+
+        close_cluster(cluster)
 
 
 def measure_centers(mode: str, prefixes: Sequence[str], num_classes: int, workdir: str, *, boundary: str,
@@ -327,7 +374,7 @@ def run_centers(args) -> dict:
     from lce_tf.centers import ClassCenters
 
     startup = []
-    if any(m.startswith("beam") for m in args.modes):
+    if any(m.startswith("beam") and m not in DASK_MODES for m in args.modes):
         startup.append(measure_startup(args.workers, args.workdir))
         print(f"[centers] Beam start-up (two-element pipeline): {startup[-1]:.2f} s", flush=True)
     rows = []
@@ -361,13 +408,20 @@ def run_centers(args) -> dict:
                         results["inprocess"]["seconds"] / results[mode]["seconds"])
         rows.append({"num_examples": size, "shards": len(prefixes), "data_mb": size * args.dim * 4 / 2**20,
                      "modes": results})
+    for row in rows:  # Dask: the fixed cost is a two-element pipeline on the same running cluster
+        for mode, f in row["modes"].items():
+            if mode in DASK_MODES and f["seconds"] > f["dask_startup_seconds"]:
+                f["steady_throughput_per_s"] = row["num_examples"] / (f["seconds"] - f["dask_startup_seconds"])
+                if "inprocess" in row["modes"]:
+                    f["steady_ratio_vs_inprocess"] = (f["steady_throughput_per_s"]
+                                                      / row["modes"]["inprocess"]["throughput_per_s"])
     if startup:
         startup.append(measure_startup(args.workers, args.workdir))
         print(f"[centers] Beam start-up again: {startup[-1]:.2f} s", flush=True)
         fixed = float(np.mean(startup))
         for row in rows:
             for mode, f in row["modes"].items():
-                if mode.startswith("beam") and f["seconds"] > fixed:
+                if mode.startswith("beam") and mode not in DASK_MODES and f["seconds"] > fixed:
                     f["steady_throughput_per_s"] = row["num_examples"] / (f["seconds"] - fixed)
                     if "inprocess" in row["modes"]:
                         f["steady_ratio_vs_inprocess"] = (f["steady_throughput_per_s"]
@@ -549,7 +603,8 @@ def markdown(report: dict) -> str:
     c = report.get("centers")
     if c:
         lines += ["## Center extraction: Beam (DirectRunner, multi-processing, "
-                  f"{c['beam_workers']} workers) vs in-process", "",
+                  f"{c['beam_workers']} workers{'; and on Dask' if any(m in DASK_MODES for m in c['summary']) else ''}) "
+                  "vs in-process", "",
                   f"{c['classes']:,} classes, dimension {c['dim']}, boundary rule `{c['boundary']}`, "
                   f"shards of {c['shard_rows']:,} rows read {c['chunk_rows']:,} rows at a time; beam-spill "
                   f"writes shards of {c.get('spill_rows', 0):,} rows. Beam options: `{' '.join(c['beam_options'])}`. "
@@ -572,6 +627,22 @@ def markdown(report: dict) -> str:
                     f"{f.get('max_abs_diff_centers', ''):{'.1e' if 'max_abs_diff_centers' in f else ''}} | "
                     f"{f.get('max_abs_diff_boundaries', ''):{'.1e' if 'max_abs_diff_boundaries' in f else ''}} |")
         lines += [""]
+        dask_rows = [(row["num_examples"], mode, f) for row in c["rows"] for mode, f in row["modes"].items()
+                     if mode in DASK_MODES]
+        if dask_rows:
+            f0 = dask_rows[0][2]
+            lines += [f"Dask rows ({', '.join(sorted({m for _, m, _ in dask_rows}))}): the same transform on "
+                      f"pipeline/dask_runner.py's DaskRunner against a dask.distributed LocalCluster of "
+                      f"{c['beam_workers']} worker processes (one thread each) started before the timer; options "
+                      f"`{' '.join(f0.get('beam_options', []))}` (address of that run). Cluster start "
+                      + ", ".join(f"{f['dask_cluster_start_seconds']:.1f}" for _, _, f in dask_rows)
+                      + " s; a first two-element pipeline on it (the workers import Beam and lce_tf: once per cluster) "
+                      + ", ".join(f"{f['dask_warmup_seconds']:.1f}" for _, _, f in dask_rows)
+                      + " s; a second one (the per-run fixed cost, subtracted for the steady state) "
+                      + ", ".join(f"{f['dask_startup_seconds']:.1f}" for _, _, f in dask_rows)
+                      + " s. Bit-identical to in-process (np.array_equal of centers, boundaries, counts): "
+                      + ", ".join(f"{n:,} {m} {'yes' if f.get('bit_identical') else 'NO'}" for n, m, f in dask_rows)
+                      + ".", ""]
         marg = {m: s.get("marginal_throughput_per_s") for m, s in c["summary"].items()}
         if all(v is not None for v in marg.values()):
             lines += ["Marginal throughput between the smallest and the largest size (examples/s, start-up "
@@ -610,6 +681,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tchild = sub.add_parser("_train-child")
     tchild.add_argument("--sync-batch-norm", action="store_true")
     parser.add_argument("--part", choices=("all", "centers", "training"), default="all")
+    parser.add_argument("--quick", action="store_true", help="centers only, at 20,000 embeddings of 200 classes "
+                        "(inprocess, beam-two-reads, beam-dask), written under --workdir/quick unless --out is given: "
+                        "proves the modes run without touching benchmarks/results")
     parser.add_argument("--sizes", default="100000,1000000,5000000", help="comma-separated numbers of embeddings")
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--classes", type=int, default=1000)
@@ -627,8 +701,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="relative tolerance with per-replica BatchNormalization")
     parser.add_argument("--notes", default="", help="a text file whose lines go under Notes in scale.md")
     parser.add_argument("--workdir", default=os.path.join(ROOT, "build", "bench_scale"))
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"),
-                        help="directory of scale.json and scale.md ('' to write nothing)")
+    parser.add_argument("--out", default=None,
+                        help="directory of scale.json and scale.md ('' to write nothing; default benchmarks/results, "
+                        "with --quick WORKDIR/quick)")
     args = parser.parse_args(argv)
     if args.internal == "_centers-child":
         _centers_child(args)
@@ -636,6 +711,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.internal == "_train-child":
         _train_child(args)
         return 0
+    if args.quick:
+        args.part, args.sizes, args.classes = "centers", "20000", 200
+        if args.modes == ",".join(DEFAULT_CENTER_MODES):
+            args.modes = "inprocess,beam-two-reads,beam-dask"
+        if args.out is None:
+            args.out = os.path.join(args.workdir, "quick")
+    if args.out is None:
+        args.out = os.path.join(ROOT, "benchmarks", "results")
     args.sizes = [int(v) for v in args.sizes.split(",") if v.strip()]
     args.modes = [m for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in args.modes if m not in CENTER_MODES]

@@ -63,6 +63,7 @@ CONSOLE_ONLY = {
     "gcloud": "needs a Google Cloud project",
     "kfp": "needs a Kubeflow Pipelines endpoint",
     "git": "clones over the network",
+    "dask": "starts dask.distributed services (a scheduler, workers) that keep running",
 }
 
 
