@@ -30,7 +30,8 @@ setup(
         "milvus": ["pymilvus==2.5.18", "milvus-lite==2.5.1", "setuptools<81"],
         "pipeline": ["tfx[kfp]==1.15.1", "kfp==1.8.22", "apache-beam[gcp]", "dill", "scann==1.3.0"],
         "bench": ["faiss-cpu", "psutil"],
-        "test": ["pytest", "pytest-timeout"],
+        # The Milvus standalone server of tests/test_milvus_server.py (tests only; lce_tf never starts one).
+        "test": ["pytest", "pytest-timeout", "milvus==2.3.5"],
     },
     entry_points={"console_scripts": ["lce-tf=lce_tf.cli:main"]},
 )
