@@ -151,6 +151,14 @@ def _no_mvcc_notice(record: logging.LogRecord) -> bool:
 
 
 def _first_line(error: BaseException) -> str:
+    details = getattr(error, "details", None)
+    if callable(details):  # a gRPC error, whose str() starts "<_InactiveRpcError of RPC that terminated with:"
+        try:
+            text, code = (details() or "").strip(), error.code()
+        except Exception:  # pylint: disable=broad-except
+            text, code = "", None
+        if text:
+            return text.splitlines()[0] + (f" ({code.name})" if getattr(code, "name", None) else "")
     text = str(getattr(error, "message", "") or error).strip() or type(error).__name__
     return text.splitlines()[0]
 
