@@ -33,7 +33,8 @@ setup(
         # --beam-runner dask`; dask 2024.8 is the last to accept kfp 1.8's cloudpickle < 3. Never imported by lce_tf.
         "dask": ["apache-beam[gcp]", "dask[distributed]==2024.8.0"],
         "bench": ["faiss-cpu", "psutil"],
-        "test": ["pytest", "pytest-timeout"],
+        # The Milvus standalone server of tests/test_milvus_server.py (tests only; lce_tf never starts one).
+        "test": ["pytest", "pytest-timeout", "milvus==2.3.5"],
     },
     entry_points={"console_scripts": ["lce-tf=lce_tf.cli:main"]},
 )
