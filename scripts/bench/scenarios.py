@@ -142,6 +142,10 @@ class Benchmark:
                 note = f"new* = the model '{zoo.names[spec]}' (identical settings and seed; trained once)"
             rows.append(_row(self, method, spec, old, independent, note, forward=method in forward_methods,
                              cosine=cosine and method == LCE_INSTANCE))
+            _log(f"{key} {method}: " + "; ".join(  # in the log too, so a run stopped early still tells its rows
+                f"{route} {r['new_old']['top1']:.4f} / {r['new_old']['mAP']:.4f}"
+                for route, r in rows[-1].items() if route.startswith(("backward", "forward")) and r["new_old"])
+                + f"; new/new {rows[-1]['new_new']['top1']:.4f} / {rows[-1]['new_new']['mAP']:.4f}")
         models = {"old": old, **rows_specs}
         self._uses(key, models.values())
         matrix, pairs = _matrix_entries(self, models, old)
