@@ -226,7 +226,8 @@ def cmd_transform_fit(args: argparse.Namespace) -> int:
 
     settings = TransformFitSettings(direction=args.direction, width=args.width, epochs=args.epochs,
                                     batch_size=args.batch_size, learning_rate=args.learning_rate,
-                                    seed=args.seed).validate()
+                                    seed=args.seed, objective=args.objective, classify_weight=args.classify_weight,
+                                    supcon_weight=args.supcon_weight).validate()
     if os.path.exists(args.out) and not args.overwrite:
         raise UsageError(f"Output {args.out} already exists; choose a new --out or pass --overwrite.")
     metadata = fit_transformation_on_folder(args.old_model, args.new_model, _read_folder(args.data, args.classes),
@@ -240,7 +241,7 @@ def cmd_transform_fit(args: argparse.Namespace) -> int:
 
 
 def _add_transform_commands(sub) -> None:
-    from lce_tf.transform_fit import DIRECTIONS, TransformFitSettings
+    from lce_tf.transform_fit import DIRECTIONS, OBJECTIVES, TransformFitSettings
 
     defaults_ = TransformFitSettings()
     p = sub.add_parser("transform", help="fit a transformation between two models' embedding spaces")
@@ -258,6 +259,13 @@ def _add_transform_commands(sub) -> None:
     q.add_argument("--seed", type=int, default=defaults_.seed)
     q.add_argument("--width", type=int, default=defaults_.width, help="bottleneck width of each of the 4 paths")
     q.add_argument("--learning-rate", type=float, default=defaults_.learning_rate)
+    q.add_argument("--objective", default=defaults_.objective, choices=OBJECTIVES,
+                   help="what T12 minimises: the cosine distance, FastFill's classification by the new model's "
+                   "class centers, supervised contrastive, or cosine plus one of them (T21 always cosine)")
+    q.add_argument("--classify-weight", type=float, default=defaults_.classify_weight,
+                   help="weight of the classify term")
+    q.add_argument("--supcon-weight", type=float, default=defaults_.supcon_weight,
+                   help="weight of the supcon term")
     q.add_argument("--classes", help="class subset of --data (as lce-tf train --classes)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out atomically")
     q.set_defaults(func=cmd_transform_fit)

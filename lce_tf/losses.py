@@ -24,6 +24,9 @@ Every loss is a plain function (the math, testable without a model) paired with 
                                             model's class centers (transform_class_centers), item 10
     transform_supcon_loss / TransformSupConLoss   supervised contrastive from T12 outputs to the new
                                             embeddings, item 11
+    transform_objective_loss / TransformObjectiveLoss   the weighted sum of the cosine distance and
+                                            items 10 and 11: a fit objective of T12
+                                            (lce_tf.transform_fit.TransformFitSettings.objective)
 
 Per-example functions return [B] like Keras loss functions; their classes honour the Keras
 `reduction` argument. Scalar functions (alignment, transformed alignment, boundary, triplet) return
@@ -648,6 +651,67 @@ def transform_supcon_loss(targets: Any, predictions: Any, labels: Any,
     return tf.reduce_logsumexp(logits, axis=1) - mean_positive
 
 
+def _objective_weights(fn: str, cosine_weight: Any, classify_weight: Any, supcon_weight: Any,
+                       has_centers: bool) -> dict[str, float]:
+    """The checked weights of `transform_objective_loss`: {"cosine_weight": …, "classify_weight": …, …}."""
+    weights = {"cosine_weight": cosine_weight, "classify_weight": classify_weight, "supcon_weight": supcon_weight}
+    for name, value in weights.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{fn}: expected {name} >= 0; received {value!r}.")
+    if not any(weights.values()):
+        raise ValueError(f"{fn}: expected a weight > 0; received {weights}.")
+    if classify_weight and not has_centers:
+        raise ValueError(f"{fn}: classify_weight {classify_weight!r} needs new_centers; received None.")
+    return {name: float(value) for name, value in weights.items()}
+
+
+def transform_objective_loss(targets: Any, predictions: Any, labels: Any, new_centers: Any = None, *,
+                             cosine_weight: float = 1.0, classify_weight: float = 0.0, supcon_weight: float = 0.0,
+                             scale: float = 16.0, temperature: float = DEFAULT_TEMPERATURE) -> tf.Tensor:
+    """A fit objective of T12 (docs/design.md, "The forward path", items 10 and 11), per example:
+
+        L_i = w_cos·[1 − cos(p_i, t_i)] + w_cls·CE(s·⟨n(p_i), ĉ_j⟩ over j, y_i) + w_sup·SupCon_i(p, t, y)
+
+    with p = T12(old embeddings), t = the new embeddings of the same images, ĉ the new model's class
+    centers: `cosine_distance_loss` + `transform_classification_loss` + `transform_supcon_loss`. A term
+    whose weight is 0 is not computed (the classification term then needs no centers).
+
+    Example (hand-worked, w_cos = 1, w_cls = 1, s = 1): targets [[1, 0]], predictions [[1, 0]], labels
+    [0], centers [[1, 0], [0, 1]]: L_0 = 0 + log(e^1 + e^0) − 1 = log(1 + e^−1).
+
+    Args:
+      targets: [B, D_new] the new model's embeddings of the batch (gradients stopped).
+      predictions: [B, D_new] T12 outputs for the old embeddings of the same images.
+      labels: [B] int class ids (or [B, 1]), rows of `new_centers`.
+      new_centers: [C, D_new] the new model's class centers (needed when classify_weight > 0).
+      cosine_weight, classify_weight, supcon_weight: the weights w_cos, w_cls, w_sup (>= 0, one > 0).
+      scale: s > 0 of the classification term.
+      temperature: τ > 0 of the supervised contrastive term.
+
+    Returns:
+      [B] per-example loss.
+
+    Raises:
+      ValueError: a negative or non-finite weight, all weights 0, classify_weight > 0 without
+        new_centers, or the checks of the three terms.
+    """
+    _objective_weights("transform_objective_loss", cosine_weight, classify_weight, supcon_weight,
+                       new_centers is not None)
+    total = None
+
+    def add(term):
+        nonlocal total
+        total = term if total is None else total + term
+
+    if cosine_weight:
+        add(float(cosine_weight) * cosine_distance_loss(targets, predictions))
+    if classify_weight:
+        add(float(classify_weight) * transform_classification_loss(predictions, labels, new_centers, scale))
+    if supcon_weight:
+        add(float(supcon_weight) * transform_supcon_loss(targets, predictions, labels, temperature))
+    return total
+
+
 # ----------------------------------------------------------------------------------------------------
 # Keras Loss classes
 # ----------------------------------------------------------------------------------------------------
@@ -974,6 +1038,47 @@ class TransformSupConLoss(tf.keras.losses.Loss):
     def get_config(self) -> dict:
         config = super().get_config()
         config.update({"temperature": self.temperature})
+        return config
+
+
+@tf.keras.utils.register_keras_serializable(package=_PACKAGE)
+class TransformObjectiveLoss(tf.keras.losses.Loss):
+    """Loss class of `transform_objective_loss`, the fit objective of T12 (`lce_tf.transform_fit`).
+
+    Call with y_true = `pack_embeddings_and_labels(new_embeddings, labels)` [B, D_new + 1] and y_pred
+    = T12 outputs [B, D_new]; `call` returns the per-example loss [B].
+
+    Args:
+      new_centers: [C, D_new] the new model's class centers (array-like, stored as a nested list in the
+        config; None when classify_weight is 0).
+      cosine_weight, classify_weight, supcon_weight: the weights of the three terms.
+      scale: s > 0 of the classification term.
+      temperature: τ > 0 of the supervised contrastive term.
+      reduction: a `tf.keras.losses.Reduction`.
+      name: loss name.
+    """
+
+    def __init__(self, new_centers: Any = None, cosine_weight: float = 1.0, classify_weight: float = 0.0,
+                 supcon_weight: float = 0.0, scale: float = 16.0, temperature: float = DEFAULT_TEMPERATURE,
+                 reduction: str = _Reduction.SUM_OVER_BATCH_SIZE, name: str = "transform_objective_loss"):
+        super().__init__(reduction=reduction, name=name)
+        cls = type(self).__name__
+        self.new_centers = None if new_centers is None else _array(new_centers, "new_centers", cls, rank=2)
+        self.weights = _objective_weights(cls, cosine_weight, classify_weight, supcon_weight,
+                                          self.new_centers is not None)
+        self.scale = _check_scale(scale, cls)
+        self.temperature = _check_positive(temperature, cls, "temperature")
+
+    def call(self, y_true, y_pred):
+        targets, labels = unpack_embeddings_and_labels(y_true)
+        centers = None if self.new_centers is None else tf.constant(self.new_centers)
+        return transform_objective_loss(targets, y_pred, labels, centers, scale=self.scale,
+                                        temperature=self.temperature, **self.weights)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({"new_centers": None if self.new_centers is None else self.new_centers.tolist(),
+                       "scale": self.scale, "temperature": self.temperature, **self.weights})
         return config
 
 

@@ -2,18 +2,31 @@
 
 The forward upgrade route (docs/design.md, "The forward path"): after v2 is trained, embed the training
 images with both models, x -> (φ1(x), φ2(x)), and fit T12 (old -> new) with the
-`lce_tf.layers.CompatibilityTransform` block and `model.fit`, minimising the cosine distance on unit
-vectors (`lce_tf.losses.cosine_distance_loss`):
+`lce_tf.layers.CompatibilityTransform` block and `model.fit`. The objective (`TransformFitSettings.
+objective`, one of OBJECTIVES) is the cosine distance on unit vectors by default
+(`lce_tf.losses.cosine_distance_loss`):
 
     L(T12) = mean_i [1 − cos(T12(φ1(x_i)), φ2(x_i))],        (and, with direction "both",
     L(T21) = mean_i [1 − cos(T21(φ2(x_i)), φ1(x_i))]          fitted in the same `fit`)
 
+The other objectives also use the labels y_i of the pairs (T21 stays on the cosine distance), with
+p_i = normalize(T12(φ1(x_i))) and t_i = normalize(φ2(x_i)):
+
+    classify:  mean_i CE(s·⟨p_i, ĉ_j⟩ over j, y_i)    ĉ_j = the new model's class centers of the pairs
+               (FastFill; docs/design.md item 10; nothing but T12 is exported)
+    supcon:    mean_i [logsumexp_j ⟨p_i, t_j⟩/τ − mean_{j: y_j = y_i} ⟨p_i, t_j⟩/τ]   over the batch (item 11)
+    cosine+classify = cosine + classify_weight·classify;  cosine+supcon = cosine + supcon_weight·supcon
+
+(`lce_tf.losses.transform_objective_loss`). Objective "cosine" is the fit of lce-tf before the
+objectives existed, bit for bit.
+
 New queries are then searched against normalize(T12(old gallery vector)): the gallery's stored vectors
 move through a small network; no image is re-encoded.
 
-Memory stays bounded whatever the data size: the pairs are embedded batch by batch and appended to two
-float32 files on disk (`PairStore`), which `fit` reads back through a `tf.data` generator in shuffled
-blocks of at most `PairStore.BLOCK_ROWS` rows per epoch, batched in the graph.
+Memory stays bounded whatever the data size: the pairs are embedded batch by batch and appended to
+float32 files (and an int64 file of labels) on disk (`PairStore`), which `fit` reads back through a
+`tf.data` generator in shuffled blocks of at most `PairStore.BLOCK_ROWS` rows per epoch, batched in the
+graph; the class centers of "classify" are accumulated block by block.
 
 Defaults (`TransformFitSettings`: width 128, 30 epochs, Adam 1e-3, batch 256) were chosen on a
 validation split of the TRAINING classes of the full glyph set, never on its test classes
@@ -21,6 +34,13 @@ validation split of the TRAINING classes of the full glyph set, never on its tes
 benchmarks/results/transform_validation.md): every candidate (widths 16, 64, 128; 10 and 30 epochs)
 met the criterion in both upgrades tried, and width 128 / 30 epochs scored highest, 0.2-0.7 points above
 width 64 / 30 epochs (inside the bootstrap intervals) at about 1.5x its fit time.
+The objective was then chosen the same way at width 128 / 30 epochs (same validation split, both
+upgrades S1 and S2, rule: the mean of top-1 and mAP of M(new, T12(old)) over both; 2026-12-04):
+cosine+classify with classify_weight 0.1 scored highest, 0.6846 against 0.6805 for cosine alone
+(S1 0.936 / 0.720 against 0.938 / 0.713; S2 0.681 / 0.402 against 0.676 / 0.396), a gain of 0.4 points
+inside the bootstrap intervals: mAP rose in both upgrades, S1's top-1 fell 0.2 points. Weight 1,
+classify alone and cosine+supcon (0.1: 0.6796; 1: 0.6683) scored lower; classify alone failed the
+criterion in S1. `dataclasses.replace(settings, objective="cosine")` gives the cosine-only fit.
 """
 
 from __future__ import annotations
@@ -40,6 +60,14 @@ Progress = Optional[Callable[[str], None]]
 
 DIRECTIONS = ("old-to-new", "both")
 
+# The fit objectives of T12 (docs/design.md, "The forward path" and items 10-11): "cosine" is the cosine
+# distance alone; "classify" is FastFill's classification of T12's outputs by the new model's class
+# centers (`lce_tf.losses.transform_classification_loss`); "supcon" the supervised contrastive term from
+# T12's outputs to the batch's new embeddings (`lce_tf.losses.transform_supcon_loss`); "a+b" their sum,
+# the second term weighted (classify_weight / supcon_weight).
+OBJECTIVES = ("cosine", "cosine+classify", "cosine+supcon", "classify", "supcon")
+COSINE, CLASSIFY, SUPCON = "cosine", "classify", "supcon"
+
 # Train steps per call into the graph (Keras `steps_per_execution`): the block is small, so per-step
 # host overhead would dominate the fit; the steps and their order are the same for any value.
 STEPS_PER_EXECUTION = 32
@@ -56,6 +84,14 @@ class TransformFitSettings:
       num_paths: parallel paths of the block (the paper's: 4).
       epochs, batch_size, learning_rate: optimisation (Adam).
       seed: seeds Python, NumPy and TensorFlow (op determinism on): the same pairs give the same fit.
+      objective: what T12 minimises, one of OBJECTIVES (the terms joined by "+", each weighted:
+        cosine by 1, classify by `classify_weight`, supcon by `supcon_weight`). "cosine" is the plain
+        cosine fit; the others also need the pairs' labels. With direction "both", T21 is always
+        fitted with the cosine distance alone: classify and supcon apply to T12 only.
+      classify_weight: weight of the classification term (FastFill; item 10).
+      supcon_weight: weight of the supervised contrastive term (item 11).
+      scale: logit scale s of the classification term.
+      temperature: τ of the supervised contrastive term.
     """
 
     direction: str = "old-to-new"
@@ -65,6 +101,11 @@ class TransformFitSettings:
     batch_size: int = 256
     learning_rate: float = 1e-3
     seed: int = 0
+    objective: str = "cosine+classify"
+    classify_weight: float = 0.1
+    supcon_weight: float = 1.0
+    scale: float = 16.0
+    temperature: float = 0.1
 
     def validate(self) -> "TransformFitSettings":
         if self.direction not in DIRECTIONS:
@@ -78,7 +119,24 @@ class TransformFitSettings:
             raise ValueError(f"learning_rate: expected a positive number; received {self.learning_rate!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed: expected a non-negative integer; received {self.seed!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective: expected one of {', '.join(OBJECTIVES)}; received {self.objective!r}")
+        for name in ("classify_weight", "supcon_weight", "scale", "temperature"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name}: expected a positive number; received {value!r}")
         return self
+
+    @property
+    def terms(self) -> dict[str, float]:
+        """{term: weight} of T12's objective, e.g. {"cosine": 1.0, "classify": 0.1} for "cosine+classify"."""
+        weights = {COSINE: 1.0, CLASSIFY: float(self.classify_weight), SUPCON: float(self.supcon_weight)}
+        return {term: weights[term] for term in self.objective.split("+")}
+
+    @property
+    def needs_labels(self) -> bool:
+        """Whether the objective reads the pairs' labels (every objective but "cosine")."""
+        return self.objective != COSINE
 
     @property
     def signatures(self) -> tuple[str, ...]:
@@ -90,7 +148,8 @@ class TransformFitSettings:
 # ----------------------------------------------------------------------------------------------------
 
 class PairStore:
-    """Paired unit embeddings (old [N, D_old], new [N, D_new]) of the same images, in two files on disk.
+    """Paired unit embeddings (old [N, D_old], new [N, D_new]) of the same images and their labels [N],
+    in three files on disk.
 
     Fill with `append`, then `close`; read with `blocks` / `dataset`. Memory: one block at a time.
 
@@ -104,7 +163,8 @@ class PairStore:
     def __init__(self, directory: str, old_dim: int, new_dim: int):
         self.directory = directory
         self.old_dim, self.new_dim = int(old_dim), int(new_dim)
-        self._paths = {"old": os.path.join(directory, "old.f32"), "new": os.path.join(directory, "new.f32")}
+        self._paths = {"old": os.path.join(directory, "old.f32"), "new": os.path.join(directory, "new.f32"),
+                       "labels": os.path.join(directory, "labels.i64")}
         self._files = {k: open(p, "wb") for k, p in self._paths.items()}
         self.num_pairs = 0
         self.class_counts: dict[int, int] = {}
@@ -130,6 +190,7 @@ class PairStore:
                              f"dimensions {self.old_dim} and {self.new_dim}")
         self._files["old"].write(old.tobytes())
         self._files["new"].write(new.tobytes())
+        self._files["labels"].write(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
         self.num_pairs += len(labels)
         for label, count in zip(*np.unique(np.asarray(labels), return_counts=True)):
             self.class_counts[int(label)] = self.class_counts.get(int(label), 0) + int(count)
@@ -143,37 +204,64 @@ class PairStore:
         self.close_files()
         if not self.num_pairs:
             raise ValueError("no pairs to fit a transformation on (the data holds no images)")
-        self._arrays = {k: np.memmap(p, dtype=np.float32, mode="r", shape=(self.num_pairs, dim))
-                        for (k, p), dim in zip(self._paths.items(), (self.old_dim, self.new_dim))}
+        self._arrays = {k: np.memmap(self._paths[k], dtype=np.float32, mode="r", shape=(self.num_pairs, dim))
+                        for k, dim in (("old", self.old_dim), ("new", self.new_dim))}
+        self._arrays["labels"] = np.memmap(self._paths["labels"], dtype=np.int64, mode="r", shape=(self.num_pairs,))
+
+    @property
+    def class_ids(self) -> np.ndarray:
+        """The sorted class ids of the pairs [C]; `blocks(labels=True)` numbers them 0 … C − 1 in this order."""
+        return np.array(sorted(self.class_counts), dtype=np.int64)
 
     def close_files(self) -> None:
         """Closes the files being written (also after a failure; the caller removes the directory)."""
         for f in self._files.values():
             f.close()
 
-    def blocks(self, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def blocks(self, rng: Optional[np.random.Generator], labels: bool = False) -> Iterator[tuple[np.ndarray, ...]]:
         """One epoch in a random order: blocks of ≤ BLOCK_ROWS consecutive rows in random order, each
-        read into memory and permuted (a full shuffle when N ≤ BLOCK_ROWS)."""
+        read into memory and permuted (a full shuffle when N ≤ BLOCK_ROWS); rng None reads them in
+        storage order. Yields (old [n, D_old], new [n, D_new]), and with `labels` also the class
+        indices [n] (int64 positions in `class_ids`); the random draws are the same either way."""
         if self._arrays is None:
             raise RuntimeError("PairStore.close() must be called before reading")
         starts = np.arange(0, self.num_pairs, self.BLOCK_ROWS)
-        for start in rng.permutation(starts):
+        for start in (starts if rng is None else rng.permutation(starts)):
             stop = min(start + self.BLOCK_ROWS, self.num_pairs)
-            order = rng.permutation(stop - start)
-            yield (np.asarray(self._arrays["old"][start:stop])[order],
-                   np.asarray(self._arrays["new"][start:stop])[order])
+            order = np.arange(stop - start) if rng is None else rng.permutation(stop - start)
+            block = (np.asarray(self._arrays["old"][start:stop])[order],
+                     np.asarray(self._arrays["new"][start:stop])[order])
+            if labels:
+                block += (np.searchsorted(self.class_ids, np.asarray(self._arrays["labels"][start:stop])[order]),)
+            yield block
+
+    def new_class_centers(self) -> np.ndarray:
+        """The new model's class centers ĉ_j = normalize(Σ_{y_i = j} f̂new_i) [C, D_new] (float32, rows in
+        `class_ids` order), accumulated block by block: the same bits as
+        `lce_tf.losses.transform_class_centers` on all the pairs at once (exact fixed-point sums)."""
+        from lce_tf.centers import CenterSumAccumulator
+
+        sums = [CenterSumAccumulator() for _ in self.class_counts]
+        for _, new, index in self.blocks(None, labels=True):
+            order = np.argsort(index, kind="stable")
+            cuts = np.flatnonzero(np.diff(index[order])) + 1
+            for rows in np.split(order, cuts):
+                sums[int(index[rows[0]])].add_batch(new[rows])
+        return np.stack([acc.center() for acc in sums]).astype(np.float32)
 
     def steps_per_epoch(self, batch_size: int) -> int:
         """Batches in one epoch of `dataset` (each block ends in its own partial batch)."""
         sizes = np.diff(np.append(np.arange(0, self.num_pairs, self.BLOCK_ROWS), self.num_pairs))
         return int(sum(math.ceil(size / batch_size) for size in sizes))
 
-    def dataset(self, batch_size: int, seed: int, signatures: tuple[str, ...]):
+    def dataset(self, batch_size: int, seed: int, signatures: tuple[str, ...], labels: bool = False):
         """A tf.data.Dataset of shuffled epochs, repeated: `steps_per_epoch` batches per epoch, a new
         order every epoch (seeded). Elements (inputs {"old", "new"}, targets {signature: target}) for
         the Keras model of `build_transform_model` (old_to_new's target is the new embedding,
-        new_to_old's the old one). Python hands over whole blocks and the batches are cut in the graph
-        (one Python call per block, not per batch)."""
+        new_to_old's the old one). With `labels`, old_to_new's target is
+        `lce_tf.losses.pack_embeddings_and_labels(new, class index)` [B, D_new + 1] (the objectives
+        other than "cosine" read the labels); the order is the same. Python hands over whole blocks and
+        the batches are cut in the graph (one Python call per block, not per batch)."""
         import tensorflow as tf
 
         epoch = [0]
@@ -181,16 +269,21 @@ class PairStore:
         def generate():
             rng = np.random.default_rng([seed, epoch[0]])
             epoch[0] += 1
-            yield from self.blocks(rng)
+            yield from self.blocks(rng, labels=labels)
 
-        def to_batches(old, new):
-            targets = {tr.OLD_TO_NEW: new, tr.NEW_TO_OLD: old}
+        def to_batches(old, new, *index):
+            if index:
+                new_target = tf.concat([new, tf.cast(index[0], tf.float32)[:, None]], axis=-1)
+            else:
+                new_target = new
+            targets = {tr.OLD_TO_NEW: new_target, tr.NEW_TO_OLD: old}
             inputs = {"old": old, "new": new}
             return tf.data.Dataset.from_tensor_slices((inputs, {s: targets[s] for s in signatures})).batch(batch_size)
 
-        blocks = tf.data.Dataset.from_generator(
-            generate, output_signature=(tf.TensorSpec([None, self.old_dim], tf.float32),
-                                        tf.TensorSpec([None, self.new_dim], tf.float32)))
+        spec = (tf.TensorSpec([None, self.old_dim], tf.float32), tf.TensorSpec([None, self.new_dim], tf.float32))
+        if labels:
+            spec += (tf.TensorSpec([None], tf.int64),)
+        blocks = tf.data.Dataset.from_generator(generate, output_signature=spec)
         return blocks.flat_map(to_batches).repeat().prefetch(tf.data.AUTOTUNE)
 
 
@@ -270,10 +363,13 @@ class FittedTransformation:
 
     @property
     def fit_loss(self) -> dict[str, float]:
-        """{signature: the last epoch's mean cosine distance}."""
-        if len(self.settings.signatures) == 1:
-            return {tr.OLD_TO_NEW: self.history["loss"][-1]}
-        return {s: self.history[f"{s}_loss"][-1] for s in self.settings.signatures}
+        """{signature: the last epoch's mean cosine distance 1 − cos} (whatever the objective: the other
+        objectives log the cosine distance of T12 as the metric `cosine_distance`)."""
+        single = len(self.settings.signatures) == 1
+        keys = {s: "loss" if single else f"{s}_loss" for s in self.settings.signatures}
+        if self.settings.needs_labels:
+            keys[tr.OLD_TO_NEW] = TERM_METRICS[COSINE] if single else f"{tr.OLD_TO_NEW}_{TERM_METRICS[COSINE]}"
+        return {s: self.history[key][-1] for s, key in keys.items()}
 
     def apply(self, signature: str, embeddings: np.ndarray, batch_size: int = 65_536) -> np.ndarray:
         """Runs one direction in inference mode (numpy in, unit rows out)."""
@@ -283,9 +379,45 @@ class FittedTransformation:
         return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 
+# The metric names under which a non-cosine objective logs each of its terms (unweighted) for T12.
+TERM_METRICS = {COSINE: "cosine_distance", CLASSIFY: "classify_loss", SUPCON: "supcon_loss"}
+
+
+def _objective(pairs: PairStore, settings: TransformFitSettings) -> tuple[Any, list[Any]]:
+    """T12's Keras loss for an objective other than "cosine" (`lce_tf.losses.TransformObjectiveLoss`,
+    with the new model's class centers of the pairs when it classifies) and one metric per term of the
+    objective plus the cosine distance, each unweighted (TERM_METRICS)."""
+    import tensorflow as tf
+
+    from lce_tf import losses
+
+    terms = settings.terms
+    centers = pairs.new_class_centers() if CLASSIFY in terms else None
+    loss = losses.TransformObjectiveLoss(centers, cosine_weight=terms.get(COSINE, 0.0),
+                                         classify_weight=terms.get(CLASSIFY, 0.0),
+                                         supcon_weight=terms.get(SUPCON, 0.0), scale=settings.scale,
+                                         temperature=settings.temperature)
+    single = {COSINE: dict(cosine_weight=1.0), CLASSIFY: dict(cosine_weight=0.0, classify_weight=1.0),
+              SUPCON: dict(cosine_weight=0.0, supcon_weight=1.0)}
+    metrics = [tf.keras.metrics.MeanMetricWrapper(
+        losses.TransformObjectiveLoss(centers if term == CLASSIFY else None, scale=settings.scale,
+                                      temperature=settings.temperature, reduction=tf.keras.losses.Reduction.NONE,
+                                      **single[term]),
+        name=TERM_METRICS[term]) for term in [COSINE] + [t for t in terms if t != COSINE]]
+    return loss, metrics
+
+
 def fit_transformation(pairs: PairStore, settings: TransformFitSettings, *, progress: Progress = None,
                        verbose: int = 0) -> FittedTransformation:
-    """Fits T12 (and T21) on the pairs with `model.fit` (Adam, cosine distance; see the module docstring).
+    """Fits T12 (and T21) on the pairs with `model.fit` (Adam; the objective of `settings.objective`, see
+    the module docstring). With direction "both", T21 is fitted with the cosine distance whatever the
+    objective: classify and supcon apply to T12 only.
+
+    Objective "cosine" compiles the cosine distance for every direction and reads no labels (the fit
+    of lce-tf before the objectives existed, bit for bit). The others compile
+    `lce_tf.losses.TransformObjectiveLoss` for T12, read the pairs' labels with the batches and log
+    every term unweighted (TERM_METRICS); the classification term's centers are the new model's class
+    centers of the pairs (`PairStore.new_class_centers`), computed once before the fit.
 
     Raises:
       ValueError: bad settings.
@@ -297,10 +429,14 @@ def fit_transformation(pairs: PairStore, settings: TransformFitSettings, *, prog
     from lce_tf.training import check_history, seed_everything
 
     settings.validate()
+    loss = {s: CosineDistanceLoss() for s in settings.signatures}
+    metrics = None
+    if settings.needs_labels:
+        loss[tr.OLD_TO_NEW], term_metrics = _objective(pairs, settings)
+        metrics = {tr.OLD_TO_NEW: term_metrics}
     seed_everything(settings.seed)
     model = build_transform_model(pairs.old_dim, pairs.new_dim, settings)
-    model.compile(optimizer=tf.keras.optimizers.Adam(settings.learning_rate),
-                  loss={s: CosineDistanceLoss() for s in settings.signatures},
+    model.compile(optimizer=tf.keras.optimizers.Adam(settings.learning_rate), loss=loss, metrics=metrics,
                   steps_per_execution=STEPS_PER_EXECUTION)
     model.optimizer.build(model.trainable_variables)  # one trace of the train step (lce_tf.training.train)
     callbacks = [tf.keras.callbacks.TerminateOnNaN()]
@@ -308,7 +444,8 @@ def fit_transformation(pairs: PairStore, settings: TransformFitSettings, *, prog
         callbacks.append(tf.keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: progress(
             f"transformation fit epoch {epoch + 1}/{settings.epochs}: "
             + ", ".join(f"{k} {v:.4f}" for k, v in sorted((logs or {}).items())))))
-    history = model.fit(pairs.dataset(settings.batch_size, settings.seed, settings.signatures),
+    history = model.fit(pairs.dataset(settings.batch_size, settings.seed, settings.signatures,
+                                      labels=settings.needs_labels),
                         epochs=settings.epochs, steps_per_epoch=pairs.steps_per_epoch(settings.batch_size),
                         verbose=verbose, callbacks=callbacks).history
     check_history(history)

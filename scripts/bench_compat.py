@@ -88,7 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="choose lce-instance's InfoNCE weight and temperature on held-out TRAINING classes "
                         "instead (writes NAME.json/md, default instance_validation)")
     parser.add_argument("--validate-transform", action="store_true",
-                        help="choose the forward route's T12 fit settings on held-out TRAINING classes instead")
+                        help="choose the forward route's T12 fit objective on held-out TRAINING classes instead")
     parser.add_argument("--setting", default="S1", choices=sorted(VALIDATION_SETTINGS),
                         help="--validate: the upgrade to validate (S2 = the pipeline demo's small -> larger network)")
     parser.add_argument("--name", help="--validate, --validate-instance: results file name (NAME.json, NAME.md; "

@@ -437,10 +437,14 @@ def _all_losses_with_inputs():
         (L.InstanceContrastiveLoss(), L.pack_embeddings_and_labels(emb, labels), emb[::-1].copy()),
         (L.TransformClassificationLoss(np.array([[2.0, 0.0], [0.0, 5.0]]), scale=4.0, reduction=NONE), labels, emb),
         (L.TransformSupConLoss(0.7), L.pack_embeddings_and_labels(emb[::-1].copy(), labels), emb),
+        # The fit objective of T12 (lce_tf.transform_fit; tests/test_transform_objectives.py).
+        (L.TransformObjectiveLoss(np.array([[2.0, 0.0], [0.0, 5.0]]), 1.0, 0.5, 0.25, scale=4.0, temperature=0.7,
+                                  reduction=NONE), L.pack_embeddings_and_labels(emb[::-1].copy(), labels), emb),
+        (L.TransformObjectiveLoss(supcon_weight=2.0), L.pack_embeddings_and_labels(emb[::-1].copy(), labels), emb),
     ]
 
 
-@pytest.mark.parametrize("index", range(13))
+@pytest.mark.parametrize("index", range(15))
 def test_loss_config_round_trip(index):
     loss, y_true, y_pred = _all_losses_with_inputs()[index]
     config = loss.get_config()

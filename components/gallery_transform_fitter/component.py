@@ -4,8 +4,9 @@
                                             examples=example_gen.outputs["examples"]).outputs[TRANSFORMATION_KEY]
 
 docs/design.md, "The forward path": the training split is embedded with the old and the candidate model,
-and T12 (the `lce_tf.layers.CompatibilityTransform` block) is fitted on the pairs (φ1(x), φ2(x)) with a
-cosine loss (`lce_tf.transform_fit`). The CompatibilityValidator measures M(new, T12(old)) with it, the
+and T12 (the `lce_tf.layers.CompatibilityTransform` block) is fitted on the pairs (φ1(x), φ2(x)) with the
+library's default objective (`lce_tf.transform_fit`: cosine distance + 0.1·classification by the new
+model's class centers). The CompatibilityValidator measures M(new, T12(old)) with it, the
 IndexBuilder upgrades the served index through it on a forward blessing, and the Pusher ships it with
 the model.
 """
