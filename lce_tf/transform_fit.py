@@ -23,6 +23,10 @@ objectives existed, bit for bit.
 New queries are then searched against normalize(T12(old gallery vector)): the gallery's stored vectors
 move through a small network; no image is re-encoded.
 
+Opt-in side information (FCT; `lce_tf.side_info`, `TransformFitSettings.side_dim`): each pair's old
+vector is [f̂1; ψ̂], ψ a small label-free embedding stored beside f̂1 when the gallery was indexed, and
+T12 reads both (its skip reads f̂1 only); the exported transformation records the side model.
+
 Memory stays bounded whatever the data size: the pairs are embedded batch by batch and appended to
 float32 files (and an int64 file of labels) on disk (`PairStore`), which `fit` reads back through a
 `tf.data` generator in shuffled blocks of at most `PairStore.BLOCK_ROWS` rows per epoch, batched in the

@@ -98,6 +98,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--side-dims", default=",".join(map(str, SIDE_DIMS)),
                         help="--validate-side-info: comma-separated side vector sizes D_s")
     parser.add_argument("--side-epochs", type=int, default=10, help="--validate-side-info: epochs of the side model")
+    parser.add_argument("--side-control", action="store_true", help="--validate-side-info: also fit T12 with an "
+                        "untrained side model of each size (what the label-free training adds over random features)")
     parser.add_argument("--setting", default="S1", choices=sorted(VALIDATION_SETTINGS),
                         help="--validate: the upgrade to validate (S2 = the pipeline demo's small -> larger network)")
     parser.add_argument("--name", help="--validate, --validate-instance: results file name (NAME.json, NAME.md; "
@@ -138,7 +140,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             run_side_info_validation(args.data, args.out, profile, seed=args.seed, work=args.work,
                                      settings_keys=[k.strip() for k in args.side_settings.split(",") if k.strip()],
                                      side_dims=[int(v) for v in args.side_dims.split(",") if v.strip()],
-                                     side_epochs=args.side_epochs, name=args.name or "side_info_validation",
+                                     side_epochs=args.side_epochs, untrained_control=args.side_control,
+                                     name=args.name or "side_info_validation",
                                      verbose=args.verbose, command=command.strip())
         elif args.validate:
             run_validation(args.data, args.out, profile, seed=args.seed, work=args.work, setting=args.setting,

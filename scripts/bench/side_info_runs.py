@@ -50,6 +50,7 @@ def _side_fit(zoo, old, new, side, settings):
 def run_side_info_validation(data_dir: Optional[str], out_dir: str, profile: Profile, *, seed: int = 0,
                              work: str = "build/bench", settings_keys: Sequence[str] = ("S2", "S1"),
                              side_dims: Sequence[int] = SIDE_DIMS, side_epochs: int = 10,
+                             untrained_control: bool = False,
                              name: str = "side_info_validation", verbose: int = 0,
                              command: str = "python scripts/bench_compat.py --validate-side-info") -> dict[str, Any]:
     """M(new, T12(old)) with and without side information, on a validation split of the TRAINING classes.
@@ -60,11 +61,15 @@ def run_side_info_validation(data_dir: Optional[str], out_dir: str, profile: Pro
     [f̂1; ψ̂] (lce_tf.side_info: ψ trained label-free, SimCLR InfoNCE, on the OLD model's training images, for
     `side_epochs` epochs; shared by the settings whose old models train on the same classes). Measured on the
     held-out training classes (query/gallery by font): forward top-1/mAP, criterion, update gain, the bytes a
-    gallery entry stores and the time each part takes. The results are rewritten after every setting.
+    gallery entry stores and the time each part takes. With `untrained_control`, every D_s also gets a row whose ψ
+    is the same network left at its random initialisation (same bytes, no training): what the InfoNCE training adds
+    over random features of the image. The results are rewritten after every setting.
     Results: OUT_DIR/NAME.{json,md}.
     """
     from lce_tf import evaluation
-    from lce_tf.side_info import BYTES_PER_VALUE, SideModelSettings, bytes_per_entry, train_side_model
+    from lce_tf.side_info import (BYTES_PER_VALUE, SideModelSettings, TrainedSideModel, build_side_model,
+                                  bytes_per_entry, train_side_model)
+    from lce_tf.training import seed_everything
     from lce_tf.transform_fit import TransformFitSettings
 
     unknown = [k for k in settings_keys if k not in VALIDATION_SETTINGS]
@@ -103,6 +108,8 @@ def run_side_info_validation(data_dir: Optional[str], out_dir: str, profile: Pro
                    "side_bytes_per_entry": {d: bytes_per_entry(side_dim, d) for d in BYTES_PER_VALUE},
                    "old_bytes_per_entry_float32": int(old_dim) * 4, **extra}
             report["rows"].append(row)
+            report["wall_time_seconds"] = round(time.perf_counter() - start, 1)
+            _write_side_report(out_dir, name, report, split)  # partial results survive an interrupted run
             _log(f"{key} T12 side_dim {side_dim}: forward top-1 {result.top1:.4f} mAP {result.mAP:.4f} (old/old "
                  f"{old_old.top1:.4f} / {old_old.mAP:.4f}, new* {ind_ind.top1:.4f} / {ind_ind.mAP:.4f}); UG "
                  f"{route['update_gain']['top1']:.3f} / {route['update_gain']['mAP']:.3f}; fit {fit_seconds:.0f} s")
@@ -131,6 +138,12 @@ def run_side_info_validation(data_dir: Optional[str], out_dir: str, profile: Pro
             add_row(int(side_dim), result, fitted, fit_seconds,
                     {"side_model_seconds": round(side.seconds, 1),
                      "side_embed_seconds_per_1000": round(1000 * embed_seconds / len(split.gallery_images), 3)})
+            if untrained_control:
+                seed_everything(seed)
+                untrained = TrainedSideModel(build_side_model(split.input_shape, side.settings)[0], side.settings, [],
+                                             0.0, 0)
+                result, fitted, fit_seconds, _ = _side_fit(zoo, old, new, untrained, base)
+                add_row(int(side_dim), result, fitted, fit_seconds, {"side_model": "untrained (control)"})
         report["wall_time_seconds"] = round(time.perf_counter() - start, 1)
         report["models"] = list(zoo.records.values())
         _write_side_report(out_dir, name, report, split)
@@ -160,14 +173,14 @@ def _write_side_report(out_dir: str, name: str, report: dict[str, Any], split) -
               "f32 / f16 / i8 | 1 − cos | fit s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         b = r["side_bytes_per_entry"]
-        lines.append(f"| {r['setting']} | {r['side_dim']} | {_fmt(r['forward'], 'top1')} | {_fmt(r['forward'], 'mAP')} | "
+        lines.append(f"| {r['setting']} | {r['side_dim']}{' untrained ψ' if 'side_model' in r else ''} | {_fmt(r['forward'], 'top1')} | {_fmt(r['forward'], 'mAP')} | "
                      f"{_yn(r['criterion']['pass'])} | {r['update_gain']['top1']:.3f} | {r['update_gain']['mAP']:.3f} | "
                      f"{b['float32']} / {b['float16']} / {b['int8']} (old vector {r['old_bytes_per_entry_float32']}) | "
                      f"{r['fit_loss']:.4f} | {r['fit_seconds']:.0f} |")
     per_byte = []
     for r in report["rows"]:
         base = next((b for b in report["rows"] if b["setting"] == r["setting"] and b["side_dim"] == 0), None)
-        if r["side_dim"] and base:
+        if r["side_dim"] and base and "side_model" not in r:
             gains = {m: r["forward"][m] - base["forward"][m] for m in METRICS}
             per_byte.append(f"| {r['setting']} | {r['side_dim']} | {100 * gains['top1']:+.1f} | {100 * gains['mAP']:+.1f} "
                             f"| {100 * gains['top1'] / r['side_bytes_per_entry']['float32']:+.3f} | "
