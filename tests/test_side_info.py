@@ -52,10 +52,15 @@ def _tiny_glyphs(n=48, size=12, seed=0):
     return np.clip(images + 0.02 * rng.normal(size=images.shape), 0, 1).astype(np.float32)
 
 
-def test_side_model_loss_decreases_and_export_round_trip_records_side_info(tmp_path):
-    images = _tiny_glyphs()
+@pytest.fixture(scope="module")
+def trained():
+    """A side model (D_s 8) trained for 6 epochs of 3 steps on 48 tiny images."""
     settings = SI.SideModelSettings(dim=8, projection_dim=16, epochs=6, batch_size=16, learning_rate=3e-3, seed=0)
-    trained = SI.train_side_model(images, settings)
+    return SI.train_side_model(_tiny_glyphs(), settings)
+
+
+def test_side_model_loss_decreases_and_export_round_trip_records_side_info(trained, tmp_path):
+    images = _tiny_glyphs()
     assert len(trained.history) == 6 and trained.history[-1] < trained.history[0]
     psi = trained.embed(images[:5])
     assert psi.shape == (5, 8)
@@ -78,6 +83,30 @@ def test_side_model_loss_decreases_and_export_round_trip_records_side_info(tmp_p
     with pytest.raises(ValueError, match="is not a side-information model") as err:
         SI.load_side_model(out)
     assert "\n" not in str(err.value)
+
+
+def test_fit_between_models_with_a_side_model_records_it(trained, tmp_path):
+    import tensorflow as tf
+
+    from lce_tf.comparison import EvalData
+    from lce_tf.serving import load_embedding_model
+
+    # Three exports of one network are three models (three ids and spaces): old, new and the side model.
+    dirs = {role: str(tmp_path / role) for role in ("old", "new", "side")}
+    for role, path in dirs.items():
+        SI.export_side_model(trained, path, version=role)
+    images = _tiny_glyphs(n=40)
+    labels = np.arange(40) % 4
+    data = EvalData("tiny", ["a", "b", "c", "d"], 40,
+                    lambda shape, batch: tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch))
+    side = SI.load_side_model(dirs["side"])
+    metadata = TF.fit_between_models(load_embedding_model(dirs["old"]), load_embedding_model(dirs["new"]), data,
+                                     str(tmp_path / "t12"), TF.TransformFitSettings(epochs=1, width=4, batch_size=8),
+                                     side_model=side)
+    assert metadata["side_info"] == SI.side_record(side.metadata) and metadata["settings"]["side_dim"] == 8
+    loaded = TR.load_transformation(str(tmp_path / "t12"))
+    old, psi = load_embedding_model(dirs["old"]).embed(images[:3]), side.embed(images[:3])
+    assert loaded.old_to_new(old, side=psi).shape == (3, 8)
 
 
 def test_side_model_settings_are_validated():

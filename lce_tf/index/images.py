@@ -548,8 +548,9 @@ def upgrade_with_transformation(index: Index, transformation, *,
     transforms: dict[str, operations.SourceTransform] = {}
     for t in given:
         if t.side_info is not None:  # indexes store no side vectors yet (lce_tf.side_info)
-            raise TransformationError(f"transformation {t.transform_id} reads side information ({t.side_info['dim']}-d "
-                                      f"vectors of side model {t.side_info['model_id']}), which {where} does not store; "
+            raise TransformationError(f"transformation {t.transform_id} reads side information "
+                                      f"({t.side_info['dim']}-d vectors of side model {t.side_info['model_id']}), "
+                                      f"which {where} does not store; "
                                       "side information is library/benchmark-only for now")
         source = t.source["embedding_space"]
         if source in transforms:

@@ -173,7 +173,8 @@ def _write_side_report(out_dir: str, name: str, report: dict[str, Any], split) -
               "f32 / f16 / i8 | 1 − cos | fit s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         b = r["side_bytes_per_entry"]
-        lines.append(f"| {r['setting']} | {r['side_dim']}{' untrained ψ' if 'side_model' in r else ''} | {_fmt(r['forward'], 'top1')} | {_fmt(r['forward'], 'mAP')} | "
+        size = f"{r['side_dim']}{' untrained ψ' if 'side_model' in r else ''}"
+        lines.append(f"| {r['setting']} | {size} | {_fmt(r['forward'], 'top1')} | {_fmt(r['forward'], 'mAP')} | "
                      f"{_yn(r['criterion']['pass'])} | {r['update_gain']['top1']:.3f} | {r['update_gain']['mAP']:.3f} | "
                      f"{b['float32']} / {b['float16']} / {b['int8']} (old vector {r['old_bytes_per_entry_float32']}) | "
                      f"{r['fit_loss']:.4f} | {r['fit_seconds']:.0f} |")
