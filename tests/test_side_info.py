@@ -13,7 +13,7 @@ from lce_tf import side_info as SI
 from lce_tf import transform_fit as TF
 from lce_tf import transformation as TR
 
-from cli_helpers import write_linear_transformation
+from cli_helpers import run_cli, write_linear_transformation
 
 
 def _unit(x):
@@ -85,7 +85,7 @@ def test_side_model_loss_decreases_and_export_round_trip_records_side_info(train
     assert "\n" not in str(err.value)
 
 
-def test_fit_between_models_with_a_side_model_records_it(trained, tmp_path):
+def test_fit_between_models_and_the_cli_with_a_side_model_record_it(trained, tmp_path, capsys):
     import tensorflow as tf
 
     from lce_tf.comparison import EvalData
@@ -107,6 +107,18 @@ def test_fit_between_models_with_a_side_model_records_it(trained, tmp_path):
     loaded = TR.load_transformation(str(tmp_path / "t12"))
     old, psi = load_embedding_model(dirs["old"]).embed(images[:3]), side.embed(images[:3])
     assert loaded.old_to_new(old, side=psi).shape == (3, 8)
+
+    # The same through `lce-tf transform fit --side-model`, on an image folder.
+    from PIL import Image
+
+    for i, image in enumerate(images):
+        os.makedirs(tmp_path / "train" / f"c{labels[i]}", exist_ok=True)
+        Image.fromarray((image[..., 0] * 255).astype(np.uint8)).save(tmp_path / "train" / f"c{labels[i]}" / f"{i}.png")
+    code, _, err = run_cli(capsys, "transform", "fit", "--old-model", dirs["old"], "--new-model", dirs["new"], "--data",
+                           tmp_path / "train", "--out", tmp_path / "cli_t12", "--epochs", 1, "--width", 4,
+                           "--batch-size", 8, "--side-model", dirs["side"])
+    assert code == 0, err
+    assert TR.load_transformation(str(tmp_path / "cli_t12")).side_info == SI.side_record(side.metadata)
 
 
 def test_side_model_settings_are_validated():
