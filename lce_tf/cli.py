@@ -294,7 +294,7 @@ def cmd_transform_fit(args: argparse.Namespace) -> int:
         raise UsageError(f"Output {args.out} already exists; choose a new --out or pass --overwrite.")
     metadata = fit_transformation_on_folder(args.old_model, args.new_model, _read_folder(args.data, args.classes),
                                             args.out, settings, classes=args.classes, overwrite=args.overwrite,
-                                            progress=stage)
+                                            progress=stage, side_model_dir=args.side_model)
     losses = ", ".join(f"{k} {v:.4f}" for k, v in metadata["fit_loss"].items())
     stage(f"wrote transformation {metadata['transform_id']} to {args.out}: {metadata['source']['embedding_space']} "
           f"({metadata['source']['dim']}-d) -> {metadata['target']['embedding_space']} ({metadata['target']['dim']}-d); "
@@ -328,6 +328,8 @@ def _add_transform_commands(sub) -> None:
                    help="weight of the classify term")
     q.add_argument("--supcon-weight", type=float, default=defaults_.supcon_weight,
                    help="weight of the supcon term")
+    q.add_argument("--side-model", metavar="DIR", help="a side-information model (lce_tf.side_info): T12 reads "
+                   "[old vector; side vector]; the gallery must store the side vectors (not in the indexes yet)")
     q.add_argument("--classes", help="class subset of --data (as lce-tf train --classes)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out atomically")
     q.set_defaults(func=cmd_transform_fit)

@@ -314,8 +314,8 @@ def evaluate_folders(query_dir: str, gallery_dir: str, model_dirs: Mapping[str, 
 
 def fit_transformation_on_folder(old_model_dir: str, new_model_dir: str, folder: ImageFolder, out_dir: str,
                                  settings: TransformFitSettings, *, classes: Optional[str] = None,
-                                 overwrite: bool = False,
-                                 progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+                                 overwrite: bool = False, progress: Optional[Callable[[str], None]] = None,
+                                 side_model_dir: Optional[str] = None) -> dict[str, Any]:
     """`lce_tf.transform_fit.fit_between_models` on an image folder (`lce-tf transform fit`).
 
     Args:
@@ -327,14 +327,17 @@ def fit_transformation_on_folder(old_model_dir: str, new_model_dir: str, folder:
       classes: the class subset the folder was restricted to, for the metadata's data label.
       overwrite: replace an existing `out_dir` atomically.
       progress: called with one line per stage (None = silent).
+      side_model_dir: a side-information model directory (`lce_tf.side_info`): T12 reads [f̂1; ψ̂].
 
     Returns:
       The transformation's metadata (lce_tf_transform.json).
     """
     from lce_tf.serving import load_embedding_model
+    from lce_tf.side_info import load_side_model
     from lce_tf.transform_fit import fit_between_models
 
     old_model, new_model = load_embedding_model(old_model_dir), load_embedding_model(new_model_dir)
     data_label = os.path.abspath(folder.root) + (f" (classes {classes})" if classes else "")
+    side_model = load_side_model(side_model_dir) if side_model_dir else None
     return fit_between_models(old_model, new_model, EvalData.from_folder(folder), out_dir, settings,
-                              data_label=data_label, overwrite=overwrite, progress=progress)
+                              data_label=data_label, overwrite=overwrite, progress=progress, side_model=side_model)

@@ -154,6 +154,10 @@ class CompatibilityTransform(tf.keras.layers.Layer):
         skip   = identity when the input dimension equals output_dim, else a learned
                  Dense(output_dim, no bias) projection.
 
+    With `skip_input_dim` = k, the skip reads only the first k input features, x[:, :k] (the paths still
+    read all of x): the side-information T12 of `lce_tf.side_info`, whose input is [f̂1; ψ̂] and whose
+    skip stays the identity on f̂1 when f̂1 has the output's dimension (FCT, Ramanujan et al. 2022).
+
     This is the RBT block of the LCE reference code (which only has the identity skip), extended with
     a projection skip so that any input and output size works. The output is NOT normalized; the
     losses and the exported signatures normalize it.
@@ -178,6 +182,7 @@ class CompatibilityTransform(tf.keras.layers.Layer):
       prelu_alpha: initial negative slope of the PReLUs.
       kernel_initializer: initializer of every Dense kernel.
       kernel_regularizer: optional regularizer of every Dense kernel.
+      skip_input_dim: None (the skip reads the whole input) or k ≥ 1: it reads x[:, :k].
 
     Call args:
       inputs: [batch, input_dim].
@@ -193,9 +198,11 @@ class CompatibilityTransform(tf.keras.layers.Layer):
 
     def __init__(self, output_dim: int, bottleneck_dim: int = 16, num_paths: int = 4,
                  bn_momentum: float = 0.9, bn_epsilon: float = 2e-5, prelu_alpha: float = 0.25,
-                 kernel_initializer: Any = "glorot_uniform", kernel_regularizer: Any = None, **kwargs):
+                 kernel_initializer: Any = "glorot_uniform", kernel_regularizer: Any = None,
+                 skip_input_dim: Optional[int] = None, **kwargs):
         super().__init__(**kwargs)
         self.output_dim = _check_positive_int("output_dim", output_dim)
+        self.skip_input_dim = None if skip_input_dim is None else _check_positive_int("skip_input_dim", skip_input_dim)
         self.bottleneck_dim = _check_positive_int("bottleneck_dim", bottleneck_dim)
         self.num_paths = _check_positive_int("num_paths", num_paths)
         if not 0.0 <= bn_momentum < 1.0:
@@ -234,6 +241,10 @@ class CompatibilityTransform(tf.keras.layers.Layer):
 
     def build(self, input_shape):
         self.input_dim = _last_dim(f"CompatibilityTransform {self.name!r}", input_shape)
+        if self.skip_input_dim is not None and self.skip_input_dim > self.input_dim:
+            raise ValueError(f"Expected skip_input_dim <= the input dimension {self.input_dim}; received "
+                             f"{self.skip_input_dim}.")
+        skip_dim = self.input_dim if self.skip_input_dim is None else self.skip_input_dim
         widths = (self.bottleneck_dim, self.bottleneck_dim, self.output_dim)
         fan_ins = (self.input_dim,) + widths[:-1]
         self.kernels, self.norms, self.activations = [], [], []
@@ -252,13 +263,13 @@ class CompatibilityTransform(tf.keras.layers.Layer):
             self.norms.append(norm)
             self.activations.append(activation)
         self.skip = None
-        if self.input_dim != self.output_dim:
+        if skip_dim != self.output_dim:
             self.skip = tf.keras.layers.Dense(self.output_dim, use_bias=False, name="skip_projection",
                                               kernel_initializer=tf.keras.initializers.get(
                                                   tf.keras.initializers.serialize(self.kernel_initializer)),
                                               kernel_regularizer=self.kernel_regularizer)
             with tf.name_scope(self.skip.name):
-                self.skip.build(tf.TensorShape(input_shape))
+                self.skip.build(tf.TensorShape(input_shape)[:-1].concatenate([skip_dim]))
         super().build(input_shape)
 
     @property
@@ -276,7 +287,8 @@ class CompatibilityTransform(tf.keras.layers.Layer):
             if k > 0:
                 h = tf.einsum("bpi,pio->bpo", h, self.kernels[k])
             h = activation(norm(h, training=training))
-        skip = inputs if self.skip is None else self.skip(inputs)
+        skip_inputs = inputs if self.skip_input_dim is None else inputs[..., :self.skip_input_dim]
+        skip = skip_inputs if self.skip is None else self.skip(skip_inputs)
         return skip + tf.reduce_sum(h, axis=1)
 
     def compute_output_shape(self, input_shape):
@@ -291,6 +303,7 @@ class CompatibilityTransform(tf.keras.layers.Layer):
             "bn_momentum": self.bn_momentum,
             "bn_epsilon": self.bn_epsilon,
             "prelu_alpha": self.prelu_alpha,
+            "skip_input_dim": self.skip_input_dim,
             "kernel_initializer": tf.keras.initializers.serialize(self.kernel_initializer),
             "kernel_regularizer": tf.keras.regularizers.serialize(self.kernel_regularizer)
             if self.kernel_regularizer is not None else None,

@@ -23,6 +23,10 @@ objectives existed, bit for bit.
 New queries are then searched against normalize(T12(old gallery vector)): the gallery's stored vectors
 move through a small network; no image is re-encoded.
 
+Opt-in side information (FCT; `lce_tf.side_info`, `TransformFitSettings.side_dim`): each pair's old
+vector is [f̂1; ψ̂], ψ a small label-free embedding stored beside f̂1 when the gallery was indexed, and
+T12 reads both (its skip reads f̂1 only); the exported transformation records the side model.
+
 Memory stays bounded whatever the data size: the pairs are embedded batch by batch and appended to
 float32 files (and an int64 file of labels) on disk (`PairStore`), which `fit` reads back through a
 `tf.data` generator in shuffled blocks of at most `PairStore.BLOCK_ROWS` rows per epoch, batched in the
@@ -92,6 +96,9 @@ class TransformFitSettings:
       supcon_weight: weight of the supervised contrastive term (item 11).
       scale: logit scale s of the classification term.
       temperature: τ of the supervised contrastive term.
+      side_dim: D_s of side information (`lce_tf.side_info`, FCT): 0 (none, the default) or the size of
+        the side vector appended to every pair's old vector, [f̂1; ψ̂] (`side_info.append_side`); T12
+        then reads both and its skip reads f̂1 only. T21 is not fitted with side information.
     """
 
     direction: str = "old-to-new"
@@ -106,6 +113,7 @@ class TransformFitSettings:
     supcon_weight: float = 1.0
     scale: float = 16.0
     temperature: float = 0.1
+    side_dim: int = 0
 
     def validate(self) -> "TransformFitSettings":
         if self.direction not in DIRECTIONS:
@@ -119,6 +127,10 @@ class TransformFitSettings:
             raise ValueError(f"learning_rate: expected a positive number; received {self.learning_rate!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed: expected a non-negative integer; received {self.seed!r}")
+        if isinstance(self.side_dim, bool) or not isinstance(self.side_dim, int) or self.side_dim < 0:
+            raise ValueError(f"side_dim: expected a non-negative integer; received {self.side_dim!r}")
+        if self.side_dim and self.direction != "old-to-new":
+            raise ValueError("side_dim: side information applies to T12 only; use direction 'old-to-new'")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective: expected one of {', '.join(OBJECTIVES)}; received {self.objective!r}")
         for name in ("classify_weight", "supcon_weight", "scale", "temperature"):
@@ -288,7 +300,7 @@ class PairStore:
 
 
 def embed_pairs(old_model, new_model, data, store_dir: str, *, batch_size: int = 256,
-                progress: Progress = None) -> PairStore:
+                progress: Progress = None, side_model=None) -> PairStore:
     """Embeds every image of `data` with both models and stores the pairs on disk.
 
     Args:
@@ -298,11 +310,21 @@ def embed_pairs(old_model, new_model, data, store_dir: str, *, batch_size: int =
       store_dir: an existing empty directory for the pair files.
       batch_size: images per model call.
       progress: called with a line about every 10% of the images.
+      side_model: a side-information model (`lce_tf.side_info.load_side_model`, the old model's input
+        shape): the stored old vectors are then [f̂1; ψ̂] [N, D_old + D_s] (`side_info.append_side`).
 
     Returns:
       The closed PairStore.
     """
-    store = PairStore(store_dir, old_model.embedding_dim, new_model.embedding_dim)
+    from lce_tf.side_info import append_side
+
+    side_dim = 0
+    if side_model is not None:
+        if tuple(side_model.input_shape) != tuple(old_model.input_shape):
+            raise ValueError(f"side model {side_model.model_id} takes images {tuple(side_model.input_shape)}, the old "
+                             f"model {old_model.model_id} {tuple(old_model.input_shape)}: they must read the same images")
+        side_dim = side_model.embedding_dim
+    store = PairStore(store_dir, old_model.embedding_dim + side_dim, new_model.embedding_dim)
     old_shape, new_shape = tuple(old_model.input_shape), tuple(new_model.input_shape)
     old_batches = data.make_dataset(old_shape, batch_size)
     if new_shape == old_shape:  # decode once, embed twice
@@ -313,8 +335,10 @@ def embed_pairs(old_model, new_model, data, store_dir: str, *, batch_size: int =
     total, next_report = max(int(data.num_images), 1), 0.1
     try:
         for old_images, new_images, labels in batches:
-            store.append(old_model.embed(old_images, batch_size=batch_size),
-                         new_model.embed(new_images, batch_size=batch_size), labels.numpy())
+            old = old_model.embed(old_images, batch_size=batch_size)
+            if side_model is not None:
+                old = append_side(old, side_model.embed(old_images, batch_size=batch_size))
+            store.append(old, new_model.embed(new_images, batch_size=batch_size), labels.numpy())
             if progress and data.num_images and store.num_pairs / total >= next_report:
                 progress(f"embedded {store.num_pairs} of {data.num_images} image pairs")
                 next_report += 0.1
@@ -335,7 +359,9 @@ def build_transform_model(old_dim: int, new_dim: int, settings: TransformFitSett
 
     Inputs {"old": [B, D_old], "new": [B, D_new]}; outputs {"old_to_new": unit T12(old) [B, D_new]} and,
     with direction "both", {"new_to_old": unit T21(new) [B, D_old]}. Each T is a
-    `CompatibilityTransform(width, num_paths)` followed by `L2Normalize` (docs/design.md, item 6).
+    `CompatibilityTransform(width, num_paths)` followed by `L2Normalize` (docs/design.md, item 6). With
+    `settings.side_dim` = D_s, "old" is [f̂1; ψ̂] (D_old counts both) and T12's skip reads its first
+    D_old − D_s features (`lce_tf.side_info`, eq. 2).
     """
     import tensorflow as tf
 
@@ -345,8 +371,9 @@ def build_transform_model(old_dim: int, new_dim: int, settings: TransformFitSett
     outputs = {}
     for signature in settings.signatures:
         source, out_dim = ("old", new_dim) if signature == tr.OLD_TO_NEW else ("new", old_dim)
+        skip = old_dim - settings.side_dim if signature == tr.OLD_TO_NEW and settings.side_dim else None
         block = CompatibilityTransform(out_dim, bottleneck_dim=settings.width, num_paths=settings.num_paths,
-                                       name=f"{signature}_block")
+                                       skip_input_dim=skip, name=f"{signature}_block")
         outputs[signature] = L2Normalize(name=signature)(block(inputs[source]))
     return tf.keras.Model(inputs, outputs, name="gallery_transformation")
 
@@ -429,6 +456,9 @@ def fit_transformation(pairs: PairStore, settings: TransformFitSettings, *, prog
     from lce_tf.training import check_history, seed_everything
 
     settings.validate()
+    if settings.side_dim and pairs.old_dim <= settings.side_dim:
+        raise ValueError(f"side_dim {settings.side_dim}: the pairs' old vectors have {pairs.old_dim} values, which must "
+                         "hold the old embedding AND the side vector ([f̂1; ψ̂], lce_tf.side_info.append_side)")
     loss = {s: CosineDistanceLoss() for s in settings.signatures}
     metrics = None
     if settings.needs_labels:
@@ -458,8 +488,8 @@ def fit_transformation(pairs: PairStore, settings: TransformFitSettings, *, prog
 # ----------------------------------------------------------------------------------------------------
 
 def export_transformation(fitted: FittedTransformation, out_dir: str, *, source: dict[str, Any],
-                          target: dict[str, Any], fitted_on: dict[str, Any], overwrite: bool = False
-                          ) -> dict[str, Any]:
+                          target: dict[str, Any], fitted_on: dict[str, Any], overwrite: bool = False,
+                          side: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Writes a fitted transformation as a transformation directory (`lce_tf.transformation`).
 
     Args:
@@ -469,22 +499,30 @@ def export_transformation(fitted: FittedTransformation, out_dir: str, *, source:
         be the fitted ones).
       fitted_on: what it was fitted on (e.g. {"data": path}); the pair and class counts are added.
       overwrite: replace an existing directory atomically.
+      side: for a fit with side information (settings.side_dim > 0), the side model's record
+        (`lce_tf.side_info.side_record`): written as the metadata's `side_info`, and old_to_new's input
+        becomes [N, source dim + D_s].
 
     Returns:
       The metadata written.
     """
     import tensorflow as tf
 
-    if (int(source["dim"]), int(target["dim"])) != (fitted.model.input["old"].shape[-1],
-                                                    fitted.model.input["new"].shape[-1]):
+    side_dim = fitted.settings.side_dim
+    if bool(side_dim) != (side is not None) or (side is not None and int(side["dim"]) != side_dim):
+        raise ValueError(f"the transformation was fitted with side_dim {side_dim}; the side model record given is "
+                         f"{side!r}: both or neither, of the same dimension")
+    if (int(source["dim"]) + side_dim, int(target["dim"])) != (fitted.model.input["old"].shape[-1],
+                                                               fitted.model.input["new"].shape[-1]):
         raise ValueError(f"the transformation was fitted between dimensions {fitted.model.input['old'].shape[-1]} "
-                         f"and {fitted.model.input['new'].shape[-1]}, not {source['dim']} and {target['dim']}")
+                         f"and {fitted.model.input['new'].shape[-1]}, not {source['dim']}"
+                         f"{f' + {side_dim} (side)' if side_dim else ''} and {target['dim']}")
     module = tf.Module()
     module.variables_ = list(fitted.model.variables)  # tracked: the functions below capture them
     signatures = {}
     for signature in fitted.settings.signatures:
         layer = fitted.model.get_layer(f"{signature}_block")
-        in_dim = int(source["dim"] if signature == tr.OLD_TO_NEW else target["dim"])
+        in_dim = int(source["dim"]) + side_dim if signature == tr.OLD_TO_NEW else int(target["dim"])
         spec = tf.TensorSpec([None, in_dim], tf.float32, name="embeddings")
         signatures[signature] = _unit_output_function(layer, spec)
         setattr(module, signature, signatures[signature])
@@ -493,7 +531,7 @@ def export_transformation(fitted: FittedTransformation, out_dir: str, *, source:
         transform_id=tr.new_transform_id(str(source.get("version") or "old"), str(target.get("version") or "new")),
         fitted_on={**fitted_on, "num_pairs": fitted.num_pairs, "num_classes": fitted.num_classes},
         settings=dataclasses.asdict(fitted.settings), fit_loss=fitted.fit_loss, history=fitted.history,
-        overwrite=overwrite)
+        overwrite=overwrite, side_info=side)
 
 
 def _unit_output_function(layer, spec):
@@ -507,7 +545,7 @@ def _unit_output_function(layer, spec):
 
 def fit_between_models(old_model, new_model, data, out_dir: str, settings: TransformFitSettings, *,
                        data_label: Optional[str] = None, work_dir: Optional[str] = None, batch_size: int = 256,
-                       overwrite: bool = False, progress: Progress = None) -> dict[str, Any]:
+                       overwrite: bool = False, progress: Progress = None, side_model=None) -> dict[str, Any]:
     """The whole job of `lce-tf transform fit` and the GalleryTransformFitter component.
 
     Embeds `data` with both models (`embed_pairs`, into a temporary directory under `work_dir` that is
@@ -523,10 +561,14 @@ def fit_between_models(old_model, new_model, data, out_dir: str, settings: Trans
       batch_size: images per model call.
       overwrite: replace an existing out_dir atomically.
       progress: one line per stage and per epoch.
+      side_model: a side-information model (`lce_tf.side_info.load_side_model`): T12 then reads [f̂1; ψ̂]
+        (settings.side_dim is set to its dimension) and the transformation records it.
 
     Returns:
       The metadata written to the transformation directory.
     """
+    if side_model is not None:
+        settings = dataclasses.replace(settings, side_dim=side_model.embedding_dim)
     settings.validate()
     if old_model.metadata["embedding_space"] == new_model.metadata["embedding_space"]:
         raise ValueError(f"old and new model share the embedding space {old_model.metadata['embedding_space']}: "
@@ -538,13 +580,19 @@ def fit_between_models(old_model, new_model, data, out_dir: str, settings: Trans
         if progress:
             progress(f"embedding {data.num_images or 'the'} training images with {old_model.model_id} and "
                      f"{new_model.model_id}")
-        pairs = embed_pairs(old_model, new_model, data, pair_dir, batch_size=batch_size, progress=progress)
+        pairs = embed_pairs(old_model, new_model, data, pair_dir, batch_size=batch_size, progress=progress,
+                            side_model=side_model)
         if progress:
             progress(f"fitting {', '.join(settings.signatures)} on {pairs.num_pairs} pairs of "
                      f"{len(pairs.class_counts)} classes (width {settings.width}, {settings.epochs} epochs)")
         fitted = fit_transformation(pairs, settings, progress=progress)
     finally:
         shutil.rmtree(pair_dir, ignore_errors=True)
+    side = None
+    if side_model is not None:
+        from lce_tf.side_info import side_record
+
+        side = side_record(side_model.metadata)
     return export_transformation(fitted, out_dir, source=tr.space_record(old_model.metadata),
                                  target=tr.space_record(new_model.metadata),
-                                 fitted_on={"data": data_label or data.name}, overwrite=overwrite)
+                                 fitted_on={"data": data_label or data.name}, overwrite=overwrite, side=side)

@@ -10,7 +10,10 @@ A transformation directory (docs/design.md, "The forward path") holds
       lce_tf_transform.json             format lce_tf.transform/1: the transformation id, the source and
                                         target embedding spaces (model ids, versions, dimensions), the
                                         data and settings it was fitted on, the final fit losses, the
-                                        sha256 of every other file, and a checksum of itself
+                                        sha256 of every other file, and a checksum of itself; with
+                                        side information (`lce_tf.side_info`), `side_info`: the side
+                                        model's id, space and dimension D_s, and old_to_new then takes
+                                        [N, D_source + D_s] = [old vector; side vector], each unit
 
 "source" is the old model's space (the gallery's), "target" the new model's. The SavedModel loads with
 plain `tf.saved_model.load` in a process that never imports lce_tf; `load_transformation` also checks
@@ -60,7 +63,8 @@ def space_record(model_metadata: Mapping[str, Any]) -> dict[str, Any]:
 def write_transformation_dir(out_dir: str, module, signatures: Mapping[str, Any], *, source: Mapping[str, Any],
                              target: Mapping[str, Any], transform_id: str, fitted_on: Mapping[str, Any],
                              settings: Mapping[str, Any], fit_loss: Mapping[str, float],
-                             history: Optional[Mapping[str, list]] = None, overwrite: bool = False) -> dict[str, Any]:
+                             history: Optional[Mapping[str, list]] = None, overwrite: bool = False,
+                             side_info: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
     """Saves a traced `tf.Module` as a transformation directory, atomically (`lce_tf.fileio`).
 
     Args:
@@ -74,6 +78,8 @@ def write_transformation_dir(out_dir: str, module, signatures: Mapping[str, Any]
       fit_loss: {signature: final epoch's mean fit loss}.
       history: per-epoch losses (recorded for plots).
       overwrite: replace an existing directory (the old one is removed only after the new one is complete).
+      side_info: the side model T12 reads beside the old vectors ({"model_id", "embedding_space", "dim"};
+        `lce_tf.side_info.side_record`), or None (no key is written: the format of before).
 
     Returns:
       The metadata written to METADATA_FILE.
@@ -104,6 +110,9 @@ def write_transformation_dir(out_dir: str, module, signatures: Mapping[str, Any]
         "lce_tf_version": lce_tf.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if side_info is not None:
+        metadata["side_info"] = {"model_id": side_info["model_id"], "embedding_space": side_info["embedding_space"],
+                                 "dim": int(side_info["dim"])}
     with fileio.atomic_directory(out_dir, "transformation directory") as tmp:
         tf.saved_model.save(module, tmp, signatures={"serving_default": signatures[OLD_TO_NEW], **signatures})
         metadata["files"] = _file_checksums(tmp)
@@ -189,6 +198,12 @@ class Transformation:
         """The new model's space: {"embedding_space", "model_id", "version", "dim"}."""
         return self.metadata["target"]
 
+    @property
+    def side_info(self) -> Optional[dict[str, Any]]:
+        """The side model old_to_new reads beside each old vector ({"model_id", "embedding_space", "dim"}),
+        or None when it reads the old vectors alone."""
+        return self.metadata.get("side_info")
+
     def has(self, signature: str) -> bool:
         return signature in self.metadata["signatures"]
 
@@ -196,7 +211,9 @@ class Transformation:
         """One line: id, spaces, directions."""
         return (f"transformation {self.transform_id} ({self.transform_dir}): {self.source['embedding_space']} "
                 f"({self.source['dim']}-d) -> {self.target['embedding_space']} ({self.target['dim']}-d), "
-                f"signatures {', '.join(self.metadata['signatures'])}")
+                f"signatures {', '.join(self.metadata['signatures'])}"
+                + (f", side information {self.side_info['dim']}-d from {self.side_info['model_id']}"
+                   if self.side_info else ""))
 
     def check_source_space(self, embedding_space: str, what: str) -> None:
         """Refuses vectors that do not live in the source space (old_to_new's input).
@@ -223,9 +240,42 @@ class Transformation:
             f"{what} lives in embedding space {embedding_space}, but {signature} of transformation {self.transform_id} "
             f"({self.transform_dir}) maps from embedding space {expected['embedding_space']}")
 
-    def old_to_new(self, embeddings: np.ndarray, batch_size: int = 65_536) -> np.ndarray:
-        """Old-space vectors [N, D_source] -> unit vectors [N, D_target] in the new space."""
-        return self._apply(OLD_TO_NEW, embeddings, int(self.source["dim"]), batch_size)
+    def old_to_new(self, embeddings: np.ndarray, batch_size: int = 65_536, *,
+                   side: Optional[np.ndarray] = None) -> np.ndarray:
+        """Old-space vectors [N, D_source] -> unit vectors [N, D_target] in the new space.
+
+        Args:
+          embeddings: the old vectors [N, D_source].
+          batch_size: rows per call.
+          side: for a transformation with side information (`side_info`), the side vectors stored with
+            the old ones [N, D_s] (each part is unit-normalized, then they are concatenated); else None.
+
+        Raises:
+          TransformationError: side vectors missing for a side-information transformation (or given to
+            one without), wrong shapes, NaN/Inf.
+        """
+        dim = int(self.source["dim"])
+        if self.side_info is not None:
+            if side is None:
+                raise TransformationError(
+                    f"transformation {self.transform_id} reads {self.side_info['dim']}-d side information from side "
+                    f"model {self.side_info['model_id']} beside each old vector; pass the stored side vectors (side=)")
+            from lce_tf.side_info import append_side
+
+            x = np.asarray(embeddings, dtype=np.float32)
+            s = np.asarray(side, dtype=np.float32)
+            if x.ndim != 2 or x.shape[1] != dim or s.ndim != 2 or s.shape != (len(x), int(self.side_info["dim"])):
+                raise TransformationError(
+                    f"{OLD_TO_NEW} of transformation {self.transform_id} takes old vectors [N, {dim}] and side vectors "
+                    f"[N, {self.side_info['dim']}]; received {x.shape} and {s.shape}")
+            check_finite(s, f"side vectors of transformation {self.transform_id}")
+            return self._apply(OLD_TO_NEW, append_side(check_finite(x, f"{OLD_TO_NEW} input of transformation "
+                                                                       f"{self.transform_id}"), s),
+                               dim + int(self.side_info["dim"]), batch_size)
+        if side is not None:
+            raise TransformationError(f"transformation {self.transform_id} was fitted without side information; "
+                                      "received side vectors")
+        return self._apply(OLD_TO_NEW, embeddings, dim, batch_size)
 
     def new_to_old(self, embeddings: np.ndarray, batch_size: int = 65_536) -> np.ndarray:
         """New-space vectors [N, D_target] -> unit vectors [N, D_source] in the old space (if fitted)."""

@@ -5,6 +5,7 @@
                                    [--scenarios S1,S2,S3,S4,S5,cross] [--work build/bench]
     python scripts/bench_compat.py --validate [--quick] [--data DIR] [--out DIR]
     python scripts/bench_compat.py --validate-instance [--setting S2] [--data DIR] [--out DIR]
+    python scripts/bench_compat.py --validate-side-info [--side-settings S2,S1] [--side-dims 16,32] [--side-epochs N]
 
 Every model is trained in this one process (TensorFlow imported once) with the lce_tf library: the
 same data, the same seed, the same optimiser settings for every method; only the compatibility term
@@ -75,6 +76,7 @@ from bench.report import (ROUTES, SEED_METHODS, SEED_SCENARIOS, check_targets, c
 from bench.runs import (INSTANCE_CANDIDATES, TRANSFORM_CANDIDATES, VALIDATION_CANDIDATES,  # noqa: E402,F401
                         VALIDATION_SETTINGS, annotate, run_benchmark, run_epoch_study, run_seeds,
                         run_transform_validation, run_validation, use_one_inter_op_thread)
+from bench.side_info_runs import SIDE_DIMS, run_side_info_validation  # noqa: E402,F401
 
 
 def _instance_candidates(text: Optional[str]):
@@ -116,6 +118,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "always the first row)")
     parser.add_argument("--validate-transform", action="store_true",
                         help="choose the forward route's T12 fit objective on held-out TRAINING classes instead")
+    parser.add_argument("--validate-side-info", action="store_true",
+                        help="measure the forward route with side information (lce_tf.side_info) on held-out "
+                        "TRAINING classes instead (writes NAME.json/md, default side_info_validation)")
+    parser.add_argument("--side-settings", default="S2,S1", help="--validate-side-info: the upgrades, in order")
+    parser.add_argument("--side-dims", default=",".join(map(str, SIDE_DIMS)),
+                        help="--validate-side-info: comma-separated side vector sizes D_s")
+    parser.add_argument("--side-epochs", type=int, default=10, help="--validate-side-info: epochs of the side model")
+    parser.add_argument("--side-control", action="store_true", help="--validate-side-info: also fit T12 with an "
+                        "untrained side model of each size (what the label-free training adds over random features)")
     parser.add_argument("--setting", default="S1", choices=sorted(VALIDATION_SETTINGS),
                         help="--validate: the upgrade to validate (S2 = the pipeline demo's small -> larger network)")
     parser.add_argument("--name", help="--validate, --validate-instance: results file name (NAME.json, NAME.md; "
@@ -151,6 +162,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             annotate(args.out, args.annotate)
         elif args.validate_transform:
             run_transform_validation(args.data, args.out, profile, seed=args.seed, work=args.work,
+                                     verbose=args.verbose, command=command.strip())
+        elif args.validate_side_info:
+            run_side_info_validation(args.data, args.out, profile, seed=args.seed, work=args.work,
+                                     settings_keys=[k.strip() for k in args.side_settings.split(",") if k.strip()],
+                                     side_dims=[int(v) for v in args.side_dims.split(",") if v.strip()],
+                                     side_epochs=args.side_epochs, untrained_control=args.side_control,
+                                     name=args.name or "side_info_validation",
                                      verbose=args.verbose, command=command.strip())
         elif args.validate:
             run_validation(args.data, args.out, profile, seed=args.seed, work=args.work, setting=args.setting,

@@ -547,6 +547,11 @@ def upgrade_with_transformation(index: Index, transformation, *,
         given[0].check_source_space(index.embedding_space, where)  # "wrong direction", naming both spaces
     transforms: dict[str, operations.SourceTransform] = {}
     for t in given:
+        if t.side_info is not None:  # indexes store no side vectors yet (lce_tf.side_info)
+            raise TransformationError(f"transformation {t.transform_id} reads side information "
+                                      f"({t.side_info['dim']}-d vectors of side model {t.side_info['model_id']}), "
+                                      f"which {where} does not store; "
+                                      "side information is library/benchmark-only for now")
         source = t.source["embedding_space"]
         if source in transforms:
             raise TransformationError(f"two transformations from space {source}: {transforms[source].transform_id} "
