@@ -1068,6 +1068,9 @@ def main(argv=None) -> int:
     parser.add_argument("--query", help="query image folder for the real-embedding dataset")
     parser.add_argument("--query-model", help="query model (default --model), mapped into --model's space")
     parser.add_argument("--real-name", default="glyphs", help="name of the real-embedding dataset in the reports")
+    parser.add_argument("--synthetic-name", default="synthetic",
+                        help="name of the synthetic dataset in the reports (e.g. to keep a run at another size beside "
+                        "the carried-over default one)")
     parser.add_argument("--no-synthetic", action="store_true", help="run only the real-embedding dataset")
     parser.add_argument("--out-dir", default=os.path.join(REPO, "benchmarks", "results"))
     parser.add_argument("--name", default="ann", help="output file stem (NAME.json, NAME.md, NAME.png)")
@@ -1113,12 +1116,12 @@ def main(argv=None) -> int:
     if not args.no_synthetic:
         log(f"synthetic data: {n:,} x {args.dim}, {clusters} clusters, sigma {args.sigma}, {num_queries:,} queries")
         base, queries = synthetic_data(n, num_queries, args.dim, clusters, args.sigma, args.seed)
-        ds = run_dataset("synthetic", base, queries, methods, args, log)
+        ds = run_dataset(args.synthetic_name, base, queries, methods, args, log)
         ds["description"] = (f"Seeded ({args.seed}) mixture of {clusters} Gaussian clusters on the unit sphere: "
                              f"center ~ normalize(N(0, I)), point = normalize(center + {args.sigma} * N(0, I)); "
                              f"queries from the same mixture.")
         ds["generator"] = {"clusters": clusters, "sigma": args.sigma, "seed": args.seed}
-        report["datasets"]["synthetic"] = ds
+        report["datasets"][args.synthetic_name] = ds
         del base, queries
     if args.model:
         log(f"real embeddings: gallery {args.gallery} with {args.model}, queries {args.query}")
