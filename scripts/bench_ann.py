@@ -872,7 +872,9 @@ def _milvus_server_text(result: dict, cpus) -> str:
               "segment's HNSW graph and merges)" if segments else "segment layout not read")
     after = server.get("segments_after_sweep")
     if segments and after and sorted(after) != sorted(segments):
-        layout += f"; after the sweep {len(after)} segments of {min(after):,} to {max(after):,} rows (compaction)"
+        layout += (f"; after the sweep {len(after)} segments of {min(after):,} to {max(after):,} rows: Milvus compacted "
+                   "segments DURING the timed searches and indexed the merged ones, on the same cores, so these QPS "
+                   "were measured with that background work running (one reason they are not monotone in ef)")
     version = server.get("server_version", "?")
     if "lite" in version:
         version += ", the name the PyPI package's standalone build reports: a standalone server, not Milvus Lite"
@@ -942,7 +944,10 @@ def write_markdown(path: str, report: dict) -> None:
                       f"{cpus} logical CPUs) on the same seeded data, their recall as scored then against the same "
                       "exact neighbours. Measured in this run: " + ", ".join(fresh) + ".", ""]
         if "milvus-server" in dataset["methods"]:
-            lines += [_milvus_server_text(dataset["methods"]["milvus-server"], report["machine"].get("logical_cpus")), ""]
+            server_row = dataset["methods"]["milvus-server"]
+            lines += [_milvus_server_text(server_row, report["machine"].get("logical_cpus")), ""]
+            for note in server_row.get("notes", []):
+                lines += [f"Note: {note}", ""]
         lines += ["| method | build s (CPU s) | peak delta MB | resident delta MB | load avg | setting | recall@10 "
                   "| QPS (wall) | QPS (CPU) |",
                   "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
