@@ -23,6 +23,21 @@ Methods (every one searches the same queries with the same number of threads, `-
                 from its own process (started by the build): its CPU time is added to the child's for QPS
                 (CPU), and its memory to the child's (its peak RSS, VmHWM, and its RSS after the build). Its
                 search threads are Milvus' own (not pinned by --threads).
+  milvus-server `MilvusIndex` on a Milvus STANDALONE SERVER (the PyPI package `milvus` 2.3.5: one server
+                process with embedded etcd and local storage, on this same machine, sharing its cores with
+                the client; not a cluster), as `lce-tf index build --backend milvus --milvus-uri URI --config
+                index_type=HNSW` makes it: HNSW with lce_tf's (and Milvus') defaults M=16, efConstruction=200,
+                IP on unit vectors, string ids, swept over the search ef with one client thread (the queries
+                as one search request per setting, as every method here). The bench starts the server
+                itself (tests/milvus_server.py: every port a free port of 127.0.0.1, data and logs in the
+                child's temporary directory; the server's default configuration except the query
+                coordinator's target update every 1 s instead of 10 s) and stops it at the end. The server
+                is not pinned by --threads (OMP/OpenBLAS/MKL variables removed from its environment: it runs
+                as deployed, its own thread pools over both cores). Build time = insert + flush + index
+                build + load until the query node serves every row from sealed, indexed segments
+                (`MilvusIndex.build`); the server's start-up is recorded apart (not in the build time). Its
+                CPU time is added to the child's for build CPU s and QPS (CPU); its memory growth during the
+                build (VmHWM reset before it, RSS before/after) to the memory columns.
 
 Datasets: (a) synthetic: n unit vectors from `--clusters` Gaussian clusters on the sphere
 (center ~ N(0, I) normalized; point = normalize(center + sigma * N(0, I)), sigma = `--sigma`; queries
@@ -50,6 +65,9 @@ cores), date and command. Example:
     python scripts/bench_ann.py                       # full: 1,000,000 x 128, 1,000 queries
     python scripts/bench_ann.py --quick               # smoke: 50,000 x 128, 500 queries
     python scripts/bench_ann.py --model M --gallery G --query Q   # + real glyph embeddings
+    python scripts/bench_ann.py --methods brute,milvus-server --carry-over benchmarks/results/ann.json
+                                                      # only the Milvus server row (brute: the ground truth);
+                                                      # the other rows kept from the earlier report, marked
 """
 
 from __future__ import annotations
@@ -77,13 +95,18 @@ if REPO not in sys.path:
 K = 10
 TARGET_RECALL = 0.95
 TARGET_BRUTE_SPEEDUP = 20.0
-METHODS = ("brute", "exact-lib", "scann", "scann-immutable", "faiss-hnsw", "faiss-ivfpq", "milvus-lite")
+METHODS = ("brute", "exact-lib", "scann", "scann-immutable", "faiss-hnsw", "faiss-ivfpq", "milvus-lite",
+           "milvus-server")
 LABELS = {"brute": "exact brute force (NumPy)", "exact-lib": "exact_top_k (lce_tf exact_search)",
           "scann": "ScaNN tree-AH (lce_tf index)",
           "scann-immutable": "ScaNN tree-AH (immutable)", "faiss-hnsw": "FAISS HNSW32",
-          "faiss-ivfpq": "FAISS IVF-PQ + refine", "milvus-lite": "Milvus Lite IVF_FLAT (lce_tf index)"}
+          "faiss-ivfpq": "FAISS IVF-PQ + refine", "milvus-lite": "Milvus Lite IVF_FLAT (lce_tf index)",
+          "milvus-server": "Milvus server HNSW16 (standalone, same machine)"}
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 100
+MILVUS_SERVER_HNSW = {"M": 16, "efConstruction": 200}  # lce_tf's MilvusConfig defaults for HNSW (Milvus' own)
+MILVUS_SERVER_EF = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+_PINNING_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -115,6 +138,8 @@ def settings_for(method: str, n: int) -> list[dict]:
         config = MilvusConfig.for_size(n, 128)  # nlist and nprobe depend on n only
         nlist, default = config.index_params["nlist"], config.search_params["nprobe"]
         return [{"nprobe": v} for v in sorted({1, min(nlist, 16), default})]
+    if method == "milvus-server":
+        return [{"ef": ef} for ef in MILVUS_SERVER_EF]
     if method == "faiss-ivfpq":
         nlist = num_leaves_for(n)
         values = sorted({min(nlist, v) for v in (1, 2, 4, 8, 16, 32, 64, 128)})
@@ -358,6 +383,170 @@ class _MilvusLite:
         return {"server_rss_mb": rss, "server_peak_rss_mb": self.build_server_peak_mb}
 
 
+def _milvus_server_module():
+    """tests/milvus_server.py, the test suite's Milvus standalone server on free ports of 127.0.0.1, loaded
+    from its file (the bench and the tests start and stop servers the same way)."""
+    import importlib.util  # pylint: disable=import-outside-toplevel
+
+    path = os.path.join(REPO, "tests", "milvus_server.py")
+    spec = importlib.util.spec_from_file_location("lce_tf_bench_milvus_server", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _process_tree(pid: int) -> list:
+    import psutil  # pylint: disable=import-outside-toplevel
+
+    root = psutil.Process(pid)
+    return [root] + root.children(recursive=True)
+
+
+def _cpu_of(processes) -> float:
+    import psutil  # pylint: disable=import-outside-toplevel
+
+    total = 0.0
+    for p in processes:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            continue
+    return total
+
+
+def _vm_kb(pid: int, key: str) -> float:
+    """VmHWM / VmRSS of a process in MB (0 when unreadable)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
+class MilvusServerProcess:
+    """A Milvus standalone server for the milvus-server row: started on free ports under `base_dir` (with
+    tests/milvus_server.py's `MilvusTestServer`), without the bench's thread pinning, stopped by `stop`."""
+
+    def __init__(self, base_dir: str):
+        ms = _milvus_server_module()
+        bin_dir = ms.extract_binaries(ms.default_bin_parent())
+        self.base_dir = base_dir
+        self.server = ms.MilvusTestServer(base_dir, bin_dir)
+        saved = {k: os.environ.pop(k) for k in _PINNING_VARIABLES if k in os.environ}
+        start = time.perf_counter()
+        try:
+            self.server.start()
+        finally:
+            os.environ.update(saved)
+        self.start_seconds = time.perf_counter() - start
+
+    @property
+    def uri(self) -> str:
+        return self.server.uri
+
+    @property
+    def pid(self) -> int:
+        return self.server.process.pid
+
+    def stop(self) -> None:
+        import shutil  # pylint: disable=import-outside-toplevel
+
+        self.server.stop()
+        shutil.rmtree(self.base_dir, ignore_errors=True)
+
+
+class _MilvusServer:
+    """`MilvusIndex` (HNSW) on a running Milvus standalone server, as `lce-tf index build --backend milvus
+    --milvus-uri URI --config index_type=HNSW` builds it."""
+
+    def __init__(self, base, threads, workdir, server: MilvusServerProcess, before: dict):
+        from lce_tf.index.milvus_index import MilvusConfig, MilvusIndex  # pylint: disable=import-outside-toplevel
+
+        self.server = server
+        config = MilvusConfig.for_size(base.shape[0], base.shape[1], num_neighbors=K, index_type="HNSW",
+                                       **MILVUS_SERVER_HNSW)
+        self.index = MilvusIndex.build([str(i) for i in range(base.shape[0])], base, "bench", embedding_space="bench",
+                                       index_dir=os.path.join(workdir, "milvus-server-index"), config=config,
+                                       uri=server.uri)
+        self.build_server_cpu = self.server_cpu() - before["cpu"]
+        self.config = {**config.to_dict(), "server": self._describe(), "server_start_seconds": server.start_seconds}
+        self._before = before
+
+    def _describe(self) -> dict:
+        """Server version and the sealed segments serving the collection (what a search fans out over)."""
+        from lce_tf.index import milvus_index  # pylint: disable=import-outside-toplevel
+
+        out = {"package": "milvus " + (milvus_index._version("milvus") or "?")}  # pylint: disable=protected-access
+        try:
+            pm = milvus_index._pymilvus()  # pylint: disable=protected-access
+            client = self.index._client  # pylint: disable=protected-access
+            out["server_version"] = client.get_server_version()
+            using = client._using  # pylint: disable=protected-access
+            segments = pm.utility.get_query_segment_info(self.index.collection, using=using)
+            out["segments"] = sorted(int(s.num_rows) for s in segments)
+        except Exception as e:  # pylint: disable=broad-except
+            out["describe_error"] = str(e).splitlines()[0]
+        return out
+
+    def settle(self, idle_cores: float = 0.15, window: float = 2.0, limit: float = 180.0) -> None:
+        """After the build (not timed as build): waits until the server is idle (below `idle_cores` of CPU
+        over `window` s, at most `limit` s), so background work it starts after serving (e.g. compaction
+        of small segments and their re-indexing) does not run during the timed searches; recorded."""
+        start = time.perf_counter()
+        while time.perf_counter() - start < limit:
+            c0 = self.server_cpu()
+            time.sleep(window)
+            if (self.server_cpu() - c0) / window < idle_cores:
+                break
+        self.config["settle_seconds"] = time.perf_counter() - start
+        self.config["settled"] = time.perf_counter() - start < limit
+
+    def after_sweep(self) -> None:
+        self.config["server"]["segments_after_sweep"] = self._describe().get("segments")
+
+    def search(self, queries, setting):
+        return self.index.search(queries, K, **setting)[0]
+
+    def rows(self, ids):
+        return np.vectorize(int, otypes=[np.int64])(ids)
+
+    def server_cpu(self) -> float:
+        """CPU seconds of the server process (and any children) so far."""
+        return _cpu_of(_process_tree(self.server.pid))
+
+    def server_memory(self) -> dict:
+        """The server's memory growth over the build: RSS after - RSS before, VmHWM (reset before) - RSS before."""
+        rss, peak = _vm_kb(self.server.pid, "VmRSS"), _vm_kb(self.server.pid, "VmHWM")
+        return {"server_rss_mb": rss - self._before["rss_mb"],
+                "server_peak_rss_mb": max(0.0, (peak if self._before["peak_reset"] else max(peak, rss))
+                                          - self._before["rss_mb"]),
+                "server_rss_before_build_mb": self._before["rss_mb"], "server_rss_after_build_mb": rss,
+                "server_peak_during_build_mb": peak,
+                "server_peak_source": "VmHWM of the server reset before the build" if self._before["peak_reset"]
+                else "VmHWM of the server (not reset: includes its start-up)"}
+
+    def close(self) -> None:
+        import shutil  # pylint: disable=import-outside-toplevel
+
+        try:
+            self.index.close()
+            shutil.rmtree(self.index.index_dir, ignore_errors=True)
+        finally:
+            self.server.stop()
+
+
+def _server_baseline(server: MilvusServerProcess) -> dict:
+    """The idle server's CPU seconds and RSS just before the build; resets its VmHWM (clear_refs)."""
+    try:
+        with open(f"/proc/{server.pid}/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        reset = True
+    except OSError:
+        reset = False
+    return {"cpu": _cpu_of(_process_tree(server.pid)), "rss_mb": _vm_kb(server.pid, "VmRSS"), "peak_reset": reset}
+
+
 def run_child(workdir: str, method: str, threads: int, min_time: float) -> None:
     """Builds `method` on workdir/base.npy, sweeps its settings on workdir/queries.npy, writes results."""
     if method == "faiss-hnsw" or method == "faiss-ivfpq":
@@ -373,10 +562,25 @@ def run_child(workdir: str, method: str, threads: int, min_time: float) -> None:
 
         milvus_index._pymilvus()  # pylint: disable=protected-access  (import pymilvus before the baseline)
         import milvus_lite  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    server = None
+    if method == "milvus-server":
+        from lce_tf.index import milvus_index  # pylint: disable=import-outside-toplevel
+
+        milvus_index._pymilvus()  # pylint: disable=protected-access
+        server = MilvusServerProcess(os.path.join(workdir, "milvus-server"))  # started before the baseline
     import psutil  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
 
+    try:
+        _run_engine(workdir, method, threads, min_time, server)
+    finally:
+        if server is not None:
+            server.stop()  # also after a failure (a no-op after the engine's close)
+
+
+def _run_engine(workdir: str, method: str, threads: int, min_time: float, server) -> None:
     base = np.load(os.path.join(workdir, "base.npy"))
     queries = np.load(os.path.join(workdir, "queries.npy"))
+    server_before = _server_baseline(server) if server is not None else None
     peak_reset = _reset_peak()
     rss_before, maxrss_before = _rss(), _maxrss()
     start, start_cpu = time.perf_counter(), time.process_time()
@@ -392,6 +596,8 @@ def run_child(workdir: str, method: str, threads: int, min_time: float) -> None:
         engine = _FaissHnsw(base, threads)
     elif method == "milvus-lite":
         engine = _MilvusLite(base, threads, workdir)
+    elif method == "milvus-server":
+        engine = _MilvusServer(base, threads, workdir, server, server_before)
     else:
         engine = _FaissIvfPq(base, threads)
     server_cpu = getattr(engine, "server_cpu", lambda: 0.0)
@@ -399,6 +605,8 @@ def run_child(workdir: str, method: str, threads: int, min_time: float) -> None:
     build_cpu_seconds = time.process_time() - start_cpu + getattr(engine, "build_server_cpu", 0.0)
     rss_after, maxrss_after = _rss(), _maxrss()
     server = engine.server_memory() if hasattr(engine, "server_memory") else {}
+    if hasattr(engine, "settle"):
+        engine.settle()
     results, all_ids = [], []
     for setting in settings_for(method, base.shape[0]):
         t0, c0 = time.perf_counter(), time.process_time() + server_cpu()
@@ -417,6 +625,8 @@ def run_child(workdir: str, method: str, threads: int, min_time: float) -> None:
                         "qps_cpu": queries.shape[0] / max(min(cpu_times), 1e-9)})
         all_ids.append(np.asarray(ids, dtype=np.int64))
     np.save(os.path.join(workdir, f"ids-{method}.npy"), np.stack(all_ids))
+    if hasattr(engine, "after_sweep"):
+        engine.after_sweep()
     if hasattr(engine, "close"):
         engine.close()
     payload = {
@@ -506,7 +716,7 @@ def machine_info() -> dict:
     except (ImportError, OSError):
         pass
     versions = {}
-    for package in ("numpy", "scann", "faiss-cpu", "tensorflow", "pymilvus", "milvus-lite"):
+    for package in ("numpy", "scann", "faiss-cpu", "tensorflow", "pymilvus", "milvus-lite", "milvus"):
         try:
             from importlib import metadata  # pylint: disable=import-outside-toplevel
 
@@ -653,6 +863,41 @@ def _target_lines(t: dict, measure: str) -> list[str]:
     return lines + [""]
 
 
+def _milvus_server_text(result: dict, cpus) -> str:
+    """What the milvus-server row measures, in words, with its build parameters and server layout."""
+    config, server = result["config"], result["config"].get("server", {})
+    segments = server.get("segments")
+    layout = (f"the collection served from {len(segments)} sealed segment{'s' if len(segments) > 1 else ''} of "
+              f"{min(segments):,} to {max(segments):,} rows (Milvus' default segment sizes; a search visits each "
+              "segment's HNSW graph and merges)" if segments else "segment layout not read")
+    after = server.get("segments_after_sweep")
+    if segments and after and sorted(after) != sorted(segments):
+        layout += (f"; after the sweep {len(after)} segments of {min(after):,} to {max(after):,} rows: Milvus compacted "
+                   "segments DURING the timed searches and indexed the merged ones, on the same cores, so these QPS "
+                   "were measured with that background work running (one reason they are not monotone in ef)")
+    version = server.get("server_version", "?")
+    if "lite" in version:
+        version += ", the name the PyPI package's standalone build reports: a standalone server, not Milvus Lite"
+    return (f"**Milvus server row**: ONE Milvus standalone server ({server.get('package', 'milvus')}, server "
+            f"{version}) started by the bench on free ports of 127.0.0.1 on this same "
+            f"machine, so client and server share its {cpus} logical CPUs: not a cluster, and not a measure of one. "
+            f"HNSW with M={config['index_params'].get('M')}, "
+            f"efConstruction={config['index_params'].get('efConstruction')} "
+            f"(lce_tf's and Milvus' defaults), IP on unit vectors, built and searched through `lce_tf`'s MilvusIndex "
+            f"(string ids); {layout}. One client thread sends all queries of a setting as one search request; the "
+            "server uses its own threads (not pinned). Build s = insert + flush + index build + load until the query "
+            f"node serves every row from sealed, indexed segments (server start-up, "
+            f"{config.get('server_start_seconds', 0):.0f} s, not included; then, untimed, "
+            f"{config.get('settle_seconds', 0):.0f} s until the server was idle before the searches"
+            f"{'' if config.get('settled', True) else ' (it was NOT idle after that limit)'}); "
+            "build CPU s and QPS (CPU) include the "
+            "server's CPU time; the memory columns add the server's growth over the build. Searches run at the "
+            "collection's Strong consistency (lce_tf's setting): each request waits for the server's time tick (about "
+            "0.2 s at most), a floor on the time per request. Server configuration: the "
+            "package's defaults except every port and the query coordinator's target update every 1 s (default 10 s; "
+            "it only shortens the wait for sealed segments).")
+
+
 def write_markdown(path: str, report: dict) -> None:
     lines = ["# ANN benchmark: recall@10 against queries per second", "",
              f"- date: {report['date']}", f"- command: `{report['command']}`",
@@ -671,7 +916,8 @@ def write_markdown(path: str, report: dict) -> None:
              "imported libraries are already resident before the build); peak = VmHWM of /proc/self/status, reset "
              "to the current RSS just before the build (clear_refs); Milvus Lite: its server process's peak RSS "
              "(VmHWM) and RSS after the build are added (the process starts with the build); its CPU time is "
-             "added to QPS (CPU) and build CPU s", ""]
+             "added to QPS (CPU) and build CPU s; Milvus server: its growth over the build (VmHWM reset before it) is "
+             "added, and its CPU time", ""]
     for name, dataset in report["datasets"].items():
         lines += [f"## {name}: {dataset['n']:,} x {dataset['dim']}, {dataset['queries']:,} queries", ""]
         if dataset.get("description"):
@@ -681,13 +927,35 @@ def write_markdown(path: str, report: dict) -> None:
             lines += [f"**Not rerun here**: carried over unchanged from the run of {c['date']} (command `{c['command']}`, "
                       f"machine {c['machine'].get('cpu')}, {c['machine'].get('logical_cpus')} logical CPUs); its "
                       f"methods are those of that run.", ""]
+        carried = {}
+        for method, result in dataset["methods"].items():
+            if result.get("carried_over"):
+                c = result["carried_over"]
+                carried.setdefault((c["date"], c["command"], c["machine"].get("cpu"), c["machine"].get("logical_cpus")),
+                                   []).append(method)
+        marks = {}
+        for i, ((date, command, cpu, cpus), carried_methods) in enumerate(carried.items()):
+            sign = "*" * (i + 1)
+            marks.update({m: sign for m in carried_methods})
+            fresh = [LABELS[m] for m in dataset["methods"] if m not in marks and not dataset["methods"][m].get(
+                "carried_over")]
+            lines += [f"Rows marked {sign} (" + ", ".join(LABELS[m] for m in carried_methods) + ") are **not rerun "
+                      f"here**: carried over unchanged from the run of {date} (command `{command}`, machine {cpu}, "
+                      f"{cpus} logical CPUs) on the same seeded data, their recall as scored then against the same "
+                      "exact neighbours. Measured in this run: " + ", ".join(fresh) + ".", ""]
+        if "milvus-server" in dataset["methods"]:
+            server_row = dataset["methods"]["milvus-server"]
+            lines += [_milvus_server_text(server_row, report["machine"].get("logical_cpus")), ""]
+            for note in server_row.get("notes", []):
+                lines += [f"Note: {note}", ""]
         lines += ["| method | build s (CPU s) | peak delta MB | resident delta MB | load avg | setting | recall@10 "
                   "| QPS (wall) | QPS (CPU) |",
                   "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
         for method, result in dataset["methods"].items():
             memory = result["memory"]
             for i, s in enumerate(sorted(result["settings"], key=lambda s: s["recall_at_10"])):
-                head = (f"| {LABELS[method]} | {result['build_seconds']:.1f} ({result['build_cpu_seconds']:.1f}) | "
+                head = (f"| {LABELS[method]}{' ' + marks[method] if method in marks else ''} | "
+                        f"{result['build_seconds']:.1f} ({result['build_cpu_seconds']:.1f}) | "
                         f"{memory['peak_delta_mb']:.0f} | {memory['resident_delta_mb']:.0f} | "
                         f"{result['load_average'][0]:.1f} |" if i == 0 else "| | | | | |")
                 lines.append(f"{head} {_setting_text(s['setting'])} | {s['recall_at_10']:.4f} | {s['qps']:,.0f} | "
@@ -720,14 +988,16 @@ def write_plot(path: str, report: dict) -> None:
     datasets = report["datasets"]
     figure, axes = plt.subplots(1, len(datasets), figsize=(6.4 * len(datasets), 4.6), squeeze=False)
     markers = {"brute": "*", "exact-lib": "P", "scann": "o", "scann-immutable": "s", "faiss-hnsw": "^",
-               "faiss-ivfpq": "v", "milvus-lite": "D"}
+               "faiss-ivfpq": "v", "milvus-lite": "D", "milvus-server": "X"}
     for ax, (name, dataset) in zip(axes[0], datasets.items()):
         for method, result in dataset["methods"].items():
             pts = sorted((s["recall_at_10"], s["qps"]) for s in result["settings"])
             frontier = _pareto(pts)
             line, = ax.plot([p[0] for p in frontier], [p[1] for p in frontier], marker=markers[method],
                             linestyle="-" if len(frontier) > 1 else "",
-                            markersize=9 if method in ("brute", "exact-lib") else 5, label=LABELS[method])
+                            markersize=9 if method in ("brute", "exact-lib") else 5,
+                            label=LABELS[method] + (f" (run of {result['carried_over']['date'][:10]})"
+                                                    if result.get("carried_over") else ""))
             others = [p for p in pts if p not in frontier]
             if others:
                 ax.plot([p[0] for p in others], [p[1] for p in others], marker=markers[method], linestyle="",
@@ -742,6 +1012,48 @@ def write_plot(path: str, report: dict) -> None:
         ax.grid(True, alpha=0.3, which="both")
         ax.legend(fontsize=8)
     save_figure(figure, path)
+
+
+def _same_data(a: dict, b: dict) -> bool:
+    """Whether two reports' datasets hold the same vectors and queries (sizes and generator or source)."""
+    keys = ("n", "dim", "queries", "generator", "source")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def carry_over(report: dict, earlier: dict, log) -> None:
+    """Copies from an earlier report what this run did not measure, each part marked with that run's date,
+    command and machine (an earlier mark, from a still earlier run, is kept):
+
+    - datasets not run now, whole;
+    - on a dataset run now on the same data (`_same_data`: same sizes and seeded generator, or same
+      source), the methods not run now. Their recall stays as scored then, against the exact neighbours
+      of the same vectors; the targets are evaluated over the merged rows (with this run's exact search).
+    """
+    mark = {"date": earlier["date"], "command": earlier["command"], "machine": earlier["machine"]}
+    for name, dataset in earlier["datasets"].items():
+        current = report["datasets"].get(name)
+        if current is None:
+            dataset.setdefault("carried_over", dict(mark))
+            report["datasets"][name] = dataset
+            log(f"{name}: carried over from the run of {dataset['carried_over']['date']}")
+            continue
+        missing = [m for m in dataset["methods"] if m not in current["methods"]]
+        if not missing:
+            continue
+        if not _same_data(current, dataset):
+            log(f"{name}: not merging {', '.join(missing)} from {earlier['date']}: the data differ "
+                f"({current['n']:,} x {current['dim']} now, {dataset['n']:,} x {dataset['dim']} then, or another "
+                "generator / source)")
+            continue
+        merged = {}
+        for method in METHODS:  # the table's usual order
+            if method in current["methods"]:
+                merged[method] = current["methods"][method]
+            elif method in dataset["methods"]:
+                merged[method] = {**dataset["methods"][method]}
+                merged[method].setdefault("carried_over", dict(mark))
+        current["methods"] = merged
+        log(f"{name}: {', '.join(missing)} carried over from the run of {earlier['date']}")
 
 
 def main(argv=None) -> int:
@@ -761,14 +1073,18 @@ def main(argv=None) -> int:
     parser.add_argument("--query", help="query image folder for the real-embedding dataset")
     parser.add_argument("--query-model", help="query model (default --model), mapped into --model's space")
     parser.add_argument("--real-name", default="glyphs", help="name of the real-embedding dataset in the reports")
+    parser.add_argument("--synthetic-name", default="synthetic",
+                        help="name of the synthetic dataset in the reports (e.g. to keep a run at another size beside "
+                        "the carried-over default one)")
     parser.add_argument("--no-synthetic", action="store_true", help="run only the real-embedding dataset")
     parser.add_argument("--out-dir", default=os.path.join(REPO, "benchmarks", "results"))
     parser.add_argument("--name", default="ann", help="output file stem (NAME.json, NAME.md, NAME.png)")
     parser.add_argument("--tmp-dir", help="where the children's vector files go (default: system temp)")
     parser.add_argument("--carry-over", metavar="ANN_JSON",
-                        help="an earlier report whose datasets not run now are copied into this one, each marked "
-                        "with that run's date, command and machine (e.g. the real-embedding dataset when its models "
-                        "are not at hand)")
+                        help="an earlier report whose datasets not run now, and whose methods not run now on a dataset "
+                        "with the same data, are copied into this one, each marked with that run's date, command "
+                        "and machine (e.g. the real-embedding dataset when its models are not at hand, or the rows "
+                        "of `--methods brute,milvus-server`'s untouched methods)")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -805,12 +1121,12 @@ def main(argv=None) -> int:
     if not args.no_synthetic:
         log(f"synthetic data: {n:,} x {args.dim}, {clusters} clusters, sigma {args.sigma}, {num_queries:,} queries")
         base, queries = synthetic_data(n, num_queries, args.dim, clusters, args.sigma, args.seed)
-        ds = run_dataset("synthetic", base, queries, methods, args, log)
+        ds = run_dataset(args.synthetic_name, base, queries, methods, args, log)
         ds["description"] = (f"Seeded ({args.seed}) mixture of {clusters} Gaussian clusters on the unit sphere: "
                              f"center ~ normalize(N(0, I)), point = normalize(center + {args.sigma} * N(0, I)); "
                              f"queries from the same mixture.")
         ds["generator"] = {"clusters": clusters, "sigma": args.sigma, "seed": args.seed}
-        report["datasets"]["synthetic"] = ds
+        report["datasets"][args.synthetic_name] = ds
         del base, queries
     if args.model:
         log(f"real embeddings: gallery {args.gallery} with {args.model}, queries {args.query}")
@@ -822,13 +1138,7 @@ def main(argv=None) -> int:
         report["datasets"][args.real_name] = ds
     if args.carry_over:
         with open(args.carry_over, encoding="utf-8") as f:
-            earlier = json.load(f)
-        for name, dataset in earlier["datasets"].items():
-            if name not in report["datasets"]:
-                dataset.setdefault("carried_over", {"date": earlier["date"], "command": earlier["command"],
-                                                    "machine": earlier["machine"]})
-                report["datasets"][name] = dataset
-                log(f"{name}: carried over from the run of {dataset['carried_over']['date']}")
+            carry_over(report, json.load(f), log)
     report["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     for dataset in report["datasets"].values():
         dataset["targets"] = evaluate_targets(dataset, "qps")

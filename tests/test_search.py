@@ -424,3 +424,42 @@ def test_bench_ann_brute_force_top_k_is_exact():
     gt = np.array([[0]])
     assert bench_ann.tie_robust_recall(base, q, np.array([[1]]), gt) == 1.0   # id 1 ties with id 0
     assert bench_ann.tie_robust_recall(base, q, np.array([[2]]), gt) == 0.0
+
+
+def test_bench_ann_milvus_server_row(tmp_path, milvus_binaries):
+    """The milvus-server row at a tiny size: the bench starts its own Milvus standalone server, builds HNSW
+    through MilvusIndex, sweeps ef, stops the server; `--carry-over` keeps an earlier run's other rows."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    common = [sys.executable, os.path.join(REPO, "scripts", "bench_ann.py"), "--quick", "--n", "2000", "--queries",
+              "40", "--dim", "16", "--min-time", "0"]
+    first = subprocess.run(common + ["--out-dir", str(tmp_path / "a"), "--methods", "brute,faiss-hnsw"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.run(common + ["--out-dir", str(tmp_path / "b"), "--methods", "brute,milvus-server",
+                                    "--tmp-dir", str(work), "--carry-over", str(tmp_path / "a" / "ann.json")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list(work.iterdir()) == []  # the server's data and logs went with the child's working directory
+    report = json.loads((tmp_path / "b" / "ann.json").read_text())
+    methods = report["datasets"]["synthetic"]["methods"]
+    assert list(methods) == ["brute", "faiss-hnsw", "milvus-server"]  # METHODS order
+    server = methods["milvus-server"]
+    assert "carried_over" not in server and "carried_over" not in methods["brute"]
+    earlier = json.loads((tmp_path / "a" / "ann.json").read_text())
+    assert methods["faiss-hnsw"]["carried_over"]["date"] == earlier["date"]
+    assert methods["faiss-hnsw"]["settings"] == earlier["datasets"]["synthetic"]["methods"]["faiss-hnsw"]["settings"]
+    assert server["config"]["index_type"] == "HNSW"
+    assert server["config"]["index_params"] == {"M": 16, "efConstruction": 200}
+    assert server["config"]["server"]["segments"] == [2000]  # every row served from a sealed segment
+    assert [s["setting"]["ef"] for s in server["settings"]] == [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+    recalls = [s["recall_at_10"] for s in server["settings"]]
+    assert min(recalls) >= 0.9 and recalls[-1] == 1.0, recalls  # ef=512 over 2,000 rows: every neighbour
+    assert all(s["qps"] > 0 and s["qps_cpu"] > 0 for s in server["settings"])
+    # the server's CPU and memory are counted; its start-up is recorded apart from the build
+    assert server["build_cpu_seconds"] > 0 and server["config"]["server_start_seconds"] > 0
+    assert server["memory"]["server_rss_before_build_mb"] > 10 and "server_peak_rss_mb" in server["memory"]
+    text = (tmp_path / "b" / "ann.md").read_text()
+    assert "Milvus server row" in text and "not a cluster" in text and "**not rerun here**" in text
+    assert "| FAISS HNSW32 * |" in text
