@@ -256,6 +256,16 @@ class _AliasTraffic(threading.Thread):
         self.client.close()
 
 
+def _wait_for_answers(traffic, since: float, n: int = 2, timeout: float = 60.0) -> None:
+    """Waits until `n` answers asked after `since` came back (a fixed sleep left a phase without any answer
+    when the first search of a fresh client took longer than the sleep); returns early on a failure."""
+    deadline = time.monotonic() + timeout
+    while sum(1 for a in traffic.answers if a[0] >= since) < n:
+        if traffic.failures or not traffic.is_alive() or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
+
+
 def test_alias_switch_under_live_traffic(ws, milvus_server, tmp_path):
     """A client searches through the alias while `index backfill` (upserts into the served collection)
     and `index upgrade` in place (a new collection, index.json renamed, the alias moved, the old one
@@ -267,22 +277,23 @@ def test_alias_switch_under_live_traffic(ws, milvus_server, tmp_path):
     _build(ws, milvus_server, idx, "--config", "index_type=FLAT", "--milvus-alias", "lce_live")
     v1_state = {i: e for i, (e, _, _) in _stored(idx).items()}
     traffic = _AliasTraffic(milvus_server, "lce_live", ws["queries"])
+    t_start = time.monotonic()
     traffic.start()
     try:
-        time.sleep(0.5)
+        _wait_for_answers(traffic, t_start)
         t_backfill = time.monotonic()
         code, _, err = run_cli(ws["capsys"], "index", "backfill", "--index", idx, "--model", ws["root"] / "v1b",
                                "--data", ws["root"] / "data/gallery", "--fraction", 0.5)
         assert code == 0, err
         t_backfilled = time.monotonic()
         backfilled = _stored(idx)
-        time.sleep(0.5)
+        _wait_for_answers(traffic, t_backfilled)
         t_upgrade = time.monotonic()
         code, _, err = run_cli(ws["capsys"], "index", "upgrade", "--index", idx, "--transform", ws["root"] / "t12",
                                "--out", idx, "--overwrite")
         assert code == 0, err
         t_upgraded = time.monotonic()
-        time.sleep(1.0)
+        _wait_for_answers(traffic, t_upgraded)
     finally:
         traffic.stop.set()
         traffic.join(timeout=30)
