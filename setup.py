@@ -29,11 +29,12 @@ setup(
         # which imports pkg_resources (removed in setuptools 81).
         "milvus": ["pymilvus==2.5.18", "milvus-lite==2.5.1", "setuptools<81"],
         "pipeline": ["tfx[kfp]==1.15.1", "kfp==1.8.22", "apache-beam[gcp]", "dill", "scann==1.3.0"],
-        # Beam on a dask.distributed cluster (pipeline/dask_runner.py): the ClassCenterExtractor and `lce-tf centers
-        # --beam-runner dask`; dask 2024.8 is the last to accept kfp 1.8's cloudpickle < 3. Never imported by lce_tf.
+        # Beam on a dask.distributed cluster (lce_tf/beam/dask_runner.py): the ClassCenterExtractor and `lce-tf centers
+        # --beam-runner dask`; dask 2024.8 is the last to accept kfp 1.8's cloudpickle < 3. Never imported by `import lce_tf`.
         "dask": ["apache-beam[gcp]", "dask[distributed]==2024.8.0"],
         "bench": ["faiss-cpu", "psutil"],
-        # The Milvus standalone server of tests/test_milvus_server.py (tests only; lce_tf never starts one).
+        # The Milvus standalone server that lce_tf.testing.milvus_server starts for tests/test_milvus_server.py and
+        # scripts/bench_ann.py (tests and benchmarks only; no lce-tf command starts one).
         "test": ["pytest", "pytest-timeout", "milvus==2.3.5"],
     },
     entry_points={"console_scripts": ["lce-tf=lce_tf.cli:main"]},

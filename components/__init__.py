@@ -6,7 +6,7 @@
     compatibility_validator/  compatibility matrix + criterion -> a standard ModelBlessing + HTML report
     index_builder/            ScaNN index of the gallery -> RetrievalIndex
 
-Every component wraps lce_tf functions; none re-implements them. Importing this package (or a
-component's Beam helpers) imports neither tfx nor TensorFlow: Beam worker processes unpickle the
-DoFns of `class_center_extractor.centers_beam` without paying for a TFX import.
+Every component wraps lce_tf functions; none re-implements them (the ClassCenterExtractor's Beam
+transforms are `lce_tf.beam.centers`, so Beam workers unpickle its DoFns without a TFX import).
+Importing this package imports neither tfx nor TensorFlow.
 """

@@ -13,8 +13,9 @@
   only `NO_OLD_MODEL` and the custom property `available` is 0.
 
 This module owns the layout of every artifact that more than one component reads or writes (the file
-and folder names, the custom properties another component checks, `transformation_dir`), so that no
-component imports another one: the writer and its readers both import these names from here.
+and folder names, the custom properties another component checks, `transformation_dir`, the first-run
+marker `write_no_old_model`), so that no component imports another one: the writer and its readers
+both import these names from here. It imports components/util.py, never the reverse.
 
 Type names follow the KFP v2 schema-title rule `<namespace>.<Title>` so the pipeline compiles for
 Kubeflow.
@@ -22,6 +23,7 @@ Kubeflow.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
@@ -45,6 +47,8 @@ BLESSED_PROPERTY = "blessed"  # int 1/0: what the stock Pusher reads
 BLESSED_ROUTE_PROPERTY = "blessed_route"  # "backward", "forward", "first-model", or "" when refused
 # The blessing also records TRANSFORMATION_DIR_PROPERTY and TRANSFORM_ID_PROPERTY of the forward route.
 
+_LOG = logging.getLogger(__name__)
+
 
 def transformation_dir(transformation: Optional[artifact.Artifact]) -> Optional[str]:
     """The transformation directory inside a GalleryTransformation artifact, or None when it has none
@@ -60,6 +64,24 @@ def transformation_dir(transformation: Optional[artifact.Artifact]) -> Optional[
         raise ValueError(f"transformation {transformation.uri}: {TRANSFORMATION_SUBDIR}/ is missing although "
                          f"{AVAILABLE_PROPERTY} = 1")
     return path
+
+
+def write_no_old_model(output, output_dir: str, component: str, consequence: str) -> None:
+    """The first run of the pipeline (the old-model input is empty) for a component whose output needs
+    the old model (ClassCenters, GalleryTransformation): logs it, writes only the NO_OLD_MODEL marker
+    into `output_dir` and sets the output's custom property `available` to 0.
+
+    Args:
+      output: the output artifact.
+      output_dir: its local directory (created).
+      component: the component's name, for the log.
+      consequence: what follows for the pipeline, for the marker ("the new model is trained independently").
+    """
+    _LOG.warning("%s: no old model (first run of the pipeline): %s", component, consequence)
+    os.makedirs(output_dir, exist_ok=True)
+    util.write_text(os.path.join(output_dir, NO_OLD_MODEL_FILE),
+                    f"No old model was resolved (first run): {consequence}.\n")
+    output.set_int_custom_property(AVAILABLE_PROPERTY, 0)
 
 
 class ClassCenters(artifact.Artifact):

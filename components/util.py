@@ -15,7 +15,6 @@ Files are written with `lce_tf.fileio`'s atomic writers (`write_text`, `write_js
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from typing import Any, Optional, Sequence
@@ -27,8 +26,6 @@ EXAMPLES_FORMAT = "lce_tf.examples/1"
 EXAMPLES_INFO_FILE = "lce_tf_examples.json"
 SERVING_MODEL_DIR = "Format-Serving"  # tfx.utils.path_constants.SERVING_MODEL_DIR (what the Pusher pushes)
 MODEL_METADATA_FILE = "lce_tf_model.json"  # lce_tf.serving.METADATA_FILE
-
-_LOG = logging.getLogger(__name__)
 
 
 def local_path(uri: str) -> str:
@@ -173,26 +170,6 @@ def as_bool(value: Any, name: str) -> bool:
     if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
         return value.strip().lower() in ("true", "1")
     raise ValueError(f"parameter {name} must be a boolean; received {value!r}")
-
-
-def write_no_old_model(output, output_dir: str, component: str, consequence: str) -> None:
-    """The first run of the pipeline (the old-model input is empty) for a component whose output needs
-    the old model (ClassCenters, GalleryTransformation): logs it, writes only the NO_OLD_MODEL marker
-    into `output_dir` and sets the output's custom property `available` to 0 (components/artifacts.py).
-
-    Args:
-      output: the output artifact.
-      output_dir: its local directory (created).
-      component: the component's name, for the log.
-      consequence: what follows for the pipeline, for the marker ("the new model is trained independently").
-    """
-    from components import artifacts  # here: artifacts imports tfx, which this module does not
-
-    _LOG.warning("%s: no old model (first run of the pipeline): %s", component, consequence)
-    os.makedirs(output_dir, exist_ok=True)
-    write_text(os.path.join(output_dir, artifacts.NO_OLD_MODEL_FILE),
-               f"No old model was resolved (first run): {consequence}.\n")
-    output.set_int_custom_property(artifacts.AVAILABLE_PROPERTY, 0)
 
 
 def check_choice(name: str, value: str, choices: Sequence[str]) -> str:

@@ -154,15 +154,15 @@ def _check_beam_flags(args: argparse.Namespace) -> None:
     if args.beam_workers < 1:
         raise UsageError(f"--beam-workers must be >= 1; received {args.beam_workers}.")
     if args.beam_runner == "dask":  # before any work: a wrong or unreachable scheduler fails at once
-        from pipeline.config import check_dask_address
-        from pipeline.dask_runner import check_scheduler
+        from lce_tf.beam.dask_runner import check_scheduler
+        from lce_tf.beam.options import check_dask_address
 
         check_dask_address(args.dask_address, "--dask-address")
         args.dask_workers = check_scheduler(args.dask_address)
 
 
 def _centers_with_beam(args: argparse.Namespace, folder, model):
-    """The ClassCenterExtractor's Beam job (centers_beam.extract_class_centers) over the folder's images.
+    """The ClassCenterExtractor's Beam job (lce_tf.beam.centers.extract_class_centers) over the folder's images.
 
     The folder is written as TFRecords into a work directory (`--beam-temp`, by default beside --out),
     where the workers also spill pass 2's input and write the result; the directory is removed at the end.
@@ -173,19 +173,19 @@ def _centers_with_beam(args: argparse.Namespace, folder, model):
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from components.class_center_extractor import centers_beam
     from lce_tf import data
+    from lce_tf.beam import centers as centers_beam
+    from lce_tf.beam.options import dask_beam_args, direct_beam_args
     from lce_tf.centers import ClassCenters
     from lce_tf.serving import read_model_metadata
-    from pipeline import config as pipeline_config
 
     if args.beam_runner == "dask":
         workers = args.dask_workers  # counted by _check_beam_flags
-        beam_args = pipeline_config.dask_beam_args(args.dask_address)
+        beam_args = dask_beam_args(args.dask_address)
         stage(f"Beam on the dask scheduler {args.dask_address} ({workers} workers)")
     else:
         workers = args.beam_workers
-        beam_args = pipeline_config.direct_beam_args(workers)
+        beam_args = direct_beam_args(workers)
         stage(f"Beam on the DirectRunner ({workers} worker processes)")
     model_dir = os.path.abspath(args.model)
     shape = tuple(int(v) for v in read_model_metadata(model_dir)["input_shape"])
@@ -282,8 +282,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 # transform: fitted gallery transformations (lce_tf.transform_fit, lce_tf.transformation)
 
 
+def _fit_transformation_on_folder(args: argparse.Namespace, settings) -> dict[str, Any]:
+    """`lce_tf.transform_fit.fit_between_models` on the images of --data (restricted to --classes).
+
+    Loads the old and new model directories (and the --side-model, whose ψ T12 then reads beside f̂1),
+    labels the data with the folder's absolute path and the class subset, and writes --out.
+
+    Returns:
+      The transformation's metadata (lce_tf_transform.json).
+    """
+    from lce_tf.comparison import EvalData
+    from lce_tf.serving import load_embedding_model
+    from lce_tf.side_info import load_side_model
+    from lce_tf.transform_fit import fit_between_models
+
+    folder = _read_folder(args.data, args.classes)
+    old_model, new_model = load_embedding_model(args.old_model), load_embedding_model(args.new_model)
+    data_label = os.path.abspath(folder.root) + (f" (classes {args.classes})" if args.classes else "")
+    side_model = load_side_model(args.side_model) if args.side_model else None
+    return fit_between_models(old_model, new_model, EvalData.from_folder(folder), args.out, settings,
+                              data_label=data_label, overwrite=args.overwrite, progress=stage, side_model=side_model)
+
+
 def cmd_transform_fit(args: argparse.Namespace) -> int:
-    from lce_tf.comparison import fit_transformation_on_folder
     from lce_tf.transform_fit import TransformFitSettings
 
     settings = TransformFitSettings(direction=args.direction, width=args.width, epochs=args.epochs,
@@ -292,9 +313,7 @@ def cmd_transform_fit(args: argparse.Namespace) -> int:
                                     supcon_weight=args.supcon_weight).validate()
     if os.path.exists(args.out) and not args.overwrite:
         raise UsageError(f"Output {args.out} already exists; choose a new --out or pass --overwrite.")
-    metadata = fit_transformation_on_folder(args.old_model, args.new_model, _read_folder(args.data, args.classes),
-                                            args.out, settings, classes=args.classes, overwrite=args.overwrite,
-                                            progress=stage, side_model_dir=args.side_model)
+    metadata = _fit_transformation_on_folder(args, settings)
     losses = ", ".join(f"{k} {v:.4f}" for k, v in metadata["fit_loss"].items())
     stage(f"wrote transformation {metadata['transform_id']} to {args.out}: {metadata['source']['embedding_space']} "
           f"({metadata['source']['dim']}-d) -> {metadata['target']['embedding_space']} ({metadata['target']['dim']}-d); "
@@ -543,7 +562,9 @@ def _add_index_commands(sub) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# pipeline: the TFX pipeline (pipeline/, components/); tfx is imported by these commands only
+# pipeline: the TFX pipeline (pipeline/, components/); tfx is imported by these commands only. They are the
+# one place lce_tf imports the pipeline package (docs/design.md, "Architecture"): tests/test_structure.py
+# allows exactly _pipeline_config, cmd_pipeline_run and cmd_pipeline_compile.
 
 
 def _pipeline_config(args: argparse.Namespace):

@@ -5,8 +5,8 @@ of a set of loaded model directories, then the BCT empirical criterion M(new, ol
 update gain and the new-model sacrifice against a named old model (and an optional independently
 trained new* model). `lce-tf evaluate` (image folders) and the TFX CompatibilityValidator (TFRecord
 splits) both call it, so there is one implementation of how model directories are compared.
-`evaluate_folders` is its image-folder front end (what `lce-tf evaluate` runs), `fit_transformation_on_folder`
-the same for `lce-tf transform fit`, and `criterion_pair_label` names a criterion entry's pair.
+`evaluate_folders` is its image-folder front end (what `lce-tf evaluate` runs), and `criterion_pair_label`
+names a criterion entry's pair.
 
 A query model is applied through the signature that maps into the gallery model's space when its
 metadata declares compatibility with that space (`embed_compat` for the transformation modes, `embed`
@@ -20,15 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from lce_tf import modes
-
-if TYPE_CHECKING:  # for the type hints only
-    from lce_tf.data import ImageFolder
-    from lce_tf.transform_fit import TransformFitSettings
 
 Pair = tuple[str, str]
 DatasetFactory = Callable[[tuple[int, int, int], int], Any]
@@ -310,34 +306,3 @@ def evaluate_folders(query_dir: str, gallery_dir: str, model_dirs: Mapping[str, 
                                independent=independent, transforms=transforms, batch_size=batch_size,
                                progress=progress)
     return report
-
-
-def fit_transformation_on_folder(old_model_dir: str, new_model_dir: str, folder: ImageFolder, out_dir: str,
-                                 settings: TransformFitSettings, *, classes: Optional[str] = None,
-                                 overwrite: bool = False, progress: Optional[Callable[[str], None]] = None,
-                                 side_model_dir: Optional[str] = None) -> dict[str, Any]:
-    """`lce_tf.transform_fit.fit_between_models` on an image folder (`lce-tf transform fit`).
-
-    Args:
-      old_model_dir: the old model directory (the gallery's space).
-      new_model_dir: the new model directory (the queries' space).
-      folder: the training images, an `lce_tf.data.ImageFolder` (already restricted to `classes`).
-      out_dir: the transformation directory to write.
-      settings: an `lce_tf.transform_fit.TransformFitSettings` (validated).
-      classes: the class subset the folder was restricted to, for the metadata's data label.
-      overwrite: replace an existing `out_dir` atomically.
-      progress: called with one line per stage (None = silent).
-      side_model_dir: a side-information model directory (`lce_tf.side_info`): T12 reads [f̂1; ψ̂].
-
-    Returns:
-      The transformation's metadata (lce_tf_transform.json).
-    """
-    from lce_tf.serving import load_embedding_model
-    from lce_tf.side_info import load_side_model
-    from lce_tf.transform_fit import fit_between_models
-
-    old_model, new_model = load_embedding_model(old_model_dir), load_embedding_model(new_model_dir)
-    data_label = os.path.abspath(folder.root) + (f" (classes {classes})" if classes else "")
-    side_model = load_side_model(side_model_dir) if side_model_dir else None
-    return fit_between_models(old_model, new_model, EvalData.from_folder(folder), out_dir, settings,
-                              data_label=data_label, overwrite=overwrite, progress=progress, side_model=side_model)

@@ -23,6 +23,8 @@ import typing
 from typing import Any, Mapping, Optional, Sequence
 
 from lce_tf import defaults, fileio, modes
+from lce_tf.beam.options import BEAM_RUNNERS, check_dask_address
+from lce_tf.gate import COMPATIBILITY_ROUTES
 from lce_tf.index import registry as index_registry
 from lce_tf.transform_fit import DIRECTIONS as TRANSFORM_DIRECTIONS, TransformFitSettings
 
@@ -36,12 +38,6 @@ INDEX_ALGORITHMS = ("", "brute_force", "ah", "tree_ah")
 INDEX_BACKENDS = index_registry.backend_names()  # the backends lce_tf.index registers
 MILVUS_INDEX_TYPES = ("", "FLAT", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "HNSW", "DISKANN", "SCANN", "AUTOINDEX")
 MILVUS_LITE_INDEX_TYPES = ("", "FLAT", "IVF_FLAT", "AUTOINDEX")
-COMPATIBILITY_ROUTES = ("backward", "forward", "either")  # components.compatibility_validator
-# Where the ClassCenterExtractor's Beam job runs: "direct" (the runner's own flags, locally the DirectRunner)
-# or "dask" (a dask.distributed scheduler, through pipeline/dask_runner.py; docs/scale-out.md).
-BEAM_RUNNERS = ("direct", "dask")
-DASK_RUNNER = "pipeline.dask_runner.DaskRunner"  # = pipeline.dask_runner.RUNNER (checked in tests)
-_DASK_ADDRESS_RE = re.compile(r"(?:tcp|tls)://(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
 _FIT = TransformFitSettings()  # the library's fit defaults (lce_tf.transform_fit imports no TensorFlow)
 OLD_MODEL_LATEST = "latest"
 OLD_MODEL_NONE = "none"
@@ -107,7 +103,7 @@ class PipelineConfig:
     Beam: beam_workers (DirectRunner multi-processing workers of the local runner);
       beam_pipeline_args (passed through to every Beam component, e.g. Dataflow/Flink/Spark flags);
       beam_runner ("direct": the ClassCenterExtractor runs with those flags; "dask": on the dask.distributed
-      scheduler at beam_dask_address, e.g. "tcp://dask-scheduler:8786", through pipeline/dask_runner.py).
+      scheduler at beam_dask_address, e.g. "tcp://dask-scheduler:8786", through lce_tf/beam/dask_runner.py).
 
     Kubeflow: kubeflow_image (the component image built from pipeline/Dockerfile), kubeflow_setup_file
       (the project's setup.py inside that image, given to Beam so remote workers get lce_tf).
@@ -363,24 +359,6 @@ class PipelineConfig:
                 raise ValueError(f"embedding_dim: mode {self.mode!r} needs the old model's dimension {old_dim} "
                                  f"({self.old_model}); received {self.embedding_dim} (use mode 'lce-transform')")
         return self
-
-
-def check_dask_address(address: Any, field: str = "beam_dask_address") -> str:
-    """A dask scheduler address tcp://HOST:PORT or tls://HOST:PORT (1 <= PORT <= 65535); else one-line ValueError."""
-    match = _DASK_ADDRESS_RE.fullmatch(address) if isinstance(address, str) else None
-    if not match or not 1 <= int(match.group(1)) <= 65535:
-        raise ValueError(f"{field}: {address!r} must be a dask scheduler address tcp://HOST:PORT (or tls://HOST:PORT)")
-    return address
-
-
-def direct_beam_args(workers: int) -> list[str]:
-    """Beam flags of the local DirectRunner's engine (the FnApiRunner) with `workers` worker processes."""
-    return ["--runner=FnApiRunner", "--direct_running_mode=multi_processing", f"--direct_num_workers={int(workers)}"]
-
-
-def dask_beam_args(address: str) -> list[str]:
-    """Beam flags that run a pipeline on the dask scheduler at `address` (pipeline/dask_runner.py)."""
-    return [f"--runner={DASK_RUNNER}", f"--dask_client_address={check_dask_address(address)}"]
 
 
 def _choice(field: str, value: Any, choices: Sequence[str], what: str) -> None:

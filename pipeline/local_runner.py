@@ -29,7 +29,8 @@ import sys
 import time
 from typing import Iterator, Optional, Sequence
 
-from pipeline.config import PipelineConfig, _is_uri, direct_beam_args, load_config
+from lce_tf.beam.options import direct_beam_args
+from pipeline.config import PipelineConfig, _is_uri, load_config
 
 _LOG = logging.getLogger(__name__)
 

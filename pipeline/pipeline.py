@@ -37,7 +37,8 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from lce_tf import modes
-from pipeline.config import OLD_MODEL_LATEST, OLD_MODEL_NONE, PipelineConfig, dask_beam_args
+from lce_tf.beam.options import dask_beam_args
+from pipeline.config import OLD_MODEL_LATEST, OLD_MODEL_NONE, PipelineConfig
 
 # Node ids (stable: they name the nodes in the metadata store and the Kubeflow spec).
 EXAMPLE_GEN_ID = "ImageFolderExampleGen"

@@ -29,7 +29,7 @@ Methods (every one searches the same queries with the same number of threads, `-
                 index_type=HNSW` makes it: HNSW with lce_tf's (and Milvus') defaults M=16, efConstruction=200,
                 IP on unit vectors, string ids, swept over the search ef with one client thread (the queries
                 as one search request per setting, as every method here). The bench starts the server
-                itself (tests/milvus_server.py: every port a free port of 127.0.0.1, data and logs in the
+                itself (lce_tf/testing/milvus_server.py: every port a free port of 127.0.0.1, data and logs in the
                 child's temporary directory; the server's default configuration except the query
                 coordinator's target update every 1 s instead of 10 s) and stops it at the end. The server
                 is not pinned by --threads (OMP/OpenBLAS/MKL variables removed from its environment: it runs
@@ -384,15 +384,11 @@ class _MilvusLite:
 
 
 def _milvus_server_module():
-    """tests/milvus_server.py, the test suite's Milvus standalone server on free ports of 127.0.0.1, loaded
-    from its file (the bench and the tests start and stop servers the same way)."""
-    import importlib.util  # pylint: disable=import-outside-toplevel
+    """lce_tf.testing.milvus_server, the Milvus standalone server on free ports of 127.0.0.1 that the tests
+    start too (the bench and the tests start and stop servers the same way)."""
+    from lce_tf.testing import milvus_server  # pylint: disable=import-outside-toplevel
 
-    path = os.path.join(REPO, "tests", "milvus_server.py")
-    spec = importlib.util.spec_from_file_location("lce_tf_bench_milvus_server", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return milvus_server
 
 
 def _process_tree(pid: int) -> list:
@@ -426,7 +422,7 @@ def _vm_kb(pid: int, key: str) -> float:
 
 class MilvusServerProcess:
     """A Milvus standalone server for the milvus-server row: started on free ports under `base_dir` (with
-    tests/milvus_server.py's `MilvusTestServer`), without the bench's thread pinning, stopped by `stop`."""
+    lce_tf.testing.milvus_server's `MilvusTestServer`), without the bench's thread pinning, stopped by `stop`."""
 
     def __init__(self, base_dir: str):
         ms = _milvus_server_module()

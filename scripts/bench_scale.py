@@ -5,7 +5,7 @@
 
   inprocess       `lce_tf.centers.compute_class_centers_from_batches` reading the shards chunk by chunk
                   (two passes, one process): the library path, the reference.
-  beam-two-reads  the ClassCenterExtractor's Beam transform (`centers_beam.ComputeClassCentersFromBatches`,
+  beam-two-reads  the ClassCenterExtractor's Beam transform (`lce_tf.beam.centers.ComputeClassCentersFromBatches`,
                   the same combiners the component runs) on the DirectRunner with
                   --direct_running_mode=multi_processing --direct_num_workers=2; the shards are read once
                   per pass, so nothing is kept between the passes.
@@ -14,7 +14,7 @@
                   shards of `--spill-rows` rows, pass 2 reads those back.
   beam-one-read   (not run by default) ONE read and no spill directory: the runner keeps the batches
                   between pass 1 and pass 2 (the DirectRunner in the driver's memory).
-  beam-dask       the beam-two-reads pipeline on Dask (issue 21): pipeline/dask_runner.py's DaskRunner
+  beam-dask       the beam-two-reads pipeline on Dask (issue 21): lce_tf/beam/dask_runner.py's DaskRunner
                   against a dask.distributed LocalCluster of `--workers` worker processes (one thread each,
                   127.0.0.1) that the measuring process starts before its timer, so its time is the
                   pipeline's on a running, warm cluster; reported beside it: the cluster's start, a first
@@ -119,8 +119,8 @@ def write_shards(directory: str, num_examples: int, dim: int, num_classes: int, 
 
 
 def read_shard_chunks(prefix: str, chunk_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(embeddings [n, D] float32, labels [n] int64) chunks of one shard (`centers_beam.read_embedding_shard`)."""
-    from components.class_center_extractor.centers_beam import read_embedding_shard
+    """(embeddings [n, D] float32, labels [n] int64) chunks of one shard (`lce_tf.beam.centers.read_embedding_shard`)."""
+    from lce_tf.beam.centers import read_embedding_shard
 
     return read_embedding_shard(prefix, chunk_rows)
 
@@ -134,7 +134,7 @@ def beam_options(workers: int) -> list[str]:
 
 
 def dask_options(address: str) -> list[str]:
-    from pipeline.config import dask_beam_args
+    from lce_tf.beam.options import dask_beam_args
 
     return dask_beam_args(address)
 
@@ -161,7 +161,7 @@ def beam_class_centers(prefixes: Sequence[str], num_classes: int, out_path: str,
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from components.class_center_extractor import centers_beam
+    from lce_tf.beam import centers as centers_beam
     from lce_tf.centers import ClassCenters
 
     spill_dir = os.path.join(os.path.dirname(os.path.abspath(out_path)), ".spill") if mode == "beam-spill" else None
@@ -290,7 +290,7 @@ def _centers_child(args) -> None:
     """One (size, mode) measurement in this fresh process; prints one JSON line."""
     import apache_beam  # noqa: F401  (imports before the peak-RSS reset and the timer)
 
-    from components.class_center_extractor import centers_beam  # noqa: F401
+    from lce_tf.beam import centers as centers_beam  # noqa: F401
     from lce_tf import centers  # noqa: F401
 
     with open(args.shards_json) as f:
@@ -324,7 +324,7 @@ def _centers_child(args) -> None:
                       "driver_peak_mb": (_status_kb("self", "VmHWM") or 0) / 1024, "peak_reset": reset, **extra}),
           flush=True)
     if cluster is not None:
-        from pipeline.dask_runner import close_cluster
+        from lce_tf.beam.dask_runner import close_cluster
 
         close_cluster(cluster)
 
@@ -632,7 +632,7 @@ def markdown(report: dict) -> str:
         if dask_rows:
             f0 = dask_rows[0][2]
             lines += [f"Dask rows ({', '.join(sorted({m for _, m, _ in dask_rows}))}): the same transform on "
-                      f"pipeline/dask_runner.py's DaskRunner against a dask.distributed LocalCluster of "
+                      f"lce_tf/beam/dask_runner.py's DaskRunner against a dask.distributed LocalCluster of "
                       f"{c['beam_workers']} worker processes (one thread each) started before the timer; options "
                       f"`{' '.join(f0.get('beam_options', []))}` (address of that run). Cluster start "
                       + ", ".join(f"{f['dask_cluster_start_seconds']:.1f}" for _, _, f in dask_rows)

@@ -24,11 +24,11 @@ def _milvus_server_package_or_skip() -> None:
 
 @pytest.fixture(scope="session")
 def milvus_binaries():
-    """The milvus package's server binary and libraries, extracted once (tests/milvus_server.py)."""
+    """The milvus package's server binary and libraries, extracted once (lce_tf.testing.milvus_server)."""
     _milvus_server_package_or_skip()
-    import milvus_server
+    from lce_tf.testing import milvus_server as ms
 
-    return milvus_server.extract_binaries(milvus_server.default_bin_parent())
+    return ms.extract_binaries(ms.default_bin_parent())
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +36,7 @@ def milvus_server(milvus_binaries, tmp_path_factory):
     """A Milvus standalone server (milvus 2.3.5) shared by the session's tests: every port a free port
     of 127.0.0.1, its data and logs in a temporary directory; stopped when the session ends, also after
     a failure (and killed with the test process if that dies: PR_SET_PDEATHSIG)."""
-    import milvus_server as ms
+    from lce_tf.testing import milvus_server as ms
 
     server = ms.MilvusTestServer(str(tmp_path_factory.mktemp("milvus-server")), milvus_binaries)
     try:

@@ -16,7 +16,7 @@ checks that the previous version is intact and nothing half-written is visible i
 
 Everything is tiny (12 px images, an untrained 8-d small_cnn; one CLI training run of a few steps), and
 nothing here imports tfx: the component cases call the executors' helpers in `components.util` and
-`centers_beam` (Apache Beam, not tfx).
+`lce_tf.beam.centers` (Apache Beam, not tfx).
 """
 
 from __future__ import annotations
@@ -566,7 +566,7 @@ def nan_queries_index_search(ws, tmp, mp):
 
 def nan_embedding_shard_component(ws, tmp, mp):
     """A shard of precomputed embeddings (the ClassCenterExtractor's spill / ReadEmbeddingShards input)."""
-    from components.class_center_extractor.centers_beam import read_embedding_shard, write_embedding_shard
+    from lce_tf.beam.centers import read_embedding_shard, write_embedding_shard
 
     embeddings = np.eye(5, 8, dtype=np.float32)
     embeddings[3, :2] = np.nan

@@ -3,10 +3,10 @@
 A LocalCluster of 2 worker processes (processes=True, one thread each, 127.0.0.1, free ports, no
 dashboard) is started once for the module and closed after it. Against it:
 
-- the centers transform (`centers_beam.ComputeClassCentersFromBatches`, the component's) on
-  pipeline/dask_runner.py's DaskRunner gives the DirectRunner's centers, boundary cosines and counts bit
+- the centers transform (`lce_tf.beam.centers.ComputeClassCentersFromBatches`, the component's) on
+  lce_tf/beam/dask_runner.py's DaskRunner gives the DirectRunner's centers, boundary cosines and counts bit
   for bit (np.array_equal), for the three ways of feeding its two passes, and both boundary rules;
-- the runner's fixes of Beam 2.74's DaskRunner (pipeline/dask_runner.py's docstring): outputs of
+- the runner's fixes of Beam 2.74's DaskRunner (lce_tf/beam/dask_runner.py's docstring): outputs of
   finish_bundle kept, a singleton side input read by many partitions, ReadFromTFRecord, work spread
   over both workers;
 - `lce-tf centers --beam-runner dask` (TFRecords, the old model loaded in the Dask workers) and the
@@ -34,9 +34,9 @@ pytest.importorskip("distributed")
 
 from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
-from components.class_center_extractor import centers_beam  # noqa: E402
+from lce_tf.beam import centers as centers_beam  # noqa: E402
+from lce_tf.beam import dask_runner, options  # noqa: E402
 from pipeline import config as pipeline_config  # noqa: E402
-from pipeline import dask_runner  # noqa: E402
 
 NUM_CLASSES = 12
 DIM = 8
@@ -49,7 +49,7 @@ def cluster():
     from distributed import LocalCluster
 
     # The workers are started with this interpreter's sys.path (multiprocessing spawn), so they import
-    # the checkout's lce_tf, components and pipeline like this process.
+    # the checkout's lce_tf like this process.
     local = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", scheduler_port=0,
                          dashboard_address=None, worker_dashboard_address=None,
                          scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})  # its HTTP server, not on 8787
@@ -60,7 +60,7 @@ def cluster():
 
 
 def dask_args(cluster) -> list[str]:
-    return pipeline_config.dask_beam_args(cluster.scheduler_address)
+    return options.dask_beam_args(cluster.scheduler_address)
 
 
 @pytest.fixture(scope="module")
@@ -189,9 +189,9 @@ def test_runner_reads_tfrecords(cluster, tmp_path):
 
 
 def test_runner_names_agree():
-    assert pipeline_config.DASK_RUNNER == dask_runner.RUNNER
-    assert pipeline_config.dask_beam_args("tcp://10.0.0.5:8786") == [
-        "--runner=pipeline.dask_runner.DaskRunner", "--dask_client_address=tcp://10.0.0.5:8786"]
+    assert options.DASK_RUNNER == dask_runner.RUNNER
+    assert options.dask_beam_args("tcp://10.0.0.5:8786") == [
+        "--runner=lce_tf.beam.dask_runner.DaskRunner", "--dask_client_address=tcp://10.0.0.5:8786"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,7 +255,7 @@ def test_class_center_extractor_executor_on_dask(cluster, model_and_data, tmp_pa
     model.uri = str(root / "v1")
     output = artifacts.ClassCenters()
     output.uri = str(tmp_path / "centers")
-    context = BaseBeamExecutor.Context(beam_pipeline_args=pipeline_config.direct_beam_args(2) + dask_args(cluster))
+    context = BaseBeamExecutor.Context(beam_pipeline_args=options.direct_beam_args(2) + dask_args(cluster))
     extractor.Executor(context).Do(
         {extractor.EXAMPLES_KEY: [examples], extractor.OLD_MODEL_KEY: [model]},
         {extractor.CLASS_CENTERS_KEY: [output]},
@@ -295,7 +295,7 @@ def test_pipeline_config_dask_reaches_the_extractor_only(tmp_path):
     config = pipeline_config.PipelineConfig.from_dict(config.to_dict())  # the fields round-trip
     nodes = {node.id: node for node in create_components(config.resolved())}
     extractor_args = nodes[CENTERS_ID].executor_spec.beam_pipeline_args
-    assert extractor_args[-2:] == ["--runner=pipeline.dask_runner.DaskRunner",
+    assert extractor_args[-2:] == ["--runner=lce_tf.beam.dask_runner.DaskRunner",
                                    "--dask_client_address=tcp://dask-scheduler:8786"]
     others = [n for i, n in nodes.items() if i != CENTERS_ID and hasattr(n.executor_spec, "beam_pipeline_args")]
     assert all(not any("dask" in a for a in n.executor_spec.beam_pipeline_args) for n in others)

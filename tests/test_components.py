@@ -1,4 +1,5 @@
-"""Unit tests of the TFX components' parts: the Beam center combiners, the blessing rule, executors' checks.
+"""Unit tests of the TFX components' parts: the Beam center combiners, executors' checks (the blessing rule,
+lce_tf.gate, is tested in tests/test_gate.py).
 
 The Beam test runs the combiners on the DirectRunner's FnApiRunner engine in multi-processing mode
 with 2 worker processes (as the local runner does) and compares with lce_tf.centers' in-memory
@@ -12,7 +13,6 @@ import numpy as np
 import pytest
 
 from components import util
-from components.compatibility_validator.executor import decide
 from components.image_example_gen.component import folder_fingerprint
 from components.index_builder.executor import build_index_dir, entry_ids, upgrade_served_index
 from lce_tf import centers as lce_centers
@@ -40,7 +40,7 @@ def test_beam_center_combiners_match_in_memory_reference_multiprocessing():
     from apache_beam.options.pipeline_options import PipelineOptions
     from apache_beam.testing.util import assert_that
 
-    from components.class_center_extractor.centers_beam import ComputeClassCenters
+    from lce_tf.beam.centers import ComputeClassCenters
 
     rng = np.random.default_rng(7)
     names = [f"c{j}" for j in range(5)]
@@ -69,7 +69,7 @@ def test_beam_matcher_can_fail():
 
 
 def test_combine_fns_follow_the_beam_contract():
-    from components.class_center_extractor.centers_beam import BoundaryCombineFn, CenterSumCombineFn
+    from lce_tf.beam.centers import BoundaryCombineFn, CenterSumCombineFn
 
     fn = CenterSumCombineFn()
     a = fn.add_input(fn.create_accumulator(), np.array([3.0, 4.0]))  # f̂ = (0.6, 0.8)
@@ -82,81 +82,6 @@ def test_combine_fns_follow_the_beam_contract():
     assert boundary.extract_output(acc).boundary() == 0.2
     with pytest.raises(ValueError, match="boundary rule"):
         BoundaryCombineFn("max")
-
-
-class _Result(types.SimpleNamespace):
-    pass
-
-
-def test_blessing_rule_margins_floors_and_declaration():
-    # M(old, old) = (top1 0.70, mAP 0.50); M(new, old) = (0.72, 0.51); M(new, new) = (0.90, 0.80).
-    results = {("v1", "v1"): _Result(top1=0.70, mAP=0.50), ("v2", "v1"): _Result(top1=0.72, mAP=0.51),
-               ("v2", "v2"): _Result(top1=0.90, mAP=0.80)}
-    report = {"skipped": []}
-    common = dict(new="v2", old="v1", min_top1=0.5, min_map=0.0, declared_compatible=True)
-    decision = decide(report, results, margin_top1=0.0, margin_map=0.0, **common)
-    assert decision.blessed and decision.route == "backward" and decision.passed_routes == ("backward",)
-    backward = [r for r in decision.reasons if r.startswith("backward route")]
-    assert len(backward) == 3 and all(r.endswith("yes") for r in backward)
-    # 0.72 > 0.70 + 0.01 holds, 0.51 > 0.50 + 0.02 does not.
-    decision = decide(report, results, margin_top1=0.01, margin_map=0.02, **common)
-    assert not decision.blessed and decision.route == ""
-    assert any(r.startswith("backward route: criterion mAP") and r.endswith("NO") for r in decision.reasons)
-    # Equal is not better (the criterion is strict).
-    results_equal = {**results, ("v2", "v1"): _Result(top1=0.70, mAP=0.51)}
-    assert not decide(report, results_equal, margin_top1=0.0, margin_map=0.0, **common).blessed
-    # Own accuracy below the floor.
-    assert not decide(report, results, margin_top1=0.0, margin_map=0.0, **{**common, "min_top1": 0.95}).blessed
-    # Not declared compatible: refused even when the numbers pass.
-    assert not decide(report, results, margin_top1=0.0, margin_map=0.0,
-                      **{**common, "declared_compatible": False}).blessed
-    # M(new, old) missing (different dimensions): refused, with the reason.
-    missing = {k: v for k, v in results.items() if k != ("v2", "v1")}
-    decision = decide({"skipped": ["v2/v1: dimensions 32 and 16 differ"]}, missing, margin_top1=0.0,
-                      margin_map=0.0, **common)
-    assert not decision.blessed
-    assert any("dimensions 32 and 16 differ" in r for r in decision.reasons if r.startswith("backward route"))
-    # First run: no old model, the floors only.
-    first = {("v1", "v1"): _Result(top1=0.6, mAP=0.4)}
-    decision = decide({"skipped": []}, first, new="v1", old=None, margin_top1=0.0, margin_map=0.0,
-                      min_top1=0.5, min_map=0.0, declared_compatible=False)
-    assert decision.blessed and decision.route == "first-model" and len(decision.reasons) == 2
-
-
-@pytest.mark.parametrize("backward, forward, compatibility, route", [
-    # (M(v2, v1) top1/mAP, M(v2, T12(v1)) top1/mAP) against M(v1, v1) = (0.70, 0.50)
-    ((0.60, 0.55), (0.80, 0.60), "backward", ""),            # backward misses top-1: refused
-    ((0.60, 0.55), (0.80, 0.60), "forward", "forward"),
-    ((0.60, 0.55), (0.80, 0.60), "either", "forward"),
-    ((0.72, 0.51), (0.69, 0.60), "forward", ""),             # forward misses top-1
-    ((0.72, 0.51), (0.69, 0.60), "either", "backward"),
-    ((0.72, 0.51), (0.80, 0.60), "either", "forward"),       # both pass: forward is named
-    ((0.72, 0.51), (0.80, 0.60), "backward", "backward"),
-    ((0.60, 0.55), (0.80, 0.50), "either", ""),              # forward mAP equal: not better
-])
-def test_blessing_rule_by_route(backward, forward, compatibility, route):
-    results = {("v1", "v1"): _Result(top1=0.70, mAP=0.50), ("v2", "v2"): _Result(top1=0.90, mAP=0.80),
-               ("v2", "v1"): _Result(top1=backward[0], mAP=backward[1]),
-               ("v2", "T12(v1)"): _Result(top1=forward[0], mAP=forward[1])}
-    decision = decide({"skipped": []}, results, new="v2", old="v1", margin_top1=0.0, margin_map=0.0, min_top1=0.5,
-                      min_map=0.0, declared_compatible=True, compatibility=compatibility, forward_gallery="T12(v1)")
-    assert decision.route == route and decision.blessed == bool(route)
-    expected_passing = tuple(r for r, (t, m) in (("backward", backward), ("forward", forward)) if t > 0.70 and m > 0.50)
-    assert decision.passed_routes == expected_passing
-    forward_lines = [r for r in decision.reasons if r.startswith("forward route: criterion")]
-    assert [line.split(" = ")[1].split(" ")[0] for line in forward_lines] == [f"{v:.4f}" for v in forward]
-    assert decision.reasons[-1].startswith(f"compatibility {compatibility!r}: routes passing")
-
-
-def test_forward_route_needs_a_fitted_transformation():
-    results = {("v1", "v1"): _Result(top1=0.70, mAP=0.50), ("v2", "v2"): _Result(top1=0.90, mAP=0.80),
-               ("v2", "v1"): _Result(top1=0.60, mAP=0.40)}
-    decision = decide({"skipped": []}, results, new="v2", old="v1", margin_top1=0.0, margin_map=0.0, min_top1=0.5,
-                      min_map=0.0, declared_compatible=True, compatibility="forward", forward_gallery=None)
-    assert not decision.blessed and "forward route: a transformation T12 (v1 -> v2) was fitted: NO" in decision.reasons
-    with pytest.raises(ValueError, match="parameter compatibility: unknown value 'sideways'"):
-        decide({"skipped": []}, results, new="v2", old="v1", margin_top1=0.0, margin_map=0.0, min_top1=0.5,
-               min_map=0.0, declared_compatible=True, compatibility="sideways")
 
 
 def test_entry_ids_follow_the_search_convention():
@@ -342,7 +267,7 @@ def test_embed_examples_dofn_matches_the_model(examples_and_model, tmp_path, spi
     from apache_beam.options.pipeline_options import PipelineOptions
     from apache_beam.testing.util import assert_that, equal_to
 
-    from components.class_center_extractor.centers_beam import extract_class_centers
+    from lce_tf.beam.centers import extract_class_centers
     from lce_tf.data import make_tfrecord_dataset
     from lce_tf.serving import load_embedding_model
 
@@ -360,7 +285,7 @@ def test_embed_examples_dofn_matches_the_model(examples_and_model, tmp_path, spi
         assert_that(written, equal_to([out]))
     _close_to(reference, atol=1e-5)([lce_centers.ClassCenters.load(out)])
     if spill:  # every embedding went through the spilled shards, bit for bit
-        from components.class_center_extractor.centers_beam import read_embedding_shard
+        from lce_tf.beam.centers import read_embedding_shard
 
         prefixes = sorted({os.path.join(spill_dir, f.split(".")[0]) for f in os.listdir(spill_dir)})
         spilled = [chunk for p in prefixes for chunk in read_embedding_shard(p)]
@@ -475,8 +400,8 @@ def test_first_run_marker_and_transformation_dir_of_a_shared_artifact(tmp_path):
 
     transformation = artifacts.GalleryTransformation()
     transformation.uri = str(tmp_path / "t")
-    util.write_no_old_model(transformation, transformation.uri, "GalleryTransformFitter",
-                            "there is no gallery to transform")
+    artifacts.write_no_old_model(transformation, transformation.uri, "GalleryTransformFitter",
+                                 "there is no gallery to transform")
     assert os.listdir(transformation.uri) == [artifacts.NO_OLD_MODEL_FILE]
     assert (tmp_path / "t" / artifacts.NO_OLD_MODEL_FILE).read_text() == \
         "No old model was resolved (first run): there is no gallery to transform.\n"

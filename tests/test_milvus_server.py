@@ -24,6 +24,7 @@ import pytest
 from lce_tf import cli, fileio
 from lce_tf.index import images as search, registry
 from lce_tf.index.milvus_index import TOKEN_ENV, MilvusConfig, MilvusIndex
+from lce_tf.testing import milvus_server as ms
 
 from cli_helpers import assert_bad_input, run_cli
 
@@ -396,7 +397,7 @@ def test_unreachable_server_and_wrong_collection_are_one_line(ws, milvus_server,
     from pymilvus.settings import Config
 
     monkeypatch.setattr(Config, "MILVUS_CONN_TIMEOUT", 2.0)  # pymilvus' wait for the channel (default 10 s)
-    closed = f"http://127.0.0.1:{__import__('milvus_server').free_ports(1)[0]}"
+    closed = f"http://127.0.0.1:{ms.free_ports(1)[0]}"
     assert_bad_input(ws["capsys"], "index", "build", "--model", ws["root"] / "v1", "--data",
                      ws["root"] / "data/gallery", "--out", tmp_path / "nowhere", "--backend", "milvus",
                      "--milvus-uri", closed, match=f"cannot connect to the Milvus server {closed}")
@@ -425,8 +426,6 @@ def test_unreachable_server_and_wrong_collection_are_one_line(ws, milvus_server,
 
 @pytest.fixture(scope="module")
 def auth_server(milvus_binaries, tmp_path_factory):
-    import milvus_server as ms
-
     server = ms.MilvusTestServer(str(tmp_path_factory.mktemp("milvus-auth")), milvus_binaries, authorization=True)
     try:
         server.start()

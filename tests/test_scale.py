@@ -70,8 +70,7 @@ def test_compare_centers_detects_a_difference(bench):
 
 
 def test_batched_combiners_follow_the_beam_contract():
-    from components.class_center_extractor.centers_beam import (BoundariesCombineFn, CenterSumsCombineFn,
-                                                                batch_boundaries)
+    from lce_tf.beam.centers import BoundariesCombineFn, CenterSumsCombineFn, batch_boundaries
 
     fn = CenterSumsCombineFn()
     # f̂ of (3, 4) is (0.6, 0.8); of (0, 2) is (0, 1); of (5, 0) is (1, 0).

@@ -5,7 +5,7 @@
 
 docs/design.md, the method, item 1: for every class j of the NEW training split, c_j = normalize(Σ f̂_i) and
 b_j = min or P-th percentile of ⟨f̂_i, c_j⟩, f̂ = normalize(φ1(x)). Exact, in two Beam passes with
-combiners (centers_beam.py); the old model is loaded in the DoFn's setup() on every worker.
+combiners (lce_tf.beam.centers); the old model is loaded in the DoFn's setup() on every worker.
 """
 
 from __future__ import annotations

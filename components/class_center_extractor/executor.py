@@ -1,4 +1,4 @@
-"""Executor of ClassCenterExtractor: a Beam job over the training split (see centers_beam.py)."""
+"""Executor of ClassCenterExtractor: a Beam job over the training split (lce_tf.beam.centers)."""
 
 from __future__ import annotations
 
@@ -56,15 +56,15 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         output_dir = util.path(output)
         os.makedirs(output_dir, exist_ok=True)
         if old_model is None:
-            util.write_no_old_model(output, output_dir, "ClassCenterExtractor",
-                                    "the new model is trained independently")
+            artifacts.write_no_old_model(output, output_dir, "ClassCenterExtractor",
+                                         "the new model is trained independently")
             return
         util.check_split_records(examples_dir, split, entry)
         model_dir = util.model_dir(util.path(old_model), OLD_MODEL_KEY)
         metadata = read_model_metadata(model_dir)
         image_shape = tuple(int(v) for v in metadata["input_shape"])
 
-        from components.class_center_extractor import centers_beam
+        from lce_tf.beam import centers as centers_beam
 
         out_path = os.path.join(output_dir, artifacts.CENTERS_FILE)
         _LOG.info("ClassCenterExtractor: embedding split %s (%d images, %d classes) with %s; boundary %s",

@@ -1,8 +1,8 @@
-"""Executor of CompatibilityValidator: `lce_tf.comparison.compare_models` + the blessing decision."""
+"""Executor of CompatibilityValidator: `lce_tf.comparison.compare_models`, then `lce_tf.gate.decide` (the blessing
+decision), recorded in the ModelBlessing."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -14,6 +14,7 @@ from components import artifacts, util
 from components.artifacts import (BLESSED_PROPERTY, BLESSED_ROUTE_PROPERTY, TRANSFORM_ID_PROPERTY,
                                   TRANSFORMATION_DIR_PROPERTY)
 from lce_tf import modes
+from lce_tf.gate import COMPATIBILITY_ROUTES, Decision, decide
 
 # Keys of the inputs, the output and the parameters (component.py re-exports them).
 MODEL_KEY = "model"
@@ -31,8 +32,6 @@ MIN_MAP_KEY = "min_map"
 BATCH_SIZE_KEY = "batch_size"
 COMPATIBILITY_KEY = "compatibility"
 
-# The values of the `compatibility` parameter: which upgrade route may bless the candidate.
-COMPATIBILITY_ROUTES = ("backward", "forward", "either")
 # The name of the fitted old -> new transformation in the matrix ("T12(v1)": v1's gallery moved by it).
 TRANSFORM_NAME = "T12"
 
@@ -63,92 +62,6 @@ def _names(candidate, old, independent) -> tuple[str, Optional[str], Optional[st
         new_name, old_name = f"{new_name}-new", f"{old_name}-old"
     ind_name = None if independent is None else f"{new_name}-independent"
     return new_name, old_name, ind_name
-
-
-@dataclasses.dataclass(frozen=True)
-class Decision:
-    """The validator's verdict.
-
-    Attributes:
-      blessed: every check of the own-accuracy floors and of one allowed route passed.
-      route: the route that blessed: "backward", "forward", "first-model" (no old model), or "" (refused).
-      passed_routes: the routes whose checks all pass, whether or not `compatibility` allows them.
-      reasons: one line per check ("...: yes" / "...: NO"), then the conclusion.
-    """
-
-    blessed: bool
-    route: str
-    passed_routes: tuple[str, ...]
-    reasons: list[str]
-
-
-def _criterion_checks(route: str, pair: Optional[tuple[str, str]], results: dict, old: str, margin_top1: float,
-                      margin_map: float, missing: str) -> list[tuple[bool, str]]:
-    """M(pair) > M(old, old) + margin on top-1 and mAP, or one failed check per metric saying why it is missing."""
-    checks = []
-    old_old = results[(old, old)]
-    for metric, margin in (("top1", margin_top1), ("mAP", margin_map)):
-        if pair is None or pair not in results:
-            checks.append((False, f"{route} route: criterion {metric}: M({pair[0] if pair else '?'}, "
-                                  f"{pair[1] if pair else '?'}) cannot be computed ({missing})"))
-            continue
-        a, b = float(getattr(results[pair], metric)), float(getattr(old_old, metric))
-        checks.append((a > b + margin, f"{route} route: criterion {metric}: M({pair[0]}, {pair[1]}) = {a:.4f} > "
-                                       f"M({old}, {old}) = {b:.4f} + margin {margin:.4f}"))
-    return checks
-
-
-def decide(report: dict[str, Any], results: dict, *, new: str, old: Optional[str], margin_top1: float,
-           margin_map: float, min_top1: float, min_map: float, declared_compatible: bool,
-           compatibility: str = "backward", forward_gallery: Optional[str] = None) -> Decision:
-    """The blessing rule: own-accuracy floors, then the upgrade routes that `compatibility` allows.
-
-    Checks:
-      own accuracy     M(new, new).top1 >= min_top1 and M(new, new).mAP >= min_map;
-      with an old model, two routes (both are measured and reported; docs/design.md "The forward path"):
-        backward       the candidate declares compatibility with the old model's space (else its queries
-                       could not be served against the old index), and M(new, old) > M(old, old) + margin
-                       on top-1 and on mAP (the BCT empirical criterion, the paper's);
-        forward        a transformation T12 old -> new was fitted (`forward_gallery` is the matrix label of
-                       the old gallery moved through it, e.g. "T12(v1)"), and M(new, T12(old)) >
-                       M(old, old) + margin on top-1 and on mAP.
-      compatibility    "backward" or "forward": that route must pass; "either": one of them must pass. When
-                       both pass under "either" the blessing names the forward route: the served index
-                       then moves into the new model's own space, where later backfills take it.
-
-    Without an old model (the pipeline's first run) only the floors apply (route "first-model").
-
-    Raises:
-      ValueError: an unknown `compatibility`.
-    """
-    if compatibility not in COMPATIBILITY_ROUTES:
-        raise ValueError(f"parameter {COMPATIBILITY_KEY}: unknown value {compatibility!r}; expected one of "
-                         f"{', '.join(COMPATIBILITY_ROUTES)}")
-    own = results.get((new, new))
-    floors = [(float(getattr(own, m)) >= floor, f"own accuracy: {m} M({new}, {new}) = {float(getattr(own, m)):.4f} "
-                                                f">= floor {floor:.4f}")
-              for m, floor in (("top1", min_top1), ("mAP", min_map))]
-    lines = [f"{text}: {'yes' if ok else 'NO'}" for ok, text in floors]
-    own_ok = all(ok for ok, _ in floors)
-    if old is None:
-        return Decision(own_ok, "first-model" if own_ok else "", (), lines)
-    skipped = "; ".join(s for s in report.get("skipped", []) if s.startswith(f"{new}/{old}:")) or "no result"
-    routes = {
-        "backward": [(declared_compatible, f"backward route: {new} declares compatibility with {old}'s embedding space")]
-        + _criterion_checks("backward", (new, old), results, old, margin_top1, margin_map, skipped),
-        "forward": [(forward_gallery is not None, f"forward route: a transformation T12 ({old} -> {new}) was fitted")]
-        + _criterion_checks("forward", (new, forward_gallery) if forward_gallery else None, results, old, margin_top1,
-                            margin_map, "no fitted transformation"),
-    }
-    for checks in routes.values():
-        lines += [f"{text}: {'yes' if ok else 'NO'}" for ok, text in checks]
-    passed = tuple(route for route, checks in routes.items() if all(ok for ok, _ in checks))
-    allowed = ("forward", "backward") if compatibility == "either" else (compatibility,)
-    route = next((r for r in allowed if r in passed), "") if own_ok else ""
-    lines.append(f"compatibility {compatibility!r}: routes passing: {', '.join(passed) or 'none'}; "
-                 + (f"blessed through the {route} route" if route else "no allowed route passes" if own_ok
-                    else "own accuracy below the floor"))
-    return Decision(bool(route), route, passed, lines)
 
 
 def _route_rows(report: dict[str, Any], results: dict, new: str, old: str, forward_gallery: Optional[str],

@@ -78,7 +78,7 @@ class Executor(base_executor.BaseExecutor):
         output_dir = util.path(output)
         os.makedirs(output_dir, exist_ok=True)
         if old_artifact is None:
-            util.write_no_old_model(output, output_dir, "GalleryTransformFitter", "there is no gallery to transform")
+            artifacts.write_no_old_model(output, output_dir, "GalleryTransformFitter", "there is no gallery to transform")
             return
         util.check_split_records(examples_dir, split, entry)
         old = load_embedding_model(util.model_dir(util.path(old_artifact), OLD_MODEL_KEY))

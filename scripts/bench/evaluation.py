@@ -6,15 +6,25 @@ Part of scripts/bench_compat.py (`make bench`); see its docstring for the scenar
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional, Protocol
 
 from lce_tf import modes
 
 from bench.settings import METRICS, Spec
 from bench.zoo import COSINE, ModelZoo
 
-if TYPE_CHECKING:  # scenarios imports this module
-    from bench.scenarios import Benchmark
+
+class Measured(Protocol):
+    """What `_row` and `_matrix_entries` read of a benchmark (bench.scenarios.Benchmark, which imports this
+    module): its evaluator and zoo, the default T12 fit objective and the forward route's measurements."""
+
+    ev: "Evaluator"
+    zoo: ModelZoo
+    objective: str
+
+    def forward(self, new: Spec, old: Spec, through: Any = (), objective: Optional[str] = None): ...
+
+    def forward_measured(self, new: Spec, old: Spec) -> bool: ...
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -86,7 +96,7 @@ def _route(result, old_old, independent_new) -> dict[str, Any]:
 NOT_FITTED = "not measured: a row that decides no target gets no fitted T12 (saves a fit of ~40 s)"
 
 
-def _row(bench: "Benchmark", method: str, new: Spec, old: Spec, independent: Spec, note: str = "", *,
+def _row(bench: Measured, method: str, new: Spec, old: Spec, independent: Spec, note: str = "", *,
          forward: bool = True, cosine: bool = False) -> dict[str, Any]:
     """One table row: M(new, new), both upgrade routes (each with its criterion and update gain), sacrifice.
 
@@ -124,7 +134,7 @@ def _row(bench: "Benchmark", method: str, new: Spec, old: Spec, independent: Spe
     return row
 
 
-def _matrix_entries(bench: "Benchmark", models: dict[str, Spec], old: Spec) -> tuple[dict, list]:
+def _matrix_entries(bench: Measured, models: dict[str, Spec], old: Spec) -> tuple[dict, list]:
     """The upgrade view of a scenario's models: each query model against the old gallery (through T21 for the
     transformation modes), the old gallery moved by the fitted T12 (where measured) and its own gallery. These are the
     rows' own measurements, so the matrix costs nothing more (the pairs between two new models, which no upgrade

@@ -1,6 +1,8 @@
 """Beam's DaskRunner with the fixes the ClassCenterExtractor needs (docs/scale-out.md, "Beam on Dask").
 
-    --runner=pipeline.dask_runner.DaskRunner --dask_client_address=tcp://HOST:8786
+    --runner=lce_tf.beam.dask_runner.DaskRunner --dask_client_address=tcp://HOST:8786
+
+(`lce_tf.beam.options.dask_beam_args` writes these flags.)
 
 apache-beam 2.74 ships `apache_beam.runners.dask.dask_runner.DaskRunner` (not registered under a short
 name), which translates a pipeline into dask.bag operations. Run as it is on the center extraction,
@@ -29,8 +31,9 @@ runner puts up to 128 items in one partition, so a few file names would be read 
 names and offsets only) and reads each bundle in a task; every leaf of the pipeline is computed. The
 dask client is closed when the run finishes.
 
-Workers import this module, `components` and `lce_tf` (the DoFns are pickled by reference), so they
-must run with lce-tf installed (`pip install lce-tf[pipeline,dask]`, or this checkout on PYTHONPATH).
+Workers import this module and the DoFns' modules (`lce_tf.beam.centers`; the DoFns are pickled by
+reference), so they must run with lce-tf installed (`pip install lce-tf[dask]`, or this checkout on
+PYTHONPATH); they need neither TFX nor the pipeline package.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from apache_beam.runners.dask.overrides import _Create, _Read
 from apache_beam.runners.runner import PipelineState
 from apache_beam.transforms.sideinputs import SideInputMap
 
-# The runner's import path, for --runner (the DaskRunner has no registered short name).
+# The runner's import path, for --runner (the DaskRunner has no registered short name; = options.DASK_RUNNER).
 RUNNER = f"{__name__}.DaskRunner"
 # Bytes of a bundle when a bounded source is split (Read); a TFRecord file is never split.
 DESIRED_BUNDLE_BYTES = 64 << 20

@@ -1,4 +1,6 @@
-"""A Milvus standalone server for the tests, from the PyPI package `milvus` (a test dependency in the lock).
+"""A Milvus standalone server for tests and benchmarks, from the PyPI package `milvus` (a test dependency in
+the lock: setup.py's `test` extra). The `milvus_server` fixture of tests/conftest.py and scripts/bench_ann.py's
+milvus-server row start it; no lce-tf command does. Imports only the standard library until a server starts.
 
 The package (milvus 2.3.5) ships the Milvus standalone binary with embedded etcd and local storage.
 Its own `MilvusServer.start` is not used as is, because

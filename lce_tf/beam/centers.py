@@ -1,4 +1,7 @@
-"""Beam transforms of the ClassCenterExtractor: old-model embeddings -> exact class centers and boundaries.
+"""Beam transforms of the class-center extraction: old-model embeddings -> exact class centers and boundaries.
+
+The ClassCenterExtractor component (components/class_center_extractor) and `lce-tf centers --beam-runner`
+run `extract_class_centers`; nothing here needs TFX.
 
 docs/design.md, the method, item 1, as a two-pass Beam computation over streamed data:
 
@@ -16,7 +19,7 @@ batches them first.
 Both passes need the same data. Three ways to give it, all computing the same bits:
 - a PAIR of PCollections (two reads of a re-readable source, e.g. files of embeddings): nothing is
   kept between the passes;
-- ONE PCollection and a `spill_dir` (what the component does with the embeddings of its model, which
+- ONE PCollection and a `spill_dir` (what the ClassCenterExtractor does with the embeddings of its model, which
   are expensive to compute twice): pass 1 also writes the batches to .npy shards in `spill_dir`
   (`SpillBatchesFn`, at most `rows_per_shard` rows buffered per worker) and pass 2 reads those shards;
   only their file names cross a stage boundary;
