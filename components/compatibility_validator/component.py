@@ -16,8 +16,9 @@ M(new, T12(old)). Two upgrade routes (docs/design.md, "The forward path"):
     forward   M(new, T12(old)) > M(old, old) + margin on top-1 and on mAP (the old gallery's vectors
               moved into the new space, no image re-encoded).
 
-It blesses when M(new, new) >= the floors (min_top1, min_map) and a route that `compatibility` allows
-passes ("backward", "forward" or "either"; under "either" with both passing the blessing names forward).
+It blesses (`lce_tf.gate.decide`) when M(new, new) >= the floors (min_top1, min_map) and a route that
+`compatibility` allows passes ("backward", "forward" or "either"; under "either" with both passing the
+blessing names forward).
 With an empty old-model channel (the pipeline's first run) only the floors apply. The standard
 ModelBlessing gets the int custom property `blessed` (1/0, what the stock Pusher reads), `blessed_route`
 (which route; read by the IndexBuilder and the Pusher), `passed_routes`, `transformation_dir`, the
