@@ -33,7 +33,7 @@ import time
 from typing import Any, Optional, Sequence
 
 import lce_tf
-from lce_tf import defaults, fileio, modes
+from lce_tf import defaults, fileio
 
 EXIT_BAD_INPUT = 2
 

@@ -216,6 +216,11 @@ def parameter_defaults() -> dict[str, Any]:
     return {key_of(f): f.default for f in fields_offered(PIPELINE)}
 
 
+def parameter_values(config: TrainConfig) -> dict[str, Any]:
+    """LceTrainer parameter key -> the value of `config` (the inverse of `from_parameters`)."""
+    return {key_of(f): getattr(config, f.name) for f in fields_offered(PIPELINE)}
+
+
 def from_parameters(values: Mapping[str, Any], **overrides: Any) -> TrainConfig:
     """The TrainConfig of LceTrainer execution properties (or PipelineConfig values), keyed by `key_of`.
 

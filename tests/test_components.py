@@ -394,12 +394,7 @@ def test_trainer_executor_refuses_non_finite_records(examples_and_model, tmp_pat
     _nan_tfrecord_reader(monkeypatch)
     model = standard_artifacts.Model()
     model.uri = str(tmp_path / "model")
-    properties = {trainer.MODE_KEY: "independent", trainer.ARCHITECTURE_KEY: "small_cnn", trainer.LOSS_KEY: "arcface",
-                  trainer.EMBEDDING_DIM_KEY: 8, trainer.SCALE_KEY: 16.0, trainer.MARGIN_KEY: 0.1,
-                  trainer.LAMBDA_ALIGN_KEY: 100.0, trainer.LAMBDA_BOUNDARY_KEY: 1.0, trainer.LAMBDA_COMPAT_KEY: 1.0,
-                  trainer.EPOCHS_KEY: 1, trainer.BATCH_SIZE_KEY: 8, trainer.LEARNING_RATE_KEY: 1e-3,
-                  trainer.SHIFT_PIXELS_KEY: 0, trainer.SEED_KEY: 0, trainer.VERSION_KEY: "v1",
-                  trainer.SPLIT_KEY: "train"}
+    properties = _trainer_properties(trainer, "independent", 8, version="v1")
     # 8 images of 16 x 16 x 1 per batch, all NaN.
     with pytest.raises(ValueError, match=r"^training data batch 0 contains 2048 non-finite values \(NaN/Inf\), "
                                          r"first at row 0$"):
@@ -427,12 +422,13 @@ def test_index_builder_executor_refuses_non_finite_records(examples_and_model, t
     assert os.listdir(index.uri) == []
 
 
-def _trainer_properties(trainer, mode: str, dim: int) -> dict:
-    return {trainer.MODE_KEY: mode, trainer.ARCHITECTURE_KEY: "small_cnn", trainer.LOSS_KEY: "arcface",
-            trainer.EMBEDDING_DIM_KEY: dim, trainer.SCALE_KEY: 16.0, trainer.MARGIN_KEY: 0.1,
-            trainer.LAMBDA_ALIGN_KEY: 100.0, trainer.LAMBDA_BOUNDARY_KEY: 1.0, trainer.LAMBDA_COMPAT_KEY: 1.0,
-            trainer.EPOCHS_KEY: 1, trainer.BATCH_SIZE_KEY: 8, trainer.LEARNING_RATE_KEY: 1e-3,
-            trainer.SHIFT_PIXELS_KEY: 0, trainer.SEED_KEY: 0, trainer.VERSION_KEY: "v2", trainer.SPLIT_KEY: "train"}
+def _trainer_properties(trainer, mode: str, dim: int, version: str = "v2") -> dict:
+    """The LceTrainer's execution properties of a tiny run (every training setting, from TrainConfig)."""
+    from lce_tf import train_config
+
+    config = train_config.TrainConfig(architecture="small_cnn", embedding_dim=dim, epochs=1, batch_size=8,
+                                      shift_pixels=0, version=version)
+    return {**train_config.parameter_values(config), trainer.MODE_KEY: mode, trainer.SPLIT_KEY: "train"}
 
 
 @pytest.mark.parametrize("mode, dim, pattern", [

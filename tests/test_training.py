@@ -118,7 +118,9 @@ def test_mixed_bfloat16_trains_the_convolutions_in_bfloat16_and_serves_in_float3
 def test_the_cli_offers_the_library_precisions():
     from lce_tf import cli
 
-    assert cli._PRECISIONS == backbones.PRECISIONS  # pylint: disable=protected-access
+    train = cli.build_parser()._subparsers._group_actions[0].choices["train"]  # pylint: disable=protected-access
+    precision = next(a for a in train._actions if "--precision" in a.option_strings)  # pylint: disable=protected-access
+    assert tuple(precision.choices) == backbones.PRECISIONS
 
 
 @pytest.mark.parametrize("overrides, message", [
