@@ -466,6 +466,33 @@ def test_trainer_executor_checks_the_set_up(examples_and_model, tmp_path, mode, 
     assert not os.path.exists(model.uri)
 
 
+def test_trainer_executor_trains_exports_and_falls_back_on_the_first_run(examples_and_model, tmp_path):
+    """lce without an old model (first run) trains independently; l2 with one records it (lce_tf.training_run)."""
+    from tfx.types import standard_artifacts
+
+    from components.lce_trainer import executor as trainer
+    from lce_tf.serving import load_embedding_model, read_model_metadata
+
+    root, examples = examples_and_model
+    old = standard_artifacts.Model()
+    old.uri = str(root / "model")
+    old_id = load_embedding_model(old.uri).model_id
+    for mode, inputs, effective, compatible_with in (
+            ("lce", {}, "independent", ""),
+            ("l2", {trainer.OLD_MODEL_KEY: [old]}, "l2", old_id)):
+        model = standard_artifacts.Model()
+        model.uri = str(tmp_path / mode)
+        trainer.Executor().Do({trainer.EXAMPLES_KEY: [examples], **inputs}, {trainer.MODEL_KEY: [model]},
+                              _trainer_properties(trainer, mode, 8))
+        metadata = read_model_metadata(os.path.join(model.uri, util.SERVING_MODEL_DIR))
+        assert model.get_string_custom_property(trainer.EFFECTIVE_MODE_PROPERTY) == effective
+        assert model.get_string_custom_property("compatible_with") == compatible_with
+        assert model.get_string_custom_property(trainer.MODEL_ID_PROPERTY) == metadata["model_id"]
+        assert (metadata["training"]["compat"], metadata["training"]["configured_mode"]) == (effective, mode)
+        assert metadata["training"]["architecture"] == "small_cnn" and metadata["version"] == "v2"
+        assert (metadata.get("compatible_with") or {}).get("model_id", "") == compatible_with
+
+
 def test_first_run_marker_and_transformation_dir_of_a_shared_artifact(tmp_path):
     from components import artifacts
 
