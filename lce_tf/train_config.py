@@ -185,7 +185,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """
     types = field_types()
     for f in fields_offered(CLI):
-        kwargs: dict[str, Any] = {"dest": f.name, "type": types[f.name], "default": f.default, "help": f.metadata["help"]}
+        kwargs: dict[str, Any] = {"dest": f.name, "type": types[f.name], "default": f.default,
+                                  "help": f.metadata["help"]}
         if types[f.name] is bool:  # no boolean flag is offered yet; argparse's type=bool would take "False" as True
             raise TypeError(f"TrainConfig.{f.name}: boolean settings have no CLI flag form yet")
         if f.metadata["choices"] is not None:

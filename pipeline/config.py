@@ -312,7 +312,7 @@ class PipelineConfig:
         for name in ("min_top1", "min_map"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}: must be in [0, 1]; received {getattr(self, name)!r}")
-        self.training_settings().validate()  # a setting the checks above do not cover (TrainConfig's one-line message)
+        self.training_settings().validate()  # any setting not checked above, with TrainConfig's one-line message
         _check_boundary(self.boundary)
         _choice("beam_runner", self.beam_runner, BEAM_RUNNERS, "Beam runner")
         if self.beam_runner == "dask":

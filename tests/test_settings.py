@@ -27,9 +27,10 @@ PIPELINE_KEYS = {"mode", "architecture", "embedding_dim", "loss", "scale", "marg
 
 
 def _train_options() -> dict[str, argparse.Action]:
+    # pylint: disable=protected-access
     parser = cli.build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # pylint: disable=protected-access
-    return {a.option_strings[0]: a for a in sub.choices["train"]._actions if a.option_strings}  # pylint: disable=protected-access
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.option_strings[0]: a for a in sub.choices["train"]._actions if a.option_strings}
 
 
 def test_every_field_declares_help_and_where_it_is_offered():
@@ -85,7 +86,8 @@ def test_parameters_round_trip_and_missing_ones_keep_the_defaults():
     assert train_config.from_parameters(values) == config
     values.pop("lambda_instance")  # a pipeline compiled before the setting existed
     values["epochs"] = None
-    assert train_config.from_parameters(values) == dataclasses.replace(config, lambda_instance=TrainConfig().lambda_instance)
+    expected = dataclasses.replace(config, lambda_instance=TrainConfig().lambda_instance)
+    assert train_config.from_parameters(values) == expected
 
 
 def test_validate_returns_the_mode_and_names_the_bad_setting():
