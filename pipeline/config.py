@@ -81,9 +81,8 @@ class PipelineConfig:
 
     Training: the fields of lce_tf.train_config.TrainConfig offered to the pipeline, declared there (with
       their help text and defaults) and added here by `declare_pipeline_fields`, under their LceTrainer
-      parameter keys: architecture, embedding_dim, loss, scale, margin, mode (compat; one of
-      lce_tf.modes.PIPELINE_MODE_NAMES, default lce), lambda_align, lambda_boundary, lambda_compat,
-      lambda_instance, instance_temperature, epochs, batch_size, learning_rate, shift_pixels, seed, version.
+      parameter keys (the field name, e.g. architecture, embedding_dim, lambda_instance, version; `mode` for
+      TrainConfig.compat: one of lce_tf.modes.PIPELINE_MODE_NAMES, default lce here).
       train_independent_reference: also train the independent new* model (same settings, mode
         independent) so the validator reports update gain and new-model sacrifice.
 
