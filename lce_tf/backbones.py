@@ -25,10 +25,9 @@ from typing import Callable, Iterator, Sequence
 
 import tensorflow as tf
 
-BN_MOMENTUM = 0.9
+from lce_tf.catalog import ARCHITECTURES, MAX_POOLING_ARCHITECTURES, PRECISIONS  # noqa: F401  (re-exported)
 
-PRECISIONS: tuple[str, ...] = ("float32", "mixed_bfloat16")
-"""Compute precisions of the convolutional body (`build_backbone(precision=...)`)."""
+BN_MOMENTUM = 0.9
 
 _layers = tf.keras.layers
 
@@ -113,11 +112,8 @@ _ARCHITECTURES: dict[str, Callable[[tf.Tensor, float], tf.Tensor]] = {
     "mobilenet": _mobilenet,
 }
 
-ARCHITECTURES: tuple[str, ...] = tuple(_ARCHITECTURES)
-
-MAX_POOLING_ARCHITECTURES: tuple[str, ...] = ("small_cnn", "cnn")
-"""Architectures with max-pooling layers: XLA has no deterministic max-pool gradient, so they cannot be
-trained with `jit_compile` while op determinism is on (`lce_tf.training.TrainConfig.jit_compile`)."""
+# lce_tf.catalog.ARCHITECTURES names them (the CLI, TrainConfig and the pipeline read it); this dict builds
+# them, key for key (tests/test_training.py).
 
 
 def _synchronized_batch_norm(layer: tf.keras.layers.Layer) -> tf.keras.layers.Layer:

@@ -33,12 +33,9 @@ import time
 from typing import Any, Optional, Sequence
 
 import lce_tf
-from lce_tf import defaults, fileio, modes
+from lce_tf import defaults, fileio
 
 EXIT_BAD_INPUT = 2
-_HEADS = ("normsoftmax", "cosface", "arcface", "triplet")
-_ARCHS = ("small_cnn", "cnn", "resnet", "mobilenet")
-_PRECISIONS = ("float32", "mixed_bfloat16")
 
 
 class UsageError(ValueError):
@@ -77,68 +74,70 @@ def _centers_for_folder(model, folder, boundary: str, batch_size: int = 256):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lce_tf import data, modes, training
+    """`lce-tf train`: the flags adapted to `lce_tf.training_run.run_training`, which does the run."""
+    from lce_tf import train_config, training
+    from lce_tf.training_run import TrainingData, run_training
 
-    config = training.TrainConfig(
-        architecture=args.arch, embedding_dim=args.dim, loss=args.loss, scale=args.scale, margin=args.margin,
-        compat=args.compat, lambda_align=args.lambda_align, lambda_boundary=args.lambda_boundary,
-        lambda_compat=args.lambda_compat, lambda_instance=args.lambda_instance,
-        instance_temperature=args.instance_temperature, epochs=args.epochs, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, shift_pixels=args.shift, seed=args.seed,
-        precision=args.precision, version=args.version or os.path.basename(os.path.normpath(args.out)),
-        **({} if args.steps_per_execution is None else {"steps_per_execution": args.steps_per_execution}))
+    config = train_config.from_cli_args(args, version=args.version or os.path.basename(os.path.normpath(args.out)))
     config.validate()
-    mode = modes.get(config.compat)
     if os.path.exists(args.out) and not args.overwrite:
         raise UsageError(f"Output {args.out} already exists; choose a new --out or pass --overwrite.")
-    if mode.needs_old_centers and not (args.old_centers or args.old_model):
-        raise UsageError(f"--compat {mode} needs --old-centers FILE or --old-model DIR.")
-    if mode.needs_old_embedder and not args.old_model:
-        raise UsageError(f"--compat {mode} needs --old-model DIR.")
-    if mode.needs_new_model and not args.new_model:
-        raise UsageError(f"--compat {mode} needs --new-model DIR (the frozen new model).")
 
-    stage(f"reading training images from {args.data}")
-    folder = _read_folder(args.data, args.classes)
-    input_shape = data.infer_image_shape(folder)
-    stage(f"{len(folder.class_names)} classes, {len(folder.paths)} images, input shape {input_shape}")
+    def read_data() -> TrainingData:
+        from lce_tf import data
 
-    from lce_tf.centers import ClassCenters
-    from lce_tf.serving import load_embedding_model
+        stage(f"reading training images from {args.data}")
+        folder = _read_folder(args.data, args.classes)
+        input_shape = data.infer_image_shape(folder)
+        stage(f"{len(folder.class_names)} classes, {len(folder.paths)} images, input shape {input_shape}")
 
-    old_model = load_embedding_model(args.old_model) if args.old_model else None
-    old_centers = ClassCenters.load(args.old_centers) if mode.needs_old_centers and args.old_centers else None
-    new_model = load_embedding_model(args.new_model) if mode.needs_new_model else None
+        def compute_centers(model):
+            if model is old_model_loaded:
+                stage(f"computing old class centers with {model.model_id} ({args.boundary})")
+            else:
+                stage(f"computing the frozen new model's class centers ({model.model_id})")
+            return _centers_for_folder(model, folder, args.boundary)
 
-    def compute_centers(model):
-        if model is old_model:
-            stage(f"computing old class centers with {model.model_id} ({args.boundary})")
-        else:
-            stage(f"computing the frozen new model's class centers ({model.model_id})")
-        return _centers_for_folder(model, folder, args.boundary)
+        def make_dataset(config):
+            return data.make_image_dataset(folder, input_shape, config.batch_size, shuffle=True, seed=config.seed,
+                                           shift_pixels=config.shift_pixels,
+                                           in_memory=False if args.stream else None), None
 
-    inputs = training.prepare_training(config, class_names=folder.class_names, input_shape=input_shape,
-                                       old_model=old_model, old_centers=old_centers, new_model=new_model,
-                                       compute_centers=compute_centers, dim_name="--dim",
-                                       centers_name=f"Old centers {args.old_centers or ''}".strip())
-    if new_model is not None:
-        config.architecture = new_model.metadata.get("architecture", config.architecture)
+        return TrainingData(folder.class_names, input_shape, make_dataset, compute_centers)
 
-    dataset = data.make_image_dataset(folder, input_shape, config.batch_size, shuffle=True, seed=config.seed,
-                                      shift_pixels=config.shift_pixels, in_memory=False if args.stream else None)
-    stage(f"training {config.architecture} D={config.embedding_dim} loss={config.loss} compat={config.compat} "
-          f"for {config.epochs} epochs")
-    model, history = training.train(config, dataset, num_classes=len(folder.class_names), input_shape=input_shape,
-                                    verbose=args.verbose, **inputs.model_inputs())
-    from lce_tf.export import export_model
+    old_model_loaded = None
 
-    metadata = export_model(
-        model, args.out, architecture=config.architecture, input_shape=input_shape, version=config.version,
-        class_names=folder.class_names, compatible_with=inputs.compatible_with(config),
-        training={**vars(config), "history": {k: [float(x) for x in v] for k, v in history.items()}},
-        overwrite=args.overwrite)
-    final = ", ".join(f"{k}={v[-1]:.4f}" for k, v in history.items())
-    stage(f"exported {metadata['model_id']} to {args.out} ({final})")
+    def load_old_model():
+        nonlocal old_model_loaded
+        from lce_tf.serving import load_embedding_model
+
+        old_model_loaded = load_embedding_model(args.old_model)
+        return old_model_loaded
+
+    def load_new_model():
+        from lce_tf.serving import load_embedding_model
+
+        return load_embedding_model(args.new_model)
+
+    def load_old_centers():
+        from lce_tf.centers import ClassCenters
+
+        return ClassCenters.load(args.old_centers)
+
+    def announce(config, _data) -> None:
+        stage(f"training {config.architecture} D={config.embedding_dim} loss={config.loss} compat={config.compat} "
+              f"for {config.epochs} epochs")
+
+    names = training.InputNames(
+        dim="--dim", centers=f"Old centers {args.old_centers or ''}".strip(),
+        missing_centers="--compat {mode} needs --old-centers FILE or --old-model DIR.",
+        missing_old_model="--compat {mode} needs --old-model DIR.",
+        missing_new_model="--compat {mode} needs --new-model DIR (the frozen new model).")
+    result = run_training(config, read_data, old_model=load_old_model if args.old_model else None,
+                          old_centers=load_old_centers if args.old_centers else None,
+                          new_model=load_new_model if args.new_model else None, names=names, out_dir=args.out,
+                          overwrite=args.overwrite, on_start=announce, verbose=args.verbose)
+    stage(f"exported {result.metadata['model_id']} to {args.out} ({result.final_losses()})")
     return 0
 
 
@@ -635,48 +634,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lce-tf {lce_tf.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    from lce_tf.training import TrainConfig
+    from lce_tf import train_config
 
-    train_defaults = TrainConfig()  # the one copy of the training defaults
     p = sub.add_parser("train", help="train a (compatible) embedding model and export a model directory")
     p.add_argument("--data", required=True, help="training image folder DIR/<class>/<image>")
     p.add_argument("--out", required=True, help="model directory to create")
-    p.add_argument("--arch", default=train_defaults.architecture, choices=_ARCHS)
-    p.add_argument("--dim", type=int, default=train_defaults.embedding_dim, help="embedding size D")
-    p.add_argument("--loss", default=train_defaults.loss, choices=_HEADS)
-    p.add_argument("--scale", type=float, default=train_defaults.scale, help="margin-softmax scale s")
-    p.add_argument("--margin", type=float, default=train_defaults.margin, help="margin-softmax margin m")
     p.add_argument("--classes", help="class subset: 'A:B' indices or percentages of the sorted names "
                    "(e.g. 0:50%%), or a file of names")
-    p.add_argument("--epochs", type=int, default=train_defaults.epochs)
-    p.add_argument("--batch-size", type=int, default=train_defaults.batch_size)
-    p.add_argument("--learning-rate", type=float, default=train_defaults.learning_rate)
-    p.add_argument("--shift", type=int, default=train_defaults.shift_pixels, help="random-shift augmentation in pixels")
     p.add_argument("--stream", action="store_true", help="read and decode the image files every epoch instead "
                    "of decoding them once into memory (the default when they fit in lce_tf.data.IN_MEMORY_MAX_BYTES, "
                    "1 GiB decoded; larger folders stream anyway)")
-    p.add_argument("--precision", default=train_defaults.precision, choices=_PRECISIONS,
-                   help="mixed_bfloat16: convolutions in bfloat16, faster on CPUs with AVX512_BF16/AMX (not "
-                   "bit-identical to float32; the exported model computes in float32)")
-    p.add_argument("--steps-per-execution", type=int, help="train steps per call into the TensorFlow graph "
-                   "(default: lce_tf.training.TrainConfig's; the progress and the NaN check see every N-th step)")
-    p.add_argument("--compat", default=train_defaults.compat, choices=modes.MODE_NAMES)
     p.add_argument("--old-model", help="old model directory (centers are computed from it when "
                    "--old-centers is not given; required by l2 and lce-instance)")
     p.add_argument("--old-centers", help="old class centers .npz (lce-tf centers)")
     p.add_argument("--new-model", help="frozen new model directory (cross-model mode)")
     p.add_argument("--boundary", default=defaults.BOUNDARY_RULE, help="boundary rule when centers are computed "
                    "here: 'min' (reference) or 'percentile:P'")
-    p.add_argument("--lambda-align", type=float, default=train_defaults.lambda_align)
-    p.add_argument("--lambda-boundary", type=float, default=train_defaults.lambda_boundary)
-    p.add_argument("--lambda-compat", type=float, default=train_defaults.lambda_compat,
-                   help="weight of the bct / l2 term")
-    p.add_argument("--lambda-instance", type=float, default=train_defaults.lambda_instance,
-                   help="lce-instance: weight of the per-image InfoNCE term (docs/design.md item 9)")
-    p.add_argument("--instance-temperature", type=float, default=train_defaults.instance_temperature,
-                   help="lce-instance: temperature of the InfoNCE term")
-    p.add_argument("--seed", type=int, default=train_defaults.seed)
-    p.add_argument("--version", dest="version", help="version label (default: the --out folder name)")
+    train_config.add_cli_arguments(p)  # the settings: one flag per lce_tf.train_config.TrainConfig field
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out atomically")
     p.add_argument("--verbose", type=int, default=2, choices=(0, 1, 2), help="Keras fit verbosity")
     p.set_defaults(func=cmd_train)

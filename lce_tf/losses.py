@@ -1086,6 +1086,8 @@ class TransformObjectiveLoss(tf.keras.losses.Loss):
 # Registry of classification heads
 # ----------------------------------------------------------------------------------------------------
 
+# The margin-softmax heads of lce_tf.catalog.HEADS (which also names "triplet", `TripletLoss`, a loss
+# without a classifier); tests/test_training.py checks the two agree.
 HEAD_LOSSES: dict[str, type] = {
     "normsoftmax": NormSoftmaxLoss,
     "cosface": CosFaceLoss,

@@ -1,113 +1,32 @@
-"""One training run, end to end: data + old model/centers -> fitted `CompatibleEmbeddingModel`.
+"""The steps of a training run: what a mode needs, checked (`check_inputs`, `prepare_training`), then the
+`CompatibleEmbeddingModel` built, compiled, fitted and checked (`build_model`, `train`).
 
-The CLI (`lce-tf train`) and the TFX trainer component both call `train` so that there is exactly one
-implementation of how a compatible model is configured, compiled, fitted and checked.
+`lce_tf.training_run.run_training` strings them together for the CLI (`lce-tf train`), the TFX LceTrainer
+and the compatibility benchmark, so there is exactly one implementation of a run. The settings are
+`lce_tf.train_config.TrainConfig` (re-exported here).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 import numpy as np
 
-from lce_tf import checks, defaults, modes
+from lce_tf import checks, modes
 from lce_tf.centers import ClassCenters
+from lce_tf.train_config import TrainConfig  # noqa: F401  (the settings, declared in lce_tf/train_config.py)
 
 logger = logging.getLogger(__name__)
 
-HEADS = ("normsoftmax", "cosface", "arcface", "triplet")
 TRAINING_DATA = "training data"
 """How a non-finite-input error names `train`'s dataset ("training data batch 3 contains ...")."""
 
 
 class TrainingDivergedError(RuntimeError):
     """Raised when a loss became NaN/Inf: the model is not exported."""
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Settings of one training run (defaults are the demo's; see docs/design.md for the loss weights).
-
-    Attributes:
-      architecture: backbone name (lce_tf.backbones.ARCHITECTURES).
-      embedding_dim: D of the new model.
-      loss: classification head, one of HEADS.
-      scale, margin: s and m of the margin-softmax head (reference re-id config: ArcFace s=16, m=0.1).
-      compat: compatibility mode (a name of lce_tf.modes.MODE_NAMES).
-      lambda_align, lambda_boundary, lambda_compat: loss weights (λ_a, λ_b, and the BCT/L2 weight).
-      lambda_instance, instance_temperature: lce-instance's InfoNCE term, weight λ_i and temperature τ
-        (docs/design.md item 9; defaults chosen on held-out training classes, `lce_tf.defaults`).
-      init_from_old_centers: lce mode: the classifier rows start at the old centers.
-      epochs, batch_size, learning_rate: optimisation.
-      shift_pixels: random-translation augmentation in pixels.
-      sync_batch_norm: synchronized BatchNormalization (global-batch statistics under a multi-replica
-        strategy; `lce_tf.backbones.build_backbone`).
-      seed: seeds Python, NumPy and TensorFlow, with op determinism on.
-      version: version label written into the model metadata.
-      steps_per_execution: train steps run per call into the TensorFlow graph (Keras
-        `compile(steps_per_execution=...)`): callbacks, the progress bar and the NaN check see every
-        N-th step; the steps and the results are the same. `train` runs one step per call when the
-        dataset's size is unknown (Keras needs it to run several) and no steps_per_epoch is given.
-      precision: "float32", or "mixed_bfloat16": the backbone's convolutions compute in bfloat16
-        (float32 variables, head and losses); faster only on CPUs with bfloat16 instructions (AVX512_BF16,
-        AMX) through oneDNN, and not bit-identical to float32 (`lce_tf.backbones.build_backbone`). The
-        trained model computes in float32 afterwards (export, embedding).
-      jit_compile: compile the train step with XLA. Off: on CPU, XLA's convolutions are several times
-        slower than oneDNN's, and with op determinism on, models with max-pooling (small_cnn, cnn) fail
-        (XLA has no deterministic max-pool gradient); benchmarks/results/train_speed.md.
-    """
-
-    architecture: str = "cnn"
-    embedding_dim: int = defaults.EMBEDDING_DIM
-    loss: str = "arcface"
-    scale: float = 16.0
-    margin: float = 0.1
-    compat: str = modes.INDEPENDENT.name
-    lambda_align: float = defaults.LAMBDA_ALIGN
-    lambda_boundary: float = defaults.LAMBDA_BOUNDARY
-    lambda_compat: float = 1.0
-    lambda_instance: float = defaults.LAMBDA_INSTANCE
-    instance_temperature: float = defaults.INSTANCE_TEMPERATURE
-    init_from_old_centers: bool = True
-    epochs: int = 5
-    batch_size: int = 128
-    learning_rate: float = 1e-3
-    shift_pixels: int = 2
-    sync_batch_norm: bool = False
-    seed: int = 0
-    version: str = "v1"
-    steps_per_execution: int = 8
-    precision: str = "float32"
-    jit_compile: bool = False
-
-    def validate(self) -> None:
-        from lce_tf.backbones import ARCHITECTURES, MAX_POOLING_ARCHITECTURES, PRECISIONS
-
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"Unknown architecture {self.architecture!r}; expected one of {', '.join(ARCHITECTURES)}.")
-        if self.loss not in HEADS:
-            raise ValueError(f"Unknown loss {self.loss!r}; expected one of {', '.join(HEADS)}.")
-        mode = modes.get(self.compat)
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"Unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}.")
-        if self.jit_compile and self.architecture in MAX_POOLING_ARCHITECTURES and mode.trains_backbone:
-            raise ValueError(f"jit_compile=True cannot train {self.architecture}: XLA has no deterministic max-pool "
-                             "gradient and training runs with op determinism on; use jit_compile=False (on CPU it "
-                             "is also the faster choice) or a backbone without max-pooling (resnet, mobilenet).")
-        for name in ("embedding_dim", "epochs", "batch_size", "steps_per_execution"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"Expected a positive {name}; received {getattr(self, name)}.")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ValueError(f"Expected a positive learning_rate; received {self.learning_rate}.")
-        if not (self.instance_temperature > 0 and math.isfinite(self.instance_temperature)):
-            raise ValueError(f"Expected a positive instance_temperature; received {self.instance_temperature}.")
-        for name in ("lambda_align", "lambda_boundary", "lambda_compat", "lambda_instance"):
-            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
-                raise ValueError(f"Expected a finite, non-negative {name}; received {getattr(self, name)}.")
 
 
 def classification_loss(config: TrainConfig):
@@ -182,20 +101,71 @@ class TrainingInputs:
         return compatibility_record(config, self.old_model_id, self.old_dim)
 
 
+@dataclasses.dataclass(frozen=True)
+class InputNames:
+    """How a caller names its inputs in the one-line errors of `check_inputs` and `prepare_training`.
+
+    The message templates are formatted with `mode=` the mode's name.
+
+    Attributes:
+      dim: the new embedding's dimension (e.g. "--dim", "parameter embedding_dim").
+      centers: the old centers (e.g. "Old centers v1_centers.npz", "input 'class_centers'").
+      missing_centers, missing_old_model, missing_new_model: the errors of a mode whose old centers (and
+        old model to compute them), old model or frozen new model is missing.
+    """
+
+    dim: str = "embedding_dim"
+    centers: str = "Old centers"
+    missing_centers: str = "mode {mode!r} needs the old model's class centers (or the old model to compute them)"
+    missing_old_model: str = "mode {mode!r} needs the old model"
+    missing_new_model: str = "mode {mode!r} needs the frozen new model"
+
+
+def check_inputs(config: TrainConfig, *, old_centers: bool, old_model: bool, new_model: bool,
+                 can_compute_centers: bool, names: InputNames = InputNames()) -> modes.Mode:
+    """The one set of mode checks: the settings are valid and the mode has what it needs.
+
+    Run before anything is read or loaded (`lce_tf.training_run.run_training` calls it first), so a
+    missing input fails at once.
+
+    Args:
+      config: the run's settings (validated here).
+      old_centers, old_model, new_model: whether the caller has the old centers, the old model and the
+        frozen new model.
+      can_compute_centers: the caller can compute centers with a model over the training data.
+      names: how the errors name the caller's inputs.
+
+    Returns:
+      The mode (`config.mode`), to pass along.
+
+    Raises:
+      ValueError: bad settings, or a missing input (one line, in the caller's names).
+    """
+    mode = config.validate()
+    if mode.needs_old_centers and not old_centers and not (old_model and can_compute_centers):
+        raise ValueError(names.missing_centers.format(mode=mode.name))
+    if mode.needs_old_embedder and not old_model:
+        raise ValueError(names.missing_old_model.format(mode=mode.name))
+    if mode.needs_new_model and not (new_model and can_compute_centers):
+        raise ValueError(names.missing_new_model.format(mode=mode.name))
+    return mode
+
+
 def prepare_training(config: TrainConfig, *, class_names: Sequence[str], input_shape: Sequence[int],
                      old_model: Optional[EmbeddingModelLike] = None, old_centers: Optional[ClassCenters] = None,
                      new_model: Optional[EmbeddingModelLike] = None,
                      compute_centers: Optional[Callable[[EmbeddingModelLike], ClassCenters]] = None,
-                     dim_name: str = "embedding_dim", centers_name: str = "Old centers") -> TrainingInputs:
+                     names: InputNames = InputNames()) -> TrainingInputs:
     """Decides and checks what the configured mode needs: the one set-up of every training run.
 
-    The CLI (`lce-tf train`), the LceTrainer executor and the compatibility benchmark all call it, then
-    build their input pipeline, then `train(config, dataset, ..., **inputs.model_inputs())` builds the
-    `CompatibleEmbeddingModel` (seeded there, after the input pipeline, whose shuffle seeds combine with
-    TensorFlow's global seed). What a mode needs is read from its `lce_tf.modes.Mode` declaration.
+    `lce_tf.training_run.run_training` (the CLI, the LceTrainer executor and the compatibility benchmark)
+    calls it after loading the inputs, then builds the input pipeline, then `train(config, dataset, ...,
+    **inputs.model_inputs())` builds the `CompatibleEmbeddingModel` (seeded there, after the input
+    pipeline, whose shuffle seeds combine with TensorFlow's global seed). What a mode needs is read from
+    its `lce_tf.modes.Mode` declaration (`config.mode`).
 
     Args:
-      config: the run's settings (validated here).
+      config: the run's settings (validated here, with `check_inputs`).
       class_names: the training classes, in label order (the centers are reordered to them).
       input_shape: (H, W, C) of the training images.
       old_model: the old model (model_id, embedding_dim, input_shape, keras_embedder()).
@@ -204,8 +174,7 @@ def prepare_training(config: TrainConfig, *, class_names: Sequence[str], input_s
       new_model: the frozen new model (cross-model).
       compute_centers: model -> its class centers over the training data (needed when centers are not
         given).
-      dim_name, centers_name: how the caller names the new embedding's dimension and the old centers in
-        errors (e.g. "--dim", "Old centers v1_centers.npz").
+      names: how the caller names its inputs in errors (e.g. "--dim", "Old centers v1_centers.npz").
 
     Returns:
       The `TrainingInputs`.
@@ -214,15 +183,10 @@ def prepare_training(config: TrainConfig, *, class_names: Sequence[str], input_s
       ValueError: a missing input, centers computed with another model than the old model, a dimension
         that a direct mode cannot compare, an old model (l2, lce-instance) that takes other images; one line each.
     """
-    config.validate()
-    mode = modes.get(config.compat)
-    can_compute = compute_centers is not None
-    if mode.needs_old_centers and old_centers is None and (old_model is None or not can_compute):
-        raise ValueError(f"mode {mode.name!r} needs the old model's class centers (or the old model to compute them)")
-    if mode.needs_old_embedder and old_model is None:
-        raise ValueError(f"mode {mode.name!r} needs the old model")
-    if mode.needs_new_model and (new_model is None or not can_compute):
-        raise ValueError(f"mode {mode.name!r} needs the frozen new model")
+    mode = check_inputs(config, old_centers=old_centers is not None, old_model=old_model is not None,
+                        new_model=new_model is not None, can_compute_centers=compute_centers is not None,
+                        names=names)
+    dim_name, centers_name = names.dim, names.centers
     if mode.needs_old_embedder:  # checked before any centers are computed with the old model
         if mode.direct and old_model.embedding_dim != config.embedding_dim:
             raise ValueError(f"the old model {old_model.model_id} has dimension {old_model.embedding_dim} but the new "
@@ -276,13 +240,13 @@ def build_model(config: TrainConfig, *, num_classes: int, input_shape: Sequence[
 
     from lce_tf.model import CompatibilityConfig, CompatibleEmbeddingModel, build_compatible_model
 
-    config.validate()
+    mode = config.validate()
     if config.precision == "mixed_bfloat16" and bfloat16_is_fast() is False:
         logger.warning("precision mixed_bfloat16: this CPU has no bfloat16 instructions (AVX512_BF16 or AMX) that "
                        "oneDNN can use, so bfloat16 convolutions will be slower than float32")
     seed_everything(config.seed)
     compat = CompatibilityConfig(
-        mode=config.compat,
+        mode=mode.name,
         old_centers=None if old_centers is None else old_centers.centers,
         old_boundary_cos=None if old_centers is None else old_centers.boundary_cos,
         lambda_align=config.lambda_align, lambda_boundary=config.lambda_boundary,
@@ -290,7 +254,6 @@ def build_model(config: TrainConfig, *, num_classes: int, input_shape: Sequence[
         instance_temperature=config.instance_temperature, init_from_old_centers=config.init_from_old_centers,
         new_centers=None if new_centers is None else new_centers.centers)
     head_classes = None if config.loss == "triplet" else num_classes
-    mode = modes.get(config.compat)
     if mode.needs_new_model and new_backbone is None:
         raise ValueError(f"Mode {mode.name!r} needs the frozen new model (--new-model).")
     with (strategy or tf.distribute.get_strategy()).scope():
@@ -399,7 +362,7 @@ def compatibility_record(config: TrainConfig, old_model_id: Optional[str], old_d
     The old model's space is named by its model id: centers and embeddings of a model's own `embed`
     signature live in that space.
     """
-    mode = modes.get(config.compat)
+    mode = config.mode
     if not mode.compatible_with_old or not old_model_id:
         return None
     return {

@@ -22,18 +22,17 @@ import re
 import typing
 from typing import Any, Mapping, Optional, Sequence
 
-from lce_tf import defaults, fileio, modes
+from lce_tf import catalog, defaults, fileio, modes, train_config
 from lce_tf.beam.options import BEAM_RUNNERS, check_dask_address
 from lce_tf.gate import COMPATIBILITY_ROUTES
 from lce_tf.index import registry as index_registry
 from lce_tf.transform_fit import DIRECTIONS as TRANSFORM_DIRECTIONS, TransformFitSettings
 
-# The modes the LceTrainer trains, from lce_tf.modes (pure Python, like this module).
+# The modes the LceTrainer trains, from lce_tf.modes; the architectures and heads from lce_tf.catalog (pure
+# Python, like this module: validating a configuration does not import TensorFlow).
 MODES = modes.PIPELINE_MODE_NAMES
-# Mirrors of the library's choices (checked against lce_tf in tests; kept here so that validating a
-# configuration does not import TensorFlow).
-ARCHITECTURES = ("small_cnn", "cnn", "resnet", "mobilenet")
-LOSSES = ("normsoftmax", "cosface", "arcface", "triplet")
+ARCHITECTURES = catalog.ARCHITECTURES
+LOSSES = catalog.HEADS
 INDEX_ALGORITHMS = ("", "brute_force", "ah", "tree_ah")
 INDEX_BACKENDS = index_registry.backend_names()  # the backends lce_tf.index registers
 MILVUS_INDEX_TYPES = ("", "FLAT", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "HNSW", "DISKANN", "SCANN", "AUTOINDEX")
@@ -76,10 +75,10 @@ class PipelineConfig:
         blessed on its own accuracy); "none" = start a new lineage (mode must be "independent"); or a
         model directory to import.
 
-    Training (lce_tf.training.TrainConfig):
-      mode: one of lce_tf.modes.PIPELINE_MODE_NAMES (independent, lce, lce-instance, lce-transform, bct, l2).
-      version, architecture, embedding_dim, loss, scale, margin, lambda_align, lambda_boundary,
-      lambda_compat, lambda_instance, instance_temperature, epochs, batch_size, learning_rate, shift_pixels, seed.
+    Training: the fields of lce_tf.train_config.TrainConfig offered to the pipeline, declared there (with
+      their help text and defaults) and added here by `declare_pipeline_fields`, under their LceTrainer
+      parameter keys (the field name, e.g. architecture, embedding_dim, lambda_instance, version; `mode` for
+      TrainConfig.compat: one of lce_tf.modes.PIPELINE_MODE_NAMES, default lce here).
       train_independent_reference: also train the independent new* model (same settings, mode
         independent) so the validator reports update gain and new-model sacrifice.
 
@@ -124,23 +123,7 @@ class PipelineConfig:
 
     old_model: str = OLD_MODEL_LATEST
 
-    mode: str = modes.LCE.name
-    version: str = "v1"
-    architecture: str = "cnn"
-    embedding_dim: int = defaults.EMBEDDING_DIM
-    loss: str = "arcface"
-    scale: float = 16.0
-    margin: float = 0.1
-    lambda_align: float = defaults.LAMBDA_ALIGN
-    lambda_boundary: float = defaults.LAMBDA_BOUNDARY
-    lambda_compat: float = 1.0
-    lambda_instance: float = defaults.LAMBDA_INSTANCE
-    instance_temperature: float = defaults.INSTANCE_TEMPERATURE
-    epochs: int = 5
-    batch_size: int = 128
-    learning_rate: float = 1e-3
-    shift_pixels: int = 2
-    seed: int = 0
+    train_config.declare_pipeline_fields(locals(), {"mode": modes.LCE.name})  # the training settings
     train_independent_reference: bool = False
 
     boundary: str = defaults.BOUNDARY_RULE
@@ -244,8 +227,17 @@ class PipelineConfig:
             beam_pipeline_args=list(self.beam_pipeline_args))
 
     @property
+    def compat_mode(self) -> modes.Mode:
+        """The mode's declaration (`lce_tf.modes.Mode`) of the `mode` field."""
+        return modes.get(self.mode)
+
+    def training_settings(self) -> "train_config.TrainConfig":
+        """The LceTrainer's settings as a TrainConfig (not validated)."""
+        return train_config.from_parameters(self.to_dict())
+
+    @property
     def needs_centers(self) -> bool:
-        return modes.get(self.mode).needs_old_centers
+        return self.compat_mode.needs_old_centers
 
     @property
     def uses_old_model(self) -> bool:
@@ -315,6 +307,7 @@ class PipelineConfig:
         for name in ("min_top1", "min_map"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}: must be in [0, 1]; received {getattr(self, name)!r}")
+        self.training_settings().validate()  # any setting not checked above, with TrainConfig's one-line message
         _check_boundary(self.boundary)
         _choice("beam_runner", self.beam_runner, BEAM_RUNNERS, "Beam runner")
         if self.beam_runner == "dask":
@@ -346,7 +339,8 @@ class PipelineConfig:
                 _check_folder(name, getattr(self, name))
 
         # Old model.
-        if self.old_model == OLD_MODEL_NONE and modes.get(self.mode).compatible_with_old:
+        mode = self.compat_mode
+        if self.old_model == OLD_MODEL_NONE and mode.compatible_with_old:
             raise ValueError(f"old_model: mode {self.mode!r} needs an old model but old_model is 'none'; set "
                              f"old_model to 'latest' (resolved from the metadata store) or a model directory, "
                              f"or use mode 'independent'")
@@ -355,7 +349,7 @@ class PipelineConfig:
         if self.old_model not in (OLD_MODEL_LATEST, OLD_MODEL_NONE) and check_paths and not _is_uri(self.old_model):
             metadata = _read_model_metadata("old_model", self.old_model)
             old_dim = int(metadata["embedding_dim"])
-            if modes.get(self.mode).direct and old_dim != self.embedding_dim:
+            if mode.direct and old_dim != self.embedding_dim:
                 raise ValueError(f"embedding_dim: mode {self.mode!r} needs the old model's dimension {old_dim} "
                                  f"({self.old_model}); received {self.embedding_dim} (use mode 'lce-transform')")
         return self

@@ -102,15 +102,13 @@ def _old_model_nodes(config: PipelineConfig, strategy: str = "pushed") -> tuple[
 
 
 def _trainer(config: PipelineConfig, examples, centers, old_model, *, mode: str, version: str):
+    """An LceTrainer with the config's training settings (every `lce_tf.train_config.parameter_types()` key)."""
     from components.lce_trainer.component import LceTrainer
+    from lce_tf import train_config
 
-    return LceTrainer(
-        examples=examples, class_centers=centers, old_model=old_model, mode=mode, architecture=config.architecture,
-        embedding_dim=config.embedding_dim, loss=config.loss, scale=config.scale, margin=config.margin,
-        lambda_align=config.lambda_align, lambda_boundary=config.lambda_boundary,
-        lambda_compat=config.lambda_compat, lambda_instance=config.lambda_instance,
-        instance_temperature=config.instance_temperature, epochs=config.epochs, batch_size=config.batch_size,
-        learning_rate=config.learning_rate, shift_pixels=config.shift_pixels, seed=config.seed, version=version)
+    settings = {key: getattr(config, key) for key in train_config.parameter_types()}
+    settings.update(mode=mode, version=version)
+    return LceTrainer(examples=examples, class_centers=centers, old_model=old_model, **settings)
 
 
 def create_components(config: PipelineConfig, *, old_model_strategy: str = "pushed") -> list:
@@ -150,7 +148,7 @@ def create_components(config: PipelineConfig, *, old_model_strategy: str = "push
             extractor = extractor.with_beam_pipeline_args(dask_beam_args(config.beam_dask_address))
         nodes.append(extractor)
         centers = extractor.outputs["class_centers"]
-    trainer_old_model = old_model if modes.get(config.mode).compatible_with_old else None
+    trainer_old_model = old_model if config.compat_mode.compatible_with_old else None
     trainer = _trainer(config, examples, centers, trainer_old_model, mode=config.mode,
                        version=config.version).with_id(TRAINER_ID)
     nodes.append(trainer)

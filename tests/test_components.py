@@ -319,12 +319,7 @@ def test_trainer_executor_refuses_non_finite_records(examples_and_model, tmp_pat
     _nan_tfrecord_reader(monkeypatch)
     model = standard_artifacts.Model()
     model.uri = str(tmp_path / "model")
-    properties = {trainer.MODE_KEY: "independent", trainer.ARCHITECTURE_KEY: "small_cnn", trainer.LOSS_KEY: "arcface",
-                  trainer.EMBEDDING_DIM_KEY: 8, trainer.SCALE_KEY: 16.0, trainer.MARGIN_KEY: 0.1,
-                  trainer.LAMBDA_ALIGN_KEY: 100.0, trainer.LAMBDA_BOUNDARY_KEY: 1.0, trainer.LAMBDA_COMPAT_KEY: 1.0,
-                  trainer.EPOCHS_KEY: 1, trainer.BATCH_SIZE_KEY: 8, trainer.LEARNING_RATE_KEY: 1e-3,
-                  trainer.SHIFT_PIXELS_KEY: 0, trainer.SEED_KEY: 0, trainer.VERSION_KEY: "v1",
-                  trainer.SPLIT_KEY: "train"}
+    properties = _trainer_properties(trainer, "independent", 8, version="v1")
     # 8 images of 16 x 16 x 1 per batch, all NaN.
     with pytest.raises(ValueError, match=r"^training data batch 0 contains 2048 non-finite values \(NaN/Inf\), "
                                          r"first at row 0$"):
@@ -352,12 +347,13 @@ def test_index_builder_executor_refuses_non_finite_records(examples_and_model, t
     assert os.listdir(index.uri) == []
 
 
-def _trainer_properties(trainer, mode: str, dim: int) -> dict:
-    return {trainer.MODE_KEY: mode, trainer.ARCHITECTURE_KEY: "small_cnn", trainer.LOSS_KEY: "arcface",
-            trainer.EMBEDDING_DIM_KEY: dim, trainer.SCALE_KEY: 16.0, trainer.MARGIN_KEY: 0.1,
-            trainer.LAMBDA_ALIGN_KEY: 100.0, trainer.LAMBDA_BOUNDARY_KEY: 1.0, trainer.LAMBDA_COMPAT_KEY: 1.0,
-            trainer.EPOCHS_KEY: 1, trainer.BATCH_SIZE_KEY: 8, trainer.LEARNING_RATE_KEY: 1e-3,
-            trainer.SHIFT_PIXELS_KEY: 0, trainer.SEED_KEY: 0, trainer.VERSION_KEY: "v2", trainer.SPLIT_KEY: "train"}
+def _trainer_properties(trainer, mode: str, dim: int, version: str = "v2") -> dict:
+    """The LceTrainer's execution properties of a tiny run (every training setting, from TrainConfig)."""
+    from lce_tf import train_config
+
+    config = train_config.TrainConfig(architecture="small_cnn", embedding_dim=dim, epochs=1, batch_size=8,
+                                      shift_pixels=0, version=version)
+    return {**train_config.parameter_values(config), trainer.MODE_KEY: mode, trainer.SPLIT_KEY: "train"}
 
 
 @pytest.mark.parametrize("mode, dim, pattern", [
@@ -393,6 +389,33 @@ def test_trainer_executor_checks_the_set_up(examples_and_model, tmp_path, mode, 
                                trainer.OLD_MODEL_KEY: [old]}, {trainer.MODEL_KEY: [model]},
                               _trainer_properties(trainer, mode, dim))
     assert not os.path.exists(model.uri)
+
+
+def test_trainer_executor_trains_exports_and_falls_back_on_the_first_run(examples_and_model, tmp_path):
+    """lce without an old model (first run) trains independently; l2 with one records it (lce_tf.training_run)."""
+    from tfx.types import standard_artifacts
+
+    from components.lce_trainer import executor as trainer
+    from lce_tf.serving import load_embedding_model, read_model_metadata
+
+    root, examples = examples_and_model
+    old = standard_artifacts.Model()
+    old.uri = str(root / "model")
+    old_id = load_embedding_model(old.uri).model_id
+    for mode, inputs, effective, compatible_with in (
+            ("lce", {}, "independent", ""),
+            ("l2", {trainer.OLD_MODEL_KEY: [old]}, "l2", old_id)):
+        model = standard_artifacts.Model()
+        model.uri = str(tmp_path / mode)
+        trainer.Executor().Do({trainer.EXAMPLES_KEY: [examples], **inputs}, {trainer.MODEL_KEY: [model]},
+                              _trainer_properties(trainer, mode, 8))
+        metadata = read_model_metadata(os.path.join(model.uri, util.SERVING_MODEL_DIR))
+        assert model.get_string_custom_property(trainer.EFFECTIVE_MODE_PROPERTY) == effective
+        assert model.get_string_custom_property("compatible_with") == compatible_with
+        assert model.get_string_custom_property(trainer.MODEL_ID_PROPERTY) == metadata["model_id"]
+        assert (metadata["training"]["compat"], metadata["training"]["configured_mode"]) == (effective, mode)
+        assert metadata["training"]["architecture"] == "small_cnn" and metadata["version"] == "v2"
+        assert (metadata.get("compatible_with") or {}).get("model_id", "") == compatible_with
 
 
 def test_first_run_marker_and_transformation_dir_of_a_shared_artifact(tmp_path):

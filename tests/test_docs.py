@@ -623,9 +623,9 @@ def test_one_embedding_size_default():
 
     dim = _options(leaf_commands()[("train",)])["--dim"].default
     assert dim == training.TrainConfig().embedding_dim == PipelineConfig().embedding_dim == defaults.EMBEDDING_DIM
-    with open(os.path.join(REPO, "components", "lce_trainer", "component.py"), encoding="utf-8") as f:
-        source = f.read()
-    assert "embedding_dim: int = defaults.EMBEDDING_DIM" in source
+    from lce_tf import train_config
+
+    assert train_config.parameter_defaults()["embedding_dim"] == defaults.EMBEDDING_DIM  # the LceTrainer's default
 
 
 # --------------------------------------------------------------------------------------------------

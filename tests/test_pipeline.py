@@ -116,7 +116,7 @@ def test_config_file_overrides_and_unknown_fields(tmp_path):
 
 
 def test_config_choices_mirror_the_library():
-    from lce_tf import backbones, model, training
+    from lce_tf import backbones, catalog, model
     from lce_tf.index import milvus_index, registry
     from components.index_builder import executor as index_executor
     from components.lce_trainer import executor
@@ -127,7 +127,7 @@ def test_config_choices_mirror_the_library():
     assert set(config.MILVUS_INDEX_TYPES) - {""} == set(milvus_index.SERVER_INDEX_TYPES)
     assert set(config.MILVUS_LITE_INDEX_TYPES) - {""} == set(milvus_index.LITE_INDEX_TYPES)
     assert set(config.ARCHITECTURES) == set(backbones.ARCHITECTURES)
-    assert set(config.LOSSES) == set(training.HEADS)
+    assert set(config.LOSSES) == set(catalog.HEADS)
     from components.compatibility_validator import executor as validator
 
     assert config.COMPATIBILITY_ROUTES == validator.COMPATIBILITY_ROUTES

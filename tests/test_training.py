@@ -118,7 +118,9 @@ def test_mixed_bfloat16_trains_the_convolutions_in_bfloat16_and_serves_in_float3
 def test_the_cli_offers_the_library_precisions():
     from lce_tf import cli
 
-    assert cli._PRECISIONS == backbones.PRECISIONS  # pylint: disable=protected-access
+    train = cli.build_parser()._subparsers._group_actions[0].choices["train"]  # pylint: disable=protected-access
+    precision = next(a for a in train._actions if "--precision" in a.option_strings)  # pylint: disable=protected-access
+    assert tuple(precision.choices) == backbones.PRECISIONS
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -128,3 +130,14 @@ def test_the_cli_offers_the_library_precisions():
 def test_speed_options_are_validated(overrides, message):
     with pytest.raises(ValueError, match=message):
         training.TrainConfig(**overrides).validate()
+
+
+def test_the_catalog_names_what_the_library_builds():
+    """lce_tf.catalog lists the heads and backbones once; the modules that build them build exactly those."""
+    from lce_tf import catalog, losses
+
+    assert tuple(backbones._ARCHITECTURES) == catalog.ARCHITECTURES  # pylint: disable=protected-access
+    assert set(catalog.MAX_POOLING_ARCHITECTURES) <= set(catalog.ARCHITECTURES)
+    assert set(losses.HEAD_LOSSES) | {"triplet"} == set(catalog.HEADS)
+    built = {head: type(training.classification_loss(training.TrainConfig(loss=head))) for head in catalog.HEADS}
+    assert built == {**losses.HEAD_LOSSES, "triplet": losses.TripletLoss}

@@ -1,5 +1,5 @@
-"""The model zoo: every distinct `Spec` trained once on a Split (set up by `lce_tf.training.prepare_training`),
-its embeddings, class centers and fitted T12s cached.
+"""The model zoo: every distinct `Spec` trained once on a Split (by `lce_tf.training_run.run_training`, not
+exported), its embeddings, class centers and fitted T12s cached.
 
 Part of scripts/bench_compat.py (`make bench`); see its docstring for the scenarios and outputs.
 """
@@ -111,6 +111,7 @@ class ModelZoo:
         if spec in self.models:
             return self.models[spec]
         from lce_tf import training
+        from lce_tf.training_run import TrainingData, run_training
 
         for dependency in (spec.parent, spec.partner):
             if dependency is not None:
@@ -124,21 +125,30 @@ class ModelZoo:
             instance_temperature=spec.instance_temperature, epochs=spec.epochs, batch_size=self.profile.batch_size,
             learning_rate=spec.learning_rate,
             seed=self.seed, version=label)
-        inputs = training.prepare_training(
-            config, class_names=folder.class_names, input_shape=self.split.input_shape,
-            old_model=self._as_old_model(spec.parent), new_model=self._as_old_model(spec.partner),
-            compute_centers=lambda trained: self.centers(trained.spec, spec.classes, spec.boundary))
-        # Seed BEFORE building the input pipeline: its shuffle/shift seeds combine with the global seed
-        # state, so a dataset built after other models were trained would see another order, and a model
-        # would depend on what was trained before it in this process (measured).
-        training.seed_everything(self.seed)
-        dataset, steps = self._dataset(folder, spec)
-        _log(f"training {label}: {spec.describe()} on {folder.num_classes} classes / {len(folder)} images")
-        start = time.perf_counter()
-        model, history = training.train(config, dataset, num_classes=folder.num_classes,
-                                        input_shape=self.split.input_shape, steps_per_epoch=steps,
-                                        verbose=self.verbose, callbacks=self.callbacks, **inputs.model_inputs())
-        seconds = time.perf_counter() - start
+
+        def make_dataset(_config):
+            # Seed BEFORE building the input pipeline: its shuffle/shift seeds combine with the global seed
+            # state, so a dataset built after other models were trained would see another order, and a model
+            # would depend on what was trained before it in this process (measured).
+            training.seed_everything(self.seed)
+            return self._dataset(folder, spec)
+
+        started: list[float] = []
+
+        def announce(_config, _data) -> None:  # the fit starts: the time excludes the set-up, as before
+            _log(f"training {label}: {spec.describe()} on {folder.num_classes} classes / {len(folder)} images")
+            started.append(time.perf_counter())
+
+        training_data = TrainingData(folder.class_names, self.split.input_shape, make_dataset,
+                                     compute_centers=lambda trained: self.centers(trained.spec, spec.classes,
+                                                                                  spec.boundary))
+        parent, partner = self._as_old_model(spec.parent), self._as_old_model(spec.partner)
+        result = run_training(config, lambda: training_data,
+                              old_model=None if parent is None else lambda: parent,
+                              new_model=None if partner is None else lambda: partner,
+                              on_start=announce, verbose=self.verbose, callbacks=self.callbacks)
+        model, history, inputs = result.model, result.history, result.inputs
+        seconds = time.perf_counter() - started[0]
         self.models[spec] = model
         final = {k: round(float(v[-1]), 4) for k, v in history.items()}
         self.records[spec] = {"name": label, "seed": self.seed, "spec": spec.describe(),
