@@ -205,7 +205,7 @@ def _centers_with_beam(args: argparse.Namespace, folder, model):
 
 
 def cmd_centers(args: argparse.Namespace) -> int:
-    from lce_tf.centers import parse_boundary_rule
+    from lce_tf.center_accumulators import parse_boundary_rule
     from lce_tf.serving import load_embedding_model
 
     parse_boundary_rule(args.boundary)

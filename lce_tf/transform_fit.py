@@ -251,7 +251,7 @@ class PairStore:
         """The new model's class centers ĉ_j = normalize(Σ_{y_i = j} f̂new_i) [C, D_new] (float32, rows in
         `class_ids` order), accumulated block by block: the same bits as
         `lce_tf.transform_losses.transform_class_centers` on all the pairs at once (exact fixed-point sums)."""
-        from lce_tf.centers import CenterSumAccumulator
+        from lce_tf.center_accumulators import CenterSumAccumulator
 
         sums = [CenterSumAccumulator() for _ in self.class_counts]
         for _, new, index in self.blocks(None, labels=True):
