@@ -349,10 +349,10 @@ def _split_classes(total: int, test_fraction: float) -> tuple[int, int]:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from lce_tf import glyphs
+    from lce_tf import glyphs, synthetic
 
     train, test = _split_classes(args.classes, args.test_fraction)
-    builder = glyphs.build_glyph_dataset if args.kind == "glyphs" else glyphs.build_synthetic_dataset
+    builder = glyphs.build_glyph_dataset if args.kind == "glyphs" else synthetic.build_synthetic_dataset
     stage(f"building the {args.kind} dataset in {args.out}: {train} training and {test} test classes")
     summary = builder(args.out, num_train_classes=train, num_test_classes=test, size=args.size, seed=args.seed,
                       overwrite=args.overwrite, progress=stage)

@@ -127,7 +127,7 @@ def _log(message: str) -> None:
 
 def ensure_dataset(data_dir: Optional[str], work: str, profile: Profile) -> str:
     """--data as given, else the profile's dataset generated once into the work directory."""
-    from lce_tf import glyphs
+    from lce_tf import glyphs, synthetic
 
     if data_dir:
         for split in ("train", "query", "gallery"):
@@ -147,10 +147,10 @@ def ensure_dataset(data_dir: Optional[str], work: str, profile: Profile) -> str:
                                    num_test_classes=profile.test_classes, size=profile.size, seed=0,
                                    progress=None, overwrite=True)
     else:
-        glyphs.build_synthetic_dataset(out, num_train_classes=profile.train_classes,
-                                       num_test_classes=profile.test_classes, images_per_class=8,
-                                       num_query_per_class=2, size=profile.size, seed=0, progress=None,
-                                       overwrite=True)
+        synthetic.build_synthetic_dataset(out, num_train_classes=profile.train_classes,
+                                          num_test_classes=profile.test_classes, images_per_class=8,
+                                          num_query_per_class=2, size=profile.size, seed=0, progress=None,
+                                          overwrite=True)
     return out
 
 

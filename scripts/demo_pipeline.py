@@ -45,7 +45,7 @@ def say(message: str) -> None:
 
 
 def prepare_data(out: str, kind: str, classes: int, test_fraction: float, size: int, seed: int) -> str:
-    from lce_tf import glyphs
+    from lce_tf import glyphs, synthetic
 
     if kind == "auto":
         kind = "glyphs" if len(glyphs.discover_cjk_fonts()) >= 3 else "synthetic"
@@ -63,7 +63,7 @@ def prepare_data(out: str, kind: str, classes: int, test_fraction: float, size: 
                 "test": have["num_classes"]["query"]} == wanted:
             say(f"reusing the {kind} dataset in {out}")
             return kind
-    builder = glyphs.build_glyph_dataset if kind == "glyphs" else glyphs.build_synthetic_dataset
+    builder = glyphs.build_glyph_dataset if kind == "glyphs" else synthetic.build_synthetic_dataset
     say(f"building the {kind} dataset in {out}: {classes - test} training and {test} test classes")
     builder(out, num_train_classes=classes - test, num_test_classes=test, size=size, seed=seed, overwrite=True,
             progress=say)

@@ -299,7 +299,7 @@ def examples_and_model(tmp_path_factory):
 
     from components.image_example_gen.executor import Executor
     from lce_tf import cli
-    from lce_tf.glyphs import build_synthetic_dataset
+    from lce_tf.synthetic import build_synthetic_dataset
 
     root = tmp_path_factory.mktemp("components")
     build_synthetic_dataset(str(root / "data"), num_train_classes=6, num_test_classes=3, images_per_class=5,

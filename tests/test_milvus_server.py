@@ -107,7 +107,7 @@ def models(tmp_path_factory):
 
     from lce_tf.data import load_images, read_image_folder
     from lce_tf.export import export_model
-    from lce_tf.glyphs import build_synthetic_dataset
+    from lce_tf.synthetic import build_synthetic_dataset
     from lce_tf.model import build_compatible_model
     from lce_tf.serving import load_embedding_model
 

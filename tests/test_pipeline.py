@@ -38,7 +38,7 @@ from pipeline.config import MODES, PipelineConfig
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from lce_tf.glyphs import build_synthetic_dataset
+    from lce_tf.synthetic import build_synthetic_dataset
 
     root = tmp_path_factory.mktemp("pipeline_data")
     build_synthetic_dataset(str(root / "data"), num_train_classes=120, num_test_classes=16, images_per_class=6,
@@ -194,7 +194,7 @@ FLOORS = dict(min_top1=0.2)
 
 @pytest.fixture(scope="module")
 def e2e_data(tmp_path_factory):
-    from lce_tf.glyphs import build_synthetic_dataset
+    from lce_tf.synthetic import build_synthetic_dataset
 
     root = tmp_path_factory.mktemp("pipeline_e2e_data")
     build_synthetic_dataset(str(root / "data"), num_train_classes=1200, num_test_classes=100, images_per_class=3,

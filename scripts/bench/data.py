@@ -42,7 +42,7 @@ def ensure_dataset(data_dir: Optional[str], work: str, profile: Profile, seed: i
     Falls back to the synthetic stroke dataset (and says so) when fewer than three CJK fonts are
     installed (scripts/install_fonts.sh installs them).
     """
-    from lce_tf import glyphs
+    from lce_tf import glyphs, synthetic
 
     if data_dir:
         for split in ("train", "query", "gallery"):
@@ -67,10 +67,10 @@ def ensure_dataset(data_dir: Optional[str], work: str, profile: Profile, seed: i
     else:
         _log("fewer than 3 CJK fonts installed (run scripts/install_fonts.sh): using the synthetic stroke "
              "dataset instead of glyphs")
-        summary = glyphs.build_synthetic_dataset(out, num_train_classes=profile.train_classes,
-                                                 num_test_classes=profile.test_classes, images_per_class=12,
-                                                 num_query_per_class=3, size=profile.size, seed=seed,
-                                                 progress=None)
+        summary = synthetic.build_synthetic_dataset(out, num_train_classes=profile.train_classes,
+                                                    num_test_classes=profile.test_classes, images_per_class=12,
+                                                    num_query_per_class=3, size=profile.size, seed=seed,
+                                                    progress=None)
     return out, summary
 
 
