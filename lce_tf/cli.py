@@ -77,7 +77,7 @@ def _centers_for_folder(model, folder, boundary: str, batch_size: int = 256):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lce_tf import data, modes, training
+    from lce_tf import data, datasets, modes, training
 
     config = training.TrainConfig(
         architecture=args.arch, embedding_dim=args.dim, loss=args.loss, scale=args.scale, margin=args.margin,
@@ -124,8 +124,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if new_model is not None:
         config.architecture = new_model.metadata.get("architecture", config.architecture)
 
-    dataset = data.make_image_dataset(folder, input_shape, config.batch_size, shuffle=True, seed=config.seed,
-                                      shift_pixels=config.shift_pixels, in_memory=False if args.stream else None)
+    dataset = datasets.make_image_dataset(folder, input_shape, config.batch_size, shuffle=True, seed=config.seed,
+                                          shift_pixels=config.shift_pixels, in_memory=False if args.stream else None)
     stage(f"training {config.architecture} D={config.embedding_dim} loss={config.loss} compat={config.compat} "
           f"for {config.epochs} epochs")
     model, history = training.train(config, dataset, num_classes=len(folder.class_names), input_shape=input_shape,
@@ -174,7 +174,7 @@ def _centers_with_beam(args: argparse.Namespace, folder, model):
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from components.class_center_extractor import centers_beam
-    from lce_tf import data
+    from lce_tf import tfrecords
     from lce_tf.centers import ClassCenters
     from lce_tf.serving import read_model_metadata
     from pipeline import config as pipeline_config
@@ -192,8 +192,8 @@ def _centers_with_beam(args: argparse.Namespace, folder, model):
     parent = os.path.abspath(args.beam_temp or os.path.dirname(os.path.abspath(args.out)))
     work = os.path.join(parent, f".lce-tf-centers-{uuid.uuid4().hex[:12]}")
     try:
-        data.write_tfrecords(folder, os.path.join(work, "records", "data"),
-                             num_shards=min(len(folder.paths), 2 * workers))
+        tfrecords.write_tfrecords(folder, os.path.join(work, "records", "data"),
+                                  num_shards=min(len(folder.paths), 2 * workers))
         result = os.path.join(work, "class_centers.npz")
         with beam.Pipeline(options=PipelineOptions(beam_args)) as pipeline:
             centers_beam.extract_class_centers(

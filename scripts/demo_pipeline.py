@@ -109,7 +109,8 @@ def search_v2_against_index(index_dir: str, what: str, model_dir: str, query_dir
             f"{topk:.3f} over {len(queries)} queries")
         return
     # The index command is not available (or refused): the same search with lce_tf.index directly.
-    from lce_tf.data import load_images, read_image_folder
+    from lce_tf.data import read_image_folder
+    from lce_tf.datasets import load_images
     from lce_tf.index.operations import check_query_compatibility
     from lce_tf.index.scann_index import EmbeddingIndex
     from lce_tf.serving import load_embedding_model

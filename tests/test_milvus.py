@@ -522,7 +522,8 @@ def _results(path):
 
 @pytest.mark.e2e
 def test_cli_build_and_search_match_a_numpy_reference(ws, capsys, tmp_path):
-    from lce_tf.data import load_images, read_image_folder
+    from lce_tf.data import read_image_folder
+    from lce_tf.datasets import load_images
     from lce_tf.serving import load_embedding_model
 
     meta = json.loads((ws / "idx/index.json").read_text())
@@ -570,7 +571,7 @@ def test_cli_guard_and_bad_input_are_one_line(ws, capsys, tmp_path):
 
 @pytest.mark.e2e
 def test_cli_backfill_upserts_with_per_entry_versions(ws, capsys, tmp_path):
-    from lce_tf.data import load_images
+    from lce_tf.datasets import load_images
     from lce_tf.serving import load_embedding_model
 
     shutil.copytree(ws / "idx", tmp_path / "idx")

@@ -105,7 +105,8 @@ def models(tmp_path_factory):
     images embedded by v1."""
     import tensorflow as tf
 
-    from lce_tf.data import load_images, read_image_folder
+    from lce_tf.data import read_image_folder
+    from lce_tf.datasets import load_images
     from lce_tf.export import export_model
     from lce_tf.synthetic import build_synthetic_dataset
     from lce_tf.model import build_compatible_model
@@ -368,7 +369,7 @@ def test_version_guard_and_per_entry_versions_from_the_server(ws, milvus_server,
         picked = sorted(on_server)
         assert index.version_of(picked) == [on_server[i] for i in picked]
     # the backfilled vectors are v1b's embeddings of those images
-    from lce_tf.data import load_images
+    from lce_tf.datasets import load_images
     from lce_tf.serving import load_embedding_model
 
     done = sorted(i for i, v in on_server.items() if v == v1b["model_id"])

@@ -166,7 +166,7 @@ def test_built_index_holds_the_gallery_in_the_model_space(ws, models):
     assert len(index) == 24 and index.embedding_space == v1.metadata["embedding_space"] and index.dim == 8
     assert index.version_counts() == {v1.model_id: 24} and index.config.algorithm == "brute_force"
     assert all(v.split("/")[0].startswith("class_") for v in index.ids)
-    from lce_tf.data import load_images
+    from lce_tf.datasets import load_images
 
     reference = v1.embed(load_images(_gallery_paths(ws, index), SHAPE))
     np.testing.assert_allclose(index.embeddings, _unit(reference), atol=1e-5)
@@ -185,7 +185,7 @@ def test_search_table_and_json_match_a_numpy_reference(ws, models, capsys, tmp_p
     assert len(result["queries"]) == 8
     index = retrieval.EmbeddingIndex.load(str(ws / "idx"))
     paths = [q["query"] for q in result["queries"]]
-    from lce_tf.data import load_images
+    from lce_tf.datasets import load_images
 
     q = _unit(models["v1"].embed(load_images(paths, SHAPE)))
     expected = np.sort(q @ index.embeddings.T.astype(np.float64), axis=1)[:, ::-1][:, :5]
@@ -204,7 +204,7 @@ def test_transform_model_queries_go_through_embed_compat(ws, models, capsys, tmp
     assert code == 0
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["signature"] == "embed_compat" and result["query_model"] == models["v2t"].model_id
-    from lce_tf.data import load_images
+    from lce_tf.datasets import load_images
 
     q = _unit(models["v2t"].embed(load_images([str(p) for p in first], SHAPE), signature="embed_compat"))
     index = retrieval.EmbeddingIndex.load(str(ws / "idx"))
@@ -292,7 +292,7 @@ def test_empty_or_missing_folders(ws, capsys, tmp_path):
 # ---------------------------------------------------------------------------------------------------
 
 def test_backfill_cli_reembeds_then_t12_upgrade(ws, models, capsys, tmp_path):
-    from lce_tf.data import load_images
+    from lce_tf.datasets import load_images
 
     shutil.copytree(ws / "idx", tmp_path / "idx")
     v1, v2t = models["v1"], models["v2t"]

@@ -377,7 +377,7 @@ class EmbedExamplesFn(beam.DoFn):
     def setup(self):
         import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-        from lce_tf.data import parse_example_fn  # pylint: disable=import-outside-toplevel
+        from lce_tf.tfrecords import parse_example_fn  # pylint: disable=import-outside-toplevel
         from lce_tf.serving import load_embedding_model  # pylint: disable=import-outside-toplevel
 
         self._model = load_embedding_model(self._model_dir)

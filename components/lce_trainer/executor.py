@@ -82,7 +82,7 @@ class Executor(base_executor.BaseExecutor):
     """
 
     def Do(self, input_dict: dict[str, list], output_dict: dict[str, list], exec_properties: dict[str, Any]) -> None:
-        from lce_tf import data, training
+        from lce_tf import tfrecords, training
         from lce_tf.centers import ClassCenters
         from lce_tf.serving import load_embedding_model
 
@@ -119,9 +119,9 @@ class Executor(base_executor.BaseExecutor):
                                            dim_name=f"parameter {EMBEDDING_DIM_KEY}",
                                            centers_name=f"input {CLASS_CENTERS_KEY!r}")
 
-        dataset = data.make_tfrecord_dataset(util.split_pattern(examples_dir, split), input_shape,
-                                             config.batch_size, shuffle=True, seed=config.seed,
-                                             shift_pixels=config.shift_pixels)
+        dataset = tfrecords.make_tfrecord_dataset(util.split_pattern(examples_dir, split), input_shape,
+                                                  config.batch_size, shuffle=True, seed=config.seed,
+                                                  shift_pixels=config.shift_pixels)
         _LOG.info("LceTrainer: %s %s D=%d mode=%s on %d images of %d classes for %d epochs", config.version,
                   config.architecture, config.embedding_dim, effective, entry["num_examples"], len(class_names),
                   config.epochs)

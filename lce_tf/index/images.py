@@ -34,7 +34,8 @@ import numpy as np
 
 from lce_tf.index import operations, registry
 from lce_tf.index.base import IncompatibleModelError, Index
-from lce_tf.data import IMAGE_EXTENSIONS, DataError, load_images, read_image_folder
+from lce_tf.data import IMAGE_EXTENSIONS, DataError, read_image_folder
+from lce_tf.datasets import load_images
 
 Progress = Optional[Callable[[str], None]]
 
@@ -115,7 +116,7 @@ def embed_paths(model, paths: Sequence[str], signature: str = "embed", batch_siz
 
     Args:
       model: an `lce_tf.serving.EmbeddingModel`.
-      paths: N image files (decoded as `lce_tf.data.load_images` does, resized to the model's input).
+      paths: N image files (decoded as `lce_tf.datasets.load_images` does, resized to the model's input).
       signature: "embed", "embed_compat", ...
       batch_size: images per model call.
 

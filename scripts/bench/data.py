@@ -82,7 +82,7 @@ def _image_shape(folder) -> tuple:
 
 def load_split(data_dir: str, summary: dict) -> Split:
     """The dataset's train / query / gallery folders, loaded into memory."""
-    from lce_tf import data
+    from lce_tf import data, datasets
 
     train = data.read_image_folder(os.path.join(data_dir, "train"))
     query = data.read_image_folder(os.path.join(data_dir, "query"))
@@ -99,8 +99,8 @@ def load_split(data_dir: str, summary: dict) -> Split:
     if "fonts_kept" in summary:
         description["font_designs"] = len(summary["fonts_kept"])
         description["query_fonts"] = summary.get("query_fonts")
-    return Split(train, query, gallery, shape, data.load_images(train.paths, shape),
-                 data.load_images(query.paths, shape), data.load_images(gallery.paths, shape),
+    return Split(train, query, gallery, shape, datasets.load_images(train.paths, shape),
+                 datasets.load_images(query.paths, shape), datasets.load_images(gallery.paths, shape),
                  np.asarray(query.class_names)[query.labels], np.asarray(gallery.class_names)[gallery.labels],
                  description)
 
