@@ -133,7 +133,7 @@ def settings_for(method: str, n: int) -> list[dict]:
     if method == "faiss-hnsw":
         return [{"efSearch": ef} for ef in (10, 16, 24, 32, 48, 64, 96, 128, 192, 256)]
     if method == "milvus-lite":
-        from lce_tf.index.milvus_index import MilvusConfig  # pylint: disable=import-outside-toplevel
+        from lce_tf.index.milvus_config import MilvusConfig  # pylint: disable=import-outside-toplevel
 
         config = MilvusConfig.for_size(n, 128)  # nlist and nprobe depend on n only
         nlist, default = config.index_params["nlist"], config.search_params["nprobe"]
@@ -350,7 +350,8 @@ class _MilvusLite:
     def __init__(self, base, threads, workdir):
         import psutil  # pylint: disable=import-outside-toplevel
 
-        from lce_tf.index.milvus_index import MilvusConfig, MilvusIndex  # pylint: disable=import-outside-toplevel
+        from lce_tf.index.milvus_config import MilvusConfig  # pylint: disable=import-outside-toplevel
+        from lce_tf.index.milvus_index import MilvusIndex  # pylint: disable=import-outside-toplevel
 
         config = MilvusConfig.for_size(base.shape[0], base.shape[1], num_neighbors=K)
         monitor = _ServerMonitor()
@@ -461,7 +462,8 @@ class _MilvusServer:
     --milvus-uri URI --config index_type=HNSW` builds it."""
 
     def __init__(self, base, threads, workdir, server: MilvusServerProcess, before: dict):
-        from lce_tf.index.milvus_index import MilvusConfig, MilvusIndex  # pylint: disable=import-outside-toplevel
+        from lce_tf.index.milvus_config import MilvusConfig  # pylint: disable=import-outside-toplevel
+        from lce_tf.index.milvus_index import MilvusIndex  # pylint: disable=import-outside-toplevel
 
         self.server = server
         config = MilvusConfig.for_size(base.shape[0], base.shape[1], num_neighbors=K, index_type="HNSW",
@@ -475,11 +477,11 @@ class _MilvusServer:
 
     def _describe(self) -> dict:
         """Server version and the sealed segments serving the collection (what a search fans out over)."""
-        from lce_tf.index import milvus_index  # pylint: disable=import-outside-toplevel
+        from lce_tf.index import milvus_client  # pylint: disable=import-outside-toplevel
 
-        out = {"package": "milvus " + (milvus_index._version("milvus") or "?")}  # pylint: disable=protected-access
+        out = {"package": "milvus " + (milvus_client.package_version("milvus") or "?")}
         try:
-            pm = milvus_index._pymilvus()  # pylint: disable=protected-access
+            pm = milvus_client.import_pymilvus()
             client = self.index._client  # pylint: disable=protected-access
             out["server_version"] = client.get_server_version()
             using = client._using  # pylint: disable=protected-access
@@ -558,15 +560,15 @@ def run_child(workdir: str, method: str, threads: int, min_time: float) -> None:
 
         _scann_pybind()  # import ScaNN (and TensorFlow) before the memory baseline
     if method == "milvus-lite":
-        from lce_tf.index import milvus_index  # pylint: disable=import-outside-toplevel
+        from lce_tf.index import milvus_client  # pylint: disable=import-outside-toplevel
 
-        milvus_index._pymilvus()  # pylint: disable=protected-access  (import pymilvus before the baseline)
+        milvus_client.import_pymilvus()  # (import pymilvus before the baseline)
         import milvus_lite  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     server = None
     if method == "milvus-server":
-        from lce_tf.index import milvus_index  # pylint: disable=import-outside-toplevel
+        from lce_tf.index import milvus_client  # pylint: disable=import-outside-toplevel
 
-        milvus_index._pymilvus()  # pylint: disable=protected-access
+        milvus_client.import_pymilvus()
         server = MilvusServerProcess(os.path.join(workdir, "milvus-server"))  # started before the baseline
     import psutil  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
 

@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 
 from lce_tf import cli, fileio
-from lce_tf.index import images as search, milvus_index as M, operations as ops, registry, store
+from lce_tf.index import images as search, milvus_client, milvus_config, operations as ops, registry, store
 from lce_tf.index.scann_index import EmbeddingIndex
 from lce_tf.index.base import IncompatibleModelError
-from lce_tf.index.milvus_index import MilvusConfig, MilvusIndex
+from lce_tf.index.milvus_config import MilvusConfig
+from lce_tf.index.milvus_index import MilvusIndex
 
 from cli_helpers import assert_bad_input, run_cli
 
@@ -94,7 +95,7 @@ def test_import_and_help_need_no_pymilvus():
 def test_missing_pymilvus_gets_an_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "pymilvus", None)
     with pytest.raises(ImportError, match=r"pip install 'lce-tf\[milvus\]'"):
-        M._pymilvus()
+        milvus_client.import_pymilvus()
 
 
 def test_config_defaults_and_overrides():
@@ -126,8 +127,8 @@ def test_config_defaults_and_overrides():
      r"Milvus index type HNSW needs a Milvus server \(pass a server URI\); Milvus Lite accepts only FLAT, IVF_FLAT, "
      r"AUTOINDEX"),
     (lambda: MilvusConfig.for_size(100, 8).search_params_for(5, {"ef": 3}), r"IVF_FLAT has no search parameter"),
-    (lambda: M.check_server_uri("ftp://host:19530"), r"is not a server address"),
-    (lambda: M.check_server_uri("http://root:Milvus@host:19530"), r"holds credentials; pass the token in the "
+    (lambda: milvus_config.check_server_uri("ftp://host:19530"), r"is not a server address"),
+    (lambda: milvus_config.check_server_uri("http://root:Milvus@host:19530"), r"holds credentials; pass the token in the "
                                                                    r"environment variable LCE_TF_MILVUS_TOKEN"),
 ])
 def test_config_and_uri_rejections(call, message):
@@ -325,7 +326,7 @@ def test_fault_before_the_switch_leaves_the_old_collection_served(small, monkeyp
         def fail(*_args, **_kwargs):
             raise _Fault("injected before the switch")
 
-        monkeypatch.setattr(M, "_switch", fail)
+        monkeypatch.setattr(milvus_client, "switch", fail)
         transform = _t12
     else:
         calls = []
@@ -350,18 +351,18 @@ def test_fault_before_the_switch_leaves_the_old_collection_served(small, monkeyp
 def test_switch_happens_only_once_the_new_collection_is_complete(small, monkeypatch):
     _build(small, "complete").close()
     seen = []
-    real_switch = M._switch
+    real_switch = milvus_client.switch
 
     def checked_switch(root, metadata, staging):
-        client = M._connect(os.path.realpath(os.path.join(staging or root, M.LITE_DB_FILE)), None, "test")
+        client = milvus_client.connect(os.path.realpath(os.path.join(staging or root, milvus_client.LITE_DB_FILE)), None, "test")
         try:
-            seen.append((M._count(client, metadata["milvus"]["collection"]), metadata["count"]))
+            seen.append((milvus_client.count_entities(client, metadata["milvus"]["collection"]), metadata["count"]))
             assert json.loads((small["root"] / "complete" / "index.json").read_text())["embedding_space"] == "space-v1"
         finally:
-            M._disconnect(client, os.path.realpath(os.path.join(staging or root, M.LITE_DB_FILE)))
+            milvus_client.disconnect(client, os.path.realpath(os.path.join(staging or root, milvus_client.LITE_DB_FILE)))
         return real_switch(root, metadata, staging)
 
-    monkeypatch.setattr(M, "_switch", checked_switch)
+    monkeypatch.setattr(milvus_client, "switch", checked_switch)
     with registry.open_index(str(small["root"] / "complete")) as index:
         new = index.transform(_t12, "space-v2", transformed_by="t12", index_dir=str(small["root"] / "complete"),
                               batch_size=70)
@@ -374,7 +375,7 @@ def test_staged_build_failure_leaves_nothing(small, monkeypatch):
     def fail(*_args, **_kwargs):
         raise _Fault("injected before the commit")
 
-    monkeypatch.setattr(M, "_switch", fail)
+    monkeypatch.setattr(milvus_client, "switch", fail)
     with pytest.raises(_Fault):
         _build(small, "never")
     assert not (small["root"] / "never").exists()
@@ -384,7 +385,7 @@ def test_staged_build_failure_leaves_nothing(small, monkeypatch):
 def test_interrupted_write_leaves_an_orphan_that_the_next_write_drops(small, caplog):
     index = _build(small, "orphans", config=MilvusConfig(index_type="FLAT"))
     lineage = index.metadata["milvus"]["lineage"]
-    M._create_collection(index._client, f"lce_{lineage}_deadbeef", DIM, MilvusConfig(index_type="FLAT").resolved(1, DIM))
+    milvus_client.create_collection(index._client, f"lce_{lineage}_deadbeef", DIM, MilvusConfig(index_type="FLAT").resolved(1, DIM))
     caplog.set_level(logging.WARNING, logger="lce_tf.index.milvus_index")
     new = index.transform(_t12, "space-v2", transformed_by="t12", index_dir=str(small["root"] / "orphans"))
     assert new._client.list_collections() == [new.collection]

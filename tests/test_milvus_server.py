@@ -23,7 +23,8 @@ import pytest
 
 from lce_tf import cli, fileio
 from lce_tf.index import images as search, registry
-from lce_tf.index.milvus_index import TOKEN_ENV, MilvusConfig, MilvusIndex
+from lce_tf.index.milvus_config import TOKEN_ENV, MilvusConfig
+from lce_tf.index.milvus_index import MilvusIndex
 
 from cli_helpers import assert_bad_input, run_cli
 

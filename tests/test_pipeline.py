@@ -117,15 +117,15 @@ def test_config_file_overrides_and_unknown_fields(tmp_path):
 
 def test_config_choices_mirror_the_library():
     from lce_tf import backbones, model, training
-    from lce_tf.index import milvus_index, registry
+    from lce_tf.index import milvus_config, registry
     from components.index_builder import executor as index_executor
     from components.lce_trainer import executor
     from pipeline import config
 
     assert set(config.MODES) == set(model.MODES) - {"cross-model"} == set(executor.MODES)
     assert set(config.INDEX_BACKENDS) == set(registry.BACKENDS) == set(index_executor.BACKENDS)
-    assert set(config.MILVUS_INDEX_TYPES) - {""} == set(milvus_index.SERVER_INDEX_TYPES)
-    assert set(config.MILVUS_LITE_INDEX_TYPES) - {""} == set(milvus_index.LITE_INDEX_TYPES)
+    assert set(config.MILVUS_INDEX_TYPES) - {""} == set(milvus_config.SERVER_INDEX_TYPES)
+    assert set(config.MILVUS_LITE_INDEX_TYPES) - {""} == set(milvus_config.LITE_INDEX_TYPES)
     assert set(config.ARCHITECTURES) == set(backbones.ARCHITECTURES)
     assert set(config.LOSSES) == set(training.HEADS)
     from components.compatibility_validator import executor as validator

@@ -141,7 +141,7 @@ def config_for(backend: str, n: int, dim: int, overrides: Optional[Mapping[str, 
 
     Args:
       backend: a registered backend name ("scann": `scann_index.IndexConfig`; "milvus":
-        `milvus_index.MilvusConfig`).
+        `milvus_config.MilvusConfig`).
       overrides: `--config` fields (ScaNN: IndexConfig fields; Milvus: index_type, num_neighbors,
         insert_batch_size and the index type's build/search parameters).
       like: an existing index's configuration whose num_neighbors (ScaNN: threads and mutability;
