@@ -250,7 +250,8 @@ class _LibraryExact:
 
 class _Scann:
     def __init__(self, base, threads, mutable=True):
-        from lce_tf.index.scann_index import EmbeddingIndex, IndexConfig  # pylint: disable=import-outside-toplevel
+        from lce_tf.index.scann_config import IndexConfig  # pylint: disable=import-outside-toplevel
+        from lce_tf.index.scann_index import EmbeddingIndex  # pylint: disable=import-outside-toplevel
 
         config = IndexConfig.for_size(base.shape[0], base.shape[1], algorithm="tree_ah", num_neighbors=K,
                                       training_threads=threads, num_threads=threads, mutable=mutable)

@@ -15,6 +15,7 @@ import pytest
 
 from lce_tf import cli
 from lce_tf.index import images as search, scann_index as retrieval
+from lce_tf.index.scann_config import IndexConfig
 from lce_tf.index.base import IncompatibleModelError
 
 from cli_helpers import assert_bad_input, run_cli
@@ -116,7 +117,7 @@ def _old_index_and_new_queries(noise):
     queries = centers[query_labels] + noise * rng.normal(size=(120, 16))
     ids = [f"c{label:02d}/{i:04d}.png" for i, label in enumerate(gallery_labels)]
     index = retrieval.EmbeddingIndex.build(ids, gallery, "v1", embedding_space="v1",
-                                           config=retrieval.IndexConfig(algorithm="tree_ah"))
+                                           config=IndexConfig(algorithm="tree_ah"))
     return index, queries, [f"c{v:02d}" for v in query_labels]
 
 

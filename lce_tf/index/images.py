@@ -140,7 +140,7 @@ def config_for(backend: str, n: int, dim: int, overrides: Optional[Mapping[str, 
     (`Index.config_for` of the backend's class).
 
     Args:
-      backend: a registered backend name ("scann": `scann_index.IndexConfig`; "milvus":
+      backend: a registered backend name ("scann": `scann_config.IndexConfig`; "milvus":
         `milvus_config.MilvusConfig`).
       overrides: `--config` fields (ScaNN: IndexConfig fields; Milvus: index_type, num_neighbors,
         insert_batch_size and the index type's build/search parameters).
