@@ -109,7 +109,7 @@ class _LabelDictCombineFn(beam.CombineFn):
 class CenterSumsCombineFn(_LabelDictCombineFn):
     """Pass 1 over batches: (embeddings [n, D], labels [n]) -> {label: CenterSumAccumulator}.
 
-    `lce_tf.centers.center_sums_by_label` does the per-batch work (vectorized); merging adds the
+    `lce_tf.center_accumulators.center_sums_by_label` does the per-batch work (vectorized); merging adds the
     per-label accumulators.
     """
 
