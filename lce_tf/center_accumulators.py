@@ -127,6 +127,7 @@ def l2_normalize(x: np.ndarray, axis: int = -1, epsilon: float = 1e-12) -> np.nd
 
 
 def check_embeddings(x, name: str) -> np.ndarray:
+    """`x` as a finite numeric [N, D] array (D > 0), or ValueError naming `name`."""
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array [N, D]; received shape {x.shape}")
@@ -138,6 +139,7 @@ def check_embeddings(x, name: str) -> np.ndarray:
 
 
 def check_labels(labels, n: int, num_classes: int, name: str = "labels") -> np.ndarray:
+    """int64 labels [n] in [0, num_classes), or ValueError naming `name`."""
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.shape[0] != n:
         raise ValueError(f"{name} must have shape [{n}] to match the embeddings; received {labels.shape}")
@@ -151,6 +153,7 @@ def check_labels(labels, n: int, num_classes: int, name: str = "labels") -> np.n
 
 
 def check_class_names(class_names, field: str = "class_names") -> list[str]:
+    """A non-empty list of unique strings without NUL, or ValueError naming `field`."""
     if isinstance(class_names, str):
         raise ValueError(f"{field} must be a sequence of strings, not one string; received {class_names!r}")
     names = list(class_names)

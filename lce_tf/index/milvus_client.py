@@ -62,18 +62,18 @@ def import_pymilvus():
         for name in ("pymilvus", "pymilvus.milvus_client", "pymilvus.bulk_writer"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     iterator_log = logging.getLogger("pymilvus.orm.iterator")
-    if no_mvcc_notice not in iterator_log.filters:
-        iterator_log.addFilter(no_mvcc_notice)
+    if _no_mvcc_notice not in iterator_log.filters:
+        iterator_log.addFilter(_no_mvcc_notice)
     return pymilvus
 
 
-def no_mvcc_notice(record: logging.LogRecord) -> bool:
+def _no_mvcc_notice(record: logging.LogRecord) -> bool:
     """Drops pymilvus' warning that Milvus Lite gives its query iterator no MVCC timestamp (the client
     then uses its own, which is what a single-process database needs): one line per iter_batches."""
     return "mvccTs" not in record.getMessage()
 
 
-def first_line(error: BaseException) -> str:
+def _first_line(error: BaseException) -> str:
     details = getattr(error, "details", None)
     if callable(details):  # a gRPC error, whose str() starts "<_InactiveRpcError of RPC that terminated with:"
         try:
@@ -86,7 +86,7 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0]
 
 
-def is_client_error(error: BaseException) -> bool:
+def _is_client_error(error: BaseException) -> bool:
     return type(error).__module__.split(".")[0] in ("pymilvus", "grpc")
 
 
@@ -96,13 +96,13 @@ def milvus_call(what: str) -> Iterator[None]:
     try:
         yield
     except Exception as e:  # pylint: disable=broad-except
-        if is_client_error(e):
-            raise ValueError(f"{what}: {first_line(e)}") from None
+        if _is_client_error(e):
+            raise ValueError(f"{what}: {_first_line(e)}") from None
         raise
 
 
 @contextlib.contextmanager
-def quiet_lite_logs() -> Iterator[None]:
+def _quiet_lite_logs() -> Iterator[None]:
     """milvus-lite logs its start-up failures on the root logger; the error raised here says it once."""
     def drop(record: logging.LogRecord) -> bool:
         return "milvus_lite" not in record.pathname
@@ -122,7 +122,7 @@ def quiet_lite_logs() -> Iterator[None]:
 _lite_users: dict[str, int] = {}  # open clients per Milvus Lite database path in this process
 
 
-def refuse_if_open_elsewhere(path: str, where: str) -> None:
+def _refuse_if_open_elsewhere(path: str, where: str) -> None:
     """Raises ValueError when another process holds the Milvus Lite lock of the database `path`.
 
     Checked BEFORE milvus-lite tries: its failed start (milvus-lite 2.5.1) unlinks the lock file that
@@ -155,22 +155,22 @@ def connect(lite_path: Optional[str], uri: Optional[str], where: str):
     pm = import_pymilvus()
     alias = f"lce_tf-{uuid.uuid4().hex}"
     if lite_path is not None:
-        refuse_if_open_elsewhere(lite_path, where)
+        _refuse_if_open_elsewhere(lite_path, where)
         try:
-            with quiet_lite_logs():
+            with _quiet_lite_logs():
                 client = pm.MilvusClient(lite_path, alias=alias)
         except Exception as e:  # pylint: disable=broad-except  (ConnectionConfigException, gRPC errors)
-            if not is_client_error(e):
+            if not _is_client_error(e):
                 raise
-            raise ValueError(f"{where}: Milvus Lite could not open {lite_path}: {first_line(e)}") from None
+            raise ValueError(f"{where}: Milvus Lite could not open {lite_path}: {_first_line(e)}") from None
         _lite_users[lite_path] = _lite_users.get(lite_path, 0) + 1
         return client
     try:
         return pm.MilvusClient(uri=uri, token=os.environ.get(TOKEN_ENV, ""), alias=alias)
     except Exception as e:  # pylint: disable=broad-except
-        if not is_client_error(e):
+        if not _is_client_error(e):
             raise
-        raise ConnectionError(f"{where}: cannot connect to the Milvus server {uri}: {first_line(e)}") from None
+        raise ConnectionError(f"{where}: cannot connect to the Milvus server {uri}: {_first_line(e)}") from None
 
 
 def disconnect(client, lite_path: Optional[str]) -> None:
@@ -188,11 +188,12 @@ def disconnect(client, lite_path: Optional[str]) -> None:
     _lite_users.pop(lite_path, None)
     from milvus_lite.server_manager import server_manager_instance  # pylint: disable=import-outside-toplevel
 
-    with quiet_lite_logs():
+    with _quiet_lite_logs():
         server_manager_instance.release_server(lite_path)
 
 
 def location_text(lite_path: Optional[str], uri: Optional[str]) -> str:
+    """How messages name where the collection lives: the Milvus Lite database or the server."""
     return f"Milvus Lite database {lite_path}" if lite_path else f"Milvus server {uri}"
 
 
@@ -201,10 +202,12 @@ def location_text(lite_path: Optional[str], uri: Optional[str]) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 def new_collection_name(lineage: str) -> str:
+    """A fresh collection name of this lineage: "lce_<lineage>_<random>"."""
     return f"lce_{lineage}_{uuid.uuid4().hex[:8]}"
 
 
 def schema_record(dim: int) -> dict[str, str]:
+    """The collection schema as index.json records it: {field name: type}."""
     return {ID_FIELD: f"VARCHAR({MAX_BYTES[ID_FIELD]}) primary key", VECTOR_FIELD: f"FLOAT_VECTOR({dim})",
             VERSION_FIELD: f"VARCHAR({MAX_BYTES[VERSION_FIELD]})",
             PROVENANCE_FIELD: f"VARCHAR({MAX_BYTES[PROVENANCE_FIELD]})",
@@ -213,6 +216,7 @@ def schema_record(dim: int) -> dict[str, str]:
 
 
 def create_collection(client, name: str, dim: int, config: MilvusConfig) -> None:
+    """Creates collection `name` with the lce_tf schema (dimension `dim`) and `config`'s index."""
     pm = import_pymilvus()
     schema = pm.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False,
                                            description="lce_tf index entries")
@@ -230,6 +234,7 @@ def create_collection(client, name: str, dim: int, config: MilvusConfig) -> None
 
 
 def check_lengths(batch: EntryBatch) -> None:
+    """ValueError when a string (or an original vector) of `batch` exceeds its VARCHAR length in the schema."""
     for field, values in ((ID_FIELD, batch.ids), (VERSION_FIELD, batch.versions),
                           (PROVENANCE_FIELD, batch.provenance), (SOURCE_FIELD, batch.sources or [])):
         for v in values:
@@ -242,12 +247,13 @@ def check_lengths(batch: EntryBatch) -> None:
                              f"{ORIGINAL_FIELD} field ({MAX_BYTES[ORIGINAL_FIELD]} bytes of base64)")
 
 
-def encode_original(vector: Optional[np.ndarray]) -> str:
+def _encode_original(vector: Optional[np.ndarray]) -> str:
     """An original vector as the `original` field stores it: float32 little-endian bytes in base64 ("" = none)."""
     return "" if vector is None else base64.b64encode(np.asarray(vector, "<f4").tobytes()).decode("ascii")
 
 
 def decode_original(text: str) -> Optional[np.ndarray]:
+    """Inverse of the `original` field's encoding: float32 [d], or None for "" (a native entry)."""
     return np.frombuffer(base64.b64decode(text), "<f4").astype(np.float32) if text else None
 
 
@@ -258,11 +264,12 @@ def entity_rows(batch: EntryBatch, originals: bool = True) -> list[dict[str, Any
     if originals:
         for row, source, original in zip(rows, batch.sources or [None] * len(rows),
                                          batch.originals or [None] * len(rows)):
-            row[SOURCE_FIELD], row[ORIGINAL_FIELD] = source or "", encode_original(original)
+            row[SOURCE_FIELD], row[ORIGINAL_FIELD] = source or "", _encode_original(original)
     return rows
 
 
 def count_entities(client, name: str) -> int:
+    """The number of entities of collection `name`."""
     with milvus_call(f"counting the entries of Milvus collection {name}"):
         return int(client.query(name, filter="", output_fields=["count(*)"])[0]["count(*)"])
 
@@ -316,10 +323,11 @@ def wait_for_sealed(client, name: str, lite: bool, count: int) -> None:
 
 
 def drop_quietly(client, name: str) -> None:
+    """Drops collection `name`; a failure is logged, not raised."""
     try:
         client.drop_collection(name)
     except Exception as e:  # pylint: disable=broad-except
-        logger.warning("could not drop Milvus collection %s: %s", name, first_line(e))
+        logger.warning("could not drop Milvus collection %s: %s", name, _first_line(e))
 
 
 def point_alias(client, alias: str, collection: str) -> None:
@@ -328,7 +336,7 @@ def point_alias(client, alias: str, collection: str) -> None:
         try:
             client.describe_alias(alias)
         except Exception as e:  # pylint: disable=broad-except
-            if not is_client_error(e):
+            if not _is_client_error(e):
                 raise
             client.create_alias(collection, alias)
             return
@@ -402,6 +410,7 @@ def existing_milvus_metadata(target: str) -> Optional[dict[str, Any]]:
 
 def batches_of(ids: list[str], emb: np.ndarray, versions: list[str], provenance: list[str],
                 size: int, sources: Optional[list] = None, originals: Optional[list] = None) -> Iterator[EntryBatch]:
+    """Slices parallel entry lists into EntryBatches of at most `size` entries."""
     for start in range(0, len(ids), size):
         end = start + size
         yield EntryBatch(ids[start:end], versions[start:end], provenance[start:end], emb[start:end],
@@ -421,6 +430,7 @@ def drop_orphans(client, lineage: str, keep: Optional[str]) -> None:
 
 
 def drop_with_new_client(uri: str, name: str) -> None:
+    """Drops collection `name` on the server `uri` through a client of its own (best effort)."""
     try:
         client = connect(None, uri, "cleanup")
     except (ConnectionError, ValueError):
@@ -433,6 +443,7 @@ def drop_with_new_client(uri: str, name: str) -> None:
 
 
 def package_version(package: str) -> Optional[str]:
+    """The installed version of `package`, or None."""
     try:
         from importlib import metadata  # pylint: disable=import-outside-toplevel
 
