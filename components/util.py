@@ -107,7 +107,8 @@ def check_split_records(examples_uri: str, split: str, entry: dict[str, Any]) ->
       ValueError: one line naming the Examples artifact, the split and the truncated/corrupted shard, or
         the two disagreeing counts.
     """
-    from lce_tf.data import DataError, count_tfrecord_examples
+    from lce_tf.data import DataError
+    from lce_tf.tfrecords import count_tfrecord_examples
 
     try:
         count = count_tfrecord_examples(split_pattern(examples_uri, split))

@@ -84,7 +84,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f"Output {args.out} already exists; choose a new --out or pass --overwrite.")
 
     def read_data() -> TrainingData:
-        from lce_tf import data
+        from lce_tf import data, datasets
 
         stage(f"reading training images from {args.data}")
         folder = _read_folder(args.data, args.classes)
@@ -99,9 +99,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             return _centers_for_folder(model, folder, args.boundary)
 
         def make_dataset(config):
-            return data.make_image_dataset(folder, input_shape, config.batch_size, shuffle=True, seed=config.seed,
-                                           shift_pixels=config.shift_pixels,
-                                           in_memory=False if args.stream else None), None
+            return datasets.make_image_dataset(folder, input_shape, config.batch_size, shuffle=True,
+                                               seed=config.seed, shift_pixels=config.shift_pixels,
+                                               in_memory=False if args.stream else None), None
 
         return TrainingData(folder.class_names, input_shape, make_dataset, compute_centers)
 
@@ -172,7 +172,7 @@ def _centers_with_beam(args: argparse.Namespace, folder, model):
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from lce_tf import data
+    from lce_tf import tfrecords
     from lce_tf.beam import centers as centers_beam
     from lce_tf.beam.options import dask_beam_args, direct_beam_args
     from lce_tf.centers import ClassCenters
@@ -191,8 +191,8 @@ def _centers_with_beam(args: argparse.Namespace, folder, model):
     parent = os.path.abspath(args.beam_temp or os.path.dirname(os.path.abspath(args.out)))
     work = os.path.join(parent, f".lce-tf-centers-{uuid.uuid4().hex[:12]}")
     try:
-        data.write_tfrecords(folder, os.path.join(work, "records", "data"),
-                             num_shards=min(len(folder.paths), 2 * workers))
+        tfrecords.write_tfrecords(folder, os.path.join(work, "records", "data"),
+                                  num_shards=min(len(folder.paths), 2 * workers))
         result = os.path.join(work, "class_centers.npz")
         with beam.Pipeline(options=PipelineOptions(beam_args)) as pipeline:
             centers_beam.extract_class_centers(
@@ -204,7 +204,7 @@ def _centers_with_beam(args: argparse.Namespace, folder, model):
 
 
 def cmd_centers(args: argparse.Namespace) -> int:
-    from lce_tf.centers import parse_boundary_rule
+    from lce_tf.center_accumulators import parse_boundary_rule
     from lce_tf.serving import load_embedding_model
 
     parse_boundary_rule(args.boundary)
@@ -367,10 +367,10 @@ def _split_classes(total: int, test_fraction: float) -> tuple[int, int]:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from lce_tf import glyphs
+    from lce_tf import glyphs, synthetic
 
     train, test = _split_classes(args.classes, args.test_fraction)
-    builder = glyphs.build_glyph_dataset if args.kind == "glyphs" else glyphs.build_synthetic_dataset
+    builder = glyphs.build_glyph_dataset if args.kind == "glyphs" else synthetic.build_synthetic_dataset
     stage(f"building the {args.kind} dataset in {args.out}: {train} training and {test} test classes")
     summary = builder(args.out, num_train_classes=train, num_test_classes=test, size=args.size, seed=args.seed,
                       overwrite=args.overwrite, progress=stage)

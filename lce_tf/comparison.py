@@ -50,8 +50,8 @@ class EvalData:
 
     @classmethod
     def from_folder(cls, folder) -> "EvalData":
-        """An `lce_tf.data.ImageFolder` (images decoded as `make_image_dataset` does)."""
-        from lce_tf.data import make_image_dataset
+        """An `lce_tf.data.ImageFolder` (images decoded as `lce_tf.datasets.make_image_dataset` does)."""
+        from lce_tf.datasets import make_image_dataset
 
         return cls(name=folder.root, class_names=list(folder.class_names), num_images=len(folder.paths),
                    make_dataset=lambda shape, batch: make_image_dataset(folder, shape, batch))
@@ -67,7 +67,7 @@ class EvalData:
           name: label of this data (default: the pattern).
           num_images: the number of records, when known (progress messages only).
         """
-        from lce_tf.data import make_tfrecord_dataset
+        from lce_tf.tfrecords import make_tfrecord_dataset
 
         label = name or (os.fspath(file_pattern) if isinstance(file_pattern, (str, os.PathLike))
                          else str(list(file_pattern)[:1]))

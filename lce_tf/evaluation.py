@@ -34,7 +34,8 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from lce_tf.centers import ClassCenters, cosines_to_centers, l2_normalize
+from lce_tf.center_accumulators import cosines_to_centers, l2_normalize
+from lce_tf.centers import ClassCenters
 from lce_tf.checks import check_finite
 
 DEFAULT_KS: tuple[int, ...] = (1, 5)

@@ -1,30 +1,24 @@
-"""Deterministic demo / benchmark datasets written as image folders (docs/design.md, "Demo and benchmark data").
+"""The "glyphs" demo / benchmark dataset, rendered from installed CJK fonts into image folders
+(docs/design.md, "Demo and benchmark data").
 
-Two generators, same output layout::
-
-    OUT/train/<class>/<image>.png      training classes (all images)
-    OUT/query/<class>/<image>.png      held-out test classes, query images
-    OUT/gallery/<class>/<image>.png    the same test classes, gallery images
-    OUT/dataset.json                   the summary returned by the builder
-
+The layout is `lce_tf.dataset_layout`'s (OUT/train|query|gallery/<class>/<image>.png and
+OUT/dataset.json); the font-free stroke-pattern dataset of the same layout is `lce_tf.synthetic`.
 Training classes and test classes are disjoint (open-set split, as in re-identification and face
 recognition); query and gallery hold the same test classes but disjoint images.
 
-- :func:`build_glyph_dataset` ("glyphs"): class = one CJK character of U+4E00-U+9FFF, rendered once per
-  distinct installed font design (``scripts/install_fonts.sh`` installs free Debian font packages).
-  Test classes are split into query and gallery BY FONT: ``num_query_fonts`` fonts (chosen with the
-  seed) give the queries, every other font the gallery, so a query never meets its own rendering.
-- :func:`build_synthetic_dataset` ("synthetic"): font-free; each class is a random stroke pattern and
-  each image a jittered drawing of it. For tests and machines without the fonts.
+:func:`build_glyph_dataset` ("glyphs"): class = one CJK character of U+4E00-U+9FFF, rendered once per
+distinct installed font design (``scripts/install_fonts.sh`` installs free Debian font packages).
+Test classes are split into query and gallery BY FONT: ``num_query_fonts`` fonts (chosen with the
+seed) give the queries, every other font the gallery, so a query never meets its own rendering.
 
 Images are 8-bit grayscale PNGs, WHITE INK ON A BLACK BACKGROUND (ink = 255, background = 0), so
 zero-padding by shifts and convolutions adds background, and "ink" is simply the pixel sum. Glyphs
 are rendered with Pillow at a font size of 80% of the canvas and centred on their ink bounding box.
 
-Both builders are deterministic for a given seed and machine (sorted fonts; seeded NumPy generators;
-one generator per image derived from ``[seed, class, font/image, copy]``), and atomic: everything is
-written to ``OUT.tmp-<random>`` and renamed into place at the end, so a reader never sees half a
-dataset.
+The builder is deterministic for a given seed and machine (sorted fonts; seeded NumPy generators;
+one generator per image derived from ``[seed, class, font, copy]``), and atomic: everything is
+written through `lce_tf.fileio.atomic_directory` (a hidden temporary sibling renamed into place at
+the end), so a reader never sees half a dataset.
 
 Measured on Debian 12 with the packages of ``scripts/install_fonts.sh`` (docs/design.md, "Demo and benchmark data"): many
 font files are not distinct designs. Mean absolute pixel difference of 64 characters at 32 px on the
@@ -41,18 +35,17 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import secrets
-import shutil
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 import lce_tf
 from lce_tf import fileio
+from lce_tf.dataset_layout import SPLITS, Progress, check_int, check_out, save_png, say, write_summary
 
 DEFAULT_FONT_DIRS: Tuple[str, ...] = ("/usr/share/fonts",)
 CJK_FIRST, CJK_LAST = 0x4E00, 0x9FFF  # CJK Unified Ideographs block
@@ -64,7 +57,6 @@ FONT_SIZE_FRACTION = 0.8  # font size (em) as a fraction of the canvas side
 # 2x for dataset images (half the rendering time of 4x), 4x for the near-duplicate probes.
 IMAGE_SUPERSAMPLE = 2
 REFERENCE_SUPERSAMPLE = 4
-SYNTHETIC_SUPERSAMPLE = 4  # stroke patterns are drawn at 4x and box-averaged down (antialiasing)
 # Near-duplicate detection: renders at a fixed reference size, so the decision does not depend on
 # the dataset's image size. Measured at 32 px (4x supersampled) on the fonts of install_fonts.sh:
 # copies of one design 0-3.6, derived designs 7.9-11.0 (Motoya Cedar/Maru, AR PL KaitiM/UKai/cwTeX Kai,
@@ -79,8 +71,6 @@ MAX_PROBE_INVALID_FRACTION = 0.75
 PLACEHOLDER_GROUP = 3  # >= this many characters with one identical render = a placeholder glyph
 INSTALL_HINT = "run scripts/install_fonts.sh or pass your own image folders"
 
-SPLITS = ("train", "query", "gallery")
-Progress = Optional[Callable[[str], None]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +285,7 @@ def render_glyph(font: FontInfo, char: str, size: int, supersample: int = IMAGE_
     """
     if size < 8:
         raise ValueError(f"size must be >= 8 pixels; received {size}")
-    _check_int("supersample", supersample, 1)
+    check_int("supersample", supersample, 1)
     return _place(_render_crop(load_font(font, size, supersample), char), size, supersample)
 
 
@@ -356,60 +346,6 @@ def _invalid_mask(renders: np.ndarray, notdef: np.ndarray) -> np.ndarray:
 
 def _notdef_render(font: FontInfo, size: int, supersample: int = IMAGE_SUPERSAMPLE) -> np.ndarray:
     return render_glyph(font, chr(0x10FFFD), size, supersample)  # a private-use code point no font maps
-
-
-# ---------------------------------------------------------------------------------------------
-# Output helpers
-# ---------------------------------------------------------------------------------------------
-
-
-def _say(progress: Progress, message: str) -> None:
-    if progress is not None:
-        progress(message)
-
-
-def _check_out(out_dir: "os.PathLike[str] | str", overwrite: bool) -> Path:
-    """Fails early when ``out_dir`` cannot be written (a file, or non-empty without ``overwrite``)."""
-    out = Path(out_dir)
-    if out.exists():
-        if not out.is_dir():
-            raise ValueError(f"out_dir {out}: exists and is not a directory")
-        if any(out.iterdir()) and not overwrite:
-            raise ValueError(f"out_dir {out}: exists and is not empty (pass overwrite=True to replace it)")
-    return out
-
-
-def _prepare_out(out_dir: "os.PathLike[str] | str", overwrite: bool) -> Tuple[Path, Path]:
-    """Checks ``out_dir`` and creates the sibling ``<out_dir>.tmp-<random>`` to write into."""
-    out = _check_out(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f"{out.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    return out, tmp
-
-
-def _commit(tmp: Path, out: Path) -> None:
-    """Renames the finished tmp directory into place (an existing out_dir is replaced)."""
-    old = None
-    if out.exists() and any(out.iterdir()):
-        old = out.parent / f"{out.name}.old-{secrets.token_hex(4)}"
-        os.replace(out, old)
-    os.replace(tmp, out)  # POSIX rename onto an empty directory replaces it
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _save_png(array: np.ndarray, path: Path) -> None:
-    Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(path, format="PNG")
-
-
-def _write_summary(tmp: Path, summary: Dict[str, object]) -> None:
-    fileio.write_json(str(tmp / "dataset.json"), summary, sort_keys=True)
-
-
-def _check_int(name: str, value: int, minimum: int) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; received {value!r}")
 
 
 def class_name(codepoint: int) -> str:
@@ -495,7 +431,7 @@ def _select_fonts(
         kept = [f for f in kept if f is not best[4]]
         dropped.append({**best[4].describe(), "reason": f"maps only {best[4].num_cjk} CJK characters; without it "
                         f"{best[0]} characters are common to all fonts ({needed} needed)"})
-        _say(progress, f"glyphs: dropped {best[4].name!r} to keep enough common characters")
+        say(progress, f"glyphs: dropped {best[4].name!r} to keep enough common characters")
     kept.sort(key=lambda f: (f.path, f.index))
     return kept
 
@@ -575,7 +511,7 @@ def build_glyph_dataset(
     ``U+XXXX``.
 
     The result is deterministic for a given seed and set of installed fonts, and written atomically
-    (``OUT.tmp-<random>`` renamed to ``out_dir``). ``out_dir/dataset.json`` holds the summary.
+    (`lce_tf.fileio.atomic_directory`). ``out_dir/dataset.json`` holds the summary.
 
     Args:
         out_dir: output directory; must be absent or empty unless ``overwrite``.
@@ -599,32 +535,32 @@ def build_glyph_dataset(
             scripts/install_fonts.sh or pass your own image folders), or fewer usable common
             characters than ``num_train_classes + num_test_classes``.
     """
-    _check_int("num_train_classes", num_train_classes, 1)
-    _check_int("num_test_classes", num_test_classes, 1)
-    _check_int("size", size, 8)
-    _check_int("seed", seed, 0)
-    _check_int("num_query_fonts", num_query_fonts, 1)
-    _check_int("augment_copies", augment_copies, 1)
-    _check_out(out_dir, overwrite)
+    check_int("num_train_classes", num_train_classes, 1)
+    check_int("num_test_classes", num_test_classes, 1)
+    check_int("size", size, 8)
+    check_int("seed", seed, 0)
+    check_int("num_query_fonts", num_query_fonts, 1)
+    check_int("augment_copies", augment_copies, 1)
+    check_out(out_dir, overwrite)
     start = time.perf_counter()
     needed = num_train_classes + num_test_classes
     min_fonts = max(MIN_FONTS, num_query_fonts + 1)
 
     faces, dropped = _scan_fonts(font_dirs, MIN_CJK_CHARACTERS)
-    _say(progress, f"glyphs: found {len(faces)} CJK font faces in {', '.join(map(str, font_dirs))}")
+    say(progress, f"glyphs: found {len(faces)} CJK font faces in {', '.join(map(str, font_dirs))}")
     if len(faces) < MIN_FONTS:
         raise ValueError(f"font_dirs {list(font_dirs)}: found {len(faces)} CJK font faces, need at least "
                          f"{MIN_FONTS}; {INSTALL_HINT}")
     fonts = _select_fonts(faces, dropped, needed, min_fonts, progress)
     for item in dropped:
-        _say(progress, f"glyphs:   dropped {item['name']!r} ({item['path']}#{item['index']}): {item['reason']}")
-    _say(progress, f"glyphs: kept {len(fonts)} distinct font designs: " + ", ".join(f.name for f in fonts))
+        say(progress, f"glyphs:   dropped {item['name']!r} ({item['path']}#{item['index']}): {item['reason']}")
+    say(progress, f"glyphs: kept {len(fonts)} distinct font designs: " + ", ".join(f.name for f in fonts))
     if len(fonts) < min_fonts:
         raise ValueError(f"font_dirs {list(font_dirs)}: only {len(fonts)} usable distinct CJK fonts, need at least "
                          f"{min_fonts} (num_query_fonts={num_query_fonts} plus gallery); {INSTALL_HINT}")
 
     candidates = sorted(frozenset.intersection(*[f.codepoints for f in fonts]))
-    _say(progress, f"glyphs: {len(candidates)} characters of U+4E00-U+9FFF are mapped by all {len(fonts)} fonts")
+    say(progress, f"glyphs: {len(candidates)} characters of U+4E00-U+9FFF are mapped by all {len(fonts)} fonts")
     if len(candidates) < needed:
         raise ValueError(f"num_train_classes + num_test_classes = {needed}: only {len(candidates)} characters are "
                          f"common to the {len(fonts)} usable fonts; ask for fewer classes")
@@ -639,12 +575,13 @@ def build_glyph_dataset(
             slug, k = f"{font.slug}-{k}", k + 1
         slugs.append(slug)
 
-    out, tmp = _prepare_out(out_dir, overwrite)
+    out = check_out(out_dir, overwrite)
     counts = {split: 0 for split in SPLITS}
     stats = {"visited": 0, "rejected": 0}
     train_chars: List[int] = []
     test_chars: List[int] = []
-    try:
+    with fileio.atomic_directory(str(out), "dataset directory") as tmp_dir:
+        tmp = Path(tmp_dir)
         for split in SPLITS:
             (tmp / split).mkdir()
         # Characters in seeded order: the first num_train_classes properly rendered ones are the
@@ -658,19 +595,19 @@ def build_glyph_dataset(
                 split = "train" if is_train else ("query" if fi in query_set else "gallery")
                 class_dir = tmp / split / class_name(c)
                 class_dir.mkdir(exist_ok=True)
-                _save_png(images[fi], class_dir / f"{slugs[fi]}-0.png")
+                save_png(images[fi], class_dir / f"{slugs[fi]}-0.png")
                 if augment_copies > 1:
                     aug_rng = np.random.default_rng([seed, c, fi])
                     for copy in range(1, augment_copies):
-                        _save_png(_augment(crops[fi], size, aug_rng), class_dir / f"{slugs[fi]}-{copy}.png")
+                        save_png(_augment(crops[fi], size, aug_rng), class_dir / f"{slugs[fi]}-{copy}.png")
                 counts[split] += augment_copies
             if len(test_chars) == num_test_classes:
                 break
         num_chosen = len(train_chars) + len(test_chars)
         worst = max(range(len(fonts)), key=lambda fi: (stats.get(f"invalid:{fi}", 0), -fi))
         worst_note = f"{fonts[worst].name!r} renders {stats.get(f'invalid:{worst}', 0)} of them blank or as .notdef"
-        _say(progress, f"glyphs: chose {num_chosen} characters (visited {stats['visited']}, rejected "
-                       f"{stats['rejected']}" + (f"; {worst_note})" if stats["rejected"] else ")"))
+        say(progress, f"glyphs: chose {num_chosen} characters (visited {stats['visited']}, rejected "
+                      f"{stats['rejected']}" + (f"; {worst_note})" if stats["rejected"] else ")"))
         if len(test_chars) < num_test_classes:
             raise ValueError(f"num_train_classes + num_test_classes = {needed}: only {num_chosen} of the "
                              f"{len(candidates)} common characters render properly in all {len(fonts)} fonts "
@@ -693,138 +630,8 @@ def build_glyph_dataset(
             "num_classes": {"train": len(train_chars), "query": len(test_chars), "gallery": len(test_chars)},
             "num_images": counts,
         }
-        _write_summary(tmp, summary)
-        _commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_summary(tmp, summary)
     summary["seconds"] = round(time.perf_counter() - start, 2)
-    _say(progress, f"glyphs: wrote {sum(counts.values())} images to {out} (train {counts['train']}, query "
-                   f"{counts['query']}, gallery {counts['gallery']}) in {summary['seconds']:.1f} s")
-    return summary
-
-
-# ---------------------------------------------------------------------------------------------
-# Synthetic dataset
-# ---------------------------------------------------------------------------------------------
-
-def _stroke_pattern(rng: np.random.Generator) -> List[Tuple[str, np.ndarray]]:
-    """A class: 2-4 strokes (lines, two-segment polylines, arcs) in unit coordinates."""
-    strokes = []
-    for _ in range(int(rng.integers(2, 5))):
-        kind = ("line", "polyline", "arc")[int(rng.integers(0, 3))]
-        if kind == "line":
-            strokes.append((kind, rng.uniform(0.12, 0.88, size=(2, 2))))
-        elif kind == "polyline":
-            strokes.append((kind, rng.uniform(0.12, 0.88, size=(3, 2))))
-        else:  # centre (x, y), radius, start and sweep angle in degrees
-            params = np.array([rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.35),
-                               rng.uniform(0, 360), rng.uniform(90, 270)])
-            strokes.append((kind, params))
-    return strokes
-
-
-def _draw_pattern(strokes: List[Tuple[str, np.ndarray]], size: int, rng: np.random.Generator) -> np.ndarray:
-    """One jittered drawing of a stroke pattern: uint8 [size, size], white on black."""
-    big = size * SYNTHETIC_SUPERSAMPLE
-    image = Image.new("L", (big, big), 0)
-    draw = ImageDraw.Draw(image)
-    width = max(1, round(float(rng.uniform(0.06, 0.11)) * big))
-    shift = rng.uniform(-0.06, 0.06, size=2)
-    for kind, params in strokes:
-        if kind == "arc":
-            cx, cy = params[:2] + shift + rng.normal(0, 0.03, size=2)
-            r = params[2] * float(rng.uniform(0.9, 1.1))
-            a0 = params[3] + float(rng.normal(0, 10))
-            box = [(cx - r) * big, (cy - r) * big, (cx + r) * big, (cy + r) * big]
-            draw.arc(box, a0, a0 + params[4] + float(rng.normal(0, 10)), fill=255, width=width)
-        else:
-            pts = (params + shift + rng.normal(0, 0.035, size=params.shape)) * big
-            draw.line([tuple(p) for p in pts.tolist()], fill=255, width=width, joint="curve")
-    return np.asarray(image.resize((size, size), Image.BOX))
-
-
-def build_synthetic_dataset(
-    out_dir: "os.PathLike[str] | str",
-    *,
-    num_train_classes: int = 20,
-    num_test_classes: int = 10,
-    images_per_class: int = 8,
-    num_query_per_class: int = 2,
-    size: int = 32,
-    seed: int = 0,
-    overwrite: bool = False,
-    progress: Progress = print,
-) -> Dict[str, object]:
-    """Writes a font-free open-set dataset of random stroke patterns (for tests and font-less machines).
-
-    Each class is a random pattern of 2-4 strokes (lines, polylines, arcs); each image draws it with
-    jittered endpoints, stroke thickness and position (drawn at 4x and box-downsampled, so edges are
-    antialiased). Classes ``class_0000`` ... are numbered; the first ``num_train_classes`` are
-    training classes, the rest test classes. For each test class, images ``0 .. num_query_per_class-1``
-    are queries and the others gallery. Same layout, atomicity and dataset.json as
-    :func:`build_glyph_dataset`; white strokes on black.
-
-    Args:
-        out_dir: output directory; must be absent or empty unless ``overwrite``.
-        num_train_classes: training classes.
-        num_test_classes: test classes (query and gallery).
-        images_per_class: images per class (> num_query_per_class).
-        num_query_per_class: query images per test class.
-        size: image side in pixels (>= 8).
-        seed: seed of patterns and jitter.
-        overwrite: replace a non-empty ``out_dir``.
-        progress: called with one line per stage (None = silent).
-
-    Returns:
-        Summary dict: kind, size, seed, polarity, num_classes and num_images per split, seconds.
-
-    Raises:
-        ValueError: bad arguments or a non-empty ``out_dir``.
-    """
-    _check_int("num_train_classes", num_train_classes, 1)
-    _check_int("num_test_classes", num_test_classes, 1)
-    _check_int("num_query_per_class", num_query_per_class, 1)
-    _check_int("images_per_class", images_per_class, num_query_per_class + 1)
-    _check_int("size", size, 8)
-    _check_int("seed", seed, 0)
-    start = time.perf_counter()
-    out, tmp = _prepare_out(out_dir, overwrite)
-    counts = {split: 0 for split in SPLITS}
-    total_classes = num_train_classes + num_test_classes
-    try:
-        for split in SPLITS:
-            (tmp / split).mkdir()
-        for c in range(total_classes):
-            strokes = _stroke_pattern(np.random.default_rng([seed, 0, c]))
-            name = f"class_{c:04d}"
-            for i in range(images_per_class):
-                if c < num_train_classes:
-                    split = "train"
-                else:
-                    split = "query" if i < num_query_per_class else "gallery"
-                class_dir = tmp / split / name
-                class_dir.mkdir(exist_ok=True)
-                image = _draw_pattern(strokes, size, np.random.default_rng([seed, 1, c, i]))
-                _save_png(image, class_dir / f"{i:03d}.png")
-                counts[split] += 1
-        summary: Dict[str, object] = {
-            "kind": "synthetic",
-            "lce_tf_version": lce_tf.__version__,
-            "size": size,
-            "seed": seed,
-            "polarity": "white strokes (255) on black (0)",
-            "images_per_class": images_per_class,
-            "num_query_per_class": num_query_per_class,
-            "num_classes": {"train": num_train_classes, "query": num_test_classes, "gallery": num_test_classes},
-            "num_images": counts,
-        }
-        _write_summary(tmp, summary)
-        _commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    summary["seconds"] = round(time.perf_counter() - start, 2)
-    _say(progress, f"synthetic: wrote {sum(counts.values())} images to {out} (train {counts['train']}, query "
-                   f"{counts['query']}, gallery {counts['gallery']}) in {summary['seconds']:.1f} s")
+    say(progress, f"glyphs: wrote {sum(counts.values())} images to {out} (train {counts['train']}, query "
+                  f"{counts['query']}, gallery {counts['gallery']}) in {summary['seconds']:.1f} s")
     return summary

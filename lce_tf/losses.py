@@ -1,4 +1,4 @@
-"""Losses of LCE (Meng et al., ICCV 2021) and of the baselines, as functions and Keras Loss classes.
+"""Training losses of LCE (Meng et al., ICCV 2021) and of the baselines, as functions and Keras Loss classes.
 
 Every loss is a plain function (the math, testable without a model) paired with a serializable
 `tf.keras.losses.Loss` class, as Keras pairs `cosine_similarity` / `CosineSimilarity`:
@@ -12,21 +12,15 @@ Every loss is a plain function (the math, testable without a model) paired with 
     boundary_loss     / BoundaryLoss        L_b, item 4
     transformed_alignment_loss              L_a through T12 / T21, item 6 (function only: its
                                             arguments include two layers, not y_true / y_pred)
-  fitted transformations (docs/design.md, "The forward path"), on unit vectors:
-    cosine_distance_loss / CosineDistanceLoss   1 − cos(prediction, target)
   baselines (item 8):
     bct_influence_loss / BCTInfluenceLoss   new features classified by the frozen old classifier
     l2_regression_loss / L2RegressionLoss   regress φ2(x) onto φ1(x)
     triplet_loss       / TripletLoss        tensorflow_addons semi-hard triplet loss
-  contrastive terms (items 9 to 11); their classes take y_true = pack_embeddings_and_labels(...):
+  contrastive term (item 9); its class takes y_true = pack_embeddings_and_labels(...):
     instance_contrastive_loss / InstanceContrastiveLoss   InfoNCE from φ_new(x) to φ_old(x), item 9
-    transform_classification_loss / TransformClassificationLoss   T12 outputs classified by the new
-                                            model's class centers (transform_class_centers), item 10
-    transform_supcon_loss / TransformSupConLoss   supervised contrastive from T12 outputs to the new
-                                            embeddings, item 11
-    transform_objective_loss / TransformObjectiveLoss   the weighted sum of the cosine distance and
-                                            items 10 and 11: a fit objective of T12
-                                            (lce_tf.transform_fit.TransformFitSettings.objective)
+
+The fit objectives of a gallery transformation T12 / T21 (the cosine distance, items 10 and 11) are
+in `lce_tf.transform_losses`; they share this module's argument checks.
 
 Per-example functions return [B] like Keras loss functions; their classes honour the Keras
 `reduction` argument. Scalar functions (alignment, transformed alignment, boundary, triplet) return
@@ -38,13 +32,12 @@ the batch value; `BoundaryLoss` returns the per-example hinge so that its reduct
 from __future__ import annotations
 
 import math
-import numbers
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
-import numpy as np
 import tensorflow as tf
 
-from lce_tf.checks import check_finite
+from lce_tf.loss_args import (check_flag, check_margin, check_positive, check_same, check_scale, float_array,
+                              float_tensor, int_labels, l2n, static_dim)
 
 _PACKAGE = "lce_tf"
 _Reduction = tf.keras.losses.Reduction
@@ -54,86 +47,13 @@ ACOS_EPS = 1e-7
 
 
 # ----------------------------------------------------------------------------------------------------
-# Argument checks and small helpers
-# ----------------------------------------------------------------------------------------------------
-
-def _check_positive(value: Any, fn: str, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{fn}: expected {name} > 0; received {value!r}.")
-    return float(value)
-
-
-def _check_scale(scale: Any, fn: str) -> float:
-    return _check_positive(scale, fn, "scale")
-
-
-def _check_flag(value: Any, fn: str, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{fn}: expected {name} to be True or False; received {value!r}.")
-    return bool(value)
-
-
-def _check_margin(margin: Any, fn: str, upper: Optional[float] = None) -> float:
-    if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not math.isfinite(margin) or margin < 0:
-        raise ValueError(f"{fn}: expected margin >= 0; received {margin!r}.")
-    if upper is not None and margin > upper:
-        raise ValueError(f"{fn}: expected margin <= {upper:.4f} (π/2); received {margin!r}.")
-    return float(margin)
-
-
-def _float_tensor(x: Any, name: str, fn: str, rank: int) -> tf.Tensor:
-    x = tf.convert_to_tensor(x)
-    if not x.dtype.is_floating:
-        x = tf.cast(x, tf.float32)
-    elif x.dtype != tf.float32:
-        x = tf.cast(x, tf.float32)  # losses are computed in float32 (also under mixed precision)
-    if x.shape.rank is not None and x.shape.rank != rank:
-        raise ValueError(f"{fn}: expected {name} of rank {rank}; received shape {x.shape}.")
-    return x
-
-
-def _labels(labels: Any, fn: str) -> tf.Tensor:
-    """Integer class ids [B] (a trailing axis of size 1, Keras' [B, 1] convention, is dropped)."""
-    labels = tf.convert_to_tensor(labels)
-    rank = labels.shape.rank
-    if rank == 2 and labels.shape[-1] == 1:
-        labels = tf.squeeze(labels, axis=-1)
-    elif rank is not None and rank != 1:
-        raise ValueError(f"{fn}: expected labels of shape [batch]; received shape {labels.shape}.")
-    return tf.cast(labels, tf.int32)
-
-
-def _dim(x: tf.Tensor, axis: int) -> Optional[int]:
-    if x.shape.rank is None:
-        return None
-    d = x.shape[axis]
-    return None if d is None else int(d)
-
-
-def _check_same(fn: str, what: str, name_a: str, a: Optional[int], name_b: str, b: Optional[int]) -> None:
-    if a is not None and b is not None and a != b:
-        raise ValueError(f"{fn}: {name_a} has {what} {a} but {name_b} has {what} {b}; they must match.")
-
-
-def _l2n(x: tf.Tensor) -> tf.Tensor:
-    return tf.math.l2_normalize(x, axis=-1)
-
-
-def _array(value: Any, name: str, cls: str, rank: int) -> np.ndarray:
-    array = np.asarray(value, dtype=np.float32)
-    if array.ndim != rank:
-        raise ValueError(f"{cls}: expected {name} of rank {rank}; received shape {array.shape}.")
-    return check_finite(array, f"{cls}: {name}")
-
-
-# ----------------------------------------------------------------------------------------------------
 # Margin-softmax family (docs/design.md, the method, item 2)
 # ----------------------------------------------------------------------------------------------------
 
 def _margin_softmax(labels, cosine_logits, fn: str, scale: float, target_fn=None) -> tf.Tensor:
-    labels = _labels(labels, fn)
-    cos = _float_tensor(cosine_logits, "cosine_logits", fn, rank=2)
-    _check_same(fn, "batch size", "labels", _dim(labels, 0), "cosine_logits", _dim(cos, 0))
+    labels = int_labels(labels, fn)
+    cos = float_tensor(cosine_logits, "cosine_logits", fn, rank=2)
+    check_same(fn, "batch size", "labels", static_dim(labels, 0), "cosine_logits", static_dim(cos, 0))
     if target_fn is not None:
         is_target = tf.cast(tf.one_hot(labels, tf.shape(cos)[1]), tf.bool)
         target_cos = tf.gather(cos, labels, axis=1, batch_dims=1)
@@ -158,7 +78,7 @@ def norm_softmax_loss(labels: Any, cosine_logits: Any, scale: float = 16.0) -> t
       ValueError: scale <= 0, or wrong ranks / batch sizes.
     """
     fn = "norm_softmax_loss"
-    return _margin_softmax(labels, cosine_logits, fn, _check_scale(scale, fn))
+    return _margin_softmax(labels, cosine_logits, fn, check_scale(scale, fn))
 
 
 def cosface_loss(labels: Any, cosine_logits: Any, scale: float = 16.0, margin: float = 0.1) -> tf.Tensor:
@@ -180,7 +100,7 @@ def cosface_loss(labels: Any, cosine_logits: Any, scale: float = 16.0, margin: f
       ValueError: scale <= 0, margin < 0, or wrong ranks / batch sizes.
     """
     fn = "cosface_loss"
-    scale, margin = _check_scale(scale, fn), _check_margin(margin, fn)
+    scale, margin = check_scale(scale, fn), check_margin(margin, fn)
     return _margin_softmax(labels, cosine_logits, fn, scale, lambda c: c - margin)
 
 
@@ -217,7 +137,7 @@ def arcface_loss(labels: Any, cosine_logits: Any, scale: float = 16.0, margin: f
       ValueError: scale <= 0, margin outside [0, π/2], or wrong ranks / batch sizes.
     """
     fn = "arcface_loss"
-    scale, margin = _check_scale(scale, fn), _check_margin(margin, fn, upper=math.pi / 2)
+    scale, margin = check_scale(scale, fn), check_margin(margin, fn, upper=math.pi / 2)
     return _margin_softmax(labels, cosine_logits, fn, scale, lambda c: _arcface_target(c, margin))
 
 
@@ -244,23 +164,23 @@ def alignment_loss(new_weights: Any, old_centers: Any) -> tf.Tensor:
       ValueError: ranks are not 2, or C or D differ (the message names both values).
     """
     fn = "alignment_loss"
-    w = _float_tensor(new_weights, "new_weights", fn, rank=2)
-    c = _float_tensor(old_centers, "old_centers", fn, rank=2)
-    _check_same(fn, "dimension D =", "new_weights", _dim(w, 1), "old_centers", _dim(c, 1))
-    _check_same(fn, "number of classes C =", "new_weights", _dim(w, 0), "old_centers", _dim(c, 0))
-    return tf.reduce_mean(tf.square(_l2n(w) - c))
+    w = float_tensor(new_weights, "new_weights", fn, rank=2)
+    c = float_tensor(old_centers, "old_centers", fn, rank=2)
+    check_same(fn, "dimension D =", "new_weights", static_dim(w, 1), "old_centers", static_dim(c, 1))
+    check_same(fn, "number of classes C =", "new_weights", static_dim(w, 0), "old_centers", static_dim(c, 0))
+    return tf.reduce_mean(tf.square(l2n(w) - c))
 
 
 def _boundary_hinge(embeddings, labels, old_centers, old_boundary_cos, normalize: bool, fn: str) -> tf.Tensor:
-    f = _float_tensor(embeddings, "embeddings", fn, rank=2)
-    labels = _labels(labels, fn)
-    c = _float_tensor(old_centers, "old_centers", fn, rank=2)
-    b = _float_tensor(old_boundary_cos, "old_boundary_cos", fn, rank=1)
-    _check_same(fn, "dimension D =", "embeddings", _dim(f, 1), "old_centers", _dim(c, 1))
-    _check_same(fn, "number of classes C =", "old_centers", _dim(c, 0), "old_boundary_cos", _dim(b, 0))
-    _check_same(fn, "batch size", "embeddings", _dim(f, 0), "labels", _dim(labels, 0))
+    f = float_tensor(embeddings, "embeddings", fn, rank=2)
+    labels = int_labels(labels, fn)
+    c = float_tensor(old_centers, "old_centers", fn, rank=2)
+    b = float_tensor(old_boundary_cos, "old_boundary_cos", fn, rank=1)
+    check_same(fn, "dimension D =", "embeddings", static_dim(f, 1), "old_centers", static_dim(c, 1))
+    check_same(fn, "number of classes C =", "old_centers", static_dim(c, 0), "old_boundary_cos", static_dim(b, 0))
+    check_same(fn, "batch size", "embeddings", static_dim(f, 0), "labels", static_dim(labels, 0))
     if normalize:
-        cos = tf.reduce_sum(_l2n(f) * tf.gather(c, labels), axis=-1)
+        cos = tf.reduce_sum(l2n(f) * tf.gather(c, labels), axis=-1)
     else:
         cos = tf.clip_by_value(tf.reduce_sum(f * tf.gather(c, labels), axis=-1), -1.0, 1.0)
     return tf.nn.relu(tf.gather(b, labels) - cos)
@@ -315,15 +235,15 @@ def transformed_alignment_loss(new_weights: Any, old_centers: Any,
       ValueError: wrong ranks, different C, or transform outputs of the wrong dimension.
     """
     fn = "transformed_alignment_loss"
-    w = _l2n(_float_tensor(new_weights, "new_weights", fn, rank=2))
-    c = _float_tensor(old_centers, "old_centers", fn, rank=2)
-    _check_same(fn, "number of classes C =", "new_weights", _dim(w, 0), "old_centers", _dim(c, 0))
-    c_in_new = _float_tensor(old_to_new(c), "old_to_new(old_centers)", fn, rank=2)
-    w_in_old = _float_tensor(new_to_old(w), "new_to_old(new_weights)", fn, rank=2)
-    _check_same(fn, "dimension D =", "old_to_new(old_centers)", _dim(c_in_new, 1), "new_weights", _dim(w, 1))
-    _check_same(fn, "dimension D =", "new_to_old(new_weights)", _dim(w_in_old, 1), "old_centers", _dim(c, 1))
-    forward = tf.reduce_mean(tf.square(w - _l2n(c_in_new)))
-    backward = tf.reduce_mean(tf.square(_l2n(w_in_old) - c))
+    w = l2n(float_tensor(new_weights, "new_weights", fn, rank=2))
+    c = float_tensor(old_centers, "old_centers", fn, rank=2)
+    check_same(fn, "number of classes C =", "new_weights", static_dim(w, 0), "old_centers", static_dim(c, 0))
+    c_in_new = float_tensor(old_to_new(c), "old_to_new(old_centers)", fn, rank=2)
+    w_in_old = float_tensor(new_to_old(w), "new_to_old(new_weights)", fn, rank=2)
+    check_same(fn, "dimension D =", "old_to_new(old_centers)", static_dim(c_in_new, 1), "new_weights", static_dim(w, 1))
+    check_same(fn, "dimension D =", "new_to_old(new_weights)", static_dim(w_in_old, 1), "old_centers", static_dim(c, 1))
+    forward = tf.reduce_mean(tf.square(w - l2n(c_in_new)))
+    backward = tf.reduce_mean(tf.square(l2n(w_in_old) - c))
     return 0.5 * (forward + backward)
 
 
@@ -356,11 +276,11 @@ def bct_influence_loss(embeddings: Any, labels: Any, old_classifier: Any, scale:
 
 def _frozen_rows_softmax(embeddings, labels, rows, scale, fn: str, names: tuple[str, str]) -> tf.Tensor:
     """Softmax CE of s·⟨n(embeddings_i), n(rows_j)⟩, rows frozen (BCT influence, item 8; item 10)."""
-    scale = _check_scale(scale, fn)
-    f = _float_tensor(embeddings, names[0], fn, rank=2)
-    w = tf.stop_gradient(_float_tensor(rows, names[1], fn, rank=2))
-    _check_same(fn, "dimension D =", names[0], _dim(f, 1), names[1], _dim(w, 1))
-    cos = tf.linalg.matmul(_l2n(f), _l2n(w), transpose_b=True)
+    scale = check_scale(scale, fn)
+    f = float_tensor(embeddings, names[0], fn, rank=2)
+    w = tf.stop_gradient(float_tensor(rows, names[1], fn, rank=2))
+    check_same(fn, "dimension D =", names[0], static_dim(f, 1), names[1], static_dim(w, 1))
+    cos = tf.linalg.matmul(l2n(f), l2n(w), transpose_b=True)
     return _margin_softmax(labels, cos, fn, scale)
 
 
@@ -380,38 +300,11 @@ def l2_regression_loss(new_embeddings: Any, old_embeddings: Any) -> tf.Tensor:
       ValueError: wrong ranks, or D or batch sizes that differ (the message names both values).
     """
     fn = "l2_regression_loss"
-    f2 = _float_tensor(new_embeddings, "new_embeddings", fn, rank=2)
-    f1 = tf.stop_gradient(_float_tensor(old_embeddings, "old_embeddings", fn, rank=2))
-    _check_same(fn, "dimension D =", "new_embeddings", _dim(f2, 1), "old_embeddings", _dim(f1, 1))
-    _check_same(fn, "batch size", "new_embeddings", _dim(f2, 0), "old_embeddings", _dim(f1, 0))
-    return tf.reduce_sum(tf.square(_l2n(f2) - _l2n(f1)), axis=-1)
-
-
-def cosine_distance_loss(targets: Any, predictions: Any) -> tf.Tensor:
-    """1 − cos(prediction, target) per example: the fit loss of a gallery transformation T12 / T21.
-
-    Both sides are L2-normalized first, so for unit vectors it is ½‖p − t‖² (0 when they coincide, 1
-    when orthogonal, 2 when opposite). Gradients do not flow into `targets` (the frozen model's
-    embeddings of the same images).
-
-    Example (hand-worked): targets [[1, 0]], predictions [[3, 4]] -> 1 − 3/5 = 0.4.
-
-    Args:
-      targets: [B, D] embeddings of the images under the target model.
-      predictions: [B, D] the transformation's output for the source model's embeddings.
-
-    Returns:
-      [B] per-example loss.
-
-    Raises:
-      ValueError: wrong ranks, or D or batch sizes that differ (the message names both values).
-    """
-    fn = "cosine_distance_loss"
-    t = tf.stop_gradient(_float_tensor(targets, "targets", fn, rank=2))
-    p = _float_tensor(predictions, "predictions", fn, rank=2)
-    _check_same(fn, "dimension D =", "targets", _dim(t, 1), "predictions", _dim(p, 1))
-    _check_same(fn, "batch size", "targets", _dim(t, 0), "predictions", _dim(p, 0))
-    return 1.0 - tf.reduce_sum(_l2n(t) * _l2n(p), axis=-1)
+    f2 = float_tensor(new_embeddings, "new_embeddings", fn, rank=2)
+    f1 = tf.stop_gradient(float_tensor(old_embeddings, "old_embeddings", fn, rank=2))
+    check_same(fn, "dimension D =", "new_embeddings", static_dim(f2, 1), "old_embeddings", static_dim(f1, 1))
+    check_same(fn, "batch size", "new_embeddings", static_dim(f2, 0), "old_embeddings", static_dim(f1, 0))
+    return tf.reduce_sum(tf.square(l2n(f2) - l2n(f1)), axis=-1)
 
 
 def triplet_loss(labels: Any, embeddings: Any, margin: float = 1.0, *, normalize: bool = True) -> tf.Tensor:
@@ -433,10 +326,10 @@ def triplet_loss(labels: Any, embeddings: Any, margin: float = 1.0, *, normalize
       Scalar loss.
     """
     fn = "triplet_loss"
-    margin = _check_margin(margin, fn)
-    f = _float_tensor(embeddings, "embeddings", fn, rank=2)
-    labels = _labels(labels, fn)
-    _check_same(fn, "batch size", "labels", _dim(labels, 0), "embeddings", _dim(f, 0))
+    margin = check_margin(margin, fn)
+    f = float_tensor(embeddings, "embeddings", fn, rank=2)
+    labels = int_labels(labels, fn)
+    check_same(fn, "batch size", "labels", static_dim(labels, 0), "embeddings", static_dim(f, 0))
     try:
         import warnings
 
@@ -445,11 +338,11 @@ def triplet_loss(labels: Any, embeddings: Any, margin: float = 1.0, *, normalize
             import tensorflow_addons as tfa
     except ImportError as err:  # pragma: no cover - tfa is pinned in the lock
         raise ImportError("triplet_loss needs tensorflow-addons (pip install tensorflow-addons==0.23.0).") from err
-    return tfa.losses.triplet_semihard_loss(labels, _l2n(f) if normalize else f, margin=margin)
+    return tfa.losses.triplet_semihard_loss(labels, l2n(f) if normalize else f, margin=margin)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Contrastive compatibility term and transformation objectives (items 9 to 11)
+# Contrastive compatibility term (item 9) and the y_true of the contrastive classes
 # ----------------------------------------------------------------------------------------------------
 
 DEFAULT_TEMPERATURE = 0.1
@@ -474,26 +367,26 @@ def pack_embeddings_and_labels(embeddings: Any, labels: Any) -> tf.Tensor:
       ValueError: wrong ranks, or batch sizes that differ (the message names both values).
     """
     fn = "pack_embeddings_and_labels"
-    e = _float_tensor(embeddings, "embeddings", fn, rank=2)
-    labels = _labels(labels, fn)
-    _check_same(fn, "batch size", "embeddings", _dim(e, 0), "labels", _dim(labels, 0))
+    e = float_tensor(embeddings, "embeddings", fn, rank=2)
+    labels = int_labels(labels, fn)
+    check_same(fn, "batch size", "embeddings", static_dim(e, 0), "labels", static_dim(labels, 0))
     return tf.concat([e, tf.cast(labels, tf.float32)[:, None]], axis=-1)
 
 
 def unpack_embeddings_and_labels(packed: Any) -> tuple[tf.Tensor, tf.Tensor]:
     """Inverse of `pack_embeddings_and_labels`: ([B, D] float32 embeddings, [B] int32 labels)."""
-    p = _float_tensor(packed, "packed embeddings and labels", "unpack_embeddings_and_labels", rank=2)
+    p = float_tensor(packed, "packed embeddings and labels", "unpack_embeddings_and_labels", rank=2)
     return p[:, :-1], tf.cast(tf.round(p[:, -1]), tf.int32)
 
 
 def _paired_batch(fn: str, names: tuple[str, str], a: Any, b: Any, labels: Any):
     """Two [B, D] embedding tensors of the same images and their [B] labels, shapes checked."""
-    a = _float_tensor(a, names[0], fn, rank=2)
-    b = _float_tensor(b, names[1], fn, rank=2)
-    labels = _labels(labels, fn)
-    _check_same(fn, "dimension D =", names[0], _dim(a, 1), names[1], _dim(b, 1))
-    _check_same(fn, "batch size", names[0], _dim(a, 0), names[1], _dim(b, 0))
-    _check_same(fn, "batch size", names[0], _dim(a, 0), "labels", _dim(labels, 0))
+    a = float_tensor(a, names[0], fn, rank=2)
+    b = float_tensor(b, names[1], fn, rank=2)
+    labels = int_labels(labels, fn)
+    check_same(fn, "dimension D =", names[0], static_dim(a, 1), names[1], static_dim(b, 1))
+    check_same(fn, "batch size", names[0], static_dim(a, 0), names[1], static_dim(b, 0))
+    check_same(fn, "batch size", names[0], static_dim(a, 0), "labels", static_dim(labels, 0))
     return a, b, labels
 
 
@@ -540,11 +433,11 @@ def instance_contrastive_loss(new_embeddings: Any, old_embeddings: Any, labels: 
         batch sizes that differ (the message names both values).
     """
     fn = "instance_contrastive_loss"
-    inv_tau = 1.0 / _check_positive(temperature, fn, "temperature")
-    new_negatives = _check_flag(new_negatives, fn, "new_negatives")
+    inv_tau = 1.0 / check_positive(temperature, fn, "temperature")
+    new_negatives = check_flag(new_negatives, fn, "new_negatives")
     f2, f1, labels = _paired_batch(fn, ("new_embeddings", "old_embeddings"), new_embeddings, old_embeddings,
                                    labels)
-    f2, f1 = _l2n(f2), tf.stop_gradient(_l2n(f1))
+    f2, f1 = l2n(f2), tf.stop_gradient(l2n(f1))
     other_class = tf.not_equal(labels[:, None], labels[None, :])
     to_old = tf.linalg.matmul(f2, f1, transpose_b=True) * inv_tau
     logits, keep = to_old, tf.logical_or(other_class, tf.eye(tf.shape(labels)[0], dtype=tf.bool))
@@ -552,164 +445,6 @@ def instance_contrastive_loss(new_embeddings: Any, old_embeddings: Any, labels: 
         logits = tf.concat([logits, tf.linalg.matmul(f2, f2, transpose_b=True) * inv_tau], axis=1)
         keep = tf.concat([keep, other_class], axis=1)
     return _masked_logsumexp(logits, keep) - tf.linalg.diag_part(to_old)
-
-
-def transform_class_centers(new_embeddings: Any, labels: Any, num_classes: int) -> np.ndarray:
-    """The new model's class centers ĉ_j = normalize(Σ_{y_i=j} f̂new_i) for `transform_classification_loss`.
-
-    The same exact computation as the old centers of item 1 (`lce_tf.centers.compute_class_centers`),
-    applied to the new model's embeddings of the training pairs.
-
-    Args:
-      new_embeddings: [N, D_new] raw new-model embeddings of the training images.
-      labels: [N] int class ids in [0, num_classes).
-      num_classes: C.
-
-    Returns:
-      float32 [C, D_new], unit rows.
-
-    Raises:
-      ValueError: NaN/Inf embeddings, labels out of range, or a class with no sample (named).
-    """
-    from lce_tf.centers import compute_class_centers
-
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
-        raise ValueError(f"transform_class_centers: expected num_classes >= 1; received {num_classes!r}.")
-    names = [str(j) for j in range(int(num_classes))]
-    return compute_class_centers(np.asarray(new_embeddings), np.asarray(labels), names, boundary="min",
-                                 source_model_id="transform_class_centers").centers.astype(np.float32)
-
-
-def transform_classification_loss(predictions: Any, labels: Any, new_centers: Any,
-                                  scale: float = 16.0) -> tf.Tensor:
-    """FastFill-style objective of a transformation T12 (docs/design.md item 10).
-
-    FastFill (Jaber et al., ICLR 2023) trains the old-to-new transformation with a discriminative
-    term besides the regression: T12(φ_old(x)) must be classified correctly by the NEW model. Here the
-    new model's classifier is its class centers on the training classes (`transform_class_centers`),
-    with a normalized-softmax head:
-
-        L_i = −log( exp(s·⟨n(T12(f_old,i)), ĉ_{y_i}⟩) / Σ_j exp(s·⟨n(T12(f_old,i)), ĉ_j⟩) )
-
-    The centers are constants (no gradient). Same computation as BCT's influence loss (item 8) with
-    the new centers in place of the old classifier.
-
-    Args:
-      predictions: [B, D_new] T12 outputs for the old embeddings of the batch (normalized inside).
-      labels: [B] int class ids (or [B, 1]), rows of `new_centers`.
-      new_centers: [C, D_new] the new model's class centers (normalized inside).
-      scale: s > 0.
-
-    Returns:
-      [B] per-example loss.
-
-    Raises:
-      ValueError: scale not finite and > 0, wrong ranks, or D or batch sizes that differ.
-    """
-    return _frozen_rows_softmax(predictions, labels, new_centers, scale, "transform_classification_loss",
-                                ("predictions", "new_centers"))
-
-
-def transform_supcon_loss(targets: Any, predictions: Any, labels: Any,
-                          temperature: float = DEFAULT_TEMPERATURE) -> tf.Tensor:
-    """Supervised-contrastive objective of a transformation T12 (docs/design.md item 11).
-
-    Khosla et al. (NeurIPS 2020), L^sup_out, across the two spaces: the anchors are the transformed
-    old embeddings a_i = n(T12(φ_old(x_i))), the candidates the new embeddings z_j = n(φ_new(x_j)) of
-    the whole batch (j = i included: it is another space, not the anchor itself); the positives
-    P(i) = {j : y_j = y_i} (i's own new embedding among them), the other classes are the negatives:
-
-        L_i = −(1 / |P(i)|) Σ_{p∈P(i)} log( exp(⟨a_i, z_p⟩/τ) / Σ_j exp(⟨a_i, z_j⟩/τ) )
-            = logsumexp_j(⟨a_i, z_j⟩/τ) − mean_{p∈P(i)} ⟨a_i, z_p⟩/τ
-
-    The new embeddings are the targets: no gradient flows into them. The argument order is
-    `cosine_distance_loss`'s, so the caller combines them per example:
-    `cosine_distance_loss(t, p) + λ·transform_supcon_loss(t, p, labels)`.
-
-    Example (hand-worked, τ = 1): targets [[1, 0], [0, 1]], predictions [[1, 0], [1, 0]], labels
-    [0, 1]: L_0 = log(e^1 + e^0) − 1 = log(1 + e^−1);  L_1 = log(e^1 + e^0) − 0 = log(1 + e).
-
-    Args:
-      targets: [B, D_new] the new model's embeddings of the batch (normalized inside; gradients stopped).
-      predictions: [B, D_new] T12 outputs for the old embeddings of the same images.
-      labels: [B] int class ids (or [B, 1]).
-      temperature: τ > 0.
-
-    Returns:
-      [B] per-example loss.
-
-    Raises:
-      ValueError: temperature not finite and > 0, wrong ranks, or D or batch sizes that differ.
-    """
-    fn = "transform_supcon_loss"
-    inv_tau = 1.0 / _check_positive(temperature, fn, "temperature")
-    z, a, labels = _paired_batch(fn, ("targets", "predictions"), targets, predictions, labels)
-    z, a = tf.stop_gradient(_l2n(z)), _l2n(a)
-    logits = tf.linalg.matmul(a, z, transpose_b=True) * inv_tau
-    positive = tf.cast(tf.equal(labels[:, None], labels[None, :]), tf.float32)
-    mean_positive = tf.reduce_sum(positive * logits, axis=1) / tf.reduce_sum(positive, axis=1)
-    return tf.reduce_logsumexp(logits, axis=1) - mean_positive
-
-
-def _objective_weights(fn: str, cosine_weight: Any, classify_weight: Any, supcon_weight: Any,
-                       has_centers: bool) -> dict[str, float]:
-    """The checked weights of `transform_objective_loss`: {"cosine_weight": …, "classify_weight": …, …}."""
-    weights = {"cosine_weight": cosine_weight, "classify_weight": classify_weight, "supcon_weight": supcon_weight}
-    for name, value in weights.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{fn}: expected {name} >= 0; received {value!r}.")
-    if not any(weights.values()):
-        raise ValueError(f"{fn}: expected a weight > 0; received {weights}.")
-    if classify_weight and not has_centers:
-        raise ValueError(f"{fn}: classify_weight {classify_weight!r} needs new_centers; received None.")
-    return {name: float(value) for name, value in weights.items()}
-
-
-def transform_objective_loss(targets: Any, predictions: Any, labels: Any, new_centers: Any = None, *,
-                             cosine_weight: float = 1.0, classify_weight: float = 0.0, supcon_weight: float = 0.0,
-                             scale: float = 16.0, temperature: float = DEFAULT_TEMPERATURE) -> tf.Tensor:
-    """A fit objective of T12 (docs/design.md, "The forward path", items 10 and 11), per example:
-
-        L_i = w_cos·[1 − cos(p_i, t_i)] + w_cls·CE(s·⟨n(p_i), ĉ_j⟩ over j, y_i) + w_sup·SupCon_i(p, t, y)
-
-    with p = T12(old embeddings), t = the new embeddings of the same images, ĉ the new model's class
-    centers: `cosine_distance_loss` + `transform_classification_loss` + `transform_supcon_loss`. A term
-    whose weight is 0 is not computed (the classification term then needs no centers).
-
-    Example (hand-worked, w_cos = 1, w_cls = 1, s = 1): targets [[1, 0]], predictions [[1, 0]], labels
-    [0], centers [[1, 0], [0, 1]]: L_0 = 0 + log(e^1 + e^0) − 1 = log(1 + e^−1).
-
-    Args:
-      targets: [B, D_new] the new model's embeddings of the batch (gradients stopped).
-      predictions: [B, D_new] T12 outputs for the old embeddings of the same images.
-      labels: [B] int class ids (or [B, 1]), rows of `new_centers`.
-      new_centers: [C, D_new] the new model's class centers (needed when classify_weight > 0).
-      cosine_weight, classify_weight, supcon_weight: the weights w_cos, w_cls, w_sup (>= 0, one > 0).
-      scale: s > 0 of the classification term.
-      temperature: τ > 0 of the supervised contrastive term.
-
-    Returns:
-      [B] per-example loss.
-
-    Raises:
-      ValueError: a negative or non-finite weight, all weights 0, classify_weight > 0 without
-        new_centers, or the checks of the three terms.
-    """
-    _objective_weights("transform_objective_loss", cosine_weight, classify_weight, supcon_weight,
-                       new_centers is not None)
-    total = None
-
-    def add(term):
-        nonlocal total
-        total = term if total is None else total + term
-
-    if cosine_weight:
-        add(float(cosine_weight) * cosine_distance_loss(targets, predictions))
-    if classify_weight:
-        add(float(classify_weight) * transform_classification_loss(predictions, labels, new_centers, scale))
-    if supcon_weight:
-        add(float(supcon_weight) * transform_supcon_loss(targets, predictions, labels, temperature))
-    return total
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -729,7 +464,7 @@ class NormSoftmaxLoss(tf.keras.losses.Loss):
     def __init__(self, scale: float = 16.0, reduction: str = _Reduction.SUM_OVER_BATCH_SIZE,
                  name: str = "norm_softmax_loss"):
         super().__init__(reduction=reduction, name=name)
-        self.scale = _check_scale(scale, type(self).__name__)
+        self.scale = check_scale(scale, type(self).__name__)
 
     def call(self, y_true, y_pred):
         return norm_softmax_loss(y_true, y_pred, self.scale)
@@ -754,8 +489,8 @@ class CosFaceLoss(tf.keras.losses.Loss):
     def __init__(self, scale: float = 16.0, margin: float = 0.1,
                  reduction: str = _Reduction.SUM_OVER_BATCH_SIZE, name: str = "cosface_loss"):
         super().__init__(reduction=reduction, name=name)
-        self.scale = _check_scale(scale, type(self).__name__)
-        self.margin = _check_margin(margin, type(self).__name__)
+        self.scale = check_scale(scale, type(self).__name__)
+        self.margin = check_margin(margin, type(self).__name__)
 
     def call(self, y_true, y_pred):
         return cosface_loss(y_true, y_pred, self.scale, self.margin)
@@ -780,8 +515,8 @@ class ArcFaceLoss(tf.keras.losses.Loss):
     def __init__(self, scale: float = 16.0, margin: float = 0.1,
                  reduction: str = _Reduction.SUM_OVER_BATCH_SIZE, name: str = "arcface_loss"):
         super().__init__(reduction=reduction, name=name)
-        self.scale = _check_scale(scale, type(self).__name__)
-        self.margin = _check_margin(margin, type(self).__name__, upper=math.pi / 2)
+        self.scale = check_scale(scale, type(self).__name__)
+        self.margin = check_margin(margin, type(self).__name__, upper=math.pi / 2)
 
     def call(self, y_true, y_pred):
         return arcface_loss(y_true, y_pred, self.scale, self.margin)
@@ -808,7 +543,7 @@ class AlignmentLoss(tf.keras.losses.Loss):
     def __init__(self, old_centers: Any, reduction: str = _Reduction.SUM_OVER_BATCH_SIZE,
                  name: str = "alignment_loss"):
         super().__init__(reduction=reduction, name=name)
-        self.old_centers = _array(old_centers, "old_centers", type(self).__name__, rank=2)
+        self.old_centers = float_array(old_centers, "old_centers", type(self).__name__, rank=2)
 
     def call(self, y_true, y_pred):
         del y_true  # unused
@@ -840,9 +575,9 @@ class BoundaryLoss(tf.keras.losses.Loss):
                  reduction: str = _Reduction.SUM_OVER_BATCH_SIZE, name: str = "boundary_loss"):
         super().__init__(reduction=reduction, name=name)
         cls = type(self).__name__
-        self.old_centers = _array(old_centers, "old_centers", cls, rank=2)
-        self.old_boundary_cos = _array(old_boundary_cos, "old_boundary_cos", cls, rank=1)
-        _check_same(cls, "number of classes C =", "old_centers", self.old_centers.shape[0],
+        self.old_centers = float_array(old_centers, "old_centers", cls, rank=2)
+        self.old_boundary_cos = float_array(old_boundary_cos, "old_boundary_cos", cls, rank=1)
+        check_same(cls, "number of classes C =", "old_centers", self.old_centers.shape[0],
                     "old_boundary_cos", self.old_boundary_cos.shape[0])
         self.normalize = bool(normalize)
 
@@ -870,8 +605,8 @@ class _FrozenRowsSoftmaxLoss(tf.keras.losses.Loss):
 
     def __init__(self, rows: Any, scale: float, reduction: str, name: str):
         super().__init__(reduction=reduction, name=name)
-        setattr(self, self.ROWS, _array(rows, self.ROWS, type(self).__name__, rank=2))
-        self.scale = _check_scale(scale, type(self).__name__)
+        setattr(self, self.ROWS, float_array(rows, self.ROWS, type(self).__name__, rank=2))
+        self.scale = check_scale(scale, type(self).__name__)
 
     def call(self, y_true, y_pred):
         return type(self).LOSS_FN(y_pred, y_true, tf.constant(getattr(self, self.ROWS)), self.scale)
@@ -919,22 +654,6 @@ class L2RegressionLoss(tf.keras.losses.Loss):
 
 
 @tf.keras.utils.register_keras_serializable(package=_PACKAGE)
-class CosineDistanceLoss(tf.keras.losses.Loss):
-    """Loss class of `cosine_distance_loss`: y_true = target embeddings [B, D], y_pred = predictions [B, D].
-
-    Args:
-      reduction: a `tf.keras.losses.Reduction`.
-      name: loss name.
-    """
-
-    def __init__(self, reduction: str = _Reduction.SUM_OVER_BATCH_SIZE, name: str = "cosine_distance_loss"):
-        super().__init__(reduction=reduction, name=name)
-
-    def call(self, y_true, y_pred):
-        return cosine_distance_loss(y_true, y_pred)
-
-
-@tf.keras.utils.register_keras_serializable(package=_PACKAGE)
 class TripletLoss(tf.keras.losses.Loss):
     """Loss class of `triplet_loss`: y_true = labels [B], y_pred = embeddings [B, D]; scalar.
 
@@ -948,7 +667,7 @@ class TripletLoss(tf.keras.losses.Loss):
     def __init__(self, margin: float = 1.0, normalize: bool = True,
                  reduction: str = _Reduction.SUM_OVER_BATCH_SIZE, name: str = "triplet_loss"):
         super().__init__(reduction=reduction, name=name)
-        self.margin = _check_margin(margin, type(self).__name__)
+        self.margin = check_margin(margin, type(self).__name__)
         self.normalize = bool(normalize)
 
     def call(self, y_true, y_pred):
@@ -977,8 +696,8 @@ class InstanceContrastiveLoss(tf.keras.losses.Loss):
     def __init__(self, temperature: float = DEFAULT_TEMPERATURE, new_negatives: bool = False,
                  reduction: str = _Reduction.SUM_OVER_BATCH_SIZE, name: str = "instance_contrastive_loss"):
         super().__init__(reduction=reduction, name=name)
-        self.temperature = _check_positive(temperature, type(self).__name__, "temperature")
-        self.new_negatives = _check_flag(new_negatives, type(self).__name__, "new_negatives")
+        self.temperature = check_positive(temperature, type(self).__name__, "temperature")
+        self.new_negatives = check_flag(new_negatives, type(self).__name__, "new_negatives")
 
     def call(self, y_true, y_pred):
         old_embeddings, labels = unpack_embeddings_and_labels(y_true)
@@ -988,97 +707,6 @@ class InstanceContrastiveLoss(tf.keras.losses.Loss):
     def get_config(self) -> dict:
         config = super().get_config()
         config.update({"temperature": self.temperature, "new_negatives": self.new_negatives})
-        return config
-
-
-@tf.keras.utils.register_keras_serializable(package=_PACKAGE)
-class TransformClassificationLoss(_FrozenRowsSoftmaxLoss):
-    """Loss class of `transform_classification_loss` (item 10) with the new centers fixed at construction.
-
-    Call with y_true = labels [B] and y_pred = T12 outputs [B, D_new].
-
-    Args:
-      new_centers: [C, D_new] the new model's class centers (array-like; stored as a nested list in
-        the config), e.g. from `transform_class_centers`.
-      scale: s > 0.
-      reduction: a `tf.keras.losses.Reduction`.
-      name: loss name.
-    """
-
-    ROWS = "new_centers"
-    LOSS_FN = staticmethod(transform_classification_loss)
-
-    def __init__(self, new_centers: Any, scale: float = 16.0,
-                 reduction: str = _Reduction.SUM_OVER_BATCH_SIZE, name: str = "transform_classification_loss"):
-        super().__init__(new_centers, scale, reduction, name)
-
-
-@tf.keras.utils.register_keras_serializable(package=_PACKAGE)
-class TransformSupConLoss(tf.keras.losses.Loss):
-    """Loss class of `transform_supcon_loss` (item 11).
-
-    Call with y_true = `pack_embeddings_and_labels(new_embeddings, labels)` [B, D_new + 1] and y_pred
-    = T12 outputs [B, D_new]; `call` returns the per-example loss [B].
-
-    Args:
-      temperature: τ > 0.
-      reduction: a `tf.keras.losses.Reduction`.
-      name: loss name.
-    """
-
-    def __init__(self, temperature: float = DEFAULT_TEMPERATURE,
-                 reduction: str = _Reduction.SUM_OVER_BATCH_SIZE, name: str = "transform_supcon_loss"):
-        super().__init__(reduction=reduction, name=name)
-        self.temperature = _check_positive(temperature, type(self).__name__, "temperature")
-
-    def call(self, y_true, y_pred):
-        targets, labels = unpack_embeddings_and_labels(y_true)
-        return transform_supcon_loss(targets, y_pred, labels, self.temperature)
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update({"temperature": self.temperature})
-        return config
-
-
-@tf.keras.utils.register_keras_serializable(package=_PACKAGE)
-class TransformObjectiveLoss(tf.keras.losses.Loss):
-    """Loss class of `transform_objective_loss`, the fit objective of T12 (`lce_tf.transform_fit`).
-
-    Call with y_true = `pack_embeddings_and_labels(new_embeddings, labels)` [B, D_new + 1] and y_pred
-    = T12 outputs [B, D_new]; `call` returns the per-example loss [B].
-
-    Args:
-      new_centers: [C, D_new] the new model's class centers (array-like, stored as a nested list in the
-        config; None when classify_weight is 0).
-      cosine_weight, classify_weight, supcon_weight: the weights of the three terms.
-      scale: s > 0 of the classification term.
-      temperature: τ > 0 of the supervised contrastive term.
-      reduction: a `tf.keras.losses.Reduction`.
-      name: loss name.
-    """
-
-    def __init__(self, new_centers: Any = None, cosine_weight: float = 1.0, classify_weight: float = 0.0,
-                 supcon_weight: float = 0.0, scale: float = 16.0, temperature: float = DEFAULT_TEMPERATURE,
-                 reduction: str = _Reduction.SUM_OVER_BATCH_SIZE, name: str = "transform_objective_loss"):
-        super().__init__(reduction=reduction, name=name)
-        cls = type(self).__name__
-        self.new_centers = None if new_centers is None else _array(new_centers, "new_centers", cls, rank=2)
-        self.weights = _objective_weights(cls, cosine_weight, classify_weight, supcon_weight,
-                                          self.new_centers is not None)
-        self.scale = _check_scale(scale, cls)
-        self.temperature = _check_positive(temperature, cls, "temperature")
-
-    def call(self, y_true, y_pred):
-        targets, labels = unpack_embeddings_and_labels(y_true)
-        centers = None if self.new_centers is None else tf.constant(self.new_centers)
-        return transform_objective_loss(targets, y_pred, labels, centers, scale=self.scale,
-                                        temperature=self.temperature, **self.weights)
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update({"new_centers": None if self.new_centers is None else self.new_centers.tolist(),
-                       "scale": self.scale, "temperature": self.temperature, **self.weights})
         return config
 
 

@@ -135,7 +135,7 @@ class EmbeddingModel:
     def embed_folder(self, folder, signature: str = "embed", batch_size: int = 256
                      ) -> tuple[np.ndarray, np.ndarray]:
         """Embeds an `lce_tf.data.ImageFolder`; returns (embeddings [N, D], labels [N]) in folder order."""
-        from lce_tf.data import make_image_dataset
+        from lce_tf.datasets import make_image_dataset
 
         dataset = make_image_dataset(folder, self.input_shape, batch_size)
         return self.embed_dataset(dataset, signature)

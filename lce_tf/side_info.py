@@ -148,7 +148,7 @@ def augment(images, settings: SideModelSettings, generator):
     3x3 min- or max-filter with `morph_probability` each (thicker or thinner strokes), Gaussian noise."""
     import tensorflow as tf
 
-    from lce_tf.data import _pad_with_background  # pylint: disable=protected-access
+    from lce_tf.datasets import _pad_with_background  # pylint: disable=protected-access
 
     images = tf.convert_to_tensor(images, tf.float32)
     batch = tf.shape(images)[0]

@@ -308,7 +308,7 @@ def train(config: TrainConfig, train_dataset, *, num_classes: int, input_shape: 
     Args:
       config: the run's settings (validated here).
       train_dataset: a tf.data.Dataset of (images [B, H, W, C], labels [B]) batches, one epoch (e.g.
-        `lce_tf.data.make_image_dataset(..., shuffle=True)`, which decodes the images once into memory).
+        `lce_tf.datasets.make_image_dataset(..., shuffle=True)`, which decodes the images once into memory).
       num_classes: C, the number of training classes.
       input_shape: (H, W, C).
       old_centers: old class centers aligned to the training labels (modes that need them).

@@ -4,7 +4,7 @@ The forward upgrade route (docs/design.md, "The forward path"): after v2 is trai
 images with both models, x -> (φ1(x), φ2(x)), and fit T12 (old -> new) with the
 `lce_tf.layers.CompatibilityTransform` block and `model.fit`. The objective (`TransformFitSettings.
 objective`, one of OBJECTIVES) is the cosine distance on unit vectors by default
-(`lce_tf.losses.cosine_distance_loss`):
+(`lce_tf.transform_losses.cosine_distance_loss`):
 
     L(T12) = mean_i [1 − cos(T12(φ1(x_i)), φ2(x_i))],        (and, with direction "both",
     L(T21) = mean_i [1 − cos(T21(φ2(x_i)), φ1(x_i))]          fitted in the same `fit`)
@@ -17,7 +17,7 @@ p_i = normalize(T12(φ1(x_i))) and t_i = normalize(φ2(x_i)):
     supcon:    mean_i [logsumexp_j ⟨p_i, t_j⟩/τ − mean_{j: y_j = y_i} ⟨p_i, t_j⟩/τ]   over the batch (item 11)
     cosine+classify = cosine + classify_weight·classify;  cosine+supcon = cosine + supcon_weight·supcon
 
-(`lce_tf.losses.transform_objective_loss`). Objective "cosine" is the fit of lce-tf before the
+(`lce_tf.transform_losses.transform_objective_loss`). Objective "cosine" is the fit of lce-tf before the
 objectives existed, bit for bit.
 
 New queries are then searched against normalize(T12(old gallery vector)): the gallery's stored vectors
@@ -66,8 +66,8 @@ DIRECTIONS = ("old-to-new", "both")
 
 # The fit objectives of T12 (docs/design.md, "The forward path" and items 10-11): "cosine" is the cosine
 # distance alone; "classify" is FastFill's classification of T12's outputs by the new model's class
-# centers (`lce_tf.losses.transform_classification_loss`); "supcon" the supervised contrastive term from
-# T12's outputs to the batch's new embeddings (`lce_tf.losses.transform_supcon_loss`); "a+b" their sum,
+# centers (`lce_tf.transform_losses.transform_classification_loss`); "supcon" the supervised contrastive term from
+# T12's outputs to the batch's new embeddings (`lce_tf.transform_losses.transform_supcon_loss`); "a+b" their sum,
 # the second term weighted (classify_weight / supcon_weight).
 OBJECTIVES = ("cosine", "cosine+classify", "cosine+supcon", "classify", "supcon")
 COSINE, CLASSIFY, SUPCON = "cosine", "classify", "supcon"
@@ -250,8 +250,8 @@ class PairStore:
     def new_class_centers(self) -> np.ndarray:
         """The new model's class centers ĉ_j = normalize(Σ_{y_i = j} f̂new_i) [C, D_new] (float32, rows in
         `class_ids` order), accumulated block by block: the same bits as
-        `lce_tf.losses.transform_class_centers` on all the pairs at once (exact fixed-point sums)."""
-        from lce_tf.centers import CenterSumAccumulator
+        `lce_tf.transform_losses.transform_class_centers` on all the pairs at once (exact fixed-point sums)."""
+        from lce_tf.center_accumulators import CenterSumAccumulator
 
         sums = [CenterSumAccumulator() for _ in self.class_counts]
         for _, new, index in self.blocks(None, labels=True):
@@ -411,25 +411,25 @@ TERM_METRICS = {COSINE: "cosine_distance", CLASSIFY: "classify_loss", SUPCON: "s
 
 
 def _objective(pairs: PairStore, settings: TransformFitSettings) -> tuple[Any, list[Any]]:
-    """T12's Keras loss for an objective other than "cosine" (`lce_tf.losses.TransformObjectiveLoss`,
+    """T12's Keras loss for an objective other than "cosine" (`lce_tf.transform_losses.TransformObjectiveLoss`,
     with the new model's class centers of the pairs when it classifies) and one metric per term of the
     objective plus the cosine distance, each unweighted (TERM_METRICS)."""
     import tensorflow as tf
 
-    from lce_tf import losses
+    from lce_tf.transform_losses import TransformObjectiveLoss
 
     terms = settings.terms
     centers = pairs.new_class_centers() if CLASSIFY in terms else None
-    loss = losses.TransformObjectiveLoss(centers, cosine_weight=terms.get(COSINE, 0.0),
-                                         classify_weight=terms.get(CLASSIFY, 0.0),
-                                         supcon_weight=terms.get(SUPCON, 0.0), scale=settings.scale,
-                                         temperature=settings.temperature)
+    loss = TransformObjectiveLoss(centers, cosine_weight=terms.get(COSINE, 0.0),
+                                  classify_weight=terms.get(CLASSIFY, 0.0),
+                                  supcon_weight=terms.get(SUPCON, 0.0), scale=settings.scale,
+                                  temperature=settings.temperature)
     single = {COSINE: dict(cosine_weight=1.0), CLASSIFY: dict(cosine_weight=0.0, classify_weight=1.0),
               SUPCON: dict(cosine_weight=0.0, supcon_weight=1.0)}
     metrics = [tf.keras.metrics.MeanMetricWrapper(
-        losses.TransformObjectiveLoss(centers if term == CLASSIFY else None, scale=settings.scale,
-                                      temperature=settings.temperature, reduction=tf.keras.losses.Reduction.NONE,
-                                      **single[term]),
+        TransformObjectiveLoss(centers if term == CLASSIFY else None, scale=settings.scale,
+                               temperature=settings.temperature, reduction=tf.keras.losses.Reduction.NONE,
+                               **single[term]),
         name=TERM_METRICS[term]) for term in [COSINE] + [t for t in terms if t != COSINE]]
     return loss, metrics
 
@@ -442,7 +442,7 @@ def fit_transformation(pairs: PairStore, settings: TransformFitSettings, *, prog
 
     Objective "cosine" compiles the cosine distance for every direction and reads no labels (the fit
     of lce-tf before the objectives existed, bit for bit). The others compile
-    `lce_tf.losses.TransformObjectiveLoss` for T12, read the pairs' labels with the batches and log
+    `lce_tf.transform_losses.TransformObjectiveLoss` for T12, read the pairs' labels with the batches and log
     every term unweighted (TERM_METRICS); the classification term's centers are the new model's class
     centers of the pairs (`PairStore.new_class_centers`), computed once before the fit.
 
@@ -452,7 +452,7 @@ def fit_transformation(pairs: PairStore, settings: TransformFitSettings, *, prog
     """
     import tensorflow as tf
 
-    from lce_tf.losses import CosineDistanceLoss
+    from lce_tf.transform_losses import CosineDistanceLoss
     from lce_tf.training import check_history, seed_everything
 
     settings.validate()

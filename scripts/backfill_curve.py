@@ -119,7 +119,7 @@ def _check(index, queries, query_classes, k: int, sweep: bool = False) -> dict:
 
 
 def run(args, log=print) -> dict:
-    from lce_tf.index import images, scann_index  # pylint: disable=import-outside-toplevel
+    from lce_tf.index import images, scann_config, scann_index  # pylint: disable=import-outside-toplevel
     from lce_tf.data import read_image_folder  # pylint: disable=import-outside-toplevel
     from lce_tf.serving import load_embedding_model  # pylint: disable=import-outside-toplevel
 
@@ -174,7 +174,7 @@ def run(args, log=print) -> dict:
     checks = {}
     for algorithm in args.check_algorithms.split(","):
         algorithm = algorithm.strip()
-        cfg = scann_index.IndexConfig.for_size(len(index), index.dim, **{**overrides, "algorithm": algorithm})
+        cfg = scann_config.IndexConfig.for_size(len(index), index.dim, **{**overrides, "algorithm": algorithm})
         probe = scann_index.EmbeddingIndex.build(index.ids, old_vectors, old.model_id,
                                                  embedding_space=index.embedding_space, model_id=old.model_id,
                                                  config=cfg)
@@ -195,7 +195,7 @@ def run(args, log=print) -> dict:
     if fractions and new.has_signature("transform_old_to_new") and (
             (new.compatible_with or {}).get("embedding_space") == index.embedding_space):
         # the same (overridden) configuration as the old-space index, for the new dimension
-        t12_config = scann_index.IndexConfig.for_size(len(index), new.embedding_dim, **overrides)
+        t12_config = scann_config.IndexConfig.for_size(len(index), new.embedding_dim, **overrides)
         t12_index = images.upgrade_with_t12(index, new, config=t12_config)
 
     curves = {}

@@ -456,7 +456,8 @@ def training_data(num_classes: int, per_class: int, image_size: int, embedding_d
     Class templates are uniform noise images; samples add Gaussian pixel noise (`noise`, high enough
     that the losses stay O(1) for a few epochs: relative differences of near-zero losses mean nothing).
     """
-    from lce_tf.centers import ClassCenters, l2_normalize
+    from lce_tf.center_accumulators import l2_normalize
+    from lce_tf.centers import ClassCenters
 
     rng = np.random.default_rng(seed)
     templates = rng.uniform(size=(num_classes, image_size, image_size, 1))

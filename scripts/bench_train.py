@@ -127,7 +127,7 @@ def _log(message: str) -> None:
 
 def ensure_dataset(data_dir: Optional[str], work: str, profile: Profile) -> str:
     """--data as given, else the profile's dataset generated once into the work directory."""
-    from lce_tf import glyphs
+    from lce_tf import glyphs, synthetic
 
     if data_dir:
         for split in ("train", "query", "gallery"):
@@ -147,10 +147,10 @@ def ensure_dataset(data_dir: Optional[str], work: str, profile: Profile) -> str:
                                    num_test_classes=profile.test_classes, size=profile.size, seed=0,
                                    progress=None, overwrite=True)
     else:
-        glyphs.build_synthetic_dataset(out, num_train_classes=profile.train_classes,
-                                       num_test_classes=profile.test_classes, images_per_class=8,
-                                       num_query_per_class=2, size=profile.size, seed=0, progress=None,
-                                       overwrite=True)
+        synthetic.build_synthetic_dataset(out, num_train_classes=profile.train_classes,
+                                          num_test_classes=profile.test_classes, images_per_class=8,
+                                          num_query_per_class=2, size=profile.size, seed=0, progress=None,
+                                          overwrite=True)
     return out
 
 
@@ -239,7 +239,7 @@ class TrainingBench:
     """Builds every configuration, then measures them in alternating rounds."""
 
     def __init__(self, folder, shape: tuple[int, int, int], profile: Profile, seed: int = 0):
-        from lce_tf import data, training
+        from lce_tf import datasets, training
 
         self.folder, self.shape, self.profile, self.seed = folder, shape, profile, seed
         self.centers = synthetic_centers(folder.num_classes, 128, seed)
@@ -247,7 +247,7 @@ class TrainingBench:
         self.datasets: dict[tuple[str, int], Any] = {}
         self.decode_seconds: dict[int, float] = {}
         self.defaults = training.TrainConfig()
-        self._data = data
+        self._datasets = datasets
         self.configs: list[Config] = []
 
     def dataset(self, kind: str, batch_size: int):
@@ -257,7 +257,7 @@ class TrainingBench:
 
             training.seed_everything(self.seed)
             start = time.perf_counter()
-            self.datasets[key] = self._data.make_image_dataset(
+            self.datasets[key] = self._datasets.make_image_dataset(
                 self.folder, self.shape, batch_size, shuffle=True, seed=self.seed, shift_pixels=2, repeat=True,
                 drop_remainder=True, in_memory=(kind == "memory"))
             if kind == "memory":
@@ -381,11 +381,11 @@ def measure_inference(models: dict[str, Any], images: np.ndarray, profile: Profi
 
 def accuracy_check(data_dir: str, train_folder, shape: tuple[int, int, int], profile: Profile) -> list[dict[str, Any]]:
     """cnn independent trained end to end along each path; training loss/accuracy and held-out retrieval."""
-    from lce_tf import data, evaluation, training
+    from lce_tf import data, datasets, evaluation, training
 
     query = data.read_image_folder(os.path.join(data_dir, "query"))
     gallery = data.read_image_folder(os.path.join(data_dir, "gallery"))
-    query_images, gallery_images = data.load_images(query.paths, shape), data.load_images(gallery.paths, shape)
+    query_images, gallery_images = datasets.load_images(query.paths, shape), datasets.load_images(gallery.paths, shape)
     runs = [("before", 0, False, {"steps_per_execution": 1, "precision": "float32"}),
             ("after", 0, None, {}),
             ("after+bf16", 0, None, {"precision": "mixed_bfloat16"}),
@@ -397,8 +397,8 @@ def accuracy_check(data_dir: str, train_folder, shape: tuple[int, int, int], pro
                                       batch_size=profile.batch_size, seed=seed, **overrides)
         start = time.perf_counter()
         training.seed_everything(seed)
-        dataset = data.make_image_dataset(train_folder, shape, config.batch_size, shuffle=True, seed=seed,
-                                          shift_pixels=config.shift_pixels, in_memory=in_memory)
+        dataset = datasets.make_image_dataset(train_folder, shape, config.batch_size, shuffle=True, seed=seed,
+                                              shift_pixels=config.shift_pixels, in_memory=in_memory)
         model, history = training.train(config, dataset, num_classes=train_folder.num_classes, input_shape=shape,
                                         verbose=0)
         seconds = time.perf_counter() - start
@@ -476,7 +476,7 @@ def run(data_dir: Optional[str], out_dir: str, profile: Profile, *, work: str, c
         name: str = "train_speed") -> dict[str, Any]:
     from tensorflow.python.framework import config as tf_config  # pylint: disable=no-name-in-module
 
-    from lce_tf import data, training
+    from lce_tf import data, datasets, training
 
     wall_start = time.perf_counter()
     load_start = [round(v, 2) for v in os.getloadavg()]
@@ -531,7 +531,7 @@ def run(data_dir: Optional[str], out_dir: str, profile: Profile, *, work: str, c
                               "speedup": None if config.error else paired_ratio(config, ref),
                               "cpu_speedup": None if config.error else paired_ratio(ref, config, "cpu_us_per_image")})
     _log("inference")
-    infer_images = data.load_images(folder.paths[:profile.inference_batch], shape)
+    infer_images = datasets.load_images(folder.paths[:profile.inference_batch], shape)
     inference_models = {b: configs[f"{b}/{INDEPENDENT}/after"].model for b in profile.backbones
                         if f"{b}/{INDEPENDENT}/after" in configs and configs[f"{b}/{INDEPENDENT}/after"].model is not None}
     inference = measure_inference(inference_models, infer_images, profile)

@@ -45,7 +45,7 @@ def say(message: str) -> None:
 
 
 def prepare_data(out: str, kind: str, classes: int, test_fraction: float, size: int, seed: int) -> str:
-    from lce_tf import glyphs
+    from lce_tf import glyphs, synthetic
 
     if kind == "auto":
         kind = "glyphs" if len(glyphs.discover_cjk_fonts()) >= 3 else "synthetic"
@@ -63,7 +63,7 @@ def prepare_data(out: str, kind: str, classes: int, test_fraction: float, size: 
                 "test": have["num_classes"]["query"]} == wanted:
             say(f"reusing the {kind} dataset in {out}")
             return kind
-    builder = glyphs.build_glyph_dataset if kind == "glyphs" else glyphs.build_synthetic_dataset
+    builder = glyphs.build_glyph_dataset if kind == "glyphs" else synthetic.build_synthetic_dataset
     say(f"building the {kind} dataset in {out}: {classes - test} training and {test} test classes")
     builder(out, num_train_classes=classes - test, num_test_classes=test, size=size, seed=seed, overwrite=True,
             progress=say)
@@ -109,7 +109,8 @@ def search_v2_against_index(index_dir: str, what: str, model_dir: str, query_dir
             f"{topk:.3f} over {len(queries)} queries")
         return
     # The index command is not available (or refused): the same search with lce_tf.index directly.
-    from lce_tf.data import load_images, read_image_folder
+    from lce_tf.data import read_image_folder
+    from lce_tf.datasets import load_images
     from lce_tf.index.operations import check_query_compatibility
     from lce_tf.index.scann_index import EmbeddingIndex
     from lce_tf.serving import load_embedding_model

@@ -33,7 +33,8 @@ def main() -> int:
     parser.add_argument("--new-model", required=True)
     args = parser.parse_args()
 
-    from lce_tf.data import load_images, read_image_folder
+    from lce_tf.data import read_image_folder
+    from lce_tf.datasets import load_images
     from lce_tf.serving import load_embedding_model
 
     query, gallery = read_image_folder(args.query), read_image_folder(args.gallery)

@@ -203,7 +203,8 @@ def _assert_absent(path):
 
 def mixed_modes_and_sizes(ws, tmp, mp):
     """Grayscale, RGB and RGBA 12 x 12 plus a 20 x 16 grayscale image, read at 12 x 12 x 1."""
-    from lce_tf.data import make_image_dataset, read_image_folder
+    from lce_tf.data import read_image_folder
+    from lce_tf.datasets import make_image_dataset
 
     _image(tmp / "data/a/gray.png", "L")
     _image(tmp / "data/a/rgb.png", "RGB")
@@ -288,7 +289,8 @@ def one_image_query_class(ws, tmp, mp):
 def _examples(ws, tmp, split: str = "gallery") -> tuple[str, dict]:
     """An Examples directory in the components' layout (TFRecords + lce_tf_examples.json), without tfx."""
     from components import util
-    from lce_tf.data import read_image_folder, write_tfrecords
+    from lce_tf.data import read_image_folder
+    from lce_tf.tfrecords import write_tfrecords
 
     folder = read_image_folder(ws / split)
     examples = str(tmp / "examples")
@@ -308,7 +310,7 @@ def _shard(examples: str, split: str = "gallery") -> str:
 
 
 def truncated_tfrecord(ws, tmp, mp):
-    from lce_tf.data import count_tfrecord_examples
+    from lce_tf.tfrecords import count_tfrecord_examples
 
     examples, _ = _examples(ws, tmp)
     shard = _shard(examples)
@@ -477,14 +479,14 @@ def diverging_training(ws, tmp, mp):
 def nan_training_batches(ws, tmp, mp):
     """lce-tf train whose input pipeline yields NaN images (what a reader of float data could hand over;
     decoded PNG files cannot): the batch is refused before a training step, nothing is exported."""
-    from lce_tf import data
+    from lce_tf import datasets
 
-    real = data.make_image_dataset
+    real = datasets.make_image_dataset
 
     def nan_dataset(*args, **kwargs):
         return real(*args, **kwargs).map(lambda images, labels: (images * np.float32("nan"), labels))
 
-    mp.setattr(data, "make_image_dataset", nan_dataset)
+    mp.setattr(datasets, "make_image_dataset", nan_dataset)
     act = _cli("train", "--data", ws / "train", "--out", tmp / "m", "--arch", "small_cnn", "--dim", "8",
                "--epochs", "1", "--batch-size", "8", "--shift", "0", "--verbose", "0")
     return act, lambda _: _assert_absent(tmp / "m")

@@ -202,7 +202,7 @@ def test_runner_names_agree():
 def model_and_data(tmp_path_factory):
     """A small_cnn model directory (untrained, 8-d) and a synthetic folder of 6 classes x 8 images."""
     from lce_tf.export import export_model
-    from lce_tf.glyphs import build_synthetic_dataset
+    from lce_tf.synthetic import build_synthetic_dataset
     from lce_tf.model import build_compatible_model
 
     root = tmp_path_factory.mktemp("cli-dask")

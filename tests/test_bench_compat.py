@@ -32,7 +32,7 @@ CI_PROFILE = bench.Profile("ci", train_classes=16, test_classes=8, size=16, epoc
 
 @pytest.fixture(scope="module")
 def ci_run(tmp_path_factory):
-    from lce_tf.glyphs import build_synthetic_dataset
+    from lce_tf.synthetic import build_synthetic_dataset
 
     root = tmp_path_factory.mktemp("bench")
     build_synthetic_dataset(str(root / "data"), num_train_classes=16, num_test_classes=8, images_per_class=12,
@@ -239,7 +239,7 @@ def test_fit_settings_give_the_cosine_row_with_any_default_objective():
 
 def test_validation_split_uses_only_training_classes(tmp_path):
     from lce_tf import data
-    from lce_tf.glyphs import build_synthetic_dataset
+    from lce_tf.synthetic import build_synthetic_dataset
 
     build_synthetic_dataset(str(tmp_path / "d"), num_train_classes=10, num_test_classes=3, images_per_class=8,
                             num_query_per_class=2, size=8, seed=0, progress=None)

@@ -9,9 +9,10 @@ import sys
 import numpy as np
 import pytest
 
+from lce_tf import center_accumulators as lca
 from lce_tf import centers as lc
-from lce_tf.centers import (BoundaryAccumulator, CenterSumAccumulator, ClassCenters, compute_class_centers,
-                            compute_class_centers_from_batches, parse_boundary_rule)
+from lce_tf.center_accumulators import BoundaryAccumulator
+from lce_tf.centers import ClassCenters, compute_class_centers, compute_class_centers_from_batches
 
 
 def _reference(embeddings, labels, num_classes, rule):
@@ -41,29 +42,6 @@ def _small_centers(**kw):
                 boundary_rule="min")
     args.update(kw)
     return ClassCenters(**args)
-
-
-# ---------------------------------------------------------------------------------------------
-# boundary rules
-# ---------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("text,kind,p,canonical", [
-    ("min", "min", None, "min"),
-    ("percentile:20", "percentile", 20.0, "percentile:20"),
-    (" percentile:12.5 ", "percentile", 12.5, "percentile:12.5"),
-    ("percentile:0", "percentile", 0.0, "percentile:0"),
-    ("percentile:100.0", "percentile", 100.0, "percentile:100"),
-])
-def test_parse_boundary_rule_valid(text, kind, p, canonical):
-    rule = parse_boundary_rule(text)
-    assert (rule.kind, rule.percentile, str(rule)) == (kind, p, canonical)
-
-
-@pytest.mark.parametrize("text", ["max", "", "Min", "percentile:", "percentile:-1", "percentile:100.5",
-                                  "percentile:nan", "percentile:inf", "percentile:x", "pct:20", 20])
-def test_parse_boundary_rule_invalid(text):
-    with pytest.raises(ValueError, match="boundary rule"):
-        parse_boundary_rule(text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +85,7 @@ def test_min_boundary_is_stored_rounded_down():
     # The float32 boundary never exceeds the float64 minimum, so every training sample is inside.
     emb, labels, names = _data(seed=3)
     cc = compute_class_centers(emb, labels, names, boundary="min")
-    cos = lc.cosines_to_centers(emb, labels, cc.centers)
+    cos = lca.cosines_to_centers(emb, labels, cc.centers)
     assert np.all(cos >= cc.boundary_cos[labels].astype(np.float64))
     for j in range(len(names)):
         assert 0.0 <= cos[labels == j].min() - cc.boundary_cos[j] < 1e-7
@@ -203,68 +181,30 @@ def test_sharded_accumulators_equal_in_memory(rule):
     shards = [np.flatnonzero(shard_of == s) for s in range(5)]
 
     # Pass 1: each shard accumulates on its own (pickled, as between Beam workers); merged in random order.
-    partial = [pickle.loads(pickle.dumps(lc.center_sums_by_label(emb[i], labels[i]))) for i in shards]
+    partial = [pickle.loads(pickle.dumps(lca.center_sums_by_label(emb[i], labels[i]))) for i in shards]
     merged: dict = {}
     for s in rng.permutation(len(partial)):
-        lc.merge_by_label(merged, partial[s])
-    centers, counts = lc.centers_from_sums(merged, names)
+        lca.merge_by_label(merged, partial[s])
+    centers, counts = lca.centers_from_sums(merged, names)
     np.testing.assert_allclose(centers, expected.centers, atol=1e-6)
 
     # Pass 2: cosines per shard, per-element adds for one shard (Beam add_input), merged in random order.
     partial = []
     for k, i in enumerate(shards):
-        cos = lc.cosines_to_centers(emb[i], labels[i], centers)
+        cos = lca.cosines_to_centers(emb[i], labels[i], centers)
         if k == 0:
             accs: dict = {}
             for label, c in zip(labels[i].tolist(), cos):
                 accs.setdefault(label, BoundaryAccumulator(rule)).add(c)
         else:
-            accs = lc.boundaries_by_label(cos, labels[i], rule)
+            accs = lca.boundaries_by_label(cos, labels[i], rule)
         partial.append(pickle.loads(pickle.dumps(accs)))
     merged = {}
     for s in rng.permutation(len(partial)):
-        lc.merge_by_label(merged, partial[s])
+        lca.merge_by_label(merged, partial[s])
     cc = lc.build_class_centers(centers, counts, merged, names, boundary=rule)
     np.testing.assert_allclose(cc.boundary_cos, expected.boundary_cos, atol=1e-6)
     assert cc.counts.tolist() == expected.counts.tolist()
-
-
-def test_center_sum_accumulator_one_class():
-    # (3,4) -> (0.6,0.8); (0,2) -> (0,1); sum (0.6,1.8); center (0.6,1.8)/√3.6 = (0.316228, 0.948683).
-    a = CenterSumAccumulator().add(np.array([3.0, 4.0]))
-    b = CenterSumAccumulator().add_batch(np.array([[0.0, 2.0]]))
-    empty = CenterSumAccumulator()
-    assert a.merge([b, empty]) is a
-    assert a.count == 2 and b.count == 1
-    np.testing.assert_allclose(a.center(), [0.6 / math.sqrt(3.6), 1.8 / math.sqrt(3.6)], atol=1e-12)
-    with pytest.raises(ValueError, match="no samples"):
-        empty.center()
-    with pytest.raises(ValueError, match="dimension 3 does not match"):
-        a.add(np.ones(3))
-
-
-def test_boundary_accumulator():
-    # cosines 0.1, 0.9, 0.5, 0.3 -> min 0.1; percentile 50 of [0.1, 0.3, 0.5, 0.9]: position 1.5 -> 0.4.
-    mn = BoundaryAccumulator("min").add_batch([0.9, 0.5]).merge([BoundaryAccumulator("min").add(0.1).add(0.3)])
-    p50 = BoundaryAccumulator("percentile:50").add_batch([0.9, 0.5])
-    p50.merge([pickle.loads(pickle.dumps(BoundaryAccumulator("percentile:50").add(0.1).add(0.3)))])
-    assert mn.boundary() == pytest.approx(0.1) and mn.count == 4
-    assert p50.boundary() == pytest.approx(0.4) and p50.count == 4
-    assert not mn._chunks   # the min rule keeps no values
-    with pytest.raises(ValueError, match="cannot merge"):
-        mn.merge([p50])
-    with pytest.raises(ValueError, match="no samples"):
-        BoundaryAccumulator("min").boundary()
-    with pytest.raises(ValueError, match=r"^cosine contains 1 non-finite value \(NaN/Inf\)$"):
-        BoundaryAccumulator("min").add(float("nan"))
-    with pytest.raises(ValueError, match=r"^cosines contains 2 non-finite values \(NaN/Inf\), first at row 1$"):
-        BoundaryAccumulator("min").add_batch(np.array([0.5, np.nan, 0.2, -np.inf]))
-
-
-def test_centers_from_sums_names_missing_classes():
-    sums = lc.center_sums_by_label(np.eye(3), np.array([0, 0, 2]))
-    with pytest.raises(ValueError, match=r"classes with no samples: 'b' \(1 of 3\)"):
-        lc.centers_from_sums(sums, ["a", "b", "c"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,26 +376,3 @@ def test_modules_do_not_import_tensorflow():
             "bad = [m for m in ('tensorflow', 'tfx', 'apache_beam', 'scann') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
-
-
-def test_center_sums_are_bit_identical_whatever_the_merge_order():
-    # Beam merges bundles in any order; the centers must not change by a single bit (LCE training
-    # starts its classifier rows at them and amplifies last-bit differences into different models).
-    rng = np.random.default_rng(3)
-    emb = rng.normal(size=(997, 16)).astype(np.float32)
-    labels = rng.integers(0, 5, size=997)
-    batches = [lc.center_sums_by_label(emb[i:i + 61], labels[i:i + 61]) for i in range(0, 997, 61)]
-
-    def merged(order):
-        total = {}
-        for k in order:
-            for label, acc in batches[k].items():
-                total.setdefault(label, lc.CenterSumAccumulator()).merge([acc])
-        return np.stack([total[j].center() for j in range(5)])
-
-    forward = merged(range(len(batches)))
-    for seed in range(3):
-        shuffled = merged(np.random.default_rng(seed).permutation(len(batches)))
-        assert np.array_equal(forward, shuffled)
-    reference = lc.compute_class_centers(emb, labels, [str(j) for j in range(5)])
-    np.testing.assert_allclose(forward, reference.centers, atol=1e-6)

@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 
-from lce_tf.index import milvus_index as M, operations as ops, registry
+from lce_tf.index import milvus_client as M, operations as ops, registry
 from lce_tf.index import scann_index as S
 from lce_tf.index.milvus_index import MilvusIndex
 from lce_tf.index.scann_index import EmbeddingIndex
@@ -302,10 +302,10 @@ def test_milvus_keeps_originals_and_upgrades_a_mixed_index_directly(spaces, tmp_
 def test_milvus_collection_without_origin_fields_loads_as_native_and_upgrades(spaces, tmp_path, monkeypatch):
     """A collection made before the source and original fields existed (four fields in index.json's schema)."""
     ids, g1, g2 = spaces
-    real_rows, real_record = M._rows, M._schema_record
-    monkeypatch.setattr(M, "_ORIGIN_FIELDS", ())
-    monkeypatch.setattr(M, "_rows", lambda batch, originals=True: real_rows(batch, False))
-    monkeypatch.setattr(M, "_schema_record", lambda dim: {k: v for k, v in real_record(dim).items()
+    real_rows, real_record = M.entity_rows, M.schema_record
+    monkeypatch.setattr(M, "ORIGIN_FIELDS", ())
+    monkeypatch.setattr(M, "entity_rows", lambda batch, originals=True: real_rows(batch, False))
+    monkeypatch.setattr(M, "schema_record", lambda dim: {k: v for k, v in real_record(dim).items()
                                                           if k not in (M.SOURCE_FIELD, M.ORIGINAL_FIELD)})
     MilvusIndex.build(ids, g1, "v1", embedding_space="s1", index_dir=str(tmp_path / "old")).close()
     monkeypatch.undo()

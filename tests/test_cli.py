@@ -31,7 +31,7 @@ LCE_CROSS_MAP_MARGIN = 0.08  # M(v2, v1) mAP above M(v2i, v1) mAP by at least th
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """Tiny synthetic data, an old model (8-d) trained on half the classes, and its centers."""
-    from lce_tf.glyphs import build_synthetic_dataset
+    from lce_tf.synthetic import build_synthetic_dataset
 
     root = tmp_path_factory.mktemp("cli")
     build_synthetic_dataset(str(root / "data"), num_train_classes=8, num_test_classes=TEST_CLASSES,

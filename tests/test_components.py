@@ -224,7 +224,7 @@ def examples_and_model(tmp_path_factory):
 
     from components.image_example_gen.executor import Executor
     from lce_tf import cli
-    from lce_tf.glyphs import build_synthetic_dataset
+    from lce_tf.synthetic import build_synthetic_dataset
 
     root = tmp_path_factory.mktemp("components")
     build_synthetic_dataset(str(root / "data"), num_train_classes=6, num_test_classes=3, images_per_class=5,
@@ -241,7 +241,8 @@ def examples_and_model(tmp_path_factory):
 
 
 def test_ingest_writes_splits_with_their_description(examples_and_model):
-    from lce_tf.data import count_tfrecord_examples, read_image_folder
+    from lce_tf.data import read_image_folder
+    from lce_tf.tfrecords import count_tfrecord_examples
 
     root, examples = examples_and_model
     info = util.read_examples_info(examples.uri)
@@ -268,7 +269,7 @@ def test_embed_examples_dofn_matches_the_model(examples_and_model, tmp_path, spi
     from apache_beam.testing.util import assert_that, equal_to
 
     from lce_tf.beam.centers import extract_class_centers
-    from lce_tf.data import make_tfrecord_dataset
+    from lce_tf.tfrecords import make_tfrecord_dataset
     from lce_tf.serving import load_embedding_model
 
     root, examples = examples_and_model
@@ -298,16 +299,16 @@ def test_embed_examples_dofn_matches_the_model(examples_and_model, tmp_path, spi
 
 
 def _nan_tfrecord_reader(monkeypatch):
-    """Makes lce_tf.data.make_tfrecord_dataset hand over NaN images: what a reader of float records would
+    """Makes lce_tf.tfrecords.make_tfrecord_dataset hand over NaN images: what a reader of float records would
     do (the lce_tf records hold encoded PNG/JPEG bytes, which decode to finite pixels in [0, 1])."""
-    from lce_tf import data
+    from lce_tf import tfrecords
 
-    real = data.make_tfrecord_dataset
+    real = tfrecords.make_tfrecord_dataset
 
     def nan_records(*args, **kwargs):
         return real(*args, **kwargs).map(lambda images, labels: (images * np.float32("nan"), labels))
 
-    monkeypatch.setattr(data, "make_tfrecord_dataset", nan_records)
+    monkeypatch.setattr(tfrecords, "make_tfrecord_dataset", nan_records)
 
 
 def test_trainer_executor_refuses_non_finite_records(examples_and_model, tmp_path, monkeypatch):

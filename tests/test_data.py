@@ -1,4 +1,5 @@
-"""Tests for lce_tf.data: image folders, class selection, decoding, tf.data pipelines, TFRecords."""
+"""Tests for lce_tf.data, lce_tf.datasets and lce_tf.tfrecords: image folders, class selection, decoding,
+tf.data pipelines, TFRecords."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lce_tf import data
+from lce_tf import data, datasets, tfrecords
 from lce_tf.data import DataError
 
 LUMA = np.array([0.299, 0.587, 0.114])
@@ -208,7 +209,7 @@ def test_unreadable_files_are_skipped_with_one_warning(tmp_path, caplog):
     assert len(unchecked) == 4
     # Undecodable files that slipped through are named by load_images.
     with pytest.raises(DataError, match=r"image .*1\.png: cannot be decoded"):
-        data.load_images(unchecked.paths, (4, 4, 1))
+        datasets.load_images(unchecked.paths, (4, 4, 1))
 
 
 def test_infer_image_shape(mixed):
@@ -226,28 +227,28 @@ def test_infer_image_shape(mixed):
 
 def test_load_images_matches_pil_for_grayscale(gray):
     folder = data.read_image_folder(gray[0])
-    images = data.load_images(folder.paths, (8, 8, 1))
+    images = datasets.load_images(folder.paths, (8, 8, 1))
     assert images.shape == (12, 8, 8, 1) and images.dtype == np.float32
     reference = np.stack([gray[1][p] for p in folder.paths])[..., None] / 255.0
     np.testing.assert_allclose(images, reference, atol=1e-6)
-    assert data.load_images([], (8, 8, 1)).shape == (0, 8, 8, 1)
+    assert datasets.load_images([], (8, 8, 1)).shape == (0, 8, 8, 1)
 
 
 def test_channel_conversion(mixed):
     _, p = mixed
-    to_rgb = data.load_images([p["rgb"], p["rgba"], p["gray"], p["p"]], (8, 8, 3))
+    to_rgb = datasets.load_images([p["rgb"], p["rgba"], p["gray"], p["p"]], (8, 8, 3))
     np.testing.assert_allclose(to_rgb[0], _pil(p["rgb"], "RGB"), atol=1e-6)
     rgba = np.asarray(Image.open(p["rgba"]), dtype=np.float64) / 255.0
     np.testing.assert_allclose(to_rgb[1], rgba[..., :3], atol=1e-6)  # alpha dropped, not composited
     np.testing.assert_allclose(to_rgb[2], np.repeat(_pil(p["gray"], "L")[..., None], 3, axis=2), atol=1e-6)
     np.testing.assert_allclose(to_rgb[3], _pil(p["p"], "RGB"), atol=1e-6)  # palette expanded
 
-    to_gray = data.load_images([p["rgb"], p["gray"], p["gray_rgb"], p["rgba"]], (8, 8, 1))
+    to_gray = datasets.load_images([p["rgb"], p["gray"], p["gray_rgb"], p["rgba"]], (8, 8, 1))
     luma = _pil(p["rgb"], "RGB") @ LUMA  # BT.601: 0.299 R + 0.587 G + 0.114 B
     np.testing.assert_allclose(to_gray[0, ..., 0], luma, atol=1e-6)
     np.testing.assert_allclose(to_gray[1, ..., 0], _pil(p["gray"], "L"), atol=1e-6)
     # R == G == B gives the grey value exactly (no 0.299 + 0.587 + 0.114 rounding).
-    np.testing.assert_array_equal(to_gray[2], data.load_images([p["gray_rgb"]], (8, 8, 3))[0, ..., :1])
+    np.testing.assert_array_equal(to_gray[2], datasets.load_images([p["gray_rgb"]], (8, 8, 3))[0, ..., :1])
     np.testing.assert_allclose(to_gray[3, ..., 0], rgba[..., :3] @ LUMA, atol=1e-6)
 
 
@@ -258,7 +259,7 @@ def test_resizing_values_and_notice(tmp_path, caplog):
              _save(tmp_path / "const.png", np.full((16, 16), 102), "L"),
              _save(tmp_path / "same.png", np.full((4, 4), 51), "L")]
     with caplog.at_level(logging.INFO, logger="lce_tf.data"):
-        images = data.load_images(paths, (4, 4, 1))
+        images = datasets.load_images(paths, (4, 4, 1))
     # Antialiased bilinear, scale 1/2: the triangle kernel has radius 2 input pixels. Output column 1
     # is centred at input x = 3.0; input centres 1.5, 2.5, 3.5, 4.5 weigh 1 - |d| / 2 = .25, .75, .75,
     # .25 (sum 2) on values 0, 0, 0, 1 -> 0.25 / 2 = 0.125; column 2 mirrors it -> 0.875; column 0
@@ -269,7 +270,7 @@ def test_resizing_values_and_notice(tmp_path, caplog):
     assert images.min() >= 0.0 and images.max() <= 1.0  # clipped (the kernel can overshoot by 1 ulp)
     notices = [r.getMessage() for r in caplog.records if "load_images" in r.getMessage()]
     assert notices == ["load_images: resized 2 and converted the channels of 0 of 3 images to 4x4x1"]
-    upsized = data.load_images([paths[2]], (8, 6, 3))
+    upsized = datasets.load_images([paths[2]], (8, 6, 3))
     assert upsized.shape == (1, 8, 6, 3)
     np.testing.assert_allclose(upsized, 51 / 255, atol=1e-6)
 
@@ -277,34 +278,34 @@ def test_resizing_values_and_notice(tmp_path, caplog):
 @pytest.mark.parametrize("shape", [(8, 8, 3), (8, 8, 1)])
 def test_image_dataset_equals_load_images(mixed, shape):
     folder = data.read_image_folder(mixed[0])
-    images, labels = _collect(data.make_image_dataset(folder, shape, batch_size=3))
-    np.testing.assert_array_equal(images, data.load_images(folder.paths, shape))
+    images, labels = _collect(datasets.make_image_dataset(folder, shape, batch_size=3))
+    np.testing.assert_array_equal(images, datasets.load_images(folder.paths, shape))
     np.testing.assert_array_equal(labels, folder.labels)
     assert labels.dtype == np.int64 and images.dtype == np.float32
 
 
 def test_image_dataset_batching_and_without_labels(gray):
     folder = data.read_image_folder(gray[0])
-    sizes = [int(x.shape[0]) for x, _ in data.make_image_dataset(folder, (8, 8, 1), 5)]
+    sizes = [int(x.shape[0]) for x, _ in datasets.make_image_dataset(folder, (8, 8, 1), 5)]
     assert sizes == [5, 5, 2]  # 12 images
-    ds = data.make_image_dataset(folder, (8, 8, 1), 5, drop_remainder=True, with_labels=False)
+    ds = datasets.make_image_dataset(folder, (8, 8, 1), 5, drop_remainder=True, with_labels=False)
     assert ds.element_spec.shape.as_list() == [5, 8, 8, 1]
     assert [int(x.shape[0]) for x in ds] == [5, 5]
     with pytest.raises(ValueError, match="batch_size must be >= 1; received 0"):
-        data.make_image_dataset(folder, (8, 8, 1), 0)
+        datasets.make_image_dataset(folder, (8, 8, 1), 0)
     with pytest.raises(ValueError, match="1 or 3 channels"):
-        data.make_image_dataset(folder, (8, 8, 2), 4)
+        datasets.make_image_dataset(folder, (8, 8, 2), 4)
 
 
 def test_shuffle_is_seeded_and_reshuffles_each_epoch(gray):
     folder = data.read_image_folder(gray[0])
-    ds = data.make_image_dataset(folder, (8, 8, 1), 12, shuffle=True, seed=3)
+    ds = datasets.make_image_dataset(folder, (8, 8, 1), 12, shuffle=True, seed=3)
     epoch1 = _collect(ds)[0]
     epoch2 = _collect(ds)[0]
-    again = _collect(data.make_image_dataset(folder, (8, 8, 1), 12, shuffle=True, seed=3))[0]
+    again = _collect(datasets.make_image_dataset(folder, (8, 8, 1), 12, shuffle=True, seed=3))[0]
     np.testing.assert_array_equal(epoch1, again)  # same seed -> same order
     assert not np.array_equal(epoch1, epoch2)  # new order every iteration
-    plain = data.load_images(folder.paths, (8, 8, 1))
+    plain = datasets.load_images(folder.paths, (8, 8, 1))
     key = lambda a: sorted(x.tobytes() for x in a)  # noqa: E731
     assert key(epoch1) == key(plain)  # a permutation of all images
 
@@ -324,8 +325,8 @@ def test_shift_augmentation_translates_with_background_and_is_seeded(tmp_path):
         glyph[2:6, 2:6] = rng.integers(0, 100, (4, 4))
         _save(tmp_path / f"c{i % 2}" / f"{i}.png", glyph, "L")
     folder = data.read_image_folder(tmp_path)
-    plain = data.load_images(folder.paths, (8, 8, 1))
-    ds = data.make_image_dataset(folder, (8, 8, 1), 10, shift_pixels=2, seed=7)
+    plain = datasets.load_images(folder.paths, (8, 8, 1))
+    ds = datasets.make_image_dataset(folder, (8, 8, 1), 10, shift_pixels=2, seed=7)
     shifted, labels = next(iter(ds))
     shifted = shifted.numpy()
     assert shifted.shape == (10, 8, 8, 1)
@@ -337,8 +338,8 @@ def test_shift_augmentation_translates_with_background_and_is_seeded(tmp_path):
         assert found, "shifted image is not a translation of the original filled with the background"
         offsets.append(found[0])
     assert len(set(offsets)) > 1
-    same = next(iter(data.make_image_dataset(folder, (8, 8, 1), 10, shift_pixels=2, seed=7)))[0].numpy()
-    other = next(iter(data.make_image_dataset(folder, (8, 8, 1), 10, shift_pixels=2, seed=8)))[0].numpy()
+    same = next(iter(datasets.make_image_dataset(folder, (8, 8, 1), 10, shift_pixels=2, seed=7)))[0].numpy()
+    other = next(iter(datasets.make_image_dataset(folder, (8, 8, 1), 10, shift_pixels=2, seed=8)))[0].numpy()
     second_epoch = next(iter(ds))[0].numpy()
     np.testing.assert_array_equal(shifted, same)
     assert not np.array_equal(shifted, other)
@@ -353,30 +354,30 @@ def test_tfrecord_round_trip_equals_folder_dataset(gray, tmp_path):
 
     folder = data.read_image_folder(gray[0])
     prefix = tmp_path / "records" / "train"
-    shards = data.write_tfrecords(folder, prefix, num_shards=2)
+    shards = tfrecords.write_tfrecords(folder, prefix, num_shards=2)
     assert shards == [f"{prefix}-00000-of-00002.tfrecord", f"{prefix}-00001-of-00002.tfrecord"]
     assert sorted(os.listdir(tmp_path / "records")) == ["train-00000-of-00002.tfrecord",
                                                         "train-00001-of-00002.tfrecord"]  # no temp left
     pattern = f"{prefix}-*.tfrecord"
-    assert data.count_tfrecord_examples(pattern) == 12
-    assert data.count_tfrecord_examples(shards[:1]) == 6
+    assert tfrecords.count_tfrecord_examples(pattern) == 12
+    assert tfrecords.count_tfrecord_examples(shards[:1]) == 6
 
-    expected = _collect(data.make_image_dataset(folder, (8, 8, 1), 5))
-    got = _collect(data.make_tfrecord_dataset(pattern, (8, 8, 1), 5))
+    expected = _collect(datasets.make_image_dataset(folder, (8, 8, 1), 5))
+    got = _collect(tfrecords.make_tfrecord_dataset(pattern, (8, 8, 1), 5))
     np.testing.assert_array_equal(got[0], expected[0])
     np.testing.assert_array_equal(got[1], expected[1])
 
     raw = next(iter(tf.data.TFRecordDataset(shards[0])))
-    image, label = data.parse_example_fn((8, 8, 1))(raw)
+    image, label = tfrecords.parse_example_fn((8, 8, 1))(raw)
     np.testing.assert_array_equal(image.numpy(), expected[0][0])
     assert int(label) == 0
     example = tf.train.Example.FromString(raw.numpy())
-    assert example.features.feature[data.FEATURE_TEXT].bytes_list.value == [b"a"]
+    assert example.features.feature[tfrecords.FEATURE_TEXT].bytes_list.value == [b"a"]
     with open(folder.paths[0], "rb") as handle:  # the file bytes are stored as they are
-        assert example.features.feature[data.FEATURE_IMAGE].bytes_list.value == [handle.read()]
+        assert example.features.feature[tfrecords.FEATURE_IMAGE].bytes_list.value == [handle.read()]
 
-    shuffled = _collect(data.make_tfrecord_dataset(pattern, (8, 8, 1), 4, shuffle=True, seed=1,
-                                                   shift_pixels=1))
+    shuffled = _collect(tfrecords.make_tfrecord_dataset(pattern, (8, 8, 1), 4, shuffle=True, seed=1,
+                                                        shift_pixels=1))
     assert shuffled[0].shape == (12, 8, 8, 1)
     assert sorted(shuffled[1].tolist()) == sorted(folder.labels.tolist())
 
@@ -384,30 +385,30 @@ def test_tfrecord_round_trip_equals_folder_dataset(gray, tmp_path):
     with tf.io.TFRecordWriter(str(gz), options="GZIP") as writer:
         for record in tf.data.TFRecordDataset(shards):
             writer.write(record.numpy())
-    assert data.count_tfrecord_examples(str(gz)) == 12
-    np.testing.assert_array_equal(_collect(data.make_tfrecord_dataset(str(gz), (8, 8, 1), 5))[0], expected[0])
+    assert tfrecords.count_tfrecord_examples(str(gz)) == 12
+    np.testing.assert_array_equal(_collect(tfrecords.make_tfrecord_dataset(str(gz), (8, 8, 1), 5))[0], expected[0])
 
 
 def test_corrupt_tfrecords_raise_data_error_naming_the_file(gray, tmp_path):
     folder = data.read_image_folder(gray[0])
-    (shard,) = data.write_tfrecords(folder, tmp_path / "r", num_shards=1)
+    (shard,) = tfrecords.write_tfrecords(folder, tmp_path / "r", num_shards=1)
     content = open(shard, "rb").read()
     truncated = tmp_path / "truncated.tfrecord"
     truncated.write_bytes(content[:-10])
     with pytest.raises(DataError, match=rf"TFRecord file {truncated} is truncated or corrupted"):
-        data.count_tfrecord_examples([shard, str(truncated)])
+        tfrecords.count_tfrecord_examples([shard, str(truncated)])
     flipped = bytearray(content)
     flipped[40] ^= 0xFF  # inside the first record's payload: CRC mismatch
     corrupt = tmp_path / "corrupt.tfrecord"
     corrupt.write_bytes(bytes(flipped))
     with pytest.raises(DataError, match=rf"TFRecord file {corrupt} is truncated or corrupted"):
-        data.count_tfrecord_examples(str(corrupt))
+        tfrecords.count_tfrecord_examples(str(corrupt))
     with pytest.raises(DataError, match="matches no file"):
-        data.count_tfrecord_examples(str(tmp_path / "none-*.tfrecord"))
+        tfrecords.count_tfrecord_examples(str(tmp_path / "none-*.tfrecord"))
     with pytest.raises(DataError, match="matches no file"):
-        data.make_tfrecord_dataset(str(tmp_path / "none-*.tfrecord"), (8, 8, 1), 4)
+        tfrecords.make_tfrecord_dataset(str(tmp_path / "none-*.tfrecord"), (8, 8, 1), 4)
     with pytest.raises(ValueError, match=r"num_shards must be in \[1, 12\].*received 13"):
-        data.write_tfrecords(folder, tmp_path / "s", num_shards=13)
+        tfrecords.write_tfrecords(folder, tmp_path / "s", num_shards=13)
 
 
 # ------------------------------------------------------------------------------------------------ in memory
@@ -453,8 +454,8 @@ def _assert_same_batches(a, b):
 ], ids=["shuffle-shift2", "drop-remainder", "no-labels", "no-shift"])
 def test_in_memory_batches_equal_streaming_batches(glyphlike, kwargs):
     folder = data.read_image_folder(glyphlike)
-    streamed = data.make_image_dataset(folder, (10, 9, 1), 4, seed=5, in_memory=False, **kwargs)
-    in_memory = data.make_image_dataset(folder, (10, 9, 1), 4, seed=5, in_memory=True, **kwargs)
+    streamed = datasets.make_image_dataset(folder, (10, 9, 1), 4, seed=5, in_memory=False, **kwargs)
+    in_memory = datasets.make_image_dataset(folder, (10, 9, 1), 4, seed=5, in_memory=True, **kwargs)
     assert in_memory.element_spec == streamed.element_spec
     _assert_same_batches(_passes(streamed), _passes(in_memory))
 
@@ -462,8 +463,8 @@ def test_in_memory_batches_equal_streaming_batches(glyphlike, kwargs):
 def test_in_memory_repeat_equals_streaming_repeat(glyphlike):
     folder = data.read_image_folder(glyphlike)
     kwargs = {"shuffle": True, "shift_pixels": 2, "repeat": True, "seed": 9}
-    streamed = data.make_image_dataset(folder, (10, 9, 1), 4, in_memory=False, **kwargs).take(9)  # 2.4 epochs
-    in_memory = data.make_image_dataset(folder, (10, 9, 1), 4, **kwargs).take(9)  # default: in memory
+    streamed = datasets.make_image_dataset(folder, (10, 9, 1), 4, in_memory=False, **kwargs).take(9)  # 2.4 epochs
+    in_memory = datasets.make_image_dataset(folder, (10, 9, 1), 4, **kwargs).take(9)  # default: in memory
     _assert_same_batches(_passes(streamed, 1), _passes(in_memory, 1))
 
 
@@ -472,45 +473,45 @@ def test_in_memory_converted_images_equal_streaming(mixed, shape):
     """Channel conversion and resizing happen once, with the same pixels (stored as float32 then)."""
     folder = data.read_image_folder(mixed[0])
     kwargs = {"shuffle": True, "shift_pixels": 1, "seed": 2}
-    _assert_same_batches(_passes(data.make_image_dataset(folder, shape, 3, in_memory=False, **kwargs)),
-                         _passes(data.make_image_dataset(folder, shape, 3, in_memory=True, **kwargs)))
+    _assert_same_batches(_passes(datasets.make_image_dataset(folder, shape, 3, in_memory=False, **kwargs)),
+                         _passes(datasets.make_image_dataset(folder, shape, 3, in_memory=True, **kwargs)))
 
 
 def test_decoded_pixels_are_uint8_when_exact_else_float32(gray, mixed):
     folder = data.read_image_folder(gray[0])
-    decoded, index = data._decode_folder(folder, (8, 8, 1))  # pylint: disable=protected-access
+    decoded, index = datasets._decode_folder(folder, (8, 8, 1))  # pylint: disable=protected-access
     assert decoded.pixels.dtype == np.uint8 and decoded.table.dtype == np.float32
-    np.testing.assert_array_equal(decoded.images()[index], data.load_images(folder.paths, (8, 8, 1)))
+    np.testing.assert_array_equal(decoded.images()[index], datasets.load_images(folder.paths, (8, 8, 1)))
     folder = data.read_image_folder(mixed[0])  # a 16 x 12 image resized to 8 x 8: not 8-bit values
-    decoded, index = data._decode_folder(folder, (8, 8, 3))  # pylint: disable=protected-access
+    decoded, index = datasets._decode_folder(folder, (8, 8, 3))  # pylint: disable=protected-access
     assert decoded.pixels.dtype == np.float32 and decoded.table is None
-    np.testing.assert_array_equal(decoded.images()[index], data.load_images(folder.paths, (8, 8, 3)))
+    np.testing.assert_array_equal(decoded.images()[index], datasets.load_images(folder.paths, (8, 8, 3)))
 
 
 def test_in_memory_is_the_default_for_training_up_to_the_byte_limit(gray, caplog, monkeypatch):
     folder = data.read_image_folder(gray[0])  # 12 images of 8 x 8 x 1: 768 bytes as uint8
     with caplog.at_level(logging.INFO, logger="lce_tf.data"):
-        data.make_image_dataset(folder, (8, 8, 1), 4, shuffle=True)
+        datasets.make_image_dataset(folder, (8, 8, 1), 4, shuffle=True)
         assert "decoded 12 images once into memory (0.0 MiB, uint8)" in caplog.text
         caplog.clear()
-        data.make_image_dataset(folder, (8, 8, 1), 4)  # one pass (inference): streamed
+        datasets.make_image_dataset(folder, (8, 8, 1), 4)  # one pass (inference): streamed
         assert "memory" not in caplog.text
         monkeypatch.setattr(data, "IN_MEMORY_MAX_BYTES", 767)
-        streamed = data.make_image_dataset(folder, (8, 8, 1), 4, shuffle=True, seed=1)
+        streamed = datasets.make_image_dataset(folder, (8, 8, 1), 4, shuffle=True, seed=1)
         assert "12 images do not fit in 0 MiB decoded (data.IN_MEMORY_MAX_BYTES)" in caplog.text
         caplog.clear()
-        in_memory = data.make_image_dataset(folder, (8, 8, 1), 4, shuffle=True, seed=1, in_memory=True)
+        in_memory = datasets.make_image_dataset(folder, (8, 8, 1), 4, shuffle=True, seed=1, in_memory=True)
         assert "decoded 12 images once into memory" in caplog.text  # True: whatever the size
     _assert_same_batches(_passes(streamed), _passes(in_memory))
     with pytest.raises(TypeError, match="in_memory must be True, False or None; received 'yes'"):
-        data.make_image_dataset(folder, (8, 8, 1), 4, in_memory="yes")
+        datasets.make_image_dataset(folder, (8, 8, 1), 4, in_memory="yes")
 
 
 def test_float32_storage_beyond_the_byte_limit_streams(mixed, caplog, monkeypatch):
     folder = data.read_image_folder(mixed[0])  # 8 images: 1,536 bytes as uint8, 6,144 as float32
     monkeypatch.setattr(data, "IN_MEMORY_MAX_BYTES", 4000)
     with caplog.at_level(logging.INFO, logger="lce_tf.data"):
-        data.make_image_dataset(folder, (8, 8, 3), 4, shuffle=True)
+        datasets.make_image_dataset(folder, (8, 8, 3), 4, shuffle=True)
     assert "8 images do not fit" in caplog.text
 
 
@@ -520,9 +521,9 @@ def test_a_path_listed_twice_is_decoded_once(gray, caplog):
     twice = data.ImageFolder(folder.root, [folder.paths[i] for i in order], folder.labels[order],
                              folder.class_names)
     with caplog.at_level(logging.INFO, logger="lce_tf.data"):
-        in_memory = data.make_image_dataset(twice, (8, 8, 1), 3, shift_pixels=1, in_memory=True)
+        in_memory = datasets.make_image_dataset(twice, (8, 8, 1), 3, shift_pixels=1, in_memory=True)
     assert "decoded 5 images once into memory" in caplog.text
-    _assert_same_batches(_passes(data.make_image_dataset(twice, (8, 8, 1), 3, shift_pixels=1)), _passes(in_memory))
+    _assert_same_batches(_passes(datasets.make_image_dataset(twice, (8, 8, 1), 3, shift_pixels=1)), _passes(in_memory))
 
 
 def test_in_memory_decoding_error_names_the_file(tmp_path):
@@ -530,22 +531,22 @@ def test_in_memory_decoding_error_names_the_file(tmp_path):
     (tmp_path / "a" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     folder = data.read_image_folder(tmp_path, check_images=False)
     with pytest.raises(DataError, match=r"image .*3\.png: cannot be decoded"):
-        data.make_image_dataset(folder, (8, 8, 1), 2, shuffle=True)
+        datasets.make_image_dataset(folder, (8, 8, 1), 2, shuffle=True)
 
 
 def test_in_memory_tfrecords_equal_streaming_and_shuffle_every_epoch(gray, tmp_path, caplog, monkeypatch):
     folder = data.read_image_folder(gray[0])
     pattern = f"{tmp_path}/r-*.tfrecord"
-    data.write_tfrecords(folder, tmp_path / "r", num_shards=3)
+    tfrecords.write_tfrecords(folder, tmp_path / "r", num_shards=3)
     kwargs = {"shift_pixels": 2, "seed": 4}
-    _assert_same_batches(_passes(data.make_tfrecord_dataset(pattern, (8, 8, 1), 5, in_memory=False, **kwargs)),
-                         _passes(data.make_tfrecord_dataset(pattern, (8, 8, 1), 5, in_memory=True, **kwargs)))
+    _assert_same_batches(_passes(tfrecords.make_tfrecord_dataset(pattern, (8, 8, 1), 5, in_memory=False, **kwargs)),
+                         _passes(tfrecords.make_tfrecord_dataset(pattern, (8, 8, 1), 5, in_memory=True, **kwargs)))
     with caplog.at_level(logging.INFO, logger="lce_tf.data"):
-        shuffled = data.make_tfrecord_dataset(pattern, (8, 8, 1), 12, shuffle=True, seed=4)
+        shuffled = tfrecords.make_tfrecord_dataset(pattern, (8, 8, 1), 12, shuffle=True, seed=4)
     assert "decoded 12 images once into memory" in caplog.text
     first, second = _passes(shuffled)
-    again = _passes(data.make_tfrecord_dataset(pattern, (8, 8, 1), 12, shuffle=True, seed=4), 1)[0]
-    plain = data.load_images(folder.paths, (8, 8, 1))
+    again = _passes(tfrecords.make_tfrecord_dataset(pattern, (8, 8, 1), 12, shuffle=True, seed=4), 1)[0]
+    plain = datasets.load_images(folder.paths, (8, 8, 1))
     key = lambda a: sorted(x.tobytes() for x in a)  # noqa: E731
     assert key(first[0][0]) == key(second[0][0]) == key(plain)  # each epoch: a permutation of all examples
     assert not np.array_equal(first[0][0], second[0][0])
@@ -555,5 +556,5 @@ def test_in_memory_tfrecords_equal_streaming_and_shuffle_every_epoch(gray, tmp_p
     monkeypatch.setattr(data, "IN_MEMORY_MAX_BYTES", 100)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="lce_tf.data"):
-        data.make_tfrecord_dataset(pattern, (8, 8, 1), 12, shuffle=True, seed=4)
+        tfrecords.make_tfrecord_dataset(pattern, (8, 8, 1), 12, shuffle=True, seed=4)
     assert "12 images do not fit" in caplog.text

@@ -36,7 +36,7 @@ PIPELINE_NAME = "lce-tf"
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from lce_tf.glyphs import build_synthetic_dataset
+    from lce_tf.synthetic import build_synthetic_dataset
 
     root = tmp_path_factory.mktemp("faults_data")
     build_synthetic_dataset(str(root / "data"), num_train_classes=48, num_test_classes=8, images_per_class=6,

@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 
 from lce_tf import cli, fileio
-from lce_tf.index import images as search, milvus_index as M, operations as ops, registry, store
+from lce_tf.index import images as search, milvus_client, operations as ops, registry, store
 from lce_tf.index.scann_index import EmbeddingIndex
 from lce_tf.index.base import IncompatibleModelError
-from lce_tf.index.milvus_index import MilvusConfig, MilvusIndex
+from lce_tf.index.milvus_config import MilvusConfig
+from lce_tf.index.milvus_index import MilvusIndex
 
 from cli_helpers import assert_bad_input, run_cli
 
@@ -94,45 +95,7 @@ def test_import_and_help_need_no_pymilvus():
 def test_missing_pymilvus_gets_an_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "pymilvus", None)
     with pytest.raises(ImportError, match=r"pip install 'lce-tf\[milvus\]'"):
-        M._pymilvus()
-
-
-def test_config_defaults_and_overrides():
-    # nlist = round(4 * sqrt(10,000)) = 400; nprobe = max(16, ceil(400 / 20) = 20) = 20
-    config = MilvusConfig.for_size(10_000, 128)
-    assert (config.index_type, config.index_params, config.search_params) == ("IVF_FLAT", {"nlist": 400},
-                                                                              {"nprobe": 20})
-    assert config.insert_batch_size == 10_000  # min(10,000, 16 MiB / (4 * 128) = 32,768)
-    # 100 vectors: nlist = 40; nprobe = min(40, max(16, 2)) = 16
-    assert MilvusConfig.for_size(100, 8).search_params == {"nprobe": 16}
-    pq = MilvusConfig.for_size(1_000_000, 96, index_type="IVF_PQ", nprobe=64)
-    assert pq.index_params == {"nlist": 4000, "m": 24, "nbits": 8} and pq.search_params == {"nprobe": 64}
-    hnsw = MilvusConfig.for_size(50, 8, index_type="HNSW", M=32)
-    assert hnsw.index_params == {"M": 32, "efConstruction": 200} and hnsw.search_params == {"ef": 64}
-    assert hnsw.search_params_for(100, {}) == {"ef": 100}  # ef is raised to k
-    assert MilvusConfig.from_dict(json.loads(json.dumps(pq.to_dict()))) == pq
-    assert MilvusConfig.for_size(10, 4, index_type="FLAT").index_params == {}
-
-
-@pytest.mark.parametrize("call, message", [
-    (lambda: MilvusConfig.for_size(100, 8, nlists=4), r"IVF_FLAT has no option\(s\) nlists \(options: index_type, "
-                                                      r"num_neighbors, insert_batch_size, nlist, nprobe\)"),
-    (lambda: MilvusConfig.for_size(100, 8, index_type="FLAT", nprobe=3), r"FLAT has no option\(s\) nprobe"),
-    (lambda: MilvusConfig.for_size(100, 8, index_type="ANNOY"), r"index_type must be one of FLAT, IVF_FLAT"),
-    (lambda: MilvusConfig.for_size(100, 8, nlist=4, nprobe=9), r"nprobe \(9\) exceeds nlist \(4\)"),
-    (lambda: MilvusConfig.for_size(100, 8, nlist=0), r"nlist must be an integer >= 1; received 0"),
-    (lambda: MilvusConfig.for_size(100, 10, index_type="IVF_PQ", m=4), r"IVF_PQ m \(4\) must divide the dimension 10"),
-    (lambda: MilvusConfig(index_type="HNSW").check_for(lite=True),
-     r"Milvus index type HNSW needs a Milvus server \(pass a server URI\); Milvus Lite accepts only FLAT, IVF_FLAT, "
-     r"AUTOINDEX"),
-    (lambda: MilvusConfig.for_size(100, 8).search_params_for(5, {"ef": 3}), r"IVF_FLAT has no search parameter"),
-    (lambda: M.check_server_uri("ftp://host:19530"), r"is not a server address"),
-    (lambda: M.check_server_uri("http://root:Milvus@host:19530"), r"holds credentials; pass the token in the "
-                                                                   r"environment variable LCE_TF_MILVUS_TOKEN"),
-])
-def test_config_and_uri_rejections(call, message):
-    with pytest.raises(ValueError, match=message):
-        call()
+        milvus_client.import_pymilvus()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -325,7 +288,7 @@ def test_fault_before_the_switch_leaves_the_old_collection_served(small, monkeyp
         def fail(*_args, **_kwargs):
             raise _Fault("injected before the switch")
 
-        monkeypatch.setattr(M, "_switch", fail)
+        monkeypatch.setattr(milvus_client, "switch", fail)
         transform = _t12
     else:
         calls = []
@@ -350,18 +313,18 @@ def test_fault_before_the_switch_leaves_the_old_collection_served(small, monkeyp
 def test_switch_happens_only_once_the_new_collection_is_complete(small, monkeypatch):
     _build(small, "complete").close()
     seen = []
-    real_switch = M._switch
+    real_switch = milvus_client.switch
 
     def checked_switch(root, metadata, staging):
-        client = M._connect(os.path.realpath(os.path.join(staging or root, M.LITE_DB_FILE)), None, "test")
+        client = milvus_client.connect(os.path.realpath(os.path.join(staging or root, milvus_client.LITE_DB_FILE)), None, "test")
         try:
-            seen.append((M._count(client, metadata["milvus"]["collection"]), metadata["count"]))
+            seen.append((milvus_client.count_entities(client, metadata["milvus"]["collection"]), metadata["count"]))
             assert json.loads((small["root"] / "complete" / "index.json").read_text())["embedding_space"] == "space-v1"
         finally:
-            M._disconnect(client, os.path.realpath(os.path.join(staging or root, M.LITE_DB_FILE)))
+            milvus_client.disconnect(client, os.path.realpath(os.path.join(staging or root, milvus_client.LITE_DB_FILE)))
         return real_switch(root, metadata, staging)
 
-    monkeypatch.setattr(M, "_switch", checked_switch)
+    monkeypatch.setattr(milvus_client, "switch", checked_switch)
     with registry.open_index(str(small["root"] / "complete")) as index:
         new = index.transform(_t12, "space-v2", transformed_by="t12", index_dir=str(small["root"] / "complete"),
                               batch_size=70)
@@ -374,7 +337,7 @@ def test_staged_build_failure_leaves_nothing(small, monkeypatch):
     def fail(*_args, **_kwargs):
         raise _Fault("injected before the commit")
 
-    monkeypatch.setattr(M, "_switch", fail)
+    monkeypatch.setattr(milvus_client, "switch", fail)
     with pytest.raises(_Fault):
         _build(small, "never")
     assert not (small["root"] / "never").exists()
@@ -384,7 +347,7 @@ def test_staged_build_failure_leaves_nothing(small, monkeypatch):
 def test_interrupted_write_leaves_an_orphan_that_the_next_write_drops(small, caplog):
     index = _build(small, "orphans", config=MilvusConfig(index_type="FLAT"))
     lineage = index.metadata["milvus"]["lineage"]
-    M._create_collection(index._client, f"lce_{lineage}_deadbeef", DIM, MilvusConfig(index_type="FLAT").resolved(1, DIM))
+    milvus_client.create_collection(index._client, f"lce_{lineage}_deadbeef", DIM, MilvusConfig(index_type="FLAT").resolved(1, DIM))
     caplog.set_level(logging.WARNING, logger="lce_tf.index.milvus_index")
     new = index.transform(_t12, "space-v2", transformed_by="t12", index_dir=str(small["root"] / "orphans"))
     assert new._client.list_collections() == [new.collection]
@@ -493,7 +456,7 @@ def ws(tmp_path_factory):
     import tensorflow as tf
 
     from lce_tf.export import export_model
-    from lce_tf.glyphs import build_synthetic_dataset
+    from lce_tf.synthetic import build_synthetic_dataset
     from lce_tf.model import build_compatible_model
 
     root = tmp_path_factory.mktemp("milvus_cli")
@@ -522,7 +485,8 @@ def _results(path):
 
 @pytest.mark.e2e
 def test_cli_build_and_search_match_a_numpy_reference(ws, capsys, tmp_path):
-    from lce_tf.data import load_images, read_image_folder
+    from lce_tf.data import read_image_folder
+    from lce_tf.datasets import load_images
     from lce_tf.serving import load_embedding_model
 
     meta = json.loads((ws / "idx/index.json").read_text())
@@ -570,7 +534,7 @@ def test_cli_guard_and_bad_input_are_one_line(ws, capsys, tmp_path):
 
 @pytest.mark.e2e
 def test_cli_backfill_upserts_with_per_entry_versions(ws, capsys, tmp_path):
-    from lce_tf.data import load_images
+    from lce_tf.datasets import load_images
     from lce_tf.serving import load_embedding_model
 
     shutil.copytree(ws / "idx", tmp_path / "idx")

@@ -23,7 +23,8 @@ import pytest
 
 from lce_tf import cli, fileio
 from lce_tf.index import images as search, registry
-from lce_tf.index.milvus_index import TOKEN_ENV, MilvusConfig, MilvusIndex
+from lce_tf.index.milvus_config import TOKEN_ENV, MilvusConfig
+from lce_tf.index.milvus_index import MilvusIndex
 from lce_tf.testing import milvus_server as ms
 
 from cli_helpers import assert_bad_input, run_cli
@@ -106,9 +107,10 @@ def models(tmp_path_factory):
     images embedded by v1."""
     import tensorflow as tf
 
-    from lce_tf.data import load_images, read_image_folder
+    from lce_tf.data import read_image_folder
+    from lce_tf.datasets import load_images
     from lce_tf.export import export_model
-    from lce_tf.glyphs import build_synthetic_dataset
+    from lce_tf.synthetic import build_synthetic_dataset
     from lce_tf.model import build_compatible_model
     from lce_tf.serving import load_embedding_model
 
@@ -369,7 +371,7 @@ def test_version_guard_and_per_entry_versions_from_the_server(ws, milvus_server,
         picked = sorted(on_server)
         assert index.version_of(picked) == [on_server[i] for i in picked]
     # the backfilled vectors are v1b's embeddings of those images
-    from lce_tf.data import load_images
+    from lce_tf.datasets import load_images
     from lce_tf.serving import load_embedding_model
 
     done = sorted(i for i, v in on_server.items() if v == v1b["model_id"])

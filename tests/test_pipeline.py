@@ -38,7 +38,7 @@ from pipeline.config import MODES, PipelineConfig
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from lce_tf.glyphs import build_synthetic_dataset
+    from lce_tf.synthetic import build_synthetic_dataset
 
     root = tmp_path_factory.mktemp("pipeline_data")
     build_synthetic_dataset(str(root / "data"), num_train_classes=120, num_test_classes=16, images_per_class=6,
@@ -117,15 +117,15 @@ def test_config_file_overrides_and_unknown_fields(tmp_path):
 
 def test_config_choices_mirror_the_library():
     from lce_tf import backbones, catalog, model
-    from lce_tf.index import milvus_index, registry
+    from lce_tf.index import milvus_config, registry
     from components.index_builder import executor as index_executor
     from components.lce_trainer import executor
     from pipeline import config
 
     assert set(config.MODES) == set(model.MODES) - {"cross-model"} == set(executor.MODES)
     assert set(config.INDEX_BACKENDS) == set(registry.BACKENDS) == set(index_executor.BACKENDS)
-    assert set(config.MILVUS_INDEX_TYPES) - {""} == set(milvus_index.SERVER_INDEX_TYPES)
-    assert set(config.MILVUS_LITE_INDEX_TYPES) - {""} == set(milvus_index.LITE_INDEX_TYPES)
+    assert set(config.MILVUS_INDEX_TYPES) - {""} == set(milvus_config.SERVER_INDEX_TYPES)
+    assert set(config.MILVUS_LITE_INDEX_TYPES) - {""} == set(milvus_config.LITE_INDEX_TYPES)
     assert set(config.ARCHITECTURES) == set(backbones.ARCHITECTURES)
     assert set(config.LOSSES) == set(catalog.HEADS)
     from components.compatibility_validator import executor as validator
@@ -194,7 +194,7 @@ FLOORS = dict(min_top1=0.2)
 
 @pytest.fixture(scope="module")
 def e2e_data(tmp_path_factory):
-    from lce_tf.glyphs import build_synthetic_dataset
+    from lce_tf.synthetic import build_synthetic_dataset
 
     root = tmp_path_factory.mktemp("pipeline_e2e_data")
     build_synthetic_dataset(str(root / "data"), num_train_classes=1200, num_test_classes=100, images_per_class=3,

@@ -13,7 +13,8 @@ import pytest
 from lce_tf import fileio
 from lce_tf.index import operations as ops, scann_index as R
 from lce_tf.index.base import IncompatibleModelError
-from lce_tf.index.scann_index import EmbeddingIndex, IndexConfig
+from lce_tf.index.scann_config import IndexConfig
+from lce_tf.index.scann_index import EmbeddingIndex
 
 DIM = 16
 

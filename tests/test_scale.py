@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from lce_tf import center_accumulators as lce_accumulators
 from lce_tf import centers as lce_centers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +80,7 @@ def test_batched_combiners_follow_the_beam_contract():
     merged = fn.merge_accumulators([a, b])
     np.testing.assert_allclose(merged[0].sum, [1.6, 1.8])
     np.testing.assert_allclose(b[0].sum, [1.0, 0.0])  # only the first accumulator is modified
-    centers_counts = lce_centers.centers_from_sums(merged, ["only"])
+    centers_counts = lce_accumulators.centers_from_sums(merged, ["only"])
     parts = batch_boundaries((np.array([[3.0, 4.0], [5.0, 0.0]]), np.array([0, 0])), centers_counts, "min")
     bounds = BoundariesCombineFn()
     acc = bounds.merge_accumulators([bounds.create_accumulator(), bounds.add_input(bounds.create_accumulator(), parts)])

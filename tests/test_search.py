@@ -15,6 +15,7 @@ import pytest
 
 from lce_tf import cli
 from lce_tf.index import images as search, scann_index as retrieval
+from lce_tf.index.scann_config import IndexConfig
 from lce_tf.index.base import IncompatibleModelError
 
 from cli_helpers import assert_bad_input, run_cli
@@ -36,7 +37,7 @@ def ws(tmp_path_factory):
     import tensorflow as tf
 
     from lce_tf.export import export_model
-    from lce_tf.glyphs import build_synthetic_dataset
+    from lce_tf.synthetic import build_synthetic_dataset
     from lce_tf.model import CompatibilityConfig, build_compatible_model
 
     root = tmp_path_factory.mktemp("search")
@@ -116,7 +117,7 @@ def _old_index_and_new_queries(noise):
     queries = centers[query_labels] + noise * rng.normal(size=(120, 16))
     ids = [f"c{label:02d}/{i:04d}.png" for i, label in enumerate(gallery_labels)]
     index = retrieval.EmbeddingIndex.build(ids, gallery, "v1", embedding_space="v1",
-                                           config=retrieval.IndexConfig(algorithm="tree_ah"))
+                                           config=IndexConfig(algorithm="tree_ah"))
     return index, queries, [f"c{v:02d}" for v in query_labels]
 
 
@@ -166,7 +167,7 @@ def test_built_index_holds_the_gallery_in_the_model_space(ws, models):
     assert len(index) == 24 and index.embedding_space == v1.metadata["embedding_space"] and index.dim == 8
     assert index.version_counts() == {v1.model_id: 24} and index.config.algorithm == "brute_force"
     assert all(v.split("/")[0].startswith("class_") for v in index.ids)
-    from lce_tf.data import load_images
+    from lce_tf.datasets import load_images
 
     reference = v1.embed(load_images(_gallery_paths(ws, index), SHAPE))
     np.testing.assert_allclose(index.embeddings, _unit(reference), atol=1e-5)
@@ -185,7 +186,7 @@ def test_search_table_and_json_match_a_numpy_reference(ws, models, capsys, tmp_p
     assert len(result["queries"]) == 8
     index = retrieval.EmbeddingIndex.load(str(ws / "idx"))
     paths = [q["query"] for q in result["queries"]]
-    from lce_tf.data import load_images
+    from lce_tf.datasets import load_images
 
     q = _unit(models["v1"].embed(load_images(paths, SHAPE)))
     expected = np.sort(q @ index.embeddings.T.astype(np.float64), axis=1)[:, ::-1][:, :5]
@@ -204,7 +205,7 @@ def test_transform_model_queries_go_through_embed_compat(ws, models, capsys, tmp
     assert code == 0
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["signature"] == "embed_compat" and result["query_model"] == models["v2t"].model_id
-    from lce_tf.data import load_images
+    from lce_tf.datasets import load_images
 
     q = _unit(models["v2t"].embed(load_images([str(p) for p in first], SHAPE), signature="embed_compat"))
     index = retrieval.EmbeddingIndex.load(str(ws / "idx"))
@@ -292,7 +293,7 @@ def test_empty_or_missing_folders(ws, capsys, tmp_path):
 # ---------------------------------------------------------------------------------------------------
 
 def test_backfill_cli_reembeds_then_t12_upgrade(ws, models, capsys, tmp_path):
-    from lce_tf.data import load_images
+    from lce_tf.datasets import load_images
 
     shutil.copytree(ws / "idx", tmp_path / "idx")
     v1, v2t = models["v1"], models["v2t"]

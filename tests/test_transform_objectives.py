@@ -14,6 +14,7 @@ import pytest
 from lce_tf import cli
 from lce_tf import losses as L
 from lce_tf import transform_fit as TF
+from lce_tf import transform_losses as TL
 from lce_tf import transformation as TR
 
 from cli_helpers import assert_bad_input
@@ -59,12 +60,12 @@ def _np_supcon(targets, predictions, index, tau):
 def test_objective_loss_hand_worked():
     # targets [[1, 0]], predictions [[1, 0]], label 0, centers [[1, 0], [0, 1]], s = 1:
     # cosine 1 − 1 = 0; classify log(e^1 + e^0) − 1 = log(1 + e^−1) ≈ 0.31326
-    value = L.transform_objective_loss([[1.0, 0.0]], [[1.0, 0.0]], [0], [[1.0, 0.0], [0.0, 1.0]],
-                                       classify_weight=1.0, scale=1.0).numpy()
+    value = TL.transform_objective_loss([[1.0, 0.0]], [[1.0, 0.0]], [0], [[1.0, 0.0], [0.0, 1.0]],
+                                        classify_weight=1.0, scale=1.0).numpy()
     np.testing.assert_allclose(value, [np.log(1 + np.exp(-1))], rtol=1e-6)
     # weight 0.5 on classify, cosine of [[3, 4]] against [[1, 0]]: 1 − 3/5 = 0.4, plus half of the CE
-    value = L.transform_objective_loss([[1.0, 0.0]], [[3.0, 4.0]], [1], [[1.0, 0.0], [0.0, 1.0]],
-                                       classify_weight=0.5, scale=1.0).numpy()
+    value = TL.transform_objective_loss([[1.0, 0.0]], [[3.0, 4.0]], [1], [[1.0, 0.0], [0.0, 1.0]],
+                                        classify_weight=0.5, scale=1.0).numpy()
     np.testing.assert_allclose(value, [0.4 + 0.5 * (np.log(np.exp(0.6) + np.exp(0.8)) - 0.8)], rtol=1e-6)
 
 
@@ -110,7 +111,7 @@ def test_pair_store_centers_are_the_exact_centers_block_by_block(tmp_path, monke
     store = TF.PairStore.from_arrays(str(tmp_path), old, new, labels)
     np.testing.assert_array_equal(store.class_ids, np.unique(labels))
     index = np.searchsorted(np.unique(labels), labels)
-    np.testing.assert_array_equal(store.new_class_centers(), L.transform_class_centers(new, index, 6))
+    np.testing.assert_array_equal(store.new_class_centers(), TL.transform_class_centers(new, index, 6))
     np.testing.assert_allclose(store.new_class_centers(), _np_centers(new, labels), atol=1e-6)
 
 
@@ -139,7 +140,7 @@ def _plain_cosine_fit(store, settings):
     seed_everything(settings.seed)
     model = TF.build_transform_model(store.old_dim, store.new_dim, settings)
     model.compile(optimizer=tf.keras.optimizers.Adam(settings.learning_rate),
-                  loss={s: L.CosineDistanceLoss() for s in settings.signatures},
+                  loss={s: TL.CosineDistanceLoss() for s in settings.signatures},
                   steps_per_execution=TF.STEPS_PER_EXECUTION)
     model.optimizer.build(model.trainable_variables)
     model.fit(store.dataset(settings.batch_size, settings.seed, settings.signatures), epochs=settings.epochs,
@@ -209,15 +210,15 @@ def test_objective_settings_are_validated():
     assert TF.TransformFitSettings(objective="supcon", supcon_weight=2).terms == {"supcon": 2.0}
     assert TF.TransformFitSettings().objective in TF.OBJECTIVES
     with pytest.raises(ValueError, match="classify_weight 1.0 needs new_centers"):
-        L.TransformObjectiveLoss(None, classify_weight=1.0)
+        TL.TransformObjectiveLoss(None, classify_weight=1.0)
     with pytest.raises(ValueError, match="expected a weight > 0"):
-        L.transform_objective_loss([[1.0]], [[1.0]], [0], cosine_weight=0.0)
+        TL.transform_objective_loss([[1.0]], [[1.0]], [0], cosine_weight=0.0)
 
 
 def test_objective_loss_config_round_trip():
-    loss = L.TransformObjectiveLoss([[1.0, 0.0], [0.0, 1.0]], cosine_weight=0.0, classify_weight=0.5,
-                                    supcon_weight=2.0, scale=8.0, temperature=0.2)
-    again = L.TransformObjectiveLoss.from_config(loss.get_config())
+    loss = TL.TransformObjectiveLoss([[1.0, 0.0], [0.0, 1.0]], cosine_weight=0.0, classify_weight=0.5,
+                                     supcon_weight=2.0, scale=8.0, temperature=0.2)
+    again = TL.TransformObjectiveLoss.from_config(loss.get_config())
     y_true = L.pack_embeddings_and_labels([[1.0, 0.0], [0.6, 0.8]], [0, 1])
     np.testing.assert_allclose(again(y_true, [[0.0, 1.0], [1.0, 1.0]]).numpy(),
                                loss(y_true, [[0.0, 1.0], [1.0, 1.0]]).numpy(), rtol=1e-6)

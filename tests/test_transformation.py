@@ -210,7 +210,7 @@ def ws(tmp_path_factory):
     import tensorflow as tf
 
     from lce_tf.export import export_model
-    from lce_tf.glyphs import build_synthetic_dataset
+    from lce_tf.synthetic import build_synthetic_dataset
     from lce_tf.model import build_compatible_model
 
     root = tmp_path_factory.mktemp("transform_cli")

@@ -34,7 +34,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
     """
 
     def Do(self, input_dict: dict[str, list], output_dict: dict[str, list], exec_properties: dict[str, Any]) -> None:
-        from lce_tf.centers import ClassCenters, parse_boundary_rule
+        from lce_tf.center_accumulators import parse_boundary_rule
+        from lce_tf.centers import ClassCenters
         from lce_tf.serving import read_model_metadata
 
         # Validate every input and parameter before any work.

@@ -6,7 +6,7 @@
 The training folder becomes the `train` split; the held-out query and gallery folders (disjoint classes,
 docs/design.md "Demo and benchmark data") become the `query` and `gallery` splits that the
 CompatibilityValidator and the IndexBuilder read. Records are tf.train.Example in the lce_tf.data format
-(image/encoded, image/class/label, image/class/text), written by `lce_tf.data.write_tfrecords`.
+(image/encoded, image/class/label, image/class/text), written by `lce_tf.tfrecords.write_tfrecords`.
 
 Caching: the component has no input artifacts, so the folders' content enters the cache key through
 the `input_fingerprint` parameter. By default it is computed here, when the pipeline is built, from the

@@ -1,4 +1,4 @@
-"""Executor of ImageFolderExampleGen: `lce_tf.data.read_image_folder` + `write_tfrecords` per split."""
+"""Executor of ImageFolderExampleGen: `lce_tf.data.read_image_folder` + `lce_tf.tfrecords.write_tfrecords` per split."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class Executor(base_executor.BaseExecutor):
     """Reads the folders, writes one TFRecord split each and the lce_tf_examples.json description."""
 
     def Do(self, input_dict: dict[str, list], output_dict: dict[str, list], exec_properties: dict[str, Any]) -> None:
-        from lce_tf import data
+        from lce_tf import data, tfrecords
 
         train_dir = str(exec_properties.get(TRAIN_DIR_KEY) or "")
         query_dir = str(exec_properties.get(QUERY_DIR_KEY) or "")
@@ -62,7 +62,7 @@ class Executor(base_executor.BaseExecutor):
             folder = folders[split]
             num_shards = max(1, math.ceil(len(folder) / per_shard))
             out_dir = util.split_dir(util.path(examples), split)
-            data.write_tfrecords(folder, os.path.join(out_dir, SHARD_PREFIX), num_shards)
+            tfrecords.write_tfrecords(folder, os.path.join(out_dir, SHARD_PREFIX), num_shards)
             root = os.path.abspath(folder.root)
             util.write_text(util.paths_file(util.path(examples), split),
                             "".join(os.path.relpath(p, root).replace(os.sep, "/") + "\n" for p in folder.paths))

@@ -149,8 +149,8 @@ class Executor(base_executor.BaseExecutor):
 
     def Do(self, input_dict: dict[str, list], output_dict: dict[str, list], exec_properties: dict[str, Any]) -> None:
         from lce_tf.index import base as index_base
-        from lce_tf.index.scann_index import ALGORITHMS
-        from lce_tf.data import make_tfrecord_dataset
+        from lce_tf.index.scann_config import ALGORITHMS
+        from lce_tf.tfrecords import make_tfrecord_dataset
         from lce_tf.serving import load_embedding_model
         from lce_tf.transformation import load_transformation
 

@@ -87,11 +87,11 @@ class Executor(base_executor.BaseExecutor):
         config = train_config_of(exec_properties, mode.name)
 
         def make_dataset(config):
-            from lce_tf import data
+            from lce_tf import tfrecords
 
-            return data.make_tfrecord_dataset(util.split_pattern(examples_dir, split), input_shape,
-                                              config.batch_size, shuffle=True, seed=config.seed,
-                                              shift_pixels=config.shift_pixels), None
+            return tfrecords.make_tfrecord_dataset(util.split_pattern(examples_dir, split), input_shape,
+                                                   config.batch_size, shuffle=True, seed=config.seed,
+                                                   shift_pixels=config.shift_pixels), None
 
         def load_old_model():
             from lce_tf.serving import load_embedding_model

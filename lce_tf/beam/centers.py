@@ -27,12 +27,12 @@ Both passes need the same data. Three ways to give it, all computing the same bi
   DirectRunner's FnApiRunner in the driver's memory, which then grows with N·D).
 benchmarks/results/scale.md measures them.
 
-The accumulators are lce_tf.centers' own (`CenterSumAccumulator`, `BoundaryAccumulator`, filled by
+The accumulators are lce_tf.center_accumulators' (`CenterSumAccumulator`, `BoundaryAccumulator`, filled by
 `center_sums_by_label` / `boundaries_by_label`) and the final assembly is
 `lce_tf.centers.build_class_centers`, so the result equals `lce_tf.centers.compute_class_centers` on
 the same embeddings, bit for bit: the sums are exact (fixed point), whatever the merge order.
 
-This module imports apache_beam, numpy and lce_tf.centers only (never tfx), so Beam's multi-processing
+This module imports apache_beam, numpy and lce_tf's centers modules only (never tfx), so Beam's multi-processing
 workers unpickle these DoFns cheaply; TensorFlow is imported in `EmbedExamplesFn.setup`, in the worker.
 """
 
@@ -47,6 +47,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
+from lce_tf import center_accumulators as lce_accumulators
 from lce_tf import centers as lce_centers
 from lce_tf.checks import check_finite
 
@@ -54,8 +55,8 @@ from lce_tf.checks import check_finite
 class CenterSumCombineFn(beam.CombineFn):
     """Pass 1 for one class: embeddings [D] -> CenterSumAccumulator (exact Σ f̂ and the count)."""
 
-    def create_accumulator(self) -> lce_centers.CenterSumAccumulator:
-        return lce_centers.CenterSumAccumulator()
+    def create_accumulator(self) -> lce_accumulators.CenterSumAccumulator:
+        return lce_accumulators.CenterSumAccumulator()
 
     def add_input(self, accumulator, embedding):
         return accumulator.add(np.asarray(embedding))
@@ -73,10 +74,10 @@ class BoundaryCombineFn(beam.CombineFn):
 
     def __init__(self, rule: str = lce_centers.DEFAULT_BOUNDARY_RULE):
         super().__init__()
-        self._rule = str(lce_centers.parse_boundary_rule(rule))
+        self._rule = str(lce_accumulators.parse_boundary_rule(rule))
 
-    def create_accumulator(self) -> lce_centers.BoundaryAccumulator:
-        return lce_centers.BoundaryAccumulator(self._rule)
+    def create_accumulator(self) -> lce_accumulators.BoundaryAccumulator:
+        return lce_accumulators.BoundaryAccumulator(self._rule)
 
     def add_input(self, accumulator, cosine):
         return accumulator.add(cosine)
@@ -111,13 +112,13 @@ class _LabelDictCombineFn(beam.CombineFn):
 class CenterSumsCombineFn(_LabelDictCombineFn):
     """Pass 1 over batches: (embeddings [n, D], labels [n]) -> {label: CenterSumAccumulator}.
 
-    `lce_tf.centers.center_sums_by_label` does the per-batch work (vectorized); merging adds the
+    `lce_tf.center_accumulators.center_sums_by_label` does the per-batch work (vectorized); merging adds the
     per-label accumulators.
     """
 
     def add_input(self, accumulator: dict, batch) -> dict:
         embeddings, labels = batch
-        return _merge_into(accumulator, lce_centers.center_sums_by_label(embeddings, labels))
+        return _merge_into(accumulator, lce_accumulators.center_sums_by_label(embeddings, labels))
 
 
 class BoundariesCombineFn(_LabelDictCombineFn):
@@ -132,16 +133,16 @@ def _merge_into(into: dict, other: dict) -> dict:
     for label, acc in other.items():
         mine = into.get(label)
         if mine is None:
-            mine = into[label] = (lce_centers.BoundaryAccumulator(acc.rule)
-                                  if isinstance(acc, lce_centers.BoundaryAccumulator)
-                                  else lce_centers.CenterSumAccumulator())
+            mine = into[label] = (lce_accumulators.BoundaryAccumulator(acc.rule)
+                                       if isinstance(acc, lce_accumulators.BoundaryAccumulator)
+                                       else lce_accumulators.CenterSumAccumulator())
         mine.merge([acc])
     return into
 
 
 def centers_and_counts(sums: dict, class_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """{label: CenterSumAccumulator} -> (centers float32 [C, D] unit rows, counts int64 [C])."""
-    return lce_centers.centers_from_sums(sums, class_names)
+    return lce_accumulators.centers_from_sums(sums, class_names)
 
 
 def batch_boundaries(batch, centers_counts, rule: str) -> dict:
@@ -155,8 +156,8 @@ def batch_boundaries(batch, centers_counts, rule: str) -> dict:
     if labels.size and (labels.min() < 0 or labels.max() >= centers.shape[0]):
         raise ValueError(f"labels must be in [0, {centers.shape[0]}); received values in "
                          f"[{labels.min()}, {labels.max()}]")
-    cosines = lce_centers.cosines_to_centers(np.asarray(embeddings), labels, centers)
-    return lce_centers.boundaries_by_label(cosines, labels, rule)
+    cosines = lce_accumulators.cosines_to_centers(np.asarray(embeddings), labels, centers)
+    return lce_accumulators.boundaries_by_label(cosines, labels, rule)
 
 
 def assemble(centers_counts, boundaries: dict, class_names: Sequence[str], boundary: str,
@@ -196,7 +197,7 @@ class ComputeClassCentersFromBatches(beam.PTransform):
                  source_model_id: str = "", *, spill_dir: Optional[str] = None, rows_per_shard: int = 65536):
         super().__init__()
         self._class_names = list(class_names)
-        self._boundary = str(lce_centers.parse_boundary_rule(boundary))
+        self._boundary = str(lce_accumulators.parse_boundary_rule(boundary))
         self._source_model_id = source_model_id
         self._spill_dir = spill_dir
         self._rows_per_shard = int(rows_per_shard)
@@ -379,7 +380,7 @@ class EmbedExamplesFn(beam.DoFn):
     def setup(self):
         import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-        from lce_tf.data import parse_example_fn  # pylint: disable=import-outside-toplevel
+        from lce_tf.tfrecords import parse_example_fn  # pylint: disable=import-outside-toplevel
         from lce_tf.serving import load_embedding_model  # pylint: disable=import-outside-toplevel
 
         self._model = load_embedding_model(self._model_dir)

@@ -11,8 +11,10 @@
                     safety), backfill selection and backfill, `transform_gallery` (the forward upgrade:
                     `UpgradeRoute` moves each entry from its kept original, one transformation per
                     source space, or composed on request)
-    scann_index.py  the ScaNN / brute-force backend (`EmbeddingIndex`, `IndexConfig`)
-    milvus_index.py the Milvus backend (`MilvusIndex`, `MilvusConfig`), Milvus Lite or a server
+    scann_index.py  the ScaNN / brute-force backend (`EmbeddingIndex`); its configuration (`IndexConfig`)
+                    in scann_config.py
+    milvus_index.py the Milvus backend (`MilvusIndex`), Milvus Lite or a server; its configuration
+                    (`MilvusConfig`) in milvus_config.py, its pymilvus calls in milvus_client.py
     images.py       image folders -> embeddings -> an index; query images -> top-k; backfill and upgrade
 
 No module here imports a backend module except through the registry, and no backend imports another,

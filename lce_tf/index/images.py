@@ -34,7 +34,8 @@ import numpy as np
 
 from lce_tf.index import operations, registry
 from lce_tf.index.base import IncompatibleModelError, Index
-from lce_tf.data import IMAGE_EXTENSIONS, DataError, load_images, read_image_folder
+from lce_tf.data import IMAGE_EXTENSIONS, DataError, read_image_folder
+from lce_tf.datasets import load_images
 
 Progress = Optional[Callable[[str], None]]
 
@@ -115,7 +116,7 @@ def embed_paths(model, paths: Sequence[str], signature: str = "embed", batch_siz
 
     Args:
       model: an `lce_tf.serving.EmbeddingModel`.
-      paths: N image files (decoded as `lce_tf.data.load_images` does, resized to the model's input).
+      paths: N image files (decoded as `lce_tf.datasets.load_images` does, resized to the model's input).
       signature: "embed", "embed_compat", ...
       batch_size: images per model call.
 
@@ -139,8 +140,8 @@ def config_for(backend: str, n: int, dim: int, overrides: Optional[Mapping[str, 
     (`Index.config_for` of the backend's class).
 
     Args:
-      backend: a registered backend name ("scann": `scann_index.IndexConfig`; "milvus":
-        `milvus_index.MilvusConfig`).
+      backend: a registered backend name ("scann": `scann_config.IndexConfig`; "milvus":
+        `milvus_config.MilvusConfig`).
       overrides: `--config` fields (ScaNN: IndexConfig fields; Milvus: index_type, num_neighbors,
         insert_batch_size and the index type's build/search parameters).
       like: an existing index's configuration whose num_neighbors (ScaNN: threads and mutability;

@@ -35,7 +35,7 @@ Where the collection lives:
   index type and search parameters are recorded and passed on, but change nothing there.
 - A Milvus server (standalone or a cluster; lce-tf never starts one): `uri` = http(s)://HOST:19530
   (or tcp://, grpc://, unix:PATH), with the token, if any, from the environment variable
-  LCE_TF_MILVUS_TOKEN (never written to disk). Every type of SERVER_INDEX_TYPES may be chosen, and a
+  LCE_TF_MILVUS_TOKEN (never written to disk). Every type of milvus_config.SERVER_INDEX_TYPES may be chosen, and a
   collection alias (default "lce_<lineage>") names the served collection for clients that query
   Milvus directly.
 
@@ -45,9 +45,9 @@ switch: index.json, which names the served collection, is replaced by a rename
 (`lce_tf.index.store.write_metadata_file`); on a server the alias is moved after that; the old collection is
 dropped last (on a server ALIAS_DRAIN_SECONDS after the alias moved, so searches already running
 through the alias finish). On a server the new collection is switched to only once the query nodes
-serve all of it from sealed segments (`_wait_for_sealed`), so its index and search parameters apply
+serve all of it from sealed segments (`milvus_client.wait_for_sealed`), so its index and search parameters apply
 from the first query. Writes into another directory go through a hidden staging directory renamed into place
-(`fileio.commit_directory`), as ScaNN indexes are saved. Either way `_switch` is the single step that
+(`fileio.commit_directory`), as ScaNN indexes are saved. Either way `milvus_client.switch` is the single step that
 makes the new collection served, and a failure before it drops the new collection and leaves the old
 one served. A crash may leave an unserved collection "lce_<lineage>_*" behind; the next in-place
 write of the same directory drops it.
@@ -56,624 +56,31 @@ Upserts (backfill) write into the served collection at once (Milvus upsert: dele
 index.json's summary (count, version and provenance counts) is rewritten by `save`. After a crash
 between the two, `load` finds the count changed and recounts by a scan (with a warning).
 
-pymilvus (and through it milvus-lite) is imported inside functions, so `import lce_tf.index.milvus_index`
-stays light.
+The backend is three modules: `lce_tf.index.milvus_config` (MilvusConfig, index types, server URIs),
+`lce_tf.index.milvus_client` (pymilvus, connections, collection operations, the schema) and this one
+(MilvusIndex, the backend contract). pymilvus (and through it milvus-lite) is imported inside functions,
+so `import lce_tf.index.milvus_index` stays light.
 """
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import dataclasses
-import fcntl
 import logging
-import math
 import os
 import time
-import urllib.parse
 import uuid
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from lce_tf import fileio
-from lce_tf.index import base, checks, operations, registry, store
+from lce_tf.index import checks, milvus_client, operations, registry, store
 from lce_tf.index.base import EMBEDDED, METADATA_FILE, EntryBatch, Index
+from lce_tf.index.milvus_client import (BASE_FIELDS, GET_CHUNK, ID_FIELD, ITERATOR_MAX_BATCH, LITE_DB_FILE,
+                                        ORIGINAL_FIELD, PROVENANCE_FIELD, QUERY_CHUNK, SOURCE_FIELD, VECTOR_FIELD,
+                                        VERSION_FIELD)
+from lce_tf.index.milvus_config import METRIC, MILVUS_BACKEND, MilvusConfig, check_server_uri
 
 logger = logging.getLogger(__name__)
-
-LITE_DB_FILE = "milvus.db"
-TOKEN_ENV = "LCE_TF_MILVUS_TOKEN"
-ID_FIELD = "id"
-VECTOR_FIELD = "vector"
-VERSION_FIELD = "version"
-PROVENANCE_FIELD = "provenance"
-SOURCE_FIELD = "source"
-ORIGINAL_FIELD = "original"
-MAX_BYTES = {ID_FIELD: 4096, VERSION_FIELD: 512, PROVENANCE_FIELD: 8192,  # VARCHAR max_length of the schema
-             SOURCE_FIELD: 512, ORIGINAL_FIELD: 65_535}
-_BASE_FIELDS = (ID_FIELD, VECTOR_FIELD, VERSION_FIELD, PROVENANCE_FIELD)
-_ORIGIN_FIELDS = (SOURCE_FIELD, ORIGINAL_FIELD)
-METRIC = "IP"
-SERVER_SCHEMES = ("http", "https", "tcp", "grpc", "unix")
-
-# Index type: (build parameters, search parameters), as Milvus 2.5 names them.
-INDEX_PARAMETERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "FLAT": ((), ()),
-    "IVF_FLAT": (("nlist",), ("nprobe",)),
-    "IVF_SQ8": (("nlist",), ("nprobe",)),
-    "IVF_PQ": (("nlist", "m", "nbits"), ("nprobe",)),
-    "HNSW": (("M", "efConstruction"), ("ef",)),
-    "DISKANN": ((), ("search_list",)),
-    "SCANN": (("nlist", "with_raw_data"), ("nprobe", "reorder_k")),
-    "AUTOINDEX": ((), ()),
-}
-SERVER_INDEX_TYPES = tuple(INDEX_PARAMETERS)
-LITE_INDEX_TYPES = ("FLAT", "IVF_FLAT", "AUTOINDEX")  # what Milvus Lite 2.5.1 accepts (measured)
-_OWN_FIELDS = ("index_type", "num_neighbors", "insert_batch_size")
-
-MILVUS_BACKEND = "milvus"
-
-_QUERY_CHUNK = 1024          # queries per Milvus search call (Milvus caps nq at 16,384)
-_GET_CHUNK = 1000            # ids per get call
-_ITERATOR_MAX_BATCH = 16_384  # Milvus caps a query result window
-_INDEX_WAIT_SECONDS = 3600.0
-# After the alias moves, the replaced collection is dropped only this much later: a search that resolved
-# the alias just before the move fails if its collection is dropped while it runs (measured on milvus
-# 2.3.5 without the pause: "delegator closed during wait tsafe" for a search in flight).
-ALIAS_DRAIN_SECONDS = 5.0
-_SEALED_WAIT_SECONDS = 300.0  # the query nodes take over flushed segments within seconds (10 s update interval)
-
-_INSTALL_HINT = ("the Milvus backend needs pymilvus and milvus-lite: pip install 'lce-tf[milvus]' "
-                 "(pymilvus==2.5.18 milvus-lite==2.5.1 'setuptools<81')")
-
-
-# ----------------------------------------------------------------------------------------------------
-# pymilvus (lazy) and error translation
-# ----------------------------------------------------------------------------------------------------
-
-def _pymilvus():
-    """Imports pymilvus, or raises ImportError saying what to install."""
-    pymilvus = base.import_backend_library("pymilvus", _INSTALL_HINT)
-    if base.QUIET_CLIENT_LOGS:  # set by the CLI: pymilvus logs every failed call on stderr itself
-        for name in ("pymilvus", "pymilvus.milvus_client", "pymilvus.bulk_writer"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-    iterator_log = logging.getLogger("pymilvus.orm.iterator")
-    if _no_mvcc_notice not in iterator_log.filters:
-        iterator_log.addFilter(_no_mvcc_notice)
-    return pymilvus
-
-
-def _no_mvcc_notice(record: logging.LogRecord) -> bool:
-    """Drops pymilvus' warning that Milvus Lite gives its query iterator no MVCC timestamp (the client
-    then uses its own, which is what a single-process database needs): one line per iter_batches."""
-    return "mvccTs" not in record.getMessage()
-
-
-def _first_line(error: BaseException) -> str:
-    details = getattr(error, "details", None)
-    if callable(details):  # a gRPC error, whose str() starts "<_InactiveRpcError of RPC that terminated with:"
-        try:
-            text, code = (details() or "").strip(), error.code()
-        except Exception:  # pylint: disable=broad-except
-            text, code = "", None
-        if text:
-            return text.splitlines()[0] + (f" ({code.name})" if getattr(code, "name", None) else "")
-    text = str(getattr(error, "message", "") or error).strip() or type(error).__name__
-    return text.splitlines()[0]
-
-
-def _is_client_error(error: BaseException) -> bool:
-    return type(error).__module__.split(".")[0] in ("pymilvus", "grpc")
-
-
-@contextlib.contextmanager
-def _milvus_call(what: str) -> Iterator[None]:
-    """Turns pymilvus / gRPC errors into one-line ValueErrors that say what was being done."""
-    try:
-        yield
-    except Exception as e:  # pylint: disable=broad-except
-        if _is_client_error(e):
-            raise ValueError(f"{what}: {_first_line(e)}") from None
-        raise
-
-
-@contextlib.contextmanager
-def _quiet_lite_logs() -> Iterator[None]:
-    """milvus-lite logs its start-up failures on the root logger; the error raised here says it once."""
-    def drop(record: logging.LogRecord) -> bool:
-        return "milvus_lite" not in record.pathname
-
-    root = logging.getLogger()
-    root.addFilter(drop)
-    try:
-        yield
-    finally:
-        root.removeFilter(drop)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------------------
-
-def _default_nlist(n: int) -> int:
-    """4 * sqrt(n) inverted lists (Milvus' guidance), at most n and 65,536."""
-    return int(max(1, min(n, 65_536, round(4 * math.sqrt(n)))))
-
-
-def _largest_divisor_at_most(dim: int, limit: int) -> int:
-    return max(d for d in range(1, max(1, limit) + 1) if dim % d == 0)
-
-
-@dataclasses.dataclass(frozen=True)
-class MilvusConfig:
-    """How the Milvus collection's vector index is built and searched.
-
-    `MilvusConfig.for_size(n, dim, **overrides)` is the default for a gallery of n vectors; parameters
-    left out are filled in by `resolved(n, dim)` (what index.json records):
-
-      IVF_FLAT / IVF_SQ8 / IVF_PQ / SCANN: nlist = round(4 * sqrt(n)) (at most n and 65,536), search
-        nprobe = max(16, ceil(nlist / 20)) (at most nlist); IVF_PQ: m = the largest divisor of dim up
-        to dim / 4, nbits = 8; SCANN: reorder_k = 100, with_raw_data = true.
-      HNSW: M = 16, efConstruction = 200, search ef = 64.   DISKANN: search search_list = 100.
-      FLAT, AUTOINDEX: no parameters.
-    At search time ef, search_list and reorder_k are raised to k when k is larger.
-
-    Attributes:
-      index_type: one of SERVER_INDEX_TYPES; Milvus Lite accepts only LITE_INDEX_TYPES. Default IVF_FLAT.
-      num_neighbors: default k of `search`.
-      index_params: build parameters of the index type (e.g. {"nlist": 1024}).
-      search_params: default search parameters (e.g. {"nprobe": 32}); `search(..., nprobe=64)`
-        overrides them per call.
-      insert_batch_size: rows per insert / upsert call; None -> about 16 MB of vectors per call.
-    """
-
-    index_type: str = "IVF_FLAT"
-    num_neighbors: int = 10
-    index_params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    search_params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    insert_batch_size: Optional[int] = None
-
-    def __post_init__(self):
-        if self.index_type not in INDEX_PARAMETERS:
-            raise ValueError(f"MilvusConfig.index_type must be one of {', '.join(SERVER_INDEX_TYPES)}; received "
-                             f"{self.index_type!r}")
-        checks.check_int("MilvusConfig.num_neighbors", self.num_neighbors, minimum=1)
-        if self.insert_batch_size is not None:
-            checks.check_int("MilvusConfig.insert_batch_size", self.insert_batch_size, minimum=1)
-        build, search = INDEX_PARAMETERS[self.index_type]
-        for kind, given, allowed in (("build", self.index_params, build), ("search", self.search_params, search)):
-            if not isinstance(given, Mapping):
-                raise ValueError(f"MilvusConfig.{kind} parameters must be a mapping; received {given!r}")
-            unknown = sorted(set(given) - set(allowed))
-            if unknown:
-                raise ValueError(f"{self.index_type} has no {kind} parameter(s) {', '.join(unknown)} (its {kind} "
-                                 f"parameters: {', '.join(allowed) or 'none'})")
-            for name, value in given.items():
-                _check_param(name, value)
-        object.__setattr__(self, "index_params", dict(self.index_params))
-        object.__setattr__(self, "search_params", dict(self.search_params))
-
-    @property
-    def algorithm(self) -> str:
-        """The index type (what summaries print beside a ScaNN index's algorithm)."""
-        return self.index_type
-
-    @classmethod
-    def for_size(cls, n: int, dim: int, **overrides: Any) -> "MilvusConfig":
-        """The default configuration for n vectors of dimension dim, with flat overrides applied.
-
-        `overrides` may name the fields index_type, num_neighbors, insert_batch_size and any build or
-        search parameter of the index type (e.g. `index_type="HNSW", M=32, ef=128`), which is how
-        `lce-tf index build --backend milvus --config KEY=VALUE` passes them.
-
-        Raises:
-          ValueError: an unknown key (the message lists the index type's parameters), a bad value.
-        """
-        checks.check_int("n", n, minimum=1)
-        checks.check_int("dim", dim, minimum=1)
-        fields: dict[str, Any] = {k: overrides.pop(k) for k in _OWN_FIELDS if k in overrides}
-        index_type = fields.get("index_type", cls.index_type)
-        if index_type not in INDEX_PARAMETERS:
-            raise ValueError(f"index_type must be one of {', '.join(SERVER_INDEX_TYPES)}; received {index_type!r}")
-        build, search = INDEX_PARAMETERS[index_type]
-        unknown = sorted(set(overrides) - set(build) - set(search))
-        if unknown:
-            raise ValueError(f"Milvus index type {index_type} has no option(s) {', '.join(unknown)} (options: "
-                             f"{', '.join(_OWN_FIELDS + build + search)})")
-        fields["index_params"] = {k: v for k, v in overrides.items() if k in build}
-        fields["search_params"] = {k: v for k, v in overrides.items() if k in search}
-        return cls(**fields).resolved(n, dim)
-
-    def resolved(self, n: int, dim: int) -> "MilvusConfig":
-        """This configuration with the size-derived parameters filled in for n vectors of dimension dim."""
-        index, search = dict(self.index_params), dict(self.search_params)
-        kind = self.index_type
-        if kind in ("IVF_FLAT", "IVF_SQ8", "IVF_PQ", "SCANN"):
-            index.setdefault("nlist", _default_nlist(n))
-            search.setdefault("nprobe", int(min(index["nlist"], max(16, math.ceil(index["nlist"] / 20)))))
-            if search["nprobe"] > index["nlist"]:
-                raise ValueError(f"nprobe ({search['nprobe']}) exceeds nlist ({index['nlist']})")
-        if kind == "IVF_PQ":
-            index.setdefault("m", _largest_divisor_at_most(dim, dim // 4))
-            index.setdefault("nbits", 8)
-            if dim % index["m"]:
-                raise ValueError(f"IVF_PQ m ({index['m']}) must divide the dimension {dim}")
-        if kind == "SCANN":
-            index.setdefault("with_raw_data", True)
-            search.setdefault("reorder_k", 100)
-        if kind == "HNSW":
-            index.setdefault("M", 16)
-            index.setdefault("efConstruction", 200)
-            search.setdefault("ef", 64)
-        if kind == "DISKANN":
-            search.setdefault("search_list", 100)
-        batch = self.insert_batch_size or int(max(1, min(10_000, (16 << 20) // (4 * dim))))
-        return dataclasses.replace(self, index_params=index, search_params=search, insert_batch_size=batch)
-
-    def search_params_for(self, k: int, overrides: Mapping[str, Any]) -> dict[str, Any]:
-        """The search parameters of one call: the defaults, `overrides` (checked), ef/search_list/
-        reorder_k raised to k.
-
-        Raises:
-          ValueError: a parameter the index type does not have, or a bad value.
-        """
-        allowed = INDEX_PARAMETERS[self.index_type][1]
-        unknown = sorted(set(overrides) - set(allowed))
-        if unknown:
-            raise ValueError(f"{self.index_type} has no search parameter(s) {', '.join(unknown)} (its search "
-                             f"parameters: {', '.join(allowed) or 'none'})")
-        params = dict(self.search_params)
-        for name, value in overrides.items():
-            if value is not None:
-                _check_param(name, value)
-                params[name] = value
-        if "nprobe" in params and "nlist" in self.index_params and params["nprobe"] > self.index_params["nlist"]:
-            raise ValueError(f"nprobe ({params['nprobe']}) exceeds the index's nlist ({self.index_params['nlist']})")
-        for name in ("ef", "search_list", "reorder_k"):
-            if name in params:
-                params[name] = max(int(params[name]), k)
-        return params
-
-    def check_for(self, lite: bool) -> "MilvusConfig":
-        """Raises ValueError when Milvus Lite is the target and it does not accept the index type."""
-        if lite and self.index_type not in LITE_INDEX_TYPES:
-            raise ValueError(f"Milvus index type {self.index_type} needs a Milvus server (pass a server URI); Milvus "
-                             f"Lite accepts only {', '.join(LITE_INDEX_TYPES)}")
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"index_type": self.index_type, "num_neighbors": self.num_neighbors,
-                "index_params": dict(self.index_params), "search_params": dict(self.search_params),
-                "insert_batch_size": self.insert_batch_size}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "MilvusConfig":
-        """Inverse of `to_dict`. Raises ValueError on unknown fields or bad values."""
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"MilvusConfig has no field(s) {', '.join(unknown)}")
-        return cls(**dict(d))
-
-
-def _check_param(name: str, value: Any) -> None:
-    if name == "with_raw_data":
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false; received {value!r}")
-        return
-    checks.check_int(name, value, minimum=1)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Where the collection lives; connections
-# ----------------------------------------------------------------------------------------------------
-
-def check_server_uri(uri: str) -> str:
-    """A Milvus server URI as index.json may record it (no credentials in it).
-
-    Raises:
-      ValueError: not http(s)/tcp/grpc/unix, or user:password inside the URI.
-    """
-    if not isinstance(uri, str) or not uri.strip():
-        raise ValueError(f"Milvus URI must be a non-empty string; received {uri!r}")
-    parsed = urllib.parse.urlparse(uri.strip())
-    if parsed.scheme.lower() not in SERVER_SCHEMES:
-        raise ValueError(f"Milvus URI {uri!r} is not a server address ({', '.join(s + '://' for s in SERVER_SCHEMES[:4])}"
-                         f" or unix:PATH); without a URI the index keeps a Milvus Lite database in its directory")
-    if parsed.username or parsed.password:
-        raise ValueError(f"Milvus URI {parsed.scheme}://...@{parsed.hostname} holds credentials; pass the token in the "
-                         f"environment variable {TOKEN_ENV} instead (index.json records the URI)")
-    return uri.strip()
-
-
-_lite_users: dict[str, int] = {}  # open clients per Milvus Lite database path in this process
-
-
-def _refuse_if_open_elsewhere(path: str, where: str) -> None:
-    """Raises ValueError when another process holds the Milvus Lite lock of the database `path`.
-
-    Checked BEFORE milvus-lite tries: its failed start (milvus-lite 2.5.1) unlinks the lock file that
-    the other process holds, after which a third process could open the database too. Not checked when
-    this process already serves the database (probing our own POSIX lock would release it).
-    """
-    from milvus_lite.server_manager import server_manager_instance  # pylint: disable=import-outside-toplevel
-
-    if path in getattr(server_manager_instance, "_servers", {}):
-        return
-    lock = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
-    if not os.path.exists(lock):
-        return
-    with open(lock, "a", encoding="utf-8") as f:
-        try:
-            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise ValueError(f"{where}: Milvus Lite could not open {path}: it is open in another process (Milvus Lite "
-                             f"serves one process per database file; use a Milvus server for concurrent readers)") \
-                from None
-        fcntl.lockf(f, fcntl.LOCK_UN)
-
-
-def _connect(lite_path: Optional[str], uri: Optional[str], where: str):
-    """A MilvusClient on a Milvus Lite database file (lite_path) or a server (uri).
-
-    Each client gets a connection of its own (a unique pymilvus alias): pymilvus otherwise shares one
-    connection per URI between clients, and closing any of them would close it for all.
-    """
-    pm = _pymilvus()
-    alias = f"lce_tf-{uuid.uuid4().hex}"
-    if lite_path is not None:
-        _refuse_if_open_elsewhere(lite_path, where)
-        try:
-            with _quiet_lite_logs():
-                client = pm.MilvusClient(lite_path, alias=alias)
-        except Exception as e:  # pylint: disable=broad-except  (ConnectionConfigException, gRPC errors)
-            if not _is_client_error(e):
-                raise
-            raise ValueError(f"{where}: Milvus Lite could not open {lite_path}: {_first_line(e)}") from None
-        _lite_users[lite_path] = _lite_users.get(lite_path, 0) + 1
-        return client
-    try:
-        return pm.MilvusClient(uri=uri, token=os.environ.get(TOKEN_ENV, ""), alias=alias)
-    except Exception as e:  # pylint: disable=broad-except
-        if not _is_client_error(e):
-            raise
-        raise ConnectionError(f"{where}: cannot connect to the Milvus server {uri}: {_first_line(e)}") from None
-
-
-def _disconnect(client, lite_path: Optional[str]) -> None:
-    """Closes a client; the last client of a Milvus Lite database in this process stops its server."""
-    try:
-        client.close()
-    except Exception:  # pylint: disable=broad-except
-        pass
-    if lite_path is None:
-        return
-    users = _lite_users.get(lite_path, 1) - 1
-    if users > 0:
-        _lite_users[lite_path] = users
-        return
-    _lite_users.pop(lite_path, None)
-    from milvus_lite.server_manager import server_manager_instance  # pylint: disable=import-outside-toplevel
-
-    with _quiet_lite_logs():
-        server_manager_instance.release_server(lite_path)
-
-
-def _location_text(lite_path: Optional[str], uri: Optional[str]) -> str:
-    return f"Milvus Lite database {lite_path}" if lite_path else f"Milvus server {uri}"
-
-
-# ----------------------------------------------------------------------------------------------------
-# Collections
-# ----------------------------------------------------------------------------------------------------
-
-def _new_collection_name(lineage: str) -> str:
-    return f"lce_{lineage}_{uuid.uuid4().hex[:8]}"
-
-
-def _schema_record(dim: int) -> dict[str, str]:
-    return {ID_FIELD: f"VARCHAR({MAX_BYTES[ID_FIELD]}) primary key", VECTOR_FIELD: f"FLOAT_VECTOR({dim})",
-            VERSION_FIELD: f"VARCHAR({MAX_BYTES[VERSION_FIELD]})",
-            PROVENANCE_FIELD: f"VARCHAR({MAX_BYTES[PROVENANCE_FIELD]})",
-            SOURCE_FIELD: f"VARCHAR({MAX_BYTES[SOURCE_FIELD]})",
-            ORIGINAL_FIELD: f"VARCHAR({MAX_BYTES[ORIGINAL_FIELD]})", "metric": METRIC}
-
-
-def _create_collection(client, name: str, dim: int, config: MilvusConfig) -> None:
-    pm = _pymilvus()
-    schema = pm.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False,
-                                           description="lce_tf index entries")
-    schema.add_field(ID_FIELD, pm.DataType.VARCHAR, is_primary=True, max_length=MAX_BYTES[ID_FIELD])
-    schema.add_field(VECTOR_FIELD, pm.DataType.FLOAT_VECTOR, dim=int(dim))
-    schema.add_field(VERSION_FIELD, pm.DataType.VARCHAR, max_length=MAX_BYTES[VERSION_FIELD])
-    schema.add_field(PROVENANCE_FIELD, pm.DataType.VARCHAR, max_length=MAX_BYTES[PROVENANCE_FIELD])
-    for field in _ORIGIN_FIELDS:
-        schema.add_field(field, pm.DataType.VARCHAR, max_length=MAX_BYTES[field])
-    params = client.prepare_index_params()
-    params.add_index(field_name=VECTOR_FIELD, index_name=VECTOR_FIELD, index_type=config.index_type,
-                     metric_type=METRIC, params=dict(config.index_params))
-    with _milvus_call(f"creating Milvus collection {name} ({config.index_type}, {dict(config.index_params)})"):
-        client.create_collection(name, schema=schema, index_params=params, consistency_level="Strong")
-
-
-def _check_lengths(batch: EntryBatch) -> None:
-    for field, values in ((ID_FIELD, batch.ids), (VERSION_FIELD, batch.versions),
-                          (PROVENANCE_FIELD, batch.provenance), (SOURCE_FIELD, batch.sources or [])):
-        for v in values:
-            if v is not None and len(v.encode("utf-8")) > MAX_BYTES[field]:
-                raise ValueError(f"{field} {v[:60]!r}... is {len(v.encode('utf-8'))} bytes; the Milvus schema allows "
-                                 f"{MAX_BYTES[field]}")
-    for v in batch.originals or []:
-        if v is not None and 4 * math.ceil(4 * v.size / 3) > MAX_BYTES[ORIGINAL_FIELD]:
-            raise ValueError(f"an original vector of dimension {v.size} does not fit the Milvus schema's "
-                             f"{ORIGINAL_FIELD} field ({MAX_BYTES[ORIGINAL_FIELD]} bytes of base64)")
-
-
-def _encode_original(vector: Optional[np.ndarray]) -> str:
-    """An original vector as the `original` field stores it: float32 little-endian bytes in base64 ("" = none)."""
-    return "" if vector is None else base64.b64encode(np.asarray(vector, "<f4").tobytes()).decode("ascii")
-
-
-def _decode_original(text: str) -> Optional[np.ndarray]:
-    return np.frombuffer(base64.b64decode(text), "<f4").astype(np.float32) if text else None
-
-
-def _rows(batch: EntryBatch, originals: bool = True) -> list[dict[str, Any]]:
-    """Milvus rows of a batch; `originals`: with the source and original fields (a native entry's are "")."""
-    rows = [{ID_FIELD: i, VECTOR_FIELD: v, VERSION_FIELD: ver, PROVENANCE_FIELD: p}
-            for i, v, ver, p in zip(batch.ids, batch.embeddings.tolist(), batch.versions, batch.provenance)]
-    if originals:
-        for row, source, original in zip(rows, batch.sources or [None] * len(rows),
-                                         batch.originals or [None] * len(rows)):
-            row[SOURCE_FIELD], row[ORIGINAL_FIELD] = source or "", _encode_original(original)
-    return rows
-
-
-def _count(client, name: str) -> int:
-    with _milvus_call(f"counting the entries of Milvus collection {name}"):
-        return int(client.query(name, filter="", output_fields=["count(*)"])[0]["count(*)"])
-
-
-def _wait_for_index(client, name: str, lite: bool) -> None:
-    """On a server, waits until the index covers every flushed row (Milvus Lite never builds one)."""
-    if lite:
-        return
-    deadline = time.monotonic() + _INDEX_WAIT_SECONDS
-    delay = 0.1  # doubled up to 2 s: a small collection is indexed in well under a second
-    while True:
-        with _milvus_call(f"describing the index of Milvus collection {name}"):
-            info = client.describe_index(name, VECTOR_FIELD)
-        if int(info.get("pending_index_rows", 0)) == 0 and int(info.get("indexed_rows", 0)) >= int(
-                info.get("total_rows", 0)):
-            return
-        if time.monotonic() > deadline:
-            logger.warning("Milvus collection %s: index still building after %.0f s (%s of %s rows); serving it anyway "
-                           "(unindexed rows are searched exhaustively)", name, _INDEX_WAIT_SECONDS,
-                           info.get("indexed_rows"), info.get("total_rows"))
-            return
-        time.sleep(delay)
-        delay = min(2.0, 2 * delay)
-
-
-def _wait_for_sealed(client, name: str, lite: bool, count: int) -> None:
-    """On a server, waits until the query nodes serve all `count` rows from sealed segments (indexed,
-    except segments too small for Milvus to index: below dataCoord.segment.minSegmentNumRowsToEnableIndex,
-    1,024 rows by default, which it searches exhaustively by design).
-
-    After a flush a loaded collection keeps answering from the growing segments the rows were inserted
-    into (searched exhaustively: the index type and its search parameters change nothing) until the
-    query nodes take over the sealed, indexed segments, some seconds later (measured on milvus 2.3.5:
-    8 s for 3,000 rows, recall at HNSW ef=10 1.0 before and 0.19 after). A new collection is switched
-    to only once its index serves it. Milvus Lite never builds an index (module docstring)."""
-    if lite or count == 0:
-        return
-    pm = _pymilvus()
-    deadline = time.monotonic() + _SEALED_WAIT_SECONDS
-    while True:
-        with _milvus_call(f"reading the segments of Milvus collection {name}"):
-            segments = pm.utility.get_query_segment_info(name, using=client._using)  # pylint: disable=protected-access
-        served = sum(int(s.num_rows) for s in segments if int(s.state) != pm.grpc_gen.common_pb2.Growing)
-        if served >= count:
-            return
-        if time.monotonic() > deadline:
-            logger.warning("Milvus collection %s: %d of %d rows served from sealed segments after %.0f s; serving "
-                           "it anyway (the rest are searched exhaustively)", name, served, count, _SEALED_WAIT_SECONDS)
-            return
-        time.sleep(0.5)
-
-
-def _drop_quietly(client, name: str) -> None:
-    try:
-        client.drop_collection(name)
-    except Exception as e:  # pylint: disable=broad-except
-        logger.warning("could not drop Milvus collection %s: %s", name, _first_line(e))
-
-
-def _point_alias(client, alias: str, collection: str) -> None:
-    """Server only: creates the alias, or moves it to `collection`."""
-    with _milvus_call(f"pointing Milvus alias {alias} at collection {collection}"):
-        try:
-            client.describe_alias(alias)
-        except Exception as e:  # pylint: disable=broad-except
-            if not _is_client_error(e):
-                raise
-            client.create_alias(collection, alias)
-            return
-        client.alter_alias(collection, alias)
-
-
-def _fill(client, name: str, batches: Iterable[EntryBatch], lite: bool, expected: Optional[int]) -> dict[str, Any]:
-    """Inserts every batch into the (new, empty) collection, flushes, waits for the index, loads it and
-    (on a server) waits until the index serves every row.
-
-    Returns:
-      {"count", "version_counts", "provenance_counts"} of what was written.
-
-    Raises:
-      ValueError: the collection does not hold `expected` entries afterwards (a duplicate id).
-    """
-    versions: dict[str, int] = {}
-    provenance: dict[str, int] = {}
-    written = 0
-    for batch in batches:
-        _check_lengths(batch)
-        with _milvus_call(f"inserting {len(batch.ids)} entries into Milvus collection {name}"):
-            client.insert(name, _rows(batch))
-        written += len(batch.ids)
-        for counts, values in ((versions, batch.versions), (provenance, batch.provenance)):
-            for v in values:
-                counts[v] = counts.get(v, 0) + 1
-    with _milvus_call(f"flushing Milvus collection {name}"):
-        client.flush(name)
-    _wait_for_index(client, name, lite)
-    with _milvus_call(f"loading Milvus collection {name}"):
-        client.load_collection(name)
-    stored = _count(client, name)
-    if stored != written or (expected is not None and stored != expected):
-        raise ValueError(f"Milvus collection {name} holds {stored} entries after writing {written}"
-                         + (f" (expected {expected})" if expected is not None else "") + "; ids must be unique")
-    _wait_for_sealed(client, name, lite, stored)
-    return {"count": stored, "version_counts": dict(sorted(versions.items())),
-            "provenance_counts": dict(sorted(provenance.items()))}
-
-
-def _switch(root: str, metadata: Mapping[str, Any], staging: Optional[str]) -> dict[str, Any]:
-    """THE step that makes a new collection served: index.json replaced by a rename (in place), or the
-    staging directory holding the new index.json (and database) renamed to `root`. Module-level so
-    tests can inject a fault here."""
-    if staging is None:
-        return store.write_metadata_file(root, metadata)
-    written = store.write_metadata_file(staging, metadata)
-    fileio.commit_directory(staging, root)
-    return written
-
-
-def _keeps_originals(metadata: Mapping[str, Any]) -> bool:
-    """True when the index's collection has the source and original fields (its index.json schema
-    record lists them; collections made before they existed do not)."""
-    return SOURCE_FIELD in ((metadata.get("milvus") or {}).get("schema") or {})
-
-
-def _existing_milvus_metadata(target: str) -> Optional[dict[str, Any]]:
-    """index.json of a Milvus index at `target` (verified), or None when there is none (or another kind)."""
-    store.check_replaceable(target)
-    if not os.path.isfile(os.path.join(target, METADATA_FILE)):
-        return None
-    try:
-        metadata = registry.read_index_metadata(target)
-    except ValueError:
-        return None
-    return metadata if metadata.get("backend") == MILVUS_BACKEND and isinstance(metadata.get("milvus"), dict) \
-        else None
-
-
-def _batches_of(ids: list[str], emb: np.ndarray, versions: list[str], provenance: list[str],
-                size: int, sources: Optional[list] = None, originals: Optional[list] = None) -> Iterator[EntryBatch]:
-    for start in range(0, len(ids), size):
-        end = start + size
-        yield EntryBatch(ids[start:end], versions[start:end], provenance[start:end], emb[start:end],
-                         None if sources is None else sources[start:end],
-                         None if originals is None else originals[start:end])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -747,7 +154,7 @@ class MilvusIndex(Index):
         config = (config or MilvusConfig.for_size(len(ids), emb.shape[1])).resolved(len(ids), emb.shape[1])
         metadata = store.base_metadata(embedding_space, emb.shape[1], model_id or embedding_space, model_version,
                                    config.to_dict(), len(ids))
-        batches = _batches_of(ids, emb, versions, provenance, config.insert_batch_size)
+        batches = milvus_client.batches_of(ids, emb, versions, provenance, config.insert_batch_size)
         return cls._write(index_dir, batches, metadata, config, uri=uri, alias=alias, expected=len(ids))
 
     @classmethod
@@ -759,7 +166,7 @@ class MilvusIndex(Index):
         uri = check_server_uri(uri) if uri is not None else None
         lite = uri is None
         config.check_for(lite)
-        current = _existing_milvus_metadata(target)
+        current = milvus_client.existing_milvus_metadata(target)
         old = (current or {}).get("milvus", {})
         in_place = current is not None and (old.get("lite") if lite else old.get("uri") == uri)
         staging = None if in_place else fileio.make_temp_dir(target)
@@ -769,32 +176,33 @@ class MilvusIndex(Index):
         if not lite:
             alias = alias or f"lce_{lineage}"
         lite_path = os.path.realpath(os.path.join(staging or target, LITE_DB_FILE)) if lite else None
-        name = _new_collection_name(lineage)
+        name = milvus_client.new_collection_name(lineage)
         client = None
         created = False
         try:
-            client = _connect(lite_path, uri, f"index {target}")
+            client = milvus_client.connect(lite_path, uri, f"index {target}")
             if in_place:
-                _drop_orphans(client, lineage, keep=old.get("collection"))
+                milvus_client.drop_orphans(client, lineage, keep=old.get("collection"))
             created = True
-            _create_collection(client, name, int(metadata["dim"]), config)
-            summary = _fill(client, name, batches, lite, expected)
+            milvus_client.create_collection(client, name, int(metadata["dim"]), config)
+            summary = milvus_client.fill(client, name, batches, lite, expected)
             metadata = {**metadata, **summary, "backend": MILVUS_BACKEND, "files": {}, "updated": checks.now(),
                         "milvus": {"uri": LITE_DB_FILE if lite else uri, "lite": lite, "collection": name,
-                                   "alias": alias, "lineage": lineage, "schema": _schema_record(int(metadata["dim"])),
-                                   "pymilvus_version": _version("pymilvus"),
-                                   "milvus_lite_version": _version("milvus-lite") if lite else None}}
+                                   "alias": alias, "lineage": lineage,
+                                   "schema": milvus_client.schema_record(int(metadata["dim"])),
+                                   "pymilvus_version": milvus_client.package_version("pymilvus"),
+                                   "milvus_lite_version": milvus_client.package_version("milvus-lite") if lite else None}}
             if staging is not None and lite:
-                _disconnect(client, lite_path)  # the Milvus Lite server stops before its directory is renamed
+                milvus_client.disconnect(client, lite_path)  # the Milvus Lite server stops before its directory is renamed
                 client = None
-            written = _switch(target, metadata, staging)
+            written = milvus_client.switch(target, metadata, staging)
         except BaseException as e:
             if client is not None:
                 if created:
-                    _drop_quietly(client, name)
-                _disconnect(client, lite_path)
+                    milvus_client.drop_quietly(client, name)
+                milvus_client.disconnect(client, lite_path)
             elif created and not lite:
-                _drop_with_new_client(uri, name)
+                milvus_client.drop_with_new_client(uri, name)
             if staging is not None:
                 fileio.remove_tree(staging)
             if isinstance(e, OSError) and not isinstance(e, ConnectionError):
@@ -805,11 +213,11 @@ class MilvusIndex(Index):
             return cls.load(target)
         index = cls(root=target, metadata=written, config=config, client=client, lite_path=lite_path)
         if not lite:
-            _point_alias(client, alias, name)
+            milvus_client.point_alias(client, alias, name)
         if in_place and old.get("collection") and old.get("collection") != name:
             if not lite:  # searches that resolved the alias just before it moved are still running on the old one
-                time.sleep(ALIAS_DRAIN_SECONDS)
-            _drop_quietly(client, old["collection"])
+                time.sleep(milvus_client.ALIAS_DRAIN_SECONDS)
+            milvus_client.drop_quietly(client, old["collection"])
         elif current is not None and not in_place and not old.get("lite") and old.get("uri"):
             logger.warning("index %s was served from collection %s on %s; that collection was left there", target,
                            old.get("collection"), old.get("uri"))
@@ -848,27 +256,28 @@ class MilvusIndex(Index):
             uri = None
         else:
             uri = check_server_uri(m["uri"])
-        client = _connect(lite_path, uri, f"index {root}")
+        client = milvus_client.connect(lite_path, uri, f"index {root}")
         try:
             name = m["collection"]
-            where = _location_text(lite_path, uri)
-            with _milvus_call(f"index {root}: reading collection {name} in the {where}"):
+            where = milvus_client.location_text(lite_path, uri)
+            with milvus_client.milvus_call(f"index {root}: reading collection {name} in the {where}"):
                 exists = client.has_collection(name)
             if not exists:
                 raise ValueError(f"index {root}: collection {name} is not in the {where}")
-            with _milvus_call(f"index {root}: reading collection {name} in the {where}"):
+            with milvus_client.milvus_call(f"index {root}: reading collection {name} in the {where}"):
                 fields = {f["name"]: f for f in client.describe_collection(name)["fields"]}
                 client.load_collection(name)
             dim = int(((fields.get(VECTOR_FIELD) or {}).get("params") or {}).get("dim", -1))
-            expected = set(_BASE_FIELDS) | (set(_ORIGIN_FIELDS) if _keeps_originals(metadata) else set())
+            kept = milvus_client.keeps_originals(metadata)
+            expected = set(BASE_FIELDS) | (set(milvus_client.ORIGIN_FIELDS) if kept else set())
             if set(fields) != expected or dim != int(metadata["dim"]):
                 raise ValueError(f"index {root}: collection {name} has fields {', '.join(sorted(fields))} and dimension "
                                  f"{dim}; {METADATA_FILE} says {metadata['dim']} (fields "
                                  f"{', '.join(sorted(expected))})")
             index = cls(root=root, metadata=metadata, config=config, client=client, lite_path=lite_path)
-            stored = _count(client, name)
+            stored = milvus_client.count_entities(client, name)
         except BaseException:
-            _disconnect(client, lite_path)
+            milvus_client.disconnect(client, lite_path)
             raise
         if stored != index._count:
             logger.warning("index %s: collection %s holds %d entries, %s says %d (an update was not saved); "
@@ -921,9 +330,9 @@ class MilvusIndex(Index):
     def _stored(self, ids: Sequence[str], fields: Sequence[str]) -> dict[str, dict[str, Any]]:
         """{id: row} for the given ids that are stored (rows hold `fields`)."""
         out: dict[str, dict[str, Any]] = {}
-        for start in range(0, len(ids), _GET_CHUNK):
-            with _milvus_call(f"reading entries of Milvus collection {self.collection}"):
-                rows = self._client.get(self.collection, ids=list(ids[start:start + _GET_CHUNK]),
+        for start in range(0, len(ids), GET_CHUNK):
+            with milvus_client.milvus_call(f"reading entries of Milvus collection {self.collection}"):
+                rows = self._client.get(self.collection, ids=list(ids[start:start + GET_CHUNK]),
                                         output_fields=[ID_FIELD, *fields])
             out.update({row[ID_FIELD]: row for row in rows})
         return out
@@ -951,16 +360,16 @@ class MilvusIndex(Index):
           when asked), in primary-key order.
         """
         checks.check_int("batch_size", batch_size, minimum=1)
-        kept = _keeps_originals(self._metadata)
+        kept = milvus_client.keeps_originals(self._metadata)
         fields = [ID_FIELD, VERSION_FIELD, PROVENANCE_FIELD] + ([VECTOR_FIELD] if vectors else []) + (
             [SOURCE_FIELD] if kept else []) + ([ORIGINAL_FIELD] if kept and originals else [])
         what = f"reading Milvus collection {self.collection}"
-        with _milvus_call(what):
-            iterator = self._client.query_iterator(self.collection, batch_size=min(batch_size, _ITERATOR_MAX_BATCH),
+        with milvus_client.milvus_call(what):
+            iterator = self._client.query_iterator(self.collection, batch_size=min(batch_size, ITERATOR_MAX_BATCH),
                                                    filter="", output_fields=fields)
         try:
             while True:
-                with _milvus_call(what):
+                with milvus_client.milvus_call(what):
                     rows = iterator.next()
                 if not rows:
                     return
@@ -969,7 +378,8 @@ class MilvusIndex(Index):
                 yield EntryBatch([r[ID_FIELD] for r in rows], [r[VERSION_FIELD] for r in rows],
                                  [r[PROVENANCE_FIELD] for r in rows], emb,
                                  [r[SOURCE_FIELD] or None for r in rows] if kept else None,
-                                 ([_decode_original(r[ORIGINAL_FIELD]) for r in rows] if kept else [None] * len(rows))
+                                 ([milvus_client.decode_original(r[ORIGINAL_FIELD]) for r in rows] if kept
+                                  else [None] * len(rows))
                                  if originals else None)
         finally:
             iterator.close()
@@ -1036,9 +446,9 @@ class MilvusIndex(Index):
         out_ids = np.empty((q.shape[0], k), dtype=object)
         out_scores = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
         short = np.zeros(q.shape[0], dtype=bool)
-        for start in range(0, q.shape[0], _QUERY_CHUNK):
-            chunk = q[start:start + _QUERY_CHUNK]
-            with _milvus_call(f"searching Milvus collection {self.collection}"):
+        for start in range(0, q.shape[0], QUERY_CHUNK):
+            chunk = q[start:start + QUERY_CHUNK]
+            with milvus_client.milvus_call(f"searching Milvus collection {self.collection}"):
                 results = self._client.search(self.collection, data=chunk.tolist(), limit=k, anns_field=VECTOR_FIELD,
                                               search_params={"metric_type": METRIC, "params": params},
                                               output_fields=[])
@@ -1092,14 +502,15 @@ class MilvusIndex(Index):
         emb = self._vectors(embeddings, len(ids))
         versions = checks.check_versions(version, len(ids))
         provenance = checks.check_versions(provenance, len(ids), "provenance")
-        batches = list(_batches_of(ids, emb, versions, provenance, self._config.insert_batch_size))
+        batches = list(milvus_client.batches_of(ids, emb, versions, provenance, self._config.insert_batch_size))
         for batch in batches:
-            _check_lengths(batch)
+            milvus_client.check_lengths(batch)
         replaced = 0
         for batch in batches:
             before = self._stored(batch.ids, [VERSION_FIELD, PROVENANCE_FIELD])
-            with _milvus_call(f"upserting {len(batch.ids)} entries into Milvus collection {self.collection}"):
-                self._client.upsert(self.collection, _rows(batch, _keeps_originals(self._metadata)))
+            with milvus_client.milvus_call(f"upserting {len(batch.ids)} entries into Milvus collection {self.collection}"):
+                rows = milvus_client.entity_rows(batch, milvus_client.keeps_originals(self._metadata))
+                self._client.upsert(self.collection, rows)
             for entry, new_version, new_provenance in zip(batch.ids, batch.versions, batch.provenance):
                 if entry in before:
                     replaced += 1
@@ -1127,12 +538,12 @@ class MilvusIndex(Index):
         params = self._client.prepare_index_params()
         params.add_index(field_name=VECTOR_FIELD, index_name=VECTOR_FIELD, index_type=config.index_type,
                          metric_type=METRIC, params=dict(config.index_params))
-        with _milvus_call(f"rebuilding the index of Milvus collection {self.collection}"):
+        with milvus_client.milvus_call(f"rebuilding the index of Milvus collection {self.collection}"):
             self._client.release_collection(self.collection)
             self._client.drop_index(self.collection, VECTOR_FIELD)
             self._client.create_index(self.collection, params)
-        _wait_for_index(self._client, self.collection, self.lite)
-        with _milvus_call(f"loading Milvus collection {self.collection}"):
+        milvus_client.wait_for_index(self._client, self.collection, self.lite)
+        with milvus_client.milvus_call(f"loading Milvus collection {self.collection}"):
             self._client.load_collection(self.collection)
         self._config = config
         self._metadata["config"] = config.to_dict()
@@ -1262,8 +673,8 @@ class MilvusIndex(Index):
         def batches() -> Iterator[EntryBatch]:
             yield first
             for batch in moved:
-                for part in _batches_of(batch.ids, batch.embeddings, batch.versions, batch.provenance,
-                                        config.insert_batch_size, batch.sources, batch.originals):
+                for part in milvus_client.batches_of(batch.ids, batch.embeddings, batch.versions, batch.provenance,
+                                                     config.insert_batch_size, batch.sources, batch.originals):
                     yield part
 
         return MilvusIndex._write(index_dir, batches(), metadata, config, uri=uri, alias=alias, expected=self._count)
@@ -1291,7 +702,7 @@ class MilvusIndex(Index):
         """Closes the client (and stops this process's Milvus Lite server of the database when it was
         the last user)."""
         if self._client is not None:
-            _disconnect(self._client, self._lite_path)
+            milvus_client.disconnect(self._client, self._lite_path)
             self._client = None
         super().close()
 
@@ -1308,35 +719,3 @@ def _shift(counts: dict[str, int], key: str, delta: int) -> None:
         counts[key] = value
     else:
         counts.pop(key, None)
-
-
-def _drop_orphans(client, lineage: str, keep: Optional[str]) -> None:
-    """Drops this directory's collections that are not served (left by a crash before a switch)."""
-    prefix = f"lce_{lineage}_"
-    with _milvus_call("listing Milvus collections"):
-        names = client.list_collections()
-    for name in names:
-        if name.startswith(prefix) and name != keep:
-            logger.warning("dropping Milvus collection %s: left unserved by an interrupted write", name)
-            _drop_quietly(client, name)
-
-
-def _drop_with_new_client(uri: str, name: str) -> None:
-    try:
-        client = _connect(None, uri, "cleanup")
-    except (ConnectionError, ValueError):
-        return
-    try:
-        if client.has_collection(name):
-            _drop_quietly(client, name)
-    finally:
-        _disconnect(client, None)
-
-
-def _version(package: str) -> Optional[str]:
-    try:
-        from importlib import metadata  # pylint: disable=import-outside-toplevel
-
-        return metadata.version(package)
-    except Exception:  # pylint: disable=broad-except
-        return None

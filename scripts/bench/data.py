@@ -42,7 +42,7 @@ def ensure_dataset(data_dir: Optional[str], work: str, profile: Profile, seed: i
     Falls back to the synthetic stroke dataset (and says so) when fewer than three CJK fonts are
     installed (scripts/install_fonts.sh installs them).
     """
-    from lce_tf import glyphs
+    from lce_tf import glyphs, synthetic
 
     if data_dir:
         for split in ("train", "query", "gallery"):
@@ -67,10 +67,10 @@ def ensure_dataset(data_dir: Optional[str], work: str, profile: Profile, seed: i
     else:
         _log("fewer than 3 CJK fonts installed (run scripts/install_fonts.sh): using the synthetic stroke "
              "dataset instead of glyphs")
-        summary = glyphs.build_synthetic_dataset(out, num_train_classes=profile.train_classes,
-                                                 num_test_classes=profile.test_classes, images_per_class=12,
-                                                 num_query_per_class=3, size=profile.size, seed=seed,
-                                                 progress=None)
+        summary = synthetic.build_synthetic_dataset(out, num_train_classes=profile.train_classes,
+                                                    num_test_classes=profile.test_classes, images_per_class=12,
+                                                    num_query_per_class=3, size=profile.size, seed=seed,
+                                                    progress=None)
     return out, summary
 
 
@@ -82,7 +82,7 @@ def _image_shape(folder) -> tuple:
 
 def load_split(data_dir: str, summary: dict) -> Split:
     """The dataset's train / query / gallery folders, loaded into memory."""
-    from lce_tf import data
+    from lce_tf import data, datasets
 
     train = data.read_image_folder(os.path.join(data_dir, "train"))
     query = data.read_image_folder(os.path.join(data_dir, "query"))
@@ -99,8 +99,8 @@ def load_split(data_dir: str, summary: dict) -> Split:
     if "fonts_kept" in summary:
         description["font_designs"] = len(summary["fonts_kept"])
         description["query_fonts"] = summary.get("query_fonts")
-    return Split(train, query, gallery, shape, data.load_images(train.paths, shape),
-                 data.load_images(query.paths, shape), data.load_images(gallery.paths, shape),
+    return Split(train, query, gallery, shape, datasets.load_images(train.paths, shape),
+                 datasets.load_images(query.paths, shape), datasets.load_images(gallery.paths, shape),
                  np.asarray(query.class_names)[query.labels], np.asarray(gallery.class_names)[gallery.labels],
                  description)
 

@@ -76,15 +76,15 @@ class ModelZoo:
         return rows, folder
 
     def _dataset(self, folder, spec: Spec):
-        from lce_tf import data
+        from lce_tf import datasets
         from lce_tf.data import ImageFolder
 
         bs = self.profile.batch_size
         if spec.loss != "triplet":
             # Full batches only (when there is one): every step has the same shape, so Keras traces the
             # train step once per model instead of twice (the trace dominates --quick's small models).
-            return data.make_image_dataset(folder, self.split.input_shape, bs, shuffle=True, seed=self.seed,
-                                           shift_pixels=2, drop_remainder=len(folder.paths) >= bs), None
+            return datasets.make_image_dataset(folder, self.split.input_shape, bs, shuffle=True, seed=self.seed,
+                                               shift_pixels=2, drop_remainder=len(folder.paths) >= bs), None
         # Triplet loss needs several images of a class per batch: P x K batches (P classes, K images),
         # in a seeded order drawn anew for every epoch; the library's reader decodes and shifts them.
         k = self.profile.triplet_k
@@ -102,8 +102,8 @@ class ModelZoo:
             per_epoch = len(chunk) // bs
             order += chunk
         pk = ImageFolder(folder.root, [folder.paths[i] for i in order], folder.labels[order], folder.class_names)
-        return data.make_image_dataset(pk, self.split.input_shape, bs, shuffle=False, seed=self.seed,
-                                       shift_pixels=2), per_epoch
+        return datasets.make_image_dataset(pk, self.split.input_shape, bs, shuffle=False, seed=self.seed,
+                                           shift_pixels=2), per_epoch
 
     # -- training -------------------------------------------------------------------------------
     def model(self, spec: Spec):
