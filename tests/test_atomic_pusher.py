@@ -1,10 +1,10 @@
 """The AtomicPusher executor itself (components/atomic_pusher/executor.py): every branch of its `Do`.
 
 A failure in the middle of the copy leaves no visible partial version; an existing version directory is
-never overwritten and versions increase strictly (two pushes in the same second get two versions); an unsupported versioning is refused before anything is copied; a destination the
-local file-system API cannot address falls back to the stock Pusher (a tf.io.gfile `ram://` file system
-stands in for Cloud Storage). Models are tiny directories of three files (no TensorFlow model needed).
-"""
+never overwritten and versions increase strictly (two pushes in the same second get two versions); an
+unsupported versioning is refused before anything is copied; a destination the local file-system API
+cannot address falls back to the stock Pusher (a tf.io.gfile `ram://` file system stands in for Cloud
+Storage). Models are tiny directories of three files (no TensorFlow model needed)."""
 
 from __future__ import annotations
 
