@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -238,7 +236,9 @@ def test_cross_model_trains_only_the_transformations(toy, old_model_dir, old_cen
         cross.transform_old_to_new(gallery)
 
 
-def test_export_reloads_in_a_fresh_process_without_lce_tf(toy, old_centers, trained_mode, tmp_path):
+def test_export_reloads_in_a_fresh_process_without_lce_tf(toy, old_centers, trained_mode, fresh_tensorflow, tmp_path):
+    """The exported SavedModel's three signatures in another process with TensorFlow only (conftest's
+    fresh_tensorflow: PYTHONPATH empty, lce_tf never imported) give the Keras model's outputs."""
     images, _ = toy
     config, model, _ = trained_mode("lce-transform")  # the model test_every_loss_term_appears... trained
     out = tmp_path / "model"
@@ -246,18 +246,11 @@ def test_export_reloads_in_a_fresh_process_without_lce_tf(toy, old_centers, trai
                             compatible_with=training.compatibility_record(config, old_centers.source_model_id, 8))
     np.save(tmp_path / "images.npy", images[:5])
     np.save(tmp_path / "old.npy", old_centers.centers)
-    script = f"""
-import sys, json, numpy as np, tensorflow as tf
-m = tf.saved_model.load({str(out)!r})
-x = np.load({str(tmp_path / 'images.npy')!r})
-old = np.load({str(tmp_path / 'old.npy')!r})
-np.save({str(tmp_path / 'embed.npy')!r}, m.signatures['embed'](images=x)['embedding'].numpy())
-np.save({str(tmp_path / 'compat.npy')!r}, m.signatures['embed_compat'](images=x)['embedding'].numpy())
-np.save({str(tmp_path / 't12.npy')!r}, m.signatures['transform_old_to_new'](embeddings=old)['embedding'].numpy())
-assert not any(k.startswith('lce_tf') for k in sys.modules), 'lce_tf was imported'
-"""
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=str(tmp_path),
-                   env={**os.environ, "PYTHONPATH": ""})
+    reply = fresh_tensorflow.run(out, [("embed", "images", tmp_path / "images.npy", tmp_path / "embed.npy"),
+                                       ("embed_compat", "images", tmp_path / "images.npy", tmp_path / "compat.npy"),
+                                       ("transform_old_to_new", "embeddings", tmp_path / "old.npy", tmp_path / "t12.npy")])
+    assert reply["ok"], reply
+    assert reply["lce_tf_modules"] == [], "lce_tf was imported"
     np.testing.assert_allclose(np.load(tmp_path / "embed.npy"), model(images[:5]).numpy(), atol=1e-5)
     np.testing.assert_allclose(np.load(tmp_path / "compat.npy"), model.embed_compat(images[:5]).numpy(), atol=1e-5)
     np.testing.assert_allclose(np.load(tmp_path / "t12.npy"),
