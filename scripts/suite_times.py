@@ -3,9 +3,9 @@
     .venv/bin/python -m pytest -p no:randomly --durations=0 > build/durations.log
     python scripts/suite_times.py build/durations.log        # or: ... | python scripts/suite_times.py
 
-Each row is one test file: the number of tests that have a `call` line, and the sum of their setup,
-call and teardown seconds (pytest leaves out phases under 0.005 s, so the sums are a few hundredths
-low). A module-scoped fixture's set-up is charged to the first test that asks for it, a session-scoped
+Each row is one test file: the number of its tests whose call took 5 ms or more (pytest lists no
+shorter phase, so faster tests are not counted), and the sum of the setup, call and teardown seconds
+listed (a few hundredths low for the same reason). A module-scoped fixture's set-up is charged to the first test that asks for it, a session-scoped
 one to the first test of the session that does: its file's row carries it. The last row is the total,
 and the pytest summary's wall time when the output holds it. Rows are sorted, slowest first.
 """
@@ -58,7 +58,7 @@ def file_times(lines: Iterable[str]) -> tuple[dict[str, float], dict[str, int], 
 def markdown_table(seconds: dict[str, float], counts: dict[str, int], wall: Optional[float] = None) -> str:
     """The table, slowest file first (ties by name), with a total row."""
     total = sum(seconds.values())
-    rows = ["| file | tests | seconds | share |", "|---|---:|---:|---:|"]
+    rows = ["| file | tests ≥ 5 ms | seconds | share |", "|---|---:|---:|---:|"]
     for path in sorted(seconds, key=lambda p: (-seconds[p], p)):
         share = 100.0 * seconds[path] / total if total else 0.0
         rows.append(f"| {path} | {counts.get(path, 0)} | {seconds[path]:.1f} | {share:.0f}% |")

@@ -45,7 +45,7 @@ def test_markdown_table_is_sorted_slowest_first_with_a_total(suite_times, capsys
     assert suite_times.main([], stdin=io.StringIO(OUTPUT)) == 0
     # shares: 16.5 / 20.0 = 82.5% -> 82% (round half to even), 3.0 / 20 = 15%, 0.5 / 20 = 2.5% -> 2%
     assert capsys.readouterr().out.splitlines() == [
-        "| file | tests | seconds | share |",
+        "| file | tests ≥ 5 ms | seconds | share |",
         "|---|---:|---:|---:|",
         "| tests/test_b.py | 1 | 16.5 | 82% |",
         "| tests/test_a.py | 2 | 3.0 | 15% |",
