@@ -24,6 +24,8 @@ $(STAMP): $(LOCK) setup.py
 	touch $(STAMP)
 
 # The glyph tests need the CJK fonts: they skip without them, and fail when CI=true (tests/test_glyphs.py).
+# Every run prints its 25 slowest tests (pytest.ini: --durations=25); PYTEST_ARGS=--durations=0 prints all of
+# them, and scripts/suite_times.py turns that output into the time-by-file table of docs/design.md.
 test: venv fonts
 	$(PY) -m pytest $(PYTEST_ARGS)
 

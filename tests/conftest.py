@@ -44,3 +44,87 @@ def milvus_server(milvus_binaries, tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+# A Python that imports TensorFlow and never lce_tf, started once per session, for the tests that load an
+# exported SavedModel "in a fresh process without lce_tf" (tests/test_model.py, tests/test_transformation.py):
+# one TensorFlow start-up instead of one per test. Requests and replies are JSON lines.
+_FRESH_TF_SERVER = r'''
+import json, sys
+import numpy as np, tensorflow as tf
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    request = json.loads(line)
+    try:
+        model = tf.saved_model.load(request["saved_model"])
+        for signature, argument, source, target in request["calls"]:
+            out = model.signatures[signature](**{argument: tf.constant(np.load(source))})["embedding"]
+            np.save(target, out.numpy())
+        reply = {"ok": True}
+    except Exception as e:  # the test reports it
+        reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    reply["lce_tf_modules"] = sorted(m for m in sys.modules if m.split(".")[0] == "lce_tf")
+    print(json.dumps(reply), flush=True)
+'''
+
+
+class FreshTensorFlow:
+    """A separate Python process with TensorFlow and without lce_tf (PYTHONPATH empty, working directory /)."""
+
+    def __init__(self, log_path: str):
+        self.log_path = log_path
+        self.proc = None
+
+    def _start(self) -> None:
+        import subprocess
+        import sys
+
+        env = {**os.environ, "PYTHONPATH": "", "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+        with open(self.log_path, "w", encoding="utf-8") as log:
+            self.proc = subprocess.Popen([sys.executable, "-c", _FRESH_TF_SERVER], cwd="/", env=env, text=True,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+        self._reply()
+
+    def _reply(self) -> dict:
+        import json
+
+        line = self.proc.stdout.readline()
+        if not line:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                raise RuntimeError(f"the fresh TensorFlow process ended (exit {self.proc.wait()}):\n{f.read()[-3000:]}")
+        return json.loads(line)
+
+    def run(self, saved_model: str, calls: list) -> dict:
+        """Loads saved_model with tf.saved_model.load and runs each call (signature, argument name, input .npy,
+        output .npy): saves signature(**{argument: input})["embedding"] to the output file.
+
+        Returns:
+          {"ok": bool, "error": str when not ok, "lce_tf_modules": the lce_tf modules imported in that process}.
+        """
+        import json
+
+        if self.proc is None:
+            self._start()
+        self.proc.stdin.write(json.dumps({"saved_model": str(saved_model),
+                                          "calls": [[str(c) for c in call] for call in calls]}) + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except Exception:  # pylint: disable=broad-except
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def fresh_tensorflow(tmp_path_factory):
+    """FreshTensorFlow: one separate TensorFlow process without lce_tf for the session (started on first use)."""
+    server = FreshTensorFlow(str(tmp_path_factory.mktemp("fresh_tf") / "stderr.log"))
+    try:
+        yield server
+    finally:
+        server.close()

@@ -1,10 +1,10 @@
 """The AtomicPusher executor itself (components/atomic_pusher/executor.py): every branch of its `Do`.
 
 A failure in the middle of the copy leaves no visible partial version; an existing version directory is
-never overwritten; an unsupported versioning is refused before anything is copied; a destination the
-local file-system API cannot address falls back to the stock Pusher (a tf.io.gfile `ram://` file system
-stands in for Cloud Storage). Models are tiny directories of three files (no TensorFlow model needed).
-"""
+never overwritten and versions increase strictly (two pushes in the same second get two versions); an
+unsupported versioning is refused before anything is copied; a destination the local file-system API
+cannot address falls back to the stock Pusher (a tf.io.gfile `ram://` file system stands in for Cloud
+Storage). Models are tiny directories of three files (no TensorFlow model needed)."""
 
 from __future__ import annotations
 
@@ -112,18 +112,58 @@ def test_a_complete_push_makes_a_new_version(tmp_path, serving):
 
 
 def test_an_existing_version_directory_is_not_overwritten(tmp_path, serving, monkeypatch):
-    """Two pushes in the same second: the version directory exists and holds another model."""
+    """A push in the second of an existing version (another model): a new version one later, the
+    existing one untouched (the stock executor would skip the copy and record the other model's version)."""
     from components.atomic_pusher import executor
 
     model = _model(tmp_path, "v2", "v2-bbbb")
     before = _tree(serving / EXISTING_VERSION)
-    monkeypatch.setattr(executor, "time", types.SimpleNamespace(time=lambda: float(EXISTING_VERSION)))
+    monkeypatch.setattr(executor, "time", types.SimpleNamespace(time=lambda: float(EXISTING_VERSION) + 0.5))
     pushed = _push(tmp_path, model, str(serving))
-    assert sorted(os.listdir(serving)) == [EXISTING_VERSION]
+    version = pushed.get_string_custom_property("pushed_version")
+    assert version == str(int(EXISTING_VERSION) + 1)
+    assert sorted(os.listdir(serving)) == [EXISTING_VERSION, version]
     assert _tree(serving / EXISTING_VERSION) == before  # not overwritten, not mixed
-    # As the stock executor does, the existing version is recorded.
+    assert _tree(serving / version) == _tree(os.path.join(model.uri, "Format-Serving"))
     assert pushed.get_int_custom_property("pushed") == 1
-    assert pushed.get_string_custom_property("pushed_version") == EXISTING_VERSION
+    assert pushed.get_string_custom_property("pushed_destination") == str(serving / version)
+
+
+def test_pushes_in_the_same_second_get_distinct_increasing_versions(tmp_path, serving, monkeypatch):
+    """Three pushes of three models within one second (the clock stands still), then one with the clock
+    set back before every version: each gets its own version, one more than the latest; nothing is
+    overwritten and each version holds its own model."""
+    from components.atomic_pusher import executor
+
+    now = [float(EXISTING_VERSION) + 100.25]
+    monkeypatch.setattr(executor, "time", types.SimpleNamespace(time=lambda: now[0]))
+    first = int(EXISTING_VERSION) + 100
+    versions = []
+    for name in ("a", "b", "c"):
+        pushed = _push(tmp_path, _model(tmp_path, name, f"{name}-0000"), str(serving))
+        versions.append(pushed.get_string_custom_property("pushed_version"))
+    assert versions == [str(first), str(first + 1), str(first + 2)]
+    now[0] = float(EXISTING_VERSION) - 3600.0  # the clock set back an hour
+    pushed = _push(tmp_path, _model(tmp_path, "d", "d-0000"), str(serving))
+    versions.append(pushed.get_string_custom_property("pushed_version"))
+    assert versions[-1] == str(first + 3)
+    assert sorted(os.listdir(serving), key=int) == [EXISTING_VERSION] + versions  # no hidden temporary either
+    for name, version in zip("abcd", versions):
+        assert _tree(serving / version) == _tree(tmp_path / name / "Format-Serving"), version
+
+
+def test_next_version_is_the_current_second_or_one_past_the_latest(tmp_path):
+    from components.atomic_pusher.executor import next_version
+
+    base = tmp_path / "serving"
+    assert next_version(str(base), now=1700000000.9) == "1700000000"  # no base directory yet
+    base.mkdir()
+    (base / "1700000005").mkdir()
+    (base / ".1700000009.lce-tmp-abc").mkdir()  # a hidden temporary is not a version
+    (base / "notes").mkdir()
+    assert next_version(str(base), now=1700000000.9) == "1700000006"  # the clock is behind the latest
+    assert next_version(str(base), now=1700000005.0) == "1700000006"  # the same second as the latest
+    assert next_version(str(base), now=1700000042.5) == "1700000042"  # later: the current second
 
 
 def test_unsupported_versioning_is_refused_before_any_copy(tmp_path, serving):

@@ -1,7 +1,8 @@
 """Beam on Dask (issue 21, item 3): the ClassCenterExtractor's transform on a dask.distributed cluster.
 
 A LocalCluster of 2 worker processes (processes=True, one thread each, 127.0.0.1, free ports, no
-dashboard) is started once for the module and closed after it. Against it:
+dashboard) is started once for the module and closed after it; the tests that use it are e2e (make test
+runs them, make test-fast does not). Against it:
 
 - the centers transform (`lce_tf.beam.centers.ComputeClassCentersFromBatches`, the component's) on
   lce_tf/beam/dask_runner.py's DaskRunner gives the DirectRunner's centers, boundary cosines and counts bit
@@ -96,6 +97,7 @@ def run_centers(args, prefixes, out_path, *, feed: str, boundary: str) -> ClassC
     return ClassCenters.load(out_path)
 
 
+@pytest.mark.e2e  # the tests on the cluster (2 worker processes) are e2e: make test-fast skips them
 @pytest.mark.parametrize("feed, boundary", [("two-reads", "min"), ("spill", "percentile:20"),
                                             ("one-read", "percentile:50")])
 def test_centers_on_dask_equal_the_direct_runners_bit_for_bit(cluster, shards, tmp_path, feed, boundary):
@@ -155,6 +157,7 @@ def _read_json_lines(directory):
     return out
 
 
+@pytest.mark.e2e
 def test_runner_fixes_finish_bundle_side_inputs_and_spreads_work(cluster, tmp_path):
     """Outputs of finish_bundle kept; a singleton side input read by every partition; both workers used."""
     for name in ("batches", "pairs", "pids"):
@@ -174,6 +177,7 @@ def test_runner_fixes_finish_bundle_side_inputs_and_spreads_work(cluster, tmp_pa
     assert len(set(_read_json_lines(str(tmp_path / "pids"))) - {os.getpid()}) == 2  # both worker processes
 
 
+@pytest.mark.e2e
 def test_runner_reads_tfrecords(cluster, tmp_path):
     """beam.io.ReadFromTFRecord (a beam.io.Read, which the stock DaskRunner turns into a no-op)."""
     records = [f"record-{i}".encode() for i in range(30)]

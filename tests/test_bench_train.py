@@ -35,6 +35,7 @@ def _rate(value):
     return isinstance(value, float) and value > 0
 
 
+@pytest.mark.e2e  # a quick benchmark run (make test-fast skips it)
 def test_quick_report_structure(report):
     loaded, md = report
     assert {"date", "command", "machine", "load_average_start", "load_average_end", "wall_seconds", "data",

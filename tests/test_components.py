@@ -1,7 +1,7 @@
 """Unit tests of the TFX components' parts: the Beam center combiners, executors' checks (the blessing rule,
 lce_tf.gate, is tested in tests/test_gate.py).
 
-The Beam test runs the combiners on the DirectRunner's FnApiRunner engine in multi-processing mode
+The Beam test (e2e) runs the combiners on the DirectRunner's FnApiRunner engine in multi-processing mode
 with 2 worker processes (as the local runner does) and compares with lce_tf.centers' in-memory
 reference to 1e-6.
 """
@@ -35,6 +35,7 @@ def _close_to(reference, atol=1e-6):
     return check
 
 
+@pytest.mark.e2e  # a Beam pipeline on worker processes
 def test_beam_center_combiners_match_in_memory_reference_multiprocessing():
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions

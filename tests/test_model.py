@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -88,19 +86,37 @@ def test_unknown_architecture_is_rejected():
         backbones.build_backbone("vgg", (32, 32, 1), 8)
 
 
+@pytest.fixture(scope="module")
+def trained_mode(toy, old_centers):
+    """trained_mode(mode) -> (config, model, history): a model of that mode trained on the toy data (2 epochs,
+    λ_align 100, λ_boundary 10; lce-transform at dimension 16, the others at the old centers' 8), trained
+    once per module and shared by the tests that only read it."""
+    cache = {}
+
+    def get(mode):
+        if mode not in cache:
+            images, labels = toy
+            dim = 16 if mode == "lce-transform" else old_centers.dim
+            config = training.TrainConfig(architecture="small_cnn", embedding_dim=dim, epochs=2, batch_size=8,
+                                          compat=mode, lambda_align=100.0, lambda_boundary=10.0)
+            model, history = training.train(config, _dataset(images, labels), num_classes=NUM_CLASSES,
+                                            input_shape=SHAPE, old_centers=None if mode == "independent" else old_centers,
+                                            verbose=0)
+            cache[mode] = config, model, history
+        return cache[mode]
+
+    return get
+
+
 @pytest.mark.parametrize("mode, terms", [
     ("independent", {"cls_loss"}),
     ("lce", {"cls_loss", "align_loss", "boundary_loss"}),
     ("lce-transform", {"cls_loss", "align_loss", "boundary_loss"}),
     ("bct", {"cls_loss", "bct_loss"}),
 ])
-def test_every_loss_term_appears_in_the_fit_history(mode, terms, toy, old_centers):
+def test_every_loss_term_appears_in_the_fit_history(mode, terms, toy, trained_mode):
     images, labels = toy
-    dim = 16 if mode == "lce-transform" else old_centers.dim
-    config = training.TrainConfig(architecture="small_cnn", embedding_dim=dim, epochs=2, batch_size=8, compat=mode,
-                                  lambda_align=100.0, lambda_boundary=10.0)
-    model, history = training.train(config, _dataset(images, labels), num_classes=NUM_CLASSES, input_shape=SHAPE,
-                                    old_centers=None if mode == "independent" else old_centers, verbose=0)
+    _, model, history = trained_mode(mode)
     assert terms | {"loss", "accuracy"} == set(history)
     assert all(np.isfinite(v).all() for v in history.values())
     # The total is the weighted sum of the terms (checked on a fresh batch, same weights).
@@ -220,29 +236,21 @@ def test_cross_model_trains_only_the_transformations(toy, old_model_dir, old_cen
         cross.transform_old_to_new(gallery)
 
 
-def test_export_reloads_in_a_fresh_process_without_lce_tf(toy, old_centers, tmp_path):
-    images, labels = toy
-    config = training.TrainConfig(architecture="small_cnn", embedding_dim=16, epochs=1, batch_size=8,
-                                  compat="lce-transform")
-    model, _ = training.train(config, _dataset(images, labels), num_classes=NUM_CLASSES, input_shape=SHAPE,
-                              old_centers=old_centers, verbose=0)
+def test_export_reloads_in_a_fresh_process_without_lce_tf(toy, old_centers, trained_mode, fresh_tensorflow, tmp_path):
+    """The exported SavedModel's three signatures in another process with TensorFlow only (conftest's
+    fresh_tensorflow: PYTHONPATH empty, lce_tf never imported) give the Keras model's outputs."""
+    images, _ = toy
+    config, model, _ = trained_mode("lce-transform")  # the model test_every_loss_term_appears... trained
     out = tmp_path / "model"
     metadata = export_model(model, str(out), architecture="small_cnn", input_shape=SHAPE, version="v2",
                             compatible_with=training.compatibility_record(config, old_centers.source_model_id, 8))
     np.save(tmp_path / "images.npy", images[:5])
     np.save(tmp_path / "old.npy", old_centers.centers)
-    script = f"""
-import sys, json, numpy as np, tensorflow as tf
-m = tf.saved_model.load({str(out)!r})
-x = np.load({str(tmp_path / 'images.npy')!r})
-old = np.load({str(tmp_path / 'old.npy')!r})
-np.save({str(tmp_path / 'embed.npy')!r}, m.signatures['embed'](images=x)['embedding'].numpy())
-np.save({str(tmp_path / 'compat.npy')!r}, m.signatures['embed_compat'](images=x)['embedding'].numpy())
-np.save({str(tmp_path / 't12.npy')!r}, m.signatures['transform_old_to_new'](embeddings=old)['embedding'].numpy())
-assert not any(k.startswith('lce_tf') for k in sys.modules), 'lce_tf was imported'
-"""
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=str(tmp_path),
-                   env={**os.environ, "PYTHONPATH": ""})
+    reply = fresh_tensorflow.run(out, [("embed", "images", tmp_path / "images.npy", tmp_path / "embed.npy"),
+                                       ("embed_compat", "images", tmp_path / "images.npy", tmp_path / "compat.npy"),
+                                       ("transform_old_to_new", "embeddings", tmp_path / "old.npy", tmp_path / "t12.npy")])
+    assert reply["ok"], reply
+    assert reply["lce_tf_modules"] == [], "lce_tf was imported"
     np.testing.assert_allclose(np.load(tmp_path / "embed.npy"), model(images[:5]).numpy(), atol=1e-5)
     np.testing.assert_allclose(np.load(tmp_path / "compat.npy"), model.embed_compat(images[:5]).numpy(), atol=1e-5)
     np.testing.assert_allclose(np.load(tmp_path / "t12.npy"),

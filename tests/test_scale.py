@@ -1,6 +1,7 @@
 """Scale-out (issue 6, part 3): the Beam center extraction with 2 worker processes, and multi-worker training.
 
-Fast versions run in `make test`; the full-size runs (`make bench-scale`, scripts/bench_scale.py) are
+Fast versions run in `make test` (marked e2e: they start worker processes, so `make test-fast` skips
+them); the full-size runs (`make bench-scale`, scripts/bench_scale.py) are
 behind the `slow` marker.
 """
 
@@ -47,6 +48,7 @@ def test_shards_are_written_in_chunks_and_cover_every_class(bench, tmp_path):
         bench.write_shards(str(tmp_path / "few"), 10, 8, 40)
 
 
+@pytest.mark.e2e  # two Beam worker processes
 @pytest.mark.parametrize("mode", ["beam-two-reads", "beam-spill"])
 def test_beam_two_workers_match_in_process_exactly(bench, tmp_path, mode):
     """20,000 embeddings through the component's Beam transform on 2 worker processes == lce_tf to 1e-6."""
@@ -90,6 +92,7 @@ def test_batched_combiners_follow_the_beam_contract():
         batch_boundaries((np.ones((1, 2)), np.array([3])), centers_counts, "min")
 
 
+@pytest.mark.e2e  # three training processes
 def test_multi_worker_training_matches_one_worker(bench):
     """2 MultiWorkerMirroredStrategy processes (TF_CONFIG on localhost) vs one process, same global batches.
 

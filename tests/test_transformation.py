@@ -6,8 +6,6 @@ weights are enough to exercise the plumbing) on a synthetic image dataset.
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -130,22 +128,16 @@ def test_loaded_transformation_equals_the_fitted_one(exported):
         loaded.old_to_new(np.where(np.eye(2, 8) == 1, np.nan, 0.5).astype(np.float32)[:1])
 
 
-def test_transformation_loads_in_a_fresh_process_without_lce_tf(exported):
+def test_transformation_loads_in_a_fresh_process_without_lce_tf(exported, fresh_tensorflow, tmp_path):
+    """The exported transformation's signatures in another process with TensorFlow only (conftest's
+    fresh_tensorflow: PYTHONPATH empty, lce_tf never imported)."""
     path, _, _, held_old, _ = exported
-    code = (
-        "import json, sys\n"
-        "import numpy as np, tensorflow as tf\n"
-        f"m = tf.saved_model.load({str(path)!r})\n"
-        f"x = np.array({held_old[:3].tolist()}, np.float32)\n"
-        "out = {k: m.signatures[k](embeddings=tf.constant(x if k != 'new_to_old' else x))['embedding'].numpy()"
-        ".tolist() for k in ('old_to_new', 'new_to_old', 'serving_default')}\n"
-        "out['lce_tf_imported'] = any(name.startswith('lce_tf') for name in sys.modules)\n"
-        "print(json.dumps(out))\n")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ""}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/",
-                          timeout=300, check=True)
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["lce_tf_imported"] is False
+    np.save(tmp_path / "x.npy", held_old[:3].astype(np.float32))
+    reply = fresh_tensorflow.run(path, [(k, "embeddings", tmp_path / "x.npy", tmp_path / f"{k}.npy")
+                                        for k in ("old_to_new", "new_to_old", "serving_default")])
+    assert reply["ok"], reply
+    assert reply["lce_tf_modules"] == []
+    out = {k: np.load(tmp_path / f"{k}.npy") for k in ("old_to_new", "new_to_old", "serving_default")}
     loaded = TR.load_transformation(str(path))
     np.testing.assert_allclose(out["old_to_new"], loaded.old_to_new(held_old[:3]), atol=1e-5)
     np.testing.assert_allclose(out["serving_default"], out["old_to_new"], atol=0)

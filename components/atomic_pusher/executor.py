@@ -4,7 +4,8 @@ The stock Pusher copies the model file by file into BASE_DIRECTORY/<unix time>, 
 a failure half-way (disk full, read-only mount) leaves a partial version directory that a model server
 watching BASE_DIRECTORY sees. This executor copies into a hidden sibling and renames it into place, so
 BASE_DIRECTORY only ever holds complete versions and a failed push leaves the previous ones as they
-were. Everything else (blessing check, versioning, the PushedModel artifact and its properties) is the
+were. Versions are unix seconds made strictly increasing (`next_version`: two pushes in the same second
+get two versions). Everything else (blessing check, the PushedModel artifact and its properties) is the
 stock Pusher's. Destinations this process cannot address with the local file-system API (a base
 directory or model on gs:// without the /gcs mount, s3://, hdfs://, ...) fall back to the stock
 Pusher, whose copy is not atomic (a warning says so).
@@ -57,6 +58,24 @@ def shipped_transformation(input_dict: dict[str, list]) -> Optional[str]:
     return path
 
 
+def _versions(base_directory: str) -> list[str]:
+    """The version directories (all-digit names) under base_directory; [] when it does not exist."""
+    return [v for v in os.listdir(base_directory) if v.isdigit()] if os.path.isdir(base_directory) else []
+
+
+def next_version(base_directory: str, now: Optional[float] = None) -> str:
+    """The version of a new push: the current unix second, or one more than the latest existing version
+    when that is not earlier (two pushes in the same second, or a clock set back).
+
+    Versions therefore always increase, a model server watching BASE_DIRECTORY serves the latest push, and
+    a push never lands in (or is recorded as) a version that already holds another model.
+    """
+    now = time.time() if now is None else now
+    versions = _versions(base_directory)
+    latest = max((int(v) for v in versions), default=-1)
+    return str(max(int(now), latest + 1))
+
+
 def latest_version_of(base_directory: str, model_dir: str) -> Optional[str]:
     """The latest version under base_directory when it holds the model of model_dir (same model_id), else None.
 
@@ -71,7 +90,7 @@ def latest_version_of(base_directory: str, model_dir: str) -> Optional[str]:
         except (OSError, ValueError):
             return None
 
-    versions = [v for v in os.listdir(base_directory) if v.isdigit()] if os.path.isdir(base_directory) else []
+    versions = _versions(base_directory)
     if not versions:
         return None
     latest = max(versions, key=int)
@@ -111,14 +130,12 @@ class Executor(tfx_pusher.Executor):
                                       "is not supported (AUTO or UNIX_TIMESTAMP)")
         base_directory = destination.filesystem.base_directory
         repeated = latest_version_of(util.local_path(base_directory), util.local_path(model_path))
-        version = repeated or str(int(time.time()))
+        version = repeated or next_version(util.local_path(base_directory))
         serving_path = os.path.join(base_directory, version)
         if repeated:
             _LOG.info("AtomicPusher: the latest version %s already holds this model (a push whose run ended "
                       "before recording it): not pushed again", serving_path)
-        elif os.path.exists(util.local_path(serving_path)):
-            _LOG.info("AtomicPusher: %s already exists, skipping the copy", serving_path)
-        else:
+        else:  # a new version, later than every existing one; copy_directory never overwrites
             fileio.copy_directory(util.local_path(model_path), util.local_path(serving_path), "pushed model", extra=extra)
             _LOG.info("AtomicPusher: model written to %s%s", serving_path,
                       f" with its gallery transformation ({GALLERY_TRANSFORM_SUBDIR}/)" if extra else "")

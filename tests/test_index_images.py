@@ -373,12 +373,25 @@ def test_backfill_curve_script_on_tiny_models(ws, tmp_path):
 # bench_ann smoke test (output files and recall sanity, not speed)
 # ---------------------------------------------------------------------------------------------------
 
-def test_bench_ann_quick_smoke(tmp_path):
+BENCH_ANN_QUICK = [sys.executable, os.path.join(REPO, "scripts", "bench_ann.py"), "--quick", "--n", "2000",
+                   "--queries", "40", "--dim", "16", "--min-time", "0"]
+
+
+@pytest.fixture(scope="module")
+def bench_ann_quick(tmp_path_factory):
+    """One quick bench_ann run of every in-process method plus Milvus Lite (2,000 x 16, 40 queries), shared by
+    the smoke test and, as the earlier run it carries rows over from, by the milvus-server row's test."""
+    out = tmp_path_factory.mktemp("bench_ann_quick")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench_ann.py"), "--quick", "--n", "2000",
-                           "--queries", "40", "--dim", "16", "--min-time", "0", "--out-dir", str(tmp_path),
-                           "--methods", "brute,exact-lib,scann,faiss-hnsw,faiss-ivfpq,milvus-lite"],
+    proc = subprocess.run(BENCH_ANN_QUICK + ["--out-dir", str(out),
+                                             "--methods", "brute,exact-lib,scann,faiss-hnsw,faiss-ivfpq,milvus-lite"],
                           capture_output=True, text=True, env=env, timeout=300)
+    return proc, out
+
+
+@pytest.mark.e2e
+def test_bench_ann_quick_smoke(bench_ann_quick):
+    proc, tmp_path = bench_ann_quick
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "ann.json").read_text())
     assert (tmp_path / "ann.png").stat().st_size > 1000 and "recall@10" in (tmp_path / "ann.md").read_text()
@@ -427,30 +440,31 @@ def test_bench_ann_brute_force_top_k_is_exact():
     assert bench_ann.tie_robust_recall(base, q, np.array([[2]]), gt) == 0.0
 
 
-def test_bench_ann_milvus_server_row(tmp_path, milvus_binaries):
+@pytest.mark.e2e
+def test_bench_ann_milvus_server_row(tmp_path, milvus_binaries, bench_ann_quick):
     """The milvus-server row at a tiny size: the bench starts its own Milvus standalone server, builds HNSW
-    through MilvusIndex, sweeps ef, stops the server; `--carry-over` keeps an earlier run's other rows."""
+    through MilvusIndex, sweeps ef, stops the server; `--carry-over` keeps an earlier run's other rows (the
+    smoke test's run)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    common = [sys.executable, os.path.join(REPO, "scripts", "bench_ann.py"), "--quick", "--n", "2000", "--queries",
-              "40", "--dim", "16", "--min-time", "0"]
-    first = subprocess.run(common + ["--out-dir", str(tmp_path / "a"), "--methods", "brute,faiss-hnsw"],
-                           capture_output=True, text=True, env=env, timeout=300)
+    first, earlier_dir = bench_ann_quick
     assert first.returncode == 0, first.stderr[-2000:]
     work = tmp_path / "work"
     work.mkdir()
-    proc = subprocess.run(common + ["--out-dir", str(tmp_path / "b"), "--methods", "brute,milvus-server",
-                                    "--tmp-dir", str(work), "--carry-over", str(tmp_path / "a" / "ann.json")],
+    proc = subprocess.run(BENCH_ANN_QUICK + ["--out-dir", str(tmp_path / "b"), "--methods", "brute,milvus-server",
+                                             "--tmp-dir", str(work), "--carry-over", str(earlier_dir / "ann.json")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert list(work.iterdir()) == []  # the server's data and logs went with the child's working directory
     report = json.loads((tmp_path / "b" / "ann.json").read_text())
     methods = report["datasets"]["synthetic"]["methods"]
-    assert list(methods) == ["brute", "faiss-hnsw", "milvus-server"]  # METHODS order
+    assert list(methods) == ["brute", "exact-lib", "scann", "faiss-hnsw", "faiss-ivfpq", "milvus-lite",
+                             "milvus-server"]  # METHODS order
     server = methods["milvus-server"]
     assert "carried_over" not in server and "carried_over" not in methods["brute"]
-    earlier = json.loads((tmp_path / "a" / "ann.json").read_text())
-    assert methods["faiss-hnsw"]["carried_over"]["date"] == earlier["date"]
-    assert methods["faiss-hnsw"]["settings"] == earlier["datasets"]["synthetic"]["methods"]["faiss-hnsw"]["settings"]
+    earlier = json.loads((earlier_dir / "ann.json").read_text())
+    for name in ("exact-lib", "scann", "faiss-hnsw", "faiss-ivfpq", "milvus-lite"):  # the rows not rerun
+        assert methods[name]["carried_over"]["date"] == earlier["date"], name
+        assert methods[name]["settings"] == earlier["datasets"]["synthetic"]["methods"][name]["settings"], name
     assert server["config"]["index_type"] == "HNSW"
     assert server["config"]["index_params"] == {"M": 16, "efConstruction": 200}
     assert server["config"]["server"]["segments"] == [2000]  # every row served from a sealed segment
