@@ -7,6 +7,10 @@ PY       := $(VENV)/bin/python
 STAMP    := $(VENV)/.installed-from-lock
 DEMO_DIR ?= build/demo
 PYTEST_ARGS ?=
+# The suite runs on two pytest-xdist workers, a test file per worker at a time (docs/design.md, "Testing");
+# TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
+PYTEST_XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 .PHONY: venv test test-fast demo demo-cli bench bench-quick bench-ann bench-scale bench-train lock fonts clean
 
@@ -27,10 +31,10 @@ $(STAMP): $(LOCK) setup.py
 # Every run prints its 25 slowest tests (pytest.ini: --durations=25); PYTEST_ARGS=--durations=0 prints all of
 # them, and scripts/suite_times.py turns that output into the time-by-file table of docs/design.md.
 test: venv fonts
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 test-fast: venv fonts
-	$(PY) -m pytest -m "not e2e and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_XDIST) -m "not e2e and not slow" $(PYTEST_ARGS)
 
 # The main job: the TFX pipeline for v1, then the LCE upgrade v2, locally (scripts/demo_pipeline.py).
 demo: venv fonts

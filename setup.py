@@ -35,7 +35,7 @@ setup(
         "bench": ["faiss-cpu", "psutil"],
         # The Milvus standalone server that lce_tf.testing.milvus_server starts for tests/test_milvus_server.py and
         # scripts/bench_ann.py (tests and benchmarks only; no lce-tf command starts one).
-        "test": ["pytest", "pytest-timeout", "milvus==2.3.5"],
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "milvus==2.3.5"],
     },
     entry_points={"console_scripts": ["lce-tf=lce_tf.cli:main"]},
 )

@@ -10,6 +10,19 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 ON_CI = os.environ.get("CI", "").strip().lower() in ("true", "1")
 
+# The files that take longest (docs/design.md, "Testing": the table of the suite's time by file), run
+# first. `make test` runs the suite on two workers (`pytest -n 2 --dist loadfile`: a file stays on one
+# worker, so its module fixtures run once); the workers take files in collection order, so starting
+# with the long ones ends the run with short files on both workers instead of one long file on one.
+SLOWEST_FILES_FIRST = ("test_docs.py", "test_milvus_server.py", "test_pipeline.py", "test_bench_compat.py",
+                       "test_milvus.py", "test_faults.py", "test_model.py", "test_index_images.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Puts the tests of SLOWEST_FILES_FIRST first, in that order; the rest keep their order."""
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))
+
 
 def _milvus_server_package_or_skip() -> None:
     """Skips the requesting test when the `milvus` server package (a test dependency in the lock) is
