@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # The suite runs on two pytest-xdist workers, a test file per worker at a time (docs/design.md, "Testing");
 # TEST_WORKERS=0 runs it in this process.
 TEST_WORKERS ?= 2
-PYTEST_XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+PYTEST_XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 .PHONY: venv test test-fast demo demo-cli bench bench-quick bench-ann bench-scale bench-train lock fonts clean
 

@@ -11,9 +11,10 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 ON_CI = os.environ.get("CI", "").strip().lower() in ("true", "1")
 
 # The files that take longest (docs/design.md, "Testing": the table of the suite's time by file), run
-# first. `make test` runs the suite on two workers (`pytest -n 2 --dist loadfile`: a file stays on one
-# worker, so its module fixtures run once); the workers take files in collection order, so starting
-# with the long ones ends the run with short files on both workers instead of one long file on one.
+# first. `make test` runs the suite on two workers (`pytest -n 2 --dist loadfile --no-loadscope-reorder`:
+# a file stays on one worker, so its module fixtures run once; the workers take files in collection
+# order, which xdist would otherwise re-sort by test count), so starting with the long ones ends the run
+# with short files on both workers instead of one long file on one.
 SLOWEST_FILES_FIRST = ("test_docs.py", "test_milvus_server.py", "test_pipeline.py", "test_bench_compat.py",
                        "test_milvus.py", "test_faults.py", "test_model.py", "test_index_images.py")
 
