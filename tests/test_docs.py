@@ -314,7 +314,6 @@ def test_synopses_match_the_parser(doc):
 
 @pytest.mark.parametrize("doc", DOCS)
 def test_inline_commands_exist(doc):
-    targets = _make_targets()
     for number, span in inline_spans(doc):
         if span.startswith("lce-tf ") or span == "lce-tf":
             try:
@@ -322,8 +321,14 @@ def test_inline_commands_exist(doc):
             except AssertionError as e:
                 raise AssertionError(f"{doc}:{number}: `{span}`: {e}") from None
         elif span.startswith("make "):
-            for target in span.split()[1:]:
-                assert target in targets, f"{doc}:{number}: `{span}`: the Makefile has no target {target}"
+            missing = missing_make_words(span.split()[1:])
+            assert not missing, f"{doc}:{number}: `{span}`: the Makefile has no target {', '.join(missing)}"
+
+
+def test_make_words_are_targets_or_variable_overrides():
+    assert missing_make_words(["test", "PYTEST_ARGS=--durations=0", ">", "build/log"]) == []
+    assert missing_make_words(["test", "NO_SUCH_VARIABLE=1", "no-such-target"]) == ["NO_SUCH_VARIABLE=1",
+                                                                                      "no-such-target"]
 
 
 def test_links_stay_inside_the_repository():
@@ -383,6 +388,28 @@ def _make_targets() -> set[str]:
         return {m.group(1) for m in re.finditer(r"^([A-Za-z][\w.-]*)\s*:(?!=)", f.read(), re.M)}
 
 
+def _make_variables() -> set[str]:
+    with open(os.path.join(REPO, "Makefile"), encoding="utf-8") as f:
+        return {m.group(1) for m in re.finditer(r"^([A-Z][A-Z0-9_]*)\s*[?:]?=", f.read(), re.M)}
+
+
+def make_arguments(words: list[str]) -> list[str]:
+    """The arguments of `make ...` (the words after `make`) up to a shell redirection or pipe."""
+    cut = [i for i, word in enumerate(words) if word in (">", ">>", "|", "2>", "&>", "2>&1")]
+    return words[:cut[0]] if cut else words
+
+
+def missing_make_words(words: list[str]) -> list[str]:
+    """The arguments of `make WORD...` (the words after `make`) that are neither a target of the Makefile
+    nor a `NAME=VALUE` override of a variable it defines; a shell redirection or pipe ends the command."""
+    targets, variables, missing = _make_targets(), _make_variables(), []
+    for word in make_arguments(words):
+        name, is_assignment, _ = word.partition("=")
+        if not (word in targets or (is_assignment and name in variables)):
+            missing.append(word)
+    return missing
+
+
 def _console_commands(block: Block) -> list[str]:
     commands, current = [], ""
     for line in block.text.splitlines():
@@ -417,11 +444,11 @@ def check_console_command(command: str, where: str) -> None:
         except SystemExit as e:
             assert e.code == 0, f"{where}: lce-tf rejects {command!r} (exit {e.code})"
     elif head == "make":
-        targets = words[1:]
-        missing = sorted(set(targets) - _make_targets())
+        missing = missing_make_words(words[1:])
         assert not missing, f"{where}: the Makefile has no target {', '.join(missing)}"
-        result = subprocess.run(["make", "-n", *targets], cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, f"{where}: make -n {' '.join(targets)} failed: {result.stderr[-500:]}"
+        arguments = make_arguments(words[1:])
+        result = subprocess.run(["make", "-n", *arguments], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, f"{where}: make -n {' '.join(arguments)} failed: {result.stderr[-500:]}"
     elif head in ("python", "python3", ".venv/bin/python"):
         if words[1] == "-m":
             import importlib.util
