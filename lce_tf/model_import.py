@@ -226,6 +226,9 @@ def _load_keras(src: str, output: Optional[str]) -> SourceModel:
         model = tf.keras.models.load_model(src, compile=False)
     except Exception as e:  # noqa: BLE001 - Keras raises many types for a bad file; one line names it
         raise ValueError(f"Cannot load {src} as a Keras model: {_first_line(e)}") from None
+    if not model.inputs:
+        raise ValueError(f"{src} declares no inputs (a subclassed model?): save it as a SavedModel with a "
+                         "serving signature and import that.")
     if len(model.inputs) != 1:
         raise ValueError(f"{src} takes {len(model.inputs)} inputs; an embedding model takes one image tensor.")
     names = list(model.output_names)
@@ -240,7 +243,7 @@ def _load_keras(src: str, output: Optional[str]) -> SourceModel:
 
     spec = model.inputs[0]
     return SourceModel(
-        path=src, format="keras" if src.endswith(".keras") else "h5", call=call,
+        path=src, format="keras" if src.lower().endswith(".keras") else "h5", call=call,
         input_shape=list(spec.shape[1:]), input_dtype=spec.dtype, output_name=names[index],
         output_shape=None if tensor.shape.rank is None else list(tensor.shape), output_dtype=tensor.dtype,
         signature=None, trackables=list(model.variables))
