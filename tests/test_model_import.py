@@ -84,6 +84,7 @@ def ws(tmp_path_factory):
     np.save(root / "vectors.npy", model.predict(pixels, verbose=0))
     (root / "ids.txt").write_text("".join(i + "\n" for i in ids))
     _two_output_model().save(str(root / "two.keras"))
+    (root / "broken.h5").write_bytes(b"not an HDF5 file")
     return {"root": root, "model": model, "ids": ids, "pixels": pixels}
 
 
@@ -192,6 +193,8 @@ def test_imported_model_is_an_old_model(ws, imported, tmp_path, capsys):
 BAD_INPUT = [
     # (SRC, extra flags, a substring of the error)
     ("missing.keras", ["--preprocess", "raw"], "missing.keras does not exist"),
+    ("broken.h5", ["--preprocess", "raw"], "Cannot load {root}/broken.h5 as a Keras model: "),
+    ("data", ["--preprocess", "raw"], "{root}/data is a directory but not a SavedModel (no saved_model.pb)"),
     ("user.keras", ["--preprocess", "imagenet"], "--preprocess 'imagenet' is not one of: unit"),
     ("user.keras", ["--preprocess", "scale=2,offset=x"], "a keras.applications family: convnext"),
     ("user.keras", ["--preprocess", "raw", "--embedding-space", "a b"], "--embedding-space 'a b'"),
