@@ -10,6 +10,7 @@ user does (PIL, [0, 255]); `--check` must refuse `--preprocess unit` with the co
 from __future__ import annotations
 
 import json
+import re
 import os
 
 import numpy as np
@@ -156,7 +157,7 @@ def test_scaling_trap_refused_by_check(ws, tmp_path, capsys):
 
 
 def test_imported_model_is_an_old_model(ws, imported, tmp_path, capsys):
-    """`lce-tf centers` and an index built with the imported model; the set-up of `train --compat lce --old-model`
+    """`lce-tf centers`, `evaluate` and an index built with the imported model; the set-up of `train --compat lce --old-model`
     (`prepare_training`, every training run's) declares the v2 compatible with the space NAME, and the index of the
     imported model takes that v2's `embed` queries. (A real 1-epoch training run here cost 20 s.)"""
     from lce_tf import training
@@ -170,6 +171,9 @@ def test_imported_model_is_an_old_model(ws, imported, tmp_path, capsys):
     code, _, err = run_cli(capsys, "centers", "--model", imported, "--data", data / "train", "--out",
                            tmp_path / "c.npz")
     assert code == 0, err
+    code, out, err = run_cli(capsys, "evaluate", "--query", data / "query", "--gallery", data / "gallery", "--model",
+                             f"v1={imported}")
+    assert code == 0 and re.search(r"^v1 +v1 +\d\.\d{4} ", out, re.M), err
     centers = ClassCenters.load(str(tmp_path / "c.npz"))
     assert (centers.source_model_id, centers.dim, centers.num_classes) == (SPACE, DIM, 3)
     code, _, err = run_cli(capsys, "index", "build", "--model", imported, "--data", data / "gallery", "--out",
