@@ -23,3 +23,31 @@ trained with `jit_compile` while op determinism is on (`lce_tf.training.TrainCon
 
 PRECISIONS: tuple[str, ...] = ("float32", "mixed_bfloat16")
 """Compute precisions of the convolutional body (`lce_tf.backbones.build_backbone(precision=...)`)."""
+
+# ---------------------------------------------------------------------------------------------------------------
+# Imported models (`lce-tf model import --preprocess FAMILY`, lce_tf.model_import): a keras.applications family
+# name -> the module of tf.keras.applications whose `preprocess_input` maps [0, 255] pixels to what that family's
+# models expect (caffe: BGR minus the ImageNet means; tf: [-1, 1]; torch: [0, 1] standardized; none: the model
+# rescales itself, as mobilenet_v3, efficientnet, efficientnet_v2, convnext and regnet do).
+
+KERAS_PREPROCESS: dict[str, str] = {
+    "convnext": "convnext",
+    "densenet": "densenet",
+    "efficientnet": "efficientnet",
+    "efficientnet_v2": "efficientnet_v2",
+    "inception_resnet_v2": "inception_resnet_v2",
+    "inception_v3": "inception_v3",
+    "mobilenet": "mobilenet",
+    "mobilenet_v2": "mobilenet_v2",
+    "mobilenet_v3": "mobilenet_v3",
+    "nasnet": "nasnet",
+    "regnet": "regnet",
+    "resnet": "resnet",
+    "resnet50": "resnet50",
+    "resnet_rs": "resnet_rs",
+    "resnet_v2": "resnet_v2",
+    "vgg16": "vgg16",
+    "vgg19": "vgg19",
+    "xception": "xception",
+}
+"""Family -> module of `tf.keras.applications` (its `preprocess_input`), for `--preprocess FAMILY`."""

@@ -15,6 +15,9 @@
                               | --t12 --out DIR)
                      upgrade --index INDEX_DIR --transform TRANSFORM_DIR [--transform ...] --out NEW_INDEX_DIR
                              [--compose]
+    lce-tf model     import SRC --out MODEL_DIR --embedding-space NAME --preprocess unit|raw|FAMILY|scale=A,offset=B
+                            [--image-size H W [C]] [--signature S] [--output O]
+                            [--check VECTORS --check-ids IDS --check-images DIR]   (a model trained outside lce-tf)
     lce-tf pipeline  run [--config FILE] [--set KEY=VALUE ...]     (the TFX pipeline, LocalDagRunner)
                      compile [--config FILE] [--set KEY=VALUE ...] --out DIR   (Kubeflow v2 JSON + v1 YAML)
 
@@ -561,6 +564,57 @@ def _add_index_commands(sub) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# model: models trained outside lce-tf, imported as model directories (lce_tf.model_import)
+
+
+def cmd_model_import(args: argparse.Namespace) -> int:
+    from lce_tf.model_import import ImportCheck, import_model
+
+    given = [flag for flag, value in (("--check", args.check), ("--check-ids", args.check_ids),
+                                      ("--check-images", args.check_images)) if value]
+    if given and len(given) != 3:
+        raise UsageError(f"{', '.join(given)} needs --check VECTORS, --check-ids IDS and --check-images DIR together.")
+    check = ImportCheck(args.check, args.check_ids, args.check_images, args.check_sample) if given else None
+    metadata = import_model(args.src, args.out, embedding_space=args.embedding_space, preprocess=args.preprocess,
+                            image_size=args.image_size, signature=args.signature, output=args.output, check=check,
+                            overwrite=args.overwrite, progress=stage)
+    checked = metadata["imported"]["check"]
+    stage(f"imported {args.src} as {args.out}: embedding space {metadata['embedding_space']}, "
+          f"{metadata['embedding_dim']}-d, images {tuple(metadata['input_shape'])}"
+          + (f"; --check cosine min {checked['min_cosine']:.4f}, mean {checked['mean_cosine']:.4f} over "
+             f"{checked['count']} images" if checked else "; not checked against stored vectors (--check)"))
+    return 0
+
+
+def _add_model_commands(sub) -> None:
+    p = sub.add_parser("model", help="bring a model trained outside lce-tf in as a model directory")
+    commands = p.add_subparsers(dest="model_command", required=True, metavar="ACTION", parser_class=_Parser)
+    q = commands.add_parser("import", help="write a model directory that embeds with a .keras/.h5 model or a "
+                            "SavedModel: images in [0, 1] -> the declared preprocessing -> the model -> unit vectors")
+    q.add_argument("src", metavar="SRC", help="a .keras, .h5 or .hdf5 Keras model file, or a SavedModel directory")
+    q.add_argument("--out", required=True, help="model directory to create")
+    q.add_argument("--embedding-space", required=True, metavar="NAME", help="the name of the model's embedding "
+                   "space, also its model id (the same name gives the same id: indexes of NAME accept it)")
+    q.add_argument("--preprocess", required=True, metavar="SPEC", help="what the model was trained on, from "
+                   "pixels x in [0, 1]: unit (x, lce-tf's own), raw (255*x, as decoded), scale=A,offset=B "
+                   "(A*255*x + B), or a keras.applications family (its preprocess_input(255*x)), e.g. mobilenet_v3")
+    q.add_argument("--image-size", type=int, nargs="+", metavar="N", help="H W [C] of the images; needed when "
+                   "the model takes any height or width, else checked against its input")
+    q.add_argument("--signature", help="SavedModel: the signature to call (default serving_default)")
+    q.add_argument("--output", help="the output holding the embedding, for a model with several")
+    q.add_argument("--check", metavar="VECTORS", help="vectors the model produced (.npy or .npz, [N, D]): a sample "
+                   "is re-embedded and the import refused when a cosine is below "
+                   f"{defaults.IMPORT_CHECK_MIN_COSINE}")
+    q.add_argument("--check-ids", metavar="IDS", help="the ids of those vectors, one per row (text lines, .npy or "
+                   ".json): image paths relative to --check-images")
+    q.add_argument("--check-images", metavar="DIR", help="the folder of the checked images")
+    q.add_argument("--check-sample", type=int, default=defaults.IMPORT_CHECK_SAMPLE,
+                   help="vectors re-embedded (evenly spread)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out atomically")
+    q.set_defaults(func=cmd_model_import)
+
+
+# ---------------------------------------------------------------------------------------------------
 # pipeline: the TFX pipeline (pipeline/, components/); tfx is imported by these commands only. They are the
 # one place lce_tf imports the pipeline package (docs/design.md, "Architecture"): tests/test_structure.py
 # allows exactly _pipeline_config, cmd_pipeline_run and cmd_pipeline_compile.
@@ -696,6 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data)
     _add_transform_commands(sub)
     _add_index_commands(sub)
+    _add_model_commands(sub)
     _add_pipeline_commands(sub)
     return parser
 

@@ -62,6 +62,53 @@ def new_model_id(version: str) -> str:
     return f"{version}-{uuid.uuid4().hex[:8]}"
 
 
+def check_new_model_dir(out_dir: str, overwrite: bool) -> str:
+    """The absolute path of a model directory about to be written.
+
+    Raises:
+      ValueError: `out_dir` exists and `overwrite` is False.
+    """
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise ValueError(f"Model directory {out_dir} already exists; choose a new --out (pushed versions "
+                         "are never overwritten).")
+    return out_dir
+
+
+def model_metadata(*, model_id: str, version: str, architecture: str, input_shape: Sequence[int],
+                   embedding_dim: int, embedding_space: str, signatures: Sequence[str],
+                   compatible_with: Optional[dict[str, Any]] = None, class_names: Sequence[str] = (),
+                   training: Optional[dict[str, Any]] = None, **extra: Any) -> dict[str, Any]:
+    """The content of `lce_tf_model.json` (docs/design.md, "Artifacts and formats"); `extra` adds keys
+    (e.g. an imported model's `imported` record)."""
+    return {
+        "format": MODEL_FORMAT,
+        "model_id": model_id,
+        "version": version,
+        "architecture": architecture,
+        "input_shape": [int(v) for v in input_shape],
+        "embedding_dim": int(embedding_dim),
+        "embedding_space": embedding_space,
+        "compatible_with": compatible_with,
+        "signatures": list(signatures),
+        "num_classes": len(class_names),
+        "class_names": list(class_names),
+        "training": training or {},
+        **extra,
+        "lce_tf_version": lce_tf.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def save_model_files(module: tf.Module, directory: str, metadata: dict[str, Any]) -> None:
+    """Writes a model directory's files into `directory` (a temporary directory of
+    `lce_tf.fileio.atomic_directory`): the SavedModel of `module`, whose `embed` (and any of `embed_compat`,
+    `transform_old_to_new`) are traced tf.functions of the serving contract, and `lce_tf_model.json`.
+    `export_model` and `lce_tf.model_import.import_model` both write through it."""
+    tf.saved_model.save(module, directory, signatures=_signatures(module))
+    fileio.write_json(os.path.join(directory, METADATA_FILE), metadata)
+
+
 def export_model(model, out_dir: str, *, architecture: str, input_shape: Sequence[int], version: str,
                  class_names: Sequence[str] = (), compatible_with: Optional[dict[str, Any]] = None,
                  training: Optional[dict[str, Any]] = None, overwrite: bool = False) -> dict[str, Any]:
@@ -88,31 +135,14 @@ def export_model(model, out_dir: str, *, architecture: str, input_shape: Sequenc
       OSError: the write failed (disk full, read-only, ...): one line naming `out_dir`; the previous
         model there, if any, is unchanged and no temporary directory is left.
     """
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise ValueError(f"Model directory {out_dir} already exists; choose a new --out (pushed versions "
-                         "are never overwritten).")
+    out_dir = check_new_model_dir(out_dir, overwrite)
     model_id = new_model_id(version)
     signatures = ["embed"] + [n for n, t in (("embed_compat", model.t21), ("transform_old_to_new", model.t12))
                               if t is not None]
-    metadata = {
-        "format": MODEL_FORMAT,
-        "model_id": model_id,
-        "version": version,
-        "architecture": architecture,
-        "input_shape": [int(v) for v in input_shape],
-        "embedding_dim": int(model.embedding_dim),
-        "embedding_space": model_id,
-        "compatible_with": compatible_with,
-        "signatures": signatures,
-        "num_classes": len(class_names),
-        "class_names": list(class_names),
-        "training": training or {},
-        "lce_tf_version": lce_tf.__version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    metadata = model_metadata(model_id=model_id, version=version, architecture=architecture,
+                              input_shape=input_shape, embedding_dim=model.embedding_dim, embedding_space=model_id,
+                              signatures=signatures, compatible_with=compatible_with, class_names=class_names,
+                              training=training)
     with fileio.atomic_directory(out_dir, "model directory") as tmp_dir:
-        module = _ServingModule(model, input_shape)
-        tf.saved_model.save(module, tmp_dir, signatures=_signatures(module))
-        fileio.write_json(os.path.join(tmp_dir, METADATA_FILE), metadata)
+        save_model_files(_ServingModule(model, input_shape), tmp_dir, metadata)
     return metadata

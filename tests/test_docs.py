@@ -199,6 +199,11 @@ def _check_choices(shown: str, action: argparse.Action, what: str) -> None:
         assert shown in choices, f"{what}: {shown!r} is not one of {'|'.join(map(str, action.choices))}"
 
 
+def _value_count(action: argparse.Action) -> float:
+    """How many values a synopsis may show after the option: nargs, or any number for "+" / "*"."""
+    return action.nargs if isinstance(action.nargs, int) else float("inf") if action.nargs in ("+", "*") else 1
+
+
 def check_synopsis(text: str, *, fragment: bool = False) -> None:
     """Checks a synopsis (or, with fragment=True, an inline `lce-tf ...` span) against the parser."""
     raw = text.split()
@@ -210,6 +215,7 @@ def check_synopsis(text: str, *, fragment: bool = False) -> None:
     shown: dict[argparse.Action, list[tuple[bool, bool]]] = {}
     square = paren = 0
     expect_value: Optional[argparse.Action] = None
+    values_left: float = 0
     positional_index = 0
     for word in rest:
         core = word
@@ -231,12 +237,14 @@ def check_synopsis(text: str, *, fragment: bool = False) -> None:
             shown.setdefault(action, []).append((square > 0, paren > 0))
             takes_value = action.nargs != 0
             expect_value = action if takes_value and "=" not in core else None
+            values_left = _value_count(action)  # e.g. `--image-size H W [C]` (nargs "+") shows several
             if "=" in core and action.choices:
                 _check_choices(core.split("=", 1)[1], action, f"{command} {name}")
         elif expect_value is not None:
             if expect_value.choices:
                 _check_choices(core, expect_value, f"{command} {expect_value.option_strings[0]}")
-            expect_value = None
+            values_left -= 1
+            expect_value = expect_value if values_left > 0 else None
         elif core.isupper() and positional_index >= len(positionals) and fragment:
             pass  # a placeholder, e.g. `lce-tf COMMAND --help`
         else:  # a positional argument
