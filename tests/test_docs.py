@@ -236,7 +236,8 @@ def check_synopsis(text: str, *, fragment: bool = False) -> None:
         elif expect_value is not None:
             if expect_value.choices:
                 _check_choices(core, expect_value, f"{command} {expect_value.option_strings[0]}")
-            expect_value = None
+            if expect_value.nargs != "+":  # `--image-size H W [C]`: values up to the next option
+                expect_value = None
         elif core.isupper() and positional_index >= len(positionals) and fragment:
             pass  # a placeholder, e.g. `lce-tf COMMAND --help`
         else:  # a positional argument
