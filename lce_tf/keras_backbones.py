@@ -114,6 +114,8 @@ def build_keras_application(name: str, input_shape: Sequence[int], embedding_dim
     if len(input_shape) != 3:
         raise ValueError(f"Expected input_shape (height, width, channels); received {input_shape}.")
     catalog.check_input_shape(architecture, input_shape)
+    if init_weights and init_weights != IMAGENET and not os.path.exists(init_weights):  # before the slow build
+        raise ValueError(f"init weights {init_weights}: no such file or directory")
     images = tf.keras.Input(shape=input_shape, name="images")
     pixels = KerasPreprocess(family.module, name="preprocess")(images)
     base = _construct(family_key, input_shape[:2] + (3,), IMAGENET if init_weights == IMAGENET else None)

@@ -157,9 +157,6 @@ def user_model_files(tmp_path_factory):
     outputs = tf.keras.layers.Dense(8)(tf.keras.layers.GlobalAveragePooling2D()(base(tf.keras.layers.Rescaling(255.0)(inputs))))
     tf.keras.Model(inputs, outputs).save(root / "user.keras")
     base.save_weights(str(root / "family_notop.h5"))
-    other = tf.keras.applications.MobileNetV3Small(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3),
-                                                   alpha=0.75)
-    tf.keras.Model(inputs, other(inputs)).save(root / "other.keras")
     return root, base.get_layer("Conv").get_weights()[0]
 
 
@@ -178,10 +175,18 @@ def test_init_weights_from_a_keras_model_or_hdf5_weights(user_model_files):
 def test_init_weights_of_another_shape_and_unknown_layers_are_one_line(user_model_files, tmp_path):
     from lce_tf.keras_backbones import build_keras_application
 
+    import h5py
+
     root, _ = user_model_files
-    with pytest.raises(ValueError, match=r"^init weights .*other\.keras: layer (\S+) of keras:MobileNetV3Small takes "
-                                         r"weights of shapes \[.*\] but its layer \1 has \[.*\]$"):
-        build_keras_application("keras:MobileNetV3Small", (SIZE, SIZE, 3), 8, init_weights=str(root / "other.keras"))
+    other = tmp_path / "other.h5"  # the family's weights with a first convolution of 8 filters instead of 16
+    other.write_bytes((root / "family_notop.h5").read_bytes())
+    with h5py.File(other, "r+") as f:
+        del f["Conv"]["Conv"]["kernel:0"]
+        f["Conv"]["Conv"].create_dataset("kernel:0", data=np.zeros((3, 3, 3, 8), np.float32))
+    with pytest.raises(ValueError, match=r"^init weights .*other\.h5: layer Conv of keras:MobileNetV3Small takes "
+                                         r"weights of shapes \[\(3, 3, 3, 16\)\] but the file's layer Conv has "
+                                         r"\[\(3, 3, 3, 8\)\]$"):
+        build_keras_application("keras:MobileNetV3Small", (SIZE, SIZE, 3), 8, init_weights=str(other))
     with pytest.raises(ValueError, match=r"^init weights .*missing\.h5: no such file or directory$"):
         build_keras_application("keras:MobileNetV3Small", (SIZE, SIZE, 3), 8, init_weights=str(tmp_path / "missing.h5"))
     with pytest.raises(ValueError, match=r"^trainable_from: keras:MobileNetV3Small has no layer 'block9'; its layers "
