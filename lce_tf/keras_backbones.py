@@ -80,7 +80,8 @@ def build_keras_application(name: str, input_shape: Sequence[int], embedding_dim
     """Builds a keras.applications family as an lce-tf embedding network (see the module docstring).
 
     Example:
-      backbone = build_keras_application("keras:EfficientNetB0", (224, 224, 3), 128, trainable_from="block6a_expand_conv")
+      backbone = build_keras_application("keras:EfficientNetB0", (224, 224, 3), 128,
+                                         trainable_from="block6a_expand_conv")
 
     Args:
       name: "keras:<Name>" (or "<Name>"), a family of `lce_tf.catalog.KERAS_FAMILIES`.

@@ -154,7 +154,8 @@ def user_model_files(tmp_path_factory):
     tf.keras.utils.set_random_seed(1)
     base = tf.keras.applications.MobileNetV3Small(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
     inputs = tf.keras.Input((SIZE, SIZE, 3))
-    outputs = tf.keras.layers.Dense(8)(tf.keras.layers.GlobalAveragePooling2D()(base(tf.keras.layers.Rescaling(255.0)(inputs))))
+    features = base(tf.keras.layers.Rescaling(255.0)(inputs))
+    outputs = tf.keras.layers.Dense(8)(tf.keras.layers.GlobalAveragePooling2D()(features))
     tf.keras.Model(inputs, outputs).save(root / "user.keras")
     base.save_weights(str(root / "family_notop.h5"))
     return root, base.get_layer("Conv").get_weights()[0]
