@@ -70,6 +70,14 @@ def test_settings_a_family_cannot_use_are_refused_in_one_line(settings, message)
     assert "\n" not in str(err.value)
 
 
+def test_training_images_a_family_cannot_take_are_refused_before_any_model():
+    from lce_tf import training
+
+    with pytest.raises(ValueError, match=r"^keras:MobileNetV3Small takes images of at least 32x32; received 28x28 "):
+        training.prepare_training(TrainConfig(architecture="keras:MobileNetV3Small"), class_names=["a", "b"],
+                                  input_shape=(28, 28, 1))
+
+
 def test_the_pipeline_takes_the_keras_settings():
     from pipeline.config import PipelineConfig
 
