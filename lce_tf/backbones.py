@@ -38,7 +38,9 @@ def _conv_bn_relu(x: tf.Tensor, filters: int, name: str, strides: int = 1, momen
     return _layers.ReLU(name=f"{name}_relu")(x)
 
 
-def _embedding_head(x: tf.Tensor, embedding_dim: int, momentum: float) -> tf.Tensor:
+def embedding_head(x: tf.Tensor, embedding_dim: int, momentum: float) -> tf.Tensor:
+    """The embedding head of every backbone (also `lce_tf.keras_backbones`): feature maps [B, h, w, F] ->
+    global average pooling -> Dense(D, no bias) -> BatchNormalization without scale -> raw embeddings [B, D]."""
     x = _layers.GlobalAveragePooling2D(name="pool")(x)
     x = _layers.Dense(embedding_dim, use_bias=False, name="embedding_dense")(x)
     return _layers.BatchNormalization(momentum=momentum, scale=False, name="embedding_bn")(x)
@@ -171,12 +173,12 @@ def build_backbone(name: str, input_shape: Sequence[int], embedding_dim: int, *,
     images = tf.keras.Input(shape=input_shape, name="images")
     if precision == "float32":
         features = _ARCHITECTURES[name](images, bn_momentum)
-        embeddings = _embedding_head(features, int(embedding_dim), bn_momentum)
+        embeddings = embedding_head(features, int(embedding_dim), bn_momentum)
     else:
         with _global_policy(precision):
             features = _ARCHITECTURES[name](images, bn_momentum)
         with _global_policy("float32"):
-            embeddings = _embedding_head(features, int(embedding_dim), bn_momentum)
+            embeddings = embedding_head(features, int(embedding_dim), bn_momentum)
     model = tf.keras.Model(images, embeddings, name=name)
     if sync_batch_norm:
         model = tf.keras.models.clone_model(model, clone_function=_synchronized_batch_norm)

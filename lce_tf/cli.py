@@ -91,7 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         stage(f"reading training images from {args.data}")
         folder = _read_folder(args.data, args.classes)
-        input_shape = data.infer_image_shape(folder)
+        input_shape = config.input_shape(data.infer_image_shape(folder))  # --image-size, else the data's
         stage(f"{len(folder.class_names)} classes, {len(folder.paths)} images, input shape {input_shape}")
 
         def compute_centers(model):

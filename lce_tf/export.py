@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 import tensorflow as tf
 
 import lce_tf
-from lce_tf import fileio
+from lce_tf import catalog, fileio
 from lce_tf.serving import METADATA_FILE, MODEL_FORMAT
 
 
@@ -87,6 +87,7 @@ def model_metadata(*, model_id: str, version: str, architecture: str, input_shap
         "version": version,
         "architecture": architecture,
         "input_shape": [int(v) for v in input_shape],
+        **catalog.input_record(architecture),  # input_range [0, 1]; a keras family's in-model preprocessing
         "embedding_dim": int(embedding_dim),
         "embedding_space": embedding_space,
         "compatible_with": compatible_with,

@@ -34,7 +34,7 @@ training and in the exported signatures alike.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import tensorflow as tf
@@ -322,22 +322,105 @@ class FrozenEmbedder(tf.keras.layers.Layer):
         return tf.TensorShape([input_shape[0], self.embedding_dim])
 
 
-def build_compatible_model(architecture: str, input_shape, embedding_dim: int, num_classes: Optional[int],
-                           compatibility: CompatibilityConfig = CompatibilityConfig(), *,
-                           old_embedder: Optional[Callable] = None,
-                           sync_batch_norm: bool = False, precision: str = "float32") -> CompatibleEmbeddingModel:
-    """Builds a `CompatibleEmbeddingModel` on a named backbone (see `lce_tf.backbones`).
+BackboneSpec = Union[str, tf.keras.Model, Callable[[tuple, int], tf.keras.Model]]
+"""What `build_compatible_model` takes as a backbone: a name, a Keras model or a function building one."""
+
+
+def make_backbone(backbone: BackboneSpec, input_shape, embedding_dim: Optional[int], *, sync_batch_norm: bool = False,
+                  precision: str = "float32", init_weights: str = "", trainable_from: str = "") -> tf.keras.Model:
+    """The backbone network (images [B, H, W, C] in [0, 1] -> raw embeddings [B, D]) of a backbone spec.
+
+    Args:
+      backbone: a built-in architecture (`lce_tf.catalog.ARCHITECTURES`), "keras:<Name>" (a keras.applications
+        family, `lce_tf.keras_backbones`), a constructor of `tf.keras.applications` of a listed family (the same
+        as "keras:<Name>": lce-tf's head and the family's preprocessing inside), a `tf.keras.Model` (used as it
+        is: it receives [0, 1] pixels, so a keras.applications model needs its own rescaling in front), or a
+        function `(input_shape, embedding_dim) -> tf.keras.Model` (the TFX Trainer convention's build_backbone).
+      input_shape: (H, W, C) of the images.
+      embedding_dim: D; None takes a given model's own output size.
+      sync_batch_norm, precision: the built-in backbones' (`lce_tf.backbones.build_backbone`).
+      init_weights, trainable_from: the keras.applications families' (`build_keras_application`).
+
+    Returns:
+      The backbone: a single-input model whose output is [B, D].
+
+    Raises:
+      ValueError / TypeError: an unknown name, a setting the backbone cannot use (never ignored), or a model
+        whose inputs or outputs do not fit; one line each.
+    """
+    from lce_tf import catalog
+
+    name = getattr(backbone, "__name__", "")
+    if callable(backbone) and name and getattr(tf.keras.applications, name, None) is backbone:
+        backbone = catalog.KERAS_PREFIX + name  # tf.keras.applications.EfficientNetB0 itself: "keras:EfficientNetB0"
+    if isinstance(backbone, str) and embedding_dim is None:
+        raise ValueError(f"backbone {backbone!r} needs an embedding_dim")
+    if isinstance(backbone, str) and catalog.keras_family(backbone) is not None:  # raises on unknown names
+        if sync_batch_norm or precision != "float32":
+            raise ValueError(f"{backbone}: sync_batch_norm and precision {precision!r} apply to the built-in "
+                             "backbones only")
+        from lce_tf.keras_backbones import build_keras_application
+
+        return build_keras_application(backbone, input_shape, embedding_dim, init_weights=init_weights,
+                                       trainable_from=trainable_from)
+    if init_weights or trainable_from:
+        raise ValueError(f"init_weights and trainable_from apply to {catalog.KERAS_PREFIX}NAME backbones; "
+                         f"{getattr(backbone, '__name__', backbone)!r} is not one")
+    if isinstance(backbone, str):
+        from lce_tf.backbones import build_backbone
+
+        return build_backbone(backbone, input_shape, embedding_dim, sync_batch_norm=sync_batch_norm,
+                              precision=precision)
+    if sync_batch_norm or precision != "float32":
+        raise ValueError("sync_batch_norm and precision apply to the built-in backbones; set them in your model")
+    if isinstance(backbone, tf.keras.Model):
+        return _checked_model(backbone, input_shape, embedding_dim, "backbone")
+    if callable(backbone):
+        name = name or type(backbone).__name__
+        model = backbone(tuple(int(v) for v in input_shape), embedding_dim)
+        if not isinstance(model, tf.keras.Model):
+            raise TypeError(f"backbone {name}(input_shape, embedding_dim) returned {type(model).__name__}, not a "
+                            "tf.keras.Model")
+        return _checked_model(model, input_shape, embedding_dim, f"backbone {name}(...)")
+    raise TypeError(f"Expected a backbone name, a tf.keras.Model or a function (input_shape, embedding_dim) -> "
+                    f"tf.keras.Model; received {type(backbone).__name__}")
+
+
+def _checked_model(model: tf.keras.Model, input_shape, embedding_dim: Optional[int], what: str) -> tf.keras.Model:
+    """`model` when it takes one image input of `input_shape` and returns [B, embedding_dim]; else one line."""
+    expected = tuple(int(v) for v in input_shape)
+    inputs, outputs = getattr(model, "inputs", None), getattr(model, "outputs", None)
+    if inputs is not None and len(inputs) != 1 or outputs is not None and len(outputs) != 1:
+        raise ValueError(f"{what}: expected one input and one output; the model has {len(inputs)} and {len(outputs)}")
+    shape = tuple(model.input_shape[1:]) if inputs is not None else None
+    if shape is not None and (len(shape) != 3 or any(s is not None and s != e for s, e in zip(shape, expected))):
+        raise ValueError(f"{what}: takes inputs {shape} but the images are {expected}")
+    out = tuple(model.compute_output_shape((None,) + expected)) if inputs is None else tuple(model.output_shape)
+    if len(out) != 2:
+        raise ValueError(f"{what}: returns {out}, not embeddings [batch, dim]")
+    if embedding_dim is not None and out[-1] != int(embedding_dim):
+        raise ValueError(f"{what}: returns embeddings of size {out[-1]} but embedding_dim is {embedding_dim}")
+    return model
+
+
+def build_compatible_model(backbone: BackboneSpec, input_shape, embedding_dim: Optional[int],
+                           num_classes: Optional[int], compatibility: CompatibilityConfig = CompatibilityConfig(), *,
+                           old_embedder: Optional[Callable] = None, sync_batch_norm: bool = False,
+                           precision: str = "float32", init_weights: str = "",
+                           trainable_from: str = "") -> CompatibleEmbeddingModel:
+    """Builds a `CompatibleEmbeddingModel` on a backbone: a name ("resnet", "keras:EfficientNetB0"), a
+    `tf.keras.applications` constructor, a Keras model or a function (input_shape, embedding_dim) -> model
+    (`make_backbone`, which refuses in one line what it cannot use).
 
     Example:
       model = build_compatible_model("resnet", (32, 32, 1), 128, num_classes=500,
                                      compatibility=CompatibilityConfig(modes.LCE.name, centers, boundary))
       model.compile(tf.keras.optimizers.Adam(1e-3), loss=lce_tf.losses.ArcFaceLoss(16.0, 0.1))
       model.fit(train_ds, epochs=5)   # history: loss, cls_loss, align_loss, boundary_loss, accuracy
+      build_compatible_model(tf.keras.applications.EfficientNetB0, (64, 64, 3), 128, 500)  # = "keras:EfficientNetB0"
     """
-    from lce_tf.backbones import build_backbone
-
-    backbone = build_backbone(architecture, input_shape, embedding_dim, sync_batch_norm=sync_batch_norm,
-                              precision=precision)
-    model = CompatibleEmbeddingModel(backbone, num_classes, compatibility, old_embedder=old_embedder)
+    network = make_backbone(backbone, input_shape, embedding_dim, sync_batch_norm=sync_batch_norm,
+                            precision=precision, init_weights=init_weights, trainable_from=trainable_from)
+    model = CompatibleEmbeddingModel(network, num_classes, compatibility, old_embedder=old_embedder)
     model(tf.zeros((1,) + tuple(input_shape)))  # creates the variables
     return model

@@ -57,6 +57,32 @@ def setting(default: Any, help: str, *, flag: Optional[str] = None, key: Optiona
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def parse_image_size(text: str) -> Optional[tuple[int, ...]]:
+    """`image_size` as numbers: "" -> None, "S" -> (S, S), "HxW" -> (H, W), "HxWxC" -> (H, W, C).
+
+    Raises:
+      ValueError: anything else (one line naming the setting).
+    """
+    text = str(text or "").strip().lower()
+    if not text:
+        return None
+    parts = text.split("x")
+    if not 1 <= len(parts) <= 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"image_size: expected HxW or HxWxC of positive integers (e.g. 224x224 or 224x224x3); "
+                         f"received {text!r}")
+    size = tuple(int(p) for p in parts)
+    return size * 2 if len(size) == 1 else size
+
+
+class ImageSizeAction(argparse.Action):
+    """`--image-size H W [C]` (or one number S for S x S) stored as TrainConfig's "HxW[xC]" text."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not 1 <= len(values) <= 3:
+            parser.error(f"argument {option_string}: expected H W or H W C; received {' '.join(map(str, values))}")
+        setattr(namespace, self.dest, "x".join(str(v) for v in values))
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Settings of one training run (defaults are the demo's; docs/design.md, "How to add a training setting").
@@ -77,10 +103,28 @@ class TrainConfig:
       with op determinism on, models with max-pooling (small_cnn, cnn) fail (XLA has no deterministic
       max-pool gradient); benchmarks/results/train_speed.md.
     - sync_batch_norm: global-batch statistics under a multi-replica strategy (`lce_tf.backbones.build_backbone`).
+    - architecture `keras:NAME`: a keras.applications family (`lce_tf.catalog.KERAS_FAMILIES`) with lce-tf's
+      embedding head, its own preprocessing inside the model (images in [0, 1] as every lce-tf model) and
+      BatchNormalization momentum 0.9 (`lce_tf.keras_backbones.build_keras_application`); init_weights and
+      trainable_from apply to these only, precision and sync_batch_norm to the built-in backbones only.
+    - image_size: "" keeps the data's shape; "HxW" the data's channels; a keras family takes 1 or 3 channels.
     """
 
-    architecture: str = setting("cnn", "backbone architecture", flag="--arch", choices=catalog.ARCHITECTURES)
+    architecture: str = setting(
+        "cnn", f"backbone: {', '.join(catalog.ARCHITECTURES)}, or {catalog.KERAS_PREFIX}NAME (a keras.applications "
+        f"family: {', '.join(catalog.KERAS_FAMILIES)})", flag="--arch")
     embedding_dim: int = setting(defaults.EMBEDDING_DIM, "embedding size D", flag="--dim")
+    image_size: str = setting(
+        "", "the model's image size, HxW or HxWxC (the training images are resized to it); \"\" = the data's",
+        cli={"default": None, "nargs": "+", "type": int, "metavar": "N", "action": ImageSizeAction,
+             "help": "the model's image size: H W, or H W C (the training images are resized to it; default: the "
+                     "data's)"})
+    init_weights: str = setting(
+        "", "keras: backbones: initial weights, 'imagenet' (downloaded by Keras) or a Keras model (.keras, .h5, "
+        "SavedModel) or HDF5 weights file (.h5); \"\" = random", cli={"default": None, "metavar": "PATH"})
+    trainable_from: str = setting(
+        "", "keras: backbones: train the family's layers from this layer on, the earlier ones frozen; \"\" = all",
+        cli={"default": None, "metavar": "LAYER"})
     loss: str = setting("arcface", "classification head (docs/design.md item 2)", choices=catalog.HEADS)
     scale: float = setting(16.0, "margin-softmax scale s")
     margin: float = setting(0.1, "margin-softmax margin m")
@@ -129,15 +173,24 @@ class TrainConfig:
         Returns:
           The mode (`self.mode`), so a caller validates and looks the mode up in one step.
         """
-        if self.architecture not in catalog.ARCHITECTURES:
-            raise ValueError(f"Unknown architecture {self.architecture!r}; expected one of "
-                             f"{', '.join(catalog.ARCHITECTURES)}.")
+        family = catalog.keras_family(self.architecture)  # raises on an unknown architecture, listing the known
+        size = parse_image_size(self.image_size)
+        if size is not None:
+            catalog.check_input_shape(self.architecture, size)
+        if family is None:
+            for name in ("init_weights", "trainable_from"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} applies to {catalog.KERAS_PREFIX}NAME backbones; {self.architecture!r} "
+                                     "is a built-in one")
+        elif self.precision != "float32" or self.sync_batch_norm:
+            raise ValueError(f"{self.architecture}: precision {self.precision!r} and sync_batch_norm apply to the "
+                             "built-in backbones only; use precision float32 without sync_batch_norm")
         if self.loss not in catalog.HEADS:
             raise ValueError(f"Unknown loss {self.loss!r}; expected one of {', '.join(catalog.HEADS)}.")
         mode = self.mode
         if self.precision not in catalog.PRECISIONS:
             raise ValueError(f"Unknown precision {self.precision!r}; expected one of {', '.join(catalog.PRECISIONS)}.")
-        if self.jit_compile and self.architecture in catalog.MAX_POOLING_ARCHITECTURES and mode.trains_backbone:
+        if self.jit_compile and catalog.has_max_pooling(self.architecture) and mode.trains_backbone:
             raise ValueError(f"jit_compile=True cannot train {self.architecture}: XLA has no deterministic max-pool "
                              "gradient and training runs with op determinism on; use jit_compile=False (on CPU it "
                              "is also the faster choice) or a backbone without max-pooling (resnet, mobilenet).")
@@ -152,6 +205,19 @@ class TrainConfig:
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 raise ValueError(f"Expected a finite, non-negative {name}; received {getattr(self, name)}.")
         return mode
+
+    def input_shape(self, data_shape: Sequence[int]) -> tuple[int, int, int]:
+        """The (H, W, C) the model takes: `image_size` when set (its channels, else the data's), else the data's
+        own shape. The readers resize and convert the images to it (`lce_tf.datasets`, `lce_tf.tfrecords`).
+
+        Args:
+          data_shape: (H, W, C) of the training images (`lce_tf.data.infer_image_shape`).
+        """
+        size = parse_image_size(self.image_size)
+        data_shape = tuple(int(v) for v in data_shape)
+        if size is None:
+            return data_shape
+        return (size[0], size[1], size[2] if len(size) == 3 else data_shape[2])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 
 import numpy as np
 
-from lce_tf import checks, modes
+from lce_tf import catalog, checks, modes
 from lce_tf.centers import ClassCenters
 from lce_tf.train_config import TrainConfig  # noqa: F401  (the settings, declared in lce_tf/train_config.py)
 
@@ -181,11 +181,14 @@ def prepare_training(config: TrainConfig, *, class_names: Sequence[str], input_s
 
     Raises:
       ValueError: a missing input, centers computed with another model than the old model, a dimension
-        that a direct mode cannot compare, an old model (l2, lce-instance) that takes other images; one line each.
+        that a direct mode cannot compare, an old model (l2, lce-instance) that takes other images, images the
+        architecture cannot take (`lce_tf.catalog.check_input_shape`); one line each.
     """
     mode = check_inputs(config, old_centers=old_centers is not None, old_model=old_model is not None,
                         new_model=new_model is not None, can_compute_centers=compute_centers is not None,
                         names=names)
+    if mode.trains_backbone:  # e.g. a keras.applications family at its minimum size, before any model is loaded
+        catalog.check_input_shape(config.architecture, input_shape)
     dim_name, centers_name = names.dim, names.centers
     if mode.needs_old_embedder:  # checked before any centers are computed with the old model
         if mode.direct and old_model.embedding_dim != config.embedding_dim:
@@ -234,7 +237,8 @@ def build_model(config: TrainConfig, *, num_classes: int, input_shape: Sequence[
       The compiled `CompatibleEmbeddingModel`, with its optimizer built.
 
     Raises:
-      ValueError: inconsistent settings (unknown names, missing centers, dimension mismatch).
+      ValueError: inconsistent settings (unknown names, missing centers, dimension mismatch), or a
+        `new_backbone` given to a mode that trains its own backbone (it is never replaced silently).
     """
     import tensorflow as tf
 
@@ -256,13 +260,18 @@ def build_model(config: TrainConfig, *, num_classes: int, input_shape: Sequence[
     head_classes = None if config.loss == "triplet" else num_classes
     if mode.needs_new_model and new_backbone is None:
         raise ValueError(f"Mode {mode.name!r} needs the frozen new model (--new-model).")
+    if new_backbone is not None and mode.trains_backbone:
+        raise ValueError(f"new_backbone is the frozen new model of mode {modes.CROSS_MODEL.name!r}; mode {mode.name!r} "
+                         f"trains the backbone of architecture {config.architecture!r} (to train your own network, "
+                         "pass it to lce_tf.model.build_compatible_model)")
     with (strategy or tf.distribute.get_strategy()).scope():
         if not mode.trains_backbone:
             model = CompatibleEmbeddingModel(new_backbone, None, compat, embedding_dim=new_centers.dim)
         else:
             model = build_compatible_model(config.architecture, input_shape, config.embedding_dim, head_classes,
                                            compat, old_embedder=old_embedder,
-                                           sync_batch_norm=config.sync_batch_norm, precision=config.precision)
+                                           sync_batch_norm=config.sync_batch_norm, precision=config.precision,
+                                           init_weights=config.init_weights, trainable_from=config.trainable_from)
         model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate),
                       loss=classification_loss(config) if mode.trains_backbone else None,
                       steps_per_execution=config.steps_per_execution, jit_compile=config.jit_compile)

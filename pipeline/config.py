@@ -256,7 +256,7 @@ class PipelineConfig:
           self, for chaining.
         """
         _choice("mode", self.mode, MODES, "compatibility mode")
-        _choice("architecture", self.architecture, ARCHITECTURES, "architecture")
+        _choice("architecture", self.architecture, catalog.architecture_choices(), "architecture")
         _choice("loss", self.loss, LOSSES, "loss")
         _choice("index_algorithm", self.index_algorithm, INDEX_ALGORITHMS, "index algorithm")
         _choice("compatibility", self.compatibility, COMPATIBILITY_ROUTES, "upgrade route")

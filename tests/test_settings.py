@@ -19,11 +19,12 @@ CLI_FLAGS = {
     "instance_temperature": "--instance-temperature", "epochs": "--epochs", "batch_size": "--batch-size",
     "learning_rate": "--learning-rate", "shift_pixels": "--shift", "seed": "--seed", "version": "--version",
     "steps_per_execution": "--steps-per-execution", "precision": "--precision",
+    "image_size": "--image-size", "init_weights": "--init-weights", "trainable_from": "--trainable-from",
 }
 # The LceTrainer's parameters / PipelineConfig's training keys of before.
 PIPELINE_KEYS = {"mode", "architecture", "embedding_dim", "loss", "scale", "margin", "lambda_align", "lambda_boundary",
                  "lambda_compat", "lambda_instance", "instance_temperature", "epochs", "batch_size", "learning_rate",
-                 "shift_pixels", "seed", "version"}
+                 "shift_pixels", "seed", "version", "image_size", "init_weights", "trainable_from"}
 
 
 def _train_options() -> dict[str, argparse.Action]:
@@ -52,7 +53,8 @@ def test_every_cli_field_is_a_flag_of_lce_tf_train_with_its_default():
     for f in dataclasses.fields(TrainConfig):  # the library-only settings have no flag
         if f not in offered:
             assert "--" + f.name.replace("_", "-") not in options, f.name
-    assert options["--arch"].choices == catalog.ARCHITECTURES and options["--loss"].choices == catalog.HEADS
+    # --arch takes keras:NAME too, so TrainConfig.validate checks it (one line listing the names), not argparse
+    assert options["--arch"].choices is None and options["--loss"].choices == catalog.HEADS
     assert options["--compat"].choices == modes.MODE_NAMES and options["--dim"].default == defaults.EMBEDDING_DIM
 
 
@@ -62,6 +64,15 @@ def test_the_cli_flags_make_the_config():
     config = train_config.from_cli_args(args, version="o")
     assert config == TrainConfig(architecture="resnet", embedding_dim=16, shift_pixels=0, lambda_instance=2.5,
                                  compat=modes.LCE_INSTANCE.name, version="o")  # the rest: TrainConfig's defaults
+    args = cli.build_parser().parse_args(["train", "--data", "d", "--out", "o", "--arch", "keras:EfficientNetB0",
+                                          "--image-size", "64", "48", "--init-weights", "w.h5",
+                                          "--trainable-from", "block6a_expand_conv"])
+    config = train_config.from_cli_args(args)
+    assert (config.image_size, config.init_weights, config.trainable_from) == ("64x48", "w.h5", "block6a_expand_conv")
+    assert config.input_shape((28, 28, 1)) == (64, 48, 1) and TrainConfig().input_shape((28, 28, 1)) == (28, 28, 1)
+    assert TrainConfig(image_size="32x32x3").input_shape((28, 28, 1)) == (32, 32, 3)
+    with pytest.raises(SystemExit):  # four numbers: argparse's error, exit 2
+        cli.build_parser().parse_args(["train", "--data", "d", "--out", "o", "--image-size", "1", "2", "3", "4"])
 
 
 def test_every_pipeline_field_is_a_pipeline_config_field_with_its_default():
@@ -96,8 +107,11 @@ def test_validate_returns_the_mode_and_names_the_bad_setting():
     assert TrainConfig(compat=modes.LCE_TRANSFORM.name).validate() is modes.LCE_TRANSFORM
     assert TrainConfig(compat=modes.BCT.name).mode is modes.BCT
     with pytest.raises(ValueError, match=r"^Unknown architecture 'vgg'; expected one of small_cnn, cnn, resnet, "
-                                         r"mobilenet\.$"):
+                                         r"mobilenet, or keras:NAME with NAME one of MobileNetV2, .*ConvNeXtTiny\.$"):
         TrainConfig(architecture="vgg").validate()
+    with pytest.raises(ValueError, match=r"^Unknown keras.applications family 'VGG16' \(keras:VGG16\); expected "
+                                         r"keras:NAME with NAME one of .*EfficientNetB0, .*ConvNeXtTiny\.$"):
+        TrainConfig(architecture="keras:VGG16").validate()
     with pytest.raises(ValueError, match=r"^Unknown compatibility mode 'magic'"):
         TrainConfig(compat="magic").validate()
 

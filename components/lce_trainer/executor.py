@@ -77,7 +77,6 @@ class Executor(base_executor.BaseExecutor):
         entry = util.split_info(info, split, examples_dir, SPLIT_KEY)
         util.check_split_records(examples_dir, split, entry)
         class_names = list(entry["class_names"])
-        input_shape = tuple(int(v) for v in info["image_shape"])
 
         mode = configured
         if configured.compatible_with_old and old_artifact is None:
@@ -85,6 +84,7 @@ class Executor(base_executor.BaseExecutor):
                          "instead of with mode %r", exec_properties.get(VERSION_KEY), configured.name)
             mode = modes.INDEPENDENT
         config = train_config_of(exec_properties, mode.name)
+        input_shape = config.input_shape(info["image_shape"])  # image_size, else the Examples' shape
 
         def make_dataset(config):
             from lce_tf import tfrecords
