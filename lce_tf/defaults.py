@@ -24,3 +24,10 @@ Chosen on 400 held-out TRAINING classes of the S2 upgrade (`scripts/bench_compat
 first, then update gain + new-model sacrifice): no candidate met the backward criterion there; λ_i = 1,
 τ = 0.1 came closest on top-1 (0.783 against the bar 0.800) but cost the new model 9% of its own mAP,
 while λ_i = 0.3, τ = 0.05 kept 98.6% of it and still gained on both routes over lce."""
+
+COLLAPSE_MAX_COSINE = 0.99
+"""The collapse guard's threshold (`lce_tf.collapse`, docs/design.md "Known traps"): a model whose embeddings of
+a sample have a mean pairwise cosine above it is refused by `lce-tf train`'s export, `lce-tf evaluate` and the
+CompatibilityValidator. The trap it catches gives 0.999-1.000 (unconverged BatchNorm statistics: the quickstart's
+v1 after 6 steps, a keras.applications backbone after a short fine-tune); a healthy v1 gave 0.246, so the bar
+leaves room for models whose classes are genuinely close."""

@@ -5,13 +5,16 @@ docs/design.md, "The forward path" and "How compatibility is measured". The meas
 testable on a few hand-written numbers. The pipeline's CompatibilityValidator
 (components/compatibility_validator) measures, calls `decide` and records the verdict.
 
-Pure Python: imports neither TensorFlow nor NumPy (pipeline.config reads `COMPATIBILITY_ROUTES`).
+Pure Python: imports neither TensorFlow nor NumPy (pipeline.config reads `COMPATIBILITY_ROUTES`; the
+collapse rule, `lce_tf.collapse`, imports NumPy only to measure).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Mapping, Optional
+
+from lce_tf import collapse
 
 # The values of the `compatibility` setting: which upgrade route may bless the candidate.
 COMPATIBILITY_ROUTES = ("backward", "forward", "either")
@@ -54,11 +57,16 @@ def _criterion_checks(route: str, pair: Optional[tuple[str, str]], results: Mapp
 
 def decide(report: Mapping[str, Any], results: Mapping, *, new: str, old: Optional[str], margin_top1: float,
            margin_map: float, min_top1: float, min_map: float, declared_compatible: bool,
-           compatibility: str = "backward", forward_gallery: Optional[str] = None) -> Decision:
-    """The blessing rule: own-accuracy floors, then the upgrade routes that `compatibility` allows.
+           compatibility: str = "backward", forward_gallery: Optional[str] = None,
+           collapse_cosine: Optional[float] = None) -> Decision:
+    """The blessing rule: own-accuracy floors and the collapse guard, then the upgrade routes that
+    `compatibility` allows.
 
     Checks:
       own accuracy     M(new, new).top1 >= min_top1 and M(new, new).mAP >= min_map;
+      not collapsed    when measured: the mean pairwise cosine of the candidate's gallery embeddings is at
+                       most `lce_tf.defaults.COLLAPSE_MAX_COSINE` (`lce_tf.collapse`; docs/design.md "Known
+                       traps"); a collapsed candidate is refused whatever its measured accuracy;
       with an old model, two routes (both are measured and reported; docs/design.md "The forward path"):
         backward       the candidate declares compatibility with the old model's space (else its queries
                        could not be served against the old index), and M(new, old) > M(old, old) + margin
@@ -85,6 +93,8 @@ def decide(report: Mapping[str, Any], results: Mapping, *, new: str, old: Option
       declared_compatible: the candidate's metadata declares compatibility with the old model's space.
       compatibility: the route that may bless, one of `COMPATIBILITY_ROUTES`.
       forward_gallery: the name of the old gallery moved by a fitted T12, or None when none was fitted.
+      collapse_cosine: the mean pairwise cosine of the candidate's gallery embeddings (`compare_models`'
+        report["collapse"][new]), or None when not measured (no check line).
 
     Returns:
       The `Decision`.
@@ -99,8 +109,16 @@ def decide(report: Mapping[str, Any], results: Mapping, *, new: str, old: Option
     floors = [(float(getattr(own, m)) >= floor, f"own accuracy: {m} M({new}, {new}) = {float(getattr(own, m)):.4f} "
                                                 f">= floor {floor:.4f}")
               for m, floor in (("top1", min_top1), ("mAP", min_map))]
+    if collapse_cosine is not None:
+        floors.append((not collapse.is_collapsed(collapse_cosine),
+                       f"not collapsed: mean pairwise cosine of {new}'s gallery embeddings = {collapse_cosine:.4f} "
+                       f"<= {collapse.COLLAPSE_MAX_COSINE:g}"))
     lines = [f"{text}: {'yes' if ok else 'NO'}" for ok, text in floors]
     own_ok = all(ok for ok, _ in floors)
+    collapsed = collapse.is_collapsed(collapse_cosine)
+    if collapsed:
+        lines.append(f"refused: {new}'s embeddings collapsed into one cone (mean pairwise cosine "
+                     f"{collapse_cosine:.4f} > {collapse.COLLAPSE_MAX_COSINE:g}); {collapse.LIKELY_CAUSE}")
     if old is None:
         return Decision(own_ok, FIRST_MODEL_ROUTE if own_ok else "", (), lines)
     skipped = "; ".join(s for s in report.get("skipped", []) if s.startswith(f"{new}/{old}:")) or "no result"
@@ -118,5 +136,5 @@ def decide(report: Mapping[str, Any], results: Mapping, *, new: str, old: Option
     route = next((r for r in allowed if r in passed), "") if own_ok else ""
     lines.append(f"compatibility {compatibility!r}: routes passing: {', '.join(passed) or 'none'}; "
                  + (f"blessed through the {route} route" if route else "no allowed route passes" if own_ok
-                    else "own accuracy below the floor"))
+                    else "embeddings collapsed" if collapsed else "own accuracy below the floor"))
     return Decision(bool(route), route, passed, lines)
