@@ -44,8 +44,8 @@ def mean_pairwise_cosine(vectors: Any, *, normalize: bool = True) -> float:
     """Mean of cos(e_i, e_j) over the ordered pairs i != j of the rows of `vectors`: exact, in O(N·D).
 
     With unit rows ê_i, Σ_{i≠j} ⟨ê_i, ê_j⟩ = ‖Σ_i ê_i‖² − Σ_i ‖ê_i‖², so the mean is
-    (‖Σ_i ê_i‖² − Σ_i ‖ê_i‖²) / (N(N−1)); the second sum is N unless a row is zero (a zero row has cosine 0
-    with every other row here, as `tf.math.l2_normalize` leaves it zero). Computed in float64.
+    (‖Σ_i ê_i‖² − Σ_i ‖ê_i‖²) / (N(N−1)); the second sum is N unless a row is zero (a zero row has
+    cosine 0 with every other row here, as `tf.math.l2_normalize` leaves it zero). Computed in float64.
 
     Args:
       vectors: [N, D] embeddings (any norm when `normalize`).
@@ -90,7 +90,8 @@ def collapse_record(embeddings: Any) -> dict[str, Any]:
 
 
 def collapse_message(what: str, cosine: float, sample: str) -> str:
-    """The one line: '<what>: its embeddings collapsed: mean pairwise cosine 0.9995 of <sample> > 0.99; likely cause: ...'."""
+    """The one line: '<what>: its embeddings collapsed: mean pairwise cosine 0.9995 of <sample> > 0.99;
+    likely cause: ...'."""
     return (f"{what}: its embeddings collapsed: mean pairwise cosine {cosine:.4f} of {sample} > "
             f"{COLLAPSE_MAX_COSINE:g}; {LIKELY_CAUSE}")
 
@@ -100,7 +101,8 @@ def check_not_collapsed(cosine: Optional[float], what: str, sample: str) -> None
 
     Args:
       cosine: the measured mean pairwise cosine (None or NaN: fewer than 2 embeddings, nothing to judge).
-      what: the model as the message names it, e.g. "model v2 (v2-1a2b3c4d)" or "v2, not exported to models/v2".
+      what: the model as the message names it, e.g. "model v2 (v2-1a2b3c4d)" or
+        "model v2 not exported to models/v2".
       sample: what was embedded, e.g. "256 training images", "40 gallery images of data/gallery".
 
     Raises:

@@ -106,15 +106,15 @@ def decide(report: Mapping[str, Any], results: Mapping, *, new: str, old: Option
         raise ValueError(f"parameter compatibility: unknown value {compatibility!r}; expected one of "
                          f"{', '.join(COMPATIBILITY_ROUTES)}")
     own = results.get((new, new))
-    floors = [(float(getattr(own, m)) >= floor, f"own accuracy: {m} M({new}, {new}) = {float(getattr(own, m)):.4f} "
-                                                f">= floor {floor:.4f}")
-              for m, floor in (("top1", min_top1), ("mAP", min_map))]
+    own_checks = [(float(getattr(own, m)) >= floor, f"own accuracy: {m} M({new}, {new}) = "
+                                                    f"{float(getattr(own, m)):.4f} >= floor {floor:.4f}")
+                  for m, floor in (("top1", min_top1), ("mAP", min_map))]
     if collapse_cosine is not None:
-        floors.append((not collapse.is_collapsed(collapse_cosine),
+        own_checks.append((not collapse.is_collapsed(collapse_cosine),
                        f"not collapsed: mean pairwise cosine of {new}'s gallery embeddings = {collapse_cosine:.4f} "
                        f"<= {collapse.COLLAPSE_MAX_COSINE:g}"))
-    lines = [f"{text}: {'yes' if ok else 'NO'}" for ok, text in floors]
-    own_ok = all(ok for ok, _ in floors)
+    lines = [f"{text}: {'yes' if ok else 'NO'}" for ok, text in own_checks]
+    own_ok = all(ok for ok, _ in own_checks)
     collapsed = collapse.is_collapsed(collapse_cosine)
     if collapsed:
         lines.append(f"refused: {new}'s embeddings collapsed into one cone (mean pairwise cosine "

@@ -2,10 +2,10 @@
 
 `run_training` is the whole run: the mode checks (`lce_tf.training.check_inputs`), then the training data
 and the old / frozen new models loaded, `prepare_training`, the input pipeline, `train`, the collapse check
-(`check_collapse`: the mean pairwise cosine of a training sample, logged, recorded and refused above 0.99 when
-exporting; docs/design.md "Known traps") and the export of a model directory when given one. `lce-tf train` (lce_tf/cli.py), the LceTrainer executor
-(components/lce_trainer/executor.py) and the compatibility benchmark's zoo (scripts/bench/zoo.py) only
-adapt their inputs to it:
+(`check_collapse`: the mean pairwise cosine of a training sample, logged, recorded, and refused above 0.99
+when exporting; docs/design.md "Known traps") and the export of a model directory when given one.
+`lce-tf train` (lce_tf/cli.py), the LceTrainer executor (components/lce_trainer/executor.py) and the
+compatibility benchmark's zoo (scripts/bench/zoo.py) only adapt their inputs to it:
 
     result = run_training(config, lambda: TrainingData(class_names, input_shape, make_dataset),
                           old_model=lambda: load_embedding_model(old_dir), out_dir="models/v2")
@@ -175,7 +175,7 @@ def run_training(config: TrainConfig, data: Callable[[], TrainingData], *,
     if out_dir is not None:
         from lce_tf.export import export_model
 
-        collapse.check_not_collapsed(cosine, f"{config.version}, not exported to {out_dir}",
+        collapse.check_not_collapsed(cosine, f"model {config.version} not exported to {out_dir}",
                                      f"{result.collapse_check['sample']} training images")
         record = {**vars(config), **(metadata_extra or {}),
                   "history": {k: [float(x) for x in v] for k, v in history.items()},

@@ -437,3 +437,37 @@ def test_first_run_marker_and_transformation_dir_of_a_shared_artifact(tmp_path):
         artifacts.transformation_dir(transformation)
     os.mkdir(tmp_path / "t" / artifacts.TRANSFORMATION_SUBDIR)
     assert artifacts.transformation_dir(transformation) == str(tmp_path / "t" / artifacts.TRANSFORMATION_SUBDIR)
+
+
+def test_validator_fails_a_collapsed_candidate_and_blesses_a_healthy_one(examples_and_model, tmp_path):
+    """The collapse guard at the gate (lce_tf.collapse, lce_tf.gate.decide): a first-run candidate whose gallery
+    embeddings collapsed is NOT_BLESSED, with floors of 0 that any model passes, and the reason names it and the
+    value; the fixture's trained model, judged the same way, is blessed."""
+    import json
+
+    from tfx.types import standard_artifacts
+
+    from cli_helpers import export_collapsed_model
+    from components.compatibility_validator import executor as validator
+
+    root, examples = examples_and_model
+    export_collapsed_model(tmp_path / "collapsed", (16, 16, 1), version="vc")
+    properties = {validator.QUERY_SPLIT_KEY: "query", validator.GALLERY_SPLIT_KEY: "gallery",
+                  validator.MIN_TOP1_KEY: 0.0, validator.MIN_MAP_KEY: 0.0, validator.COMPATIBILITY_KEY: "backward"}
+    verdicts = {}
+    for name, model_dir in (("collapsed", tmp_path / "collapsed"), ("healthy", root / "model")):
+        model, blessing = standard_artifacts.Model(), standard_artifacts.ModelBlessing()
+        model.uri, blessing.uri = str(model_dir), str(tmp_path / f"blessing-{name}")
+        validator.Executor().Do({validator.MODEL_KEY: [model], validator.EXAMPLES_KEY: [examples]},
+                                {validator.BLESSING_KEY: [blessing]}, properties)
+        metrics = json.loads((tmp_path / f"blessing-{name}" / validator.METRICS_FILE).read_text())
+        verdicts[name] = (blessing.get_int_custom_property("blessed"), metrics)
+    blessed, metrics = verdicts["collapsed"]
+    assert blessed == 0 and metrics["verdict"] == "NOT_BLESSED" and metrics["collapse"]["vc"]["sample"] == 9
+    assert any(r.startswith("not collapsed: mean pairwise cosine of vc's gallery embeddings = ") and r.endswith(
+        "<= 0.99: NO") for r in metrics["reasons"]), metrics["reasons"]
+    assert any(r.startswith("refused: vc's embeddings collapsed") for r in metrics["reasons"])
+    assert (tmp_path / "blessing-collapsed" / validator.NOT_BLESSED_FILE).exists()
+    blessed, metrics = verdicts["healthy"]
+    assert blessed == 1 and metrics["route"] == "first-model", metrics["reasons"]
+    assert metrics["collapse"]["model"]["mean_pairwise_cosine"] < 0.99
