@@ -27,7 +27,7 @@ class Decision:
     """The verdict on a candidate.
 
     Attributes:
-      blessed: every check of the own-accuracy floors and of one allowed route passed.
+      blessed: the own-accuracy floors, the collapse check (when measured) and one allowed route passed.
       route: the route that blessed: "backward", "forward", "first-model" (no old model), or "" (refused).
       passed_routes: the routes whose checks all pass, whether or not `compatibility` allows them.
       reasons: one line per check ("...: yes" / "...: NO"), then the conclusion.
@@ -78,7 +78,8 @@ def decide(report: Mapping[str, Any], results: Mapping, *, new: str, old: Option
                        both pass under "either" the blessing names the forward route: the served index
                        then moves into the new model's own space, where later backfills take it.
 
-    Without an old model (the pipeline's first run) only the floors apply (route "first-model").
+    Without an old model (the pipeline's first run) only the floors and the collapse check apply (route
+    "first-model").
 
     Args:
       report: `compare_models`' report; its "skipped" notes explain a missing M(new, old).
