@@ -170,8 +170,9 @@ def run_training(config: TrainConfig, data: Callable[[], TrainingData], *,
                                     **inputs.model_inputs())
     result = TrainingResult(config, model, history, inputs, collapse_check=check_collapse(model, dataset))
     cosine = result.collapse_check["mean_pairwise_cosine"]
-    (logger.warning if collapse.is_collapsed(cosine) else logger.info)("collapse check of %s: %s", config.version,
-                                                                      result.collapse_text())
+    # A warning when nothing else will say it; an export refuses with the value (one line: no warning above it).
+    warn = collapse.is_collapsed(cosine) and out_dir is None
+    (logger.warning if warn else logger.info)("collapse check of %s: %s", config.version, result.collapse_text())
     if out_dir is not None:
         from lce_tf.export import export_model
 

@@ -236,8 +236,11 @@ def examples_and_model(tmp_path_factory):
         "train_dir": str(root / "data/train"), "query_dir": str(root / "data/query"),
         "gallery_dir": str(root / "data/gallery"), "train_classes": "", "examples_per_shard": 12,
         "input_fingerprint": "x"})
+    # 80 steps: with 4 (1 epoch at batch 8) the BatchNorm statistics had not converged and the embeddings
+    # collapsed (mean pairwise cosine 0.997), which the collapse guard refuses to export (lce_tf.collapse).
     assert cli.main(["train", "--data", str(root / "data/train"), "--out", str(root / "model"), "--arch",
-                     "small_cnn", "--dim", "8", "--epochs", "1", "--batch-size", "8", "--verbose", "0"]) == 0
+                     "small_cnn", "--dim", "8", "--epochs", "10", "--batch-size", "4", "--shift", "0",
+                     "--verbose", "0"]) == 0
     return root, examples
 
 
@@ -350,10 +353,11 @@ def test_index_builder_executor_refuses_non_finite_records(examples_and_model, t
 
 
 def _trainer_properties(trainer, mode: str, dim: int, version: str = "v2") -> dict:
-    """The LceTrainer's execution properties of a tiny run (every training setting, from TrainConfig)."""
+    """The LceTrainer's execution properties of a tiny run (every training setting, from TrainConfig): 80 steps,
+    enough for the BatchNorm statistics (4 steps collapsed, which the export refuses: lce_tf.collapse)."""
     from lce_tf import train_config
 
-    config = train_config.TrainConfig(architecture="small_cnn", embedding_dim=dim, epochs=1, batch_size=8,
+    config = train_config.TrainConfig(architecture="small_cnn", embedding_dim=dim, epochs=20, batch_size=8,
                                       shift_pixels=0, version=version)
     return {**train_config.parameter_values(config), trainer.MODE_KEY: mode, trainer.SPLIT_KEY: "train"}
 
@@ -417,6 +421,8 @@ def test_trainer_executor_trains_exports_and_falls_back_on_the_first_run(example
         assert model.get_string_custom_property(trainer.MODEL_ID_PROPERTY) == metadata["model_id"]
         assert (metadata["training"]["compat"], metadata["training"]["configured_mode"]) == (effective, mode)
         assert metadata["training"]["architecture"] == "small_cnn" and metadata["version"] == "v2"
+        check = metadata["training"]["collapse_check"]  # all 30 training images (fewer than 256)
+        assert check["sample"] == 30 and check["mean_pairwise_cosine"] < 0.99
         assert (metadata.get("compatible_with") or {}).get("model_id", "") == compatible_with
 
 
