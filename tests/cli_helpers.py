@@ -49,6 +49,16 @@ def write_linear_transformation(path, matrix, source: str, target: str, transfor
                                 transform_id=transform_id, fitted_on={}, settings={}, fit_loss={"old_to_new": 0.0})
 
 
+def settle_batch_norm(model, images, passes: int = 50) -> None:
+    """Runs the backbone of `model` (a `CompatibleEmbeddingModel`) in training mode over `images` [N, H, W, C]
+    `passes` times, without a gradient step: its BatchNorm moving statistics converge to those of the images
+    (momentum 0.9: 0.9^50 < 1% of the initial values left), as a trained model's do. An untrained test model
+    is otherwise collapsed (mean pairwise cosine about 0.97-1.00), which `lce-tf evaluate` refuses
+    (lce_tf.collapse; docs/design.md, "Known traps")."""
+    for _ in range(passes):
+        model.backbone(images, training=True)
+
+
 def export_collapsed_model(path, input_shape, dim: int = 8, version: str = "vc") -> dict:
     """Exports an 8-d small_cnn whose embedding BatchNorm holds moving statistics that do not describe its
     features (variance 1e6, offset 1 in every dimension): every image lands within a hair of one direction,
