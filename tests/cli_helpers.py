@@ -49,14 +49,21 @@ def write_linear_transformation(path, matrix, source: str, target: str, transfor
                                 transform_id=transform_id, fitted_on={}, settings={}, fit_loss={"old_to_new": 0.0})
 
 
-def settle_batch_norm(model, images, passes: int = 50) -> None:
-    """Runs the backbone of `model` (a `CompatibleEmbeddingModel`) in training mode over `images` [N, H, W, C]
-    `passes` times, without a gradient step: its BatchNorm moving statistics converge to those of the images
-    (momentum 0.9: 0.9^50 < 1% of the initial values left), as a trained model's do. An untrained test model
-    is otherwise collapsed (mean pairwise cosine about 0.97-1.00), which `lce-tf evaluate` refuses
-    (lce_tf.collapse; docs/design.md, "Known traps")."""
-    for _ in range(passes):
-        model.backbone(images, training=True)
+def settle_batch_norm(model, images) -> None:
+    """Sets the BatchNorm moving statistics of `model`'s backbone (a `CompatibleEmbeddingModel`) to those of
+    `images` [N, H, W, C]: one forward pass in training mode with momentum 0, no gradient step; what a trained
+    model's statistics converge to. An untrained test model is otherwise collapsed (mean pairwise cosine
+    0.97-1.00 with the initial statistics), which `lce-tf evaluate` refuses (lce_tf.collapse; docs/design.md,
+    "Known traps")."""
+    import tensorflow as tf
+
+    layers = [layer for layer in model.backbone.submodules if isinstance(layer, tf.keras.layers.BatchNormalization)]
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.momentum = 0.0
+    model.backbone(images, training=True)
+    for layer, momentum in zip(layers, momenta):
+        layer.momentum = momentum
 
 
 def export_collapsed_model(path, input_shape, dim: int = 8, version: str = "vc") -> dict:
