@@ -324,7 +324,7 @@ def test_trainer_executor_refuses_non_finite_records(examples_and_model, tmp_pat
     _nan_tfrecord_reader(monkeypatch)
     model = standard_artifacts.Model()
     model.uri = str(tmp_path / "model")
-    properties = _trainer_properties(trainer, "independent", 8, version="v1")
+    properties = {**_trainer_properties(trainer, "independent", 8, version="v1"), "batch_size": 8}
     # 8 images of 16 x 16 x 1 per batch, all NaN.
     with pytest.raises(ValueError, match=r"^training data batch 0 contains 2048 non-finite values \(NaN/Inf\), "
                                          r"first at row 0$"):
@@ -357,7 +357,7 @@ def _trainer_properties(trainer, mode: str, dim: int, version: str = "v2") -> di
     enough for the BatchNorm statistics (4 steps collapsed, which the export refuses: lce_tf.collapse)."""
     from lce_tf import train_config
 
-    config = train_config.TrainConfig(architecture="small_cnn", embedding_dim=dim, epochs=20, batch_size=8,
+    config = train_config.TrainConfig(architecture="small_cnn", embedding_dim=dim, epochs=10, batch_size=4,
                                       shift_pixels=0, version=version)
     return {**train_config.parameter_values(config), trainer.MODE_KEY: mode, trainer.SPLIT_KEY: "train"}
 
