@@ -31,7 +31,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import pickle
 import uuid
@@ -47,6 +46,7 @@ from lce_tf.center_accumulators import (BoundaryAccumulator, CenterSumAccumulato
                                         check_embeddings, check_labels, cosines_to_centers, merge_by_label,
                                         parse_boundary_rule, preview)
 from lce_tf.checks import check_finite
+from lce_tf.collapse import mean_pairwise_cosine
 
 _LOG = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ FORMAT_VERSION = "lce_tf.class_centers/1"
 DEFAULT_BOUNDARY_RULE = defaults.BOUNDARY_RULE
 # Mean pairwise cosine of the centers above which the old model's embeddings have likely collapsed
 # into one cone (an early trial: 0.98-0.99 when collapsed, 0.39 when healthy; docs/design.md, "Known traps").
+# A warning, at a lower bar than the collapse guard's refusal of the embeddings themselves (lce_tf.collapse).
 COLLAPSE_COSINE_WARNING = 0.9
 _UNIT_NORM_TOL = 1e-3
 _NPZ_KEYS = ("format", "centers", "boundary_cos", "counts", "class_names", "source_model_id",
@@ -220,18 +221,13 @@ class ClassCenters:
     def mean_pairwise_cosine(self) -> float:
         """Mean of ⟨c_i, c_j⟩ over ordered pairs i != j: the collapse diagnostic (docs/design.md, "Known traps").
 
-        Computed in O(C·D) as (‖Σ_j c_j‖² − Σ_j ‖c_j‖²) / (C(C−1)). Values near 1 mean the old model's
-        embeddings collapsed into one cone (e.g. unconverged BatchNorm statistics).
+        `lce_tf.collapse.mean_pairwise_cosine` of the (unit) center rows, in O(C·D). Values near 1 mean the
+        old model's embeddings collapsed into one cone (e.g. unconverged BatchNorm statistics).
 
         Returns:
           The mean off-diagonal cosine; NaN when C == 1.
         """
-        if self.num_classes < 2:
-            return math.nan
-        c = self.centers.astype(np.float64)
-        total = c.sum(axis=0)
-        off_diag = float(total @ total - np.sum(c * c))
-        return off_diag / (self.num_classes * (self.num_classes - 1))
+        return mean_pairwise_cosine(self.centers, normalize=False)
 
     # -- I/O --------------------------------------------------------------------------------------
 

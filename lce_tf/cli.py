@@ -140,7 +140,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                           old_centers=load_old_centers if args.old_centers else None,
                           new_model=load_new_model if args.new_model else None, names=names, out_dir=args.out,
                           overwrite=args.overwrite, on_start=announce, verbose=args.verbose)
-    stage(f"exported {result.metadata['model_id']} to {args.out} ({result.final_losses()})")
+    stage(f"exported {result.metadata['model_id']} to {args.out} ({result.final_losses()}; {result.collapse_text()})")
     return 0
 
 

@@ -83,8 +83,8 @@ def transformed_label(transform_name: str, model_name: str, direction: str = "ol
 
 def compare_models(models: Mapping[str, Any], query: EvalData, gallery: EvalData, *, old: str,
                    independent: Optional[str] = None, transforms: Optional[Mapping[str, Any]] = None,
-                   batch_size: int = 256, progress: Optional[Callable[[str], None]] = None
-                   ) -> tuple[dict[str, Any], dict]:
+                   batch_size: int = 256, progress: Optional[Callable[[str], None]] = None,
+                   refuse_collapsed: bool = False) -> tuple[dict[str, Any], dict]:
     """Compatibility matrix of every (query model, gallery model) pair plus criterion and update gain.
 
     M(Q, G) = `lce_tf.evaluation.retrieval_metrics` of the query images embedded by Q (through the
@@ -109,6 +109,10 @@ def compare_models(models: Mapping[str, Any], query: EvalData, gallery: EvalData
     (None for the direct pair), "direction" and "route" ("backward": the untouched old gallery is
     searched; "forward": the old gallery moved into the new space).
 
+    The collapse guard (`lce_tf.collapse`, docs/design.md "Known traps"): every model's gallery is embedded
+    first and the mean pairwise cosine of those embeddings is reported (report["collapse"]); with
+    `refuse_collapsed` a model above `lce_tf.defaults.COLLAPSE_MAX_COSINE` is refused before any metric.
+
     Args:
       models: {name: lce_tf.serving.EmbeddingModel}, in the order the matrix should list them.
       query: the query images.
@@ -118,6 +122,8 @@ def compare_models(models: Mapping[str, Any], query: EvalData, gallery: EvalData
       transforms: {name: Transformation}; each must connect two of the models' spaces.
       batch_size: images per embedding batch.
       progress: called with one line per embedding pass (None = silent).
+      refuse_collapsed: raise on a model whose gallery embeddings collapsed (`lce-tf evaluate`); the
+        CompatibilityValidator instead passes the candidate's value to `lce_tf.gate.decide`.
 
     Returns:
       (report, results): report is JSON-serializable: {"old", "independent", "pairs": [{"query",
@@ -125,15 +131,18 @@ def compare_models(models: Mapping[str, Any], query: EvalData, gallery: EvalData
       "num_queries", "num_skipped_queries"}], "skipped": [reason] (pairs of different dimensions;
       queries whose class has no gallery image, with their count), "criterion": {key: {"top1", "mAP",
       "pass", "query", "via", "direction", "route"}}, "update_gain": {key: {metric: UG}},
-      "new_model_sacrifice": {name: {metric: ratio}}, "table": fixed-width text}; results is
+      "new_model_sacrifice": {name: {metric: ratio}}, "collapse": {name: `lce_tf.collapse.collapse_record`
+      of its gallery embeddings}, "table": fixed-width text}; results is
       {(query label, gallery label): lce_tf.evaluation.RetrievalResult}.
 
     Raises:
       ValueError: `old`/`independent` not among the models, (old, old) could not be evaluated, a label
         is not an index into the data's class names, or a transformation whose spaces hold none of the
         models (one line naming it and both spaces).
+      lce_tf.collapse.CollapsedEmbeddingError: (a ValueError) with `refuse_collapsed`, a model whose gallery
+        embeddings collapsed (one line naming it and the cosine).
     """
-    from lce_tf import evaluation
+    from lce_tf import collapse, evaluation
 
     if old not in models:
         raise ValueError(f"old model {old!r} is not one of the models ({', '.join(models)})")
@@ -161,6 +170,14 @@ def compare_models(models: Mapping[str, Any], query: EvalData, gallery: EvalData
                                  f"{len(data.class_names)} class names ({bad.size} records)")
             cache[key] = (embeddings, labels)
         return cache[key]
+
+    collapse_checks = {}
+    for name, model in models.items():  # every gallery is embedded anyway (the (name, name) pair): first
+        collapse_checks[name] = collapse.collapse_record(embed(name, gallery, "embed")[0])
+        if refuse_collapsed:
+            collapse.check_not_collapsed(collapse_checks[name]["mean_pairwise_cosine"],
+                                         f"model {name} ({model.model_id})",
+                                         f"{collapse_checks[name]['sample']} gallery images of {gallery.name}")
 
     results: dict[Pair, Any] = {}
     pairs: list[dict[str, Any]] = []
@@ -211,7 +228,8 @@ def compare_models(models: Mapping[str, Any], query: EvalData, gallery: EvalData
     if (old, old) not in results:
         raise ValueError(f"M({old}, {old}) could not be evaluated: {'; '.join(skipped) or 'no result'}")
     report: dict[str, Any] = {"old": old, modes.INDEPENDENT.name: independent, "pairs": pairs, "skipped": skipped,
-                              "criterion": {}, "update_gain": {}, "new_model_sacrifice": {}}
+                              "criterion": {}, "update_gain": {}, "new_model_sacrifice": {},
+                              "collapse": collapse_checks}
     old_old = results[(old, old)]
     new_star = results.get((independent, independent)) if independent else None
     for key, name, labels, via, direction in routes_to_old:
@@ -293,7 +311,9 @@ def evaluate_folders(query_dir: str, gallery_dir: str, model_dirs: Mapping[str, 
       The report of `compare_models` (JSON-serializable; "table" holds the fixed-width matrix).
 
     Raises:
-      ValueError: an unreadable folder, model or transformation directory, or what `compare_models` raises.
+      ValueError: an unreadable folder, model or transformation directory, or what `compare_models` raises;
+        a model whose gallery embeddings collapsed (`lce_tf.collapse.CollapsedEmbeddingError`, one line naming
+        it and the mean pairwise cosine: the collapse guard, docs/design.md "Known traps").
     """
     from lce_tf.data import read_image_folder
     from lce_tf.serving import load_embedding_model
@@ -304,5 +324,5 @@ def evaluate_folders(query_dir: str, gallery_dir: str, model_dirs: Mapping[str, 
     models = {name: load_embedding_model(path) for name, path in model_dirs.items()}
     report, _ = compare_models(models, EvalData.from_folder(query), EvalData.from_folder(gallery), old=old,
                                independent=independent, transforms=transforms, batch_size=batch_size,
-                               progress=progress)
+                               progress=progress, refuse_collapsed=True)
     return report

@@ -30,3 +30,11 @@ IMPORT_CHECK_SAMPLE = 256
 """`lce-tf model import --check` (lce_tf.model_import): the images re-embedded (evenly spread over the stored
 vectors) and the cosine to its stored vector every one of them must reach. A wrongly declared pixel scaling
 gives cosines near 0 (issue 28's trial: min -0.38, mean -0.08); the right one about 1 - 1e-6 (float32 kernels)."""
+
+COLLAPSE_MAX_COSINE = 0.99
+"""The collapse guard's threshold (`lce_tf.collapse`, docs/design.md "Known traps"): a model whose embeddings of
+a sample have a mean pairwise cosine above it is refused by `lce-tf train`'s export, `lce-tf evaluate` and the
+CompatibilityValidator. Measured: short runs of the built-in backbones on 16 px synthetic data gave 0.996-0.9997
+(small_cnn after 2, 4, 10 or 18 steps, cnn after 1 or 9), untrained models 0.97-1.00 (issue 28 saw 1.000 after a
+short keras.applications fine-tune); 40 steps 0.89, 60-80 steps 0.04-0.18 (the tests' v1 after 75: 0.048), the
+quickstart's v1 0.246, so the bar leaves room for models whose classes are genuinely close."""

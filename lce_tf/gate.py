@@ -5,13 +5,16 @@ docs/design.md, "The forward path" and "How compatibility is measured". The meas
 testable on a few hand-written numbers. The pipeline's CompatibilityValidator
 (components/compatibility_validator) measures, calls `decide` and records the verdict.
 
-Pure Python: imports neither TensorFlow nor NumPy (pipeline.config reads `COMPATIBILITY_ROUTES`).
+Pure Python: imports neither TensorFlow nor NumPy (pipeline.config reads `COMPATIBILITY_ROUTES`; the
+collapse rule, `lce_tf.collapse`, imports NumPy only to measure).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Mapping, Optional
+
+from lce_tf import collapse
 
 # The values of the `compatibility` setting: which upgrade route may bless the candidate.
 COMPATIBILITY_ROUTES = ("backward", "forward", "either")
@@ -24,7 +27,7 @@ class Decision:
     """The verdict on a candidate.
 
     Attributes:
-      blessed: every check of the own-accuracy floors and of one allowed route passed.
+      blessed: the own-accuracy floors, the collapse check (when measured) and one allowed route passed.
       route: the route that blessed: "backward", "forward", "first-model" (no old model), or "" (refused).
       passed_routes: the routes whose checks all pass, whether or not `compatibility` allows them.
       reasons: one line per check ("...: yes" / "...: NO"), then the conclusion.
@@ -54,11 +57,16 @@ def _criterion_checks(route: str, pair: Optional[tuple[str, str]], results: Mapp
 
 def decide(report: Mapping[str, Any], results: Mapping, *, new: str, old: Optional[str], margin_top1: float,
            margin_map: float, min_top1: float, min_map: float, declared_compatible: bool,
-           compatibility: str = "backward", forward_gallery: Optional[str] = None) -> Decision:
-    """The blessing rule: own-accuracy floors, then the upgrade routes that `compatibility` allows.
+           compatibility: str = "backward", forward_gallery: Optional[str] = None,
+           collapse_cosine: Optional[float] = None) -> Decision:
+    """The blessing rule: own-accuracy floors and the collapse guard, then the upgrade routes that
+    `compatibility` allows.
 
     Checks:
       own accuracy     M(new, new).top1 >= min_top1 and M(new, new).mAP >= min_map;
+      not collapsed    when measured: the mean pairwise cosine of the candidate's gallery embeddings is at
+                       most `lce_tf.defaults.COLLAPSE_MAX_COSINE` (`lce_tf.collapse`; docs/design.md "Known
+                       traps"); a collapsed candidate is refused whatever its measured accuracy;
       with an old model, two routes (both are measured and reported; docs/design.md "The forward path"):
         backward       the candidate declares compatibility with the old model's space (else its queries
                        could not be served against the old index), and M(new, old) > M(old, old) + margin
@@ -70,7 +78,8 @@ def decide(report: Mapping[str, Any], results: Mapping, *, new: str, old: Option
                        both pass under "either" the blessing names the forward route: the served index
                        then moves into the new model's own space, where later backfills take it.
 
-    Without an old model (the pipeline's first run) only the floors apply (route "first-model").
+    Without an old model (the pipeline's first run) only the floors and the collapse check apply (route
+    "first-model").
 
     Args:
       report: `compare_models`' report; its "skipped" notes explain a missing M(new, old).
@@ -85,6 +94,8 @@ def decide(report: Mapping[str, Any], results: Mapping, *, new: str, old: Option
       declared_compatible: the candidate's metadata declares compatibility with the old model's space.
       compatibility: the route that may bless, one of `COMPATIBILITY_ROUTES`.
       forward_gallery: the name of the old gallery moved by a fitted T12, or None when none was fitted.
+      collapse_cosine: the mean pairwise cosine of the candidate's gallery embeddings (`compare_models`'
+        report["collapse"][new]), or None when not measured (no check line).
 
     Returns:
       The `Decision`.
@@ -96,11 +107,19 @@ def decide(report: Mapping[str, Any], results: Mapping, *, new: str, old: Option
         raise ValueError(f"parameter compatibility: unknown value {compatibility!r}; expected one of "
                          f"{', '.join(COMPATIBILITY_ROUTES)}")
     own = results.get((new, new))
-    floors = [(float(getattr(own, m)) >= floor, f"own accuracy: {m} M({new}, {new}) = {float(getattr(own, m)):.4f} "
-                                                f">= floor {floor:.4f}")
-              for m, floor in (("top1", min_top1), ("mAP", min_map))]
-    lines = [f"{text}: {'yes' if ok else 'NO'}" for ok, text in floors]
-    own_ok = all(ok for ok, _ in floors)
+    own_checks = [(float(getattr(own, m)) >= floor, f"own accuracy: {m} M({new}, {new}) = "
+                                                    f"{float(getattr(own, m)):.4f} >= floor {floor:.4f}")
+                  for m, floor in (("top1", min_top1), ("mAP", min_map))]
+    if collapse_cosine is not None:
+        own_checks.append((not collapse.is_collapsed(collapse_cosine),
+                       f"not collapsed: mean pairwise cosine of {new}'s gallery embeddings = {collapse_cosine:.4f} "
+                       f"<= {collapse.COLLAPSE_MAX_COSINE:g}"))
+    lines = [f"{text}: {'yes' if ok else 'NO'}" for ok, text in own_checks]
+    own_ok = all(ok for ok, _ in own_checks)
+    collapsed = collapse.is_collapsed(collapse_cosine)
+    if collapsed:
+        lines.append(f"refused: {new}'s embeddings collapsed into one cone (mean pairwise cosine "
+                     f"{collapse_cosine:.4f} > {collapse.COLLAPSE_MAX_COSINE:g}); {collapse.LIKELY_CAUSE}")
     if old is None:
         return Decision(own_ok, FIRST_MODEL_ROUTE if own_ok else "", (), lines)
     skipped = "; ".join(s for s in report.get("skipped", []) if s.startswith(f"{new}/{old}:")) or "no result"
@@ -118,5 +137,5 @@ def decide(report: Mapping[str, Any], results: Mapping, *, new: str, old: Option
     route = next((r for r in allowed if r in passed), "") if own_ok else ""
     lines.append(f"compatibility {compatibility!r}: routes passing: {', '.join(passed) or 'none'}; "
                  + (f"blessed through the {route} route" if route else "no allowed route passes" if own_ok
-                    else "own accuracy below the floor"))
+                    else "embeddings collapsed" if collapsed else "own accuracy below the floor"))
     return Decision(bool(route), route, passed, lines)

@@ -1,10 +1,11 @@
 """One training run, from what the caller has to a trained (and exported) model (docs/design.md, "Architecture").
 
 `run_training` is the whole run: the mode checks (`lce_tf.training.check_inputs`), then the training data
-and the old / frozen new models loaded, `prepare_training`, the input pipeline, `train`, and the export of
-a model directory when given one. `lce-tf train` (lce_tf/cli.py), the LceTrainer executor
-(components/lce_trainer/executor.py) and the compatibility benchmark's zoo (scripts/bench/zoo.py) only
-adapt their inputs to it:
+and the old / frozen new models loaded, `prepare_training`, the input pipeline, `train`, the collapse check
+(`check_collapse`: the mean pairwise cosine of a training sample, logged, recorded, and refused above 0.99
+when exporting; docs/design.md "Known traps") and the export of a model directory when given one.
+`lce-tf train` (lce_tf/cli.py), the LceTrainer executor (components/lce_trainer/executor.py) and the
+compatibility benchmark's zoo (scripts/bench/zoo.py) only adapt their inputs to it:
 
     result = run_training(config, lambda: TrainingData(class_names, input_shape, make_dataset),
                           old_model=lambda: load_embedding_model(old_dir), out_dir="models/v2")
@@ -16,12 +17,15 @@ read: the checks look only at which loaders are given.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable, Optional, Sequence
 
-from lce_tf import training
+from lce_tf import collapse, training
 from lce_tf.centers import ClassCenters
 from lce_tf.train_config import TrainConfig
 from lce_tf.training import EmbeddingModelLike, InputNames, TrainingInputs
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -53,6 +57,8 @@ class TrainingResult:
       history: the fit history, per-epoch lists of every logged loss.
       inputs: what it was trained against (`lce_tf.training.TrainingInputs`: old centers, old model id).
       metadata: the exported model directory's metadata (`lce_tf.export.export_model`), None when not exported.
+      collapse_check: the collapse check of the trained model (`check_collapse`; also the metadata's
+        `training.collapse_check`).
     """
 
     config: TrainConfig
@@ -60,10 +66,49 @@ class TrainingResult:
     history: dict[str, list[float]]
     inputs: TrainingInputs
     metadata: Optional[dict[str, Any]] = None
+    collapse_check: Optional[dict[str, Any]] = None
 
     def final_losses(self) -> str:
         """The last epoch's losses, "loss=0.1234, cls_loss=..." (the CLI's and the LceTrainer's last line)."""
         return ", ".join(f"{k}={v[-1]:.4f}" for k, v in self.history.items())
+
+    def collapse_text(self) -> str:
+        """"mean pairwise cosine 0.3120 of 256 training images (collapsed above 0.99)" (the CLI's last line)."""
+        check = self.collapse_check or {}
+        cosine = check.get("mean_pairwise_cosine")
+        value = "n/a" if cosine is None else f"{cosine:.4f}"
+        return (f"mean pairwise cosine {value} of {check.get('sample', 0)} training images (collapsed above "
+                f"{collapse.COLLAPSE_MAX_COSINE:g})")
+
+
+def check_collapse(model, dataset, max_images: int = collapse.SAMPLE_SIZE) -> dict[str, Any]:
+    """The collapse check of a trained model on a sample of its training data (docs/design.md, "Known traps").
+
+    The sample: the first `max_images` images the training input pipeline yields in a new pass after the fit
+    (its next epoch's order and augmentation, deterministic for a seed), embedded in inference mode, so with
+    the BatchNorm moving statistics that serving uses. Training images, not held-out ones: a collapse is a
+    property of those statistics, which any images show.
+
+    Args:
+      model: the trained `CompatibleEmbeddingModel` (images [B, H, W, C] -> unit embeddings [B, D]).
+      dataset: the training dataset (batches of (images, labels), or of images).
+      max_images: the sample size.
+
+    Returns:
+      `lce_tf.collapse.collapse_record` of the sample's embeddings.
+    """
+    import numpy as np
+
+    chunks: list[np.ndarray] = []
+    count = 0
+    for element in dataset:
+        images = element[0] if isinstance(element, (tuple, list)) else element
+        images = images[: max_images - count]
+        chunks.append(np.asarray(model(images, training=False), dtype=np.float32))
+        count += len(chunks[-1])
+        if count >= max_images:
+            break
+    return collapse.collapse_record(np.concatenate(chunks) if chunks else np.zeros((0, 1), np.float32))
 
 
 def run_training(config: TrainConfig, data: Callable[[], TrainingData], *,
@@ -97,7 +142,9 @@ def run_training(config: TrainConfig, data: Callable[[], TrainingData], *,
 
     Raises:
       ValueError: bad settings, a missing or inconsistent input (one line; `check_inputs`,
-        `prepare_training`), non-finite images (`lce_tf.checks.NonFiniteError`).
+        `prepare_training`), non-finite images (`lce_tf.checks.NonFiniteError`); with `out_dir`, a model
+        whose embeddings collapsed (`lce_tf.collapse.CollapsedEmbeddingError`, one line with the cosine; nothing
+        is exported). Without `out_dir` a collapse is only logged and returned (`TrainingResult.collapse_check`).
       lce_tf.training.TrainingDivergedError: a loss became NaN/Inf (nothing is exported).
     """
     mode = training.check_inputs(config, old_centers=old_centers is not None, old_model=old_model is not None,
@@ -121,12 +168,19 @@ def run_training(config: TrainConfig, data: Callable[[], TrainingData], *,
                                     input_shape=train_data.input_shape, steps_per_epoch=steps_per_epoch,
                                     verbose=verbose, callbacks=callbacks, strategy=strategy,
                                     **inputs.model_inputs())
-    result = TrainingResult(config, model, history, inputs)
+    result = TrainingResult(config, model, history, inputs, collapse_check=check_collapse(model, dataset))
+    cosine = result.collapse_check["mean_pairwise_cosine"]
+    # A warning when nothing else will say it; an export refuses with the value (one line: no warning above it).
+    warn = collapse.is_collapsed(cosine) and out_dir is None
+    (logger.warning if warn else logger.info)("collapse check of %s: %s", config.version, result.collapse_text())
     if out_dir is not None:
         from lce_tf.export import export_model
 
+        collapse.check_not_collapsed(cosine, f"model {config.version} not exported to {out_dir}",
+                                     f"{result.collapse_check['sample']} training images")
         record = {**vars(config), **(metadata_extra or {}),
-                  "history": {k: [float(x) for x in v] for k, v in history.items()}}
+                  "history": {k: [float(x) for x in v] for k, v in history.items()},
+                  "collapse_check": result.collapse_check}
         result.metadata = export_model(model, out_dir, architecture=config.architecture,
                                        input_shape=train_data.input_shape, version=config.version,
                                        class_names=train_data.class_names,

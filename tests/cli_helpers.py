@@ -47,3 +47,36 @@ def write_linear_transformation(path, matrix, source: str, target: str, transfor
                                         "dim": source_dim or matrix.shape[0]},
                                 target={"embedding_space": target, "model_id": target, "dim": matrix.shape[1]},
                                 transform_id=transform_id, fitted_on={}, settings={}, fit_loss={"old_to_new": 0.0})
+
+
+def settle_batch_norm(model, images) -> None:
+    """Sets the BatchNorm moving statistics of `model`'s backbone (a `CompatibleEmbeddingModel`) to those of
+    `images` [N, H, W, C]: one forward pass in training mode with momentum 0, no gradient step; what a trained
+    model's statistics converge to. An untrained test model is otherwise collapsed (mean pairwise cosine
+    0.97-1.00 with the initial statistics), which `lce-tf evaluate` refuses (lce_tf.collapse; docs/design.md,
+    "Known traps")."""
+    import tensorflow as tf
+
+    layers = [layer for layer in model.backbone.submodules if isinstance(layer, tf.keras.layers.BatchNormalization)]
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.momentum = 0.0
+    model.backbone(images, training=True)
+    for layer, momentum in zip(layers, momenta):
+        layer.momentum = momentum
+
+
+def export_collapsed_model(path, input_shape, dim: int = 8, version: str = "vc") -> dict:
+    """Exports an 8-d small_cnn whose embedding BatchNorm holds moving statistics that do not describe its
+    features (variance 1e6, offset 1 in every dimension): every image lands within a hair of one direction,
+    the collapse unconverged statistics cause (docs/design.md, "Known traps"). Returns the metadata."""
+    import numpy as np
+
+    from lce_tf.export import export_model
+    from lce_tf.model import build_compatible_model
+
+    model = build_compatible_model("small_cnn", tuple(input_shape), dim, None)
+    head = model.backbone.get_layer("embedding_bn")
+    head.moving_variance.assign(np.full(dim, 1e6, np.float32))
+    head.beta.assign(np.ones(dim, np.float32))
+    return export_model(model, str(path), architecture="small_cnn", input_shape=input_shape, version=version)

@@ -126,20 +126,25 @@ def _oserror(code: int):
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    """Train/query/gallery folders (4 classes), an untrained exported 8-d model v1, its centers, a ScaNN index
-    and a Milvus Lite index of the gallery."""
+    """Train/query/gallery folders (4 classes), an untrained exported 8-d model v1 (its BatchNorm statistics
+    settled on the training images), its centers, a ScaNN index and a Milvus Lite index of the gallery."""
     import tensorflow as tf
 
+    from lce_tf.data import read_image_folder
+    from lce_tf.datasets import load_images
     from lce_tf.export import export_model
     from lce_tf.model import build_compatible_model
+
+    from cli_helpers import settle_batch_norm
 
     root = tmp_path_factory.mktemp("bad_input")
     _folder(root / "train", 4)
     _folder(root / "gallery", 3, seed=1000)
     _folder(root / "query", 2, seed=2000)
     tf.keras.utils.set_random_seed(0)
-    export_model(build_compatible_model("small_cnn", SHAPE, 8, len(CLASSES)), str(root / "v1"),
-                 architecture="small_cnn", input_shape=SHAPE, version="v1", class_names=CLASSES)
+    v1 = build_compatible_model("small_cnn", SHAPE, 8, len(CLASSES))
+    settle_batch_norm(v1, load_images(read_image_folder(str(root / "train")).paths, SHAPE))  # else collapsed
+    export_model(v1, str(root / "v1"), architecture="small_cnn", input_shape=SHAPE, version="v1", class_names=CLASSES)
     assert cli.main(["centers", "--model", str(root / "v1"), "--data", str(root / "train"),
                      "--out", str(root / "v1_centers.npz")]) == 0
     assert cli.main(["index", "build", "--model", str(root / "v1"), "--data", str(root / "gallery"),

@@ -12,7 +12,7 @@ import pytest
 from lce_tf import cli
 from lce_tf.centers import ClassCenters
 
-from cli_helpers import assert_bad_input, run_cli
+from cli_helpers import assert_bad_input, export_collapsed_model, run_cli
 
 
 # The walk-through's data: 8 training classes, 6 test classes (4 query + 16 gallery images each) of
@@ -186,6 +186,35 @@ def test_nan_embeddings_are_refused(workspace, capsys, tmp_path):
     assert_bad_input(capsys, "centers", "--model", tmp_path / "nan-model", "--data", workspace / "data/train",
                      "--out", tmp_path / "c.npz", match="output of model")
     assert not (tmp_path / "c.npz").exists()
+
+
+def test_collapse_guard_refuses_a_collapsed_model_and_passes_a_healthy_one(workspace, capsys, tmp_path):
+    """The collapse trap (docs/design.md, "Known traps"; lce_tf.collapse): `lce-tf evaluate` refuses a model
+    whose gallery embeddings collapsed into one cone (one line naming it, nothing written), and `lce-tf train`
+    does not export a run that ends collapsed; v1 (75 steps) passes both, its values recorded."""
+    v1 = json.loads((workspace / "v1/lce_tf_model.json").read_text())
+    check = v1["training"]["collapse_check"]  # measured at the end of v1's training: 80 training images
+    assert check["sample"] == 4 * IMAGES_PER_CLASS and check["mean_pairwise_cosine"] < check["max_cosine"] == 0.99
+    collapsed = export_collapsed_model(tmp_path / "vc", (16, 16, 1))
+    evaluate = ["evaluate", "--query", workspace / "data/query", "--gallery", workspace / "data/gallery",
+                "--model", f"v1={workspace / 'v1'}"]
+    code, _, _ = run_cli(capsys, *evaluate, "--json", tmp_path / "healthy.json")
+    assert code == 0
+    healthy = json.loads((tmp_path / "healthy.json").read_text())["collapse"]["v1"]
+    assert healthy["sample"] == TEST_CLASSES * (IMAGES_PER_CLASS - QUERIES_PER_CLASS)
+    assert healthy["mean_pairwise_cosine"] < 0.99
+    assert_bad_input(capsys, *evaluate, "--model", f"vc={tmp_path / 'vc'}", "--json", tmp_path / "r.json",
+                     pattern=rf"^lce-tf: error: model vc \({collapsed['model_id']}\): its embeddings collapsed: mean "
+                             rf"pairwise cosine (0\.99\d\d|1\.0000) of 96 gallery images of .*gallery > 0\.99; "
+                             r"likely cause: BatchNorm moving statistics not converged")
+    assert not (tmp_path / "r.json").exists()
+    # Two training steps: the BatchNorm statistics are 81% their initial values and the run ends collapsed.
+    assert_bad_input(capsys, "train", "--data", workspace / "data/train", "--out", tmp_path / "v9", "--arch",
+                     "small_cnn", "--dim", "8", "--epochs", "2", "--batch-size", "160", "--shift", "0",
+                     "--verbose", "0", pattern=r"^lce-tf: error: model v9 not exported to .*v9: its embeddings "
+                                               r"collapsed: mean pairwise cosine (0\.99\d\d|1\.0000) of 160 "
+                                               r"training images > 0\.99")
+    assert not (tmp_path / "v9").exists()
 
 
 def test_missing_and_empty_data_folders(capsys, tmp_path):

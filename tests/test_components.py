@@ -236,8 +236,11 @@ def examples_and_model(tmp_path_factory):
         "train_dir": str(root / "data/train"), "query_dir": str(root / "data/query"),
         "gallery_dir": str(root / "data/gallery"), "train_classes": "", "examples_per_shard": 12,
         "input_fingerprint": "x"})
+    # 80 steps: with 4 (1 epoch at batch 8) the BatchNorm statistics had not converged and the embeddings
+    # collapsed (mean pairwise cosine 0.997), which the collapse guard refuses to export (lce_tf.collapse).
     assert cli.main(["train", "--data", str(root / "data/train"), "--out", str(root / "model"), "--arch",
-                     "small_cnn", "--dim", "8", "--epochs", "1", "--batch-size", "8", "--verbose", "0"]) == 0
+                     "small_cnn", "--dim", "8", "--epochs", "10", "--batch-size", "4", "--shift", "0",
+                     "--verbose", "0"]) == 0
     return root, examples
 
 
@@ -321,7 +324,7 @@ def test_trainer_executor_refuses_non_finite_records(examples_and_model, tmp_pat
     _nan_tfrecord_reader(monkeypatch)
     model = standard_artifacts.Model()
     model.uri = str(tmp_path / "model")
-    properties = _trainer_properties(trainer, "independent", 8, version="v1")
+    properties = {**_trainer_properties(trainer, "independent", 8, version="v1"), "batch_size": 8}
     # 8 images of 16 x 16 x 1 per batch, all NaN.
     with pytest.raises(ValueError, match=r"^training data batch 0 contains 2048 non-finite values \(NaN/Inf\), "
                                          r"first at row 0$"):
@@ -350,10 +353,11 @@ def test_index_builder_executor_refuses_non_finite_records(examples_and_model, t
 
 
 def _trainer_properties(trainer, mode: str, dim: int, version: str = "v2") -> dict:
-    """The LceTrainer's execution properties of a tiny run (every training setting, from TrainConfig)."""
+    """The LceTrainer's execution properties of a tiny run (every training setting, from TrainConfig): 80 steps,
+    enough for the BatchNorm statistics (4 steps collapsed, which the export refuses: lce_tf.collapse)."""
     from lce_tf import train_config
 
-    config = train_config.TrainConfig(architecture="small_cnn", embedding_dim=dim, epochs=1, batch_size=8,
+    config = train_config.TrainConfig(architecture="small_cnn", embedding_dim=dim, epochs=10, batch_size=4,
                                       shift_pixels=0, version=version)
     return {**train_config.parameter_values(config), trainer.MODE_KEY: mode, trainer.SPLIT_KEY: "train"}
 
@@ -417,6 +421,8 @@ def test_trainer_executor_trains_exports_and_falls_back_on_the_first_run(example
         assert model.get_string_custom_property(trainer.MODEL_ID_PROPERTY) == metadata["model_id"]
         assert (metadata["training"]["compat"], metadata["training"]["configured_mode"]) == (effective, mode)
         assert metadata["training"]["architecture"] == "small_cnn" and metadata["version"] == "v2"
+        check = metadata["training"]["collapse_check"]  # all 30 training images (fewer than 256)
+        assert check["sample"] == 30 and check["mean_pairwise_cosine"] < 0.99
         assert (metadata.get("compatible_with") or {}).get("model_id", "") == compatible_with
 
 
@@ -437,3 +443,37 @@ def test_first_run_marker_and_transformation_dir_of_a_shared_artifact(tmp_path):
         artifacts.transformation_dir(transformation)
     os.mkdir(tmp_path / "t" / artifacts.TRANSFORMATION_SUBDIR)
     assert artifacts.transformation_dir(transformation) == str(tmp_path / "t" / artifacts.TRANSFORMATION_SUBDIR)
+
+
+def test_validator_fails_a_collapsed_candidate_and_blesses_a_healthy_one(examples_and_model, tmp_path):
+    """The collapse guard at the gate (lce_tf.collapse, lce_tf.gate.decide): a first-run candidate whose gallery
+    embeddings collapsed is NOT_BLESSED, with floors of 0 that any model passes, and the reason names it and the
+    value; the fixture's trained model, judged the same way, is blessed."""
+    import json
+
+    from tfx.types import standard_artifacts
+
+    from cli_helpers import export_collapsed_model
+    from components.compatibility_validator import executor as validator
+
+    root, examples = examples_and_model
+    export_collapsed_model(tmp_path / "collapsed", (16, 16, 1), version="vc")
+    properties = {validator.QUERY_SPLIT_KEY: "query", validator.GALLERY_SPLIT_KEY: "gallery",
+                  validator.MIN_TOP1_KEY: 0.0, validator.MIN_MAP_KEY: 0.0, validator.COMPATIBILITY_KEY: "backward"}
+    verdicts = {}
+    for name, model_dir in (("collapsed", tmp_path / "collapsed"), ("healthy", root / "model")):
+        model, blessing = standard_artifacts.Model(), standard_artifacts.ModelBlessing()
+        model.uri, blessing.uri = str(model_dir), str(tmp_path / f"blessing-{name}")
+        validator.Executor().Do({validator.MODEL_KEY: [model], validator.EXAMPLES_KEY: [examples]},
+                                {validator.BLESSING_KEY: [blessing]}, properties)
+        metrics = json.loads((tmp_path / f"blessing-{name}" / validator.METRICS_FILE).read_text())
+        verdicts[name] = (blessing.get_int_custom_property("blessed"), metrics)
+    blessed, metrics = verdicts["collapsed"]
+    assert blessed == 0 and metrics["verdict"] == "NOT_BLESSED" and metrics["collapse"]["vc"]["sample"] == 9
+    assert any(r.startswith("not collapsed: mean pairwise cosine of vc's gallery embeddings = ") and r.endswith(
+        "<= 0.99: NO") for r in metrics["reasons"]), metrics["reasons"]
+    assert any(r.startswith("refused: vc's embeddings collapsed") for r in metrics["reasons"])
+    assert (tmp_path / "blessing-collapsed" / validator.NOT_BLESSED_FILE).exists()
+    blessed, metrics = verdicts["healthy"]
+    assert blessed == 1 and metrics["route"] == "first-model", metrics["reasons"]
+    assert metrics["collapse"]["model"]["mean_pairwise_cosine"] < 0.99

@@ -85,3 +85,25 @@ def test_forward_route_needs_a_fitted_transformation():
         decide({"skipped": []}, results, new="v2", old="v1", margin_top1=0.0, margin_map=0.0, min_top1=0.5,
                min_map=0.0, declared_compatible=True, compatibility="sideways")
 
+
+
+@pytest.mark.parametrize("old", ["v1", None])
+def test_a_collapsed_candidate_fails_the_gate_with_the_reason(old):
+    """The collapse guard (lce_tf.collapse): a candidate whose gallery embeddings have a mean pairwise cosine
+    above 0.99 is refused whatever its measured accuracy; at or below it the other checks decide."""
+    results = {("v1", "v1"): _Result(top1=0.70, mAP=0.50), ("v2", "v1"): _Result(top1=0.72, mAP=0.51),
+               ("v2", "v2"): _Result(top1=0.90, mAP=0.80)}
+    common = dict(new="v2", old=old, margin_top1=0.0, margin_map=0.0, min_top1=0.5, min_map=0.0,
+                  declared_compatible=True)
+    healthy = decide({"skipped": []}, results, collapse_cosine=0.31, **common)
+    assert healthy.blessed and healthy.route == ("backward" if old else "first-model")
+    assert "not collapsed: mean pairwise cosine of v2's gallery embeddings = 0.3100 <= 0.99: yes" in healthy.reasons
+    assert decide({"skipped": []}, results, collapse_cosine=0.99, **common).blessed  # the bar itself passes
+    collapsed = decide({"skipped": []}, results, collapse_cosine=0.99953, **common)
+    assert not collapsed.blessed and collapsed.route == ""
+    assert "not collapsed: mean pairwise cosine of v2's gallery embeddings = 0.9995 <= 0.99: NO" in collapsed.reasons
+    refusal = [r for r in collapsed.reasons if r.startswith("refused:")]
+    assert refusal and refusal[0].startswith("refused: v2's embeddings collapsed into one cone (mean pairwise cosine "
+                                             "0.9995 > 0.99); likely cause: BatchNorm moving statistics")
+    if old:  # the routes are still measured and reported; the conclusion names the collapse
+        assert collapsed.passed_routes == ("backward",) and collapsed.reasons[-1].endswith("embeddings collapsed")

@@ -14,7 +14,7 @@ from lce_tf import cli
 from lce_tf import transform_fit as TF
 from lce_tf import transformation as TR
 
-from cli_helpers import assert_bad_input, run_cli, write_linear_transformation
+from cli_helpers import assert_bad_input, run_cli, settle_batch_norm, write_linear_transformation
 
 SHAPE = (16, 16, 1)
 
@@ -197,10 +197,13 @@ def test_space_checks_name_both_spaces_and_the_wrong_direction(exported):
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    """Synthetic data; v1 (8-d) and v2 (12-d, another space) exported untrained; a v1 index; T12 fitted
+    """Synthetic data; v1 (8-d) and v2 (12-d, another space) exported untrained (their BatchNorm statistics
+    settled on the training images: else collapsed, which `lce-tf evaluate` refuses); a v1 index; T12 fitted
     both ways with the CLI."""
     import tensorflow as tf
 
+    from lce_tf.data import read_image_folder
+    from lce_tf.datasets import load_images
     from lce_tf.export import export_model
     from lce_tf.synthetic import build_synthetic_dataset
     from lce_tf.model import build_compatible_model
@@ -209,9 +212,11 @@ def ws(tmp_path_factory):
     build_synthetic_dataset(str(root / "data"), num_train_classes=8, num_test_classes=4, images_per_class=8,
                             size=16, seed=0, progress=None)
     tf.keras.utils.set_random_seed(0)
+    train_images = load_images(read_image_folder(str(root / "data/train")).paths, SHAPE)
     for version, dim in (("v1", 8), ("v2", 12)):
-        export_model(build_compatible_model("small_cnn", SHAPE, dim, 8), str(root / version),
-                     architecture="small_cnn", input_shape=SHAPE, version=version)
+        model = build_compatible_model("small_cnn", SHAPE, dim, 8)
+        settle_batch_norm(model, train_images)
+        export_model(model, str(root / version), architecture="small_cnn", input_shape=SHAPE, version=version)
     assert cli.main(["index", "build", "--model", str(root / "v1"), "--data", str(root / "data/gallery"),
                      "--out", str(root / "idx-v1")]) == 0
     assert cli.main(["transform", "fit", "--old-model", str(root / "v1"), "--new-model", str(root / "v2"),

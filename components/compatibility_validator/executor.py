@@ -1,5 +1,5 @@
 """Executor of CompatibilityValidator: `lce_tf.comparison.compare_models`, then `lce_tf.gate.decide` (the blessing
-decision), recorded in the ModelBlessing."""
+decision, with the collapse guard on the candidate's gallery embeddings), recorded in the ModelBlessing."""
 
 from __future__ import annotations
 
@@ -146,7 +146,8 @@ class Executor(base_executor.BaseExecutor):
         decision = decide(report, results, new=new_name, old=old_name, declared_compatible=declared,
                           margin_top1=params[MARGIN_TOP1_KEY], margin_map=params[MARGIN_MAP_KEY],
                           min_top1=params[MIN_TOP1_KEY], min_map=params[MIN_MAP_KEY], compatibility=compatibility,
-                          forward_gallery=forward_gallery)
+                          forward_gallery=forward_gallery,
+                          collapse_cosine=report["collapse"][new_name]["mean_pairwise_cosine"])
         reasons = list(decision.reasons)
         if old is None:
             reasons.insert(0, f"no old model (first run of the pipeline): {new_name} is judged on its own accuracy")

@@ -156,7 +156,8 @@ class ModelZoo:
                               "partner": self.names.get(spec.partner) if spec.partner else None,
                               "train_classes": folder.num_classes, "train_images": len(folder),
                               "seconds": round(seconds, 1), "trained_in": self.part, "final_epoch": final,
-                              "history": {k: [round(float(x), 4) for x in v] for k, v in history.items()}}
+                              "history": {k: [round(float(x), 4) for x in v] for k, v in history.items()},
+                              "collapse_check": result.collapse_check}
         if inputs.old_centers is not None:
             self.records[spec]["old_centers_mean_pairwise_cosine"] = round(
                 inputs.old_centers.mean_pairwise_cosine(), 4)
