@@ -236,13 +236,23 @@ def test_class_folder_without_readable_image(capsys, tmp_path):
     assert not (tmp_path / "m").exists()
 
 
-@pytest.mark.parametrize("flag, value", [("--arch", "vgg"), ("--loss", "softmax"), ("--compat", "magic")])
+@pytest.mark.parametrize("flag, value", [("--loss", "softmax"), ("--compat", "magic")])
 def test_unknown_names(capsys, tmp_path, flag, value):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "m"), flag, value])
     assert exit_info.value.code == cli.EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"invalid choice: '{value}'" in err[0]
+
+
+def test_unknown_architecture_lists_the_builtins_and_the_keras_families(capsys, tmp_path):
+    """--arch has no argparse choices (keras:<Name> for every family): the settings' check refuses it
+    before any data is read, in one line that lists what is accepted."""
+    assert_bad_input(capsys, "train", "--data", tmp_path / "nothing", "--out", tmp_path / "m", "--arch", "vgg",
+                     match="Unknown architecture 'vgg'; expected one of small_cnn, cnn, resnet, mobilenet, or keras:NAME")
+    assert_bad_input(capsys, "train", "--data", tmp_path / "nothing", "--out", tmp_path / "m", "--arch", "keras:VGG16",
+                     match="Unknown keras.applications family 'VGG16'")
+    assert not (tmp_path / "m").exists()
 
 
 def test_mode_without_old_model_or_centers(capsys, workspace):
