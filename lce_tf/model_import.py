@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from lce_tf import catalog, defaults, export, fileio
+from lce_tf import catalog, collapse, defaults, export, fileio
 from lce_tf.checks import check_finite
 from lce_tf.serving import METADATA_FILE
 
@@ -492,16 +492,21 @@ def check_against_vectors(model, images: np.ndarray, stored: np.ndarray, preproc
       min_cosine: the least cosine every row must reach.
 
     Returns:
-      {"count", "min_cosine", "mean_cosine"}.
+      {"count", "min_cosine", "mean_cosine", "mean_pairwise_cosine"}.
 
     Raises:
       ValueError: some cosine is below `min_cosine`: one line with the minimum and mean measured and the
         likely cause (pixel scaling).
+      CollapsedEmbeddingError: the cosines pass but the re-embedded sample lies in one cone (`lce_tf.collapse`):
+        a collapsed model embeds [0, 1] and [0, 255] pixels alike, so the comparison cannot tell the scaling,
+        and the model would not retrieve anyway.
     """
     embeddings = model.embed(images)
     norms = np.linalg.norm(stored, axis=1, keepdims=True)
     cosines = np.sum(embeddings * (stored / np.maximum(norms, 1e-12)), axis=1)
-    result = {"count": int(len(cosines)), "min_cosine": float(cosines.min()), "mean_cosine": float(cosines.mean())}
+    spread = collapse.mean_pairwise_cosine(embeddings)
+    result = {"count": int(len(cosines)), "min_cosine": float(cosines.min()), "mean_cosine": float(cosines.mean()),
+              "mean_pairwise_cosine": None if np.isnan(spread) else round(float(spread), 6)}
     if result["min_cosine"] < min_cosine:
         raise ValueError(
             f"--check: the imported model does not reproduce the stored vectors: cosine min {result['min_cosine']:.4f}, "
@@ -509,6 +514,7 @@ def check_against_vectors(model, images: np.ndarray, stored: np.ndarray, preproc
             f"the likely cause is pixel scaling: --preprocess {preprocess.spec} feeds the model {preprocess.formula} "
             "for pixels x in [0, 1]; declare the preprocessing it was trained with (raw for [0, 255], a "
             "keras.applications family, or scale=A,offset=B). Nothing was written.")
+    collapse.check_not_collapsed(spread, "--check: the imported model", f"{len(images)} re-embedded images")
     return result
 
 

@@ -273,3 +273,23 @@ def test_preprocess_apply_by_hand():
 def test_every_family_has_a_preprocess_input():
     for family, module in catalog.KERAS_PREPROCESS.items():
         assert callable(getattr(getattr(tf.keras.applications, module), "preprocess_input")), family
+
+
+def test_collapsed_model_is_refused_by_check_at_any_scaling(ws, tmp_path, capsys):
+    """A model whose embeddings lie in one cone (a large shared bias) reproduces its stored vectors at cosine ~1
+    whatever --preprocess says, so the scaling check alone would pass it: --check refuses it as collapsed."""
+    inputs = tf.keras.Input((SIZE, SIZE, 3))
+    x = tf.keras.layers.GlobalAveragePooling2D()(tf.keras.layers.Rescaling(1 / 255.0)(inputs))
+    outputs = tf.keras.layers.Dense(DIM, bias_initializer=tf.keras.initializers.Constant(50.0))(x)
+    model = tf.keras.Model(inputs, outputs)
+    model.save(str(tmp_path / "collapsed.keras"))
+    train = ws["root"] / "data" / "train"
+    np.save(tmp_path / "collapsed.npy", model.predict(_pixels([train / i for i in ws["ids"]]), verbose=0))
+    for preprocess in ("raw", "scale=1,offset=0"):
+        out = tmp_path / f"v1_{preprocess}"
+        assert_bad_input(capsys, "model", "import", tmp_path / "collapsed.keras", "--out", out, "--embedding-space",
+                         SPACE, "--preprocess", preprocess, "--check", tmp_path / "collapsed.npy", "--check-ids",
+                         ws["root"] / "ids.txt", "--check-images", train,
+                         pattern=r"--check: the imported model: its embeddings collapsed: mean pairwise cosine "
+                                 r"\d\.\d{4} of 12 re-embedded images > 0.99; likely cause")
+        assert not out.exists() and not _leftovers(tmp_path)
