@@ -21,6 +21,10 @@ ARCHITECTURES: tuple[str, ...] = ("small_cnn", "cnn", "resnet", "mobilenet")
 """The built-in backbones of `lce_tf.backbones.build_backbone`; `KERAS_PREFIX` + a name of `KERAS_FAMILIES` names
 a keras.applications backbone (`lce_tf.keras_backbones`)."""
 
+MODULE_FILE_ARCHITECTURE = "module_file"
+"""The `architecture` an exported model's metadata records when its backbone came from a module file (the
+`module_file` setting, `lce_tf.module_file`); not a choice of `--arch`: the file replaces it."""
+
 MAX_POOLING_ARCHITECTURES: tuple[str, ...] = ("small_cnn", "cnn")
 """Architectures with max-pooling layers: XLA has no deterministic max-pool gradient, so they cannot be
 trained with `jit_compile` while op determinism is on (`lce_tf.training.TrainConfig.jit_compile`)."""

@@ -132,8 +132,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return ClassCenters.load(args.old_centers)
 
     def announce(config, _data) -> None:
-        stage(f"training {config.architecture} D={config.embedding_dim} loss={config.loss} compat={config.compat} "
-              f"for {config.epochs} epochs")
+        stage(f"training {config.module_file or config.architecture} D={config.embedding_dim} loss={config.loss} "
+              f"compat={config.compat} for {config.epochs} epochs")
 
     names = training.InputNames(
         dim="--dim", centers=f"Old centers {args.old_centers or ''}".strip(),

@@ -112,7 +112,8 @@ def save_model_files(module: tf.Module, directory: str, metadata: dict[str, Any]
 
 def export_model(model, out_dir: str, *, architecture: str, input_shape: Sequence[int], version: str,
                  class_names: Sequence[str] = (), compatible_with: Optional[dict[str, Any]] = None,
-                 training: Optional[dict[str, Any]] = None, overwrite: bool = False) -> dict[str, Any]:
+                 training: Optional[dict[str, Any]] = None, overwrite: bool = False,
+                 extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Writes `model` (a `CompatibleEmbeddingModel`) as a model directory, atomically.
 
     Args:
@@ -127,6 +128,7 @@ def export_model(model, out_dir: str, *, architecture: str, input_shape: Sequenc
       training: free-form training settings recorded in the metadata (loss, epochs, lambdas, ...).
       overwrite: replace an existing directory (the old one is removed only after the new one is
         complete).
+      extra: top-level metadata entries (`model_metadata`'s `extra`, e.g. a module file's `module_file` record).
 
     Returns:
       The metadata dict written to `lce_tf_model.json`.
@@ -143,7 +145,7 @@ def export_model(model, out_dir: str, *, architecture: str, input_shape: Sequenc
     metadata = model_metadata(model_id=model_id, version=version, architecture=architecture,
                               input_shape=input_shape, embedding_dim=model.embedding_dim, embedding_space=model_id,
                               signatures=signatures, compatible_with=compatible_with, class_names=class_names,
-                              training=training)
+                              training=training, **(extra or {}))
     with fileio.atomic_directory(out_dir, "model directory") as tmp_dir:
         save_model_files(_ServingModule(model, input_shape), tmp_dir, metadata)
     return metadata

@@ -108,6 +108,11 @@ class TrainConfig:
       BatchNormalization momentum 0.9 (`lce_tf.keras_backbones.build_keras_application`); init_weights and
       trainable_from apply to these only, precision and sync_batch_norm to the built-in backbones only.
     - image_size: "" keeps the data's shape; "HxW" the data's channels; a keras family takes 1 or 3 channels.
+    - module_file: the backbone is the file's `build_backbone(input_shape, embedding_dim)` with its optional
+      `preprocess(images)` inside the model (`lce_tf.module_file`); architecture stays at its default (another
+      one is refused: both would name the backbone), and the built-in and keras-family settings (init_weights,
+      trainable_from, precision, sync_batch_norm) do not apply. The exported metadata's architecture is
+      "module_file" (`backbone_name`), with the file's name and sha256.
     """
 
     architecture: str = setting(
@@ -125,6 +130,10 @@ class TrainConfig:
     trainable_from: str = setting(
         "", "keras: backbones: train the family's layers from this layer on, the earlier ones frozen; \"\" = all",
         cli={"default": None, "metavar": "LAYER"})
+    module_file: str = setting(
+        "", "your own backbone: a Python file defining build_backbone(input_shape, embedding_dim) -> tf.keras.Model "
+        "and optionally preprocess(images) (lce_tf.module_file); replaces architecture; \"\" = none",
+        cli={"default": None, "metavar": "PATH"})
     loss: str = setting("arcface", "classification head (docs/design.md item 2)", choices=catalog.HEADS)
     scale: float = setting(16.0, "margin-softmax scale s")
     margin: float = setting(0.1, "margin-softmax margin m")
@@ -174,6 +183,8 @@ class TrainConfig:
           The mode (`self.mode`), so a caller validates and looks the mode up in one step.
         """
         family = catalog.keras_family(self.architecture)  # raises on an unknown architecture, listing the known
+        if self.module_file:
+            self._validate_module_file()
         size = parse_image_size(self.image_size)
         if size is not None:
             catalog.check_input_shape(self.architecture, size)
@@ -190,7 +201,8 @@ class TrainConfig:
         mode = self.mode
         if self.precision not in catalog.PRECISIONS:
             raise ValueError(f"Unknown precision {self.precision!r}; expected one of {', '.join(catalog.PRECISIONS)}.")
-        if self.jit_compile and catalog.has_max_pooling(self.architecture) and mode.trains_backbone:
+        if (self.jit_compile and not self.module_file and catalog.has_max_pooling(self.architecture)
+                and mode.trains_backbone):
             raise ValueError(f"jit_compile=True cannot train {self.architecture}: XLA has no deterministic max-pool "
                              "gradient and training runs with op determinism on; use jit_compile=False (on CPU it "
                              "is also the faster choice) or a backbone without max-pooling (resnet, mobilenet).")
@@ -205,6 +217,29 @@ class TrainConfig:
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 raise ValueError(f"Expected a finite, non-negative {name}; received {getattr(self, name)}.")
         return mode
+
+    @property
+    def backbone_name(self) -> str:
+        """The backbone as the exported metadata's `architecture` records it: `architecture`, or
+        `lce_tf.catalog.MODULE_FILE_ARCHITECTURE` ("module_file") when `module_file` gives the backbone."""
+        return catalog.MODULE_FILE_ARCHITECTURE if self.module_file else self.architecture
+
+    def _validate_module_file(self) -> None:
+        """The settings that cannot go with a module file's backbone, refused in one line."""
+        default = next(f.default for f in dataclasses.fields(self) if f.name == "architecture")
+        if self.architecture != default:
+            raise ValueError(f"module_file {self.module_file} and architecture {self.architecture!r} both name a "
+                             "backbone; give one of them")
+        for name in ("init_weights", "trainable_from"):
+            if getattr(self, name):
+                raise ValueError(f"{name} applies to {catalog.KERAS_PREFIX}NAME backbones, not to module_file "
+                                 f"{self.module_file} (initialize or freeze layers in its build_backbone)")
+        if self.precision != "float32" or self.sync_batch_norm:
+            raise ValueError(f"precision {self.precision!r} and sync_batch_norm apply to the built-in backbones, not "
+                             f"to module_file {self.module_file} (set them in its build_backbone)")
+        if not self.mode.trains_backbone:
+            raise ValueError(f"module_file {self.module_file} builds a backbone to train but mode {self.compat!r} "
+                             "trains none (it uses the frozen new model)")
 
     def input_shape(self, data_shape: Sequence[int]) -> tuple[int, int, int]:
         """The (H, W, C) the model takes: `image_size` when set (its channels, else the data's), else the data's

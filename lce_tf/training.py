@@ -139,9 +139,14 @@ def check_inputs(config: TrainConfig, *, old_centers: bool, old_model: bool, new
       The mode (`config.mode`), to pass along.
 
     Raises:
-      ValueError: bad settings, or a missing input (one line, in the caller's names).
+      ValueError: bad settings, a missing input (one line, in the caller's names), or a module file that is
+        missing, fails to import or defines no build_backbone (`lce_tf.module_file.load_checked_module`).
     """
     mode = config.validate()
+    if config.module_file:  # before anything is read: the file exists, imports, defines build_backbone
+        from lce_tf import module_file
+
+        module_file.load_checked_module(config.module_file)
     if mode.needs_old_centers and not old_centers and not (old_model and can_compute_centers):
         raise ValueError(names.missing_centers.format(mode=mode.name))
     if mode.needs_old_embedder and not old_model:
@@ -182,13 +187,19 @@ def prepare_training(config: TrainConfig, *, class_names: Sequence[str], input_s
     Raises:
       ValueError: a missing input, centers computed with another model than the old model, a dimension
         that a direct mode cannot compare, an old model (l2, lce-instance) that takes other images, images the
-        architecture cannot take (`lce_tf.catalog.check_input_shape`); one line each.
+        architecture cannot take (`lce_tf.catalog.check_input_shape`), a module file whose backbone does not
+        build or returns no [batch, embedding_dim] embeddings (`lce_tf.module_file.build_backbone_from_module`,
+        a trial build); one line each.
     """
     mode = check_inputs(config, old_centers=old_centers is not None, old_model=old_model is not None,
                         new_model=new_model is not None, can_compute_centers=compute_centers is not None,
                         names=names)
     if mode.trains_backbone:  # e.g. a keras.applications family at its minimum size, before any model is loaded
         catalog.check_input_shape(config.architecture, input_shape)
+        if config.module_file:  # a trial build: the file's model takes these images and returns [B, D]
+            from lce_tf import module_file
+
+            module_file.build_backbone_from_module(config.module_file, input_shape, config.embedding_dim)
     dim_name, centers_name = names.dim, names.centers
     if mode.needs_old_embedder:  # checked before any centers are computed with the old model
         if mode.direct and old_model.embedding_dim != config.embedding_dim:
@@ -268,7 +279,13 @@ def build_model(config: TrainConfig, *, num_classes: int, input_shape: Sequence[
         if not mode.trains_backbone:
             model = CompatibleEmbeddingModel(new_backbone, None, compat, embedding_dim=new_centers.dim)
         else:
-            model = build_compatible_model(config.architecture, input_shape, config.embedding_dim, head_classes,
+            backbone = config.architecture
+            if config.module_file:  # your own backbone (lce_tf.module_file), built here in the strategy's scope
+                from lce_tf import module_file
+
+                backbone = module_file.build_backbone_from_module(config.module_file, input_shape,
+                                                                  config.embedding_dim)
+            model = build_compatible_model(backbone, input_shape, config.embedding_dim, head_classes,
                                            compat, old_embedder=old_embedder,
                                            sync_batch_norm=config.sync_batch_norm, precision=config.precision,
                                            init_weights=config.init_weights, trainable_from=config.trainable_from)

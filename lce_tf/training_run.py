@@ -20,7 +20,7 @@ import dataclasses
 import logging
 from typing import Any, Callable, Optional, Sequence
 
-from lce_tf import collapse, training
+from lce_tf import catalog, collapse, training
 from lce_tf.centers import ClassCenters
 from lce_tf.train_config import TrainConfig
 from lce_tf.training import EmbeddingModelLike, InputNames, TrainingInputs
@@ -158,9 +158,11 @@ def run_training(config: TrainConfig, data: Callable[[], TrainingData], *,
                                        input_shape=train_data.input_shape, old_model=loaded_old,
                                        old_centers=loaded_centers, new_model=loaded_new,
                                        compute_centers=train_data.compute_centers, names=names)
+    backbone_name = config.backbone_name  # what the metadata's architecture records
     if loaded_new is not None:  # cross-model trains no backbone: the model is the frozen one's architecture
-        architecture = getattr(loaded_new, "metadata", {}).get("architecture", config.architecture)
-        config = dataclasses.replace(config, architecture=architecture)
+        backbone_name = getattr(loaded_new, "metadata", {}).get("architecture", config.architecture)
+        if catalog.is_known_architecture(backbone_name):  # not e.g. "module_file" or "imported": no --arch value
+            config = dataclasses.replace(config, architecture=backbone_name)
     dataset, steps_per_epoch = train_data.make_dataset(config)
     if on_start is not None:
         on_start(config, train_data)
@@ -178,12 +180,18 @@ def run_training(config: TrainConfig, data: Callable[[], TrainingData], *,
 
         collapse.check_not_collapsed(cosine, f"model {config.version} not exported to {out_dir}",
                                      f"{result.collapse_check['sample']} training images")
-        record = {**vars(config), **(metadata_extra or {}),
-                  "history": {k: [float(x) for x in v] for k, v in history.items()},
-                  "collapse_check": result.collapse_check}
-        result.metadata = export_model(model, out_dir, architecture=config.architecture,
+        extra = {}
+        record = {**vars(config), "architecture": backbone_name}
+        if config.module_file:  # its name and hash; the file's path is the caller's (a temporary one in a pipeline)
+            from lce_tf import module_file
+
+            extra["module_file"] = module_file.module_record(config.module_file)
+            record["module_file"] = extra["module_file"]["file"]
+        record.update({**(metadata_extra or {}), "history": {k: [float(x) for x in v] for k, v in history.items()},
+                       "collapse_check": result.collapse_check})
+        result.metadata = export_model(model, out_dir, architecture=backbone_name,
                                        input_shape=train_data.input_shape, version=config.version,
                                        class_names=train_data.class_names,
                                        compatible_with=inputs.compatible_with(config), training=record,
-                                       overwrite=overwrite)
+                                       overwrite=overwrite, extra=extra)
     return result

@@ -79,6 +79,9 @@ class PipelineConfig:
       their help text and defaults) and added here by `declare_pipeline_fields`, under their LceTrainer
       parameter keys (the field name, e.g. architecture, embedding_dim, lambda_instance, version; `mode` for
       TrainConfig.compat: one of lce_tf.modes.PIPELINE_MODE_NAMES, default lce here).
+      module_file: your own backbone, a local Python file defining build_backbone(input_shape, embedding_dim)
+        (lce_tf.module_file); read when the pipeline is built, its text travels in the pipeline (the LceTrainer's
+        `module_source`), so a Kubeflow run needs no path of the machine that compiled it.
       train_independent_reference: also train the independent new* model (same settings, mode
         independent) so the validator reports update gain and new-model sacrifice.
 
@@ -221,7 +224,7 @@ class PipelineConfig:
             old_model = absolute(old_model)
         return dataclasses.replace(
             self, train_dir=absolute(self.train_dir), query_dir=absolute(self.query_dir),
-            gallery_dir=absolute(self.gallery_dir), pipeline_root=root,
+            gallery_dir=absolute(self.gallery_dir), module_file=absolute(self.module_file), pipeline_root=root,
             metadata_path=absolute(self.metadata_path) or os.path.join(root, "metadata.sqlite"),
             serving_dir=absolute(self.serving_dir) or os.path.join(root, "serving"), old_model=old_model,
             beam_pipeline_args=list(self.beam_pipeline_args))
@@ -337,6 +340,8 @@ class PipelineConfig:
         if check_paths:
             for name in ("train_dir", "query_dir", "gallery_dir"):
                 _check_folder(name, getattr(self, name))
+            if self.module_file:
+                _check_module_file("module_file", self.module_file)
 
         # Old model.
         mode = self.compat_mode
@@ -384,6 +389,15 @@ def _check_folder(field: str, path: str) -> None:
         raise ValueError(f"{field}: {path} is not a directory (expected DIR/<class>/<image>)")
     if not any(not e.startswith(".") and os.path.isdir(os.path.join(path, e)) for e in os.listdir(path)):
         raise ValueError(f"{field}: {path} has no class folders (expected {path}/<class>/<image>)")
+
+
+def _check_module_file(field: str, path: str) -> None:
+    """A module file is read when the pipeline is built (its text travels in the pipeline): a local file."""
+    if _is_uri(path):
+        raise ValueError(f"{field}: {path} must be a local file (its text is read when the pipeline is built)")
+    if not os.path.isfile(path):
+        raise ValueError(f"{field}: {path} does not exist" if not os.path.exists(path) else
+                         f"{field}: {path} is not a file (expected a Python file defining build_backbone)")
 
 
 def _read_model_metadata(field: str, path: str) -> dict[str, Any]:

@@ -397,8 +397,22 @@ def test_trainer_executor_checks_the_set_up(examples_and_model, tmp_path, mode, 
     assert not os.path.exists(model.uri)
 
 
+# A module file's backbone (lce_tf.module_file): Flatten + Dense, as the pipeline carries it (its text).
+MODULE_SOURCE = """\
+import tensorflow as tf
+
+
+def build_backbone(input_shape, embedding_dim):
+    inputs = tf.keras.Input(input_shape)
+    x = tf.keras.layers.Flatten()(inputs)
+    return tf.keras.Model(inputs, tf.keras.layers.Dense(embedding_dim, use_bias=False)(x))
+"""
+
+
 def test_trainer_executor_trains_exports_and_falls_back_on_the_first_run(examples_and_model, tmp_path):
-    """lce without an old model (first run) trains independently; l2 with one records it (lce_tf.training_run)."""
+    """lce without an old model (first run) trains independently, here on the backbone of a module file carried as
+    its text (module_source; its path is the building machine's, absent here); l2 with an old model records it
+    (lce_tf.training_run)."""
     from tfx.types import standard_artifacts
 
     from components.lce_trainer import executor as trainer
@@ -408,19 +422,25 @@ def test_trainer_executor_trains_exports_and_falls_back_on_the_first_run(example
     old = standard_artifacts.Model()
     old.uri = str(root / "model")
     old_id = load_embedding_model(old.uri).model_id
-    for mode, inputs, effective, compatible_with in (
-            ("lce", {}, "independent", ""),
-            ("l2", {trainer.OLD_MODEL_KEY: [old]}, "l2", old_id)):
+    module = {"architecture": "cnn", trainer.MODULE_FILE_KEY: "/building/machine/my_net.py",
+              trainer.MODULE_SOURCE_KEY: MODULE_SOURCE}
+    for mode, inputs, effective, compatible_with, own in (
+            ("lce", {}, "independent", "", module),
+            ("l2", {trainer.OLD_MODEL_KEY: [old]}, "l2", old_id, {})):
         model = standard_artifacts.Model()
         model.uri = str(tmp_path / mode)
         trainer.Executor().Do({trainer.EXAMPLES_KEY: [examples], **inputs}, {trainer.MODEL_KEY: [model]},
-                              _trainer_properties(trainer, mode, 8))
+                              {**_trainer_properties(trainer, mode, 8), **own})
         metadata = read_model_metadata(os.path.join(model.uri, util.SERVING_MODEL_DIR))
         assert model.get_string_custom_property(trainer.EFFECTIVE_MODE_PROPERTY) == effective
         assert model.get_string_custom_property("compatible_with") == compatible_with
         assert model.get_string_custom_property(trainer.MODEL_ID_PROPERTY) == metadata["model_id"]
         assert (metadata["training"]["compat"], metadata["training"]["configured_mode"]) == (effective, mode)
-        assert metadata["training"]["architecture"] == "small_cnn" and metadata["version"] == "v2"
+        architecture = "module_file" if own else "small_cnn"
+        assert model.get_string_custom_property("architecture") == architecture
+        assert metadata["training"]["architecture"] == architecture and metadata["version"] == "v2"
+        if own:
+            assert metadata["module_file"]["file"] == "my_net.py" and metadata["training"]["module_file"] == "my_net.py"
         check = metadata["training"]["collapse_check"]  # all 30 training images (fewer than 256)
         assert check["sample"] == 30 and check["mean_pairwise_cosine"] < 0.99
         assert (metadata.get("compatible_with") or {}).get("model_id", "") == compatible_with

@@ -156,13 +156,24 @@ def test_kubeflow_compiles_to_a_strict_pipeline_spec(tmp_path):
 
     from pipeline.kubeflow_runner import compile_kubeflow
 
+    module_text = ("def build_backbone(input_shape, embedding_dim):  # carried in the spec\n"
+                   "    raise NotImplementedError\n")
+    (tmp_path / "my_model.py").write_text(module_text)
     config = PipelineConfig(train_dir="/gcs/bucket/data/train", query_dir="/gcs/bucket/data/query",
                             gallery_dir="/gcs/bucket/data/gallery", pipeline_root="/gcs/bucket/root",
                             beam_pipeline_args=["--runner=DataflowRunner", "--project=p", "--region=r"],
-                            train_independent_reference=True, kubeflow_image="example.org/lce-tf:1")
-    written = compile_kubeflow(config, str(tmp_path))
+                            train_independent_reference=True, kubeflow_image="example.org/lce-tf:1",
+                            module_file=str(tmp_path / "my_model.py"))
+    written = compile_kubeflow(config, str(tmp_path / "compiled"))
     with open(written["v2"], encoding="utf-8") as f:
         job_json = json.load(f)
+    # your own backbone travels in the spec (the LceTrainer's module_source), not as a path of this machine
+    for trainer in ("LceTrainer", "IndependentTrainer"):
+        parameters = job_json["pipelineSpec"]["components"][trainer]["inputDefinitions"]["parameters"]
+        assert "module_source" in parameters, sorted(parameters)
+    assert json.dumps(module_text) in json.dumps(job_json)
+    with open(written["v1"], encoding="utf-8") as f:
+        assert "# carried in the spec" in f.read()  # the Argo workflow too
     spec = pipeline_spec_pb2.PipelineSpec()
     json_format.Parse(json.dumps(job_json["pipelineSpec"]), spec)  # strict: unknown fields raise
     job = pipeline_spec_pb2.PipelineJob()

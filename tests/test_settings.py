@@ -142,6 +142,6 @@ def test_every_pipeline_field_is_an_lce_trainer_parameter():
 
     types = train_config.field_types()
     expected = {train_config.key_of(f): types[f.name] for f in train_config.fields_offered(train_config.PIPELINE)}
-    assert {k: p.type for k, p in LceTrainerSpec.PARAMETERS.items() if k != "split"} == expected
+    assert {k: p.type for k, p in LceTrainerSpec.PARAMETERS.items() if k not in ("split", "module_source")} == expected
     with pytest.raises(ValueError, match=r"^LceTrainer: unknown parameter\(s\) lambda_instanse; expected "):
         LceTrainer(examples=None, lambda_instanse=1.0)

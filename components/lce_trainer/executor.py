@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
-from typing import Any
+import tempfile
+from typing import Any, Iterator
 
 from tfx.dsl.components.base import base_executor
 
@@ -23,6 +26,11 @@ EMBEDDING_DIM_KEY = "embedding_dim"
 SHIFT_PIXELS_KEY = "shift_pixels"
 VERSION_KEY = "version"
 SPLIT_KEY = "split"
+MODULE_FILE_KEY = "module_file"
+MODULE_SOURCE_KEY = "module_source"
+"""The text of the module file (`module_file`: its path where the pipeline was built, for the record), read by
+the component when the pipeline is built and carried in the pipeline as TFX carries a Trainer's module file:
+the executor writes it to a temporary file and trains from that, so a run needs no path of the building machine."""
 
 # The modes this component trains (lce_tf.modes.PIPELINE_MODES: not cross-model, which trains no backbone);
 # what each needs is read from its lce_tf.modes.Mode.
@@ -51,6 +59,22 @@ def train_config_of(exec_properties: dict[str, Any], mode: str):
     if config.shift_pixels < 0:
         raise ValueError(f"parameter {SHIFT_PIXELS_KEY} must be >= 0; received {config.shift_pixels}")
     return config
+
+
+@contextlib.contextmanager
+def module_file_of(exec_properties: dict[str, Any]) -> Iterator[str]:
+    """The module file to train from: the carried text (`module_source`) written to a temporary file of the
+    original's basename (removed afterwards), else `module_file` as given ("" when none)."""
+    path = str(exec_properties.get(MODULE_FILE_KEY) or "")
+    source = exec_properties.get(MODULE_SOURCE_KEY)
+    if not source:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="lce_tf_module_") as tmp:
+        local = os.path.join(tmp, os.path.basename(path) or "module_file.py")
+        with open(local, "w", encoding="utf-8") as f:
+            f.write(str(source))
+        yield local
 
 
 class Executor(base_executor.BaseExecutor):
@@ -105,24 +129,26 @@ class Executor(base_executor.BaseExecutor):
 
         def announce(config, _data) -> None:
             _LOG.info("LceTrainer: %s %s D=%d mode=%s on %d images of %d classes for %d epochs", config.version,
-                      config.architecture, config.embedding_dim, mode.name, entry["num_examples"],
-                      len(class_names), config.epochs)
+                      os.path.basename(config.module_file) or config.architecture, config.embedding_dim, mode.name,
+                      entry["num_examples"], len(class_names), config.epochs)
 
         centers_available = (centers_artifact is not None
                              and centers_artifact.get_int_custom_property(artifacts.AVAILABLE_PROPERTY) == 1)
         names = training.InputNames(dim=f"parameter {EMBEDDING_DIM_KEY}", centers=f"input {CLASS_CENTERS_KEY!r}",
                                     missing_centers=_MISSING_CENTERS)
         serving_dir = os.path.join(util.path(model_artifact), util.SERVING_MODEL_DIR)
-        result = run_training(
-            config, lambda: TrainingData(class_names, input_shape, make_dataset),
-            old_model=load_old_model if mode.compatible_with_old else None,
-            old_centers=load_old_centers if mode.needs_old_centers and centers_available else None,
-            can_compute_centers=False, names=names, out_dir=serving_dir,
-            metadata_extra={"configured_mode": configured.name}, on_start=announce, verbose=2)
+        with module_file_of(exec_properties) as module_path:  # the carried text, as a file while training
+            result = run_training(
+                dataclasses.replace(config, module_file=module_path),
+                lambda: TrainingData(class_names, input_shape, make_dataset),
+                old_model=load_old_model if mode.compatible_with_old else None,
+                old_centers=load_old_centers if mode.needs_old_centers and centers_available else None,
+                can_compute_centers=False, names=names, out_dir=serving_dir,
+                metadata_extra={"configured_mode": configured.name}, on_start=announce, verbose=2)
         model_artifact.set_string_custom_property(MODEL_ID_PROPERTY, result.metadata["model_id"])
         model_artifact.set_string_custom_property("version", config.version)
         model_artifact.set_string_custom_property(EFFECTIVE_MODE_PROPERTY, mode.name)
-        model_artifact.set_string_custom_property("architecture", config.architecture)
+        model_artifact.set_string_custom_property("architecture", result.metadata["architecture"])
         model_artifact.set_int_custom_property("embedding_dim", int(result.metadata["embedding_dim"]))
         model_artifact.set_string_custom_property("compatible_with", result.inputs.old_model_id or "")
         _LOG.info("LceTrainer: exported %s to %s (%s)", result.metadata["model_id"], serving_dir,
