@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
 
+from lce_tf import fileio
 from lce_tf.checks import count_nonfinite, nonfinite_message
 from lce_tf.index import checks, registry
 
@@ -116,16 +117,19 @@ def _check_array_shape(label: str, shape: tuple, dtype: Any) -> tuple[int, int]:
 
 
 class _NpySource(VectorSource):
-    """An .npy file through a read-only memory map (or an array already in memory)."""
+    """An .npy file through a read-only memory map, mapped only while `batches` runs (its pages then leave this
+    process's resident memory), or an array already in memory (`path` None)."""
 
-    def __init__(self, label: str, array: np.ndarray):
-        self.label, self._array = label, array
+    def __init__(self, label: str, array: np.ndarray, path: Optional[str] = None):
+        self.label, self._path = label, path
+        self._array = None if path is not None else array
         self.rows, self.dim = _check_array_shape(label, array.shape, array.dtype)
         self.dtype = array.dtype
 
     def batches(self, size: int = BATCH_ROWS) -> Iterator[np.ndarray]:
+        array = self._array if self._path is None else np.load(self._path, mmap_mode="r", allow_pickle=False)
         for start in range(0, self.rows, size):
-            yield np.asarray(self._array[start:start + size])
+            yield np.asarray(array[start:start + size])
 
 
 class _NpzMemberSource(VectorSource):
@@ -139,7 +143,7 @@ class _NpzMemberSource(VectorSource):
     def batches(self, size: int = BATCH_ROWS) -> Iterator[np.ndarray]:
         row_bytes = self.dim * self.dtype.itemsize
         with zipfile.ZipFile(self._path) as archive, archive.open(self._member) as f:
-            _read_npy_header(f)
+            fileio.read_npy_header(f)
             for start in range(0, self.rows, size):
                 count = min(size, self.rows - start)
                 data = f.read(count * row_bytes)
@@ -147,17 +151,6 @@ class _NpzMemberSource(VectorSource):
                     raise ValueError(f"{self.label} is truncated: {start + len(data) // row_bytes} of {self.rows} "
                                      "rows could be read")
                 yield np.frombuffer(data, dtype=self.dtype).reshape(count, self.dim)
-
-
-def _read_npy_header(f) -> tuple[tuple, bool, np.dtype]:
-    """(shape, fortran_order, dtype) of the .npy stream `f`, positioned at the data afterwards."""
-    fmt = np.lib.format
-    version = fmt.read_magic(f)
-    if version == (1, 0):
-        return fmt.read_array_header_1_0(f)
-    if version == (2, 0):
-        return fmt.read_array_header_2_0(f)
-    return fmt._read_array_header(f, version)  # pylint: disable=protected-access  # (3, 0): utf-8 field names
 
 
 def _open_npz(label: str, path: str, key: Optional[str]) -> VectorSource:
@@ -173,7 +166,7 @@ def _open_npz(label: str, path: str, key: Optional[str]) -> VectorSource:
         elif key not in members:
             raise ValueError(f"{label}: no array {key!r} in {path} (it holds {', '.join(sorted(members)) or 'none'})")
         with archive.open(members[key]) as f:
-            shape, fortran, dtype = _read_npy_header(f)
+            shape, fortran, dtype = fileio.read_npy_header(f)
     if dtype.hasobject:
         raise ValueError(f"{label} holds Python objects ({dtype}); store float vectors")
     if fortran and len(shape) == 2:  # column-major rows cannot be streamed: the one array is read whole
@@ -263,7 +256,7 @@ def open_vectors(spec: str, column: Optional[str] = None) -> VectorSource:
         raise ValueError(f"--vector-column applies to Parquet vectors; {path} is {suffix}")
     try:
         if suffix == ".npy":
-            return _NpySource(label, np.load(path, mmap_mode="r", allow_pickle=False))
+            return _NpySource(label, np.load(path, mmap_mode="r", allow_pickle=False), path)
         if suffix == ".npz":
             return _open_npz(label if key is None else f"{label}:{key}", path, key)
         return _ParquetSource(label, path, column)
