@@ -127,7 +127,8 @@ def to_markdown(result: dict) -> str:
         stage = "-" if name == "baseline" else f"{run['stage_s']:.1f}"
         lines.append(f"| {name} | {run['wall_s']:.1f} | {stage} | {run['cpu_s']:.1f} | {run['peak_rss_mb']:,.0f} | "
                      f"{over:,.0f} | {over / vector_mb:.2f} |")
-    lines += ["", *[f"Note: {note}" for note in result.get("notes", [])]]
+    for note in result.get("notes", []):
+        lines += ["", f"Note: {note}"]
     return "\n".join(lines).rstrip() + "\n"
 
 
