@@ -3,8 +3,9 @@ names.
 
 End to end: the user's tiny Keras model is imported with `lce-tf model import --embedding-space my-prod-v1`; its
 vectors of the gallery images (decoded as a user does, [0, 255]) are imported with `--space my-prod-v1`; `index
-search` with the imported model finds each gallery image's own id first, and `index upgrade` through a
-transformation from my-prod-v1 moves the imported index into my-prod-v2. Then every input format against the
+search` with the imported model finds each gallery image's own id first, `index upgrade` through a
+transformation from my-prod-v1 moves the imported index into my-prod-v2, and `index backfill` with a v2 declared
+compatible with my-prod-v1 re-embeds half of it. Then every input format against the
 .npy import, Milvus Lite, and the bad input (one line, exit 2, nothing written).
 """
 
@@ -115,6 +116,26 @@ def test_upgrade_through_a_transformation_from_the_named_space(ws, imported_inde
     batch = next(upgraded.iter_batches(originals=True))
     assert set(batch.sources) == {SPACE}
     np.testing.assert_allclose(np.stack(batch.originals), _unit(ws["vectors"]), atol=1e-6)
+
+
+def test_backfill_with_a_model_declared_compatible_with_the_named_space(ws, imported_index, tmp_path, capsys):
+    """A v2 whose metadata declares compatibility with my-prod-v1 (as `train --old-model` on the imported model
+    records it) re-embeds half of the imported gallery, whose ids are the images' paths."""
+    from lce_tf.export import export_model
+    from lce_tf.model import build_compatible_model
+
+    shape = (SIZE, SIZE, 3)
+    v2 = export_model(build_compatible_model("small_cnn", shape, DIM, 4), str(tmp_path / "v2"),
+                      architecture="small_cnn", input_shape=shape, version="v2",
+                      compatible_with={"model_id": SPACE, "embedding_space": SPACE, "mode": "lce",
+                                       "signature": "embed", "dim": DIM})
+    code, _, err = run_cli(capsys, "index", "backfill", "--index", imported_index, "--model", tmp_path / "v2",
+                           "--data", ws["gallery"], "--fraction", 0.5, "--out", tmp_path / "half")
+    assert code == 0, err
+    index = open_index(str(tmp_path / "half"))
+    counts = index.version_counts()
+    assert index.embedding_space == SPACE and set(counts) == {SPACE, v2["model_id"]}
+    assert counts[v2["model_id"]] == round(0.5 * len(ws["ids"])) and index.ids == ws["ids"]
 
 
 def _write_formats(root, vectors: np.ndarray, ids: list) -> dict:
