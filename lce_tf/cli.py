@@ -9,6 +9,8 @@
     lce-tf data      glyphs|synthetic --out DIR
     lce-tf index     build --model MODEL_DIR --data GALLERY_DIR --out INDEX_DIR [--config K=V]
                            [--backend scann|milvus [--milvus-uri URI] [--milvus-alias NAME]]
+                     import --vectors FILE --ids FILE --space NAME --out INDEX_DIR [--model DIR]
+                            [--vector-column C] [--id-column C] [--backend ... as build]   (vectors you have)
                      search --index INDEX_DIR --model MODEL_DIR --data QUERY_DIR_OR_FILES [--k K] [--json F]
                             [--param K=V]
                      backfill --index INDEX_DIR --model NEW_MODEL_DIR (--data GALLERY_DIR --fraction F
@@ -491,6 +493,20 @@ def cmd_index_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index_import(args: argparse.Namespace) -> int:
+    """`lce-tf index import`: the flags adapted to `lce_tf.index_import.import_index`, which does the work."""
+    from lce_tf.index import images
+    from lce_tf.index_import import ImportRequest, import_index
+
+    request = ImportRequest(vectors=args.vectors, ids=args.ids, space=args.space, out=args.out, backend=args.backend,
+                            overrides=images.parse_config_overrides(args.config or []), model=args.model,
+                            vector_column=args.vector_column, id_column=args.id_column, milvus_uri=args.milvus_uri,
+                            milvus_alias=args.milvus_alias, overwrite=args.overwrite, batch_rows=args.batch_rows)
+    index = import_index(request, progress=stage)
+    stage(f"wrote index {os.path.abspath(args.out)}: {_index_summary(index)}")
+    return 0
+
+
 def _add_index_commands(sub) -> None:
     """The `lce-tf index build|search|backfill|upgrade` subcommands."""
     from lce_tf.index import registry  # light: the backend modules are imported only when a command needs one
@@ -517,6 +533,33 @@ def _add_index_commands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--overwrite", action="store_true", help="replace an existing index atomically")
     p.set_defaults(func=cmd_index_build)
+
+    from lce_tf.index_import import BATCH_ROWS  # light: numpy only
+
+    p = commands.add_parser("import", help="build an index from vectors you already have, in the embedding space "
+                            "you name (the --embedding-space of lce-tf model import)")
+    p.add_argument("--vectors", required=True, metavar="FILE", help="float vectors [N, D]: .npy, .npz "
+                   "(FILE:key, or its one array, or 'embeddings'/'vectors') or .parquet (a list column)")
+    p.add_argument("--ids", required=True, metavar="FILE", help="one id per vector row: text lines, .npy, .json or "
+                   ".parquet (a column)")
+    p.add_argument("--space", required=True, metavar="NAME", help="the embedding space of the vectors (with "
+                   "--model: that model's space)")
+    p.add_argument("--out", required=True, help="index directory to create")
+    p.add_argument("--model", metavar="DIR", help="the model that made the vectors: its dimension and embedding "
+                   "space must be theirs")
+    p.add_argument("--vector-column", metavar="NAME", help="Parquet: the vector column (default: the one list column)")
+    p.add_argument("--id-column", metavar="NAME", help="Parquet: the id column (default: 'id', 'ids' or the one "
+                   "column)")
+    p.add_argument("--config", action="append", metavar="JSON|KEY=VALUE",
+                   help="overrides of the size-based defaults, as index build; repeatable")
+    p.add_argument("--backend", default=registry.DEFAULT_BACKEND, choices=registry.backend_names(),
+                   help="scann (default) or milvus, as index build")
+    p.add_argument("--milvus-uri", help="a running Milvus server (default: Milvus Lite in INDEX_DIR/milvus.db)")
+    p.add_argument("--milvus-alias", help="server only: the collection alias (default lce_<lineage>)")
+    p.add_argument("--batch-rows", type=int, default=BATCH_ROWS, help="vector rows read and checked at "
+                   "a time")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing index atomically")
+    p.set_defaults(func=cmd_index_import)
 
     p = commands.add_parser("search", help="top-k gallery entries for query images")
     p.add_argument("--index", required=True, help="index directory (lce-tf index build)")

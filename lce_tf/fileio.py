@@ -305,3 +305,16 @@ def read_json_metadata(path: str, name: str, *, format: Optional[str] = None, re
     if missing:
         raise fail("fields", fields=", ".join(missing))
     return metadata
+
+
+def read_npy_header(f) -> tuple[tuple, bool, "np.dtype"]:
+    """(shape, fortran_order, dtype) of the .npy stream `f` (any format version), which is left at the first
+    byte of the data: what streaming readers of large arrays need before they read rows."""
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(f)
+    return np.lib.format._read_array_header(f, version)  # pylint: disable=protected-access  # (3, 0): utf-8 names

@@ -41,6 +41,7 @@ import tensorflow as tf
 
 from lce_tf import catalog, collapse, defaults, export, fileio
 from lce_tf.checks import check_finite
+from lce_tf.index import checks as index_checks
 from lce_tf.serving import METADATA_FILE
 
 ARCHITECTURE = "imported"
@@ -48,7 +49,6 @@ ARCHITECTURE = "imported"
 MIN_CHECK_COSINE = defaults.IMPORT_CHECK_MIN_COSINE
 CHECK_SAMPLE = defaults.IMPORT_CHECK_SAMPLE
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SCALE = re.compile(r"scale=([^,=]+)(?:,offset=([^,=]+))?")
 _FORMULAS = {"unit": "x", "raw": "255*x", "scale": "{scale!r}*(255*x) + {offset!r}",
              "family": "tf.keras.applications.{module}.preprocess_input(255*x)"}
@@ -122,15 +122,12 @@ def parse_preprocess(spec: str) -> Preprocess:
 
 
 def check_space_name(name: str) -> str:
-    """An embedding-space name: 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit.
+    """An embedding-space name (`lce_tf.index.checks.check_space_name`, also `lce-tf index import --space`'s rule).
 
     Raises:
       ValueError: one line naming the value.
     """
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ValueError(f"--embedding-space {name!r}: expected 1 to 128 letters, digits, '.', '_' or '-', starting "
-                         "with a letter or digit.")
-    return name
+    return index_checks.check_space_name(name, "--embedding-space")
 
 
 def resolve_image_shape(model_shape: Sequence[Optional[int]], image_size: Optional[Sequence[int]],

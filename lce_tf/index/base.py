@@ -288,6 +288,20 @@ class Index(abc.ABC):
         The default is the index itself (it is saved wherever asked)."""
         return self
 
+    def record(self, key: str, value: Any) -> None:
+        """Adds the JSON-ready `value` to index.json under `key`, written by the next `save` (e.g. `imported`:
+        what `lce-tf index import` read). The fields every backend writes cannot be replaced this way.
+
+        Raises:
+          ValueError: `key` is one of `store.base_metadata`'s fields or a backend's own.
+        """
+        reserved = {"format", "embedding_space", "dim", "model_id", "model_version", "config", "count", "files",
+                    "checksum", "backend", "created", "updated", "lce_tf_version", "version_counts",
+                    "provenance_counts", "originals", "transformed_from", "milvus", "scann_version"}
+        if not isinstance(key, str) or not key or key in reserved:
+            raise ValueError(f"index.json field {key!r} cannot be recorded (it is empty or written by the index)")
+        self._metadata[key] = value
+
     # -- description ---------------------------------------------------------------------------------
 
     def describe(self) -> dict[str, Any]:

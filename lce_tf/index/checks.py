@@ -7,11 +7,31 @@ errors that name the argument and the value). They need numpy only.
 from __future__ import annotations
 
 import datetime
+import re
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
 from lce_tf.checks import check_finite
+
+
+UNIT_ROWS_CHUNK_ELEMENTS = 1 << 22
+"""Values `unit_rows` normalizes at a time (its float64 temporaries stay at a few tens of MB)."""
+
+SPACE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""An embedding space's name as a user gives it (`lce-tf model import --embedding-space`, `index import --space`)."""
+
+
+def check_space_name(name: Any, flag: str = "embedding_space") -> str:
+    """An embedding-space name: 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit.
+
+    Raises:
+      ValueError: one line naming `flag` and the value.
+    """
+    if not isinstance(name, str) or not SPACE_NAME.fullmatch(name):
+        raise ValueError(f"{flag} {name!r}: expected 1 to 128 letters, digits, '.', '_' or '-', starting "
+                         "with a letter or digit.")
+    return name
 
 
 def check_int(name: str, value: Any, minimum: int) -> None:
@@ -21,7 +41,8 @@ def check_int(name: str, value: Any, minimum: int) -> None:
 
 
 def unit_rows(x: Any, name: str, dim: Optional[int] = None, dim_owner: str = "the index") -> np.ndarray:
-    """Checks a float matrix [N, D] and returns it L2-normalized, float32, C-contiguous.
+    """Checks a float matrix [N, D] and returns it L2-normalized, float32, C-contiguous (a new array; the
+    norms are taken in float64, a bounded chunk of rows at a time).
 
     Raises:
       ValueError: not 2-D, wrong dimension, NaN/Inf, or a zero row (cannot be normalized).
@@ -35,11 +56,16 @@ def unit_rows(x: Any, name: str, dim: Optional[int] = None, dim_owner: str = "th
     if dim is not None and a.shape[1] != dim:
         raise ValueError(f"{name} have dimension {a.shape[1]} but {dim_owner} has dimension {dim}")
     check_finite(a, name)
-    norms = np.linalg.norm(a.astype(np.float64), axis=1)
-    if a.shape[0] and (norms == 0).any():
-        row = int(np.argmax(norms == 0))
-        raise ValueError(f"{name} row {row} has zero norm and cannot be L2-normalized")
-    return np.ascontiguousarray(a / norms[:, None].astype(np.float32), dtype=np.float32)
+    out = np.empty(a.shape, dtype=np.float32)
+    step = max(1, UNIT_ROWS_CHUNK_ELEMENTS // max(1, a.shape[1]))
+    for start in range(0, a.shape[0], step):  # a chunk at a time: no float64 copy of the whole matrix
+        block = a[start:start + step]
+        norms = np.linalg.norm(block.astype(np.float64), axis=1)
+        if (norms == 0).any():
+            row = start + int(np.argmax(norms == 0))
+            raise ValueError(f"{name} row {row} has zero norm and cannot be L2-normalized")
+        np.divide(block, norms[:, None].astype(np.float32), out=out[start:start + step])
+    return out
 
 
 def check_k(k: Any, n: int) -> int:

@@ -130,6 +130,23 @@ def _write_npy(path: str, array: np.ndarray) -> None:
         os.fsync(f.fileno())
 
 
+def _npy_equals(path: str, array: np.ndarray, rows: int = 65_536) -> bool:
+    """Whether the .npy at `path` holds exactly `array`, read a block of rows at a time (the file is never held
+    whole in memory: at a million vectors it is as large as the index's own embeddings)."""
+    with open(path, "rb") as f:
+        shape, fortran, dtype = fileio.read_npy_header(f)
+        if fortran or tuple(shape) != array.shape or dtype != array.dtype or array.ndim != 2:
+            return False
+        row_bytes = array.shape[1] * dtype.itemsize
+        for start in range(0, array.shape[0], rows):
+            block = array[start:start + rows]
+            data = f.read(block.shape[0] * row_bytes)
+            if len(data) != block.shape[0] * row_bytes or not np.array_equal(
+                    np.frombuffer(data, dtype=dtype).reshape(block.shape), block):
+                return False
+    return True
+
+
 def _rewrite_assets(assets_text: str, old_root: str, new_root: Optional[str], index_dir_label: str) -> str:
     """Re-roots the asset paths of a ScaNN assets proto (text format).
 
@@ -566,7 +583,7 @@ class EmbeddingIndex(Index):
         dataset_rel = f"{SCANN_DIR}/dataset.npy"
         dataset_path = os.path.join(root, SCANN_DIR, "dataset.npy")
         if f'"{dataset_rel}"' in assets_text and os.path.isfile(dataset_path):
-            if np.array_equal(np.load(dataset_path, allow_pickle=False), self._embeddings):
+            if _npy_equals(dataset_path, self._embeddings):
                 os.remove(dataset_path)
                 assets_text = assets_text.replace(f'"{dataset_rel}"', f'"{EMBEDDINGS_FILE}"')
         with open(assets_path, "w", encoding="utf-8") as f:
