@@ -10,19 +10,47 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 ON_CI = os.environ.get("CI", "").strip().lower() in ("true", "1")
 
-# The files that take longest (docs/design.md, "Testing": the table of the suite's time by file), run
-# first. `make test` runs the suite on two workers (`pytest -n 2 --dist loadfile --no-loadscope-reorder`:
-# a file stays on one worker, so its module fixtures run once; the workers take files in collection
-# order, which xdist would otherwise re-sort by test count), so starting with the long ones ends the run
-# with short files on both workers instead of one long file on one.
-SLOWEST_FILES_FIRST = ("test_docs.py", "test_milvus_server.py", "test_pipeline.py", "test_bench_compat.py",
-                       "test_milvus.py", "test_faults.py", "test_model.py", "test_index_images.py")
+# `make test` runs the suite on two workers (`pytest -n 2 --dist loadfile --no-loadscope-reorder`): a file
+# stays on one worker, so its module fixtures run once; except that each document executed by test_docs.py
+# (a script of minutes) is a unit of its own (pytest_xdist_make_scheduler below), so two of them can run at
+# once. The workers take units in collection order (xdist would otherwise re-sort them by test count);
+# SLOWEST_FIRST puts the longest units first (docs/design.md, "Testing": the table of the suite's time by
+# file), so that the run ends with short files on both workers instead of one long unit on one.
+DOCS_RUN_TEST = "test_documented_commands_run"
+SLOWEST_FIRST = ("test_docs.py::README.md", "test_docs.py::docs/your-model.md", "test_docs.py::docs/pipeline.md",
+                 "test_milvus_server.py", "test_pipeline.py", "test_docs.py::docs/scale-out.md",
+                 "test_bench_compat.py", "test_keras_backbones.py", "test_milvus.py", "test_faults.py",
+                 "test_model.py", "test_index_images.py", "test_docs.py")
+
+
+def _unit(item) -> str:
+    """A test's unit of SLOWEST_FIRST: its file's name, or `test_docs.py::<document>` for a document's run."""
+    name = os.path.basename(str(item.fspath))
+    if item.originalname == DOCS_RUN_TEST:
+        return f"{name}::{item.callspec.params['doc']}"
+    return name
 
 
 def pytest_collection_modifyitems(config, items):
-    """Puts the tests of SLOWEST_FILES_FIRST first, in that order; the rest keep their order."""
-    rank = {name: i for i, name in enumerate(SLOWEST_FILES_FIRST)}
-    items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))
+    """Puts the tests of the units of SLOWEST_FIRST first, in that order; the rest keep their order."""
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(_unit(item), len(rank)))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, with each document's execution (test_docs.py) a unit of its own. (xdist's
+    `loadgroup` would do it with marks, but pytest-xdist 3.8 renames test ids in a way pytest 9 ignores.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class DocumentsApart(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            if f"::{DOCS_RUN_TEST}[" in nodeid:
+                return nodeid
+            return super()._split_scope(nodeid)
+
+    return DocumentsApart(config, log)
 
 
 def _milvus_server_package_or_skip() -> None:
