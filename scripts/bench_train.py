@@ -731,9 +731,13 @@ def section(report: dict[str, Any], level: int = 3) -> list[str]:
     return lines
 
 
+APPENDED_HEADING = "## Appended runs (`--append`: other backbones or image sizes, measured later)"
+
+
 def append_run(out_dir: str, name: str, report: dict[str, Any]) -> None:
     """Adds `report` to OUT_DIR/NAME.json's "appended" runs (replacing one of the same backbones, modes, paths and
-    image shape) and rewrites NAME.md: the main run's tables, then one section per appended run."""
+    image shape) and rewrites the appended sections of NAME.md: what precedes APPENDED_HEADING (the main run's tables
+    and any note written above them) is kept as it is, then one section per appended run."""
     path = os.path.join(out_dir, f"{name}.json")
     with open(path, encoding="utf-8") as f:
         main = json.load(f)
@@ -744,17 +748,16 @@ def append_run(out_dir: str, name: str, report: dict[str, Any]) -> None:
 
     main["appended"] = [r for r in main.get("appended", []) if key(r) != key(report)] + [report]
     _write(path, json.dumps(main, indent=2) + "\n")
-    _write(os.path.join(out_dir, f"{name}.md"), markdown_with_appended(main))
-
-
-def markdown_with_appended(main: dict[str, Any]) -> str:
-    text = markdown({k: v for k, v in main.items() if k != "appended"})
-    if not main.get("appended"):
-        return text
-    lines = ["", "## Appended runs (`--append`: other backbones or image sizes, measured later)", ""]
-    for report in main["appended"]:
-        lines += section(report) + [""]
-    return text + "\n".join(lines)
+    md_path = os.path.join(out_dir, f"{name}.md")
+    if os.path.exists(md_path):
+        with open(md_path, encoding="utf-8") as f:
+            head = f.read().split("\n" + APPENDED_HEADING, 1)[0].rstrip("\n") + "\n"
+    else:
+        head = markdown({k: v for k, v in main.items() if k != "appended"})
+    lines = ["", APPENDED_HEADING, ""]
+    for run_report in main["appended"]:
+        lines += section(run_report) + [""]
+    _write(md_path, head + "\n".join(lines))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -5,6 +5,7 @@
                                   [--train-classes N] [--image-size 32] [--v1-arch MobileNetV3Small] [--v1-epochs N]
                                   [--v2-arch keras:MobileNetV3Large] [--epochs N]
                                   [--methods independent,lce,lce-instance]
+    python scripts/bench_yours.py --annotate NOTES.md [--out DIR]
 
 v1 is what a user brings: a keras.applications backbone (weights=None) with a Dense embedding head, trained with
 plain Keras (`model.fit`, a softmax classifier on v1's training classes) on the glyphs as RGB upscaled to
@@ -32,7 +33,7 @@ for _path in (REPO, SCRIPTS):  # run from a checkout without `pip install -e .`;
         sys.path.insert(0, _path)
 
 from bench.runs import use_one_inter_op_thread  # noqa: E402
-from bench.yours import METHODS, YOURS_PROFILES, run_profile, run_yours  # noqa: E402
+from bench.yours import METHODS, YOURS_PROFILES, annotate, run_profile, run_yours  # noqa: E402
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -54,13 +55,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--epochs", type=int, help="epochs of every v2 model")
     parser.add_argument("--methods", default=",".join(METHODS), help="v2's rows, some of " + ",".join(METHODS)
                         + " (independent, the sanity row, is always trained)")
+    parser.add_argument("--annotate", metavar="NOTES.md", help="add a written analysis to the results in --out "
+                        "(yours.json gets it, yours.md is re-rendered; no training)")
     parser.add_argument("--verbose", type=int, default=0, choices=(0, 1, 2), help="Keras fit verbosity")
     args = parser.parse_args(argv)
     name = args.profile or ("quick" if args.quick else "full")
     out = args.out or ("build/bench-yours-quick" if name == "quick" else "benchmarks/results")
     command = ("python scripts/bench_yours.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
-    use_one_inter_op_thread()
     try:
+        if args.annotate:
+            annotate(out, args.annotate)
+            return 0
+        use_one_inter_op_thread()
         yours = run_profile(name, {"train_classes": args.train_classes, "image_size": args.image_size,
                                    "v1_arch": args.v1_arch, "v1_epochs": args.v1_epochs, "v2_arch": args.v2_arch,
                                    "epochs": args.epochs})

@@ -71,3 +71,16 @@ def test_tiny_run_writes_the_rows_and_the_cost_table(tiny_run):
 def test_unknown_method_is_one_line_error(capsys):
     assert bench.main(["--quick", "--methods", "bct"]) == 2
     assert "--methods: unknown bct" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_annotate_adds_the_analysis_without_touching_the_numbers(tiny_run, tmp_path):
+    root, report, _ = tiny_run
+    notes = tmp_path / "notes.md"
+    notes.write_text("- v2 meets nothing at one epoch.\n", encoding="utf-8")
+    assert bench.main(["--annotate", str(notes), "--out", str(root / "results")]) == 0
+    with open(root / "results" / "yours.json", encoding="utf-8") as f:
+        annotated = json.load(f)
+    assert annotated["analysis"] == ["- v2 meets nothing at one epoch."]
+    assert annotated["scenario"] == report["scenario"]
+    assert "## Analysis\n\n- v2 meets nothing at one epoch." in (root / "results" / "yours.md").read_text(encoding="utf-8")

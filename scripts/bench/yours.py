@@ -300,7 +300,7 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
         "## Results (held-out test classes; M(query model, gallery model), top-1 and mAP)", "",
         "backward: v2 queries against v1's gallery as it is; forward: v1's gallery moved by a T12 fitted on the "
         "training pairs (lce_tf.transform_fit defaults). The criterion: M(v2, v1 route) > M(v1, v1) (the bar).", "",
-        *scenario_table(sc), "",
+        *scenario_table(sc), "", *_gain_note(sc),
         f"Heatmap: [{sc['heatmap']}]({sc['heatmap']})", "",
         "## Verdict against the bar M(v1, v1)", "",
         "| method | route | top-1 | bar | mAP | bar | criterion top-1 / mAP | clear of the bootstrap noise |",
@@ -318,7 +318,38 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
                      f"{r['train_images']} | {r['spec']['epochs']} | {r['seconds']:.0f} | "
                      + ", ".join(f"{k} {v}" for k, v in r["final_epoch"].items()) + " |")
     lines += ["", "## Cost", "", *cost_table(report["cost"]), ""]
+    if report.get("analysis"):
+        lines += ["## Analysis", "", *report["analysis"], ""]
     _write_text(path, "\n".join(lines))
+
+
+def _gain_note(scenario: dict[str, Any]) -> list[str]:
+    """A note when the update gain is not a share: the independent v2 does not beat v1 (its denominator
+    M(new*, new*) - M(old, old) is then zero or negative)."""
+    rows = {r["method"]: r for r in scenario["rows"]}
+    bar, ind = rows["old"]["new_new"], rows.get(INDEPENDENT, {}).get("new_new")
+    weaker = [m for m in METRICS if ind is not None and ind[m] <= bar[m]]
+    if not weaker:
+        return []
+    return [f"The update gain ((M(v2, v1 route) - M(v1, v1)) / (M(v2*, v2*) - M(v1, v1)), v2* the independent v2) "
+            f"is no share here: the independent v2 is not better than v1 on {' and '.join(weaker)} "
+            f"({', '.join(f'{ind[m]:.3f} against {bar[m]:.3f}' for m in weaker)}), so its denominator is not positive; "
+            "read the routes against the bar instead.", ""]
+
+
+def annotate(out_dir: str, notes_path: str) -> dict[str, Any]:
+    """Adds a written analysis (markdown lines from `notes_path`) to existing yours.json and re-renders yours.md from
+    it with an "Analysis" section; the numbers are untouched (as `bench.runs.annotate` does for compat.md)."""
+    path = os.path.join(out_dir, "yours.json")
+    if not os.path.exists(path):
+        raise ValueError(f"--annotate: {path} does not exist; run the benchmark first")
+    with open(path, encoding="utf-8") as f:
+        report = json.load(f)
+    with open(notes_path, encoding="utf-8") as f:
+        report["analysis"] = f.read().rstrip("\n").splitlines()
+    _write_text(path, json.dumps(report, indent=1) + "\n")
+    write_markdown(os.path.join(out_dir, "yours.md"), report)
+    return report
 
 
 def run_profile(name: str, overrides: dict[str, Any]) -> YoursProfile:
