@@ -65,7 +65,7 @@ bench-train: venv fonts
 	$(PY) scripts/bench_train.py $(BENCH_ARGS)
 
 # S6 "your model": a plain-Keras v1 imported with `lce-tf model import`, upgraded by lce-tf (yours.md; about
-# 25 minutes on 2 cores; not part of `make bench`). BENCH_ARGS=--quick for a smoke run.
+# 21 minutes on 2 shared cores; not part of `make bench`). BENCH_ARGS=--quick for a smoke run.
 bench-yours: venv fonts
 	$(PY) scripts/bench_yours.py $(BENCH_ARGS)
 

@@ -41,8 +41,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke-test size: 60 + 30 classes, one epoch each")
     parser.add_argument("--profile", choices=sorted(YOURS_PROFILES), help="default: full (quick with --quick)")
-    parser.add_argument("--data", help="dataset with train/, query/, gallery/ (default: the glyphs of the data profile, "
-                        "generated in --work)")
+    parser.add_argument("--data", help="dataset with train/, query/, gallery/ (default: the glyphs of the data "
+                        "profile, generated in --work)")
     parser.add_argument("--out", help="results directory (default: benchmarks/results; build/bench-yours-quick with "
                         "--quick)")
     parser.add_argument("--work", default="build/bench", help="where generated data and the models are kept")

@@ -75,7 +75,7 @@ class YoursProfile:
 
 YOURS_PROFILES = {
     # 600 of the 1,445 training classes (about 14k images; v1 on the first 300) and all 619 test classes, sized for
-    # about 25 minutes on 2 shared cores (benchmarks/results/yours.md, "Cost").
+    # about 25 minutes on 2 shared cores (21.0 min measured: benchmarks/results/yours.md, "Cost").
     "full": YoursProfile("full", data="full", train_classes=600, v1_epochs=15, epochs=5),
     # Smoke-test size (tests/test_bench_yours.py): the quick profile's 60 + 30 classes, one epoch each, v2 a
     # MobileNetV3Small (the cheapest family; still another network than v1's minimalistic one).
@@ -202,8 +202,8 @@ def run_yours(data_dir: Optional[str], out_dir: str, yours: YoursProfile, *, see
     model_root = os.path.join(work, f"yours-{yours.name}-seed{seed}")
     os.makedirs(model_root, exist_ok=True)
     keras_path = os.path.join(model_root, "user_v1.keras")
-    embedder, record = train_user_model(split.train_images[rows], folder.labels, folder.num_classes, yours, seed, keras_path,
-                              verbose)
+    embedder, record = train_user_model(split.train_images[rows], folder.labels, folder.num_classes, yours, seed,
+                                        keras_path, verbose)
     parts[V1_PART] = time.perf_counter() - t
 
     # lce-tf model import
@@ -294,7 +294,8 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
         f"{prof['v1_batch_size']}, Adam {prof['v1_learning_rate']}, {v1['images_per_second']:.0f} images/s; final "
         + ", ".join(f"{k} {v}" for k, v in v1["final_epoch"].items()),
         f"- import: `{v1['import']['command']}` (input {v1['import']['preprocess_formula']}); the imported model "
-        f"directory against the .keras model on {agreement['images']} images: cosine min {agreement['min_cosine']:.6f}, "
+        f"directory against the .keras model on {agreement['images']} images: cosine min "
+        f"{agreement['min_cosine']:.6f}, "
         f"mean {agreement['mean_cosine']:.6f}",
         "",
         "## Results (held-out test classes; M(query model, gallery model), top-1 and mAP)", "",
@@ -309,7 +310,8 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
     for v in report["verdict"]:
         noise = v.get("clear_of_noise") or {}
         lines.append(f"| {v['method']} | {v['route']} | {v['top1']:.3f} | {v['bar_top1']:.3f} | {v['mAP']:.3f} | "
-                     f"{v['bar_mAP']:.3f} | {'pass' if v['pass_top1'] else 'FAIL'} / {'pass' if v['pass_mAP'] else 'FAIL'}"
+                     f"{v['bar_mAP']:.3f} | {'pass' if v['pass_top1'] else 'FAIL'} / "
+                     f"{'pass' if v['pass_mAP'] else 'FAIL'}"
                      f" | {noise.get('top1', 'n/a')} / {noise.get('mAP', 'n/a')} |")
     lines += ["", "## Models", "", "| model | trained by | classes / images | epochs | seconds | final epoch |",
               "|---|---|---|---|---|---|"]

@@ -132,7 +132,8 @@ class ModelZoo:
 
         model = ImportedModel(spec, load_embedding_model(model_dir))
         if tuple(model.input_shape) != tuple(self.split.input_shape):
-            raise ValueError(f"{model_dir} takes images {model.input_shape}, the benchmark's are {self.split.input_shape}")
+            raise ValueError(f"{model_dir} takes images {model.input_shape}, the benchmark's are "
+                             f"{self.split.input_shape}")
         self.names[spec] = model.model_id
         self.models[spec] = model
         if record is not None:
