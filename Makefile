@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 PYTEST_XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
-.PHONY: venv test test-fast demo demo-cli bench bench-quick bench-ann bench-scale bench-train lock fonts clean
+.PHONY: venv test test-fast demo demo-cli bench bench-quick bench-ann bench-scale bench-train bench-yours lock fonts clean
 
 venv: $(STAMP)
 
@@ -63,6 +63,11 @@ bench-ann: venv
 # Training images/s before/after the in-memory input path, per backbone and mode (train_speed.md).
 bench-train: venv fonts
 	$(PY) scripts/bench_train.py $(BENCH_ARGS)
+
+# S6 "your model": a plain-Keras v1 imported with `lce-tf model import`, upgraded by lce-tf (yours.md; about
+# 21 minutes on 2 shared cores; not part of `make bench`). BENCH_ARGS=--quick for a smoke run.
+bench-yours: venv fonts
+	$(PY) scripts/bench_yours.py $(BENCH_ARGS)
 
 # Scale-out: Beam center extraction vs in-process, multi-worker training vs one worker (scale.md),
 # then the slow scale test.

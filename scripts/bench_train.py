@@ -85,6 +85,9 @@ class Profile:
       ablation: run the one-change-at-a-time table.
       accuracy_epochs: epochs of the accuracy check (0: no check).
       inference_batch, inference_calls: the inference measurement.
+      paths: the configurations measured (a subset of PATHS, in that order).
+      image_size: the side the images are trained at (resized when loaded; the keras.applications families take
+        at least 32), None: the dataset's `size`.
     """
 
     name: str
@@ -102,6 +105,8 @@ class Profile:
     accuracy_epochs: int = 3
     inference_batch: int = 256
     inference_calls: int = 8
+    paths: tuple[str, ...] = PATHS
+    image_size: Optional[int] = None
 
 
 def _profiles() -> dict[str, Profile]:
@@ -115,6 +120,16 @@ def _profiles() -> dict[str, Profile]:
                          ablation=False, accuracy_epochs=0, inference_batch=16,
                          inference_calls=2),
     }
+
+
+def _keras_family(name: str) -> bool:
+    """Whether `name` is keras:<Name> of a listed keras.applications family."""
+    from lce_tf import catalog
+
+    try:
+        return catalog.keras_family(name) is not None
+    except ValueError:
+        return False
 
 
 def _log(message: str) -> None:
@@ -473,7 +488,7 @@ def _ablation_configs(bench: TrainingBench) -> list[tuple[str, str, str]]:
 
 
 def run(data_dir: Optional[str], out_dir: str, profile: Profile, *, work: str, command: str,
-        name: str = "train_speed") -> dict[str, Any]:
+        name: str = "train_speed", append: bool = False) -> dict[str, Any]:
     from tensorflow.python.framework import config as tf_config  # pylint: disable=no-name-in-module
 
     from lce_tf import data, datasets, training
@@ -482,14 +497,15 @@ def run(data_dir: Optional[str], out_dir: str, profile: Profile, *, work: str, c
     load_start = [round(v, 2) for v in os.getloadavg()]
     data_dir = ensure_dataset(data_dir, work, profile)
     folder = data.read_image_folder(os.path.join(data_dir, "train"))
-    shape = (profile.size, profile.size, data.infer_image_shape(folder)[2])
+    side = profile.image_size or profile.size
+    shape = (side, side, data.infer_image_shape(folder)[2])
     _log(f"{folder.num_classes} training classes, {len(folder)} images at {shape}")
     spe = training.TrainConfig().steps_per_execution
     before = {"steps_per_execution": 1, "precision": "float32"}
     bench = TrainingBench(folder, shape, profile)
     for backbone in profile.backbones:
         for mode in profile.modes:
-            for path in PATHS:
+            for path in profile.paths:
                 overrides = before if path == "before" else (
                     {"precision": "mixed_bfloat16"} if path == "after+bf16" else {})
                 bench.add(f"{backbone}/{mode}/{path}", backbone, mode, path,
@@ -503,22 +519,22 @@ def run(data_dir: Optional[str], out_dir: str, profile: Profile, *, work: str, c
     for backbone in profile.backbones:
         for mode in profile.modes:
             row = {"backbone": backbone, "mode": mode}
-            for path in PATHS:
+            for path in profile.paths:
                 row[path] = summarize(configs[f"{backbone}/{mode}/{path}"])
-            base = configs[f"{backbone}/{mode}/before"]
-            for path in PATHS[1:]:
+            base = configs.get(f"{backbone}/{mode}/before")
+            for path in (p for p in PATHS[1:] if base is not None and p in profile.paths):
                 row[f"speedup_{path}"] = paired_ratio(configs[f"{backbone}/{mode}/{path}"], base)
                 row[f"cpu_speedup_{path}"] = paired_ratio(base, configs[f"{backbone}/{mode}/{path}"],
                                                           "cpu_us_per_image")
             if mode != INDEPENDENT and INDEPENDENT in profile.modes:
-                for path in PATHS:
+                for path in profile.paths:
                     ind, this = configs[f"{backbone}/{INDEPENDENT}/{path}"], configs[f"{backbone}/{mode}/{path}"]
                     wall = paired_ratio(ind, this)
                     cpu = paired_ratio(this, ind, "cpu_us_per_image")
                     row[f"overhead_vs_independent_{path}"] = None if wall is None else wall - 1.0
                     row[f"cpu_overhead_vs_independent_{path}"] = None if cpu is None else cpu - 1.0
             if mode == LCE_INSTANCE and LCE in profile.modes:
-                for path in PATHS:
+                for path in profile.paths:
                     base, this = configs[f"{backbone}/{LCE}/{path}"], configs[f"{backbone}/{mode}/{path}"]
                     wall, cpu = paired_ratio(base, this), paired_ratio(this, base, "cpu_us_per_image")
                     row[f"overhead_vs_lce_{path}"] = None if wall is None else wall - 1.0
@@ -558,8 +574,11 @@ def run(data_dir: Optional[str], out_dir: str, profile: Profile, *, work: str, c
         "accuracy": accuracy,
     }
     os.makedirs(out_dir, exist_ok=True)
-    _write(os.path.join(out_dir, f"{name}.json"), json.dumps(report, indent=2) + "\n")
-    _write(os.path.join(out_dir, f"{name}.md"), markdown(report))
+    if append and os.path.exists(os.path.join(out_dir, f"{name}.json")):
+        append_run(out_dir, name, report)
+    else:
+        _write(os.path.join(out_dir, f"{name}.json"), json.dumps(report, indent=2) + "\n")
+        _write(os.path.join(out_dir, f"{name}.md"), markdown(report))
     _log(f"wrote {out_dir}/{name}.json and .md in {report['wall_seconds']:.0f} s")
     return report
 
@@ -580,6 +599,8 @@ def _pct(value: Optional[float]) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
+    if tuple(report["profile"].get("paths", PATHS)) != PATHS:
+        return "\n".join(["# Training speed", "", *section(report, level=2)]) + "\n"
     m, d = report["machine"], report["data"]
     lines = [
         "# Training speed (issue 13, point 1)",
@@ -663,6 +684,82 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def section(report: dict[str, Any], level: int = 3) -> list[str]:
+    """A run of some of the PATHS (e.g. `--paths after` for the keras.applications families) as markdown lines: its
+    machine, date and command, images/s per backbone and mode, and the cost of each mode's step over independent's
+    (and of lce-instance's over lce's) at each measured path."""
+    m, d, paths = report["machine"], report["data"], tuple(report["profile"].get("paths", PATHS))
+    h = "#" * level
+    backbones = sorted({row["backbone"] for row in report["table"]}, key=[r["backbone"] for r in report["table"]].index)
+    lines = [
+        f"{h} {', '.join(backbones)} at {'x'.join(map(str, d['image_shape']))}: {', '.join(paths)}", "",
+        f"- date: {report['date']}; wall time {report['wall_seconds']:.0f} s",
+        f"- command: `{report['command']}`",
+        f"- machine: {m['cpu']} ({', '.join(m['cpu_flags'])}), {m['cpus_available']} cores available, "
+        f"{m['platform']}; Python {m['python']}, TensorFlow {m['tensorflow']}, oneDNN {m['onednn']}",
+        f"- load average (1/5/15 min): {report['load_average_start']} at the start, {report['load_average_end']} "
+        "at the end (a shared machine: compare the ratios, measured side by side, more than the absolute rates)",
+        f"- data: {d['train_images']} training images of {d['train_classes']} classes resized to "
+        f"{'x'.join(map(str, d['image_shape']))} (one channel, repeated to RGB inside the family's preprocessing), "
+        f"shift augmentation {d['shift_pixels']} px, batch {report['defaults']['batch_size']}; steps_per_execution "
+        f"{report['defaults']['steps_per_execution']}, precision {report['defaults']['precision']}",
+        f"- images/s: median of {report['profile']['rounds']} windows of steady-state steps, every configuration "
+        "once per round (side by side); overheads are medians of per-round ratios: images/s of independent / of the "
+        "mode, minus 1 (wall), and CPU µs per image of the mode / of independent, minus 1 (CPU); lce-instance's "
+        f"frozen old model is an untrained {OLD_ARCHITECTURE} at the same image size",
+        "",
+        "| backbone | mode | path | images/s | rounds | CPU µs/img | setup s | step cost over independent wall / CPU "
+        "| over lce wall / CPU |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["table"]:
+        for path in paths:
+            e = row[path]
+            if e["error"]:
+                lines.append(f"| {row['backbone']} | {row['mode']} | {path} | failed: {e['error'][:160]} | | | | | |")
+                continue
+            over = (f"{_pct(row.get(f'overhead_vs_independent_{path}'))} / "
+                    f"{_pct(row.get(f'cpu_overhead_vs_independent_{path}'))}" if row["mode"] != INDEPENDENT else "")
+            over_lce = (f"{_pct(row.get(f'overhead_vs_lce_{path}'))} / {_pct(row.get(f'cpu_overhead_vs_lce_{path}'))}"
+                        if f"overhead_vs_lce_{path}" in row else "")
+            lines.append(f"| {row['backbone']} | {row['mode']} | {path} | {_num(e['images_per_s'])} | "
+                         f"{', '.join(f'{r:.0f}' for r in e['images_per_s_rounds'])} | {_num(e['cpu_us_per_image'])} | "
+                         f"{_num(e['setup_seconds'], '{:.1f}')} | {over} | {over_lce} |")
+    if report["inference"]:
+        lines += ["", f"Inference (embedding) images/s, float32, batch {report['profile']['inference_batch']}: "
+                  + ", ".join(f"{k} {_num(v['images_per_s'])}" for k, v in report["inference"].items()) + "."]
+    return lines
+
+
+APPENDED_HEADING = "## Appended runs (`--append`: other backbones or image sizes, measured later)"
+
+
+def append_run(out_dir: str, name: str, report: dict[str, Any]) -> None:
+    """Adds `report` to OUT_DIR/NAME.json's "appended" runs (replacing one of the same backbones, modes, paths and
+    image shape) and rewrites the appended sections of NAME.md: what precedes APPENDED_HEADING (the main run's tables
+    and any note written above them) is kept as it is, then one section per appended run."""
+    path = os.path.join(out_dir, f"{name}.json")
+    with open(path, encoding="utf-8") as f:
+        main = json.load(f)
+
+    def key(r):
+        return ([row["backbone"] for row in r["table"]], list(r["profile"]["modes"]),
+                list(r["profile"].get("paths", PATHS)), r["data"]["image_shape"])
+
+    main["appended"] = [r for r in main.get("appended", []) if key(r) != key(report)] + [report]
+    _write(path, json.dumps(main, indent=2) + "\n")
+    md_path = os.path.join(out_dir, f"{name}.md")
+    if os.path.exists(md_path):
+        with open(md_path, encoding="utf-8") as f:
+            head = f.read().split("\n" + APPENDED_HEADING, 1)[0].rstrip("\n") + "\n"
+    else:
+        head = markdown({k: v for k, v in main.items() if k != "appended"})
+    lines = ["", APPENDED_HEADING, ""]
+    for run_report in main["appended"]:
+        lines += section(run_report) + [""]
+    _write(md_path, head + "\n".join(lines))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny synthetic set, small_cnn only")
@@ -671,7 +768,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--work", default=os.path.join(REPO, "build", "bench_train"),
                         help="where the generated dataset is kept")
     parser.add_argument("--rounds", type=int, help="measurement rounds (default: the profile's)")
-    parser.add_argument("--backbones", help="comma-separated subset of the profile's backbones")
+    parser.add_argument("--backbones", help="comma-separated subset of the profile's backbones, or keras:<Name> "
+                        "families (lce_tf.catalog.KERAS_FAMILIES; at least 32 px: see --image-size)")
+    parser.add_argument("--image-size", type=int, help="train at SIZE x SIZE (the images resized when loaded; "
+                        "default: the dataset's 20)")
+    parser.add_argument("--paths", help="comma-separated subset of " + ",".join(PATHS) + " (default: all)")
+    parser.add_argument("--append", action="store_true", help="add this run to the existing NAME.json/.md as an "
+                        "appended section instead of replacing them")
     parser.add_argument("--modes", help="comma-separated subset of " + ",".join(MODES))
     parser.add_argument("--name", default="train_speed", help="results file name (NAME.json, NAME.md)")
     parser.add_argument("--no-accuracy", action="store_true", help="skip the accuracy check (speed only)")
@@ -681,16 +784,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         profile = dataclasses.replace(profile, rounds=args.rounds)
     if args.no_accuracy:
         profile = dataclasses.replace(profile, accuracy_epochs=0)
-    for field, value, known in (("backbones", args.backbones, profile.backbones), ("modes", args.modes, MODES)):
+    if args.image_size:
+        profile = dataclasses.replace(profile, image_size=args.image_size)
+    for field, value, known in (("backbones", args.backbones, profile.backbones), ("modes", args.modes, MODES),
+                                ("paths", args.paths, PATHS)):
         if value:
             chosen = tuple(v.strip() for v in value.split(",") if v.strip())
-            unknown = [v for v in chosen if v not in known]
+            if field == "paths":
+                chosen = tuple(p for p in PATHS if p in chosen)
+            unknown = [v for v in chosen if v not in known and not (field == "backbones" and _keras_family(v))]
             if unknown:
                 parser.error(f"--{field}: unknown {', '.join(unknown)}; expected some of {', '.join(known)}")
             profile = dataclasses.replace(profile, **{field: chosen})
     command = " ".join(shlex.quote(a) for a in ["python", "scripts/bench_train.py", *(argv if argv is not None
                                                                                      else sys.argv[1:])])
-    run(args.data, args.out_dir, profile, work=args.work, command=command, name=args.name)
+    run(args.data, args.out_dir, profile, work=args.work, command=command, name=args.name, append=args.append)
     return 0
 
 

@@ -65,3 +65,19 @@ def test_quick_report_structure(report):
     assert _rate(loaded["inference"]["small_cnn"]["images_per_s"])
     assert loaded["ablation"] == [] and loaded["accuracy"] == []
     assert md.startswith("# Training speed") and "| small_cnn | lce |" in md
+
+
+@pytest.mark.e2e
+def test_append_keeps_the_page_and_replaces_a_run_of_the_same_setting(report, tmp_path):
+    loaded, md = report
+    (tmp_path / "train_speed.json").write_text(json.dumps(loaded), encoding="utf-8")
+    (tmp_path / "train_speed.md").write_text("# Speed\n\n> a note written by hand\n\n" + md, encoding="utf-8")
+    extra = {**loaded, "profile": {**loaded["profile"], "paths": ["after"]}}
+    bench.append_run(str(tmp_path), "train_speed", extra)
+    bench.append_run(str(tmp_path), "train_speed", extra)  # the same setting again: replaced, not added
+    text = (tmp_path / "train_speed.md").read_text(encoding="utf-8")
+    assert text.startswith("# Speed\n\n> a note written by hand\n\n" + md.rstrip("\n"))
+    assert text.count(bench.APPENDED_HEADING) == 1 and text.count("### small_cnn at 20x20x1: after") == 1
+    assert "| small_cnn | lce | after |" in text
+    with open(tmp_path / "train_speed.json", encoding="utf-8") as f:
+        assert len(json.load(f)["appended"]) == 1

@@ -9,6 +9,8 @@
     report      targets, seeds' summary, compat.md tables, the README table, training curves
     runs        the entry points: run_benchmark, run_validation, run_transform_validation, run_epoch_study,
                 annotate
+    yours       scenario S6 "your model" (scripts/bench_yours.py, `make bench-yours`): a plain-Keras v1 imported
+                with lce_tf.model_import, v2 by the zoo, measured by `Benchmark.upgrade_scenario`
 
 scripts/bench_compat.py is the command line and re-exports these names.
 """

@@ -80,8 +80,12 @@ def _image_shape(folder) -> tuple:
     return tuple(data.infer_image_shape(folder))
 
 
-def load_split(data_dir: str, summary: dict) -> Split:
-    """The dataset's train / query / gallery folders, loaded into memory."""
+def load_split(data_dir: str, summary: dict, image_shape: Optional[tuple] = None) -> Split:
+    """The dataset's train / query / gallery folders, loaded into memory.
+
+    image_shape: (H, W, C) to load the images at (resized and channel-converted by `lce_tf.datasets.load_images`,
+    e.g. the 20 px grey glyphs as 32x32 RGB for a keras.applications family); default: the images' own shape.
+    """
     from lce_tf import data, datasets
 
     train = data.read_image_folder(os.path.join(data_dir, "train"))
@@ -91,7 +95,7 @@ def load_split(data_dir: str, summary: dict) -> Split:
     if overlap:
         raise ValueError(f"--data {data_dir}: {len(overlap)} classes are both training and test classes "
                          "(the benchmark needs an open-set split)")
-    shape = _image_shape(train)
+    shape = tuple(int(v) for v in image_shape) if image_shape else _image_shape(train)
     description = {"path": os.path.abspath(data_dir), "kind": summary.get("kind", "image folders"),
                    "train_classes": train.num_classes, "test_classes": len(set(query.class_names)),
                    "train_images": len(train), "query_images": len(query), "gallery_images": len(gallery),
@@ -103,6 +107,24 @@ def load_split(data_dir: str, summary: dict) -> Split:
                  datasets.load_images(query.paths, shape), datasets.load_images(gallery.paths, shape),
                  np.asarray(query.class_names)[query.labels], np.asarray(gallery.class_names)[gallery.labels],
                  description)
+
+
+def first_train_classes(split: Split, num_classes: int) -> Split:
+    """The split with its first `num_classes` training classes only (in class order; the test classes untouched).
+
+    Raises:
+      ValueError: `num_classes` is not between 1 and the number of training classes.
+    """
+    train = split.train
+    if not 0 < num_classes <= train.num_classes:
+        raise ValueError(f"--train-classes {num_classes}: expected 1 to the {train.num_classes} training classes")
+    if num_classes == train.num_classes:
+        return split
+    keep = np.flatnonzero(train.labels < num_classes)
+    new_train = train.subset_classes(train.class_names[:num_classes])
+    description = {**split.description, "train_classes": new_train.num_classes, "train_images": len(new_train),
+                   "train_classes_of_dataset": train.num_classes}
+    return dataclasses.replace(split, train=new_train, train_images=split.train_images[keep], description=description)
 
 
 def _font_of(path: str) -> str:

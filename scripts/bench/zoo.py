@@ -38,6 +38,25 @@ class TrainedModel:
         return self.model
 
 
+class ImportedModel:
+    """A model directory made outside the zoo (e.g. by `lce-tf model import`), in the zoo's roles: an old model of
+    `lce_tf.training.prepare_training` (it has the spec the zoo's centers are keyed by) and a model the zoo embeds
+    with (called on images, like the zoo's own models). Its model id is its embedding space's name."""
+
+    t21 = None  # no T21: every query is compared in its own space
+
+    def __init__(self, spec: Spec, loaded: Any):
+        self.spec, self.loaded = spec, loaded  # loaded: lce_tf.serving.EmbeddingModel
+        self.model_id, self.embedding_dim, self.input_shape = loaded.model_id, loaded.embedding_dim, loaded.input_shape
+        self._layer = loaded.keras_embedder()
+
+    def keras_embedder(self):
+        return self.loaded.keras_embedder()
+
+    def __call__(self, images, training: bool = False):
+        return self._layer(images, training=False)
+
+
 class ModelZoo:
     """Trains each distinct Spec once on a Split and caches models, embeddings and centers."""
 
@@ -105,6 +124,22 @@ class ModelZoo:
         return datasets.make_image_dataset(pk, self.split.input_shape, bs, shuffle=False, seed=self.seed,
                                            shift_pixels=2), per_epoch
 
+    def add_model_dir(self, spec: Spec, model_dir: str, record: Optional[dict] = None) -> ImportedModel:
+        """Registers a model directory (not trained here) as the model of `spec`, named by its model id (the name
+        its class centers record, which `prepare_training` checks against the old model's id). `record`: its entry
+        among the zoo's model records (e.g. how it was trained and in how many seconds)."""
+        from lce_tf.serving import load_embedding_model
+
+        model = ImportedModel(spec, load_embedding_model(model_dir))
+        if tuple(model.input_shape) != tuple(self.split.input_shape):
+            raise ValueError(f"{model_dir} takes images {model.input_shape}, the benchmark's are "
+                             f"{self.split.input_shape}")
+        self.names[spec] = model.model_id
+        self.models[spec] = model
+        if record is not None:
+            self.records[spec] = {"name": model.model_id, "seed": self.seed, "spec": spec.describe(), **record}
+        return model
+
     # -- training -------------------------------------------------------------------------------
     def model(self, spec: Spec):
         """The trained model of a spec (trained on first use)."""
@@ -168,6 +203,8 @@ class ModelZoo:
         """A trained zoo model as `lce_tf.training.prepare_training` reads an old (or frozen new) model."""
         if spec is None:
             return None
+        if isinstance(self.models[spec], ImportedModel):
+            return self.models[spec]
         return TrainedModel(spec, self.names.get(spec, "model"), spec.dim, self.split.input_shape, self.models[spec])
 
     # -- embeddings and centers -----------------------------------------------------------------
