@@ -7,9 +7,10 @@ PY       := $(VENV)/bin/python
 STAMP    := $(VENV)/.installed-from-lock
 DEMO_DIR ?= build/demo
 PYTEST_ARGS ?=
-# The suite runs on two pytest-xdist workers, a test file per worker at a time (docs/design.md, "Testing");
-# TEST_WORKERS=0 runs it in this process.
-TEST_WORKERS ?= 2
+# The suite runs on three pytest-xdist workers on the two cores (two left a quarter of the CPU idle while
+# tests waited on subprocesses and servers), a test file per worker at a time, each executed document a
+# unit of its own (docs/design.md, "Testing"); TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 3
 PYTEST_XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 .PHONY: venv test test-fast demo demo-cli bench bench-quick bench-ann bench-scale bench-train bench-yours lock fonts clean

@@ -41,7 +41,8 @@ def local_beam_args(config: PipelineConfig) -> list[str]:
     `--runner=FnApiRunner` names the engine of Beam's Python DirectRunner directly: Beam 2.74's
     DirectRunner first tries the Prism runner, which downloads a binary from GitHub (no network here:
     it fails after building two sdists, then falls back to the FnApiRunner anyway).
-    `--direct_running_mode=multi_processing --direct_num_workers=N` are the DirectRunner's own options.
+    `--direct_running_mode=multi_processing --direct_num_workers=N` are the DirectRunner's own options (N = 1:
+    `in_memory`, in this process).
     A dependency flag (--setup_file) keeps TFX from re-packaging its own installation as an sdist before
     every Beam component (tfx.utils.dependency_utils does that when no such flag is given); the
     FnApiRunner stages nothing.

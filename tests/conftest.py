@@ -10,12 +10,12 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 ON_CI = os.environ.get("CI", "").strip().lower() in ("true", "1")
 
-# `make test` runs the suite on two workers (`pytest -n 2 --dist loadfile --no-loadscope-reorder`): a file
+# `make test` runs the suite on three workers (`pytest -n 3 --dist loadfile --no-loadscope-reorder`): a file
 # stays on one worker, so its module fixtures run once; except that each document executed by test_docs.py
-# (a script of minutes) is a unit of its own (pytest_xdist_make_scheduler below), so two of them can run at
-# once. The workers take units in collection order (xdist would otherwise re-sort them by test count);
+# (a script of minutes) is a unit of its own (pytest_xdist_make_scheduler below), so several run at once.
+# The workers take units in collection order (xdist would otherwise re-sort them by test count);
 # SLOWEST_FIRST puts the longest units first (docs/design.md, "Testing": the table of the suite's time by
-# file), so that the run ends with short files on both workers instead of one long unit on one.
+# file), so that the run ends with short files on every worker instead of one long unit on one.
 DOCS_RUN_TEST = "test_documented_commands_run"
 SLOWEST_FIRST = ("test_docs.py::README.md", "test_docs.py::docs/your-model.md", "test_docs.py::docs/pipeline.md",
                  "test_milvus_server.py", "test_pipeline.py", "test_docs.py::docs/scale-out.md",

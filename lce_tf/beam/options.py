@@ -43,7 +43,10 @@ def check_dask_address(address: Any, field: str = "beam_dask_address") -> str:
 
 
 def direct_beam_args(workers: int) -> list[str]:
-    """Beam flags of the local DirectRunner's engine (the FnApiRunner) with `workers` worker processes."""
+    """Beam flags of the local DirectRunner's engine (the FnApiRunner) with `workers` worker processes; one
+    worker runs in the calling process (`in_memory`: no process to start, TensorFlow already imported)."""
+    if int(workers) == 1:
+        return ["--runner=FnApiRunner", "--direct_running_mode=in_memory", "--direct_num_workers=1"]
     return ["--runner=FnApiRunner", "--direct_running_mode=multi_processing", f"--direct_num_workers={int(workers)}"]
 
 
