@@ -27,7 +27,7 @@ Bad input ends with one line `lce-tf: error: ...` on stderr and exit code 2, nev
 module imports nothing heavy at import time, so `lce-tf --help` answers at once; TensorFlow is
 imported by the command that needs it.
 
-At about 800 lines this file is the argument parsers of every command plus the few lines that adapt
+At about 850 lines this file is the argument parsers of every command plus the few lines that adapt
 each to its library call; the work lives in lce_tf. The next command group should move its parser and
 glue into a module of its own (the `train` flags already come from lce_tf.train_config).
 """

@@ -17,10 +17,12 @@ ON_CI = os.environ.get("CI", "").strip().lower() in ("true", "1")
 # SLOWEST_FIRST puts the longest units first (docs/design.md, "Testing": the table of the suite's time by
 # file), so that the run ends with short files on every worker instead of one long unit on one.
 DOCS_RUN_TEST = "test_documented_commands_run"
-SLOWEST_FIRST = ("test_docs.py::README.md", "test_docs.py::docs/your-model.md", "test_docs.py::docs/pipeline.md",
-                 "test_milvus_server.py", "test_pipeline.py", "test_docs.py::docs/scale-out.md",
-                 "test_bench_compat.py", "test_keras_backbones.py", "test_milvus.py", "test_faults.py",
-                 "test_model.py", "test_index_images.py", "test_docs.py")
+SLOWEST_FIRST = ("test_docs.py::docs/your-model.md", "test_docs.py::README.md", "test_milvus_server.py",
+                 "test_keras_backbones.py", "test_pipeline.py", "test_bench_compat.py",
+                 "test_docs.py::docs/pipeline.md", "test_docs.py::docs/scale-out.md", "test_cli.py", "test_model.py",
+                 "test_transform_objectives.py", "test_milvus.py", "test_faults.py", "test_index_images.py",
+                 "test_training.py", "test_scale.py", "test_beam_dask.py", "test_components.py",
+                 "test_transformation.py", "test_bench_yours.py", "test_bench_train.py", "test_docs.py")
 
 
 def _unit(item) -> str:

@@ -1,8 +1,8 @@
 """The TFX pipeline: bad configuration, Kubeflow compilation, and (e2e) real local runs on small data.
 
 The e2e module fixture runs the pipeline four times in this process (one TFX import) on a synthetic
-dataset, each run with the LocalDagRunner, SQLite metadata and Beam multi-processing, and the strict
-criterion (margins 0):
+dataset, each run with the LocalDagRunner, SQLite metadata and the strict criterion (margins 0); run 2
+runs Beam on two worker processes (the default), runs 1 and 3 in the pipeline's process (beam_workers 1):
 
   run 1  v1, small CNN on half the training classes, 2 epochs: no old model yet -> trained
          independently, blessed on its own accuracy, pushed, gallery indexed;
@@ -231,11 +231,11 @@ def runs(e2e_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline_root")
     configs = {
         "v1": _config(e2e_data, root, version="v1", architecture="small_cnn", train_classes="0:50%", epochs=2,
-                      **FLOORS),
+                      beam_workers=1, **FLOORS),
         "v2": _config(e2e_data, root, version="v2", architecture="cnn", mode="lce", epochs=10,
                       compatibility="either", **FLOORS),
         "v3": _config(e2e_data, root, version="v3", architecture="cnn", mode="independent", epochs=10,
-                      compatibility="backward", **FLOORS),
+                      compatibility="backward", beam_workers=1, **FLOORS),
     }
     out = {"root": root, "configs": configs, "serving": [], "seconds": {}}
     for name in ("v1", "v2", "v3", "v3-rerun"):
