@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
+import sys
+from types import ModuleType
 from typing import Optional
 
 from lce_tf import cli
@@ -80,3 +84,14 @@ def export_collapsed_model(path, input_shape, dim: int = 8, version: str = "vc")
     head.moving_variance.assign(np.full(dim, 1e6, np.float32))
     head.beta.assign(np.ones(dim, np.float32))
     return export_model(model, str(path), architecture="small_cnn", input_shape=input_shape, version=version)
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/<name>.py imported as the module `name` (registered in sys.modules: dataclasses resolve string
+    annotations through it)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

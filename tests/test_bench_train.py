@@ -1,24 +1,13 @@
 """scripts/bench_train.py --quick: the report's structure only (speed is never asserted in tests)."""
 
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 
-_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_train.py")
+from cli_helpers import load_script
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_train", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_script()
+bench = load_script("bench_train")
 
 
 @pytest.fixture(scope="module")

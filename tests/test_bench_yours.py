@@ -7,25 +7,15 @@ and the script's v2 path is the zoo's, the same for every architecture), indepen
 accuracy is asserted (one epoch); the structure is.
 """
 
-import importlib.util
 import json
 import os
 import sys
 
 import pytest
 
-_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_yours.py")
+from cli_helpers import load_script
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_yours", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_script()
+bench = load_script("bench_yours")
 
 
 @pytest.fixture(scope="module")

@@ -486,6 +486,22 @@ def _write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def read_with_analysis(path: str, notes_path: str) -> dict[str, Any]:
+    """A results JSON (e.g. compat.json) with its "analysis" field set to the markdown lines of `notes_path`
+    (`--annotate`: the analysis of a run lives next to that run's numbers, which are untouched).
+
+    Raises:
+      ValueError: `path` does not exist (the benchmark has not run).
+    """
+    if not os.path.exists(path):
+        raise ValueError(f"--annotate: {path} does not exist; run the benchmark first")
+    with open(path, encoding="utf-8") as f:
+        report = json.load(f)
+    with open(notes_path, encoding="utf-8") as f:
+        report["analysis"] = f.read().rstrip("\n").splitlines()
+    return report
+
+
 def machine_info() -> dict[str, Any]:
     import tensorflow as tf
 

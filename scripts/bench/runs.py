@@ -22,7 +22,7 @@ from bench.zoo import fit_forward, forward_result
 from bench.evaluation import _metric_entry, _row
 from bench.scenarios import Benchmark
 from bench.report import (SEED_SCENARIOS, _fmt, _read_validation_choice, _write_text, _yn, check_targets, cost_parts,
-                          machine_info, plot_training_curves, seed_summary, write_markdown)
+                          machine_info, plot_training_curves, read_with_analysis, seed_summary, write_markdown)
 
 
 def use_one_inter_op_thread() -> None:
@@ -493,12 +493,7 @@ def annotate(out_dir: str, notes_path: str) -> dict[str, Any]:
     "Analysis" section, so the analysis of a run lives next to that run's numbers.
     """
     path = os.path.join(out_dir, "compat.json")
-    if not os.path.exists(path):
-        raise ValueError(f"--annotate: {path} does not exist; run the benchmark first")
-    with open(path, encoding="utf-8") as f:
-        report = json.load(f)
-    with open(notes_path, encoding="utf-8") as f:
-        report["analysis"] = f.read().rstrip("\n").splitlines()
+    report = read_with_analysis(path, notes_path)
     report["validation"] = _read_validation_choice(out_dir) or report.get("validation")
     _write_text(path, json.dumps(report, indent=1) + "\n")
     write_markdown(os.path.join(out_dir, "compat.md"), report)

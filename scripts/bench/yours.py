@@ -29,7 +29,7 @@ import numpy as np
 from bench.settings import INDEPENDENT, LCE, LCE_INSTANCE, METRICS, PROFILES, Profile, Spec, _log
 from bench.data import ensure_dataset, first_train_classes, load_split
 from bench.scenarios import Benchmark
-from bench.report import _write_text, cost_parts, cost_table, machine_info, scenario_table
+from bench.report import _write_text, cost_parts, cost_table, machine_info, read_with_analysis, scenario_table
 
 KEY = "S6"
 V1_SPACE = "yours-v1"
@@ -343,12 +343,7 @@ def annotate(out_dir: str, notes_path: str) -> dict[str, Any]:
     """Adds a written analysis (markdown lines from `notes_path`) to existing yours.json and re-renders yours.md from
     it with an "Analysis" section; the numbers are untouched (as `bench.runs.annotate` does for compat.md)."""
     path = os.path.join(out_dir, "yours.json")
-    if not os.path.exists(path):
-        raise ValueError(f"--annotate: {path} does not exist; run the benchmark first")
-    with open(path, encoding="utf-8") as f:
-        report = json.load(f)
-    with open(notes_path, encoding="utf-8") as f:
-        report["analysis"] = f.read().rstrip("\n").splitlines()
+    report = read_with_analysis(path, notes_path)
     _write_text(path, json.dumps(report, indent=1) + "\n")
     write_markdown(os.path.join(out_dir, "yours.md"), report)
     return report
