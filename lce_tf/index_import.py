@@ -37,6 +37,7 @@ carry. With `--model` the name must be that model's space; without it the name i
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import os
@@ -84,7 +85,7 @@ def _pyarrow():
 # Vectors
 
 
-class VectorSource:
+class VectorSource(abc.ABC):
     """Rows of a vector file, `rows` x `dim`, read in batches (`batches`) in file order.
 
     Attributes:
@@ -98,9 +99,9 @@ class VectorSource:
     dim: int
     dtype: Any
 
+    @abc.abstractmethod
     def batches(self, size: int = BATCH_ROWS) -> Iterator[np.ndarray]:
         """[<= size, D] arrays of the stored type, in order, covering every row once."""
-        raise NotImplementedError
 
     def describe(self) -> str:
         return f"{self.rows} x {self.dim} {np.dtype(self.dtype).name}"
