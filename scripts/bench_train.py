@@ -598,19 +598,27 @@ def _pct(value: Optional[float]) -> str:
     return "—" if value is None else f"{100 * value:+.1f}%"
 
 
-def markdown(report: dict[str, Any]) -> str:
-    if tuple(report["profile"].get("paths", PATHS)) != PATHS:
-        return "\n".join(["# Training speed", "", *section(report, level=2)]) + "\n"
-    m, d = report["machine"], report["data"]
-    lines = [
-        "# Training speed (issue 13, point 1)",
-        "",
+def _run_lines(report: dict) -> list[str]:
+    """The run's date, command, machine and load lines of a train_speed.md section."""
+    m = report["machine"]
+    return [
         f"- date: {report['date']}; wall time {report['wall_seconds']:.0f} s",
         f"- command: `{report['command']}`",
         f"- machine: {m['cpu']} ({', '.join(m['cpu_flags'])}), {m['cpus_available']} cores available, "
         f"{m['platform']}; Python {m['python']}, TensorFlow {m['tensorflow']}, oneDNN {m['onednn']}",
         f"- load average (1/5/15 min): {report['load_average_start']} at the start, {report['load_average_end']} "
         "at the end (a shared machine: compare the ratios, measured side by side, more than the absolute rates)",
+    ]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    if tuple(report["profile"].get("paths", PATHS)) != PATHS:
+        return "\n".join(["# Training speed", "", *section(report, level=2)]) + "\n"
+    d = report["data"]
+    lines = [
+        "# Training speed (issue 13, point 1)",
+        "",
+        *_run_lines(report),
         f"- data: {d['train_images']} training images of {d['train_classes']} classes at "
         f"{'x'.join(map(str, d['image_shape']))}, shift augmentation {d['shift_pixels']} px, batch "
         f"{report['defaults']['batch_size']}; decoding them once into memory took "
@@ -688,17 +696,12 @@ def section(report: dict[str, Any], level: int = 3) -> list[str]:
     """A run of some of the PATHS (e.g. `--paths after` for the keras.applications families) as markdown lines: its
     machine, date and command, images/s per backbone and mode, and the cost of each mode's step over independent's
     (and of lce-instance's over lce's) at each measured path."""
-    m, d, paths = report["machine"], report["data"], tuple(report["profile"].get("paths", PATHS))
+    d, paths = report["data"], tuple(report["profile"].get("paths", PATHS))
     h = "#" * level
     backbones = sorted({row["backbone"] for row in report["table"]}, key=[r["backbone"] for r in report["table"]].index)
     lines = [
         f"{h} {', '.join(backbones)} at {'x'.join(map(str, d['image_shape']))}: {', '.join(paths)}", "",
-        f"- date: {report['date']}; wall time {report['wall_seconds']:.0f} s",
-        f"- command: `{report['command']}`",
-        f"- machine: {m['cpu']} ({', '.join(m['cpu_flags'])}), {m['cpus_available']} cores available, "
-        f"{m['platform']}; Python {m['python']}, TensorFlow {m['tensorflow']}, oneDNN {m['onednn']}",
-        f"- load average (1/5/15 min): {report['load_average_start']} at the start, {report['load_average_end']} "
-        "at the end (a shared machine: compare the ratios, measured side by side, more than the absolute rates)",
+        *_run_lines(report),
         f"- data: {d['train_images']} training images of {d['train_classes']} classes resized to "
         f"{'x'.join(map(str, d['image_shape']))} (one channel, repeated to RGB inside the family's preprocessing), "
         f"shift augmentation {d['shift_pixels']} px, batch {report['defaults']['batch_size']}; steps_per_execution "
